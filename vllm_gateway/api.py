@@ -1,0 +1,203 @@
+"""The gateway's own endpoints: health, the model list, and key administration.
+
+These are not on the token path, so they use FastAPI for its validation and readability.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import errors
+from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
+from .proxy import authenticate
+from .registry import BackendState, Model
+from .state import GatewayState
+
+router = APIRouter()
+
+
+def gateway(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def optional_key(request: Request, state: Annotated[GatewayState, Depends(gateway)]) -> KeyRecord | None:
+    scope = request.scope
+    headers = dict(scope["headers"])
+    if b"authorization" not in headers and b"api_key=" not in scope["query_string"]:
+        return None
+    key = authenticate(state, headers, scope["query_string"])
+    scope.setdefault("state", {})["key_label"] = f"{key.id}({key.name})"
+    return key
+
+
+def api_key(key: Annotated[KeyRecord | None, Depends(optional_key)]) -> KeyRecord:
+    if key is None:
+        raise errors.invalid_api_key()
+    return key
+
+
+def admin_key(key: Annotated[KeyRecord, Depends(api_key)]) -> KeyRecord:
+    if not key.admin:
+        raise errors.admin_required()
+    return key
+
+
+# -- health --
+
+@router.get("/health")
+def health(
+    state: Annotated[GatewayState, Depends(gateway)], key: Annotated[KeyRecord | None, Depends(optional_key)]
+) -> dict[str, object]:
+    models = list(state.registry.models.values())
+    ready = sum(model.state is BackendState.READY for model in models)
+    status = "ok" if models and ready == len(models) else ("degraded" if ready else "unavailable")
+    report: dict[str, object] = {
+        "status": status,
+        "uptime_s": round(time.time() - state.started_at, 1),
+        "models_ready": ready,
+        "models_total": len(models),
+        "models": [health_of(model, detailed=key is not None) for model in models],
+    }
+    if key is not None:
+        report["in_flight"] = state.in_flight
+    return report
+
+
+def health_of(model: Model, detailed: bool) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "id": model.name,
+        "status": model.state.value,
+        "backends_ready": sum(backend.state is BackendState.READY for backend in model.backends),
+        "backends_total": len(model.backends),
+    }
+    if detailed:  # paths and addresses only for callers with a key
+        entry["path"] = model.path
+        entry["aliases"] = list(model.aliases)
+        entry["backends"] = [
+            {
+                "id": backend.spec.id,
+                "url": backend.base_url,
+                "status": backend.state.value,
+                "detail": backend.detail,
+                "in_flight": backend.in_flight,
+                "checked_at": backend.checked_at or None,
+            }
+            for backend in model.backends
+        ]
+    return entry
+
+
+# -- models --
+
+def model_object(model: Model) -> dict[str, object]:
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "vllm",
+        "root": model.path,
+        "path": model.path,
+        "aliases": list(model.aliases),
+        "status": model.state.value,
+    }
+
+
+@router.get("/v1/models")
+def list_models(
+    state: Annotated[GatewayState, Depends(gateway)], key: Annotated[KeyRecord, Depends(api_key)]
+) -> dict[str, object]:
+    models = [model_object(m) for m in state.registry.models.values() if key.may_use(m.name)]
+    return {"object": "list", "data": models}
+
+
+@router.get("/v1/models/{model_id:path}")
+def get_model(
+    model_id: str, state: Annotated[GatewayState, Depends(gateway)], key: Annotated[KeyRecord, Depends(api_key)]
+) -> dict[str, object]:
+    model = state.registry.resolve(model_id)
+    if model is None or not key.may_use(model.name):
+        raise errors.model_not_found(model_id)
+    return model_object(model)
+
+
+# -- key administration --
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    admin: bool = False
+    models: list[str] | None = None
+    rate_limit: str | None = None
+
+
+class KeyChanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    admin: bool | None = None
+    models: list[str] | None = None
+    rate_limit: str | None = None
+    disabled: bool | None = None
+
+
+def key_file_guard(action):
+    """Run a key-file change, turning its refusals into client errors."""
+    try:
+        return action()
+    except LastAdminKeyError as error:
+        raise errors.GatewayError(409, str(error), "invalid_request_error", "last_admin_key") from None
+    except KeyFileError as error:
+        raise errors.GatewayError(503, str(error), "server_error", "key_file_invalid") from None
+    except ValueError as error:
+        raise errors.bad_request(str(error)) from None
+
+
+@router.get("/admin/keys")
+def list_keys(
+    state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    return {"object": "list", "data": [record.public() for record in state.keys.records()]}
+
+
+@router.post("/admin/keys", status_code=201)
+def create_key(
+    new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    record, secret = key_file_guard(lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit))
+    return {**record.public(), "key": secret}
+
+
+@router.get("/admin/keys/{key_id}")
+def get_key(
+    key_id: str, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    record = next((r for r in state.keys.records() if r.id == key_id), None)
+    if record is None:
+        raise errors.not_found(f"No API key with id `{key_id}`.")
+    return record.public()
+
+
+@router.patch("/admin/keys/{key_id}")
+def update_key(
+    key_id: str,
+    changes: Annotated[KeyChanges, Body()],
+    state: Annotated[GatewayState, Depends(gateway)],
+    _: Annotated[KeyRecord, Depends(admin_key)],
+) -> dict[str, object]:
+    record = key_file_guard(lambda: state.keys.update(key_id, changes.model_dump(exclude_unset=True)))
+    if record is None:
+        raise errors.not_found(f"No API key with id `{key_id}`.")
+    return record.public()
+
+
+@router.delete("/admin/keys/{key_id}")
+def revoke_key(
+    key_id: str, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> JSONResponse:
+    if not key_file_guard(lambda: state.keys.revoke(key_id)):
+        raise errors.not_found(f"No API key with id `{key_id}`.")
+    return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})

@@ -1,0 +1,153 @@
+"""Builds the ASGI application: the proxy for model endpoints, FastAPI for the rest, and the
+background tasks (health checks, key-file watching) that live as long as the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from . import errors, proxy
+from .access_log import log_request, setup_logging
+from .api import router
+from .errors import GatewayError
+from .health import HealthChecker
+from .keystore import KeyFileError, KeyStore
+from .model_config import load_backend_specs
+from .ratelimit import RateLimiter
+from .registry import Registry
+from .settings import Settings, load_settings
+from .state import GatewayState
+from .upstream import create_session
+
+log = logging.getLogger("vllm_gateway")
+
+KEY_FILE_POLL_SECONDS = 0.5
+USAGE_FLUSH_SECONDS = 30.0
+
+
+class Gateway:
+    """The outermost ASGI app: model-addressed POSTs go straight to the proxy, the rest to FastAPI."""
+
+    def __init__(self, state: GatewayState, api: FastAPI) -> None:
+        self.state = state
+        self.api = api
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+        elif scope["method"] == "POST" and scope["path"] in proxy.PROXIED_PATHS:
+            await proxy.handle(self.state, scope, receive, send)
+        else:
+            await self.logged(scope, receive, send)
+
+    async def logged(self, scope, receive, send) -> None:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.api(scope, receive, send_with_id)
+        finally:
+            key = scope.get("state", {}).get("key_label", "-")
+            log_request(request_id, scope["method"], scope["path"], status, time.perf_counter() - started, key)
+
+
+def build_state(settings: Settings) -> GatewayState:
+    """Everything that can fail on bad configuration fails here, before the server listens."""
+    keys = KeyStore(settings.key_file)
+    keys.load()
+    registry = Registry(load_backend_specs(settings.model_config_file))
+    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
+    return GatewayState(settings=settings, registry=registry, keys=keys, limiter=limiter)
+
+
+async def watch_key_file(state: GatewayState) -> None:
+    """Picks up keys created or revoked by other workers or the CLI within a second."""
+    last_flush = time.monotonic()
+    reported = None
+    while True:
+        await asyncio.sleep(KEY_FILE_POLL_SECONDS)
+        try:
+            if state.keys.refresh_if_changed():
+                log.info("key file reloaded")
+            if time.monotonic() - last_flush > USAGE_FLUSH_SECONDS:
+                last_flush = time.monotonic()
+                await asyncio.to_thread(state.keys.flush_usage)
+            reported = None
+        except KeyFileError as error:
+            if str(error) != reported:
+                log.error("%s; still using the last good copy", error)
+                reported = str(error)
+
+
+def create_app(settings: Settings | None = None) -> Gateway:
+    settings = settings or load_settings()
+    listener = setup_logging(settings)
+    state = build_state(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.session = create_session(settings)
+        state.health = HealthChecker(
+            state.registry, state.session, settings.health_interval, settings.model_config_file, settings.run_dir
+        )
+        await state.health.check_all()
+        tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
+        log.info(
+            "gateway listening on %s:%s with models: %s",
+            settings.host, settings.port, ", ".join(state.registry.models) or "none",
+        )
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(KeyFileError, OSError):
+                await asyncio.to_thread(state.keys.flush_usage)
+            await state.session.close()
+            listener.stop()
+
+    api = FastAPI(title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api.state.gateway = state
+    api.include_router(router)
+    add_error_handlers(api)
+    return Gateway(state, api)
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    def respond(error: GatewayError) -> JSONResponse:
+        return JSONResponse(error.body_dict(), status_code=error.status, headers={
+            name.decode(): value.decode() for name, value in error.headers
+        })
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(_: Request, error: GatewayError) -> JSONResponse:
+        return respond(error)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or None
+        return respond(errors.bad_request(f"{where or 'body'}: {first['msg']}", param=where))
+
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return respond(errors.not_found("No such endpoint. See the README for the gateway's endpoints."))
+        return respond(GatewayError(error.status_code, str(error.detail), "invalid_request_error"))

@@ -1,0 +1,257 @@
+"""Command line: `serve` (the default), `models`, and `keys init|create|list|revoke|update`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
+from .model_config import ModelConfigError, load_backend_specs
+from .settings import Settings, load_settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (KeyFileError, ModelConfigError, LastAdminKeyError, ValueError) as error:
+        print(f"vllm_api_server: {error}", file=sys.stderr)
+        return 1
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="vllm_api_server.py",
+        description="OpenAI-compatible gateway for the vLLM servers in vllm_model_configs.sh. "
+        "Settings come from GATEWAY_* environment variables (see README).",
+    )
+    commands = root.add_subparsers(dest="command")
+    root.set_defaults(run=serve, host=None, port=None, workers=None)
+
+    serve_cmd = commands.add_parser("serve", help="run the gateway (the default)")
+    serve_cmd.add_argument("--host", help="listen address (GATEWAY_HOST, default 0.0.0.0)")
+    serve_cmd.add_argument("--port", type=int, help="listen port (GATEWAY_PORT, default 1024)")
+    serve_cmd.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
+    serve_cmd.set_defaults(run=serve)
+
+    models_cmd = commands.add_parser("models", help="print the models and backends as the gateway sees them")
+    models_cmd.add_argument("--json", action="store_true", help="print JSON")
+    models_cmd.set_defaults(run=show_models)
+
+    keys = commands.add_parser("keys", help="manage API keys in the key file").add_subparsers(dest="action")
+    keys_init = keys.add_parser("init", help="create the key file with an admin key, if there is none")
+    keys_init.set_defaults(run=init_keys)
+
+    create = keys.add_parser("create", help="create a key; it is printed once and never stored")
+    create.add_argument("--name", required=True)
+    create.add_argument("--admin", action="store_true", help="may use /admin/keys")
+    create.add_argument("--models", help="comma-separated models this key may use (default: all)")
+    create.add_argument("--rate-limit", help='this key\'s limit, e.g. "100/minute" (default: GATEWAY_RATE_LIMIT)')
+    create.add_argument("--json", action="store_true", help="print the new key as JSON")
+    create.set_defaults(run=create_key)
+
+    listing = keys.add_parser("list", help="list keys (never the keys themselves)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=list_keys)
+
+    revoke = keys.add_parser("revoke", help="delete a key for good")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=revoke_key)
+
+    update = keys.add_parser("update", help="change a key's name, models, limit, admin flag or disabled flag")
+    update.add_argument("key_id")
+    update.add_argument("--name")
+    update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
+    update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
+    update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
+    update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
+    update.set_defaults(run=update_key)
+    return root
+
+
+# -- serve --
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    overrides = {name: getattr(args, name) for name in ("host", "port", "workers") if getattr(args, name)}
+    for name, value in overrides.items():
+        os.environ[f"GATEWAY_{name.upper()}"] = str(value)  # worker processes read settings afresh
+    settings = load_settings()
+    if settings.workers > 1 and not settings.shares_rate_limit_store:
+        print(
+            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
+            f"{settings.rate_limit_storage}: each worker would count requests on its own, so every key could "
+            "make workers x its limit. Set GATEWAY_RATE_LIMIT_STORAGE=redis://HOST:6379 or use one worker.",
+            file=sys.stderr,
+        )
+        return 2
+    store = KeyStore(settings.key_file)
+    if not store.exists:
+        if not sys.stdout.isatty():
+            print(
+                f"vllm_api_server: no key file at {settings.key_file}. Run `python vllm_api_server.py keys init` "
+                "once on a terminal to create the first admin key (start_api_server.sh does it for you).",
+                file=sys.stderr,
+            )
+            return 1
+        init_keys(args)
+    store.load()
+    load_backend_specs(settings.model_config_file)
+
+    common = dict(
+        host=settings.host,
+        port=settings.port,
+        http=settings.http,
+        loop=settings.loop,
+        timeout_keep_alive=settings.keepalive_timeout,
+        server_header=False,
+        access_log=False,
+        log_level="info",
+    )
+    if settings.workers > 1:
+        uvicorn.run("vllm_gateway.app:create_app", factory=True, workers=settings.workers, **common)
+    else:
+        from .app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+# -- models --
+
+def show_models(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    rows = asyncio.run(probe_all(settings))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("MODEL", "ALIASES", "STATUS", "BACKEND", "URL", "PATH")
+    table = [header] + [
+        (r["model"], ",".join(r["aliases"]) or "-", r["status"], r["backend"], r["url"], r["path"] or "-")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+async def probe_all(settings: Settings) -> list[dict[str, object]]:
+    from .health import check_backend
+    from .registry import Registry
+    from .upstream import create_session
+
+    registry = Registry(load_backend_specs(settings.model_config_file))
+    async with create_session(settings) as session:
+        await asyncio.gather(*(check_backend(session, b, settings.run_dir) for b in registry.backends()))
+    return [
+        {
+            "model": model.name,
+            "aliases": list(model.aliases),
+            "status": backend.state.value,
+            "detail": backend.detail,
+            "backend": backend.spec.id,
+            "url": backend.base_url,
+            "path": model.path,
+        }
+        for model in registry.models.values()
+        for backend in model.backends
+    ]
+
+
+# -- keys --
+
+def key_store() -> KeyStore:
+    store = KeyStore(load_settings().key_file)
+    store.load()
+    return store
+
+
+def init_keys(_: argparse.Namespace) -> int:
+    store = KeyStore(load_settings().key_file)
+    secret = store.create_first_admin_key()
+    if secret is None:
+        store.load()
+        print(f"vllm_api_server: key file {store.path} already holds {len(store.records())} key(s)", file=sys.stderr)
+        return 0
+    rule = "=" * 72
+    print(
+        f"{rule}\n First start: created an admin API key. It is shown only this once:\n\n    {secret}\n\n"
+        f" Only its hash is stored, in {store.path}. Keep it safe; make keys for users with\n"
+        f"    python vllm_api_server.py keys create --name NAME\n{rule}",
+        flush=True,
+    )
+    return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    record, secret = key_store().create(args.name, args.admin, models, args.rate_limit)
+    if args.json:
+        print(json.dumps({**record.public(), "key": secret}))
+    else:
+        print(f"created {record.id} ({record.name}). The key, shown only this once:\n{secret}")
+    return 0
+
+
+def list_keys(args: argparse.Namespace) -> int:
+    records = key_store().records()
+    if args.json:
+        print(json.dumps([record.public() for record in records], indent=2))
+        return 0
+    table = [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
+    table += [describe(record) for record in records]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def describe(record: KeyRecord) -> tuple[str, ...]:
+    def when(stamp: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "never"
+
+    return (
+        record.id,
+        record.name,
+        record.prefix + "...",
+        "yes" if record.admin else "no",
+        ",".join(record.models) if record.models is not None else "all",
+        record.rate_limit or "default",
+        when(record.created_at),
+        when(record.last_used_at),
+        "disabled" if record.disabled else "active",
+    )
+
+
+def revoke_key(args: argparse.Namespace) -> int:
+    if not key_store().revoke(args.key_id):
+        print(f"vllm_api_server: no key with id {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def update_key(args: argparse.Namespace) -> int:
+    changes: dict[str, object] = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.models is not None:
+        changes["models"] = None if args.models == "all" else [m for m in args.models.split(",") if m]
+    if args.rate_limit is not None:
+        changes["rate_limit"] = None if args.rate_limit == "default" else args.rate_limit
+    for flag in ("admin", "disabled"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    record = key_store().update(args.key_id, changes)
+    if record is None:
+        print(f"vllm_api_server: no key with id {args.key_id}", file=sys.stderr)
+        return 1
+    print("  ".join(describe(record)))
+    return 0

@@ -1,0 +1,131 @@
+"""OpenAI-shaped errors: the one place that knows `{"error": {"message", "type", "param", "code"}}`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import orjson
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class GatewayError(Exception):
+    """An error the client should see, with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Headers = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.body_dict())
+
+    def body_dict(self) -> dict[str, dict[str, object]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
+    """The last event of a stream whose backend failed: an error the SDKs raise, then the end marker."""
+    return b"data: " + GatewayError(502, message, "server_error", code).body() + b"\n\ndata: [DONE]\n\n"
+
+
+# Constructors, one per situation the gateway reports. Statuses follow OpenAI's API where it has one.
+
+def invalid_api_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' or '?api_key=<key>'.",
+        "invalid_request_error",
+        "invalid_api_key",
+    )
+
+
+def key_disabled() -> GatewayError:
+    return GatewayError(401, "This API key is disabled.", "invalid_request_error", "invalid_api_key")
+
+
+def admin_required() -> GatewayError:
+    return GatewayError(403, "This endpoint needs an admin API key.", "permission_error", "admin_required")
+
+
+def model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model `{model}` does not exist or this API key may not use it.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def not_found(message: str) -> GatewayError:
+    return GatewayError(404, message, "invalid_request_error", "not_found")
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", code, param)
+
+
+def body_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"The request body is larger than the limit of {limit} bytes.", "invalid_request_error", "body_too_large"
+    )
+
+
+def rate_limited(limit: str, retry_after: int, headers: Headers) -> GatewayError:
+    return GatewayError(
+        429,
+        f"Rate limit reached for this API key ({limit}). Try again in {retry_after} s.",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers=[*headers, (b"retry-after", str(retry_after).encode())],
+    )
+
+
+def overloaded(limit: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"The gateway is at its limit of {limit} concurrent requests. Try again shortly.",
+        "server_error",
+        "gateway_overloaded",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def model_unavailable(model: str, state: str, retry_after: int) -> GatewayError:
+    return GatewayError(
+        503,
+        f"The model `{model}` has no ready server right now ({state}). Try again in {retry_after} s.",
+        "server_error",
+        "model_not_ready",
+        "model",
+        headers=[(b"retry-after", str(retry_after).encode())],
+    )
+
+
+def upstream_unreachable(model: str) -> GatewayError:
+    return GatewayError(
+        502, f"No server of model `{model}` accepted the request.", "server_error", "upstream_unreachable", "model"
+    )
+
+
+def upstream_timeout(model: str, seconds: float) -> GatewayError:
+    return GatewayError(
+        504,
+        f"The server of model `{model}` sent nothing for {seconds:g} s.",
+        "server_error",
+        "upstream_timeout",
+        "model",
+    )

@@ -1,0 +1,283 @@
+"""The API key store: a JSON file of key hashes, changed atomically under a lock, watched for changes.
+
+The file never holds a key, only its SHA-256 (keys are 256-bit random, so a fast hash is enough).
+Every change is read-modify-write under an exclusive lock on a side file, written to a temporary file,
+fsynced and renamed over the old one, so a crash leaves either the old or the new file, never half of
+one. A file that does not parse is never overwritten: the gateway refuses to start on it, and a running
+gateway keeps the last good copy and refuses changes until it is repaired.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+KEY_PREFIX = "sk-"
+SHOWN_PREFIX_LENGTH = 11
+
+
+class KeyFileError(Exception):
+    """The key file exists but cannot be used; the message says which file and why."""
+
+
+class LastAdminKeyError(Exception):
+    """A change would leave no enabled admin key, and with it no way to manage keys over the API."""
+
+
+class KeyRecord(BaseModel):
+    id: str
+    name: str = Field(min_length=1, max_length=200)
+    prefix: str
+    hash: str
+    admin: bool = False
+    models: list[str] | None = None
+    rate_limit: str | None = None
+    created_at: float
+    last_used_at: float | None = None
+    disabled: bool = False
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse
+
+            parse(value)
+        return value
+
+    def may_use(self, model_name: str) -> bool:
+        return self.models is None or model_name in self.models
+
+    def public(self) -> dict[str, object]:
+        """What admins may see: everything but the hash."""
+        return self.model_dump(exclude={"hash"})
+
+
+class KeyFile(BaseModel):
+    version: int = 1
+    keys: list[KeyRecord] = []
+
+
+def hash_key(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._records: dict[str, KeyRecord] = {}
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._used: dict[str, float] = {}
+
+    # -- reading --
+
+    def load(self) -> None:
+        """Read the file now; raises KeyFileError if it is unreadable or invalid."""
+        stamp = self._current_stamp()
+        self._install(self._read() if stamp is not None else KeyFile())
+        self._stamp = stamp
+
+    def refresh_if_changed(self) -> bool:
+        """Reload when another process changed the file; raises KeyFileError on a bad file."""
+        stamp = self._current_stamp()
+        if stamp == self._stamp:
+            return False
+        if stamp is not None:
+            self._install(self._read())
+        self._stamp = stamp
+        return True
+
+    def authenticate(self, secret: str) -> KeyRecord | None:
+        record = self._by_hash.get(hash_key(secret))
+        if record is not None:
+            self._used[record.id] = time.time()
+        return record
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self._records.get(key_id)
+
+    def records(self) -> list[KeyRecord]:
+        return [
+            record.model_copy(update={"last_used_at": max(record.last_used_at or 0, self._used[record.id])})
+            if record.id in self._used
+            else record
+            for record in self._records.values()
+        ]
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    # -- changing --
+
+    def create(
+        self,
+        name: str,
+        admin: bool = False,
+        models: list[str] | None = None,
+        rate_limit: str | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """Add a key; returns its record and the key itself, which is never stored or shown again."""
+        secret = new_secret()
+        record = KeyRecord(
+            id="key_" + secrets.token_hex(6),
+            name=name,
+            prefix=secret[:SHOWN_PREFIX_LENGTH],
+            hash=hash_key(secret),
+            admin=admin,
+            models=models,
+            rate_limit=rate_limit,
+            created_at=time.time(),
+        )
+        self._change(lambda keys: keys.append(record))
+        return record, secret
+
+    def create_first_admin_key(self) -> str | None:
+        """On first start (no file yet), create an admin key and return it; otherwise None."""
+        with self._locked():
+            if self.path.exists():
+                return None
+            record, secret = self._new_admin_record()
+            self._write(KeyFile(keys=[record]))
+            self._install(KeyFile(keys=[record]))
+            self._stamp = self._current_stamp()
+            return secret
+
+    def revoke(self, key_id: str) -> bool:
+        found = []
+
+        def remove(keys: list[KeyRecord]) -> None:
+            found.extend(k for k in keys if k.id == key_id)
+            keys[:] = [k for k in keys if k.id != key_id]
+
+        self._change(remove)
+        return bool(found)
+
+    def update(self, key_id: str, changes: dict[str, object]) -> KeyRecord | None:
+        """Change some of name, admin, models, rate_limit, disabled; returns the new record or None."""
+        updated: list[KeyRecord] = []
+
+        def apply(keys: list[KeyRecord]) -> None:
+            for index, record in enumerate(keys):
+                if record.id == key_id:
+                    keys[index] = KeyRecord.model_validate({**record.model_dump(), **changes})
+                    updated.append(keys[index])
+
+        self._change(apply)
+        return updated[0] if updated else None
+
+    def flush_usage(self) -> None:
+        """Write last-used times gathered in memory to the file (merged with other workers')."""
+        if not self._used:
+            return
+        used, self._used = self._used, {}
+
+        def merge(keys: list[KeyRecord]) -> None:
+            for index, record in enumerate(keys):
+                if record.id in used and used[record.id] > (record.last_used_at or 0):
+                    keys[index] = record.model_copy(update={"last_used_at": used[record.id]})
+
+        try:
+            self._change(merge)
+        except KeyFileError:
+            self._used = {**used, **self._used}
+            raise
+
+    # -- internals --
+
+    def _new_admin_record(self) -> tuple[KeyRecord, str]:
+        secret = new_secret()
+        record = KeyRecord(
+            id="key_" + secrets.token_hex(6),
+            name="admin",
+            prefix=secret[:SHOWN_PREFIX_LENGTH],
+            hash=hash_key(secret),
+            admin=True,
+            created_at=time.time(),
+        )
+        return record, secret
+
+    def _change(self, mutate: Callable[[list[KeyRecord]], None]) -> None:
+        with self._locked():
+            current = self._read() if self.path.exists() else KeyFile(keys=list(self._records.values()))
+            keys = list(current.keys)
+            had_admin = any(k.admin and not k.disabled for k in keys)
+            mutate(keys)
+            if had_admin and not any(k.admin and not k.disabled for k in keys):
+                raise LastAdminKeyError("this would leave no enabled admin key; create another admin key first")
+            new = KeyFile(version=current.version, keys=keys)
+            self._write(new)
+            self._install(new)
+            self._stamp = self._current_stamp()
+
+    def _read(self) -> KeyFile:
+        try:
+            raw = self.path.read_bytes()
+        except OSError as error:
+            raise KeyFileError(f"cannot read key file {self.path}: {error.strerror}") from error
+        try:
+            return KeyFile.model_validate_json(raw)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "top level"
+            raise KeyFileError(
+                f"key file {self.path} is not valid ({where}: {first['msg']}); "
+                "restore it from a backup or fix it by hand: the gateway will not overwrite it"
+            ) from None
+
+    def _write(self, content: KeyFile) -> None:
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(content.model_dump_json(indent=2).encode() + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _install(self, content: KeyFile) -> None:
+        self._records = {record.id: record for record in content.keys}
+        self._by_hash = {record.hash: record for record in content.keys}
+
+    def _current_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)

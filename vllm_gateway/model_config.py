@@ -1,0 +1,55 @@
+"""Reads the fleet's models from vllm_model_configs.sh, through the same bash code the scripts use.
+
+The scripts own the format; `scripts/print_model_config.sh` evaluates the file and prints one
+tab-separated line per model, so the gateway can never disagree with what was started.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from .settings import REPO_DIR
+
+PRINTER = REPO_DIR / "scripts" / "print_model_config.sh"
+
+
+class ModelConfigError(Exception):
+    """The model config could not be read; the message is the scripts' own, one line per problem."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    id: str
+    name: str
+    aliases: tuple[str, ...]
+    path: str
+    base_url: str
+    api_key: str | None
+    max_num_seqs: int | None
+
+
+def load_backend_specs(config_file: Path) -> list[BackendSpec]:
+    if not config_file.is_file():
+        raise ModelConfigError(f"model config {config_file} does not exist (set VLLM_MODEL_CONFIG)")
+    result = subprocess.run(
+        ["bash", str(PRINTER), str(config_file)], capture_output=True, text=True, timeout=30, check=False
+    )
+    if result.returncode != 0:
+        raise ModelConfigError(result.stderr.strip() or f"{PRINTER.name} exited with {result.returncode}")
+    return [parse_line(line) for line in result.stdout.splitlines() if line.startswith("model\t")]
+
+
+def parse_line(line: str) -> BackendSpec:
+    fields = dict(part.split("=", 1) for part in line.split("\t")[1:] if "=" in part)
+    max_num_seqs = fields.get("max_num_seqs", "")
+    return BackendSpec(
+        id=fields["id"],
+        name=fields["name"],
+        aliases=tuple(alias for alias in fields.get("aliases", "").split(",") if alias),
+        path=fields.get("path", ""),
+        base_url=fields["base_url"].rstrip("/"),
+        api_key=fields.get("api_key") or None,
+        max_num_seqs=int(max_num_seqs) if max_num_seqs.isdigit() else None,
+    )

@@ -1,0 +1,269 @@
+"""The request path for every model-addressed endpoint, top to bottom:
+authenticate, read the body, find the model, rate-limit, pick a backend, relay, log.
+
+Written against raw ASGI rather than FastAPI routing because it runs for every request and every
+token: bytes from vLLM go to the client as they arrive, never parsed or re-serialised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
+
+from . import errors
+from .access_log import clean, log_request
+from .errors import GatewayError
+from .keystore import KeyRecord
+from .registry import Backend, BackendState, Model
+from .request_body import ClientDisconnected, model_from_body, read_body
+from .state import GatewayState
+from .upstream import request_headers, response_headers
+
+PROXIED_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/score",
+        "/v1/rerank",
+        "/v2/rerank",
+        "/tokenize",
+        "/detokenize",
+        "/score",
+        "/rerank",
+        "/pooling",
+        "/classify",
+    }
+)
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+@dataclass
+class Outcome:
+    """What the access log says about one request; filled in as the request goes."""
+
+    status: int = 500
+    key: str = "-"
+    model: str = "-"
+    backend: str = "-"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    client_gone: bool = False
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+async def handle(state: GatewayState, scope, receive, send) -> None:
+    started = time.perf_counter()
+    headers = dict(scope["headers"])
+    request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    if not REQUEST_ID.fullmatch(request_id):
+        request_id = uuid.uuid4().hex
+    outcome = Outcome(headers=[(b"x-request-id", request_id.encode())])
+    try:
+        await proxy(state, scope, receive, send, headers, request_id, outcome)
+    except GatewayError as error:
+        outcome.status = error.status
+        await send_error(send, error, outcome.headers + error.headers)
+    except ClientDisconnected:
+        outcome.status = 499
+    except asyncio.CancelledError:
+        if not outcome.client_gone:
+            raise
+        asyncio.current_task().uncancel()
+        outcome.status = 499
+    finally:
+        log_request(
+            request_id,
+            "POST",
+            scope["path"],
+            outcome.status,
+            time.perf_counter() - started,
+            outcome.key,
+            outcome.model,
+            outcome.backend,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+        )
+
+
+async def proxy(state, scope, receive, send, headers, request_id: str, outcome: Outcome) -> None:
+    # 1. Who is asking.
+    key = authenticate(state, headers, scope["query_string"])
+    outcome.key = f"{key.id}({clean(key.name, 60)})"
+
+    # 2. The whole body, within the size limit, and the model it names.
+    content_length = headers.get(b"content-length")
+    body = await read_body(
+        receive, int(content_length) if content_length and content_length.isdigit() else None,
+        state.settings.max_body_bytes,
+    )
+    model_name = model_from_body(body, headers.get(b"content-type", b""))
+    outcome.model = model_name
+    model = state.registry.resolve(model_name)
+    if model is None or not key.may_use(model.name):
+        raise errors.model_not_found(model_name)
+
+    # 3. Limits: this key's rate, then the gateway's concurrency.
+    outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    if state.in_flight >= state.settings.concurrency_limit:
+        raise errors.overloaded(state.settings.concurrency_limit)
+
+    # 4. Relay, closing the upstream request the moment the client goes away.
+    state.in_flight += 1
+    task = asyncio.current_task()
+    disconnect = asyncio.ensure_future(receive())
+
+    def on_disconnect(_: asyncio.Future) -> None:
+        outcome.client_gone = True
+        task.cancel()
+
+    disconnect.add_done_callback(on_disconnect)
+    try:
+        await relay(state, scope, send, headers, body, model, request_id, outcome, disconnect, on_disconnect)
+    finally:
+        state.in_flight -= 1
+        disconnect.remove_done_callback(on_disconnect)
+        disconnect.cancel()
+
+
+def authenticate(state: GatewayState, headers, query_string: bytes) -> KeyRecord:
+    secret = ""
+    authorization = headers.get(b"authorization", b"")
+    if authorization[:7].lower() == b"bearer ":
+        secret = authorization[7:].strip().decode("latin-1")
+    elif b"api_key=" in query_string:
+        secret = dict(parse_qsl(query_string.decode("latin-1"))).get("api_key", "")
+    record = state.keys.authenticate(secret) if secret else None
+    if record is None:
+        raise errors.invalid_api_key()
+    if record.disabled:
+        raise errors.key_disabled()
+    return record
+
+
+async def relay(
+    state, scope, send, headers, body: bytes, model: Model, request_id: str, outcome: Outcome,
+    disconnect: asyncio.Future, on_disconnect,
+) -> None:
+    upstream, backend = await open_upstream(state, scope, headers, body, model, request_id)
+    outcome.backend = backend.spec.id
+    finished = False
+    try:
+        outcome.status = upstream.status
+        await send(
+            {"type": "http.response.start", "status": upstream.status,
+             "headers": response_headers(upstream) + outcome.headers}
+        )
+        event_stream = upstream.content_type == "text/event-stream"
+        previous = last = b""
+        try:
+            async for chunk in upstream.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                previous, last = last, chunk
+        except UPSTREAM_FAILURES as error:
+            if not event_stream:
+                raise  # half a JSON body cannot be mended: the connection is dropped
+            outcome.status = 502
+            await send({"type": "http.response.body", "body": errors.sse_error_event(
+                f"The server of model `{model.name}` failed during the stream ({type(error).__name__})."),
+                "more_body": True})
+        # The response is complete: a disconnect from now on is the normal end of the exchange.
+        disconnect.remove_done_callback(on_disconnect)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finished = True
+        record_usage(previous + last, outcome)
+    finally:
+        backend.in_flight -= 1
+        if finished:
+            upstream.release()
+        else:
+            upstream.close()  # tells vLLM the client is gone, so it aborts the generation
+
+
+async def open_upstream(state, scope, headers, body, model: Model, request_id: str):
+    """Send the request to the least busy ready backend, moving on to the next one that refuses."""
+    tried: list[Backend] = []
+    timed_out = False
+    query = scope["query_string"]
+    if b"api_key=" in query:
+        query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
+    url_suffix = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+    while True:
+        backend = model.pick(exclude=tried)
+        if backend is None:
+            if timed_out:
+                raise errors.upstream_timeout(model.name, state.settings.connect_timeout)
+            if tried:
+                raise errors.upstream_unreachable(model.name)
+            retry_after = 10 if model.state is BackendState.LOADING else 5
+            raise errors.model_unavailable(model.name, model.state.value, retry_after)
+        backend.in_flight += 1
+        try:
+            upstream = await post_once_more_if_stale(
+                state.session, backend.base_url + url_suffix, body,
+                request_headers(list(headers.items()), backend, request_id),
+            )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            # Nothing reached vLLM, so another replica may safely take the request.
+            backend.in_flight -= 1
+            timed_out = isinstance(error, aiohttp.ConnectionTimeoutError)
+            backend.mark(BackendState.DOWN, f"connect failed: {type(error).__name__}")
+            state.health.check_soon()
+            tried.append(backend)
+            continue
+        except asyncio.TimeoutError:
+            backend.in_flight -= 1
+            raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
+        except aiohttp.ClientError as error:
+            backend.in_flight -= 1
+            raise GatewayError(
+                502, f"The server of model `{model.name}` failed: {type(error).__name__}.",
+                "server_error", "upstream_error", "model",
+            ) from None
+        except BaseException:
+            backend.in_flight -= 1
+            raise
+        return upstream, backend
+
+
+async def post_once_more_if_stale(session: aiohttp.ClientSession, url: str, body: bytes, headers) -> aiohttp.ClientResponse:
+    """POST, retrying once when a pooled keep-alive connection turns out to be closed by the server.
+
+    uvicorn (under vLLM) drops idle connections after 5 s; the request never reached it then.
+    """
+    try:
+        return await session.post(url, data=body, headers=headers)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, data=body, headers=headers)
+
+
+def record_usage(tail: bytes, outcome: Outcome) -> None:
+    start = tail.rfind(b'"usage"')
+    if start < 0:
+        return
+    prompt = PROMPT_TOKENS.search(tail, start)
+    completion = COMPLETION_TOKENS.search(tail, start)
+    outcome.prompt_tokens = int(prompt.group(1)) if prompt else None
+    outcome.completion_tokens = int(completion.group(1)) if completion else None
+
+
+async def send_error(send, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
+    body = error.body()
+    await send(
+        {"type": "http.response.start", "status": error.status,
+         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]}
+    )
+    await send({"type": "http.response.body", "body": body})

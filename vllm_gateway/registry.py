@@ -1,0 +1,91 @@
+"""The models the gateway serves, their backends, and which backend takes the next request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .model_config import BackendSpec
+
+
+class BackendState(str, Enum):
+    READY = "ready"
+    LOADING = "loading"
+    DOWN = "down"
+    UNKNOWN = "unknown"
+
+
+@dataclass(eq=False)
+class Backend:
+    spec: BackendSpec
+    state: BackendState = BackendState.UNKNOWN
+    detail: str = "not checked yet"
+    in_flight: int = 0
+    checked_at: float = 0.0
+    ready_since: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.spec.base_url
+
+    def mark(self, state: BackendState, detail: str) -> bool:
+        """Record a health result; returns whether the state changed."""
+        changed = state is not self.state
+        self.state, self.detail, self.checked_at = state, detail, time.time()
+        if changed:
+            self.ready_since = time.time() if state is BackendState.READY else None
+        return changed
+
+
+@dataclass(eq=False)
+class Model:
+    name: str
+    path: str
+    aliases: tuple[str, ...] = ()
+    backends: list[Backend] = field(default_factory=list)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def state(self) -> BackendState:
+        states = {backend.state for backend in self.backends}
+        for state in (BackendState.READY, BackendState.LOADING, BackendState.UNKNOWN):
+            if state in states:
+                return state
+        return BackendState.DOWN
+
+    def pick(self, exclude: Iterable[Backend] = ()) -> Backend | None:
+        """The ready backend with the fewest requests in flight (replicas share the load)."""
+        excluded = set(exclude)
+        ready = [b for b in self.backends if b.state is BackendState.READY and b not in excluded]
+        return min(ready, key=lambda backend: backend.in_flight, default=None)
+
+
+class Registry:
+    def __init__(self, specs: Iterable[BackendSpec] = ()) -> None:
+        self.models: dict[str, Model] = {}
+        self._by_name: dict[str, Model] = {}
+        self.replace(specs)
+
+    def replace(self, specs: Iterable[BackendSpec]) -> None:
+        """Load a new config, keeping the health state of backends that did not change."""
+        old = {(backend.spec.name, backend.spec.base_url): backend for backend in self.backends()}
+        models: dict[str, Model] = {}
+        for spec in specs:
+            model = models.setdefault(spec.name, Model(spec.name, spec.path, spec.aliases))
+            model.aliases = tuple(dict.fromkeys((*model.aliases, *spec.aliases)))
+            backend = old.get((spec.name, spec.base_url)) or Backend(spec)
+            backend.spec = spec
+            model.backends.append(backend)
+        by_name = dict(models)
+        for model in models.values():
+            for alias in model.aliases:
+                by_name.setdefault(alias, model)
+        self.models, self._by_name = models, by_name
+
+    def resolve(self, name: str) -> Model | None:
+        return self._by_name.get(name)
+
+    def backends(self) -> list[Backend]:
+        return [backend for model in self.models.values() for backend in model.backends]

@@ -1,0 +1,72 @@
+"""Reading a client's request body and finding the model it addresses, without changing a byte."""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from . import errors
+from .errors import GatewayError
+
+MULTIPART_MODEL = re.compile(rb'Content-Disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
+
+
+async def read_body(receive, content_length: int | None, limit: int) -> bytes:
+    if content_length is not None and content_length > limit:
+        raise errors.body_too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was complete."""
+
+
+def model_from_body(body: bytes, content_type: bytes) -> str:
+    if content_type.startswith(b"multipart/form-data"):
+        return model_from_multipart(body, content_type)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise errors.bad_request(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
+    return require_model(payload.get("model"))
+
+
+def model_from_multipart(body: bytes, content_type: bytes) -> str:
+    boundary = re.search(rb'boundary="?([^";]+)"?', content_type)
+    match = MULTIPART_MODEL.search(body) if boundary else None
+    if not match:
+        return require_model(None)
+    end = body.find(b"\r\n--" + boundary.group(1), match.end())
+    if end < 0:
+        return require_model(None)
+    try:
+        return require_model(body[match.end() : end].decode())
+    except UnicodeDecodeError:
+        return require_model(None)
+
+
+def require_model(model: object) -> str:
+    if not isinstance(model, str) or not model:
+        raise GatewayError(
+            400,
+            "You must provide a model parameter naming one of the models from GET /v1/models.",
+            "invalid_request_error",
+            "missing_model",
+            "model",
+        )
+    return model

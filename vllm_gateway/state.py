@@ -1,0 +1,26 @@
+"""The one object that holds the gateway's mutable state, created at start-up and passed down."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from .health import HealthChecker
+from .keystore import KeyStore
+from .ratelimit import RateLimiter
+from .registry import Registry
+from .settings import Settings
+
+
+@dataclass(eq=False)
+class GatewayState:
+    settings: Settings
+    registry: Registry
+    keys: KeyStore
+    limiter: RateLimiter
+    session: aiohttp.ClientSession | None = None
+    health: HealthChecker | None = None
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.time)
