@@ -10,7 +10,8 @@ import time
 from functools import lru_cache
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, Storage, storage_from_string
+from limits.aio.storage import MemoryStorage, Storage
+from limits.storage import storage_from_string
 from limits.aio.strategies import FixedWindowRateLimiter
 
 from . import errors
