@@ -1,0 +1,173 @@
+"""The gateway as a real process for tests: a model config, a key file, keys, a free port.
+
+    gw = Gateway.start(tmp_path, [Backend("sim", sim.base_url, path="/models/sim")])
+    client = gw.openai()                 # the official SDK, with an ordinary user key
+    gw.log_text()                        # vllm_api_server.log
+    gw.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_process, wait_for_http
+
+
+@dataclass
+class Backend:
+    """One `vllm_model` block of the test's model config."""
+
+    name: str
+    url: str
+    path: str = ""
+    id: str = ""
+    aliases: str = ""
+    api_key: str = ""
+
+    def config_line(self) -> str:
+        words = [f"name={self.name}", f"url={self.url}"]
+        for key in ("path", "id", "aliases", "api_key"):
+            if getattr(self, key):
+                words.append(f"{key}={getattr(self, key)}")
+        return "vllm_model " + " ".join(f"'{word}'" for word in words) + "\n"
+
+
+def write_model_config(path: Path, backends: Sequence[Backend]) -> Path:
+    path.write_text("".join(backend.config_line() for backend in backends))
+    return path
+
+
+class Gateway:
+    def __init__(self, workdir: Path, port: int, handle: ProcessHandle, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.handle = handle
+        self.env = env
+        self.url = f"http://127.0.0.1:{port}"
+        self.admin_key = ""
+        self.key = ""
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        backends: Sequence[Backend],
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> Gateway:
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        full_env = gateway_env(workdir, port)
+        full_env.update(env or {})
+        write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
+        admin = run_cli(full_env, "keys", "create", "--name", "test-admin", "--admin", "--json")
+        user = run_cli(full_env, "keys", "create", "--name", "test-user", "--json")
+        handle = start_process(
+            [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
+            env=full_env, log_path=workdir / "gateway.stdout.log",
+        )
+        gateway = cls(workdir, port, handle, full_env)
+        gateway.admin_key, gateway.key = json.loads(admin)["key"], json.loads(user)["key"]
+        try:
+            wait_for_http(gateway.url + "/health", timeout=30, process=handle)
+            if wait_ready and backends:
+                gateway.wait_until(lambda health: health["models_ready"] == health["models_total"])
+        except BaseException:
+            handle.stop()
+            raise
+        return gateway
+
+    # -- helpers for tests --
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
+            env={**os.environ, **self.env}, capture_output=True, text=True, check=check, cwd=REPO_ROOT,
+            timeout=60,
+        )
+
+    def create_key(self, *args: str) -> dict[str, object]:
+        return json.loads(self.cli("keys", "create", "--json", *args).stdout)
+
+    def http(self, key: str | None = None, timeout: float = 30) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def openai(self, key: str | None = None, **kwargs: object):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, **kwargs)
+
+    def health(self, key: str | None = None) -> dict[str, object]:
+        with self.http(key) as client:
+            return client.get("/health").json()
+
+    def wait_until(self, condition, timeout: float = 30.0) -> dict[str, object]:
+        """Poll /health (with the admin key) until `condition(health)` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.health(self.admin_key)
+            if condition(health):
+                return health
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gateway health never matched: {health}")
+            time.sleep(0.1)
+
+    def wait_for_key(self, key: str, timeout: float = 5.0) -> None:
+        """Wait until the gateway accepts `key` (a CLI-made key is picked up within a second)."""
+        deadline = time.monotonic() + timeout
+        with self.http(key) as client:
+            while client.get("/v1/models").status_code == 401:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the gateway never accepted the new key")
+                time.sleep(0.05)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self.env["GATEWAY_LOG_DIR"]) / "vllm_api_server.log"
+
+    def log_text(self, settle: float = 0.3) -> str:
+        time.sleep(settle)  # lines are written by a background thread
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        return self.handle.stop()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def gateway_env(workdir: Path, port: int) -> dict[str, str]:
+    return {
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_KEY_FILE": str(workdir / "api_keys.json"),
+        "GATEWAY_LOG_DIR": str(workdir / "logs"),
+        "VLLM_MODEL_CONFIG": str(workdir / "models.sh"),
+        "VLLM_RUN_DIR": str(workdir / "run"),
+        "GATEWAY_HEALTH_INTERVAL": "0.5",
+        "GATEWAY_RATE_LIMIT": "100000/minute",
+        "GATEWAY_ENV_FILE": str(workdir / "no-env-file"),
+    }
+
+
+def run_cli(env: Mapping[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
+        env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"vllm_api_server.py {' '.join(args)} failed: {result.stderr}")
+    return result.stdout

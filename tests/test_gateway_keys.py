@@ -1,0 +1,161 @@
+"""Key administration over the API and the CLI, and the safety of the key file itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.support.gateway import Backend, Gateway, gateway_env, run_cli
+from tests.support.processes import REPO_ROOT, free_port, start_process
+
+
+def test_admin_lists_keys_without_any_secret_or_hash(gateway):
+    with gateway.http(gateway.admin_key) as client:
+        listing = client.get("/admin/keys").json()["data"]
+    names = {entry["name"] for entry in listing}
+    assert {"test-admin", "test-user"} <= names
+    for entry in listing:
+        assert {"id", "name", "prefix", "admin", "models", "rate_limit", "created_at", "last_used_at",
+                "disabled"} <= set(entry)
+        assert "hash" not in entry and "key" not in entry
+    assert gateway.key not in json.dumps(listing) and gateway.admin_key not in json.dumps(listing)
+
+
+def test_non_admin_key_gets_403_on_every_admin_endpoint(gateway):
+    with gateway.http(gateway.key) as client:
+        for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/x"),
+                             ("PATCH", "/admin/keys/x")]:
+            response = client.request(method, path, json={"name": "x"})
+            assert response.status_code == 403, (method, path)
+            assert response.json()["error"]["type"] == "permission_error"
+
+
+def test_key_created_over_the_api_is_shown_once_and_works(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        created = admin.post("/admin/keys", json={"name": "api-made", "models": ["sim"], "rate_limit": "5/minute"})
+        assert created.status_code == 201
+        key = created.json()["key"]
+        shown_again = admin.get(f"/admin/keys/{created.json()['id']}").json()
+    assert "key" not in shown_again and shown_again["rate_limit"] == "5/minute"
+    with gateway.http(key) as client:
+        reply = client.post("/v1/chat/completions", json={"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    assert reply.status_code == 200
+    assert reply.headers["x-ratelimit-limit-requests"] == "5"
+
+
+def test_key_updated_and_revoked_over_the_api(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        created = admin.post("/admin/keys", json={"name": "short-lived"}).json()
+        patched = admin.patch(f"/admin/keys/{created['id']}", json={"models": ["other"], "disabled": True})
+        assert patched.status_code == 200
+        assert patched.json()["models"] == ["other"] and patched.json()["disabled"] is True
+        with gateway.http(created["key"]) as client:
+            assert client.get("/v1/models").status_code == 401
+        assert admin.delete(f"/admin/keys/{created['id']}").json()["deleted"] is True
+        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 404
+        assert created["id"] not in {k["id"] for k in admin.get("/admin/keys").json()["data"]}
+
+
+def test_invalid_admin_requests_get_400_in_openai_shape(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        for body in ({"name": ""}, {"name": "x", "rate_limit": "lots"}, {"name": "x", "surprise": 1}, {}):
+            response = admin.post("/admin/keys", json=body)
+            assert response.status_code == 400, body
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_last_admin_key_cannot_be_revoked(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
+        with gw.http(gw.admin_key) as admin:
+            admin_id = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["admin"])
+            refused = admin.delete(f"/admin/keys/{admin_id}")
+            assert refused.status_code == 409
+            assert admin.get("/admin/keys").status_code == 200
+
+
+def test_key_file_holds_only_hashes_with_mode_0600(gateway):
+    path = gateway.workdir / "api_keys.json"
+    text = path.read_text()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert gateway.key not in text and gateway.admin_key not in text
+    for record in json.loads(text)["keys"]:
+        assert record["hash"].startswith("sha256:") and len(record["hash"]) == 7 + 64
+
+
+def test_cli_creates_lists_and_revokes_keys(gateway):
+    created = gateway.create_key("--name", "cli-made")
+    gateway.wait_for_key(created["key"])
+    listing = gateway.cli("keys", "list").stdout
+    assert created["id"] in listing and created["key"] not in listing
+    assert gateway.cli("keys", "revoke", created["id"]).returncode == 0
+    assert gateway.cli("keys", "revoke", created["id"], check=False).returncode == 1
+    with gateway.http(created["key"]) as client:
+        import time
+
+        deadline = time.monotonic() + 5
+        while client.get("/v1/models").status_code != 401:
+            assert time.monotonic() < deadline, "revoked key still accepted after 5 s"
+            time.sleep(0.05)
+
+
+def test_concurrent_key_creation_from_many_processes_loses_nothing(tmp_path):
+    env = {**os.environ, **gateway_env(tmp_path, free_port())}
+    run_cli(env, "keys", "init")
+    script = "from vllm_gateway.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
+
+    def create(index: int) -> None:
+        subprocess.run([sys.executable, "-c", script, "keys", "create", "--name", f"k{index}"],
+                       env=env, cwd=REPO_ROOT, check=True, capture_output=True)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    names = {record["name"] for record in json.loads((tmp_path / "api_keys.json").read_text())["keys"]}
+    assert names == {"admin"} | {f"k{i}" for i in range(12)}
+
+
+def test_first_start_prints_an_admin_key_once_and_stores_its_hash(tmp_path):
+    env = {**os.environ, **gateway_env(tmp_path, free_port())}
+    first = run_cli(env, "keys", "init")
+    key = next(word for word in first.split() if word.startswith("sk-"))
+    second = subprocess.run([sys.executable, "vllm_api_server.py", "keys", "init"], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert "sk-" not in second.stdout + second.stderr
+    stored = (tmp_path / "api_keys.json").read_text()
+    assert key not in stored and json.loads(stored)["keys"][0]["admin"] is True
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"keys": [{"id": 1}]}', b""])
+def test_corrupt_key_file_stops_the_gateway_and_is_left_untouched(tmp_path, content):
+    env = gateway_env(tmp_path, free_port())
+    (tmp_path / "models.sh").write_text("")
+    key_file = tmp_path / "api_keys.json"
+    key_file.write_bytes(content)
+    handle = start_process([sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"], env=env,
+                           log_path=tmp_path / "out.log")
+    assert handle.popen.wait(timeout=30) != 0
+    assert "api_keys.json is not valid" in handle.log() and "will not overwrite" in handle.log()
+    assert key_file.read_bytes() == content
+
+
+def test_key_file_broken_while_running_keeps_the_last_good_keys(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
+        key_file = tmp_path / "api_keys.json"
+        key_file.write_text("{broken")
+        import time
+
+        time.sleep(1.2)
+        with gw.http(gw.key) as client:
+            assert client.get("/v1/models").status_code == 200
+        with gw.http(gw.admin_key) as admin:
+            assert admin.post("/admin/keys", json={"name": "x"}).status_code == 503
+        assert key_file.read_text() == "{broken"
+        assert "still using the last good copy" in gw.log_text()

@@ -1,0 +1,103 @@
+"""Rate limits per key, the concurrency limit, and exact counts across worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from tests.support.gateway import Backend, Gateway, gateway_env
+from tests.support.processes import REPO_ROOT, free_port, start_process, wait_for_http
+
+CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_RATE_LIMIT": "3/minute"}) as gw:
+        with gw.http(gw.key) as client:
+            remaining = [client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-requests"]
+                         for _ in range(3)]
+            refused = client.post("/v1/chat/completions", json=CHAT)
+        with gw.http(gw.admin_key) as other_key:
+            assert other_key.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert remaining == ["2", "1", "0"]
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_per_key_limit_overrides_the_default(gateway):
+    key = gateway.create_key("--name", "generous", "--rate-limit", "1000/minute")["key"]
+    gateway.wait_for_key(key)
+    with gateway.http(key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.headers["x-ratelimit-limit-requests"] == "1000"
+
+
+def test_requests_beyond_the_concurrency_limit_get_503(tmp_path, simulator):
+    simulator.set_faults(slow_start=1.5)
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_CONCURRENCY_LIMIT": "2"}) as gw:
+        statuses: list[int] = []
+
+        def call() -> None:
+            with gw.http(gw.key) as client:
+                statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(statuses) == [200, 200, 503, 503]
+
+
+def test_several_workers_on_per_process_memory_are_refused(tmp_path):
+    env = gateway_env(tmp_path, free_port())
+    env["GATEWAY_WORKERS"] = "4"
+    result = subprocess.run([sys.executable, "vllm_api_server.py", "serve"], env={**os.environ, **env},
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "GATEWAY_RATE_LIMIT_STORAGE" in result.stderr and "4 workers" in result.stderr
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
+    port = free_port()
+    handle = start_process([server, "--port", str(port), "--save", "", "--appendonly", "no",
+                            "--dir", str(tmp_path)], log_path=tmp_path / "redis.log")
+    import socket
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    handle.stop()
+
+
+def test_counts_are_exact_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):
+    env = {"GATEWAY_WORKERS": "3", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_RATE_LIMIT": "10/minute"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        statuses = []
+        # New connections each time, so the kernel spreads them over the workers.
+        for _ in range(16):
+            with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}) as client:
+                statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
+        pids = {int(line.split("Started server process [")[1].split("]")[0])
+                for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
+                if "Started server process" in line}
+    assert statuses.count(200) == 10 and statuses.count(429) == 6
+    assert len(pids) == 3

@@ -1,0 +1,93 @@
+"""Which backend a request reaches: replicas, failover, readiness, config changes."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from tests.support.gateway import Backend, Gateway, write_model_config
+from tests.support.processes import Simulator, free_port
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_replicas_share_the_load_by_requests_in_flight(tmp_path):
+    with Simulator.start(tmp_path, "--token-rate", "20", model="m") as one, \
+            Simulator.start(tmp_path, "--token-rate", "20", model="m") as two:
+        backends = [Backend("m", one.base_url, id="m-a"), Backend("m", two.base_url, id="m-b")]
+        with Gateway.start(tmp_path / "gw", backends) as gw:
+
+            def call() -> None:
+                with gw.http(gw.key) as client:
+                    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20}).status_code == 200
+
+            threads = [threading.Thread(target=call) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            counts = [sim.stats()["requests"].get("/v1/chat/completions", 0) for sim in (one, two)]
+    assert counts == [3, 3]
+
+
+def test_a_replica_that_refuses_connections_is_skipped_without_errors(tmp_path):
+    with Simulator.start(tmp_path, model="m") as one, Simulator.start(tmp_path, model="m") as two:
+        backends = [Backend("m", one.base_url, id="m-a"), Backend("m", two.base_url, id="m-b")]
+        with Gateway.start(tmp_path / "gw", backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gw:
+            one.stop()  # the gateway has not noticed yet: its next check is a minute away
+            with gw.http(gw.key) as client:
+                statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(4)]
+            health = gw.health(gw.admin_key)
+    assert statuses == [200] * 4
+    states = {b["id"]: b["status"] for b in health["models"][0]["backends"]}
+    assert states == {"m-a": "down", "m-b": "ready"}
+
+
+def test_model_whose_server_is_loading_gets_503_with_retry_after(tmp_path):
+    with Simulator.start(tmp_path, "--health-status", "503", model="m") as sim:
+        with Gateway.start(tmp_path / "gw", [Backend("m", sim.base_url)], wait_ready=False) as gw:
+            gw.wait_until(lambda health: health["models"][0]["status"] == "loading")
+            with gw.http(gw.key) as client:
+                response = client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "10"
+            assert "loading" in response.json()["error"]["message"]
+            sim.clear_faults()
+            gw.wait_until(lambda health: health["models"][0]["status"] == "ready")
+            with gw.http(gw.key) as client:
+                assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_backend_that_never_started_is_down_and_health_says_degraded(tmp_path):
+    with Simulator.start(tmp_path, model="m") as sim:
+        backends = [Backend("m", sim.base_url), Backend("ghost", f"http://127.0.0.1:{free_port()}")]
+        with Gateway.start(tmp_path / "gw", backends, wait_ready=False) as gw:
+            health = gw.wait_until(lambda h: {m["id"]: m["status"] for m in h["models"]} == {"m": "ready", "ghost": "down"})
+    assert health["status"] == "degraded"
+
+
+def test_a_model_added_to_the_config_is_served_without_a_restart(tmp_path):
+    with Simulator.start(tmp_path, model="m") as one, Simulator.start(tmp_path, model="new") as two:
+        with Gateway.start(tmp_path / "gw", [Backend("m", one.base_url)]) as gw:
+            config = tmp_path / "gw" / "models.sh"
+            time.sleep(0.05)
+            write_model_config(config, [Backend("m", one.base_url), Backend("new", two.base_url)])
+            gw.wait_until(lambda health: health["models_ready"] == 2)
+            with gw.http(gw.key) as client:
+                ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+                response = client.post("/v1/chat/completions", json={**CHAT, "model": "new"})
+    assert ids == ["m", "new"]
+    assert response.status_code == 200
+
+
+def test_models_command_prints_the_registry_with_live_status(tmp_path):
+    with Simulator.start(tmp_path, model="m") as sim:
+        ghost = f"http://127.0.0.1:{free_port()}"
+        with Gateway.start(tmp_path / "gw", [Backend("m", sim.base_url, path="/weights/m", aliases="mm"),
+                                             Backend("ghost", ghost)], wait_ready=False) as gw:
+            table = gw.cli("models").stdout
+            rows = json.loads(gw.cli("models", "--json").stdout)
+    assert "MODEL" in table and "/weights/m" in table
+    assert {(r["model"], r["status"]) for r in rows} == {("m", "ready"), ("ghost", "down")}
+    assert next(r for r in rows if r["model"] == "m")["aliases"] == ["mm"]

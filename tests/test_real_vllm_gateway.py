@@ -1,0 +1,99 @@
+"""The gateway in front of a real vLLM server (its CPU build, serving a tiny generated model)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.support.gateway import Backend, Gateway
+from tests.support.processes import free_port, parse_metrics
+from tests.support.real_vllm import start_real_vllm, tiny_model_dir
+
+MESSAGES = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory):
+    server = start_real_vllm(free_port(), "tiny", tiny_model_dir(), tmp_path_factory.mktemp("vllm") / "vllm.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def real_gateway(tmp_path_factory, vllm):
+    backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), aliases="tiny-chat")
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend]) as gw:
+        yield gw
+
+
+def metrics(vllm) -> dict[str, float]:
+    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=10).text)
+
+
+def test_model_list_shows_the_real_model_ready_with_its_path(real_gateway):
+    model = real_gateway.openai().models.retrieve("tiny-chat")
+    assert model.id == "tiny"
+    assert model.model_extra["status"] == "ready"
+    assert model.model_extra["path"] == tiny_model_dir()
+
+
+def test_non_streamed_chat_usage_matches_a_direct_request(real_gateway, vllm):
+    through = real_gateway.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=24, extra_body={"ignore_eos": True}
+    )
+    direct = openai.OpenAI(base_url=vllm.base_url + "/v1", api_key="unused").chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=24, extra_body={"ignore_eos": True}
+    )
+    assert through.usage.completion_tokens == 24
+    assert through.usage.prompt_tokens == direct.usage.prompt_tokens
+    assert through.choices[0].finish_reason == "length"
+
+
+def test_streamed_chat_delivers_the_tokens_and_usage_and_logs_them(real_gateway):
+    chunks = list(real_gateway.openai().chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=30, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        extra_headers={"X-Request-ID": "real-stream-1"},
+    ))
+    usage = chunks[-1].usage
+    assert usage.completion_tokens == 30
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 2
+    line = next(l for l in real_gateway.log_text().splitlines() if "rid=real-stream-1 " in l)
+    assert f"prompt_tokens={usage.prompt_tokens} completion_tokens=30" in line
+
+
+def test_completions_and_tokenize_reach_vllm(real_gateway):
+    client = real_gateway.openai()
+    text = client.completions.create(model="tiny", prompt="the", max_tokens=5, extra_body={"ignore_eos": True})
+    assert text.usage.completion_tokens == 5
+    with real_gateway.http(real_gateway.key) as http:
+        tokens = http.post("/tokenize", json={"model": "tiny", "prompt": "hello there"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+
+
+def test_vllms_own_errors_are_relayed_to_the_sdk(real_gateway):
+    with pytest.raises(openai.BadRequestError) as caught:
+        real_gateway.openai().chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
+    assert caught.value.status_code == 400
+
+
+def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
+    before = metrics(vllm)["vllm:generation_tokens_total"]
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 450, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {real_gateway.key}"}) as client:
+        with client.stream("POST", real_gateway.url + "/v1/chat/completions", json=body) as response:
+            received = 0
+            for line in response.iter_lines():
+                received += line.startswith("data: {")
+                if received == 5:
+                    break
+    deadline = time.monotonic() + 20
+    while metrics(vllm)["vllm:num_requests_running"] != 0:
+        assert time.monotonic() < deadline, "vLLM still runs the request the client abandoned"
+        time.sleep(0.1)
+    time.sleep(3)  # longer than the whole generation would have taken
+    generated = metrics(vllm)["vllm:generation_tokens_total"] - before
+    assert generated < 450, f"vLLM generated all {generated} tokens: the abort never reached it"
