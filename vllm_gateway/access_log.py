@@ -1,7 +1,8 @@
-"""The gateway's log: one line per request plus gateway events, in a rotating file.
+"""The gateway's log file: one line per request plus gateway events, rotated by size.
 
-Lines are handed to a background thread through a queue, so the event loop never waits on the disk.
-Several workers may append to the same file: rotation happens under a lock, and a worker whose file
+Request lines are formatted cheaply on the event loop and handed to a writer thread, which writes them
+in batches, so no request waits on the disk and the logging module's per-record cost stays off the
+hot path. Several workers may share the file: rotation happens under a lock, and a worker whose file
 was rotated by another reopens it.
 """
 
@@ -9,99 +10,156 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import logging.handlers
 import os
 import queue
+import re
 import sys
+import threading
+import time
 from pathlib import Path
 
 from .settings import Settings
 
-ACCESS = logging.getLogger("vllm_gateway.access")
-FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+EVENT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+SAFE_VALUE = re.compile(r"[!#-<>-\[\]-~]{1,200}")  # printable ASCII but space, quote, = and backslash
 
+class LogWriter(threading.Thread):
+    """Owns the log file: appends queued lines, rotates at max_bytes keeping `backups` old files."""
 
-class SharedRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """A RotatingFileHandler that more than one process can share."""
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(name="log-writer", daemon=True)
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.file = self._open()
+        self._stamp_second = -1
+        self._stamp_text = ""
 
-    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
-        if self.stream is not None and self._rotated_elsewhere():
-            self.stream.close()
-            self.stream = self._open()
-        return super().shouldRollover(record)
+    def write(self, line: str) -> None:
+        self.lines.put(line)
 
-    def doRollover(self) -> None:  # noqa: N802
-        lock_fd = os.open(f"{self.baseFilename}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    def request(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        key: str = "-",
+        model: str = "-",
+        backend: str = "-",
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        """One request line. `path` must not carry the query string: it may hold an api_key."""
+        line = (
+            f"{self._timestamp()} INFO access rid={request_id} {method} {clean(path)} status={status} "
+            f"duration_ms={duration * 1000:.1f} key={key} model={clean(model)} backend={clean(backend)}"
+        )
+        if prompt_tokens is not None or completion_tokens is not None:
+            line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
+        self.lines.put(line)
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._stamp_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp_text},{int((now - second) * 1000):03d}"
+
+    def stop(self) -> None:
+        self.lines.put(None)
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while True:
+            batch = [self.lines.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self.lines.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            text = "".join(line + "\n" for line in batch if line is not None)
             try:
-                already_rotated = os.stat(self.baseFilename).st_size < self.maxBytes
-            except FileNotFoundError:
-                already_rotated = True
-            if already_rotated:
-                if self.stream:
-                    self.stream.close()
-                self.stream = self._open()
-            else:
-                super().doRollover()
-        finally:
-            os.close(lock_fd)
+                self._append(text.encode("utf-8", "replace"))
+            except OSError as error:  # a full disk must not take the gateway down
+                print(f"vllm_api_server: cannot write the log {self.path}: {error}", file=sys.stderr)
+            if stopping:
+                self.file.close()
+                return
+
+    def _append(self, data: bytes) -> None:
+        if self._rotated_elsewhere():
+            self.file.close()
+            self.file = self._open()
+        if self.file.tell() + len(data) > self.max_bytes and self.file.tell() > 0:
+            self._rotate()
+        self.file.write(data)
+        self.file.flush()
+
+    def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "ab")
 
     def _rotated_elsewhere(self) -> bool:
         try:
-            on_disk = os.stat(self.baseFilename)
+            on_disk = os.stat(self.path)
         except FileNotFoundError:
             return True
-        mine = os.fstat(self.stream.fileno())
+        mine = os.fstat(self.file.fileno())
         return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
 
+    def _rotate(self) -> None:
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Another worker may have rotated while this one waited for the lock.
+            if not self._rotated_elsewhere() and os.stat(self.path).st_size > 0:
+                for index in range(self.backups - 1, 0, -1):
+                    older = Path(f"{self.path}.{index}")
+                    if older.exists():
+                        os.replace(older, f"{self.path}.{index + 1}")
+                os.replace(self.path, f"{self.path}.1")
+        finally:
+            os.close(lock)
+        self.file.close()
+        self.file = self._open()
 
-def setup_logging(settings: Settings) -> logging.handlers.QueueListener:
-    """Route the gateway's loggers through a queue to the log file (and events to stderr)."""
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = SharedRotatingFileHandler(
-        settings.log_path, maxBytes=settings.log_max_bytes, backupCount=settings.log_backups, encoding="utf-8"
-    )
-    file_handler.setFormatter(logging.Formatter(FORMAT))
+
+class EventHandler(logging.Handler):
+    """Sends the gateway's event log records through the same writer as the request lines."""
+
+    def __init__(self, writer: LogWriter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.setFormatter(logging.Formatter(EVENT_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(settings: Settings) -> LogWriter:
+    """Start the writer; gateway events go to the log file and to stderr."""
+    writer = LogWriter(settings.log_path, settings.log_max_bytes, settings.log_backups)
+    writer.start()
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter(FORMAT))
-    console.addFilter(lambda record: record.name != ACCESS.name)
-
-    log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(log_queue, file_handler, console, respect_handler_level=True)
+    console.setFormatter(logging.Formatter(EVENT_FORMAT))
     root = logging.getLogger("vllm_gateway")
-    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    root.handlers[:] = [EventHandler(writer), console]
     root.setLevel(logging.INFO)
     root.propagate = False
-    listener.start()
-    return listener
+    return writer
 
 
-def clean(value: object, limit: int = 200) -> str:
+def clean(value: object) -> str:
     """A log-safe value: no spaces, quotes or control characters an attacker could use to forge lines."""
-    text = str(value)[:limit]
-    if text and all(33 <= ord(ch) < 127 and ch not in '"\\=' for ch in text):
+    text = str(value)
+    if SAFE_VALUE.fullmatch(text):
         return text
-    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
-
-
-def log_request(
-    request_id: str,
-    method: str,
-    path: str,
-    status: int,
-    duration: float,
-    key: str = "-",
-    model: str = "-",
-    backend: str = "-",
-    prompt_tokens: int | None = None,
-    completion_tokens: int | None = None,
-) -> None:
-    """One access line. `path` must not carry the query string: it may hold an api_key."""
-    line = (
-        f"rid={clean(request_id)} {method} {clean(path)} status={status} "
-        f"duration_ms={duration * 1000:.1f} key={key} model={clean(model)} backend={clean(backend)}"
-    )
-    if prompt_tokens is not None or completion_tokens is not None:
-        line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
-    ACCESS.info(line)
+    return '"' + text[:200].encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -16,17 +15,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import errors, proxy
-from .access_log import log_request, setup_logging
+from .access_log import setup_logging
 from .api import router
 from .errors import GatewayError
-from .health import HealthChecker
+from .health import HealthChecker, probe_pool
 from .keystore import KeyFileError, KeyStore
 from .model_config import load_backend_specs
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings, load_settings
 from .state import GatewayState
-from .upstream import create_session
+from .upstream import UpstreamPool
 
 log = logging.getLogger("vllm_gateway")
 
@@ -51,21 +50,23 @@ class Gateway:
 
     async def logged(self, scope, receive, send) -> None:
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = proxy.new_request_id()
         status = 500
 
         async def send_with_id(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         try:
             await self.api(scope, receive, send_with_id)
         finally:
             key = scope.get("state", {}).get("key_label", "-")
-            log_request(request_id, scope["method"], scope["path"], status, time.perf_counter() - started, key)
+            self.state.log.request(
+                request_id.decode(), scope["method"], scope["path"], status, time.perf_counter() - started, key
+            )
 
 
 def build_state(settings: Settings) -> GatewayState:
@@ -98,14 +99,15 @@ async def watch_key_file(state: GatewayState) -> None:
 
 def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or load_settings()
-    listener = setup_logging(settings)
     state = build_state(settings)
+    state.log = setup_logging(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.session = create_session(settings)
+        state.upstream = UpstreamPool(settings.connect_timeout, settings.read_timeout)
+        probes = probe_pool()
         state.health = HealthChecker(
-            state.registry, state.session, settings.health_interval, settings.model_config_file, settings.run_dir
+            state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir
         )
         await state.health.check_all()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
@@ -120,8 +122,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 task.cancel()
             with contextlib.suppress(KeyFileError, OSError):
                 await asyncio.to_thread(state.keys.flush_usage)
-            await state.session.close()
-            listener.stop()
+            state.upstream.close()
+            probes.close()
+            state.log.stop()
 
     api = FastAPI(title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.state.gateway = state

@@ -111,6 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         loop=settings.loop,
         timeout_keep_alive=settings.keepalive_timeout,
         server_header=False,
+        proxy_headers=False,
         access_log=False,
         log_level="info",
     )
@@ -143,13 +144,13 @@ def show_models(args: argparse.Namespace) -> int:
 
 
 async def probe_all(settings: Settings) -> list[dict[str, object]]:
-    from .health import check_backend
+    from .health import check_backend, probe_pool
     from .registry import Registry
-    from .upstream import create_session
 
     registry = Registry(load_backend_specs(settings.model_config_file))
-    async with create_session(settings) as session:
-        await asyncio.gather(*(check_backend(session, b, settings.run_dir) for b in registry.backends()))
+    pool = probe_pool()
+    await asyncio.gather(*(check_backend(pool, b, settings.run_dir) for b in registry.backends()))
+    pool.close()
     return [
         {
             "model": model.name,

@@ -12,15 +12,20 @@ import logging
 import os
 from pathlib import Path
 
-import aiohttp
 import orjson
 
 from .model_config import ModelConfigError, load_backend_specs
 from .registry import Backend, BackendState, Registry
+from .upstream import UpstreamError, UpstreamPool
 
 log = logging.getLogger("vllm_gateway.health")
 
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+PROBE_TIMEOUT = 3.0
+
+
+def probe_pool() -> UpstreamPool:
+    """Connections for health checks, apart from the relay's and with short timeouts."""
+    return UpstreamPool(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT)
 
 
 def fleet_process_alive(run_dir: Path, backend_id: str) -> bool:
@@ -32,27 +37,37 @@ def fleet_process_alive(run_dir: Path, backend_id: str) -> bool:
     return True
 
 
-async def probe(session: aiohttp.ClientSession, backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
-    headers = {"Authorization": f"Bearer {backend.spec.api_key}"} if backend.spec.api_key else {}
+async def get(pool: UpstreamPool, backend: Backend, path: bytes) -> tuple[int, bytes]:
+    headers = [(b"authorization", b"Bearer " + backend.spec.api_key.encode())] if backend.spec.api_key else []
+    response = await pool.request(b"GET", backend.base_url, path, headers)
     try:
-        async with session.get(f"{backend.base_url}/health", timeout=PROBE_TIMEOUT) as response:
-            if response.status != 200:
-                return BackendState.LOADING, f"/health answered {response.status}"
-        async with session.get(f"{backend.base_url}/v1/models", headers=headers, timeout=PROBE_TIMEOUT) as response:
-            if response.status != 200:
-                return BackendState.LOADING, f"/v1/models answered {response.status}"
-            listed = {model.get("id") for model in orjson.loads(await response.read()).get("data", [])}
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as error:
+        return response.status, await response.read_all()
+    finally:
+        response.release()
+
+
+async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
+    try:
+        status, _ = await get(pool, backend, b"/health")
+        if status != 200:
+            return BackendState.LOADING, f"/health answered {status}"
+        status, body = await get(pool, backend, b"/v1/models")
+        if status != 200:
+            return BackendState.LOADING, f"/v1/models answered {status}"
+        listed = {model.get("id") for model in orjson.loads(body).get("data", [])}
+    except UpstreamError as error:
         if fleet_process_alive(run_dir, backend.spec.id):
             return BackendState.LOADING, "process running, server not answering yet"
-        return BackendState.DOWN, f"{type(error).__name__}: {error}".strip().rstrip(":")
+        return BackendState.DOWN, str(error)
+    except (ValueError, AttributeError, TypeError):
+        return BackendState.LOADING, "/v1/models did not answer a model list"
     if backend.spec.name not in listed:
         return BackendState.LOADING, f"/v1/models does not list {backend.spec.name}"
     return BackendState.READY, "ok"
 
 
-async def check_backend(session: aiohttp.ClientSession, backend: Backend, run_dir: Path) -> None:
-    state, detail = await probe(session, backend, run_dir)
+async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> None:
+    state, detail = await probe(pool, backend, run_dir)
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
 
@@ -61,10 +76,10 @@ class HealthChecker:
     """Polls every backend every `interval` seconds and reloads the model config when it changes."""
 
     def __init__(
-        self, registry: Registry, session: aiohttp.ClientSession, interval: float, config_file: Path, run_dir: Path
+        self, registry: Registry, pool: UpstreamPool, interval: float, config_file: Path, run_dir: Path
     ) -> None:
         self.registry = registry
-        self.session = session
+        self.pool = pool
         self.interval = interval
         self.config_file = config_file
         self.run_dir = run_dir
@@ -83,7 +98,7 @@ class HealthChecker:
         self._wake.set()
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(check_backend(self.session, b, self.run_dir) for b in self.registry.backends()))
+        await asyncio.gather(*(check_backend(self.pool, b, self.run_dir) for b in self.registry.backends()))
 
     async def reload_config_if_changed(self) -> None:
         stamp = self._stamp()

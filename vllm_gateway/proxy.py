@@ -8,22 +8,28 @@ token: bytes from vLLM go to the client as they arrive, never parsed or re-seria
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
-import aiohttp
-
 from . import errors
-from .access_log import clean, log_request
+from .access_log import clean
 from .errors import GatewayError
 from .keystore import KeyRecord
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body, read_body
 from .state import GatewayState
-from .upstream import request_headers, response_headers
+from .upstream import (
+    Response,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamTimeout,
+    request_headers,
+    response_headers,
+)
 
 PROXIED_PATHS = frozenset(
     {
@@ -45,15 +51,14 @@ PROXIED_PATHS = frozenset(
     }
 )
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
-UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 @dataclass
 class Outcome:
-    """What the access log says about one request; filled in as the request goes."""
+    """What the log line says about one request; filled in as the request goes."""
 
     status: int = 500
     key: str = "-"
@@ -65,13 +70,18 @@ class Outcome:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
+def new_request_id() -> bytes:
+    # Unique, not secret: the Mersenne Twister is far cheaper than os.urandom on some VMs.
+    return b"%032x" % random.getrandbits(128)
+
+
 async def handle(state: GatewayState, scope, receive, send) -> None:
     started = time.perf_counter()
     headers = dict(scope["headers"])
-    request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+    request_id = headers.get(b"x-request-id", b"")
     if not REQUEST_ID.fullmatch(request_id):
-        request_id = uuid.uuid4().hex
-    outcome = Outcome(headers=[(b"x-request-id", request_id.encode())])
+        request_id = new_request_id()
+    outcome = Outcome(headers=[(b"x-request-id", request_id)])
     try:
         await proxy(state, scope, receive, send, headers, request_id, outcome)
     except GatewayError as error:
@@ -85,31 +95,20 @@ async def handle(state: GatewayState, scope, receive, send) -> None:
         asyncio.current_task().uncancel()
         outcome.status = 499
     finally:
-        log_request(
-            request_id,
-            "POST",
-            scope["path"],
-            outcome.status,
-            time.perf_counter() - started,
-            outcome.key,
-            outcome.model,
-            outcome.backend,
-            outcome.prompt_tokens,
-            outcome.completion_tokens,
+        state.log.request(
+            request_id.decode(), "POST", scope["path"], outcome.status, time.perf_counter() - started,
+            outcome.key, outcome.model, outcome.backend, outcome.prompt_tokens, outcome.completion_tokens,
         )
 
 
-async def proxy(state, scope, receive, send, headers, request_id: str, outcome: Outcome) -> None:
+async def proxy(state: GatewayState, scope, receive, send, headers, request_id: bytes, outcome: Outcome) -> None:
     # 1. Who is asking.
     key = authenticate(state, headers, scope["query_string"])
-    outcome.key = f"{key.id}({clean(key.name, 60)})"
+    outcome.key = f"{key.id}({clean(key.name)})"
 
     # 2. The whole body, within the size limit, and the model it names.
-    content_length = headers.get(b"content-length")
-    body = await read_body(
-        receive, int(content_length) if content_length and content_length.isdigit() else None,
-        state.settings.max_body_bytes,
-    )
+    length = headers.get(b"content-length")
+    body = await read_body(receive, int(length) if length and length.isdigit() else None, state.settings.max_body_bytes)
     model_name = model_from_body(body, headers.get(b"content-type", b""))
     outcome.model = model_name
     model = state.registry.resolve(model_name)
@@ -132,7 +131,8 @@ async def proxy(state, scope, receive, send, headers, request_id: str, outcome: 
 
     disconnect.add_done_callback(on_disconnect)
     try:
-        await relay(state, scope, send, headers, body, model, request_id, outcome, disconnect, on_disconnect)
+        upstream_headers = request_headers(list(headers.items()), request_id)
+        await relay(state, scope, send, upstream_headers, body, model, outcome, disconnect, on_disconnect)
     finally:
         state.in_flight -= 1
         disconnect.remove_done_callback(on_disconnect)
@@ -154,32 +154,26 @@ def authenticate(state: GatewayState, headers, query_string: bytes) -> KeyRecord
     return record
 
 
-async def relay(
-    state, scope, send, headers, body: bytes, model: Model, request_id: str, outcome: Outcome,
-    disconnect: asyncio.Future, on_disconnect,
-) -> None:
-    upstream, backend = await open_upstream(state, scope, headers, body, model, request_id)
+async def relay(state, scope, send, upstream_headers, body: bytes, model: Model, outcome: Outcome,
+                disconnect: asyncio.Future, on_disconnect) -> None:
+    upstream, backend = await open_upstream(state, scope, upstream_headers, body, model)
     outcome.backend = backend.spec.id
     finished = False
     try:
         outcome.status = upstream.status
-        await send(
-            {"type": "http.response.start", "status": upstream.status,
-             "headers": response_headers(upstream) + outcome.headers}
-        )
-        event_stream = upstream.content_type == "text/event-stream"
+        await send({"type": "http.response.start", "status": upstream.status,
+                    "headers": response_headers(upstream) + outcome.headers})
         previous = last = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read_chunk():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 previous, last = last, chunk
-        except UPSTREAM_FAILURES as error:
-            if not event_stream:
+        except UpstreamError as error:
+            if b"text/event-stream" not in upstream.content_type:
                 raise  # half a JSON body cannot be mended: the connection is dropped
             outcome.status = 502
-            await send({"type": "http.response.body", "body": errors.sse_error_event(
-                f"The server of model `{model.name}` failed during the stream ({type(error).__name__})."),
-                "more_body": True})
+            message = f"The server of model `{model.name}` failed during the stream: {error}."
+            await send({"type": "http.response.body", "body": errors.sse_error_event(message), "more_body": True})
         # The response is complete: a disconnect from now on is the normal end of the exchange.
         disconnect.remove_done_callback(on_disconnect)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -193,14 +187,16 @@ async def relay(
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
 
 
-async def open_upstream(state, scope, headers, body, model: Model, request_id: str):
+async def open_upstream(state: GatewayState, scope, upstream_headers, body: bytes,
+                        model: Model) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend, moving on to the next one that refuses."""
-    tried: list[Backend] = []
-    timed_out = False
     query = scope["query_string"]
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
-    url_suffix = scope["path"] + ("?" + query.decode("latin-1") if query else "")
+    path = scope["raw_path"] or scope["path"].encode()
+    path = path.split(b"?", 1)[0] + (b"?" + query if query else b"")
+    tried: list[Backend] = []
+    timed_out = False
     while True:
         backend = model.pick(exclude=tried)
         if backend is None:
@@ -210,44 +206,29 @@ async def open_upstream(state, scope, headers, body, model: Model, request_id: s
                 raise errors.upstream_unreachable(model.name)
             retry_after = 10 if model.state is BackendState.LOADING else 5
             raise errors.model_unavailable(model.name, model.state.value, retry_after)
+        headers = upstream_headers
+        if backend.spec.api_key:
+            headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]
         backend.in_flight += 1
         try:
-            upstream = await post_once_more_if_stale(
-                state.session, backend.base_url + url_suffix, body,
-                request_headers(list(headers.items()), backend, request_id),
-            )
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
+        except UpstreamConnectError as error:
             # Nothing reached vLLM, so another replica may safely take the request.
             backend.in_flight -= 1
-            timed_out = isinstance(error, aiohttp.ConnectionTimeoutError)
-            backend.mark(BackendState.DOWN, f"connect failed: {type(error).__name__}")
+            timed_out = isinstance(error, UpstreamConnectTimeout)
+            backend.mark(BackendState.DOWN, str(error))
             state.health.check_soon()
             tried.append(backend)
-            continue
-        except asyncio.TimeoutError:
+        except UpstreamTimeout:
             backend.in_flight -= 1
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
-        except aiohttp.ClientError as error:
+        except UpstreamError as error:
             backend.in_flight -= 1
-            raise GatewayError(
-                502, f"The server of model `{model.name}` failed: {type(error).__name__}.",
-                "server_error", "upstream_error", "model",
-            ) from None
+            raise GatewayError(502, f"The server of model `{model.name}` failed: {error}.",
+                               "server_error", "upstream_error", "model") from None
         except BaseException:
             backend.in_flight -= 1
             raise
-        return upstream, backend
-
-
-async def post_once_more_if_stale(session: aiohttp.ClientSession, url: str, body: bytes, headers) -> aiohttp.ClientResponse:
-    """POST, retrying once when a pooled keep-alive connection turns out to be closed by the server.
-
-    uvicorn (under vLLM) drops idle connections after 5 s; the request never reached it then.
-    """
-    try:
-        return await session.post(url, data=body, headers=headers)
-    except aiohttp.ServerDisconnectedError:
-        return await session.post(url, data=body, headers=headers)
 
 
 def record_usage(tail: bytes, outcome: Outcome) -> None:
@@ -262,8 +243,6 @@ def record_usage(tail: bytes, outcome: Outcome) -> None:
 
 async def send_error(send, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
     body = error.body()
-    await send(
-        {"type": "http.response.start", "status": error.status,
-         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]}
-    )
+    await send({"type": "http.response.start", "status": error.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})

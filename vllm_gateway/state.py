@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import aiohttp
-
+from .access_log import LogWriter
 from .health import HealthChecker
 from .keystore import KeyStore
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings
+from .upstream import UpstreamPool
 
 
 @dataclass(eq=False)
@@ -20,7 +20,8 @@ class GatewayState:
     registry: Registry
     keys: KeyStore
     limiter: RateLimiter
-    session: aiohttp.ClientSession | None = None
+    upstream: UpstreamPool | None = None
     health: HealthChecker | None = None
+    log: LogWriter | None = None
     in_flight: int = 0
     started_at: float = field(default_factory=time.time)

@@ -1,0 +1,97 @@
+# shellcheck shell=bash
+# scripts/install_lib.sh: what the install scripts share (virtualenvs, system packages); sourced.
+#
+# Settings from the environment:
+#   PYTHON         interpreter the virtualenvs are made from (default: python3)
+#   PIP_ARGS       extra `pip install` arguments, e.g. "--extra-index-url URL" (split on spaces)
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+INSTALL_PYTHON="${PYTHON:-python3}"
+APT_MISSING=()
+
+# as_root COMMAND...: run COMMAND as root, through sudo when we are not root.
+as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die 1 "root is needed for: $*"
+    fi
+}
+
+# need_command PACKAGE COMMAND: remember PACKAGE for apt_install_missing when COMMAND is absent.
+need_command() {
+    local package="$1" command="$2"
+    command -v "$command" >/dev/null 2>&1 || APT_MISSING+=("$package")
+}
+
+# need_python_venv: Debian ships `python3 -m venv` without pip until python3-venv is installed.
+need_python_venv() {
+    command -v "$INSTALL_PYTHON" >/dev/null 2>&1 || die 1 "no $INSTALL_PYTHON; set PYTHON=/path/to/python3"
+    "$INSTALL_PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || APT_MISSING+=(python3-venv)
+}
+
+# apt_install_missing: install what need_* found missing; `apt-get update` runs only then, once.
+apt_install_missing() {
+    if ((${#APT_MISSING[@]} == 0)); then
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 ||
+        die 1 "missing ${APT_MISSING[*]} and there is no apt-get: install them by hand"
+    info "installing system packages: ${APT_MISSING[*]}"
+    # Wait for another apt run (unattended upgrades, a parallel job) instead of failing at once.
+    as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+        install -y -qq --no-install-recommends "${APT_MISSING[@]}"
+    APT_MISSING=()
+}
+
+# pip_install VENV ARGS...: pip install into VENV with PIP_ARGS added.
+pip_install() {
+    local venv="$1"
+    shift
+    local -a extra=()
+    read -ra extra <<<"${PIP_ARGS:-}"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q "${extra[@]}" "$@"
+}
+
+# make_venv DIR: create the virtualenv DIR unless it already has a python.
+make_venv() {
+    local dir="$1"
+    [[ -x "$dir/bin/python" ]] && return 0
+    info "creating $(display_path "$dir")"
+    "$INSTALL_PYTHON" -m venv "$dir"
+}
+
+# requirements_digest FILE: checksum of FILE and the files it includes with -r (one level).
+requirements_digest() {
+    local file="$1" dir line
+    local -a files=("$file")
+    dir="$(dirname "$file")"
+    while IFS= read -r line; do
+        if [[ "$line" =~ ^-r[[:space:]]*(.+)$ ]]; then
+            files+=("$dir/${BASH_REMATCH[1]}")
+        fi
+    done <"$file"
+    cat "${files[@]}" | sha256sum | cut -d' ' -f1
+}
+
+# ensure_venv_requirements DIR FILE: DIR exists with FILE installed. A checksum stamp in DIR skips
+# pip when FILE has not changed since the last successful install.
+ensure_venv_requirements() {
+    local dir="$1" requirements="$2" stamp digest
+    [[ -f "$requirements" ]] || die 1 "no $(display_path "$requirements")"
+    make_venv "$dir"
+    stamp="$dir/.installed-$(basename "$requirements").sha256"
+    digest="$(requirements_digest "$requirements")"
+    if [[ -f "$stamp" && "$(<"$stamp")" == "$digest" ]]; then
+        info "$(display_path "$dir") is up to date with $(display_path "$requirements")"
+        return 0
+    fi
+    info "installing $(display_path "$requirements") into $(display_path "$dir")"
+    pip_install "$dir" -r "$requirements"
+    printf '%s\n' "$digest" >"$stamp"
+}

@@ -1,0 +1,124 @@
+"""Running the fleet scripts (start_all_models.sh, ...) from tests, in a scratch directory.
+
+    fleet = Fleet(tmp_path)                      # run/ and logs/ under tmp_path, never the repo's
+    fleet.write_config('vllm_model name=a path=/x port=18001 ...')
+    fleet.use_gpu_fixture("h200x2")             # fake nvidia-smi and lscpu printing real outputs
+    result = fleet.run("start_all_models.sh", "--dry-run")
+    fleet.stop_everything()                      # in teardown: whatever the PID files name
+
+Real scripts, real processes and sockets; only `nvidia-smi` and `lscpu` are fakes that print
+recorded outputs (tests/fixtures/nvidia-smi/), since this machine has no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.processes import REPO_ROOT, process_tree
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "nvidia-smi"
+FAKE_SERVER = REPO_ROOT / "tests" / "support" / "fake_vllm_server.py"
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# Prints the outputs recorded in $FAKE_SMI_DIR, as nvidia-smi would.
+case "$1" in
+    topo) cat "$FAKE_SMI_DIR/topo_m.txt" ;;
+    --query-gpu=*) cat "$FAKE_SMI_DIR/query_gpu.csv" ;;
+    *) cat "$FAKE_SMI_DIR/smi.txt" ;;
+esac
+"""
+
+# host.txt holds `lscpu`, then `numactl -H` and sysfs after a line "----".
+FAKE_LSCPU = """#!/bin/sh
+sed '/^----$/,$d' "$FAKE_SMI_DIR/host.txt"
+"""
+
+FAKE_LAUNCH = f"{sys.executable} {FAKE_SERVER}"
+
+
+class Fleet:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.run_dir = root / "run"
+        self.log_dir = root / "logs"
+        self.config = root / "models.sh"
+        self.bin_dir = root / "bin"
+        self.env = {
+            "VLLM_RUN_DIR": str(self.run_dir),
+            "VLLM_LOG_DIR": str(self.log_dir),
+            "VLLM_MODEL_CONFIG": str(self.config),
+            "VLLM_START_INTERVAL": "0",
+            "VLLM_STOP_TIMEOUT": "10",
+            "VLLM_PROGRESS_INTERVAL": "1",
+        }
+
+    def write_config(self, text: str) -> Path:
+        self.config.write_text(text)
+        return self.config
+
+    def use_gpu_fixture(self, name: str) -> None:
+        """Put a fake nvidia-smi and lscpu printing tests/fixtures/nvidia-smi/NAME first on PATH."""
+        self.bin_dir.mkdir(exist_ok=True)
+        for tool, text in (("nvidia-smi", FAKE_NVIDIA_SMI), ("lscpu", FAKE_LSCPU)):
+            path = self.bin_dir / tool
+            path.write_text(text)
+            path.chmod(0o755)
+        self.env["FAKE_SMI_DIR"] = str(FIXTURES / name)
+        self.env["PATH"] = f"{self.bin_dir}:{os.environ['PATH']}"
+
+    def run(self, script: str, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, **self.env, **(env or {})}
+        return subprocess.run(["bash", str(REPO_ROOT / script), *args], env=full_env, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def pid(self, model_id: str) -> int:
+        return int((self.run_dir / f"{model_id}.pid").read_text().split()[0])
+
+    def pid_files(self) -> list[Path]:
+        return sorted(self.run_dir.glob("*.pid")) if self.run_dir.exists() else []
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / name).read_text()
+
+    def stop_everything(self) -> None:
+        """Teardown: kill every process group a PID file names, whatever the scripts did."""
+        for pid_file in self.pid_files():
+            try:
+                pid = int(pid_file.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            for member in process_tree(pid) | {pid}:
+                try:
+                    os.kill(member, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            pid_file.unlink(missing_ok=True)
+
+
+def live(pids: set[int] | list[int]) -> set[int]:
+    """The pids that still run (zombies count as gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def cpus_allowed(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")

@@ -1,0 +1,303 @@
+"""Real processes for tests: free ports, process groups that always die, the vLLM simulator.
+
+    port = free_port()
+    proc = start_process([sys.executable, "-m", "http.server", str(port)], log_path=tmp / "s.log")
+    wait_for_http(f"http://127.0.0.1:{port}/", timeout=10, process=proc)
+    proc.stop()                          # the whole process group, SIGTERM then SIGKILL
+
+    with Simulator.start(tmp_path, "--max-num-seqs", "2") as sim:
+        sim.set_faults(error_status=500)
+        httpx.post(sim.base_url + "/v1/completions", json={"model": sim.model, "prompt": "hi"})
+        sim.stats()["last_request"]["headers"], sim.metrics()["vllm:num_requests_running"]
+
+Every started process is also killed at interpreter exit, in case a test forgot to.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_live: list[ProcessHandle] = []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a live process, from /proc."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _running(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def process_tree(root_pid: int) -> set[int]:
+    """The live (non-zombie) processes in root's process group or descending from root."""
+    stats = {pid: stat for pid in _all_pids() if (stat := _proc_stat(pid)) is not None}
+    children: dict[int, list[int]] = {}
+    for pid, (_, parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+    tree, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid in stats and pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    tree |= {pid for pid, (_, _, group) in stats.items() if group == root_pid}
+    return {pid for pid in tree if stats[pid][0] != "Z"}
+
+
+class ProcessHandle:
+    """A started process, leader of its own session and process group."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path | None) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.log_path = log_path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def tree(self) -> set[int]:
+        """Live pids of this process, its descendants and its process group."""
+        return process_tree(self.pid)
+
+    def _signal_all(self, sig: int, pids: Iterable[int]) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:  # descendants that left the group (rare, but vLLM spawns workers)
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the whole tree, SIGKILL what is left after `timeout`; return the exit code."""
+        pids = self.tree()
+        self._signal_all(signal.SIGTERM, pids)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.popen.poll()  # reap the leader so it does not linger as a zombie
+            if not (self.tree() | {pid for pid in pids if _running(pid)}):
+                break
+            time.sleep(0.05)
+        else:
+            self._signal_all(signal.SIGKILL, pids | self.tree())
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        if self in _live:
+            _live.remove(self)
+        return self.popen.returncode
+
+    def __enter__(self) -> ProcessHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_process(cmd: Sequence[str], env: Mapping[str, str] | None = None,
+                  log_path: str | Path | None = None, cwd: str | Path | None = None) -> ProcessHandle:
+    """Start `cmd` in a new session (its own process group), output to `log_path` (else dropped).
+
+    `env` is added to the current environment; a value of "" is kept as the empty string.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    log_file = None
+    path = Path(log_path) if log_path is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = path.open("ab")
+    try:
+        popen = subprocess.Popen(
+            list(cmd), env=full_env, cwd=cwd or REPO_ROOT, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=log_file or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    handle = ProcessHandle(popen, path)
+    _live.append(handle)
+    return handle
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for handle in list(_live):
+        handle.stop(timeout=3)
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """Status of a GET to `url`, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_http(url: str, timeout: float, status: int = 200,
+                  process: ProcessHandle | None = None) -> None:
+    """Poll `url` until it answers `status`; fail early if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    last: int | None = None
+    while time.monotonic() < deadline:
+        last = http_status(url)
+        if last == status:
+            return
+        if process is not None and not process.alive():
+            raise RuntimeError(f"process {process.pid} exited with {process.returncode} before "
+                               f"{url} answered {status}; log tail:\n{process.log_tail()}")
+        time.sleep(0.1)
+    tail = f"; log tail:\n{process.log_tail()}" if process is not None else ""
+    raise TimeoutError(f"{url} did not answer {status} within {timeout} s (last: {last}){tail}")
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Call `check` until it returns something truthy and return that; fail after `timeout`.
+
+    For waiting on a state (a gauge reaching 0, a process gone), never for asserting a duration.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
+        time.sleep(interval)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {metric name: value}, summing the series of a name over its labels."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if "{" in line:
+            name, value = line[:line.index("{")], line[line.rindex("}") + 1:].split()[0]
+        else:
+            name, value = line.split()[:2]
+        values[name] = values.get(name, 0.0) + float(value)
+    return values
+
+
+class Simulator:
+    """A vLLM simulator process on a free port (see vllm_gateway/simulator.py)."""
+
+    def __init__(self, handle: ProcessHandle, port: int, model: str) -> None:
+        self.handle = handle
+        self.port = port
+        self.model = model
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def start(cls, log_dir: str | Path, *args: str, model: str = "sim",
+              python: str = sys.executable, wait: bool = True, timeout: float = 30.0,
+              port: int | None = None) -> Simulator:
+        """Start with `--served-model-name model` plus `args`, wait for /health unless told not to.
+
+        The pace defaults to fast (no first-token delay, 1000 tokens/s); pass the flags to change it.
+        """
+        port = port or free_port()
+        cmd = [python, "-m", "vllm_gateway.simulator", "--port", str(port),
+               "--served-model-name", model, "--first-token-delay", "0", "--token-rate", "1000",
+               *args]
+        log_path = Path(log_dir) / f"simulator-{port}.log"
+        handle = start_process(cmd, log_path=log_path)
+        simulator = cls(handle, port, model)
+        if wait:
+            try:
+                # /version, not /health: a health fault given on the command line must not block.
+                wait_for_http(simulator.base_url + "/version", timeout, process=handle)
+            except BaseException:
+                handle.stop()
+                raise
+        return simulator
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
+        response = httpx.request(method, self.base_url + path, json=body, timeout=10)
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def set_faults(self, **faults: Any) -> dict[str, Any]:
+        """Replace the active faults, e.g. set_faults(error_status=500, slow_start=1.0)."""
+        return self._call("POST", "/_simulator/faults", faults)
+
+    def clear_faults(self) -> None:
+        self._call("DELETE", "/_simulator/faults")
+
+    def stats(self) -> dict[str, Any]:
+        """Requests per path, running, waiting, aborted, completed, crashed, last_request, ..."""
+        return self._call("GET", "/_simulator/stats")
+
+    def reset_stats(self) -> None:
+        self._call("DELETE", "/_simulator/stats")
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+
+        response = httpx.get(self.base_url + "/metrics", timeout=10)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
+    def alive(self) -> bool:
+        return self.handle.alive()
+
+    def stop(self) -> int | None:
+        return self.handle.stop()
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,342 @@
+"""The vLLM simulator, run as a real process and spoken to over HTTP like a vLLM server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.support.processes import (REPO_ROOT, Simulator, http_status, parse_metrics,
+                                     wait_until)
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Simulator]:
+    with Simulator.start(tmp_path, "--max-model-len", "512") as simulator:
+        yield simulator
+
+
+def client_for(simulator: Simulator, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=simulator.base_url + "/v1", api_key=api_key, max_retries=0)
+
+
+def chat_body(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "four words of prompt"}],
+            "max_tokens": max_tokens, "stream": stream, **extra}
+
+
+def sse_events(lines: list[str]) -> list[str]:
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(sim: Simulator) -> None:
+    chunks = list(client_for(sim).chat.completions.create(
+        model=sim.model, messages=[{"role": "user", "content": "four words of prompt"}],
+        max_tokens=7, stream=True, stream_options={"include_usage": True}))
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    token_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(token_chunks) == 7
+    assert token_chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens,
+            chunks[-1].usage.total_tokens) == (4, 7, 11)
+
+
+def test_stream_ends_with_done_marker(sim: Simulator) -> None:
+    with httpx.stream("POST", sim.base_url + CHAT, json=chat_body(sim.model, 3, stream=True)) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(list(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    assert len(events) == 1 + 3 + 1  # role chunk, tokens, [DONE]; no usage chunk unless asked
+
+
+def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(sim: Simulator) -> None:
+    client = client_for(sim)
+    chat = client.chat.completions.create(
+        model=sim.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5)
+    text = client.completions.create(model=sim.model, prompt="a b", max_tokens=9)
+
+    assert chat.object == "chat.completion"
+    assert len(chat.choices[0].message.content.split()) == 5
+    assert chat.choices[0].finish_reason == "length"
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 5)
+    assert len(text.choices[0].text.split()) == 9
+    assert (text.usage.prompt_tokens, text.usage.completion_tokens, text.usage.total_tokens) == (
+        2, 9, 11)
+    metrics = sim.metrics()
+    assert metrics["vllm:prompt_tokens_total"] == 5
+    assert metrics["vllm:generation_tokens_total"] == 14
+
+
+def test_models_lists_every_served_name_as_the_simulator(tmp_path: Path) -> None:
+    with Simulator.start(tmp_path, "--served-model-name", "main", "alias", "--model",
+                         "models/main", "--max-model-len", "1024") as simulator:
+        response = httpx.get(simulator.base_url + "/v1/models")
+        chat = client_for(simulator).chat.completions.create(
+            model="alias", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+
+    assert response.headers["x-vllm-simulator"] == "1"
+    cards = response.json()["data"]
+    assert [card["id"] for card in cards] == ["main", "alias"]
+    assert {(c["object"], c["owned_by"], c["root"], c["max_model_len"]) for c in cards} == {
+        ("model", "vllm-simulator", "models/main", 1024)}
+    assert chat.model == "alias"
+
+
+def test_embeddings_are_deterministic_vectors_per_input(sim: Simulator) -> None:
+    client = client_for(sim)
+    first = client.embeddings.create(model=sim.model, input=["same text", "other text"])
+    again = client.embeddings.create(model=sim.model, input="same text")
+    as_floats = httpx.post(sim.base_url + "/v1/embeddings",
+                           json={"model": sim.model, "input": "same text"}).json()
+
+    vectors = [item.embedding for item in first.data]
+    assert len(vectors) == 2 and len(vectors[0]) == 16
+    assert vectors[0] != vectors[1]
+    assert again.data[0].embedding == pytest.approx(vectors[0], rel=1e-6)
+    assert as_floats["data"][0]["embedding"] == pytest.approx(vectors[0], rel=1e-6)
+    assert first.usage.prompt_tokens == 4
+
+
+def test_unknown_model_is_a_404_not_found_error(sim: Simulator) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client_for(sim).chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body == {"message": "The model `nope` does not exist.",
+                                 "type": "NotFoundError", "param": "model", "code": 404}
+
+
+def test_bad_json_is_a_400_bad_request_error(sim: Simulator) -> None:
+    response = httpx.post(sim.base_url + CHAT, content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "BadRequestError"
+    assert response.json()["error"]["code"] == 400
+
+
+def test_prompt_plus_max_tokens_beyond_max_model_len_is_rejected(sim: Simulator) -> None:
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        client_for(sim).completions.create(model=sim.model, prompt="a b c", max_tokens=510)
+
+
+def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
+    async def scenario(simulator: Simulator) -> tuple[dict, dict, dict]:
+        async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
+            async def stream_forever() -> None:
+                body = chat_body(simulator.model, 400, stream=True)
+                async with client.stream("POST", CHAT, json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+
+            async def metrics() -> dict:
+                return parse_metrics((await client.get("/metrics")).text)
+
+            async def metrics_when(predicate) -> dict:
+                for _ in range(400):
+                    current = await metrics()
+                    if predicate(current):
+                        return current
+                    await asyncio.sleep(0.05)
+                return current
+
+            tasks = [asyncio.create_task(stream_forever()) for _ in range(5)]
+            busy = await metrics_when(lambda m: m["vllm:num_requests_waiting"] == 3)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            idle = await metrics_when(lambda m: m["vllm:num_requests_running"] == 0
+                                      and m["vllm:num_requests_waiting"] == 0)
+            return busy, idle, (await client.get("/_simulator/stats")).json()
+
+    with Simulator.start(tmp_path, "--max-num-seqs", "2", "--token-rate", "20") as simulator:
+        busy, idle, stats = asyncio.run(scenario(simulator))
+
+    assert (busy["vllm:num_requests_running"], busy["vllm:num_requests_waiting"]) == (2, 3)
+    assert (idle["vllm:num_requests_running"], idle["vllm:num_requests_waiting"]) == (0, 0)
+    assert stats["aborted"] == 5
+
+
+def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
+    with Simulator.start(tmp_path, "--token-rate", "20") as simulator:
+        with httpx.stream("POST", simulator.base_url + CHAT,
+                          json=chat_body(simulator.model, 1000, stream=True)) as response:
+            lines = response.iter_lines()
+            next(lines), next(lines)
+            assert simulator.metrics()["vllm:num_requests_running"] == 1
+        wait_until(lambda: simulator.metrics()["vllm:num_requests_running"] == 0)
+        stats = simulator.stats()
+        generated = simulator.metrics()["vllm:generation_tokens_total"]
+
+    assert stats["aborted"] == 1 and stats["completed"] == 0
+    assert generated < 1000
+
+
+def test_error_status_fault_fails_generation_until_cleared(sim: Simulator) -> None:
+    client = client_for(sim)
+    assert sim.set_faults(error_status=500) == {"error_status": 500}
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model=sim.model, messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["type"] == "InternalServerError"
+    assert httpx.get(sim.base_url + "/v1/models").status_code == 200
+
+    sim.clear_faults()
+    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+    assert client.completions.create(model=sim.model, prompt="x", max_tokens=2).usage
+
+
+def test_health_status_fault_changes_health_only(sim: Simulator) -> None:
+    sim.set_faults(health_status=503)
+    assert http_status(sim.base_url + "/health") == 503
+    assert http_status(sim.base_url + "/v1/models") == 200
+    sim.clear_faults()
+    assert http_status(sim.base_url + "/health") == 200
+
+
+def test_slow_start_fault_holds_back_the_first_token(sim: Simulator) -> None:
+    sim.set_faults(slow_start=60)
+    with httpx.stream("POST", sim.base_url + CHAT, json=chat_body(sim.model, 5, stream=True)) as r:
+        lines = r.iter_lines()  # kept: a dropped line iterator closes the response
+        role_chunk = next(lines)
+        metrics = sim.metrics()
+    assert '"role":"assistant"' in role_chunk
+    assert metrics["vllm:num_requests_running"] == 1
+    assert metrics["vllm:generation_tokens_total"] == 0
+
+
+def test_crash_fault_sends_some_tokens_then_drops_the_connection(sim: Simulator) -> None:
+    sim.set_faults(crash_after_tokens=3)
+    received: list[str] = []
+    with pytest.raises(httpx.TransportError):
+        with httpx.stream("POST", sim.base_url + CHAT,
+                          json=chat_body(sim.model, 10, stream=True)) as response:
+            for line in response.iter_lines():
+                received.append(line)
+    events = sse_events(received)
+    assert len(events) == 1 + 3 and "[DONE]" not in events
+    assert all(json.loads(event)["choices"][0]["finish_reason"] is None for event in events)
+
+    with pytest.raises(httpx.TransportError):  # non-streamed: no response at all
+        httpx.post(sim.base_url + CHAT, json=chat_body(sim.model, 10))
+    assert sim.alive()
+    assert sim.stats()["crashed"] == 2
+
+
+def test_exit_fault_ends_the_whole_process_mid_stream(sim: Simulator) -> None:
+    sim.set_faults(exit_after_tokens=2)
+    received: list[str] = []
+    with pytest.raises(httpx.TransportError):
+        with httpx.stream("POST", sim.base_url + CHAT,
+                          json=chat_body(sim.model, 10, stream=True)) as response:
+            for line in response.iter_lines():
+                received.append(line)
+    assert len(sse_events(received)) == 1 + 2
+    assert sim.handle.popen.wait(timeout=10) == 1
+    assert http_status(sim.base_url + "/health") is None
+
+
+def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
+    with Simulator.start(tmp_path, "--error-status", "503", "--health-status", "500") as simulator:
+        faults = httpx.get(simulator.base_url + "/_simulator/faults").json()
+        status = httpx.post(simulator.base_url + "/v1/completions",
+                            json={"model": simulator.model, "prompt": "x"}).status_code
+        health = http_status(simulator.base_url + "/health")
+    assert faults == {"error_status": 503, "health_status": 500}
+    assert (status, health) == (503, 500)
+
+
+def test_unknown_fault_is_rejected(sim: Simulator) -> None:
+    response = httpx.post(sim.base_url + "/_simulator/faults", json={"explode": True})
+    assert response.status_code == 400
+    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+
+
+def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
+    with Simulator.start(tmp_path, "--api-key", "s3cret") as simulator:
+        without = httpx.get(simulator.base_url + "/v1/models")
+        wrong = httpx.get(simulator.base_url + "/v1/models",
+                          headers={"Authorization": "Bearer nope"})
+        with pytest.raises(openai.AuthenticationError):
+            client_for(simulator, "nope").models.list()
+        models = client_for(simulator, "s3cret").models.list()
+        health = http_status(simulator.base_url + "/health")
+
+    assert (without.status_code, wrong.status_code) == (401, 401)
+    assert [model.id for model in models] == [simulator.model]
+    assert health == 200
+
+
+def test_stats_show_what_the_last_api_request_carried(sim: Simulator) -> None:
+    body = chat_body(sim.model, 2)
+    response = httpx.post(sim.base_url + CHAT, json=body,
+                          headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"})
+    httpx.get(sim.base_url + "/health")  # a health poll must not hide the API request
+    stats = sim.stats()
+
+    assert response.json()["id"] == "chatcmpl-req-42"
+    last = stats["last_request"]
+    assert (last["method"], last["path"], last["body"]) == ("POST", CHAT, body)
+    assert last["headers"]["x-request-id"] == "req-42"
+    assert last["headers"]["authorization"] == "Bearer upstream"
+    assert stats["requests"][CHAT] == 1 and stats["requests"]["/health"] == 1
+
+    sim.reset_stats()
+    assert sim.stats()["requests"] == {}
+
+
+def test_tokenize_and_detokenize_round_trip_known_words(sim: Simulator) -> None:
+    tokens = httpx.post(sim.base_url + "/tokenize",
+                        json={"model": sim.model, "prompt": "lorem ipsum dolor"}).json()
+    text = httpx.post(sim.base_url + "/detokenize",
+                      json={"model": sim.model, "tokens": tokens["tokens"]}).json()
+    assert tokens["count"] == 3 and tokens["max_model_len"] == 512
+    assert text == {"prompt": "lorem ipsum dolor"}
+
+
+def test_transcription_returns_text_for_an_uploaded_file(sim: Simulator) -> None:
+    result = client_for(sim).audio.transcriptions.create(
+        model=sim.model, file=("clip.wav", b"\0" * 5000, "audio/wav"))
+    assert len(result.text.split()) == 5
+    assert sim.stats()["last_request"]["body"]["file"] == {"filename": "clip.wav", "size": 5000}
+
+
+def test_version_and_metrics_name_the_model(sim: Simulator) -> None:
+    version = httpx.get(sim.base_url + "/version").json()["version"]
+    metrics_text = httpx.get(sim.base_url + "/metrics").text
+    assert version.endswith("+simulator")
+    assert f'vllm:num_requests_running{{model_name="{sim.model}"}} 0.0' in metrics_text
+
+
+def test_startup_delay_keeps_the_port_closed_while_loading(tmp_path: Path) -> None:
+    simulator = Simulator.start(tmp_path, "--startup-delay", "60", wait=False)
+    try:
+        wait_until(lambda: "pretending to load weights" in simulator.handle.log())
+        assert simulator.alive()
+        assert http_status(simulator.base_url + "/health") is None
+    finally:
+        simulator.stop()
+    assert not simulator.handle.tree()
+
+
+def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> None:
+    vllm_flags = ["--tensor-parallel-size", "4", "--gpu-memory-utilization", "0.3",
+                  "--max-model-len", "2048", "--enforce-eager", "--max-parallel-loading-workers",
+                  "64", "--dtype", "float16"]
+    with Simulator.start(tmp_path, *vllm_flags) as simulator:
+        card = httpx.get(simulator.base_url + "/v1/models").json()["data"][0]
+    assert card["max_model_len"] == 2048
+
+    rejected = subprocess.run(
+        [sys.executable, "-m", "vllm_gateway.simulator", "--served-model-name", "x", "--bogus"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert rejected.returncode == 2
+    assert "--bogus" in rejected.stderr
