@@ -23,6 +23,7 @@ class RawBackend:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.generations = 0
+        self.generation_connections: set[int] = set()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -70,6 +71,11 @@ class RawBackend:
                 answered_here = True
                 continue
             self.generations += 1
+            self.generation_connections.add(id(conn))
+            if self.mode == "keep-alive":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY))
+                continue
             if self.mode == "until-close":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Connection: close\r\n\r\n" + REPLY)
@@ -90,6 +96,15 @@ def raw_gateway(tmp_path, request):
 
 
 CHAT = {"model": "raw", "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("raw_gateway", ["keep-alive"], indirect=True)
+def test_sequential_requests_reuse_one_upstream_connection(raw_gateway):
+    gw, backend = raw_gateway
+    with gw.http(gw.key) as client:
+        statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    assert len(backend.generation_connections) == 1
 
 
 @pytest.mark.parametrize("raw_gateway", ["close-idle"], indirect=True)

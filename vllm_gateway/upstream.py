@@ -177,6 +177,7 @@ class Connection(asyncio.Protocol):
         self.reused = False
         self.received = False
         self.until_close = False
+        self.keep_alive = False
         self.last_io = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -186,7 +187,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.response = Response(self)
         self.headers_ready = self.loop.create_future()
-        self.received = self.until_close = False
+        self.received = self.until_close = self.keep_alive = False
         self.last_io = self.loop.time()
         self.timer = self.loop.call_later(self.pool.read_timeout, self._check_timeout)
         self.transport.write(head + body if len(body) < 65536 else head)
@@ -201,7 +202,7 @@ class Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if reusable and not self.closed and self.parser.should_keep_alive():
+        if reusable and self.keep_alive and not self.closed:
             self.reused = True
             self.pool.put_idle(self)
         else:
@@ -259,6 +260,8 @@ class Connection(asyncio.Protocol):
         response.status = self.parser.get_status_code()
         names = {name for name, _ in response.headers}
         self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+        # Read here: once the message is complete the parser no longer knows.
+        self.keep_alive = self.parser.should_keep_alive() and not self.until_close
         if not self.headers_ready.done():
             self.headers_ready.set_result(None)
 
