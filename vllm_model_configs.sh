@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are read by scripts/lib.sh
 # vllm_model_configs.sh: every vLLM model this host serves, in one place.
 #
 # Read by start_all_models.sh / stop_all_models.sh / status_all_services.sh and by the gateway
@@ -24,8 +24,10 @@
 #   enforce_eager           true/false: --enforce-eager
 #   load_workers            --max-parallel-loading-workers
 #   log                     log file name inside VLLM_LOG_DIR; default: <id>_vllm.log
-#   extra_args              more `vllm serve` arguments, as one string
-#   env                     more environment for this model, space separated KEY=VALUE words
+#   extra_args              more `vllm serve` arguments, as one string split on spaces (no quoting:
+#                           write JSON values without spaces)
+#   env                     more environment for this model, space separated KEY=VALUE words; they
+#                           override the tuning the scripts set (OMP_NUM_THREADS=<CPUs of the model>, ...)
 #   api_key                 key the vLLM server requires (--api-key); the gateway sends it upstream
 #   launch_command          overrides VLLM_LAUNCH_COMMAND for this model
 
@@ -43,7 +45,8 @@ VLLM_HOST="${VLLM_HOST:-127.0.0.1}"
 VLLM_START_INTERVAL="${VLLM_START_INTERVAL:-15}"
 
 # GPU -> CPU threads. Leave the array empty to derive it from `nvidia-smi topo -m` and the NUMA
-# layout; this table is the reference 4-GPU host's.
+# layout (each NUMA node's CPUs split among its GPUs); GPUs missing here are derived too. A model
+# runs under numactl on the union of its GPUs' CPUs. This table is the reference 4-GPU host's.
 GPU_CPU_BINDING=(
     "0=0-15"
     "1=16-31"

@@ -795,8 +795,12 @@ EOF
     fi
 }
 
-# stop_services TIMEOUT "LABEL|PIDFILE|HOST|PORT" ...: SIGTERM every group, wait up to TIMEOUT
-# seconds, SIGKILL what is left; then check the ports are free. Returns 1 if anything survived.
+# stop_services TIMEOUT "LABEL|PIDFILE|HOST|PORT" ...: stop each service's process group, SIGKILL
+# what is left after TIMEOUT seconds; then check the ports are free. Returns 1 if anything survived.
+#
+# SIGTERM goes to the group leader first: vLLM's API server then shuts its engine core and workers
+# down in order. Signalling them all at once makes the API server log the engine's death as an
+# error on every stop. After half the timeout, whatever is left of the group gets SIGTERM too.
 stop_services() {
     local timeout="$1" entry label file host port state pid waited=0 failed=0
     shift
@@ -812,13 +816,26 @@ stop_services() {
                 ;;
             running)
                 info "stopping $label (PID $pid)"
-                signal_group TERM "$pid"
+                if leader_alive "$pid"; then
+                    kill -s TERM "$pid" 2>/dev/null || true
+                else
+                    signal_group TERM "$pid"  # the leader is gone: its orphans directly
+                fi
                 live+=("$entry")
                 live_pids+=("$pid")
                 ;;
         esac
     done
     ((${#live[@]} > 0)) || return 0
+    # waited counts half seconds: until every leader is gone, at most half the timeout ...
+    while any_leader_alive "${live_pids[@]}" && ((waited < timeout)); do
+        sleep 0.5
+        waited=$((waited + 1))
+    done
+    for pid in "${live_pids[@]}"; do
+        [[ -z "$(group_members "$pid")" ]] || signal_group TERM "$pid"
+    done
+    # ... then until every group is empty, up to the whole timeout.
     while any_group_alive "${live_pids[@]}" && ((waited < timeout * 2)); do
         sleep 0.5
         waited=$((waited + 1))
@@ -856,6 +873,14 @@ stop_services() {
         fi
     done
     return "$failed"
+}
+
+any_leader_alive() {
+    local pid
+    for pid in "$@"; do
+        ! leader_alive "$pid" || return 0
+    done
+    return 1
 }
 
 any_group_alive() {

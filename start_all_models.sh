@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Usage: start_all_models.sh [OPTIONS] [ID|NAME ...]
+#
+# Start one vLLM server per model of vllm_model_configs.sh (or only the models named), each in its
+# own process group, bound to its CPUs with numactl, logging to VLLM_LOG_DIR. Everything is checked
+# first (ports, model paths, GPUs, memory fractions, tensor parallel sizes); on any problem nothing
+# starts. A model already running is left alone; models with url= run elsewhere and are skipped.
+#
+# Options:
+#   -c, --config FILE     model config (default: $VLLM_MODEL_CONFIG, else vllm_model_configs.sh)
+#   -n, --dry-run         check, then print each command and its environment instead of running it
+#   -s, --simulate        run the vLLM simulator in place of vLLM (no GPU, no weights); also VLLM_SIMULATE=1
+#   -w, --wait            wait until every model answers /health, showing progress
+#   -i, --interval SECS   pause between two launches (default: $VLLM_START_INTERVAL, else 15)
+#   -t, --timeout SECS    with --wait: give up after SECS (default: $VLLM_START_TIMEOUT, else 1800)
+#   -h, --help            show this help
+#
+# Exit status: 0 started (or already running), 1 a model failed to start or to become healthy,
+# 2 the config or the machine is not ready (nothing was started).
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
+
+main() {
+    local config="" dry_run=0 simulate="${VLLM_SIMULATE:-0}" wait=0 interval="" timeout="${VLLM_START_TIMEOUT:-1800}"
+    local -a names=()
+    while (($# > 0)); do
+        case "$1" in
+            -c | --config) config="${2:?--config needs a file}"; shift ;;
+            -n | --dry-run) dry_run=1 ;;
+            -s | --simulate) simulate=1 ;;
+            -w | --wait) wait=1 ;;
+            -i | --interval) interval="${2:?--interval needs seconds}"; shift ;;
+            -t | --timeout) timeout="${2:?--timeout needs seconds}"; shift ;;
+            -h | --help) usage_from_header "$0"; return 0 ;;
+            -*) die 2 "unknown option $1 (see --help)" ;;
+            *) names+=("$1") ;;
+        esac
+        shift
+    done
+    [[ "$simulate" == 1 ]] || simulate=0
+    DRY_RUN="$dry_run"
+
+    init_dirs
+    load_config "${config:-$(default_config_file)}"
+    interval="${interval:-$VLLM_START_INTERVAL}"
+    [[ "$interval" =~ ^[0-9]+$ && "$timeout" =~ ^[0-9]+$ ]] || die 2 "--interval and --timeout take whole seconds"
+    select_models "${names[@]}"
+    ((dry_run)) || lock models
+
+    local i state pid
+    local -a to_start=() running=()
+    for i in "${SELECTED[@]}"; do
+        if is_remote "$i"; then
+            info "$(m "$i" id): served elsewhere ($(m "$i" url)), skipped"
+            continue
+        fi
+        read -r state pid <<<"$(service_state "$(pid_file_of "$(m "$i" id)")")"
+        case "$state" in
+            running)
+                info "$(m "$i" id) is already running (PID $pid, port $(m "$i" port)): not started again"
+                running+=("$i")
+                ;;
+            stale)
+                ((dry_run)) || rm -f "$(pid_file_of "$(m "$i" id)")"
+                info "$(m "$i" id): removed a stale PID file (PID $pid is gone)"
+                to_start+=("$i")
+                ;;
+            *) to_start+=("$i") ;;
+        esac
+    done
+
+    check_before_start "$simulate" "${to_start[@]}"
+    if ((dry_run)); then
+        print_commands "$simulate" "${to_start[@]}"
+        return 0
+    fi
+
+    local failed=0 n=0
+    for i in "${to_start[@]}"; do
+        if ((n > 0 && interval > 0)); then
+            info "waiting ${interval}s before the next model (--interval)"
+            sleep "$interval"
+        fi
+        start_model "$i" "$simulate" || failed=1
+        n=$((n + 1))
+    done
+    unlock
+    if ((wait)); then
+        wait_until_healthy "$timeout" "${to_start[@]}" "${running[@]}" || failed=1
+    fi
+    return "$failed"
+}
+
+check_before_start() {
+    local simulate="$1" mode=vllm problem
+    shift
+    (($# > 0)) || return 0
+    if ((simulate)); then
+        mode=simulate
+    fi
+    plan_placement "$mode" "$@"
+    validate_machine "$mode" "$@"
+    if ((${#MACHINE_ERRORS[@]} > 0)); then
+        for problem in "${MACHINE_ERRORS[@]}"; do
+            printf '%s: %s\n' "$LOG_PREFIX" "$problem" >&2
+        done
+        die 2 "nothing was started"
+    fi
+    if [[ -z "$(numactl_command)" && "$mode" == vllm ]]; then
+        if [[ -z "${VLLM_NUMACTL-numactl}" || "${VLLM_NUMACTL-}" == none ]]; then
+            info "VLLM_NUMACTL=${VLLM_NUMACTL-}: models run without CPU binding"
+        else
+            warn "numactl not found: models run without CPU binding (install the numactl package)"
+        fi
+    fi
+}
+
+print_commands() {
+    local simulate="$1" i
+    shift
+    printf 'cd %s\n' "$(shell_word "$VLLM_REPO_DIR")"
+    for i in "$@"; do
+        full_argv "$i" "$simulate"
+        printf '# %s: %s on port %s, GPUs %s, %s\n' "$(m "$i" id)" "$(m "$i" name)" "$(m "$i" port)" \
+            "$(or_none "$(m "$i" gpus)")" "$PLACE_TEXT"
+        print_command "$(log_path "$i")" "${FULL_ARGV[@]}"
+    done
+}
+
+start_model() {
+    local i="$1" simulate="$2" id log pid_file mode=vllm command_text
+    id="$(m "$i" id)"
+    log="$(log_path "$i")"
+    pid_file="$(pid_file_of "$id")"
+    if ((simulate)); then
+        mode=simulated
+    fi
+    full_argv "$i" "$simulate"
+    if [[ "$mode" == vllm && "$PLACE_TEXT" == unbound* && -n "$(numactl_command)" ]]; then
+        warn "$id runs without CPU binding: ${PLACE_NOTE[$i]:-no CPU set}"
+    fi
+    command_text="$(print_command "$log" "${FULL_ARGV[@]}" | sed -E 's/(--api-key )[^ ]+/\1***/')"
+    rotate_log "$log"
+    printf '==== %s: %s starts %s (%s) ====\n%s\n' "$(date '+%F %T')" "$LOG_PREFIX" "$id" "$mode" \
+        "$command_text" >>"$log"
+    launch "$log" "$pid_file" "$mode" "${FULL_ARGV[@]}"
+    info "started $id (PID $LAUNCHED_PID, port $(m "$i" port), GPUs $(or_none "$(m "$i" gpus)"), $PLACE_TEXT), log $(display_path "$log")"
+    sleep 1
+    if [[ -z "$(group_members "$LAUNCHED_PID")" ]]; then
+        rm -f "$pid_file"
+        printf '%s: error: %s exited at once\n' "$LOG_PREFIX" "$id" >&2
+        log_tail "$log"
+        return 1
+    fi
+}
+
+# wait_until_healthy TIMEOUT INDEX...: poll each model's /health; report deaths with their log.
+wait_until_healthy() {
+    local timeout="$1" i id pid code state started last_report=0 failed=0 progress="${VLLM_PROGRESS_INTERVAL:-10}"
+    shift
+    local -a pending=("$@") still=() report=()
+    started="$SECONDS"
+    info "waiting for ${#pending[@]} model(s) to answer /health (timeout ${timeout}s)"
+    while ((${#pending[@]} > 0)); do
+        still=()
+        report=()
+        for i in "${pending[@]}"; do
+            id="$(m "$i" id)"
+            read -r state pid <<<"$(service_state "$(pid_file_of "$id")")"
+            code="$(http_status "$(base_url "$i")/health")"
+            if [[ "$code" == 200 ]]; then
+                info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"
+            elif [[ "$state" != running ]]; then
+                printf '%s: error: %s died while loading\n' "$LOG_PREFIX" "$id" >&2
+                log_tail "$(log_path "$i")"
+                rm -f "$(pid_file_of "$id")"
+                failed=1
+            else
+                still+=("$i")
+                if [[ "$code" == 000 ]] && port_in_use "$VLLM_HOST" "$(m "$i" port)"; then
+                    report+=("$id loading, port open ($(uptime_of "$pid"))")
+                elif [[ "$code" == 000 ]]; then
+                    report+=("$id loading ($(uptime_of "$pid"))")
+                else
+                    report+=("$id answers HTTP $code ($(uptime_of "$pid"))")
+                fi
+            fi
+        done
+        pending=("${still[@]}")
+        ((${#pending[@]} > 0)) || break
+        if ((SECONDS - started >= timeout)); then
+            printf '%s: error: not healthy after %ss: %s\n' "$LOG_PREFIX" "$timeout" "${report[*]}" >&2
+            return 1
+        fi
+        if ((SECONDS - last_report >= progress)); then
+            info "$((SECONDS - started))s: $(printf '%s; ' "${report[@]}" | sed 's/; $//')"
+            last_report="$SECONDS"
+        fi
+        sleep 1
+    done
+    return "$failed"
+}
+
+main "$@"

@@ -1,0 +1,111 @@
+"""End to end with real vLLM (its CPU build): start_all_services.sh starts two tiny models on two
+ports, each bound to one CPU by real numactl, and the gateway; requests go through; stop_all_services.sh
+leaves nothing behind.
+
+Slow: vLLM needs 70-90 s to come up on two cores, and each server holds about 3 GB of RAM.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.support.fleet import Fleet, cpus_allowed, live
+from tests.support.processes import free_port, http_status, process_tree
+from tests.support.real_vllm import VLLM_ENV, tiny_model_dir, vllm_python
+
+START_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real-fleet")
+    fleet = Fleet(root)
+    model = tiny_model_dir()
+    fleet.ports = {"tiny-a": free_port(), "tiny-b": free_port()}
+    fleet.cpus = {"tiny-a": "0", "tiny-b": "1"}
+    env_words = " ".join(f"{key}={value}" for key, value in VLLM_ENV.items())
+    fleet.write_config(
+        f'VLLM_LAUNCH_COMMAND="{vllm_python()} -m vllm.entrypoints.openai.api_server"\n'
+        + "".join(
+            f"vllm_model name={name} path={model} port={port} device=cpu cpus={fleet.cpus[name]} "
+            f"max_model_len=512 max_num_seqs=8 extra_args='--dtype float32' env='{env_words}' "
+            f"{'aliases=tb' if name == 'tiny-b' else ''}\n"
+            for name, port in fleet.ports.items()))
+    (root / "gateway.env").write_text(f"GATEWAY_KEY_FILE={root / 'api_keys.json'}\n")
+    fleet.env.update({"GATEWAY_PORT": str(free_port()), "GATEWAY_HOST": "127.0.0.1",
+                      "GATEWAY_ENV_FILE": str(root / "gateway.env"), "VLLM_PROGRESS_INTERVAL": "15"})
+    fleet.started = fleet.run("start_all_services.sh", "--wait", "--interval", "0",
+                              timeout=START_TIMEOUT + 120, env={"VLLM_START_TIMEOUT": str(START_TIMEOUT)})
+    try:
+        yield fleet
+    finally:
+        fleet.run("stop_all_services.sh", timeout=180)
+        fleet.stop_everything()
+
+
+@pytest.fixture(scope="module")
+def admin_key(fleet: Fleet) -> str:
+    assert fleet.started.returncode == 0, fleet.started.stderr
+    match = re.search(r"^\s+(sk-\S+)$", fleet.started.stdout, re.MULTILINE)
+    assert match, fleet.started.stdout
+    return match.group(1)
+
+
+def test_start_waits_for_both_models_then_the_gateway(fleet: Fleet, admin_key: str) -> None:
+    lines = fleet.started.stderr.splitlines()
+    healthy = [i for i, line in enumerate(lines) if " is healthy after " in line]
+    gateway = [i for i, line in enumerate(lines) if "the gateway answers" in line]
+    assert len(healthy) == 2 and len(gateway) == 1
+    assert max(healthy) < gateway[0]
+    assert any("tiny-a loading" in line for line in lines)  # progress while the engines came up
+
+
+def test_a_chat_reaches_each_model_through_the_gateway(fleet: Fleet, admin_key: str) -> None:
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}/v1", api_key=admin_key)
+    for requested, served in (("tiny-a", "tiny-a"), ("tb", "tiny-b")):
+        answer = client.chat.completions.create(
+            model=requested, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+            extra_body={"ignore_eos": True})
+        assert answer.usage.completion_tokens == 8
+        assert answer.model in (requested, served)
+
+
+def test_numactl_binds_every_process_of_each_vllm_server_to_its_cpu(fleet: Fleet, admin_key: str) -> None:
+    for name, cpu in fleet.cpus.items():
+        tree = process_tree(fleet.pid(name))
+        assert len(tree) >= 3, tree  # API server, engine core, worker (and helpers)
+        assert {cpus_allowed(pid) for pid in tree} == {cpu}
+
+
+def test_status_shows_both_models_and_the_gateway_healthy(fleet: Fleet, admin_key: str) -> None:
+    result = fleet.run("status_all_services.sh")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
+    for name, port in fleet.ports.items():
+        assert rows[name][1:5] == ["running", str(fleet.pid(name)), str(port), "ok"]
+        assert rows[name][6] == fleet.cpus[name]
+        assert rows[name][8] == str(fleet.log_dir / f"{name}_vllm.log")
+    assert rows["gateway"][1] == "running" and rows["gateway"][4] == "ok"
+
+
+def test_stop_all_services_leaves_no_process_and_free_ports(fleet: Fleet, admin_key: str) -> None:
+    trees = set()
+    for pid_file in fleet.pid_files():
+        trees |= process_tree(int(pid_file.read_text().split()[0]))
+    assert len(trees) >= 7
+    result = fleet.run("stop_all_services.sh", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert live(trees) == set()
+    assert fleet.pid_files() == []
+    for port in [*fleet.ports.values(), int(fleet.env["GATEWAY_PORT"])]:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+    assert http_status(f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}/health") is None
+    # the engines' logs end with their shutdown, not a crash
+    for name in fleet.ports:
+        assert "Traceback" not in Path(fleet.log_dir / f"{name}_vllm.log").read_text()
