@@ -1,0 +1,367 @@
+"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, and the gateway.
+
+Each runs as a child of the driver, pinned with taskset, on free loopback ports, and is stopped with it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from canned import VARIANTS, CannedFiles, Variant, token_event_size
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on port {port}; "
+                               f"{log_path}:\n{tail(log_path)}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f} s")
+
+
+@dataclass
+class Child:
+    """A process started by the driver in its own session, so stopping it also takes its children."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within {grace:.0f} s; killing it")
+        # Whatever it started and left behind is still in its process group.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def spawn(name: str, argv: list[str], log_path: Path, cpus: list[int] | None,
+          env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+    if cpus:
+        argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True)
+    return Child(name, proc, log_path)
+
+
+# ---- nginx -----------------------------------------------------------------------------------------
+
+def _open_files_limit() -> int:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+
+
+def _nginx_main(directory: Path, http_body: str, workers: int = 1) -> str:
+    # Workers keep the master's user when it is not root; as root, nginx would otherwise switch them to
+    # "nobody", which may not be able to read the work directory.
+    user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(f"    {kind}_temp_path {directory / 'tmp' / kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""# Written by benchmarks/bench.py; regenerated on every run.
+{user}worker_processes {workers};
+worker_rlimit_nofile {_open_files_limit()};
+pid {directory / 'nginx.pid'};
+error_log {directory / 'error.log'} warn;
+
+events {{
+    worker_connections 16384;
+}}
+
+http {{
+    types {{ }}
+    server_tokens off;
+    etag off;
+    open_file_cache max=64 inactive=1h;
+    open_file_cache_valid 1h;
+    tcp_nodelay on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    client_body_buffer_size 64k;
+{temp}
+{http_body}
+}}
+"""
+
+
+# One write of one event's size every size/rate seconds: ~100 writes over about a second, like a real token
+# stream. Without sendfile (which rounds file chunks up to whole pages), output_buffers sets the write size;
+# postpone_output 0 stops nginx from gathering small writes into one.
+PACING = """
+            sendfile off;
+            output_buffers 1 {size};
+            postpone_output 0;
+            limit_rate {rate};"""
+
+
+def backend_conf(directory: Path, files: CannedFiles, ports: dict[str, int], workers: int) -> str:
+    servers = []
+    for variant in VARIANTS:
+        response = files.response(variant)
+        if variant.paced:
+            size = token_event_size(variant.model)
+            rate = response.stat().st_size
+            pacing = PACING.format(size=size, rate=rate)
+        else:
+            pacing = ""
+        content_type = "text/event-stream" if variant.stream else "application/json"
+        servers.append(f"""
+    server {{
+        listen 127.0.0.1:{ports[variant.name]} backlog=4096;
+        access_log off;
+        location = /health {{ return 200; }}
+        location = /v1/models {{
+            default_type application/json;
+            alias {files.models(variant)};
+        }}
+        # nginx refuses POST on static files; the 405 error page re-enters as GET on the canned response.
+        location = /v1/chat/completions {{
+            error_page 405 =200 /canned;
+            return 405;
+        }}
+        location = /canned {{
+            internal;
+            default_type {content_type};
+            alias {response};{pacing}
+        }}
+    }}""")
+    return _nginx_main(directory, "".join(servers), workers)
+
+
+def proxy_conf(directory: Path, backend_ports: dict[str, int], ports: dict[str, int]) -> str:
+    blocks = []
+    for variant in VARIANTS:
+        blocks.append(f"""
+    upstream backend_{variant.name} {{
+        server 127.0.0.1:{backend_ports[variant.name]};
+        keepalive 1024;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen 127.0.0.1:{ports[variant.name]} backlog=4096;
+        # Logged like the gateway logs, buffered as any production nginx would be.
+        access_log {directory / 'access.log'} combined buffer=64k flush=1s;
+        location / {{
+            proxy_pass http://backend_{variant.name};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # A token stream must reach the client as it is produced.
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}""")
+    return _nginx_main(directory, "".join(blocks))
+
+
+@dataclass
+class Nginx:
+    """One nginx master (one worker) serving a port per variant."""
+
+    child: Child
+    ports: dict[str, int]
+
+    def url(self, variant: Variant) -> str:
+        return f"http://127.0.0.1:{self.ports[variant.name]}"
+
+
+def start_nginx(name: str, directory: Path, conf_text: str, ports: dict[str, int], cpus: list[int] | None) -> Nginx:
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (directory / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+    conf = directory / "nginx.conf"
+    conf.write_text(conf_text)
+    argv = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log"),
+            "-g", "daemon off;"]
+    child = spawn(name, argv, directory / "stdout.log", cpus)
+    for port in ports.values():
+        wait_for_port(port, child.proc, name, child.log_path)
+    return Nginx(child, ports)
+
+
+def start_backend(work: Path, files: CannedFiles, cpus: list[int] | None) -> Nginx:
+    """nginx with one worker per core in `cpus` (one when unpinned) serving the canned answers."""
+    ports = {variant.name: free_port() for variant in VARIANTS}
+    directory = work.resolve() / "nginx-backend"
+    conf = backend_conf(directory, files, ports, workers=len(cpus or [0]))
+    return start_nginx("nginx backend", directory, conf, ports, cpus)
+
+
+def start_proxy(work: Path, backend: Nginx, cpu: int | None) -> Nginx:
+    """nginx with one worker, on `cpu`, proxying each variant's port to the backend's."""
+    ports = {variant.name: free_port() for variant in VARIANTS}
+    directory = work.resolve() / "nginx-proxy"
+    conf = proxy_conf(directory, backend.ports, ports)
+    return start_nginx("nginx proxy", directory, conf, ports, None if cpu is None else [cpu])
+
+
+# ---- the gateway -----------------------------------------------------------------------------------
+
+@dataclass
+class Gateway:
+    child: Child
+    port: int
+    key: str
+    env: dict[str, str] = field(repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, variant: Variant) -> str:
+        return self.base_url  # the gateway routes on the model named in the body
+
+
+def gateway_env(work: Path, port: int, model_config: Path, overrides: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_KEY_FILE": str(work / "keys.json"),
+        "VLLM_MODEL_CONFIG": str(model_config),
+        # Everything stays on, with limits far above what the load can reach.
+        "GATEWAY_RATE_LIMIT": "1000000000/minute",
+        "GATEWAY_CONCURRENCY_LIMIT": "100000",
+        "GATEWAY_LOG_DIR": str(work / "logs"),
+        "VLLM_LOG_DIR": str(work / "logs"),
+        "VLLM_RUN_DIR": str(work / "run"),
+        # One process on one core: figures are per gateway core.
+        "GATEWAY_WORKERS": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+def create_key(python: str, env: dict[str, str]) -> str:
+    argv = [python, str(REPO / "vllm_api_server.py"), "keys", "create", "--name", "bench", "--json"]
+    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"creating a gateway key failed ({' '.join(argv[1:])}):\n{done.stderr.strip()}")
+    return json.loads(done.stdout)["key"]
+
+
+def write_model_config(path: Path, routes: dict[str, str], model_path: str = "/bench") -> None:
+    """A model config in the format of vllm_model_configs.sh: url= backends the gateway only routes to."""
+    lines = ["# shellcheck shell=bash", "# Written by benchmarks/bench.py."]
+    for name, url in routes.items():
+        lines.append(f"vllm_model name={name} path={model_path} url={url}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def start_gateway(work: Path, python: str, routes: dict[str, str], cpu: int | None,
+                  model_path: str = "/bench", overrides: dict[str, str] | None = None) -> Gateway:
+    """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL)."""
+    work.mkdir(parents=True, exist_ok=True)
+    model_config = work / "models.sh"
+    write_model_config(model_config, routes, model_path)
+    keys = work / "keys.json"
+    if keys.exists():
+        keys.unlink()
+    port = free_port()
+    env = gateway_env(work, port, model_config, overrides or {})
+    key = create_key(python, env)
+    argv = [python, str(REPO / "vllm_api_server.py"), "serve"]
+    child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=REPO)
+    wait_for_port(port, child.proc, "gateway", child.log_path, timeout=60)
+    return Gateway(child, port, key, env)
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+
+def post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def check_response(variant: Variant, status: int, payload: bytes, events_per_stream: int) -> str | None:
+    """None when the response is the whole canned answer, else what is wrong with it."""
+    if status != 200:
+        return f"status {status}: {payload[:300]!r}"
+    if not variant.stream:
+        try:
+            choices = json.loads(payload)["choices"]
+        except (ValueError, KeyError) as error:
+            return f"not a chat completion ({error}): {payload[:300]!r}"
+        return None if choices else "no choices in the completion"
+    events = [e for e in payload.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
+    if not events or events[-1].strip() != b"data: [DONE]":
+        return f"stream does not end with [DONE]: ...{payload[-200:]!r}"
+    if len(events) < events_per_stream:
+        return f"stream has {len(events)} events, expected {events_per_stream}"
+    return None
+
+
+def wait_until_serving(name: str, url_of, files: CannedFiles, key: str | None, proc: subprocess.Popen,
+                       timeout: float) -> None:
+    """Send each variant once and check the answer, retrying while the target warms up (health checks)."""
+    for variant in VARIANTS:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode}")
+            try:
+                status, payload = post(url_of(variant), files.body(variant).read_bytes(), key)
+                problem = check_response(variant, status, payload, files.events_per_stream)
+            except OSError as error:
+                problem = str(error)
+            if problem is None:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} does not serve {variant.model}: {problem}")
+            time.sleep(0.5)
