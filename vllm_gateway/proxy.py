@@ -166,17 +166,19 @@ async def relay(state, scope, send, upstream_headers, body: bytes, model: Model,
         previous = last = b""
         try:
             while chunk := await upstream.read_chunk():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 previous, last = last, chunk
+                if upstream.at_end:
+                    break  # the common case of a whole JSON answer: one send instead of two
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamError as error:
             if b"text/event-stream" not in upstream.content_type:
                 raise  # half a JSON body cannot be mended: the connection is dropped
             outcome.status = 502
             message = f"The server of model `{model.name}` failed during the stream: {error}."
-            await send({"type": "http.response.body", "body": errors.sse_error_event(message), "more_body": True})
+            chunk = errors.sse_error_event(message)
         # The response is complete: a disconnect from now on is the normal end of the exchange.
         disconnect.remove_done_callback(on_disconnect)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": chunk, "more_body": False})
         finished = True
         record_usage(previous + last, outcome)
     finally:

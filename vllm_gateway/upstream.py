@@ -125,6 +125,11 @@ class Response:
             finally:
                 self._waiter = None
 
+    @property
+    def at_end(self) -> bool:
+        """Everything has arrived and been read: the next read_chunk() would return b""."""
+        return self._done and not self._chunks and self._error is None
+
     async def read_all(self) -> bytes:
         parts = []
         while chunk := await self.read_chunk():
@@ -184,7 +189,6 @@ class Connection(asyncio.Protocol):
     # -- used by the pool and the response --
 
     def send(self, head: bytes, body: bytes) -> Response:
-        self.parser = httptools.HttpResponseParser(self)
         self.response = Response(self)
         self.headers_ready = self.loop.create_future()
         self.received = self.until_close = self.keep_alive = False
