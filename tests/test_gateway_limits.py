@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.support.gateway import Backend, Gateway, gateway_env
-from tests.support.processes import REPO_ROOT, free_port, start_process, wait_for_http
+from tests.support.processes import REPO_ROOT, free_port, start_process
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
