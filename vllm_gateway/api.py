@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors
+from .access_log import clean
 from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
 from .proxy import authenticate
 from .registry import BackendState, Model
@@ -31,7 +32,7 @@ def optional_key(request: Request, state: Annotated[GatewayState, Depends(gatewa
     if b"authorization" not in headers and b"api_key=" not in scope["query_string"]:
         return None
     key = authenticate(state, headers, scope["query_string"])
-    scope.setdefault("state", {})["key_label"] = f"{key.id}({key.name})"
+    scope.setdefault("state", {})["key_label"] = f"{key.id}({clean(key.name)})"
     return key
 
 

@@ -89,6 +89,9 @@ async def handle(state: GatewayState, scope, receive, send) -> None:
         await send_error(send, error, outcome.headers + error.headers)
     except ClientDisconnected:
         outcome.status = 499
+    except UpstreamError:
+        outcome.status = 502  # a body cut short after its headers went out; uvicorn drops the connection
+        raise
     except asyncio.CancelledError:
         if not outcome.client_gone:
             raise
