@@ -6,6 +6,10 @@ BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_DIR="$(dirname "$BENCH_DIR")"
 VENV="$REPO_DIR/.venv"
 
+# shellcheck source=scripts/install_lib.sh
+source "$REPO_DIR/scripts/install_lib.sh"
+LOG_PREFIX=bench
+
 usage() {
     cat <<EOF
 Usage: benchmarks/run.sh [--quick] [--skip-install] [driver options]
@@ -30,40 +34,18 @@ Examples:
 EOF
 }
 
-info() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
-
-as_root() {
-    if [[ "$(id -u)" -eq 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root to run: $*"
-    fi
-}
-
 install_tools() {
-    local missing=()
-    command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
-    command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
-    if ((${#missing[@]} > 0)); then
-        info "installing ${missing[*]} (apt-get)"
-        as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-    fi
+    need_command nginx nginx
+    need_command wrk wrk
+    need_command util-linux taskset
+    apt_install_missing
 }
 
 install_python() {
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        info "creating $VENV with the gateway's requirements"
-        python3 -m venv "$VENV"
-        "$VENV/bin/pip" install -q -r "$REPO_DIR/requirements.txt" >&2
-    fi
+    ensure_venv_requirements "$VENV" "$REPO_DIR/requirements.txt"
     if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
         info "installing matplotlib into $VENV"
-        "$VENV/bin/pip" install -q matplotlib >&2
+        pip_install "$VENV" matplotlib >&2
     fi
 }
 
