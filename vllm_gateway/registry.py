@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -55,11 +55,14 @@ class Model:
                 return state
         return BackendState.DOWN
 
-    def pick(self, exclude: Iterable[Backend] = ()) -> Backend | None:
+    def pick(self, exclude: Sequence[Backend] = ()) -> Backend | None:
         """The ready backend with the fewest requests in flight (replicas share the load)."""
-        excluded = set(exclude)
-        ready = [b for b in self.backends if b.state is BackendState.READY and b not in excluded]
-        return min(ready, key=lambda backend: backend.in_flight, default=None)
+        best = None
+        for backend in self.backends:
+            if backend.state is BackendState.READY and backend not in exclude:
+                if best is None or backend.in_flight < best.in_flight:
+                    best = backend
+        return best
 
 
 class Registry:
