@@ -183,6 +183,7 @@ class Connection(asyncio.Protocol):
         self.received = False
         self.until_close = False
         self.keep_alive = False
+        self.paused = False
         self.last_io = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -219,11 +220,13 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
     def pause(self) -> None:
-        if not self.closed:
+        if not self.closed and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if not self.closed:
+        if not self.closed and self.paused:
+            self.paused = False
             self.transport.resume_reading()
 
     # -- asyncio protocol --
