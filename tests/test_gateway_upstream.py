@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -24,6 +25,7 @@ class RawBackend:
         self.mode = mode
         self.generations = 0
         self.generation_connections: set[int] = set()
+        self.bytes_sent = 0
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -76,6 +78,18 @@ class RawBackend:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY))
                 continue
+            if self.mode == "firehose":
+                # An endless stream, written as fast as the gateway takes it.
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                event = b"data: " + b"x" * 65000 + b"\n\n"
+                chunk = b"%x\r\n%s\r\n" % (len(event), event)
+                try:
+                    while True:
+                        conn.sendall(chunk)
+                        self.bytes_sent += len(event)
+                except OSError:
+                    return
             if self.mode == "until-close":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Connection: close\r\n\r\n" + REPLY)
@@ -134,3 +148,21 @@ def test_backend_speaking_garbage_gives_502_in_openai_shape(raw_gateway):
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize("raw_gateway", ["firehose"], indirect=True)
+def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
+    gw, backend = raw_gateway
+    body = b'{"model": "raw", "messages": [{"role": "user", "content": "x"}], "stream": true}'
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {gw.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(head + body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(3)  # read nothing more: the gateway must stop reading from the backend
+        sent = backend.bytes_sent
+        time.sleep(1)
+        assert backend.bytes_sent == sent, "the backend kept writing while nobody read"
+    # What piled up is socket buffers plus the gateway's bound, not the backend's whole output.
+    assert sent < 32 * 1024 * 1024
