@@ -75,6 +75,24 @@ def new_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_record(
+    name: str, admin: bool = False, models: list[str] | None = None, rate_limit: str | None = None
+) -> tuple[KeyRecord, str]:
+    """A fresh key and its record; the record holds only the key's hash and first characters."""
+    secret = new_secret()
+    record = KeyRecord(
+        id="key_" + secrets.token_hex(6),
+        name=name,
+        prefix=secret[:SHOWN_PREFIX_LENGTH],
+        hash=hash_key(secret),
+        admin=admin,
+        models=models,
+        rate_limit=rate_limit,
+        created_at=time.time(),
+    )
+    return record, secret
+
+
 class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -108,9 +126,6 @@ class KeyStore:
             self._used[record.id] = time.time()
         return record
 
-    def get(self, key_id: str) -> KeyRecord | None:
-        return self._records.get(key_id)
-
     def records(self) -> list[KeyRecord]:
         return [
             record.model_copy(update={"last_used_at": max(record.last_used_at or 0, self._used[record.id])})
@@ -133,17 +148,7 @@ class KeyStore:
         rate_limit: str | None = None,
     ) -> tuple[KeyRecord, str]:
         """Add a key; returns its record and the key itself, which is never stored or shown again."""
-        secret = new_secret()
-        record = KeyRecord(
-            id="key_" + secrets.token_hex(6),
-            name=name,
-            prefix=secret[:SHOWN_PREFIX_LENGTH],
-            hash=hash_key(secret),
-            admin=admin,
-            models=models,
-            rate_limit=rate_limit,
-            created_at=time.time(),
-        )
+        record, secret = new_record(name, admin, models, rate_limit)
         self._change(lambda keys: keys.append(record))
         return record, secret
 
@@ -152,10 +157,8 @@ class KeyStore:
         with self._locked():
             if self.path.exists():
                 return None
-            record, secret = self._new_admin_record()
-            self._write(KeyFile(keys=[record]))
-            self._install(KeyFile(keys=[record]))
-            self._stamp = self._current_stamp()
+            record, secret = new_record("admin", admin=True)
+            self._save(KeyFile(keys=[record]))
             return secret
 
     def revoke(self, key_id: str) -> bool:
@@ -200,18 +203,6 @@ class KeyStore:
 
     # -- internals --
 
-    def _new_admin_record(self) -> tuple[KeyRecord, str]:
-        secret = new_secret()
-        record = KeyRecord(
-            id="key_" + secrets.token_hex(6),
-            name="admin",
-            prefix=secret[:SHOWN_PREFIX_LENGTH],
-            hash=hash_key(secret),
-            admin=True,
-            created_at=time.time(),
-        )
-        return record, secret
-
     def _change(self, mutate: Callable[[list[KeyRecord]], None]) -> None:
         with self._locked():
             current = self._read() if self.path.exists() else KeyFile(keys=list(self._records.values()))
@@ -220,10 +211,13 @@ class KeyStore:
             mutate(keys)
             if had_admin and not any(k.admin and not k.disabled for k in keys):
                 raise LastAdminKeyError("this would leave no enabled admin key; create another admin key first")
-            new = KeyFile(version=current.version, keys=keys)
-            self._write(new)
-            self._install(new)
-            self._stamp = self._current_stamp()
+            self._save(KeyFile(version=current.version, keys=keys))
+
+    def _save(self, content: KeyFile) -> None:
+        """Write `content` to disk and make it the keys in force; the caller holds the lock."""
+        self._write(content)
+        self._install(content)
+        self._stamp = self._current_stamp()
 
     def _read(self) -> KeyFile:
         try:

@@ -24,7 +24,6 @@ class Backend:
     detail: str = "not checked yet"
     in_flight: int = 0
     checked_at: float = 0.0
-    ready_since: float | None = None
 
     @property
     def base_url(self) -> str:
@@ -34,8 +33,6 @@ class Backend:
         """Record a health result; returns whether the state changed."""
         changed = state is not self.state
         self.state, self.detail, self.checked_at = state, detail, time.time()
-        if changed:
-            self.ready_since = time.time() if state is BackendState.READY else None
         return changed
 
 
