@@ -213,15 +213,20 @@ def test_slow_start_fault_holds_back_the_first_token(sim: Simulator) -> None:
     assert metrics["vllm:generation_tokens_total"] == 0
 
 
-def test_crash_fault_sends_some_tokens_then_drops_the_connection(sim: Simulator) -> None:
-    sim.set_faults(crash_after_tokens=3)
+def stream_until_cut_off(sim: Simulator, max_tokens: int) -> list[str]:
+    """The lines of a streamed chat that must end in a transport error, not a clean end."""
     received: list[str] = []
     with pytest.raises(httpx.TransportError):
         with httpx.stream("POST", sim.base_url + CHAT,
-                          json=chat_body(sim.model, 10, stream=True)) as response:
+                          json=chat_body(sim.model, max_tokens, stream=True)) as response:
             for line in response.iter_lines():
                 received.append(line)
-    events = sse_events(received)
+    return received
+
+
+def test_crash_fault_sends_some_tokens_then_drops_the_connection(sim: Simulator) -> None:
+    sim.set_faults(crash_after_tokens=3)
+    events = sse_events(stream_until_cut_off(sim, 10))
     assert len(events) == 1 + 3 and "[DONE]" not in events
     assert all(json.loads(event)["choices"][0]["finish_reason"] is None for event in events)
 
@@ -233,13 +238,7 @@ def test_crash_fault_sends_some_tokens_then_drops_the_connection(sim: Simulator)
 
 def test_exit_fault_ends_the_whole_process_mid_stream(sim: Simulator) -> None:
     sim.set_faults(exit_after_tokens=2)
-    received: list[str] = []
-    with pytest.raises(httpx.TransportError):
-        with httpx.stream("POST", sim.base_url + CHAT,
-                          json=chat_body(sim.model, 10, stream=True)) as response:
-            for line in response.iter_lines():
-                received.append(line)
-    assert len(sse_events(received)) == 1 + 2
+    assert len(sse_events(stream_until_cut_off(sim, 10))) == 1 + 2
     assert sim.handle.popen.wait(timeout=10) == 1
     assert http_status(sim.base_url + "/health") is None
 
