@@ -76,6 +76,9 @@ def parser() -> argparse.ArgumentParser:
 
 # -- serve --
 
+# "uvloop" means uvloop with the gateway's batch accept (see event_loop.py).
+UVICORN_LOOPS = {"uvloop": "vllm_gateway.event_loop:BatchAcceptLoop"}
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -108,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         http=settings.http,
-        loop=settings.loop,
+        loop=UVICORN_LOOPS.get(settings.loop, settings.loop),
         timeout_keep_alive=settings.keepalive_timeout,
         server_header=False,
         proxy_headers=False,
