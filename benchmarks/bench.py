@@ -23,12 +23,12 @@ import procstat
 import report
 from canned import VARIANTS, CannedFiles, Variant, write_canned
 from loadgen import Load, Measured, run_wrk
-from servers import REPO, Child, log, start_backend, start_gateway, start_proxy, wait_until_serving
+from servers import REPO, Child, log, start_backend, start_gateway, start_pipe, start_proxy, wait_until_serving
 from vllm_e2e import VllmOptions, run_vllm
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ("json", "stream", "paced", "leak", "vllm")
-TARGETS = ("direct", "nginx", "gateway")
+TARGETS = ("direct", "nginx", "pipe", "gateway")
 VARIANT = {v.name: v for v in VARIANTS}
 # Seconds wrk waits for one response before counting a timeout, per kind of request.
 TIMEOUTS = {"json": 10, "stream": 20, "paced": 60}
@@ -66,7 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scenarios", type=name_list(SCENARIOS), default=None,
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; --quick: all but vllm)")
     parser.add_argument("--targets", type=name_list(TARGETS), default=list(TARGETS),
-                        help="comma-separated subset of direct,nginx,gateway (default: all)")
+                        help="comma-separated subset of direct,nginx,pipe,gateway (default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per load run (default 10; --quick 3)")
     parser.add_argument("--paced-duration", type=float, default=None,
                         help="seconds per paced-stream run, a dozen ~1 s streams per connection (default 15; --quick 6)")
@@ -251,6 +251,11 @@ def run_canned(bench: Bench, results: dict) -> None:
             children.append(proxy.child)
             wait_until_serving("nginx proxy", proxy.url, files, None, proxy.child.proc, 10)
             targets.append(Target("nginx", proxy.url, None, proxy.child.pid))
+        if "pipe" in args.targets:
+            pipe = start_pipe(args.work, args.python, backend, args.gateway_cpu)
+            children.append(pipe.child)
+            wait_until_serving("python pipe", pipe.url, files, None, pipe.child.proc, 10)
+            targets.append(Target("pipe", pipe.url, None, pipe.child.pid))
         if "gateway" in args.targets:
             routes = {v.model: backend.url(v) for v in VARIANTS}
             gateway = start_gateway(args.work / "gateway", args.python, routes, args.gateway_cpu)
@@ -298,7 +303,7 @@ def main(argv: list[str]) -> int:
         if shutil.which(tool) is None:
             log(f"{tool} is not installed; benchmarks/run.sh installs it")
             return 2
-    for stale in ("nginx-backend", "nginx-proxy", "gateway", "vllm"):
+    for stale in ("nginx-backend", "nginx-proxy", "python-pipe", "gateway", "vllm"):
         shutil.rmtree(args.work / stale, ignore_errors=True)
     bench = Bench(args, write_canned(args.work / "canned"))
     results: dict = {"meta": meta(bench), "scenarios": [], "leak": None, "vllm": None, "targets": []}

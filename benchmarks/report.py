@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGET_ORDER = ("direct", "nginx", "gateway")
+TARGET_ORDER = ("direct", "nginx", "pipe", "gateway")
 KIND_TITLES = {"json": "non-streamed", "stream": "whole SSE stream", "paced": "paced SSE stream (~1 s)"}
 
 
@@ -131,6 +131,23 @@ def targets_text(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def floor_text(rows: list[dict]) -> str | None:
+    """The same ratios as the targets, for python_pipe.py: what no Python relay can beat."""
+    lines = []
+    for kind, connections, field, label in (
+            ("json", 32, "rps", "non-streamed req/s vs nginx (c=32)"),
+            ("stream", 32, "cpu_us_per_event", "CPU per relayed event vs nginx (stream, c=32)"),
+            ("paced", 256, "cpu_us_per_event", "CPU per relayed event vs nginx (paced, c=256)")):
+        ratios = []
+        for target in ("pipe", "gateway"):
+            mine, theirs = _row(rows, kind, target, connections), _row(rows, kind, "nginx", connections)
+            ratios.append(_ratio(mine[field], theirs[field]) if mine and theirs else None)
+        if ratios[0] is not None:
+            gateway = "-" if ratios[1] is None else f"{ratios[1]:.3f} x"
+            lines.append(f"  {label:<54} pipe {ratios[0]:.3f} x   gateway {gateway}")
+    return "\n".join(lines) or None
+
+
 def summary_text(results: dict) -> str:
     parts = []
     if results["scenarios"]:
@@ -140,6 +157,10 @@ def summary_text(results: dict) -> str:
         parts += ["Gateway RSS over a long run (leak check)", "", leak_table(results["leak"]), ""]
     if results.get("vllm") and "direct" in results["vllm"]:
         parts += ["Through real vLLM (vllm.benchmarks.serve)", "", vllm_table(results["vllm"]), ""]
+    floor = floor_text(results["scenarios"])
+    if floor:
+        parts += ["The floor for a Python relay (python_pipe.py: uvloop, bytes piped, no HTTP at all)", "",
+                  floor, ""]
     parts += ["Targets (ratios within this run)", "", targets_text(results["targets"])]
     return "\n".join(parts)
 
@@ -162,7 +183,7 @@ def plot(path: Path, rows: list[dict]) -> bool:
     kinds = [k for k in KIND_TITLES if any(r["kind"] == k for r in rows)]
     if not kinds:
         return False
-    colours = {"direct": "#7f7f7f", "nginx": "#2ca02c", "gateway": "#1f77b4"}
+    colours = {"direct": "#7f7f7f", "nginx": "#2ca02c", "pipe": "#ff7f0e", "gateway": "#1f77b4"}
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):
         for target in TARGET_ORDER:
@@ -190,7 +211,7 @@ def plot(path: Path, rows: list[dict]) -> bool:
     axes[0][0].set_ylabel("requests/s")
     axes[1][0].set_ylabel("p99 latency (ms)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Gateway vs nginx reverse proxy vs direct (proxy on one core)", fontsize=11)
+    fig.suptitle("Gateway vs nginx reverse proxy vs a bare Python pipe vs direct (proxy on one core)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

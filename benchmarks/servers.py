@@ -1,4 +1,5 @@
-"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, and the gateway.
+"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, the gateway, and the
+Python floor (python_pipe.py).
 
 Each runs as a child of the driver, pinned with taskset, on free loopback ports, and is stopped with it.
 """
@@ -243,6 +244,28 @@ def start_proxy(work: Path, backend: Nginx, cpu: int | None) -> Nginx:
     conf = proxy_conf(directory, backend.ports, ports)
     return start_nginx("nginx proxy", directory, conf, ports, None if cpu is None else [cpu])
 
+
+
+@dataclass
+class Pipe:
+    """python_pipe.py on `cpu`: a port per variant, piped to the backend's."""
+
+    child: Child
+    ports: dict[str, int]
+
+    def url(self, variant: Variant) -> str:
+        return f"http://127.0.0.1:{self.ports[variant.name]}"
+
+
+def start_pipe(work: Path, python: str, backend: Nginx, cpu: int | None) -> Pipe:
+    ports = {variant.name: free_port() for variant in VARIANTS}
+    pairs = [f"{ports[name]}:{backend.ports[name]}" for name in ports]
+    argv = [python, str(Path(__file__).resolve().parent / "python_pipe.py"), *pairs]
+    child = spawn("python pipe", argv, work.resolve() / "python-pipe" / "stdout.log",
+                  None if cpu is None else [cpu], cwd=REPO)
+    for port in ports.values():
+        wait_for_port(port, child.proc, "python pipe", child.log_path)
+    return Pipe(child, ports)
 
 # ---- the gateway -----------------------------------------------------------------------------------
 
