@@ -1,4 +1,4 @@
-"""Builds the ASGI application: the proxy for model endpoints, FastAPI for the rest, and the
+"""Builds the gateway: its state, the FastAPI application for everything but the relay, and the
 background tasks (health checks, key-file watching) that live as long as the server."""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ USAGE_FLUSH_SECONDS = 30.0
 
 
 class Gateway:
-    """The outermost ASGI app: model-addressed POSTs go straight to the proxy, the rest to FastAPI."""
+    """The ASGI app behind everything but the relay (http_protocol.py sends model-addressed POSTs to
+    proxy.handle): FastAPI, with a log line and an X-Request-ID for every request."""
 
     def __init__(self, state: GatewayState, api: FastAPI) -> None:
         self.state = state
@@ -42,9 +43,7 @@ class Gateway:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
-            await self.api(scope, receive, send)
-        elif scope["method"] == "POST" and scope["path"] in proxy.PROXIED_PATHS:
-            await proxy.handle(self.state, scope, receive, send)
+            await self.api(scope, receive, send)  # lifespan: start-up and shutdown
         else:
             await self.logged(scope, receive, send)
 

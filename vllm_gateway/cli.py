@@ -110,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
     common = dict(
         host=settings.host,
         port=settings.port,
-        http=settings.http,
+        http="vllm_gateway.http_protocol:GatewayProtocol",
         loop=UVICORN_LOOPS.get(settings.loop, settings.loop),
         timeout_keep_alive=settings.keepalive_timeout,
         server_header=False,

@@ -1,8 +1,9 @@
 """The request path for every model-addressed endpoint, top to bottom:
 authenticate, read the body, find the model, rate-limit, pick a backend, relay, log.
 
-Written against raw ASGI rather than FastAPI routing because it runs for every request and every
-token: bytes from vLLM go to the client as they arrive, never parsed or re-serialised.
+It runs for every request and every token, so it talks to the client's connection directly
+(http_protocol.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
+never parsed or re-serialised, and a whole answer leaves in one write with its head.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 from . import errors
@@ -19,7 +21,7 @@ from .access_log import clean
 from .errors import GatewayError
 from .keystore import KeyRecord
 from .registry import Backend, BackendState, Model
-from .request_body import ClientDisconnected, model_from_body, read_body
+from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
 from .upstream import (
     Response,
@@ -30,6 +32,9 @@ from .upstream import (
     request_headers,
     response_headers,
 )
+
+if TYPE_CHECKING:
+    from .http_protocol import Exchange
 
 PROXIED_PATHS = frozenset(
     {
@@ -51,9 +56,9 @@ PROXIED_PATHS = frozenset(
     }
 )
 
-# A request that is still running after this long gets a task watching for its client to disconnect;
-# most non-streamed requests are answered sooner and never pay for one (about 10 us each).
-WATCH_AFTER_SECONDS = 0.005
+# Answers up to this size are read whole and sent with their head in one write; larger ones and
+# streams are relayed piece by piece.
+WHOLE_ANSWER_BYTES = 1024 * 1024
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
@@ -70,43 +75,7 @@ class Outcome:
     backend: str = "-"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    client_gone: bool = False
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-
-class DisconnectWatch:
-    """Cancels the request's task when its client disconnects, so the upstream request is closed."""
-
-    __slots__ = ("receive", "task", "outcome", "timer", "future")
-
-    def __init__(self, receive, outcome: Outcome) -> None:
-        self.receive = receive
-        self.task = asyncio.current_task()
-        self.outcome = outcome
-        self.future: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            WATCH_AFTER_SECONDS, self._start
-        )
-
-    def _start(self) -> None:
-        self.timer = None
-        self.future = asyncio.ensure_future(self.receive())
-        self.future.add_done_callback(self._client_gone)
-
-    def _client_gone(self, future: asyncio.Future) -> None:
-        if not future.cancelled():
-            self.outcome.client_gone = True
-            self.task.cancel()
-
-    def stop(self) -> None:
-        """From here on a disconnect is the normal end of the exchange."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.future is not None:
-            self.future.remove_done_callback(self._client_gone)
-            self.future.cancel()
-            self.future = None
 
 
 def new_request_id() -> bytes:
@@ -114,43 +83,44 @@ def new_request_id() -> bytes:
     return b"%032x" % random.getrandbits(128)
 
 
-async def handle(state: GatewayState, scope, receive, send) -> None:
+async def handle(state: GatewayState, exchange: Exchange) -> None:
     started = time.perf_counter()
-    headers = dict(scope["headers"])
+    headers = dict(exchange.headers)
     request_id = headers.get(b"x-request-id", b"")
     if not REQUEST_ID.fullmatch(request_id):
         request_id = new_request_id()
     outcome = Outcome(headers=[(b"x-request-id", request_id)])
     try:
-        await proxy(state, scope, receive, send, headers, request_id, outcome)
+        await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        await send_error(send, error, outcome.headers + error.headers)
+        send_error(exchange, error, outcome.headers + error.headers)
     except ClientDisconnected:
         outcome.status = 499
     except UpstreamError:
-        outcome.status = 502  # a body cut short after its headers went out; uvicorn drops the connection
-        raise
+        outcome.status = 502  # a body cut short after its head went out: only a dropped connection says so
+        exchange.abort()
     except asyncio.CancelledError:
-        if not outcome.client_gone:
+        if not exchange.client_gone:
             raise
         asyncio.current_task().uncancel()
         outcome.status = 499
     finally:
         state.log.request(
-            request_id.decode(), "POST", scope["path"], outcome.status, time.perf_counter() - started,
+            request_id.decode(), "POST", exchange.path, outcome.status, time.perf_counter() - started,
             outcome.key, outcome.model, outcome.backend, outcome.prompt_tokens, outcome.completion_tokens,
         )
 
 
-async def proxy(state: GatewayState, scope, receive, send, headers, request_id: bytes, outcome: Outcome) -> None:
+async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: bytes, outcome: Outcome) -> None:
     # 1. Who is asking.
-    key = authenticate(state, headers, scope["query_string"])
+    key = authenticate(state, headers, exchange.query_string)
     outcome.key = f"{key.id}({clean(key.name)})"
 
     # 2. The whole body, within the size limit, and the model it names.
-    length = headers.get(b"content-length")
-    body = await read_body(receive, int(length) if length and length.isdigit() else None, state.settings.max_body_bytes)
+    if exchange.declared_too_large():
+        raise errors.body_too_large(exchange.body_limit)
+    body = await exchange.read_body()
     model_name = model_from_body(body, headers.get(b"content-type", b""))
     outcome.model = model_name
     model = state.registry.resolve(model_name)
@@ -162,15 +132,14 @@ async def proxy(state: GatewayState, scope, receive, send, headers, request_id: 
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
 
-    # 4. Relay, closing the upstream request the moment the client goes away.
+    # 4. Relay. When the client goes away, its connection cancels this task, and the upstream
+    # connection is closed on the way out, which is how vLLM learns to abort the generation.
     state.in_flight += 1
-    watch = DisconnectWatch(receive, outcome)
     try:
         upstream_headers = request_headers(list(headers.items()), request_id)
-        await relay(state, scope, send, upstream_headers, body, model, outcome, watch)
+        await relay(state, exchange, upstream_headers, body, model, outcome)
     finally:
         state.in_flight -= 1
-        watch.stop()
 
 
 def authenticate(state: GatewayState, headers, query_string: bytes) -> KeyRecord:
@@ -188,32 +157,38 @@ def authenticate(state: GatewayState, headers, query_string: bytes) -> KeyRecord
     return record
 
 
-async def relay(state, scope, send, upstream_headers, body: bytes, model: Model, outcome: Outcome,
-                watch: DisconnectWatch) -> None:
-    upstream, backend = await open_upstream(state, scope, upstream_headers, body, model)
+async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body: bytes, model: Model,
+                outcome: Outcome) -> None:
+    upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model)
     outcome.backend = backend.spec.id
     finished = False
     try:
         outcome.status = upstream.status
-        await send({"type": "http.response.start", "status": upstream.status,
-                    "headers": response_headers(upstream) + outcome.headers})
-        previous = last = b""
-        try:
-            while chunk := await upstream.read_chunk():
-                previous, last = last, chunk
-                if upstream.at_end:
-                    break  # the common case of a whole JSON answer: one send instead of two
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except UpstreamError as error:
-            if b"text/event-stream" not in upstream.content_type:
-                raise  # half a JSON body cannot be mended: the connection is dropped
-            outcome.status = 502
-            message = f"The server of model `{model.name}` failed during the stream: {error}."
-            chunk = errors.sse_error_event(message)
-        watch.stop()
-        await send({"type": "http.response.body", "body": chunk, "more_body": False})
+        head = response_headers(upstream) + outcome.headers
+        if upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_BYTES:
+            # A whole answer (JSON): it leaves in one write with its head.
+            tail = await upstream.read_all()
+            exchange.respond(upstream.status, head, tail)
+        else:
+            # A stream: the head at once, then every piece as it arrives.
+            exchange.start(upstream.status, head)
+            previous = last = b""
+            try:
+                while chunk := await upstream.read_chunk():
+                    previous, last = last, chunk
+                    exchange.write(chunk)
+                    if exchange.write_paused:
+                        await exchange.drain()
+            except UpstreamError as error:
+                if b"text/event-stream" not in upstream.content_type:
+                    raise  # half a body cannot be mended: the connection is dropped
+                outcome.status = 502
+                exchange.write(errors.sse_error_event(
+                    f"The server of model `{model.name}` failed during the stream: {error}."))
+            exchange.end()
+            tail = previous + last
         finished = True
-        record_usage(previous + last, outcome)
+        record_usage(tail, outcome)
     finally:
         backend.in_flight -= 1
         if finished:
@@ -222,14 +197,13 @@ async def relay(state, scope, send, upstream_headers, body: bytes, model: Model,
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
 
 
-async def open_upstream(state: GatewayState, scope, upstream_headers, body: bytes,
+async def open_upstream(state: GatewayState, exchange: Exchange, upstream_headers, body: bytes,
                         model: Model) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend, moving on to the next one that refuses."""
-    query = scope["query_string"]
+    query = exchange.query_string
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
-    path = scope["raw_path"] or scope["path"].encode()
-    path = path.split(b"?", 1)[0] + (b"?" + query if query else b"")
+    path = exchange.raw_path + (b"?" + query if query else b"")
     tried: list[Backend] = []
     timed_out = False
     while True:
@@ -276,8 +250,8 @@ def record_usage(tail: bytes, outcome: Outcome) -> None:
     outcome.completion_tokens = int(completion.group(1)) if completion else None
 
 
-async def send_error(send, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
-    body = error.body()
-    await send({"type": "http.response.start", "status": error.status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
+def send_error(exchange: Exchange, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
+    if exchange.head_sent:
+        exchange.abort()  # the client already has a status: only a dropped connection can say this one
+    else:
+        exchange.respond(error.status, [(b"content-type", b"application/json"), *headers], error.body())

@@ -1,4 +1,4 @@
-"""Reading a client's request body and finding the model it addresses, without changing a byte."""
+"""Finding the model a request body addresses, without changing a byte of the body."""
 
 from __future__ import annotations
 
@@ -10,24 +10,6 @@ from . import errors
 from .errors import GatewayError
 
 MULTIPART_MODEL = re.compile(rb'Content-Disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
-
-
-async def read_body(receive, content_length: int | None, limit: int) -> bytes:
-    if content_length is not None and content_length > limit:
-        raise errors.body_too_large(limit)
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise errors.body_too_large(limit)
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class ClientDisconnected(Exception):

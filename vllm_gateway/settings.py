@@ -27,7 +27,6 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     concurrency_limit: int = Field(100, ge=1)
     keepalive_timeout: int = Field(300, ge=1)
-    http: Literal["httptools", "h11", "auto"] = "httptools"
     loop: Literal["uvloop", "asyncio", "auto"] = "uvloop"
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
 
