@@ -26,6 +26,7 @@ class RawBackend:
         self.generations = 0
         self.generation_connections: set[int] = set()
         self.bytes_sent = 0
+        self.finished = threading.Event()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -90,6 +91,21 @@ class RawBackend:
                         self.bytes_sent += len(event)
                 except OSError:
                     return
+            if self.mode in ("slow-events", "slow-json"):
+                # A body with a Content-Length that is written over a second and a half, as nginx's
+                # limit_rate or a slow server would: the relay must pass each piece on as it comes.
+                kind = b"text/event-stream" if self.mode == "slow-events" else b"application/json"
+                pieces = [b"data: {\"n\": %d}\n\n" % n for n in range(5)]
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+                             % (kind, sum(map(len, pieces))))
+                for n, piece in enumerate(pieces):
+                    time.sleep(0.3 if n else 0)
+                    conn.sendall(piece)
+                self.finished.set()
+                continue
+            if self.mode == "dies-before-body":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+                return
             if self.mode == "until-close":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                              b"Connection: close\r\n\r\n" + REPLY)
@@ -166,3 +182,25 @@ def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
         assert backend.bytes_sent == sent, "the backend kept writing while nobody read"
     # What piled up is socket buffers plus the gateway's bound, not the backend's whole output.
     assert sent < 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("raw_gateway", ["slow-events", "slow-json"], indirect=True)
+def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gateway):
+    gw, backend = raw_gateway
+    with gw.http(gw.key) as client:
+        with client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+            pieces = response.iter_raw()
+            first = next(pieces)
+            assert first.startswith(b"data: {")
+            assert not backend.finished.is_set()  # the first piece came while the backend was still writing
+            rest = b"".join(pieces)
+    assert first + rest == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
+
+
+@pytest.mark.parametrize("raw_gateway", ["dies-before-body"], indirect=True)
+def test_backend_that_dies_after_its_head_gives_502_in_openai_shape(raw_gateway):
+    gw, _ = raw_gateway
+    with gw.http(gw.key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"

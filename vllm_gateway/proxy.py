@@ -56,10 +56,6 @@ PROXIED_PATHS = frozenset(
     }
 )
 
-# Answers up to this size are read whole and sent with their head in one write; larger ones and
-# streams are relayed piece by piece.
-WHOLE_ANSWER_BYTES = 1024 * 1024
-
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
@@ -97,9 +93,12 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         send_error(exchange, error, outcome.headers + error.headers)
     except ClientDisconnected:
         outcome.status = 499
-    except UpstreamError:
-        outcome.status = 502  # a body cut short after its head went out: only a dropped connection says so
-        exchange.abort()
+    except UpstreamError as error:
+        # The backend failed mid-body: before the head went out the client gets a 502; after it, only a
+        # dropped connection can say so (send_error does either).
+        outcome.status = 502
+        send_error(exchange, GatewayError(502, f"The server of model `{outcome.model}` failed: {error}.",
+                                          "server_error", "upstream_error", "model"), outcome.headers)
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
@@ -165,14 +164,16 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
     try:
         outcome.status = upstream.status
         head = response_headers(upstream) + outcome.headers
-        if upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_BYTES:
-            # A whole answer (JSON): it leaves in one write with its head.
-            tail = await upstream.read_all()
-            exchange.respond(upstream.status, head, tail)
+        streaming = b"text/event-stream" in upstream.content_type
+        first = b"" if streaming else await upstream.read_chunk()
+        if upstream.at_end:
+            # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
+            exchange.respond(upstream.status, head, first)
+            tail = first
         else:
-            # A stream: the head at once, then every piece as it arrives.
-            exchange.start(upstream.status, head)
-            previous = last = b""
+            # A stream, or a body still coming: the head at once, then every piece as it arrives.
+            exchange.start(upstream.status, head, first)
+            previous, last = b"", first
             try:
                 while chunk := await upstream.read_chunk():
                     previous, last = last, chunk
@@ -180,7 +181,7 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
                     if exchange.write_paused:
                         await exchange.drain()
             except UpstreamError as error:
-                if b"text/event-stream" not in upstream.content_type:
+                if not streaming:
                     raise  # half a body cannot be mended: the connection is dropped
                 outcome.status = 502
                 exchange.write(errors.sse_error_event(

@@ -85,13 +85,11 @@ class Target:
 class Response:
     """A response being received: status and headers first, then the body chunk by chunk."""
 
-    __slots__ = ("status", "headers", "content_length", "_connection", "_chunks", "_buffered", "_waiter", "_done",
-                 "_error")
+    __slots__ = ("status", "headers", "_connection", "_chunks", "_buffered", "_waiter", "_done", "_error")
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
         self.headers: Headers = []
-        self.content_length: int | None = None
         self._connection = connection
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -267,11 +265,8 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         response.status = self.parser.get_status_code()
-        lengths = [value for name, value in response.headers if name == b"content-length"]
-        chunked = any(name == b"transfer-encoding" for name, _ in response.headers)
-        self.until_close = not lengths and not chunked
-        if lengths and not chunked and lengths[0].strip().isdigit():
-            response.content_length = int(lengths[0])
+        names = {name for name, _ in response.headers}
+        self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
         # Read here: once the message is complete the parser no longer knows.
         self.keep_alive = self.parser.should_keep_alive() and not self.until_close
         if not self.headers_ready.done():
