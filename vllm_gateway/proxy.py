@@ -171,15 +171,23 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
             exchange.respond(upstream.status, head, first)
             tail = first
         else:
-            # A stream, or a body still coming: the head at once, then every piece as it arrives.
+            # A stream, or a body still coming: the head at once, then every piece as it is parsed.
             exchange.start(upstream.status, head, first)
-            previous, last = b"", first
+            pieces = [b"", first]  # the last two, where the usage is
+
+            def forward(piece: bytes) -> None:
+                pieces[0], pieces[1] = pieces[1], piece
+                exchange.write(piece)
+                if exchange.write_paused:
+                    upstream.hold()
+
+            upstream.splice(forward)
             try:
-                while chunk := await upstream.read_chunk():
-                    previous, last = last, chunk
-                    exchange.write(chunk)
+                while not upstream.at_end:
+                    await upstream.wait()
                     if exchange.write_paused:
                         await exchange.drain()
+                        upstream.go_on()
             except UpstreamError as error:
                 if not streaming:
                     raise  # half a body cannot be mended: the connection is dropped
@@ -187,7 +195,7 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
                 exchange.write(errors.sse_error_event(
                     f"The server of model `{model.name}` failed during the stream: {error}."))
             exchange.end()
-            tail = previous + last
+            tail = pieces[0] + pieces[1]
         finished = True
         record_usage(tail, outcome)
     finally:
