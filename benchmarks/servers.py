@@ -204,8 +204,8 @@ def proxy_conf(directory: Path, backend_ports: dict[str, int], ports: dict[str, 
 
 
 @dataclass
-class Nginx:
-    """One nginx master (one worker) serving a port per variant."""
+class PortPerVariant:
+    """A process under test (nginx, the Python pipe) serving each variant on a port of its own."""
 
     child: Child
     ports: dict[str, int]
@@ -214,7 +214,7 @@ class Nginx:
         return f"http://127.0.0.1:{self.ports[variant.name]}"
 
 
-def start_nginx(name: str, directory: Path, conf_text: str, ports: dict[str, int], cpus: list[int] | None) -> Nginx:
+def start_nginx(name: str, directory: Path, conf_text: str, ports: dict[str, int], cpus: list[int] | None) -> PortPerVariant:
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -226,10 +226,10 @@ def start_nginx(name: str, directory: Path, conf_text: str, ports: dict[str, int
     child = spawn(name, argv, directory / "stdout.log", cpus)
     for port in ports.values():
         wait_for_port(port, child.proc, name, child.log_path)
-    return Nginx(child, ports)
+    return PortPerVariant(child, ports)
 
 
-def start_backend(work: Path, files: CannedFiles, cpus: list[int] | None) -> Nginx:
+def start_backend(work: Path, files: CannedFiles, cpus: list[int] | None) -> PortPerVariant:
     """nginx with one worker per core in `cpus` (one when unpinned) serving the canned answers."""
     ports = {variant.name: free_port() for variant in VARIANTS}
     directory = work.resolve() / "nginx-backend"
@@ -237,7 +237,7 @@ def start_backend(work: Path, files: CannedFiles, cpus: list[int] | None) -> Ngi
     return start_nginx("nginx backend", directory, conf, ports, cpus)
 
 
-def start_proxy(work: Path, backend: Nginx, cpu: int | None) -> Nginx:
+def start_proxy(work: Path, backend: PortPerVariant, cpu: int | None) -> PortPerVariant:
     """nginx with one worker, on `cpu`, proxying each variant's port to the backend's."""
     ports = {variant.name: free_port() for variant in VARIANTS}
     directory = work.resolve() / "nginx-proxy"
@@ -246,18 +246,8 @@ def start_proxy(work: Path, backend: Nginx, cpu: int | None) -> Nginx:
 
 
 
-@dataclass
-class Pipe:
+def start_pipe(work: Path, python: str, backend: PortPerVariant, cpu: int | None) -> PortPerVariant:
     """python_pipe.py on `cpu`: a port per variant, piped to the backend's."""
-
-    child: Child
-    ports: dict[str, int]
-
-    def url(self, variant: Variant) -> str:
-        return f"http://127.0.0.1:{self.ports[variant.name]}"
-
-
-def start_pipe(work: Path, python: str, backend: Nginx, cpu: int | None) -> Pipe:
     ports = {variant.name: free_port() for variant in VARIANTS}
     pairs = [f"{ports[name]}:{backend.ports[name]}" for name in ports]
     argv = [python, str(Path(__file__).resolve().parent / "python_pipe.py"), *pairs]
@@ -265,7 +255,8 @@ def start_pipe(work: Path, python: str, backend: Nginx, cpu: int | None) -> Pipe
                   None if cpu is None else [cpu], cwd=REPO)
     for port in ports.values():
         wait_for_port(port, child.proc, "python pipe", child.log_path)
-    return Pipe(child, ports)
+    return PortPerVariant(child, ports)
+
 
 # ---- the gateway -----------------------------------------------------------------------------------
 

@@ -189,8 +189,8 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
                         await exchange.drain()
                         upstream.go_on()
             except UpstreamError as error:
-                if not streaming:
-                    raise  # half a body cannot be mended: the connection is dropped
+                if not (streaming and exchange.chunked):
+                    raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
                 outcome.status = 502
                 exchange.write(errors.sse_error_event(
                     f"The server of model `{model.name}` failed during the stream: {error}."))
