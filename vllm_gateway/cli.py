@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
 # "uvloop" means uvloop with the gateway's batch accept (see event_loop.py).
 UVICORN_LOOPS = {"uvloop": "vllm_gateway.event_loop:BatchAcceptLoop"}
 
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
