@@ -171,23 +171,15 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
             exchange.respond(upstream.status, head, first)
             tail = first
         else:
-            # A stream, or a body still coming: the head at once, then every piece as it is parsed.
+            # A stream, or a body still coming: the head at once, then every piece as it arrives.
             exchange.start(upstream.status, head, first)
-            pieces = [b"", first]  # the last two, where the usage is
-
-            def forward(piece: bytes) -> None:
-                pieces[0], pieces[1] = pieces[1], piece
-                exchange.write(piece)
-                if exchange.write_paused:
-                    upstream.hold()
-
-            upstream.splice(forward)
+            previous, last = b"", first
             try:
-                while not upstream.at_end:
-                    await upstream.wait()
+                while chunk := await upstream.read_chunk():  # all that arrived since the last write
+                    previous, last = last, chunk
+                    exchange.write(chunk)
                     if exchange.write_paused:
                         await exchange.drain()
-                        upstream.go_on()
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
@@ -195,7 +187,7 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
                 exchange.write(errors.sse_error_event(
                     f"The server of model `{model.name}` failed during the stream: {error}."))
             exchange.end()
-            tail = pieces[0] + pieces[1]
+            tail = previous + last
         finished = True
         record_usage(tail, outcome)
     finally:

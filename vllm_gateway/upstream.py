@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -86,7 +85,7 @@ class Target:
 class Response:
     """A response being received: status and headers first, then the body chunk by chunk."""
 
-    __slots__ = ("status", "headers", "_connection", "_chunks", "_buffered", "_waiter", "_done", "_error", "_sink")
+    __slots__ = ("status", "headers", "_connection", "_chunks", "_buffered", "_waiter", "_done", "_error")
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
@@ -97,7 +96,6 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: UpstreamError | None = None
-        self._sink: Callable[[bytes], None] | None = None
 
     @property
     def content_type(self) -> bytes:
@@ -132,36 +130,6 @@ class Response:
         """Everything has arrived and been read: the next read_chunk() would return b""."""
         return self._done and not self._chunks and self._error is None
 
-    def splice(self, sink: Callable[[bytes], None]) -> None:
-        """From now on the body goes to sink(data) as it arrives, everything parsed from one read in one
-        call, with no task switch in between: the cheapest way to relay a token stream. wait() returns
-        at the end."""
-        self._sink = sink
-        self._buffered = 0
-        self._flush()
-
-    async def wait(self) -> None:
-        """For a spliced body: until it ends (raising its error, if any) or hold() is called."""
-        if self._error is not None:
-            raise self._error
-        if self._done:
-            return
-        self._waiter = self._connection.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-        if self._error is not None:
-            raise self._error
-
-    def hold(self) -> None:
-        """Stop reading the body for now (the client is not keeping up) and wake wait()."""
-        self._connection.pause()
-        self._wake()
-
-    def go_on(self) -> None:
-        self._connection.resume()
-
     async def read_all(self) -> bytes:
         parts = []
         while chunk := await self.read_chunk():
@@ -182,17 +150,8 @@ class Response:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _flush(self) -> None:
-        if self._chunks:
-            chunks = self._chunks
-            data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-            chunks.clear()
-            self._sink(data)
-
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
-        if self._sink is not None:
-            return  # passed on once the whole read is parsed (Connection.data_received)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self._connection.pause()
@@ -283,9 +242,6 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._fail(UpstreamError(f"invalid HTTP from the backend: {error}"))
             self.close()
-        response = self.response
-        if response is not None and response._sink is not None:
-            response._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
