@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support.gateway import Backend, Gateway
+from tests.support.gateway import Backend, Gateway, raw_post
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -20,13 +20,6 @@ def short_keep_alive_gateway(tmp_path_factory, simulator):
     backend = Backend("sim", simulator.base_url)
     with Gateway.start(tmp_path_factory.mktemp("gw-ka"), [backend], env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"}) as gw:
         yield gw
-
-
-def post(key: str, body: dict | bytes, path: str = "/v1/chat/completions", version: str = "1.1",
-         extra: str = "") -> bytes:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n").encode() + data
 
 
 class Reader:
@@ -99,7 +92,7 @@ def test_one_connection_serves_relayed_and_api_requests_in_turn(gateway):
     sock, reader = connect(gateway)
     with sock:
         for _ in range(3):
-            sock.sendall(post(gateway.key, CHAT))
+            sock.sendall(raw_post(gateway.key, CHAT))
             status, headers, body = reader.response()
             assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
             assert headers["content-length"] == str(len(body))
@@ -114,9 +107,9 @@ def test_pipelined_requests_are_answered_in_order(gateway):
     stream = {**CHAT, "max_tokens": 4, "stream": True}
     sock, reader = connect(gateway)
     with sock:
-        sock.sendall(b"".join([post(gateway.key, bodies[0]), post(gateway.key, stream),
+        sock.sendall(b"".join([raw_post(gateway.key, bodies[0]), raw_post(gateway.key, stream),
                                b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n",
-                               post(gateway.key, bodies[1]), post(gateway.key, bodies[2])]))
+                               raw_post(gateway.key, bodies[1]), raw_post(gateway.key, bodies[2])]))
         answers = [reader.response() for _ in range(5)]
     assert [status for status, _, _ in answers] == [200] * 5
     assert json.loads(answers[0][2])["usage"]["completion_tokens"] == 1
@@ -129,7 +122,7 @@ def test_expect_100_continue_gets_continue_before_the_body_is_sent(gateway):
     data = json.dumps(CHAT).encode()
     sock, reader = connect(gateway)
     with sock:
-        sock.sendall(post(gateway.key, data, extra="Expect: 100-continue\r\n")[: -len(data)])
+        sock.sendall(raw_post(gateway.key, data, extra="Expect: 100-continue\r\n")[: -len(data)])
         status, _, _ = reader.response()
         assert status == 100
         sock.sendall(data)
@@ -140,7 +133,7 @@ def test_expect_100_continue_gets_continue_before_the_body_is_sent(gateway):
 def test_expect_100_continue_with_a_too_large_body_gets_413_without_continue(gateway):
     sock, reader = connect(gateway)
     with sock:
-        head = post(gateway.key, b"", extra="Expect: 100-continue\r\n").replace(
+        head = raw_post(gateway.key, b"", extra="Expect: 100-continue\r\n").replace(
             b"Content-Length: 0", b"Content-Length: %d" % (1 << 40))
         sock.sendall(head)
         status, headers, body = reader.response()
@@ -151,7 +144,7 @@ def test_expect_100_continue_with_a_too_large_body_gets_413_without_continue(gat
 def test_http_1_0_stream_ends_with_the_connection(gateway):
     sock, reader = connect(gateway)
     with sock:
-        sock.sendall(post(gateway.key, {**CHAT, "stream": True}, version="1.0"))
+        sock.sendall(raw_post(gateway.key, {**CHAT, "stream": True}, version="1.0"))
         status, headers, body = reader.response()
         assert status == 200 and "transfer-encoding" not in headers
         assert body.endswith(b"data: [DONE]\n\n")
@@ -171,7 +164,7 @@ def test_garbage_is_400_in_openai_shape_and_the_connection_closes(gateway):
 def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(short_keep_alive_gateway):
     sock, reader = connect(short_keep_alive_gateway)
     with sock:
-        sock.sendall(post(short_keep_alive_gateway.key, CHAT))
+        sock.sendall(raw_post(short_keep_alive_gateway.key, CHAT))
         assert reader.response()[0] == 200
         assert reader.closed(timeout=20)
 
@@ -180,7 +173,7 @@ def test_an_active_stream_keeps_its_connection_past_the_keep_alive_timeout(short
     sock, reader = connect(short_keep_alive_gateway)
     with sock:
         # Sent in two parts, a second and a half apart: a request still arriving is not an idle connection.
-        request = post(short_keep_alive_gateway.key, CHAT)
+        request = raw_post(short_keep_alive_gateway.key, CHAT)
         sock.sendall(request[:20])
         time.sleep(1.5)
         sock.sendall(request[20:])
@@ -192,7 +185,7 @@ def test_graceful_shutdown_finishes_the_stream_in_flight(tmp_path, simulator):
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
         sock, reader = connect(gw)
         with sock:
-            sock.sendall(post(gw.key, long_stream))
+            sock.sendall(raw_post(gw.key, long_stream))
             while b"data: {" not in reader.buffer:
                 assert reader._fill()
             gw.handle.popen.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.gateway import Backend, Gateway
+from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator
 
 STREAM = {"model": "sim", "messages": [{"role": "user", "content": "go"}], "max_tokens": 10, "stream": True,
@@ -146,10 +146,7 @@ def wait_for(condition, timeout: float = 10.0) -> None:
 
 def test_raw_socket_disconnect_mid_stream_leaves_nothing_running(slow_gateway, slow_simulator):
     body = b'{"model": "slow", "prompt": "x", "max_tokens": 100, "stream": true}'
-    request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {slow_gateway.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+    request = raw_post(slow_gateway.key, body, path="/v1/completions")
     sock = socket.create_connection(("127.0.0.1", slow_gateway.port))
     sock.sendall(request)
     assert b"200 OK" in sock.recv(4096)

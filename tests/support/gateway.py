@@ -171,3 +171,11 @@ def run_cli(env: Mapping[str, str], *args: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"vllm_api_server.py {' '.join(args)} failed: {result.stderr}")
     return result.stdout
+
+
+def raw_post(key: str, body: dict | bytes, path: str = "/v1/chat/completions", version: str = "1.1",
+             extra: str = "") -> bytes:
+    """The bytes of a POST with a JSON body and a key, for tests that speak HTTP over a raw socket."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n").encode() + data
