@@ -176,8 +176,7 @@ class GatewayProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
-        self.gateway = find_gateway(self.app)
-        self.state = self.gateway.state
+        self.state: GatewayState = find_gateway(self.app).state
         self.max_body = self.state.settings.max_body_bytes
         self.server_state = server_state
         self.app_state = app_state
