@@ -173,10 +173,11 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
         else:
             # A stream, or a body still coming: the head at once, then every piece as it arrives.
             exchange.start(upstream.status, head, first)
-            previous, last = b"", first
+            upstream.send_body_to(exchange)
             try:
-                while chunk := await upstream.read_chunk():  # all that arrived since the last write
-                    previous, last = last, chunk
+                # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
+                # up while the client was not reading, and at the end.
+                while chunk := await upstream.read_chunk():
                     exchange.write(chunk)
                     if exchange.write_paused:
                         await exchange.drain()
@@ -187,7 +188,7 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
                 exchange.write(errors.sse_error_event(
                     f"The server of model `{model.name}` failed during the stream: {error}."))
             exchange.end()
-            tail = previous + last
+            tail = upstream.previous + upstream.last
         finished = True
         record_usage(tail, outcome)
     finally:

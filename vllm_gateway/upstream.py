@@ -17,6 +17,7 @@ import asyncio
 import collections
 import ssl
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -82,20 +83,41 @@ class Target:
         return cls(parts.hostname or "127.0.0.1", port, tls, parts.netloc.encode(), parts.path.rstrip("/"))
 
 
-class Response:
-    """A response being received: status and headers first, then the body chunk by chunk."""
+class Sink(Protocol):
+    """Where a relayed body goes: the client's side of the gateway (http_protocol.Exchange)."""
 
-    __slots__ = ("status", "headers", "_connection", "_chunks", "_buffered", "_waiter", "_done", "_error")
+    write_paused: bool
+
+    def write(self, chunk: bytes) -> None: ...
+
+
+class Response:
+    """A response being received: status and headers first, then the body chunk by chunk.
+
+    Pieces are queued for read_chunk(), or, once a sink is given (send_body_to), written to it the
+    moment they arrive while it keeps up: a token stream then costs no task wake-up per event.
+    """
+
+    __slots__ = ("status", "headers", "previous", "last", "_connection", "_chunks", "_buffered", "_waiter",
+                 "_done", "_error", "_sink")
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
         self.headers: Headers = []
+        # The two newest pieces of the body, however they left: the usage chunk ends a stream.
+        self.previous = self.last = b""
         self._connection = connection
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: UpstreamError | None = None
+        self._sink: Sink | None = None
+
+    def send_body_to(self, sink: Sink) -> None:
+        """Write what arrives from now on straight to `sink`; read_chunk() then returns only what
+        queued up while the sink was paused, and b"" at the end of the body."""
+        self._sink = sink
 
     @property
     def content_type(self) -> bytes:
@@ -151,6 +173,11 @@ class Response:
             self._waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        self.previous, self.last = self.last, data
+        sink = self._sink
+        if sink is not None and not self._chunks and not sink.write_paused:
+            sink.write(data)  # nothing queued ahead of it, so the order holds
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
