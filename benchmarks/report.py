@@ -150,6 +150,9 @@ def floor_text(rows: list[dict]) -> str | None:
 
 def summary_text(results: dict) -> str:
     parts = []
+    python = results.get("meta", {}).get("python")
+    if python:
+        parts += [f"Python of the gateway and the pipe: {python}", ""]
     if results["scenarios"]:
         parts += ["Load through one core (req/s, latency: wrk; CPU and RSS of the proxy process from /proc)", "",
                   table(results["scenarios"]), ""]
