@@ -15,6 +15,8 @@ import pytest
 from tests.support.gateway import Backend, Gateway, raw_post
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
+# 8 MB of numbered events: far more than the gateway holds for a client that is not reading.
+BURST_EVENTS = [b'data: {"n": %d, "pad": "%s"}\n\n' % (n, b"x" * 2000) for n in range(4000)]
 REPLY = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
 
 
@@ -91,6 +93,16 @@ class RawBackend:
                         self.bytes_sent += len(event)
                 except OSError:
                     return
+            if self.mode == "burst":
+                # A finite stream sent in bursts of a hundred events per write, so one read by the
+                # gateway brings many chunks at once.
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n")
+                for start in range(0, len(BURST_EVENTS), 100):
+                    conn.sendall(b"".join(b"%x\r\n%s\r\n" % (len(event), event)
+                                          for event in BURST_EVENTS[start:start + 100]))
+                conn.sendall(b"0\r\n\r\n")
+                continue
             if self.mode in ("slow-events", "slow-json"):
                 # A body with a Content-Length that is written over a second and a half, as nginx's
                 # limit_rate or a slow server would: the relay must pass each piece on as it comes.
@@ -193,3 +205,37 @@ def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gatewa
             assert not backend.finished.is_set()  # the first piece came while the backend was still writing
             rest = b"".join(pieces)
     assert first + rest == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
+
+
+def read_chunked_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The head and the de-chunked body of one chunked response, read to its last chunk."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    body = []
+    while True:
+        while b"\r\n" not in rest:
+            rest += sock.recv(65536)
+        size_line, rest = rest.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        while len(rest) < size + 2:
+            rest += sock.recv(1 << 20)
+        if size == 0:
+            return head, b"".join(body)
+        body.append(rest[:size])
+        rest = rest[size + 2:]
+
+
+@pytest.mark.parametrize("raw_gateway", ["burst"], indirect=True)
+def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(raw_gateway):
+    gw, _ = raw_gateway
+    body = b'{"model": "raw", "messages": [{"role": "user", "content": "x"}], "stream": true}'
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(30)  # a relay that never resumes fails here rather than hanging
+        sock.sendall(raw_post(gw.key, body))
+        time.sleep(1.5)  # read nothing: the gateway queues what the backend sends, then stops reading it
+        head, received = read_chunked_response(sock)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert received == b"".join(BURST_EVENTS)

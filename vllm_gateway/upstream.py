@@ -94,8 +94,9 @@ class Sink(Protocol):
 class Response:
     """A response being received: status and headers first, then the body chunk by chunk.
 
-    Pieces are queued for read_chunk(), or, once a sink is given (send_body_to), written to it the
-    moment they arrive while it keeps up: a token stream then costs no task wake-up per event.
+    Pieces are queued for read_chunk(), or, once a sink is given (send_body_to), written to it after
+    each read from the backend, all that read brought in one write, while the sink keeps up: a token
+    stream then costs no task wake-up per event, and a burst of events stays one write.
     """
 
     __slots__ = ("status", "headers", "previous", "last", "_connection", "_chunks", "_buffered", "_waiter",
@@ -130,13 +131,7 @@ class Response:
         """Everything received since the last call (waiting for more if nothing is), b"" at the end."""
         while True:
             if self._chunks:
-                chunks = self._chunks
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                if self._buffered > HIGH_WATER:
-                    self._connection.resume()
-                self._buffered = 0
-                return data
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self._done:
@@ -172,17 +167,34 @@ class Response:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _take(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._buffered > HIGH_WATER:
+            self._connection.resume()
+        self._buffered = 0
+        return data
+
     def _feed(self, data: bytes) -> None:
         self.previous, self.last = self.last, data
-        sink = self._sink
-        if sink is not None and not self._chunks and not sink.write_paused:
-            sink.write(data)  # nothing queued ahead of it, so the order holds
-            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self._connection.pause()
-        self._wake()
+        if self._sink is None:
+            self._wake()  # with a sink, _flush() decides after the read
+
+    def _flush(self) -> None:
+        """After each read from the backend: what it brought goes to the sink in one write, or to
+        the relay task while the sink is paused (the task waits for the client to drain)."""
+        sink = self._sink
+        if sink is None or not self._chunks:
+            return
+        if sink.write_paused:
+            self._wake()
+        else:
+            sink.write(self._take())
 
     def _finish(self) -> None:
         self._done = True
@@ -269,6 +281,9 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._fail(UpstreamError(f"invalid HTTP from the backend: {error}"))
             self.close()
+            return
+        if self.response is not None:
+            self.response._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
