@@ -116,8 +116,8 @@ class Response:
         self._sink: Sink | None = None
 
     def send_body_to(self, sink: Sink) -> None:
-        """Write what arrives from now on straight to `sink`; read_chunk() then returns only what
-        queued up while the sink was paused, and b"" at the end of the body."""
+        """From now on, what each read from the backend brings goes straight to `sink`, in one write;
+        read_chunk() then returns only what queued up while the sink was paused, and b"" at the end."""
         self._sink = sink
 
     @property
