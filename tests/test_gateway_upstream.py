@@ -209,18 +209,24 @@ def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gatewa
 
 def read_chunked_response(sock: socket.socket) -> tuple[bytes, bytes]:
     """The head and the de-chunked body of one chunked response, read to its last chunk."""
+
+    def receive() -> bytes:
+        data = sock.recv(1 << 20)
+        assert data, "the gateway closed the connection before the last chunk"
+        return data
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += receive()
     head, rest = data.split(b"\r\n\r\n", 1)
     body = []
     while True:
         while b"\r\n" not in rest:
-            rest += sock.recv(65536)
+            rest += receive()
         size_line, rest = rest.split(b"\r\n", 1)
         size = int(size_line, 16)
         while len(rest) < size + 2:
-            rest += sock.recv(1 << 20)
+            rest += receive()
         if size == 0:
             return head, b"".join(body)
         body.append(rest[:size])
