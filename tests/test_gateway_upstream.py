@@ -12,12 +12,17 @@ import time
 
 import pytest
 
-from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.gateway import Backend, Gateway, Reader, raw_post
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
 # 8 MB of numbered events: far more than the gateway holds for a client that is not reading.
 BURST_EVENTS = [b'data: {"n": %d, "pad": "%s"}\n\n' % (n, b"x" * 2000) for n in range(4000)]
 REPLY = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+
+
+def chunk(data: bytes) -> bytes:
+    """`data` framed as one chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class RawBackend:
@@ -86,10 +91,10 @@ class RawBackend:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n")
                 event = b"data: " + b"x" * 65000 + b"\n\n"
-                chunk = b"%x\r\n%s\r\n" % (len(event), event)
+                framed = chunk(event)
                 try:
                     while True:
-                        conn.sendall(chunk)
+                        conn.sendall(framed)
                         self.bytes_sent += len(event)
                 except OSError:
                     return
@@ -99,8 +104,7 @@ class RawBackend:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                              b"Transfer-Encoding: chunked\r\n\r\n")
                 for start in range(0, len(BURST_EVENTS), 100):
-                    conn.sendall(b"".join(b"%x\r\n%s\r\n" % (len(event), event)
-                                          for event in BURST_EVENTS[start:start + 100]))
+                    conn.sendall(b"".join(map(chunk, BURST_EVENTS[start:start + 100])))
                 conn.sendall(b"0\r\n\r\n")
                 continue
             if self.mode in ("slow-events", "slow-json"):
@@ -138,6 +142,15 @@ def raw_gateway(tmp_path, request):
 
 
 CHAT = {"model": "raw", "messages": [{"role": "user", "content": "x"}]}
+
+
+def ask_for_a_stream_with_a_small_window(gw: Gateway) -> socket.socket:
+    """A raw client that has asked for a stream and reads through a 64 KB receive buffer, so that
+    not reading soon pushes back on the gateway."""
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(raw_post(gw.key, {**CHAT, "stream": True}))
+    return sock
 
 
 @pytest.mark.parametrize("raw_gateway", ["keep-alive"], indirect=True)
@@ -181,10 +194,7 @@ def test_backend_speaking_garbage_or_dying_before_its_body_gives_502_in_openai_s
 @pytest.mark.parametrize("raw_gateway", ["firehose"], indirect=True)
 def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
     gw, backend = raw_gateway
-    body = b'{"model": "raw", "messages": [{"role": "user", "content": "x"}], "stream": true}'
-    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(raw_post(gw.key, body))
+    with ask_for_a_stream_with_a_small_window(gw) as sock:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         time.sleep(3)  # read nothing more: the gateway must stop reading from the backend
         sent = backend.bytes_sent
@@ -207,41 +217,11 @@ def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gatewa
     assert first + rest == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
 
 
-def read_chunked_response(sock: socket.socket) -> tuple[bytes, bytes]:
-    """The head and the de-chunked body of one chunked response, read to its last chunk."""
-
-    def receive() -> bytes:
-        data = sock.recv(1 << 20)
-        assert data, "the gateway closed the connection before the last chunk"
-        return data
-
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += receive()
-    head, rest = data.split(b"\r\n\r\n", 1)
-    body = []
-    while True:
-        while b"\r\n" not in rest:
-            rest += receive()
-        size_line, rest = rest.split(b"\r\n", 1)
-        size = int(size_line, 16)
-        while len(rest) < size + 2:
-            rest += receive()
-        if size == 0:
-            return head, b"".join(body)
-        body.append(rest[:size])
-        rest = rest[size + 2:]
-
-
 @pytest.mark.parametrize("raw_gateway", ["burst"], indirect=True)
 def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(raw_gateway):
     gw, _ = raw_gateway
-    body = b'{"model": "raw", "messages": [{"role": "user", "content": "x"}], "stream": true}'
-    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.settimeout(30)  # a relay that never resumes fails here rather than hanging
-        sock.sendall(raw_post(gw.key, body))
+    with ask_for_a_stream_with_a_small_window(gw) as sock:
         time.sleep(1.5)  # read nothing: the gateway queues what the backend sends, then stops reading it
-        head, received = read_chunked_response(sock)
-    assert head.startswith(b"HTTP/1.1 200")
+        status, headers, received = Reader(sock).response()  # a relay that never resumes times out here
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert received == b"".join(BURST_EVENTS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -179,3 +180,64 @@ def raw_post(key: str, body: dict | bytes, path: str = "/v1/chat/completions", v
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n").encode() + data
+
+
+class Reader:
+    """Reads whole HTTP/1.1 responses off a socket: content-length, chunked, or to the close."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def _take_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            if not self._fill():
+                raise EOFError(f"connection closed before {marker!r}")
+        head, self.buffer = self.buffer.split(marker, 1)
+        return head
+
+    def _take(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            if not self._fill():
+                raise EOFError("connection closed mid-body")
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        head = self._take_until(b"\r\n\r\n").decode()
+        status_line, *lines = head.split("\r\n")
+        status = int(status_line.split()[1])
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status == 100:
+            return status, headers, b""
+        if "content-length" in headers:
+            body = self._take(int(headers["content-length"]))
+        elif headers.get("transfer-encoding") == "chunked":
+            parts = []
+            while size := int(self._take_until(b"\r\n"), 16):
+                parts.append(self._take(size))
+                self._take(2)
+            self._take(2)
+            body = b"".join(parts)
+        else:
+            while self._fill():
+                pass
+            body, self.buffer = self.buffer, b""
+        return status, headers, body
+
+    def closed(self, timeout: float) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (TimeoutError, socket.timeout):
+            return False
+        except ConnectionResetError:
+            return True
