@@ -168,6 +168,11 @@ def setup_logging(settings: Settings) -> LogWriter:
     return writer
 
 
+def key_label(key_id: str, name: str) -> str:
+    """How the log names a key: its id and name, never the key."""
+    return f"{key_id}({clean(name)})"
+
+
 def clean(value: object) -> str:
     """A log-safe value: no spaces, quotes or control characters an attacker could use to forge lines."""
     text = str(value)

@@ -13,9 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors
-from .access_log import clean
 from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
-from .proxy import authenticate
 from .registry import BackendState, Model
 from .state import GatewayState
 
@@ -26,13 +24,10 @@ def gateway(request: Request) -> GatewayState:
     return request.app.state.gateway
 
 
-def optional_key(request: Request, state: Annotated[GatewayState, Depends(gateway)]) -> KeyRecord | None:
-    scope = request.scope
-    headers = dict(scope["headers"])
-    if b"authorization" not in headers and b"api_key=" not in scope["query_string"]:
-        return None
-    key = authenticate(state, headers, scope["query_string"])
-    scope.setdefault("state", {})["key_label"] = f"{key.id}({clean(key.name)})"
+def optional_key(request: Request) -> KeyRecord | None:
+    """The caller's key, checked by the connection when the head arrived (access.check_head): a
+    request with a wrong key never gets here."""
+    key: KeyRecord | None = request.scope.get("state", {}).get("key")
     return key
 
 

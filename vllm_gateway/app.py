@@ -15,10 +15,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from . import errors, proxy
-from .access_log import setup_logging
+from .access import check_head
+from .access_log import key_label, setup_logging
 from .api import router
 from .errors import GatewayError
+from .file_limits import current_open_files_limit, default_max_connections
 from .health import HealthChecker, probe_pool
+from .http_exchange import Exchange
+from .http_protocol import ConnectionCap, Limits, ServerHooks
 from .keystore import KeyFileError, KeyStore
 from .model_config import load_backend_specs
 from .ratelimit import RateLimiter
@@ -35,11 +39,12 @@ USAGE_FLUSH_SECONDS = 30.0
 
 class Gateway:
     """The ASGI app behind everything but the relay (http_protocol.py sends model-addressed POSTs to
-    proxy.handle): FastAPI, with a log line and an X-Request-ID for every request."""
+    proxy.handle, which `hooks` hands it): FastAPI, with a log line and an X-Request-ID for every request."""
 
     def __init__(self, state: GatewayState, api: FastAPI) -> None:
         self.state = state
         self.api = api
+        self.hooks = server_hooks(state)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -62,10 +67,44 @@ class Gateway:
         try:
             await self.api(scope, receive, send_with_id)
         finally:
-            key = scope.get("state", {}).get("key_label", "-")
+            key_record = scope.get("state", {}).get("key")
+            key = key_label(key_record.id, key_record.name) if key_record is not None else "-"
             self.state.log.request(
                 request_id.decode(), scope["method"], scope["path"], status, time.perf_counter() - started, key
             )
+
+
+def server_hooks(state: GatewayState) -> ServerHooks:
+    """What the HTTP server calls: the relay, the check of each head, and the log of its own answers."""
+    settings = state.settings
+    limits = Limits(
+        head_timeout=settings.head_timeout,
+        body_timeout=settings.body_timeout,
+        send_timeout=settings.send_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        max_request_line=settings.max_request_line_bytes,
+        max_head_bytes=settings.max_head_bytes,
+        max_headers=settings.max_headers,
+        max_body=settings.max_body_bytes,
+        max_small_body=settings.max_admin_body_bytes,
+    )
+    max_connections = settings.max_connections or default_max_connections(
+        current_open_files_limit(), settings.concurrency_limit)
+
+    async def relay(exchange: Exchange) -> None:
+        await proxy.handle(state, exchange)
+
+    def check(exchange: Exchange) -> GatewayError | None:
+        return check_head(state.keys, exchange)
+
+    def log_rejection(exchange: Exchange | None, status: int) -> None:
+        key = exchange.key if exchange is not None else None
+        state.log.request(
+            proxy.new_request_id().decode(), exchange.method if exchange else "-", exchange.path if exchange else "-",
+            status, 0.0, key_label(key.id, key.name) if key is not None else "-",
+        )
+
+    return ServerHooks(proxy.PROXIED_PATHS, relay, check, log_rejection, limits, ConnectionCap(max_connections))
 
 
 def build_state(settings: Settings) -> GatewayState:
@@ -73,7 +112,7 @@ def build_state(settings: Settings) -> GatewayState:
     keys = KeyStore(settings.key_file)
     keys.load()
     registry = Registry(load_backend_specs(settings.model_config_file))
-    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
+    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage, local=not settings.shares_rate_limit_store)
     return GatewayState(settings=settings, registry=registry, keys=keys, limiter=limiter)
 
 
@@ -125,7 +164,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
             probes.close()
             state.log.stop()
 
-    api = FastAPI(title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect for a trailing slash: Starlette builds its Location from the client's Host header.
+    api = FastAPI(title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     api.state.gateway = state
     api.include_router(router)
     add_error_handlers(api)

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .file_limits import raise_open_files_limit
 from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
 from .model_config import ModelConfigError, load_backend_specs
 from .settings import Settings, load_settings
@@ -95,6 +96,7 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    raise_open_files_limit()
     store = KeyStore(settings.key_file)
     if not store.exists:
         if not sys.stdout.isatty():

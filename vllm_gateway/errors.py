@@ -84,6 +84,25 @@ def body_too_large(limit: int) -> GatewayError:
     )
 
 
+def request_timeout(what: str, seconds: float) -> GatewayError:
+    return GatewayError(
+        408, f"The {what} did not arrive within {seconds:g} s.", "invalid_request_error", "request_timeout"
+    )
+
+
+def request_line_too_long(limit: int) -> GatewayError:
+    return GatewayError(
+        414, f"The request line is longer than the limit of {limit} bytes.", "invalid_request_error",
+        "request_line_too_long",
+    )
+
+
+def head_too_large(what: str) -> GatewayError:
+    return GatewayError(
+        431, f"The request head is too large: {what}.", "invalid_request_error", "request_header_too_large"
+    )
+
+
 def rate_limited(limit: str, retry_after: int, headers: Headers) -> GatewayError:
     return GatewayError(
         429,

@@ -1,239 +1,216 @@
 """The gateway's HTTP/1.1 server: one asyncio protocol per client connection, parsed by httptools.
 
-Model-addressed POSTs (proxy.PROXIED_PATHS) go to proxy.handle, which writes the response straight
-to the socket through the Exchange below. Everything else (health, the model list, admin) goes to
-the FastAPI application through a small ASGI bridge. uvicorn still runs the process (sockets,
-workers, signals, lifespan, graceful shutdown); this class is the `http` protocol it is given.
+Model-addressed POSTs go to the relay the application hands over (ServerHooks.relay), which writes
+the response straight to the socket through an http_exchange.Exchange. Everything else (health, the
+model list, admin) goes to the FastAPI application through asgi_bridge. uvicorn still runs the
+process (sockets, workers, signals, lifespan, graceful shutdown); this class is the `http` protocol
+it is given.
 
 Why not uvicorn's own protocol and ASGI for the relay: per request, ASGI builds a scope and message
 dicts, checks every header in Python and writes the head and the body separately. On one core the
 relay did about 4,000 requests/s that way, with 0.32 ms added at one client, and 4,400-5,300 with
-0.25-0.27 ms this way (README, Performance).
+0.25-0.27 ms this way (docs: performance).
+
+The connection defends itself as nginx does: a deadline for each request head, a longest pause in a
+body, a longest time an answer may lie unread, bounded request lines and heads, a key checked before
+any body is read, and reading paused while answers wait to be sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
+import socket
+import time
 import urllib.parse
 from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
-from . import errors, proxy
+from . import errors
+from .asgi_bridge import serve_asgi
+from .errors import GatewayError
+from .http_exchange import CONTINUE, Exchange, error_response
 from .request_body import ClientDisconnected
-from .state import GatewayState
 
 log = logging.getLogger("vllm_gateway")
 
-REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Requests parsed ahead of the one being answered (pipelining): beyond this, stop reading.
 MAX_QUEUED = 4
+# A client that sent EOF and still waits for an answer after this long is probed (_probe_closed_client);
+# its socket's state is then read this soon, and again at this interval until the answer starts.
+EOF_PROBE_SECONDS = 0.02
+EOF_CHECK_FIRST_SECONDS = 0.05
+EOF_CHECK_SECONDS = 1.0
+# At most one log line per this many seconds about connections refused at the cap.
+CAP_REPORT_SECONDS = 10.0
+_TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
+
+# What the read timer waits for.
+IDLE, HEAD, BODY = "idle", "head", "body"
 
 
-def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))
+@dataclass(frozen=True)
+class Limits:
+    """The connection's limits and timeouts, from the settings (their defaults are nginx's, or near)."""
+
+    head_timeout: float
+    body_timeout: float
+    send_timeout: float
+    keepalive_timeout: float
+    max_request_line: int
+    max_head_bytes: int
+    max_headers: int
+    max_body: int
+    max_small_body: int
 
 
-class Exchange:
-    """One request (its head at once, its body as it arrives) and the writer of its response."""
+class ConnectionCap:
+    """At most `limit` client connections per process, so that the process keeps file descriptors for
+    its upstream connections, its log and its key file; new connections beyond it are closed at once."""
 
-    __slots__ = (
-        "protocol", "method", "path", "raw_path", "query_string", "headers", "http_version", "keep_alive",
-        "expect_continue", "body_parts", "body_size", "body_limit", "too_large", "complete", "body_waiter",
-        "task", "relay", "client_gone", "head_sent", "done", "chunked", "head_only",
-    )
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.refused = 0
+        self.reported_at = float("-inf")
 
-    def __init__(self, protocol: GatewayProtocol) -> None:
-        self.protocol = protocol
-        self.method = "GET"
-        self.path = "/"
-        self.raw_path = b"/"
-        self.query_string = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.http_version = "1.1"
-        self.keep_alive = True
-        self.expect_continue = False
-        self.body_parts: list[bytes] = []
-        self.body_size = 0
-        self.body_limit = protocol.max_body
-        self.too_large = False
-        self.complete = False
-        self.body_waiter: asyncio.Future[None] | None = None
-        self.task: asyncio.Task | None = None
-        self.relay = False
-        self.client_gone = False
-        self.head_sent = False
-        self.done = False
-        self.chunked = False
-        self.head_only = False
-
-    # -- the request --
-
-    async def read_body(self) -> bytes:
-        """The whole body; GatewayError 413 beyond the limit, ClientDisconnected if the client goes."""
-        while not self.complete:
-            if self.too_large:
-                break
-            if self.client_gone:
-                raise ClientDisconnected
-            if self.expect_continue:
-                self.expect_continue = False
-                self.protocol.write(CONTINUE)
-            self.body_waiter = self.protocol.loop.create_future()
-            try:
-                await self.body_waiter
-            finally:
-                self.body_waiter = None
-        if self.too_large:
-            raise errors.body_too_large(self.body_limit)
-        parts = self.body_parts
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def declared_too_large(self) -> bool:
-        for name, value in self.headers:
-            if name == b"content-length":
-                return value.isdigit() and int(value) > self.body_limit
+    def admit(self, open_now: int) -> bool:
+        if open_now < self.limit:
+            return True
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.reported_at >= CAP_REPORT_SECONDS:
+            log.warning("connection limit of %d reached (GATEWAY_MAX_CONNECTIONS): closed %d new connection(s)",
+                        self.limit, self.refused)
+            self.reported_at = now
+            self.refused = 0
         return False
 
-    def _wake(self) -> None:
-        if self.body_waiter is not None and not self.body_waiter.done():
-            self.body_waiter.set_result(None)
 
-    # -- the response --
+@dataclass(frozen=True)
+class ServerHooks:
+    """What the application hands the HTTP server, so the server needs none of the request path's modules."""
 
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response in one write; adds content-length unless the headers carry it."""
-        if not any(name == b"content-length" for name, _ in headers):
-            headers = [*headers, (b"content-length", b"%d" % len(body))]
-        if not self.complete and (self.too_large or self.declared_too_large()):
-            self.keep_alive = False  # rather than read and drop the rest of a body that is too large
-        self.protocol.write(self._head(status, headers) + (b"" if self.head_only else body))
-        self._finish()
+    relay_paths: frozenset[str]
+    relay: Callable[[Exchange], Coroutine[Any, Any, None]]
+    # When a head is complete: the error that refuses the request before its body, or None.
+    check_head: Callable[[Exchange], GatewayError | None]
+    # One access-log line for a request the connection itself answered (status, method, path or "-").
+    log_rejection: Callable[[Exchange | None, int], None]
+    limits: Limits
+    cap: ConnectionCap
 
-    def start(self, status: int, headers: list[tuple[bytes, bytes]], first: bytes = b"") -> None:
-        """The head of a response whose body follows with write() and ends with end()."""
-        if any(name == b"content-length" for name, _ in headers):
-            self.chunked = False
-        elif self.http_version == "1.1":
-            self.chunked = True
-            headers = [*headers, (b"transfer-encoding", b"chunked")]
-        else:
-            self.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
-        self.protocol.write(self._head(status, headers) + self._frame(first))
 
-    def write(self, chunk: bytes) -> None:
-        if chunk:
-            self.protocol.write(self._frame(chunk))
+class HeadTooLarge(Exception):
+    """Raised from a parser callback: the request line or head is over its limit (414, 431)."""
 
-    def end(self, last: bytes = b"") -> None:
-        data = self._frame(last)
-        self.protocol.write(data + b"0\r\n\r\n" if self.chunked else data)
-        self._finish()
-
-    def abort(self) -> None:
-        """A response that cannot be completed: the client sees the connection drop."""
-        self.keep_alive = False
-        self._finish()
-
-    @property
-    def write_paused(self) -> bool:
-        return self.protocol.write_paused
-
-    async def drain(self) -> None:
-        await self.protocol.drain()
-
-    def _head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        self.head_sent = True
-        if not self.keep_alive or self.protocol.closing:
-            self.keep_alive = False
-            headers = [*headers, (b"connection", b"close")]
-        return b"".join([
-            status_line(status),
-            *[name + b": " + value + b"\r\n" for name, value in self.protocol.default_headers],
-            *[name + b": " + value + b"\r\n" for name, value in headers],
-            b"\r\n",
-        ])
-
-    def _frame(self, chunk: bytes) -> bytes:
-        if not chunk or self.head_only:
-            return b""
-        return b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk
-
-    def _finish(self) -> None:
-        if not self.done:
-            self.done = True
-            self._wake()
-            self.protocol.response_done(self)
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class GatewayProtocol(asyncio.Protocol):
     """uvicorn's `http` protocol class: `http="vllm_gateway.http_protocol:GatewayProtocol"`."""
 
-    def __init__(self, config, server_state, app_state, _loop=None) -> None:
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
-        self.state: GatewayState = find_gateway(self.app).state
-        self.max_body = self.state.settings.max_body_bytes
+        self.hooks: ServerHooks = find_hooks(self.app)
+        self.limits = self.hooks.limits
+        self.max_small_body = self.limits.max_small_body
         self.server_state = server_state
         self.app_state = app_state
-        self.keep_alive_timeout = config.timeout_keep_alive
         self.loop = _loop or asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
+        # -- per connection --
         self.transport: asyncio.Transport | None = None
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
-        self.url = b""
-        self.parsing: Exchange | None = None   # the request whose bytes are arriving
-        self.last: Exchange | None = None      # the newest request
-        self.active: Exchange | None = None    # the request being answered
-        self.queued: deque[Exchange] = deque()
+        self.served = 0
         self.reading_paused = False
+        self.stop_reading = False      # for good: the client broke the protocol, or sent EOF
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.closing = False
-        self.keep_alive_timer: asyncio.TimerHandle | None = None
+        self.client_eof = False
+        self.broken: GatewayError | None = None  # answered once the requests before it are
+        # -- per request --
+        self.url = b""
+        self.head_size = 0
+        self.header_count = 0
+        self.head_fed = 0              # bytes given to the parser while the current head is unfinished
+        self.head_began = False        # a head began during the current feed
+        self.parsing: Exchange | None = None   # the request whose bytes are arriving
+        self.resuming: Exchange | None = None  # see _refuse_upgrade
+        self.active: Exchange | None = None    # the request being answered
+        self.queued: deque[Exchange] = deque()
+        # -- timers --
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.read_phase: str | None = None
+        self.head_deadline: float | None = None
+        self.last_read = 0.0
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.eof_timer: asyncio.TimerHandle | None = None
 
     @property
     def default_headers(self) -> list[tuple[bytes, bytes]]:
-        return self.server_state.default_headers
+        return self.server_state.default_headers  # type: ignore[no-any-return]
 
     # -- asyncio protocol --
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
+        if not self.hooks.cap.admit(len(self.server_state.connections)):
+            transport.abort()
+            return
         self.server_state.connections.add(self)
         self.client = address(transport.get_extra_info("peername"))
         self.server = address(transport.get_extra_info("sockname"))
+        self.head_deadline = self.loop.time() + self.limits.head_timeout
+        self._watch_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.keep_alive_timer is not None:
-            self.keep_alive_timer.cancel()
-            self.keep_alive_timer = None
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # No upgrades are served (nothing here speaks WebSocket): the request is answered as a plain
-            # one, and what follows it is not read.
-            self.pause_reading()
-            if self.parsing is not None:
-                self.on_message_complete()
-            if self.last is not None:
-                self.last.keep_alive = False
-        except httptools.HttpParserError as error:
-            self.bad_request(f"Invalid HTTP request: {error}.")
+        if self.stop_reading:
+            return
+        parsing = self.parsing
+        step = self.limits.max_head_bytes
+        if (parsing is None or not parsing.head_complete) and len(data) > step:
+            # Fed in slices, so that an unfinished head never holds much more than its limit.
+            view = memoryview(data)
+            for start in range(0, len(data), step):
+                if not self._feed(view[start:start + step]):
+                    break
+        else:
+            self._feed(data)
+        self._watch_reading()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        self.stop_reading = True
+        parsing = self.parsing
+        if parsing is not None and not parsing.complete:
+            self.parsing = None
+            parsing.gone()  # a request cut short can never be answered
+        if self.active is None and not self.queued:
+            self.transport.close()
+            return True
+        # What arrived complete is answered, then the connection closes (HTTP/1.1's half-close).
+        self._probe_closed_client()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        if self.keep_alive_timer is not None:
-            self.keep_alive_timer.cancel()
+        for timer in (self.read_timer, self.send_timer, self.eof_timer):
+            if timer is not None:
+                timer.cancel()
         for exchange in (self.active, self.parsing, *self.queued):
             if exchange is not None and not exchange.done:
-                exchange.client_gone = True
-                exchange._wake()
+                exchange.gone()
                 # A relay stops at once, so the backend sees the disconnect and aborts the generation.
                 # FastAPI handlers finish what they started (a key being written, say).
                 if exchange.task is not None and exchange.relay:
@@ -241,76 +218,154 @@ class GatewayProtocol(asyncio.Protocol):
         self.queued.clear()
         self._resume_writers()
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self._resume_writers()
-
     # -- httptools callbacks --
 
     def on_message_begin(self) -> None:
+        self.head_began = True
+        if self.resuming is not None:
+            self.parsing = self.resuming
+            return
         self.url = b""
-        self.parsing = self.last = Exchange(self)
+        self.head_size = 0
+        self.header_count = 0
+        self.parsing = Exchange(self)
 
     def on_url(self, url: bytes) -> None:
+        if self.resuming is not None:
+            return
         self.url += url
+        # The request line is the method, the target and the version, with two spaces.
+        if len(self.url) + len(self.parser.get_method()) + 10 > self.limits.max_request_line:
+            raise HeadTooLarge(errors.request_line_too_long(self.limits.max_request_line))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.resuming is not None:
+            return
+        self.header_count += 1
+        self.head_size += len(name) + len(value) + 4
+        if self.header_count > self.limits.max_headers:
+            raise HeadTooLarge(errors.head_too_large(f"more than {self.limits.max_headers} header lines"))
+        if self.head_size + len(self.url) > self.limits.max_head_bytes:
+            raise HeadTooLarge(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
         name = name.lower()
+        exchange = self.parsing
         if name == b"expect" and value.lower() == b"100-continue":
-            self.parsing.expect_continue = True
-        self.parsing.headers.append((name, value))
+            exchange.expect_continue = True
+        exchange.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
+        if self.resuming is not None:
+            self.resuming = None
+            return  # the replayed head of a refused upgrade: this request is already under way
         parser = self.parser
         exchange.method = parser.get_method().decode("ascii")
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive()
         exchange.head_only = exchange.method == "HEAD"
+        exchange.head_complete = True
+        self.head_deadline = None
         url = httptools.parse_url(self.url)
         exchange.raw_path = url.path
         path = url.path.decode("ascii")
         exchange.path = urllib.parse.unquote(path) if "%" in path else path
         exchange.query_string = url.query or b""
-        if self.active is None:
+        exchange.relay = exchange.method == "POST" and exchange.path in self.hooks.relay_paths
+        if exchange.relay:
+            exchange.body_limit = self.limits.max_body
+        exchange.rejected = self.hooks.check_head(exchange)
+        if self.transport.is_closing():
+            return
+        if self.active is None and not self.queued and not self.write_paused:
             self.begin(exchange)
         else:
             self.queued.append(exchange)
-            if len(self.queued) >= MAX_QUEUED:
-                self.pause_reading()
+            self._update_reading()
 
     def on_body(self, body: bytes) -> None:
-        exchange = self.parsing
-        if exchange.too_large or exchange.done:
-            return  # answered already (413, 401, ...): the rest of the body is read and dropped
-        exchange.body_size += len(body)
-        if exchange.body_size > exchange.body_limit:
-            exchange.too_large = True
-            exchange.body_parts = []
-        else:
-            exchange.body_parts.append(body)
-        exchange._wake()
+        self.parsing.take_body(body)
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
         self.parsing = None
-        exchange.complete = True
-        exchange._wake()
+        exchange.body_complete()
+
+    # -- feeding the parser --
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parse `data`; False when the client broke the protocol and nothing more is to be read."""
+        self.head_began = False
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            return self._refuse_upgrade(data[upgrade.args[0]:])
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, HeadTooLarge):
+                self.fail(cause.error)
+            else:  # a bug in a callback: the client must not hang
+                log.error("error while parsing a request", exc_info=cause)
+                self.fail(errors.bad_request("The request could not be parsed.", code="invalid_http"))
+            return False
+        except httptools.HttpParserError as error:
+            self.fail(errors.bad_request(f"Invalid HTTP request: {error}.", code="invalid_http"))
+            return False
+        parsing = self.parsing
+        if parsing is not None and not parsing.head_complete:
+            # The parser keeps an unfinished header line itself: bound what it may have been given.
+            self.head_fed = len(data) if self.head_began else self.head_fed + len(data)
+            if self.head_fed > 2 * self.limits.max_head_bytes:
+                self.fail(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
+                return False
+        return True
+
+    def _refuse_upgrade(self, rest: bytes | memoryview) -> bool:
+        """llhttp stops at a request that asks for an upgrade (`curl --http2` asks for h2c) and takes
+        all that follows its head, the body included, as another protocol. Nothing here is upgraded,
+        so the request is served as plain HTTP/1.1: a fresh parser reads on, and where the request has
+        a body, a replayed head that frames the same body hands that body to the same request."""
+        exchange = self.parsing if self.parsing is not None else self.last_begun()
+        self.parser = httptools.HttpRequestParser(self)
+        if exchange is not None:
+            framing = [(n, v) for n, v in exchange.headers if n in (b"content-length", b"transfer-encoding")]
+            if framing:
+                exchange.complete = False  # llhttp ended the message at its head
+                self.resuming = exchange
+                replayed = b"".join([b"POST / HTTP/1.1\r\n", *[n + b": " + v + b"\r\n" for n, v in framing], b"\r\n"])
+                if not self._feed(replayed):
+                    return False
+        return self._feed(rest) if len(rest) else True
+
+    def last_begun(self) -> Exchange | None:
+        return self.queued[-1] if self.queued else self.active
 
     # -- answering --
 
     def begin(self, exchange: Exchange) -> None:
         self.active = exchange
-        exchange.relay = exchange.method == "POST" and exchange.path in proxy.PROXIED_PATHS
-        task = self.loop.create_task(proxy.handle(self.state, exchange) if exchange.relay else self.asgi(exchange))
+        if exchange.rejected is not None:
+            self.hooks.log_rejection(exchange, exchange.rejected.status)
+            exchange.respond_error(exchange.rejected)
+            return
+        if self.client_eof:
+            self._probe_closed_client()
+        task = self.loop.create_task(self.hooks.relay(exchange) if exchange.relay else self.serve_app(exchange))
         exchange.task = task
         self.server_state.tasks.add(task)
         task.add_done_callback(self.task_done)
 
-    def task_done(self, task: asyncio.Task) -> None:
+    async def serve_app(self, exchange: Exchange) -> None:
+        try:
+            await exchange.read_body()  # small (max_small_body), so the app is handed it whole
+        except GatewayError as error:
+            self.hooks.log_rejection(exchange, error.status)
+            exchange.respond_error(error)
+            return
+        except ClientDisconnected:
+            return
+        await serve_asgi(self.app, exchange, self.server, self.client, self.app_state)
+
+    def task_done(self, task: asyncio.Task[None]) -> None:
         self.server_state.tasks.discard(task)
         exchange = self.active
         if exchange is None or exchange.task is not task or exchange.done:
@@ -318,31 +373,73 @@ class GatewayProtocol(asyncio.Protocol):
         # A handler that ended without finishing its response (a bug): the client must not hang.
         if not task.cancelled() and task.exception() is not None:
             log.error("unhandled error in %s %s", exchange.method, exchange.path, exc_info=task.exception())
-        if exchange.head_sent:
+        if exchange.head_sent or exchange.client_gone:
             exchange.abort()
         else:
-            exchange.respond(500, [(b"content-type", b"application/json")], errors.GatewayError(
-                500, "The gateway failed on this request; its log has the details.", "server_error").body())
+            exchange.respond_error(GatewayError(
+                500, "The gateway failed on this request; its log has the details.", "server_error"))
 
     def response_done(self, exchange: Exchange) -> None:
         if exchange is not self.active:
             return
         self.active = None
         self.server_state.total_requests += 1
-        transport = self.transport
-        if not exchange.keep_alive or self.closing or transport.is_closing():
-            transport.close()
+        if self.eof_timer is not None:
+            self.eof_timer.cancel()
+            self.eof_timer = None
+        if not exchange.keep_alive or self.closing or self.transport.is_closing():
+            self.transport.close()
+            return
+        self.served += 1
+        self._next()
+
+    def _next(self) -> None:
+        """After an answer, or once the client reads again: the next request, the error, or the end."""
+        if self.active is not None or self.write_paused or self.transport.is_closing():
             return
         if self.queued:
             self.begin(self.queued.popleft())
-            if self.reading_paused and len(self.queued) < MAX_QUEUED:
-                self.resume_reading()
-        elif exchange.complete:
-            self.keep_alive_timer = self.loop.call_later(self.keep_alive_timeout, self.close_idle)
+            self._update_reading()
+        elif self.broken is not None:
+            self.hooks.log_rejection(None, self.broken.status)
+            self.transport.write(error_response(self.broken))
+            self.transport.close()
+        elif self.client_eof:
+            self.transport.close()
+        else:
+            self._watch_reading()
+
+    def fail(self, error: GatewayError) -> None:
+        """The client broke the protocol (or its limits): what it sent before is answered, then this
+        error, and the connection closes. A request whose body was arriving gets the error itself."""
+        self.stop_reading = True
+        self._update_reading()
+        parsing, self.parsing = self.parsing, None
+        if parsing is not None and parsing.head_complete:
+            parsing.fail(error)
+        elif self.broken is None:
+            self.broken = error
+        self._next()
+
+    # -- flow control --
 
     def write(self, data: bytes) -> None:
         if not self.transport.is_closing():
             self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+        self._resume_writers()
+        self._update_reading()
+        self._next()
 
     async def drain(self) -> None:
         while self.write_paused and not self.transport.is_closing():
@@ -353,97 +450,125 @@ class GatewayProtocol(asyncio.Protocol):
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
-    def pause_reading(self) -> None:
-        if not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+    def _update_reading(self) -> None:
+        """Read while answers leave as fast as they are made and few requests wait (each answer could
+        otherwise pile up in memory for a client that sends but never reads)."""
+        pause = self.stop_reading or self.write_paused or len(self.queued) >= MAX_QUEUED
+        if pause != self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+            self._watch_reading()
 
-    def resume_reading(self) -> None:
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
+    # -- timeouts and shutdown --
 
-    def bad_request(self, message: str) -> None:
-        if self.active is None:  # else the answer being written would be interleaved with this one
-            body = errors.bad_request(message, code="invalid_http").body()
-            self.write(b"".join([status_line(400), b"content-type: application/json\r\n",
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body), body]))
-        self.transport.close()
+    def _watch_reading(self) -> None:
+        """Arm the read timer for what the connection waits for now: a first head (from the connection's
+        start), the next request (keep-alive), the rest of a head, or the next piece of a body."""
+        parsing = self.parsing
+        if parsing is None:
+            phase = IDLE if self.active is None and not self.queued and not self.stop_reading else None
+        elif self.reading_paused:
+            # Not reading is the gateway's choice (answers wait to be read): the client is not slow.
+            phase = None
+            self.head_deadline = None
+        elif not parsing.head_complete:
+            phase = HEAD
+        else:
+            phase = BODY if parsing.rejected is None and not parsing.done else None
+        if phase is self.read_phase:
+            if phase is BODY:
+                self.last_read = self.loop.time()
+            return
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+        self.read_phase = phase
+        if phase is None:
+            return
+        now = self.loop.time()
+        if phase is BODY:
+            self.last_read = now
+            self.read_timer = self.loop.call_at(now + self.limits.body_timeout, self._read_timed_out)
+            return
+        if phase is IDLE and self.served:
+            self.read_timer = self.loop.call_at(now + self.limits.keepalive_timeout, self._read_timed_out)
+            return
+        if self.head_deadline is None:
+            self.head_deadline = now + self.limits.head_timeout
+        self.read_timer = self.loop.call_at(self.head_deadline, self._read_timed_out)
 
-    def close_idle(self) -> None:
-        if self.active is None and not self.transport.is_closing():
-            self.transport.close()
+    def _read_timed_out(self) -> None:
+        self.read_timer = None
+        phase = self.read_phase
+        if phase is BODY:
+            waited = self.loop.time() - self.last_read
+            if waited < self.limits.body_timeout:
+                self.read_timer = self.loop.call_later(self.limits.body_timeout - waited, self._read_timed_out)
+                return
+        self.read_phase = None
+        if phase is IDLE:
+            self.transport.close()  # nothing of a request arrived: nothing to answer
+        elif phase is HEAD:
+            self.fail(errors.request_timeout("request head", self.limits.head_timeout))
+        elif phase is BODY:
+            self.fail(errors.request_timeout("request body", self.limits.body_timeout))
+
+    def _send_timed_out(self) -> None:
+        # The client left its answer unread: drop it, which also ends a relay and with it the
+        # generation upstream (a stream's vLLM sequence is freed).
+        self.send_timer = None
+        log.info("dropped a client that left its answer unread for %g s", self.limits.send_timeout)
+        self.transport.abort()
+
+    def _probe_closed_client(self) -> None:
+        """A client's EOF may be a half-close (it still reads) or a close (it is gone). An interim
+        `100 Continue`, which every HTTP/1.1 client skips, tells them apart: a closed socket answers
+        it with a reset, and then the request is dropped (a relay's generation aborted) at once."""
+        if self.eof_timer is None:
+            self.eof_timer = self.loop.call_later(EOF_PROBE_SECONDS, self._probe)
+
+    def _probe(self) -> None:
+        self.eof_timer = None
+        active = self.active
+        if active is None or active.head_sent or active.http_version != "1.1" or self.transport.is_closing():
+            return  # answered already, or about to be: the answer itself is the probe
+        self.write(CONTINUE)
+        self.eof_timer = self.loop.call_later(EOF_CHECK_FIRST_SECONDS, self._check_closed_client)
+
+    def _check_closed_client(self) -> None:
+        self.eof_timer = None
+        active = self.active
+        if active is None or active.head_sent or self.transport.is_closing():
+            return
+        sock = self.transport.get_extra_info("socket")
+        try:
+            reset = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+                     or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE)
+        except (OSError, AttributeError):
+            return  # not a TCP socket here: the next write will tell
+        if reset:
+            self.transport.abort()
+        else:
+            self.eof_timer = self.loop.call_later(EOF_CHECK_SECONDS, self._check_closed_client)
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
-        if self.active is None:
+        if self.active is None and self.transport is not None:
             self.transport.close()
 
-    # -- everything that is not a relay: FastAPI through ASGI --
 
-    async def asgi(self, exchange: Exchange) -> None:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": exchange.http_version,
-            "server": self.server,
-            "client": self.client,
-            "scheme": "http",
-            "method": exchange.method,
-            "root_path": "",
-            "path": exchange.path,
-            "raw_path": exchange.raw_path,
-            "query_string": exchange.query_string,
-            "headers": exchange.headers,
-            "state": self.app_state.copy(),
-        }
-        body_sent = False
-        response: dict = {}
-
-        async def receive() -> dict:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                try:
-                    return {"type": "http.request", "body": await exchange.read_body(), "more_body": False}
-                except ClientDisconnected:
-                    return {"type": "http.disconnect"}
-            while not exchange.client_gone and not exchange.done:
-                exchange.body_waiter = self.loop.create_future()
-                await exchange.body_waiter
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            if exchange.done:
-                return
-            if message["type"] == "http.response.start":
-                response.update(message)
-                return
-            body, more = message.get("body", b""), message.get("more_body", False)
-            headers = list(response.get("headers", []))
-            if not exchange.head_sent:
-                if more:
-                    exchange.start(response["status"], headers, body)
-                else:
-                    exchange.respond(response["status"], headers, body)
-            elif more:
-                exchange.write(body)
-                await exchange.drain()
-            else:
-                exchange.end(body)
-
-        await self.app(scope, receive, send)  # an error, or no complete response: task_done answers
-
-
-def find_gateway(app):
-    """The gateway's own ASGI app, under any middleware uvicorn wrapped it in."""
-    while app is not None and not isinstance(getattr(app, "state", None), GatewayState):
+def find_hooks(app: Any) -> ServerHooks:
+    """The gateway's hooks, from its ASGI app under any middleware uvicorn wrapped it in."""
+    while app is not None and not isinstance(getattr(app, "hooks", None), ServerHooks):
         app = getattr(app, "app", None)
     if app is None:
         raise RuntimeError("the http protocol serves only the gateway's app (vllm_gateway.app.create_app)")
-    return app
+    return app.hooks  # type: ignore[no-any-return]
 
 
-def address(value) -> tuple[str, int] | None:
+def address(value: object) -> tuple[str, int] | None:
     return (str(value[0]), int(value[1])) if isinstance(value, tuple) and len(value) >= 2 else None

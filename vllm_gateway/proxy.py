@@ -1,8 +1,9 @@
 """The request path for every model-addressed endpoint, top to bottom:
-authenticate, read the body, find the model, rate-limit, pick a backend, relay, log.
+rate-limit the key (checked with the head, access.py), read the body, find the model, pick a backend,
+relay, log.
 
 It runs for every request and every token, so it talks to the client's connection directly
-(http_protocol.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
+(http_exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
 never parsed or re-serialised, and a whole answer leaves in one write with its head.
 """
 
@@ -13,13 +14,12 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 from . import errors
-from .access_log import clean
+from .access_log import key_label
 from .errors import GatewayError
-from .keystore import KeyRecord
+from .http_exchange import Exchange
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
@@ -32,9 +32,6 @@ from .upstream import (
     request_headers,
     response_headers,
 )
-
-if TYPE_CHECKING:
-    from .http_protocol import Exchange
 
 PROXIED_PATHS = frozenset(
     {
@@ -90,7 +87,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        send_error(exchange, error, outcome.headers + error.headers)
+        send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
     except UpstreamError as error:
@@ -112,13 +109,15 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
 
 
 async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: bytes, outcome: Outcome) -> None:
-    # 1. Who is asking.
-    key = authenticate(state, headers, exchange.query_string)
-    outcome.key = f"{key.id}({clean(key.name)})"
+    # 1. Who is asking: the key was checked with the head (access.check_head), before any body.
+    key = exchange.key
+    assert key is not None
+    outcome.key = key_label(key.id, key.name)
 
-    # 2. The whole body, within the size limit, and the model it names.
-    if exchange.declared_too_large():
-        raise errors.body_too_large(exchange.body_limit)
+    # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
+    outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+
+    # 3. The whole body, within the size limit, and the model it names.
     body = await exchange.read_body()
     model_name = model_from_body(body, headers.get(b"content-type", b""))
     outcome.model = model_name
@@ -126,12 +125,11 @@ async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: by
     if model is None or not key.may_use(model.name):
         raise errors.model_not_found(model_name)
 
-    # 3. Limits: this key's rate, then the gateway's concurrency.
-    outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    # 4. The gateway's concurrency.
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
 
-    # 4. Relay. When the client goes away, its connection cancels this task, and the upstream
+    # 5. Relay. When the client goes away, its connection cancels this task, and the upstream
     # connection is closed on the way out, which is how vLLM learns to abort the generation.
     state.in_flight += 1
     try:
@@ -139,21 +137,6 @@ async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: by
         await relay(state, exchange, upstream_headers, body, model, outcome)
     finally:
         state.in_flight -= 1
-
-
-def authenticate(state: GatewayState, headers, query_string: bytes) -> KeyRecord:
-    secret = ""
-    authorization = headers.get(b"authorization", b"")
-    if authorization[:7].lower() == b"bearer ":
-        secret = authorization[7:].strip().decode("latin-1")
-    elif b"api_key=" in query_string:
-        secret = dict(parse_qsl(query_string.decode("latin-1"))).get("api_key", "")
-    record = state.keys.authenticate(secret) if secret else None
-    if record is None:
-        raise errors.invalid_api_key()
-    if record.disabled:
-        raise errors.key_disabled()
-    return record
 
 
 async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body: bytes, model: Model,
@@ -256,4 +239,4 @@ def send_error(exchange: Exchange, error: GatewayError, headers: list[tuple[byte
     if exchange.head_sent:
         exchange.abort()  # the client already has a status: only a dropped connection can say this one
     else:
-        exchange.respond(error.status, [(b"content-type", b"application/json"), *headers], error.body())
+        exchange.respond_error(error, headers)

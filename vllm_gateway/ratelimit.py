@@ -43,11 +43,12 @@ class LocalWindows:
 
 
 class RateLimiter:
-    def __init__(self, default_limit: str, storage_uri: str) -> None:
+    def __init__(self, default_limit: str, storage_uri: str, local: bool) -> None:
+        """`local`: count in this process (the storage is memory, whatever its spelling)."""
         self.default_limit = default_limit
         self.local: LocalWindows | None = None
         self.shared: FixedWindowRateLimiter | None = None
-        if storage_uri.startswith("memory://"):
+        if local:
             self.local = LocalWindows()
         else:
             if storage_uri.startswith(("redis://", "rediss://", "unix://")):

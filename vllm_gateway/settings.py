@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,7 +29,26 @@ class Settings(BaseSettings):
     concurrency_limit: int = Field(100, ge=1)
     keepalive_timeout: int = Field(300, ge=1)
     loop: Literal["uvloop", "asyncio", "auto"] = "uvloop"
+
+    # -- what one client may send and leave unread (nginx's default beside each) --
+    # nginx client_header_timeout 60 s; 30 s is ample for a head, which is one packet in practice.
+    head_timeout: float = Field(30.0, gt=0)
+    # nginx client_body_timeout 60 s: the longest pause between two reads of a body.
+    body_timeout: float = Field(60.0, gt=0)
+    # nginx send_timeout 60 s: the longest a client may leave its answer unread. A stream whose
+    # client stopped reading holds one of the model's few sequences until then.
+    send_timeout: float = Field(60.0, gt=0)
+    # nginx large_client_header_buffers 4 8k: a request line over 8 KiB is a 414.
+    max_request_line_bytes: int = Field(8 * 1024, ge=256)
+    # nginx's whole head fits in 4 x 8 KiB buffers; vLLM clients send a few hundred bytes.
+    max_head_bytes: int = Field(64 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+    # nginx client_max_body_size 1m; vLLM takes long prompts and base64 images, so 32 MiB.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Endpoints that are not relayed (admin, health, models) take small bodies only.
+    max_admin_body_bytes: int = Field(64 * 1024, ge=1024)
+    # None: derived at start from the file-descriptor limit (see limits.py).
+    max_connections: int | None = Field(None, ge=1)
 
     # -- upstream vLLM servers --
     model_config_file: Path = Field(
@@ -65,8 +85,14 @@ class Settings(BaseSettings):
         return self.log_dir / self.log_file_name
 
     @property
+    def rate_limit_scheme(self) -> str:
+        """The storage's scheme as `limits` reads it: `async+memory://` and `MEMORY://` are memory too."""
+        scheme = urlsplit(self.rate_limit_storage).scheme.lower()
+        return scheme.removeprefix("async+")
+
+    @property
     def shares_rate_limit_store(self) -> bool:
-        return not self.rate_limit_storage.startswith("memory://")
+        return self.rate_limit_scheme != "memory"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -1,0 +1,71 @@
+"""Everything that is not a relay goes to the FastAPI application through this small ASGI bridge:
+one exchange becomes one ASGI `http` scope, its body one `http.request` message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .http_exchange import Exchange
+from .request_body import ClientDisconnected
+
+Scope = dict[str, Any]
+
+
+async def serve_asgi(app: Any, exchange: Exchange, server: tuple[str, int] | None, client: tuple[str, int] | None,
+                     app_state: dict[str, Any]) -> None:
+    """Run `app` for this exchange; an error, or no complete response, is answered by the connection."""
+    state = app_state.copy()
+    if exchange.key is not None:
+        state["key"] = exchange.key  # checked when the head arrived (access.check_head)
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": exchange.http_version,
+        "server": server,
+        "client": client,
+        "scheme": "http",
+        "method": exchange.method,
+        "root_path": "",
+        "path": exchange.path,
+        "raw_path": exchange.raw_path,
+        "query_string": exchange.query_string,
+        "headers": exchange.headers,
+        "state": state,
+    }
+    body_sent = False
+    response: dict[str, Any] = {}
+    loop = exchange.protocol.loop
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            try:
+                return {"type": "http.request", "body": await exchange.read_body(), "more_body": False}
+            except ClientDisconnected:
+                return {"type": "http.disconnect"}
+        while not exchange.client_gone and not exchange.done:
+            exchange.body_waiter = loop.create_future()
+            await exchange.body_waiter
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if exchange.done:
+            return
+        if message["type"] == "http.response.start":
+            response.update(message)
+            return
+        body, more = message.get("body", b""), message.get("more_body", False)
+        headers = list(response.get("headers", []))
+        if not exchange.head_sent:
+            if more:
+                exchange.start(response["status"], headers, body)
+            else:
+                exchange.respond(response["status"], headers, body)
+        elif more:
+            exchange.write(body)
+            await exchange.drain()
+        else:
+            exchange.end(body)
+
+    await app(scope, receive, send)
