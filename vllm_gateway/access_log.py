@@ -18,12 +18,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 from .settings import Settings
 
 EVENT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 FLUSH_SECONDS = 0.05
 SAFE_VALUE = re.compile(r"[!#-<>-\[\]-~]{1,200}")  # printable ASCII but space, quote, = and backslash
+# A value that may hide a key: one of the key's shape, or percent-encoding that could spell one.
+MAYBE_KEY = re.compile(r"sk-|%", re.I)
+KEY_SHAPED = re.compile(r"sk-[A-Za-z0-9_\-]{6,}", re.I)
+PERCENT_DECODE_ROUNDS = 3  # a key encoded twice over is still found; more rounds decode nothing new
 
 class LogWriter(threading.Thread):
     """Owns the log file: appends queued lines, rotates at max_bytes keeping `backups` old files."""
@@ -57,7 +62,7 @@ class LogWriter(threading.Thread):
     ) -> None:
         """One request line. `path` must not carry the query string: it may hold an api_key."""
         line = (
-            f"{self._timestamp()} INFO access rid={request_id} {method} {clean(path)} status={status} "
+            f"{self._timestamp()} INFO access rid={clean(request_id)} {method} {clean(path)} status={status} "
             f"duration_ms={duration * 1000:.1f} key={key} model={clean(model)} backend={clean(backend)}"
         )
         if prompt_tokens is not None or completion_tokens is not None:
@@ -173,9 +178,23 @@ def key_label(key_id: str, name: str) -> str:
     return f"{key_id}({clean(name)})"
 
 
+def without_keys(text: str) -> str:
+    """`text`, percent-decoded, with anything of a key's shape masked: a client may put its key in a
+    path, a model name or a request id, and no key may reach a log line in any encoding."""
+    if not MAYBE_KEY.search(text):
+        return text
+    for _ in range(PERCENT_DECODE_ROUNDS):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return KEY_SHAPED.sub("sk-***", text)
+
+
 def clean(value: object) -> str:
-    """A log-safe value: no spaces, quotes or control characters an attacker could use to forge lines."""
-    text = str(value)
+    """A log-safe value: no key, and no spaces, quotes or control characters an attacker could use to
+    forge lines."""
+    text = without_keys(str(value))
     if SAFE_VALUE.fullmatch(text):
         return text
     return '"' + text[:200].encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'

@@ -131,7 +131,7 @@ async def watch_key_file(state: GatewayState) -> None:
             reported = None
         except KeyFileError as error:
             if str(error) != reported:
-                log.error("%s; still using the last good copy", error)
+                log.error("%s", error)
                 reported = str(error)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import httptools
 
 from . import errors
+from .access_log import clean
 from .asgi_bridge import serve_asgi
 from .errors import GatewayError
 from .http_exchange import CONTINUE, Exchange, error_response
@@ -372,7 +373,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         # A handler that ended without finishing its response (a bug): the client must not hang.
         if not task.cancelled() and task.exception() is not None:
-            log.error("unhandled error in %s %s", exchange.method, exchange.path, exc_info=task.exception())
+            log.error("unhandled error in %s %s", exchange.method, clean(exchange.path), exc_info=task.exception())
         if exchange.head_sent or exchange.client_gone:
             exchange.abort()
         else:

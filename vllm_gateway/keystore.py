@@ -101,6 +101,7 @@ class KeyStore:
         self._by_hash: dict[str, KeyRecord] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._used: dict[str, float] = {}
+        self._had_file = False  # once a file was read or written here, its absence is an error
 
     # -- reading --
 
@@ -111,13 +112,24 @@ class KeyStore:
         self._stamp = stamp
 
     def refresh_if_changed(self) -> bool:
-        """Reload when another process changed the file; raises KeyFileError on a bad file."""
+        """Reload when another process changed the file; raises KeyFileError on a bad file.
+
+        A key file that vanishes revokes every key, as a restart would: what is not in the file does
+        not authenticate. It is never written back from memory; `keys init` or a backup restores it."""
         stamp = self._current_stamp()
         if stamp == self._stamp:
             return False
-        if stamp is not None:
-            self._install(self._read())
         self._stamp = stamp
+        if stamp is None:
+            self._install(KeyFile())
+            raise KeyFileError(
+                f"key file {self.path} is missing: every key is refused until it is restored from a backup "
+                "or `python vllm_api_server.py keys init` creates a new admin key"
+            )
+        try:
+            self._install(self._read())
+        except KeyFileError as error:
+            raise KeyFileError(f"{error}; still using the last good copy") from None
         return True
 
     def authenticate(self, secret: str) -> KeyRecord | None:
@@ -186,8 +198,8 @@ class KeyStore:
 
     def flush_usage(self) -> None:
         """Write last-used times gathered in memory to the file (merged with other workers')."""
-        if not self._used:
-            return
+        if not self._used or not self.path.exists():
+            return  # a vanished file is not recreated just to record when keys were used
         used, self._used = self._used, {}
 
         def merge(keys: list[KeyRecord]) -> None:
@@ -205,7 +217,9 @@ class KeyStore:
 
     def _change(self, mutate: Callable[[list[KeyRecord]], None]) -> None:
         with self._locked():
-            current = self._read() if self.path.exists() else KeyFile(keys=list(self._records.values()))
+            if not self.path.exists() and self._had_file:
+                raise KeyFileError(f"key file {self.path} is missing; restore it or run `keys init` first")
+            current = self._read() if self.path.exists() else KeyFile()
             keys = list(current.keys)
             had_admin = any(k.admin and not k.disabled for k in keys)
             mutate(keys)
@@ -216,6 +230,7 @@ class KeyStore:
     def _save(self, content: KeyFile) -> None:
         """Write `content` to disk and make it the keys in force; the caller holds the lock."""
         self._write(content)
+        self._had_file = True
         self._install(content)
         self._stamp = self._current_stamp()
 
@@ -224,6 +239,7 @@ class KeyStore:
             raw = self.path.read_bytes()
         except OSError as error:
             raise KeyFileError(f"cannot read key file {self.path}: {error.strerror}") from error
+        self._had_file = True
         try:
             return KeyFile.model_validate_json(raw)
         except ValidationError as error:

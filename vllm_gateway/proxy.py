@@ -54,6 +54,7 @@ PROXIED_PATHS = frozenset(
 )
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -80,7 +81,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
     started = time.perf_counter()
     headers = dict(exchange.headers)
     request_id = headers.get(b"x-request-id", b"")
-    if not REQUEST_ID.fullmatch(request_id):
+    # The id goes to vLLM and into both logs: one of a key's shape is replaced like a malformed one.
+    if not REQUEST_ID.fullmatch(request_id) or KEY_SHAPED_ID.search(request_id):
         request_id = new_request_id()
     outcome = Outcome(headers=[(b"x-request-id", request_id)])
     try:
