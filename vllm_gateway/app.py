@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             with contextlib.suppress(KeyFileError, OSError):
                 await asyncio.to_thread(state.keys.flush_usage)
             state.upstream.close()
+            state.body_parser.close()
             probes.close()
             state.log.stop()
 

@@ -19,13 +19,22 @@ class ClientDisconnected(Exception):
 def model_from_body(body: bytes, content_type: bytes) -> str:
     if content_type.startswith(b"multipart/form-data"):
         return model_from_multipart(body, content_type)
+    model, problem = json_model(body)
+    if problem is not None:
+        raise errors.bad_request(problem, code="invalid_json")
+    return require_model(model)
+
+
+def json_model(body: bytes) -> tuple[object, str | None]:
+    """The `model` of a JSON body, or why the body is not a JSON object. Plain values, not errors, so
+    that it can run in a helper process (body_parser.py) and send its answer back."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise errors.bad_request(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+        return None, f"The request body is not valid JSON: {error}"
     if not isinstance(payload, dict):
-        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
-    return require_model(payload.get("model"))
+        return None, "The request body must be a JSON object."
+    return payload.get("model"), None
 
 
 def model_from_multipart(body: bytes, content_type: bytes) -> str:

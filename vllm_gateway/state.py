@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .access_log import LogWriter
+from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
 from .ratelimit import RateLimiter
@@ -24,4 +25,5 @@ class GatewayState:
     health: HealthChecker | None = None
     log: LogWriter | None = None
     in_flight: int = 0
+    body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)
