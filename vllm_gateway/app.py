@@ -174,6 +174,10 @@ def create_app(settings: Settings | None = None) -> Gateway:
     return Gateway(state, api)
 
 
+# OpenAI's errors always carry a code; Starlette's own (a wrong method, a body it cannot parse) get one here.
+HTTP_ERROR_CODES = {400: "invalid_request", 405: "method_not_allowed", 413: "body_too_large"}
+
+
 def add_error_handlers(api: FastAPI) -> None:
     def respond(error: GatewayError) -> JSONResponse:
         return JSONResponse(error.body_dict(), status_code=error.status, headers={
@@ -194,4 +198,5 @@ def add_error_handlers(api: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         if error.status_code == 404:
             return respond(errors.not_found("No such endpoint. See the README for the gateway's endpoints."))
-        return respond(GatewayError(error.status_code, str(error.detail), "invalid_request_error"))
+        code = HTTP_ERROR_CODES.get(error.status_code, "invalid_request")
+        return respond(GatewayError(error.status_code, str(error.detail), "invalid_request_error", code))

@@ -105,8 +105,8 @@ class ServerHooks:
     cap: ConnectionCap
 
 
-class HeadTooLarge(Exception):
-    """Raised from a parser callback: the request line or head is over its limit (414, 431)."""
+class BadHead(Exception):
+    """Raised from a parser callback: the head is over a limit (414, 431) or cannot be served (400)."""
 
     def __init__(self, error: GatewayError) -> None:
         super().__init__(error.message)
@@ -237,7 +237,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.url += url
         # The request line is the method, the target and the version, with two spaces.
         if len(self.url) + len(self.parser.get_method()) + 10 > self.limits.max_request_line:
-            raise HeadTooLarge(errors.request_line_too_long(self.limits.max_request_line))
+            raise BadHead(errors.request_line_too_long(self.limits.max_request_line))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.resuming is not None:
@@ -245,9 +245,9 @@ class GatewayProtocol(asyncio.Protocol):
         self.header_count += 1
         self.head_size += len(name) + len(value) + 4
         if self.header_count > self.limits.max_headers:
-            raise HeadTooLarge(errors.head_too_large(f"more than {self.limits.max_headers} header lines"))
+            raise BadHead(errors.head_too_large(f"more than {self.limits.max_headers} header lines"))
         if self.head_size + len(self.url) > self.limits.max_head_bytes:
-            raise HeadTooLarge(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
+            raise BadHead(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
         name = name.lower()
         exchange = self.parsing
         if name == b"expect" and value.lower() == b"100-continue":
@@ -260,13 +260,16 @@ class GatewayProtocol(asyncio.Protocol):
             self.resuming = None
             return  # the replayed head of a refused upgrade: this request is already under way
         parser = self.parser
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            raise BadHead(errors.bad_request("The request target is not a path.", code="invalid_http")) from None
         exchange.method = parser.get_method().decode("ascii")
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive()
         exchange.head_only = exchange.method == "HEAD"
         exchange.head_complete = True
         self.head_deadline = None
-        url = httptools.parse_url(self.url)
         exchange.raw_path = url.path
         path = url.path.decode("ascii")
         exchange.path = urllib.parse.unquote(path) if "%" in path else path
@@ -302,7 +305,7 @@ class GatewayProtocol(asyncio.Protocol):
             return self._refuse_upgrade(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
-            if isinstance(cause, HeadTooLarge):
+            if isinstance(cause, BadHead):
                 self.fail(cause.error)
             else:  # a bug in a callback: the client must not hang
                 log.error("error while parsing a request", exc_info=cause)
@@ -416,7 +419,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.stop_reading = True
         self._update_reading()
         parsing, self.parsing = self.parsing, None
-        if parsing is not None and parsing.head_complete:
+        if parsing is not None and (parsing is self.active or parsing in self.queued):
             parsing.fail(error)
         elif self.broken is None:
             self.broken = error
