@@ -138,10 +138,17 @@ class SlowReader(Reader):
 
 
 def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str], bytes] | None:
-    """The next response, or None if none arrives within `timeout` or the connection closes first."""
+    """The next final response, or None if none arrives within `timeout` or the connection closes first.
+
+    Interim responses (`100 Continue`) are skipped, as every HTTP/1.1 client skips them: the gateway
+    may send one to probe a client that half-closed.
+    """
     reader.sock.settimeout(timeout)
     try:
-        return reader.response()
+        while True:
+            response = reader.response()
+            if not 100 <= response[0] < 200:
+                return response
     except (TimeoutError, socket.timeout, EOFError, ConnectionResetError):
         return None
     finally:
