@@ -31,7 +31,7 @@ TEN_BYTES = b'{"name": "'
 WRONG_KEY = "sk-" + "x" * 43
 # How long a refusal on the head may take: it needs no body, so it comes at once; this is only the
 # bound after which the test gives up rather than hang.
-AT_ONCE = 5.0
+AT_ONCE = 3.0
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def test_two_workers_with_an_in_memory_rate_limit_store_refuse_to_start(tmp_path
                            env=env, log_path=tmp_path / "serve.log")
     try:
         try:
-            handle.popen.wait(timeout=15)
+            handle.popen.wait(timeout=10)  # refusing takes a second or two
         except subprocess.TimeoutExpired:
             pytest.fail(f"started 2 workers with GATEWAY_RATE_LIMIT_STORAGE={storage}; log:\n{handle.log_tail(8)}")
     finally:
