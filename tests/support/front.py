@@ -1,0 +1,202 @@
+"""Helpers for the tests of the gateway's HTTP front (tests/test_front_*.py): raw sockets that never
+wait without a bound, what a process holds in memory (/proc/PID/status) and whether it is busy.
+
+    sock, reader = connect(gw)                     # every recv on it times out after 10 s
+    sock.sendall(request(b"GET", "/health"))
+    status, headers, body = reader.response()
+    assert_rejected((status, headers, body), 408, "request_timeout")
+    assert closed_without_bytes(sock, timeout=5)
+    rss_kib(gw.handle.pid); wait_until_idle(gw.handle.pid)
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from pathlib import Path
+
+from tests.support.gateway import Gateway, Reader
+
+# How long any single wait on a socket may take before the test fails instead of hanging.
+LIVENESS = 10.0
+
+
+def connect(gateway: Gateway, timeout: float = LIVENESS, rcvbuf: int | None = None) -> tuple[socket.socket, Reader]:
+    """A TCP connection to the gateway whose every recv and send gives up after `timeout`.
+
+    `rcvbuf` sets SO_RCVBUF before connecting (so the TCP window is small from the start).
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", gateway.port))
+    return sock, Reader(sock)
+
+
+def request(method: bytes | str, path: str, key: str | None = None, headers: str = "",
+            body: bytes = b"", content_length: int | None = None) -> bytes:
+    """The bytes of one HTTP/1.1 request; `content_length` may declare more than `body` holds."""
+    method = method.decode() if isinstance(method, bytes) else method
+    lines = [f"{method} {path} HTTP/1.1", "Host: gw"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    if body or content_length is not None:
+        lines.append("Content-Type: application/json")
+        lines.append(f"Content-Length: {len(body) if content_length is None else content_length}")
+    head = "\r\n".join(lines) + "\r\n" + headers + "\r\n"
+    return head.encode("latin-1") + body
+
+
+def send_all(sock: socket.socket, data: bytes) -> bool:
+    """sendall, reporting False (not raising) when the gateway has closed or reset the connection."""
+    try:
+        sock.sendall(data)
+        return True
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        return False
+
+
+def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    """Whether the gateway has sent something (or closed) within `timeout`."""
+    ready, _, _ = select.select([sock], [], [], timeout)
+    return bool(ready)
+
+
+def read_to_eof(sock: socket.socket, timeout: float = LIVENESS, already: bytes = b"") -> bytes:
+    """Every byte until the gateway closes (a reset counts as a close). Fails if it stays open."""
+    data = bytearray(already)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"the connection was still open after {timeout} s "
+                                 f"({len(data)} bytes received: {bytes(data[:200])!r})")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            continue
+        except (ConnectionResetError, ConnectionAbortedError):
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def closed_without_bytes(sock: socket.socket, timeout: float) -> bytes:
+    """Waits for the gateway to close; returns what it sent first (b"" when it just closed)."""
+    return read_to_eof(sock, timeout)
+
+
+def still_open(sock: socket.socket, seconds: float) -> bool:
+    """True when, for `seconds`, the gateway neither sent anything nor closed the connection."""
+    return not readable(sock, seconds)
+
+
+def error_of(body: bytes) -> dict[str, object]:
+    """The `error` object of an OpenAI-shaped error body (and a check of its shape)."""
+    payload = json.loads(body)
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"}, payload
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def assert_rejected(response: tuple[int, dict[str, str], bytes], status: int, code: str,
+                    error_type: str | None = None) -> dict[str, object]:
+    """A rejection as the spec shapes it: status, JSON error with this code, its length, connection: close."""
+    got_status, headers, body = response
+    assert got_status == status, (got_status, body[:300])
+    assert headers.get("content-type", "").startswith("application/json"), headers
+    assert headers.get("content-length") == str(len(body)), headers
+    assert headers.get("connection", "").lower() == "close", headers
+    error = error_of(body)
+    assert error["code"] == code, error
+    if error_type is not None:
+        assert error["type"] == error_type, error
+    return error
+
+
+class SlowReader(Reader):
+    """A Reader that takes `size` bytes at a time and pauses `pause` seconds after each read."""
+
+    def __init__(self, sock: socket.socket, size: int, pause: float) -> None:
+        super().__init__(sock)
+        self.size = size
+        self.pause = pause
+        self.received = 0
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(self.size)
+        self.buffer += data
+        self.received += len(data)
+        time.sleep(self.pause)
+        return bool(data)
+
+
+def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str], bytes] | None:
+    """The next final response, or None if none arrives within `timeout` or the connection closes first.
+
+    Interim responses (`100 Continue`) are skipped, as every HTTP/1.1 client skips them: the gateway
+    may send one to probe a client that half-closed.
+    """
+    reader.sock.settimeout(timeout)
+    try:
+        while True:
+            response = reader.response()
+            if not 100 <= response[0] < 200:
+                return response
+    except (TimeoutError, socket.timeout, EOFError, ConnectionResetError):
+        return None
+    finally:
+        reader.sock.settimeout(LIVENESS)
+
+
+# -- the gateway process --
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (VmRSS in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def cpu_ticks(pid: int) -> int:
+    """User plus system CPU time a process has used so far, in clock ticks."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
+
+
+def wait_until_idle(pid: int, quiet: float = 0.6, timeout: float = 30.0, fail: bool = True) -> bool:
+    """Wait until the process has used (almost) no CPU for `quiet` seconds: it has done what it will do.
+
+    Used before measuring memory, so that a gateway still working through a backlog is measured at
+    the end of it, not in the middle. Past `timeout`, fails the test, or with `fail=False` returns False
+    (for a measurement that is meaningful even while the process is still busy).
+    """
+    deadline = time.monotonic() + timeout
+    last = cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = cpu_ticks(pid)
+        if now - last <= 2:  # at 100 ticks/s: a health check or a log flush, not a backlog
+            return True
+        last = now
+    if fail:
+        raise AssertionError(f"process {pid} was still busy after {timeout} s")
+    return False
+
+
+def max_rss_while(pid: int, seconds: float, interval: float = 0.05) -> int:
+    """The highest RSS (KiB) seen while sampling for `seconds`."""
+    deadline = time.monotonic() + seconds
+    peak = rss_kib(pid)
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        peak = max(peak, rss_kib(pid))
+    return peak

@@ -1,0 +1,135 @@
+"""Answers the gateway owes and must not lose (spec: "No lost answers"): a complete request followed
+by garbage, a client that half-closes after its requests, the `curl --http2` upgrade POST; and yet a
+client that closes altogether is noticed and its generation aborted upstream."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.support.front import (
+    LIVENESS,
+    assert_rejected,
+    connect,
+    read_to_eof,
+    response_or_none,
+)
+from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.processes import Simulator, wait_until
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
+CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+STREAM = {**CHAT, "max_tokens": 5, "stream": True}
+GARBAGE = b"\x00\x01garbage\r\n\r\n"
+H2C_UPGRADE = ("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+               "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+
+
+@pytest.fixture(scope="module")
+def slow_simulator(tmp_path_factory):
+    with Simulator.start(tmp_path_factory.mktemp("slow-sim"), "--token-rate", "5", model="slow") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, simulator, slow_simulator):
+    backends = [Backend("sim", simulator.base_url), Backend("slow", slow_simulator.base_url)]
+    with Gateway.start(tmp_path_factory.mktemp("gw-answers"), backends) as gateway:
+        yield gateway
+
+
+def next_response(reader, what: str):
+    response = response_or_none(reader, LIVENESS)
+    assert response is not None, f"the connection closed (or went silent) before {what}"
+    return response
+
+
+def check_health(response) -> None:
+    status, _, body = response
+    assert status == 200 and "models" in json.loads(body)
+
+
+def check_chat(response) -> None:
+    status, _, body = response
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+
+
+def check_stream(response) -> None:
+    status, headers, body = response
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert body.count(b'"content":') == 6 and body.endswith(b"data: [DONE]\n\n")
+
+
+# -- garbage after a complete request --
+
+@pytest.mark.parametrize("first, check", [(HEALTH, check_health), (None, check_chat)], ids=["health", "relayed chat"])
+def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gw, first, check):
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall((first or raw_post(gw.key, CHAT)) + GARBAGE)  # in one send
+        check(next_response(reader, "the answer to the complete request"))
+        rejection = next_response(reader, "the 400 for the garbage")
+        assert_rejected(rejection, 400, "invalid_http", "invalid_request_error")
+        assert read_to_eof(sock, already=reader.buffer) == b""
+
+
+# -- half-close after the requests --
+
+@pytest.mark.parametrize("requests, checks", [
+    (lambda key: HEALTH, [check_health]),
+    (lambda key: raw_post(key, CHAT), [check_chat]),
+    (lambda key: raw_post(key, STREAM), [check_stream]),
+    (lambda key: HEALTH + raw_post(key, CHAT) + raw_post(key, STREAM), [check_health, check_chat, check_stream]),
+], ids=["health", "relayed chat", "relayed stream", "three pipelined"])
+def test_client_that_half_closes_after_its_requests_gets_every_answer_then_eof(gw, requests, checks):
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(requests(gw.key))
+        sock.shutdown(socket.SHUT_WR)
+        for number, check in enumerate(checks, 1):
+            check(next_response(reader, f"answer {number} of {len(checks)} (sent before the half-close)"))
+        assert read_to_eof(sock, already=reader.buffer) == b""
+
+
+def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(gw, slow_simulator):
+    aborted_before = slow_simulator.stats()["aborted"]
+    body = {"model": "slow", "prompt": "x", "max_tokens": 50}  # ten seconds at five tokens a second
+    sock, _ = connect(gw)
+    with sock:
+        sock.sendall(raw_post(gw.key, body, path="/v1/completions"))
+        wait_until(lambda: slow_simulator.metrics()["vllm:num_requests_running"] == 1, timeout=LIVENESS)
+    # closed altogether, mid-generation
+    wait_until(lambda: slow_simulator.stats()["aborted"] == aborted_before + 1, timeout=5)
+    wait_until(lambda: slow_simulator.metrics()["vllm:num_requests_running"] == 0, timeout=5)
+
+
+# -- curl --http2 on http:// --
+
+def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw):
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(raw_post(gw.key, CHAT, extra=H2C_UPGRADE))
+        status, headers, body = next_response(reader, "the answer to the upgrade POST")
+        assert status == 200, body[:300]
+        assert json.loads(body)["usage"]["completion_tokens"] == 3  # its body reached the backend intact
+        assert headers.get("connection", "").lower() != "close"
+        sock.sendall(raw_post(gw.key, {**CHAT, "max_tokens": 2}))
+        status, _, body = next_response(reader, "the answer to the request after the upgrade POST")
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
+
+
+# -- the log --
+
+def test_invalid_http_is_logged_as_400(gw):
+    before = gw.log_text().count("status=400")
+    for data in (b"NOT HTTP AT ALL\r\n\r\n", HEALTH + GARBAGE):
+        sock, reader = connect(gw)
+        with sock:
+            sock.sendall(data)
+            read_to_eof(sock, timeout=LIVENESS)
+    try:
+        wait_until(lambda: gw.log_text(settle=0).count("status=400") >= before + 2, timeout=5)
+    except TimeoutError:
+        pytest.fail("invalid HTTP was answered 400 without an access-log line with status=400")

@@ -1,0 +1,188 @@
+"""Slow clients against the gateway's front (spec: GATEWAY_HEAD_TIMEOUT, GATEWAY_BODY_TIMEOUT,
+GATEWAY_SEND_TIMEOUT): connections that send nothing, heads and bodies that never finish, and a
+client that stops reading a stream. All over raw sockets, with one-second timeouts."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from tests.support.front import (
+    LIVENESS,
+    SlowReader,
+    assert_rejected,
+    closed_without_bytes,
+    connect,
+    read_to_eof,
+    readable,
+    request,
+    response_or_none,
+    send_all,
+    still_open,
+)
+from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.processes import Simulator, wait_until
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
+CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+# How long to wait for what the one-second timeouts should bring about: a liveness bound, not a speed.
+BOUND = 5.0
+TIMEOUTS = {
+    "GATEWAY_HEAD_TIMEOUT": "1",
+    "GATEWAY_BODY_TIMEOUT": "1",
+    "GATEWAY_SEND_TIMEOUT": "1",
+    "GATEWAY_KEEPALIVE_TIMEOUT": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def fast_simulator(tmp_path_factory):
+    """Tokens as fast as it can make them, and room for a million of them in one answer."""
+    with Simulator.start(tmp_path_factory.mktemp("fast-sim"), "--token-rate", "0",
+                         "--max-model-len", "10000000", model="fast") as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, fast_simulator):
+    with Gateway.start(tmp_path_factory.mktemp("gw-slow"), [Backend("fast", fast_simulator.base_url)],
+                       env=TIMEOUTS) as gateway:
+        yield gateway
+
+
+# -- the head --
+
+def test_idle_connection_is_closed_after_the_head_timeout_without_a_byte(gw):
+    sock, _ = connect(gw)
+    with sock:
+        assert closed_without_bytes(sock, timeout=BOUND) == b""
+
+
+def test_head_trickled_one_byte_at_a_time_gets_408_and_the_connection_closes(gw):
+    sock, reader = connect(gw)
+    with sock:
+        for byte in HEALTH:  # 0.2 s a byte: 7 s for the whole head, far past the 1 s head timeout
+            if readable(sock, 0.2) or not send_all(sock, bytes([byte])):
+                break
+        response = response_or_none(reader, BOUND)
+        assert response is not None, "no answer to a head that took far longer than the head timeout"
+        assert_rejected(response, 408, "request_timeout", "invalid_request_error")
+        assert read_to_eof(sock, already=reader.buffer) == b""
+
+
+def test_keep_alive_connection_stays_open_past_the_head_timeout_until_the_keep_alive_timeout(gw):
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(HEALTH)
+        assert reader.response()[0] == 200
+        # Twice the head timeout, within the keep-alive timeout: an idle keep-alive connection is kept.
+        assert still_open(sock, 2.0)
+        sock.sendall(HEALTH)
+        assert reader.response()[0] == 200
+        # ...and closed, without a byte, once the keep-alive timeout passes.
+        assert closed_without_bytes(sock, timeout=LIVENESS) == b""
+
+
+def test_next_head_started_and_stalled_on_a_keep_alive_connection_gets_408(gw):
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(HEALTH)
+        assert reader.response()[0] == 200
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: gw\r\n")  # and the blank line never comes
+        response = response_or_none(reader, BOUND)
+        assert response is not None, "a head stalled after its first bytes was never answered"
+        assert_rejected(response, 408, "request_timeout", "invalid_request_error")
+        assert read_to_eof(sock, already=reader.buffer) == b""
+
+
+# -- the body --
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/keys"])
+def test_declared_body_that_never_arrives_gets_408_after_the_body_timeout(gw, path):
+    key = gw.admin_key  # authenticated (and allowed on both paths), so the gateway waits for the body
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(request("POST", path, key, body=b'{"model": ', content_length=1000))
+        response = response_or_none(reader, BOUND)
+        assert response is not None, "a body that stopped arriving was waited for without end"
+        assert_rejected(response, 408, "request_timeout", "invalid_request_error")
+        assert read_to_eof(sock, already=reader.buffer) == b""
+
+
+def test_body_sent_slowly_with_pauses_shorter_than_the_body_timeout_is_served(gw):
+    data = json.dumps(CHAT).encode()
+    sock, reader = connect(gw)
+    with sock:
+        sock.sendall(raw_post(gw.key, data)[: -len(data)])
+        for start in range(0, len(data), 8):  # 8 bytes every 0.2 s: slow, never idle for the timeout
+            time.sleep(0.2)
+            sock.sendall(data[start:start + 8])
+        status, _, body = reader.response()
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+
+
+# -- the response --
+
+def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborted(gw, fast_simulator):
+    aborted_before = fast_simulator.stats()["aborted"]
+    body = {**CHAT, "max_tokens": 1_000_000, "stream": True}
+    sock, _ = connect(gw, rcvbuf=4096)
+    with sock:
+        sock.sendall(raw_post(gw.key, body))
+        wait_until(lambda: fast_simulator.metrics()["vllm:num_requests_running"] == 1, timeout=LIVENESS)
+        # The client reads nothing from here on. Past the send timeout the gateway gives up on it.
+        try:
+            wait_until(lambda: fast_simulator.stats()["aborted"] > aborted_before, timeout=LIVENESS)
+        except TimeoutError:
+            pytest.fail("a client that read nothing for 10 s (send timeout 1 s) was not dropped: "
+                        "the generation upstream still runs")
+        wait_until(lambda: fast_simulator.metrics()["vllm:num_requests_running"] == 0, timeout=LIVENESS)
+        received = read_to_eof(sock, timeout=LIVENESS)  # what was in flight, then the drop
+    assert received.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" not in received and not received.endswith(b"0\r\n\r\n")
+
+
+def test_slow_but_steady_reader_of_a_stream_is_not_dropped(gw, fast_simulator):
+    max_tokens = 4000  # about 0.9 MB of events, read at about 200 KB/s: over four send timeouts
+    body = {**CHAT, "max_tokens": max_tokens, "stream": True}
+    sock, _ = connect(gw, rcvbuf=16384)
+    with sock:
+        sock.sendall(raw_post(gw.key, body))
+        reader = SlowReader(sock, size=4096, pause=0.02)
+        try:
+            status, _, data = reader.response()
+        except (EOFError, ConnectionResetError):
+            pytest.fail(f"the gateway dropped a reader that read 4 KiB every 20 ms ({reader.received} bytes in)")
+    assert status == 200
+    assert data.count(b'"content":') == max_tokens + 1  # the role event, then one per token
+    assert data.endswith(b"data: [DONE]\n\n")
+    assert fast_simulator.metrics()["vllm:num_requests_running"] == 0
+
+
+# -- the log --
+
+def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gw):
+    def stall(data: bytes) -> None:
+        sock, reader = connect(gw)
+        with sock:
+            sock.sendall(data)
+            response_or_none(reader, BOUND)
+
+    before = gw.log_text().count("status=408")  # settled: earlier tests' lines are in
+    threads = [threading.Thread(target=stall, args=(data,), daemon=True) for data in (
+        b"GET /health HTTP/1.1\r\nHost: gw\r\n",                                      # a head that stalls
+        request("POST", "/v1/chat/completions", gw.key, body=b"{", content_length=50),  # a body that stalls
+    )]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(BOUND + 5)
+    try:
+        wait_until(lambda: gw.log_text(settle=0).count("status=408") >= before + 2, timeout=5)
+    except TimeoutError:
+        lines = [line for line in gw.log_text().splitlines() if re.search(r"status=4\d\d", line)]
+        pytest.fail(f"no status=408 access-log lines for a stalled head and a stalled body; 4xx lines: {lines[-5:]}")
