@@ -339,3 +339,34 @@ def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> N
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert rejected.returncode == 2
     assert "--bogus" in rejected.stderr
+
+
+# ---- Bad input is a 400 in vLLM's error shape, never a 500 --------------------------------------
+
+
+def assert_bad_request(response: httpx.Response, param: str | None = None) -> dict:
+    """The response is vLLM's 400 shape; `param`, when given, must be the field it names."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("BadRequestError", 400)
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def post_json(simulator: Simulator, path: str, body: object,
+              client: httpx.Client | None = None) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (client or httpx).post(simulator.base_url + path, content=raw,
+                                  headers={"content-type": "application/json"}, timeout=10)
+
+
+def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(
+        sim: Simulator) -> None:
+    for faults in ({"error_status": 101}, {"error_status": 200}, {"health_status": 100},
+                   {"crash_after_tokens": 2.5}, {"error_status": "500"}, {"slow_start": -1}):
+        name = next(iter(faults))
+        assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
+    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}

@@ -101,6 +101,11 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 # ---- Configuration and run-time state -----------------------------------------------------------
 
 
+# A 1xx status cannot end an HTTP exchange (clients hang or fail to frame the answer), and an
+# error fault below 400 would be a success with an error body; neither simulates a real failure.
+_FAULT_STATUS_RANGES = {"error_status": (400, 599), "health_status": (200, 599)}
+
+
 @dataclass
 class Faults:
     """Injected failures; each applies to every request it concerns until cleared."""
@@ -125,8 +130,13 @@ class Faults:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise bad_request(f"fault {name} must be a number >= 0", name)
-            if name.endswith("_status") and not (100 <= value <= 599 and value == int(value)):
-                raise bad_request(f"fault {name} must be an HTTP status", name)
+            if name in _FAULT_STATUS_RANGES:
+                low, high = _FAULT_STATUS_RANGES[name]
+                if not (low <= value <= high and value == int(value)):
+                    raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}",
+                                      name)
+            elif name.endswith("_tokens") and value != int(value):
+                raise bad_request(f"fault {name} must be a whole number of tokens", name)
             setattr(faults, name, float(value) if name == "slow_start" else int(value))
         return faults
 
