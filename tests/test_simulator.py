@@ -363,6 +363,14 @@ def post_json(simulator: Simulator, path: str, body: object,
                                   headers={"content-type": "application/json"}, timeout=10)
 
 
+def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(sim: Simulator) -> None:
+    response = httpx.post(sim.base_url + "/v1/completions", content=b" " * (65 * 2 ** 20),
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == (413, "RequestEntityTooLargeError")
+
+
 def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(
         sim: Simulator) -> None:
     for faults in ({"error_status": 101}, {"error_status": 200}, {"health_status": 100},
@@ -370,3 +378,11 @@ def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_ar
         name = next(iter(faults))
         assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
     assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+
+
+def test_stats_still_answer_after_a_body_nested_too_deeply_to_encode_again(sim: Simulator) -> None:
+    deep = b'{"model": "sim", "tokens": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert_bad_request(post_json(sim, "/detokenize", deep), "tokens")
+    stats = httpx.get(sim.base_url + "/_simulator/stats")
+    assert stats.status_code == 200
+    assert stats.json()["last_request"]["body"].startswith("<not recorded")

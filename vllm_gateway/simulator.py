@@ -243,8 +243,8 @@ class SimulatorState:
             "crashed": self.crashed,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
-            "last_request": self.last_request,
-            "last_by_path": self.last_by_path,
+            "last_request": _encodable(self.last_request),
+            "last_by_path": {path: _encodable(entry) for path, entry in self.last_by_path.items()},
         }
 
     def reset_stats(self) -> None:
@@ -252,6 +252,21 @@ class SimulatorState:
         self.aborted = self.completed = self.crashed = 0
         self.last_request = None
         self.last_by_path = {}
+
+
+def _encodable(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The entry, or a copy without its body when orjson cannot encode that body again.
+
+    orjson decodes JSON nested up to 1024 levels but encodes only up to 254, so a body a client
+    could send would otherwise make /_simulator/stats fail.
+    """
+    if entry is None:
+        return None
+    try:
+        orjson.dumps(entry["body"])
+    except orjson.JSONEncodeError:
+        return {**entry, "body": "<not recorded: nested too deeply to encode again>"}
+    return entry
 
 
 # Polling paths (health checkers poll /health and /v1/models) never overwrite "last_request", so a
@@ -675,6 +690,8 @@ async def front_door(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status in (404, 405):  # FastAPI's shape, as vLLM answers unknown routes
             return json_response({"detail": exc.reason}, status=exc.status)
+        if 400 <= exc.status < 500:  # aiohttp's own refusals, e.g. 413 for a body over the limit
+            return ApiError(exc.status, exc.text or exc.reason).response()
         raise
 
 
