@@ -500,7 +500,8 @@ def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(sim: Simulator
 def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(
         sim: Simulator) -> None:
     for faults in ({"error_status": 101}, {"error_status": 200}, {"health_status": 100},
-                   {"crash_after_tokens": 2.5}, {"error_status": "500"}, {"slow_start": -1}):
+                   {"crash_after_tokens": 2.5}, {"exit_after_tokens": 1e300},
+                   {"error_status": "500"}, {"slow_start": -1}):
         name = next(iter(faults))
         assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
     assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}

@@ -104,6 +104,8 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 # A 1xx status cannot end an HTTP exchange (clients hang or fail to frame the answer), and an
 # error fault below 400 would be a success with an error body; neither simulates a real failure.
 _FAULT_STATUS_RANGES = {"error_status": (400, 599), "health_status": (200, 599)}
+# The active faults are answered as JSON, and orjson encodes integers up to 64 bits only.
+_MAX_FAULT_TOKENS = 2**63 - 1
 
 
 @dataclass
@@ -135,8 +137,9 @@ class Faults:
                 if not (low <= value <= high and value == int(value)):
                     raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}",
                                       name)
-            elif name.endswith("_tokens") and value != int(value):
-                raise bad_request(f"fault {name} must be a whole number of tokens", name)
+            elif name.endswith("_tokens") and (value != int(value) or value > _MAX_FAULT_TOKENS):
+                raise bad_request(f"fault {name} must be a whole number of tokens up to "
+                                  f"{_MAX_FAULT_TOKENS}", name)
             setattr(faults, name, float(value) if name == "slow_start" else int(value))
         return faults
 
