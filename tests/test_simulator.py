@@ -339,3 +339,305 @@ def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> N
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert rejected.returncode == 2
     assert "--bogus" in rejected.stderr
+
+
+# ---- Bad input is a 400 in vLLM's error shape, never a 500 --------------------------------------
+
+
+def assert_bad_request(response: httpx.Response, param: str | None = None) -> dict:
+    """The response is vLLM's 400 shape; `param`, when given, must be the field it names."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("BadRequestError", 400)
+    assert isinstance(error["message"], str) and error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def post_json(simulator: Simulator, path: str, body: object,
+              client: httpx.Client | None = None) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return (client or httpx).post(simulator.base_url + path, content=raw,
+                                  headers={"content-type": "application/json"}, timeout=10)
+
+
+def test_tokenize_with_messages_of_the_wrong_type_is_a_400(sim: Simulator) -> None:
+    for messages in (True, 5, "hi", {"role": "user"}, [], [["nested"]]):
+        response = post_json(sim, "/tokenize", {"model": sim.model, "messages": messages})
+        error = assert_bad_request(response)
+        assert error["param"].startswith("messages"), error
+
+
+def test_tokenize_with_a_prompt_that_is_not_a_string_is_a_400(sim: Simulator) -> None:
+    assert_bad_request(post_json(sim, "/tokenize", {"model": sim.model, "prompt": 5}), "prompt")
+    assert_bad_request(post_json(sim, "/tokenize", {"model": sim.model}), "prompt")
+
+
+def test_chat_message_whose_content_is_a_dict_or_a_number_is_a_400(sim: Simulator) -> None:
+    for content in ({"text": "hi"}, 5, True):
+        body = {"model": sim.model, "messages": [{"role": "user", "content": content}]}
+        error = assert_bad_request(post_json(sim, CHAT, body), "messages[0].content")
+        assert "`messages[0].content`" in error["message"]
+
+
+def test_chat_content_part_with_text_that_is_not_a_string_is_a_400(sim: Simulator) -> None:
+    parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": {}}]
+    body = {"model": sim.model, "messages": [{"role": "user", "content": "fine"},
+                                             {"role": "user", "content": parts}]}
+    assert_bad_request(post_json(sim, CHAT, body), "messages[1].content[1].text")
+
+
+def test_chat_message_that_is_not_an_object_or_has_no_role_is_a_400(sim: Simulator) -> None:
+    no_role = {"model": sim.model, "messages": [{"content": "hi"}]}
+    not_object = {"model": sim.model, "messages": ["hi"]}
+    assert_bad_request(post_json(sim, CHAT, no_role), "messages[0].role")
+    assert_bad_request(post_json(sim, CHAT, not_object), "messages[0]")
+
+
+def test_completion_prompt_that_is_a_number_null_or_nested_garbage_is_a_400(sim: Simulator) -> None:
+    for prompt in (5, None, [{"a": 1}], [True], [[1, "two"]], [[]], [-3]):
+        body = {"model": sim.model, "prompt": prompt}
+        assert_bad_request(post_json(sim, "/v1/completions", body), "prompt")
+
+
+def test_max_tokens_that_is_a_string_a_float_or_negative_is_a_400(sim: Simulator) -> None:
+    for value in ("5", 2.5, -1, 0, True, 2 ** 64):  # 2**64 no longer fits JSON's integers: a float
+        body = chat_body(sim.model, 1) | {"max_tokens": value}
+        assert_bad_request(post_json(sim, CHAT, body), "max_tokens")
+
+
+def test_max_tokens_is_checked_even_when_max_completion_tokens_decides(sim: Simulator) -> None:
+    body = chat_body(sim.model, 1) | {"max_tokens": "many", "max_completion_tokens": 2}
+    assert_bad_request(post_json(sim, CHAT, body), "max_tokens")
+
+
+def test_huge_max_tokens_is_a_400_about_the_context_length(sim: Simulator) -> None:
+    body = {"model": sim.model, "prompt": "x", "max_tokens": 2 ** 64 - 1}
+    error = assert_bad_request(post_json(sim, "/v1/completions", body))
+    assert "maximum context length is 512" in error["message"]
+
+
+def test_model_that_is_not_a_string_is_a_400_not_a_404(sim: Simulator) -> None:
+    for model in (5, ["sim"], {"name": "sim"}, True):
+        body = chat_body(sim.model, 1) | {"model": model}
+        assert_bad_request(post_json(sim, CHAT, body), "model")
+
+
+def test_stream_given_as_a_string_is_a_400_not_a_stream(sim: Simulator) -> None:
+    response = post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": "false"})
+    assert_bad_request(response, "stream")
+    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
+    assert_bad_request(post_json(sim, CHAT, options), "stream_options.include_usage")
+    assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream_options": [1]}),
+                       "stream_options")
+
+
+def test_embeddings_input_of_nested_garbage_or_unknown_encoding_is_a_400(sim: Simulator) -> None:
+    for value in (5, None, [], [{"a": 1}], [[{}]], [True]):
+        body = {"model": sim.model, "input": value}
+        assert_bad_request(post_json(sim, "/v1/embeddings", body), "input")
+    body = {"model": sim.model, "input": "x", "encoding_format": "int8"}
+    assert_bad_request(post_json(sim, "/v1/embeddings", body), "encoding_format")
+
+
+def test_detokenize_with_booleans_or_negative_ids_is_a_400(sim: Simulator) -> None:
+    for tokens in ([True], [-1], [1, "2"], None, {"0": 1}):
+        body = {"model": sim.model, "tokens": tokens}
+        assert_bad_request(post_json(sim, "/detokenize", body), "tokens")
+
+
+def test_transcription_with_the_model_sent_as_a_file_is_a_400(sim: Simulator) -> None:
+    response = httpx.post(sim.base_url + "/v1/audio/transcriptions",
+                          files={"model": ("m.txt", sim.model.encode()),
+                                 "file": ("clip.wav", b"\0" * 1000, "audio/wav")})
+    assert_bad_request(response, "model")
+
+
+def form_part(boundary: str, name: str, value: bytes, filename: str | None = None) -> bytes:
+    extra = f'; filename="{filename}"' if filename else ""
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{extra}\r\n\r\n'
+    return head.encode() + value + b"\r\n"
+
+
+def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
+    boundary = "b0undary"
+    audio = form_part(boundary, "file", b"\0" * 100, "clip.wav")
+    end = f"--{boundary}--\r\n".encode()
+    bodies = {
+        "no boundary": ("multipart/form-data", audio + end),
+        "no closing boundary": (None, audio[:-10]),
+        "model not UTF-8": (None, form_part(boundary, "model", b"\xff\xfe") + audio + end),
+        "response_format as a file": (
+            None, form_part(boundary, "response_format", b"text", "f.txt") + audio + end),
+        "no file": (None, form_part(boundary, "model", sim.model.encode()) + end),
+    }
+    for label, (content_type, body) in bodies.items():
+        response = httpx.post(
+            sim.base_url + "/v1/audio/transcriptions", content=body,
+            headers={"content-type": content_type or f"multipart/form-data; boundary={boundary}"})
+        assert response.status_code == 400, (label, response.text)
+        assert_bad_request(response)
+
+
+def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(sim: Simulator) -> None:
+    response = httpx.post(sim.base_url + "/v1/completions", content=b" " * (65 * 2 ** 20),
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == (413, "RequestEntityTooLargeError")
+
+
+def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(sim: Simulator) -> None:
+    sim.set_faults(error_status=503)
+    malformed = post_json(sim, CHAT, {"model": sim.model, "messages": True})
+    well_formed = post_json(sim, CHAT, chat_body(sim.model, 1))
+    assert_bad_request(malformed, "messages")
+    assert well_formed.status_code == 503
+
+
+def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(
+        sim: Simulator) -> None:
+    for faults in ({"error_status": 101}, {"error_status": 200}, {"health_status": 100},
+                   {"crash_after_tokens": 2.5}, {"exit_after_tokens": 1e300},
+                   {"error_status": "500"}, {"slow_start": -1}):
+        name = next(iter(faults))
+        assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
+    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+
+
+def test_stats_still_answer_after_a_body_nested_too_deeply_to_encode_again(sim: Simulator) -> None:
+    deep = b'{"model": "sim", "tokens": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert_bad_request(post_json(sim, "/detokenize", deep), "tokens")
+    stats = httpx.get(sim.base_url + "/_simulator/stats")
+    assert stats.status_code == 200
+    assert stats.json()["last_request"]["body"].startswith("<not recorded")
+
+
+def test_every_input_shape_openai_allows_is_still_accepted(sim: Simulator) -> None:
+    """The checks above must not turn away what the OpenAI API and vLLM take."""
+    parts = {"model": sim.model, "messages": [
+        {"role": "system", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "two words"},
+                                     {"type": "image_url", "image_url": {"url": "data:,"}}]},
+        {"role": "assistant", "content": "", "tool_calls": []}], "max_tokens": 1}
+    token_prompts = {"model": sim.model, "prompt": [[1, 2, 3], [4]], "max_tokens": 1}
+    id_prompt = {"model": sim.model, "prompt": [5, 6], "max_tokens": 1}
+    string_prompts = {"model": sim.model, "prompt": ["a b", "c"], "max_tokens": 1}
+    embed_ids = {"model": sim.model, "input": [[1, 2], [3]], "encoding_format": "float"}
+    tokenize_chat = {"model": sim.model, "messages": [{"role": "user", "content": "lorem ipsum"}]}
+
+    assert post_json(sim, CHAT, parts).json()["usage"]["prompt_tokens"] == 2
+    assert post_json(sim, "/v1/completions", token_prompts).json()["usage"]["prompt_tokens"] == 4
+    assert post_json(sim, "/v1/completions", id_prompt).json()["usage"]["prompt_tokens"] == 2
+    assert post_json(sim, "/v1/completions", string_prompts).json()["usage"]["prompt_tokens"] == 3
+    assert len(post_json(sim, "/v1/embeddings", embed_ids).json()["data"]) == 2
+    assert post_json(sim, "/tokenize", tokenize_chat).json()["count"] == 2
+
+
+# Every endpoint that reads a body gets each of these in place of the whole body, and each wrong
+# value in place of each field it reads; all must be a 400 in vLLM's shape.
+NOT_AN_OBJECT = [b"null", b"true", b"0", b"-1.5", b'"text"', b"[]", b'[{"model": "sim"}]',
+                 b"[[[]]]", b"[" * 1000 + b"]" * 1000, b"", b"{", b'{"model": "sim"']
+WRONG_VALUES: list[object] = [True, -1, 2.5, "text", [], [None], [[{}]], {},
+                              {"nested": {"deeper": [1, "x", None]}}]
+DEEP_VALUE = b"[" * 1000 + b"]" * 1000
+# Objects are right for stream_options: like vLLM, the simulator ignores options it does not know.
+OBJECTS = [value for value in WRONG_VALUES if isinstance(value, dict)]
+
+# (name, path, a body the endpoint accepts, {field: wrong values that are right for that field}).
+# A field is a path of keys and list indexes into the body.
+FieldPath = tuple[str | int, ...]
+BODY_ENDPOINTS: list[tuple[str, str, dict, dict[FieldPath, list[object]]]] = [
+    ("chat", CHAT,
+     {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+      "max_completion_tokens": 1, "stream": False, "stream_options": {"include_usage": False}},
+     {("model",): ["text"], ("messages",): [], ("messages", 0): [],
+      ("messages", 0, "role"): ["text"], ("messages", 0, "content"): ["text", []],
+      ("max_tokens",): [], ("max_completion_tokens",): [], ("stream",): [True],
+      ("stream_options",): OBJECTS, ("stream_options", "include_usage"): [True]}),
+    ("completions", "/v1/completions",
+     {"model": "sim", "prompt": "hi", "max_tokens": 1, "stream": False,
+      "stream_options": {"include_usage": False}},
+     {("model",): ["text"], ("prompt",): ["text"], ("max_tokens",): [], ("stream",): [True],
+      ("stream_options",): OBJECTS, ("stream_options", "include_usage"): [True]}),
+    ("embeddings", "/v1/embeddings", {"model": "sim", "input": "hi", "encoding_format": "float"},
+     {("model",): ["text"], ("input",): ["text"], ("encoding_format",): []}),
+    ("tokenize-prompt", "/tokenize", {"model": "sim", "prompt": "hi"},
+     {("model",): ["text"], ("prompt",): ["text"]}),
+    ("tokenize-messages", "/tokenize",
+     {"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
+     {("model",): ["text"], ("messages",): [], ("messages", 0, "content"): ["text", []]}),
+    ("detokenize", "/detokenize", {"model": "sim", "tokens": [1, 2]},
+     {("model",): ["text"], ("tokens",): [[]]}),
+    ("faults", "/_simulator/faults", {"error_status": None, "health_status": None},
+     {("error_status",): [], ("health_status",): [], ("slow_start",): [2.5],
+      ("crash_after_tokens",): [], ("exit_after_tokens",): []}),
+    # JSON is not how a transcription is sent, but a JSON body must still be a clean 400.
+    ("transcriptions", "/v1/audio/transcriptions", {"model": "sim"}, {}),
+]
+
+
+def param_of(field: FieldPath) -> str:
+    """The field as the simulator names it in `param`: messages[0].content."""
+    text = ""
+    for key in field:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else key)
+    return text
+
+
+def with_value(body: dict, field: FieldPath, value: object) -> dict:
+    copy = json.loads(json.dumps(body))
+    target = copy
+    for key in field[:-1]:
+        target = target[key]
+    target[field[-1]] = value
+    return copy
+
+
+def bad_body_cases() -> Iterator[object]:
+    """One pytest.param(path, body, param) per bad body; param is the field it spoils, if one."""
+    for name, path, body, right_values in BODY_ENDPOINTS:
+        for index, raw in enumerate(NOT_AN_OBJECT):
+            yield pytest.param(path, raw, None, id=f"{name}-whole-body-{index}")
+        for field, right in right_values.items():
+            param = param_of(field)
+            for index, value in enumerate(v for v in WRONG_VALUES if v not in right):
+                yield pytest.param(path, with_value(body, field, value), param,
+                                   id=f"{name}-{param}-{index}")
+            deep = json.dumps(with_value(body, field, "@DEEP@")).encode()
+            yield pytest.param(path, deep.replace(b'"@DEEP@"', DEEP_VALUE), param,
+                               id=f"{name}-{param}-deep")
+
+
+@pytest.fixture(scope="module")
+def shared_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """One simulator for the hundreds of bad bodies; none of them may change its state."""
+    with Simulator.start(tmp_path_factory.mktemp("bad-bodies")) as simulator:
+        yield simulator
+
+
+@pytest.fixture(scope="module")
+def http_client() -> Iterator[httpx.Client]:
+    with httpx.Client() as client:  # one client: building one per request costs more than the call
+        yield client
+
+
+def test_the_bodies_the_bad_ones_are_made_from_are_accepted(shared_sim: Simulator,
+                                                             http_client: httpx.Client) -> None:
+    """Each bad body differs from one of these in one place, so that one place is the fault."""
+    for name, path, body, _ in BODY_ENDPOINTS:
+        if name != "transcriptions":
+            assert post_json(shared_sim, path, body, http_client).status_code == 200, name
+
+
+@pytest.mark.parametrize(("path", "body", "param"), list(bad_body_cases()))
+def test_wrong_typed_body_is_a_400_in_the_openai_error_shape(
+        shared_sim: Simulator, http_client: httpx.Client, path: str, body: object,
+        param: str | None) -> None:
+    error = assert_bad_request(post_json(shared_sim, path, body, http_client))
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+    if path == "/_simulator/faults":
+        assert http_client.get(shared_sim.base_url + path).json() == {}

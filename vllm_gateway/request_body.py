@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-import re
-
 import orjson
 
 from . import errors
 from .errors import GatewayError
 
-MULTIPART_MODEL = re.compile(rb'Content-Disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', re.I)
+# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters, and these are the ones it may use.
+MAX_BOUNDARY_LENGTH = 70
+BOUNDARY_CHARS = frozenset(
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? ")
+# Real clients send a part header block of a hundred bytes or so (Content-Disposition, maybe a
+# Content-Type). The bound caps what one part's header search can cost; a longer block is not a
+# form field worth routing by.
+MAX_PART_HEADER_BYTES = 8 * 1024
+# A transcription form has about ten fields. Looking at more parts than this for the model only
+# serves a client that wants the gateway to spend its time.
+MAX_MULTIPART_PARTS = 64
+# Content-Type and Content-Disposition carry two or three parameters (boundary, charset; name,
+# filename, filename*). Refusing a header with more bounds the Python-level steps a crafted one
+# costs; the bytes between those steps are searched in C.
+MAX_HEADER_PARAMETERS = 16
+
+_WHITESPACE = b" \t"
 
 
 class ClientDisconnected(Exception):
@@ -38,17 +52,152 @@ def json_model(body: bytes) -> tuple[object, str | None]:
 
 
 def model_from_multipart(body: bytes, content_type: bytes) -> str:
-    boundary = re.search(rb'boundary="?([^";]+)"?', content_type)
-    match = MULTIPART_MODEL.search(body) if boundary else None
-    if not match:
-        return require_model(None)
-    end = body.find(b"\r\n--" + boundary.group(1), match.end())
-    if end < 0:
+    """The `model` field of a multipart/form-data body, in time linear in the body's size.
+
+    The parts are walked with bytes.find alone, and the delimiter it looks for is at most 74
+    bytes, so each byte of the body is compared a bounded number of times. A bad boundary, a
+    malformed part header or one beyond MAX_PART_HEADER_BYTES or MAX_HEADER_PARAMETERS, more
+    than MAX_MULTIPART_PARTS parts before the model, or no model at all: each is the same 400
+    as a JSON body without a model.
+    """
+    boundary = multipart_boundary(content_type)
+    value = form_field(body, boundary, b"model") if boundary is not None else None
+    if value is None:
         return require_model(None)
     try:
-        return require_model(body[match.end() : end].decode())
+        return require_model(value.decode())
     except UnicodeDecodeError:
         return require_model(None)
+
+
+class _Unparsable(Exception):
+    """The body or a header is not well-formed enough to say which part is which."""
+
+
+def multipart_boundary(content_type: bytes) -> bytes | None:
+    """The boundary of a multipart/form-data content type, or None if missing or invalid."""
+    media_type = content_type.partition(b";")[0].strip(_WHITESPACE)
+    if media_type.lower() != b"multipart/form-data":
+        return None
+    try:
+        boundary = _parameters(content_type).get(b"boundary")
+    except _Unparsable:
+        return None
+    if (boundary is None or not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH
+            or boundary.endswith(b" ") or not BOUNDARY_CHARS.issuperset(boundary)):
+        return None
+    return boundary
+
+
+def form_field(body: bytes, boundary: bytes, name: bytes) -> bytes | None:
+    """The raw value of the first part named `name`; None if the walk ends before one."""
+    delimiter = b"\r\n--" + boundary
+    # The first delimiter may open the body, without the CRLF that is part of every later one.
+    if body.startswith(delimiter[2:]):
+        position = len(delimiter) - 2
+    else:
+        found = body.find(delimiter)  # past a preamble
+        if found < 0:
+            return None
+        position = found + len(delimiter)
+    for _ in range(MAX_MULTIPART_PARTS):
+        if body.startswith(b"--", position):  # the close delimiter: no part is left
+            return None
+        # The delimiter line may end in spaces or tabs (RFC 2046 transport padding).
+        line_end = body.find(b"\r\n", position, position + MAX_PART_HEADER_BYTES)
+        if line_end < 0 or body[position:line_end].strip(_WHITESPACE):
+            return None
+        headers_start = line_end + 2
+        # The blank line that ends the header block; with no headers it follows the delimiter's.
+        headers_end = body.find(b"\r\n\r\n", line_end, headers_start + MAX_PART_HEADER_BYTES + 4)
+        if headers_end < 0:
+            return None
+        content_start = headers_end + 4
+        content_end = body.find(delimiter, content_start)
+        if content_end < 0:
+            return None
+        try:
+            part_name = _part_name(body[headers_start:headers_end])
+        except _Unparsable:
+            return None
+        if part_name == name:
+            return body[content_start:content_end]
+        position = content_end + len(delimiter)
+    return None
+
+
+def _part_name(header_block: bytes) -> bytes | None:
+    """The `name` parameter of a part's Content-Disposition header, quotes removed."""
+    # Found with find rather than line by line, so a block of thousands of short lines stays cheap.
+    marker = b"\r\ncontent-disposition"
+    lowered = b"\r\n" + header_block.lower()
+    found = lowered.find(marker)
+    if found < 0:
+        return None
+    after_name = found + len(marker)
+    if lowered.find(marker, after_name) >= 0:
+        raise _Unparsable  # a second disposition: parsers disagree on which one names the part
+    line_end = lowered.find(b"\r\n", after_name)
+    rest = header_block[after_name - 2 : None if line_end < 0 else line_end - 2]
+    spacing, colon, value = rest.partition(b":")
+    if not colon or spacing.strip(_WHITESPACE):
+        return None  # another header whose name merely begins the same way
+    return _parameters(value).get(b"name")
+
+
+def _parameters(value: bytes) -> dict[bytes, bytes]:
+    """The `; name=value` parameters of a header value (RFC 2045), names in lower case.
+
+    Quoted values come back without their quotes and with any backslash escapes left as sent:
+    neither a valid boundary nor the field name `model` contains a backslash or a quote, so an
+    escaped value can never be mistaken for one. A name given twice is refused, because parsers
+    disagree about which one wins and the backend must see the same boundary and field names.
+    """
+    # Escapes are resolved first, in C: inside a quoted string `\x` stands for x, and a valid
+    # header has backslashes nowhere else (RFC 2045 counts `\` among the tspecials). Each escape
+    # pair becomes two NULs, which no valid value holds, so every quote left in `plain` opens or
+    # closes a quoted string, and every index still points at the same byte of `value`.
+    plain = value.replace(b"\\\\", b"\0\0").replace(b'\\"', b"\0\0")
+    params: dict[bytes, bytes] = {}
+    end = len(plain)
+    position = plain.find(b";")
+    steps = 0
+    while 0 <= position < end:
+        steps += 1  # empty parameters count too: a run of ";" must not be free to walk
+        if steps > MAX_HEADER_PARAMETERS:
+            raise _Unparsable
+        position += 1
+        semicolon = plain.find(b";", position)
+        if semicolon < 0:
+            semicolon = end
+        equals = plain.find(b"=", position, semicolon)
+        if equals < 0:
+            if plain[position:semicolon].strip(_WHITESPACE):
+                raise _Unparsable  # a parameter without a value
+            position = semicolon  # an empty one, as a trailing ";" makes
+            continue
+        key = plain[position:equals].strip(_WHITESPACE).lower()
+        text = plain[equals + 1 : semicolon].lstrip(_WHITESPACE)
+        if text.startswith(b'"'):
+            opening = semicolon - len(text)
+            close = plain.find(b'"', opening + 1)
+            if close < 0:
+                raise _Unparsable
+            text = value[opening + 1 : close]
+            semicolon = plain.find(b";", close + 1)
+            if semicolon < 0:
+                semicolon = end
+            if plain[close + 1 : semicolon].strip(_WHITESPACE):
+                raise _Unparsable  # something between the closing quote and the next parameter
+        else:
+            text = text.rstrip(_WHITESPACE)
+            if any(char in text for char in b' \t"\\\0'):
+                raise _Unparsable  # an unquoted value is a token: no spaces, quotes or escapes
+        if not key or key in params:
+            raise _Unparsable
+        params[key] = text
+        position = semicolon
+    return params
 
 
 def require_model(model: object) -> str:

@@ -101,6 +101,13 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 # ---- Configuration and run-time state -----------------------------------------------------------
 
 
+# A 1xx status cannot end an HTTP exchange (clients hang or fail to frame the answer), and an
+# error fault below 400 would be a success with an error body; neither simulates a real failure.
+_FAULT_STATUS_RANGES = {"error_status": (400, 599), "health_status": (200, 599)}
+# The active faults are answered as JSON, and orjson encodes integers up to 64 bits only.
+_MAX_FAULT_TOKENS = 2**63 - 1
+
+
 @dataclass
 class Faults:
     """Injected failures; each applies to every request it concerns until cleared."""
@@ -125,8 +132,14 @@ class Faults:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise bad_request(f"fault {name} must be a number >= 0", name)
-            if name.endswith("_status") and not (100 <= value <= 599 and value == int(value)):
-                raise bad_request(f"fault {name} must be an HTTP status", name)
+            if name in _FAULT_STATUS_RANGES:
+                low, high = _FAULT_STATUS_RANGES[name]
+                if not (low <= value <= high and value == int(value)):
+                    raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}",
+                                      name)
+            elif name.endswith("_tokens") and (value != int(value) or value > _MAX_FAULT_TOKENS):
+                raise bad_request(f"fault {name} must be a whole number of tokens up to "
+                                  f"{_MAX_FAULT_TOKENS}", name)
             setattr(faults, name, float(value) if name == "slow_start" else int(value))
         return faults
 
@@ -172,9 +185,11 @@ class SimulatorState:
         model = body.get("model")
         if model is None:  # like vLLM: no model means the primary one
             return self.primary_name
+        if not isinstance(model, str):
+            raise invalid("model", "a string")
         if model not in self.config.served_model_names:
             raise ApiError(404, f"The model `{model}` does not exist.", "model")
-        return str(model)
+        return model
 
     def raise_injected_error(self) -> None:
         if self.faults.error_status is not None:
@@ -233,8 +248,8 @@ class SimulatorState:
             "crashed": self.crashed,
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
-            "last_request": self.last_request,
-            "last_by_path": self.last_by_path,
+            "last_request": _encodable(self.last_request),
+            "last_by_path": {path: _encodable(entry) for path, entry in self.last_by_path.items()},
         }
 
     def reset_stats(self) -> None:
@@ -242,6 +257,21 @@ class SimulatorState:
         self.aborted = self.completed = self.crashed = 0
         self.last_request = None
         self.last_by_path = {}
+
+
+def _encodable(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The entry, or a copy without its body when orjson cannot encode that body again.
+
+    orjson decodes JSON nested up to 1024 levels but encodes only up to 254, so a body a client
+    could send would otherwise make /_simulator/stats fail.
+    """
+    if entry is None:
+        return None
+    try:
+        orjson.dumps(entry["body"])
+    except orjson.JSONEncodeError:
+        return {**entry, "body": "<not recorded: nested too deeply to encode again>"}
+    return entry
 
 
 # Polling paths (health checkers poll /health and /v1/models) never overwrite "last_request", so a
@@ -270,40 +300,107 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def text_of_content(content: Any) -> str:
+def invalid(param: str, expected: str) -> ApiError:
+    """A 400 naming the offending field, as vLLM's request validation answers."""
+    return bad_request(f"`{param}` must be {expected}.", param)
+
+
+def is_int(value: Any) -> bool:
+    # JSON true/false decode to bool, which Python counts as an int; `true` is never token id 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_token_id(value: Any) -> bool:
+    return is_int(value) and value >= 0
+
+
+def optional_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        # A truthy string such as "false" must not quietly turn streaming on.
+        raise invalid(param or name, "a boolean")
+    return value
+
+
+def content_text(content: Any, param: str) -> str:
+    """The text of a message's content: a string, content parts, or null (a tool-call turn)."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return ""
+    if not isinstance(content, list):
+        raise invalid(param, "a string, a list of content parts or null")
+    texts: list[str] = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise invalid(where, "a content part object")
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise invalid(f"{where}.type", "a string")
+        text = part.get("text")
+        if text is None and kind != "text":
+            continue  # an image or audio part: no words to count
+        if not isinstance(text, str):
+            raise invalid(f"{where}.text", "a string")
+        texts.append(text)
+    return " ".join(texts)
 
 
-def count_prompt_tokens(prompt: Any) -> int:
-    """Whitespace words of text; list items that are token ids count one each."""
-    if isinstance(prompt, str):
-        return len(prompt.split())
-    if isinstance(prompt, list):
-        return sum(1 if isinstance(item, int) else count_prompt_tokens(item) for item in prompt)
-    return 0
-
-
-def chat_prompt_tokens(body: dict[str, Any]) -> int:
-    messages = body.get("messages")
+def messages_texts(messages: Any) -> list[str]:
+    """The text of each chat message, after checking every message has the shape vLLM requires."""
     if not isinstance(messages, list) or not messages:
-        raise bad_request("`messages` must be a non-empty list.", "messages")
-    return sum(len(text_of_content(m.get("content")).split())
-               for m in messages if isinstance(m, dict))
+        raise invalid("messages", "a non-empty list of message objects")
+    texts: list[str] = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise invalid(where, "a message object")
+        if not isinstance(message.get("role"), str):
+            raise invalid(f"{where}.role", "a string")
+        texts.append(content_text(message.get("content"), f"{where}.content"))
+    return texts
+
+
+def text_or_token_inputs(value: Any, param: str) -> list[str | list[int]]:
+    """The inputs of a completions prompt or embeddings input, in the four shapes OpenAI allows.
+
+    A string, a list of strings, a list of token ids (one input), or a list of token-id lists.
+    Checked without recursion, so a deeply nested body cannot exhaust the interpreter's stack.
+    """
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return list(value)
+        if all(is_token_id(item) for item in value):
+            return [value]
+        if all(isinstance(item, list) and item and all(is_token_id(i) for i in item)
+               for item in value):
+            return list(value)
+    raise invalid(param, "a string, a non-empty list of strings, a non-empty list of token ids "
+                         "(integers >= 0) or a non-empty list of such lists")
+
+
+def count_input_tokens(inputs: list[str | list[int]]) -> int:
+    """Whitespace words of text; token ids count one each."""
+    return sum(len(item.split()) if isinstance(item, str) else len(item) for item in inputs)
 
 
 def requested_max_tokens(body: dict[str, Any], *names: str) -> int:
+    """The first of `names` that is set; every one of them is checked, as vLLM checks each field."""
+    chosen: int | None = None
     for name in names:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_request(f"`{name}` must be an integer >= 1.", name)
-        return value
-    return DEFAULT_MAX_TOKENS
+        if not is_int(value) or value < 1:
+            raise invalid(name, "an integer >= 1")
+        if chosen is None:
+            chosen = value
+    return DEFAULT_MAX_TOKENS if chosen is None else chosen
 
 
 def check_context_length(state: SimulatorState, prompt_tokens: int, max_tokens: int) -> None:
@@ -350,23 +447,31 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     body = await json_body(request)
     model = state.check_model(body)
-    state.raise_injected_error()
+    # Validation before the injected failure: vLLM rejects a malformed request before it reaches
+    # the engine, so a broken engine still answers bad input with 400.
     if chat:
-        prompt_tokens = chat_prompt_tokens(body)
+        prompt_tokens = count_input_tokens(messages_texts(body.get("messages")))
         max_tokens = requested_max_tokens(body, "max_completion_tokens", "max_tokens")
     else:
-        if "prompt" not in body:
+        if body.get("prompt") is None:
             raise bad_request("`prompt` is required.", "prompt")
-        prompt_tokens = count_prompt_tokens(body["prompt"])
+        prompt_tokens = count_input_tokens(text_or_token_inputs(body["prompt"], "prompt"))
         max_tokens = requested_max_tokens(body, "max_tokens")
+    stream = optional_bool(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    elif not isinstance(stream_options, dict):
+        raise invalid("stream_options", "an object")
+    include_usage = optional_bool(stream_options, "include_usage", "stream_options.include_usage")
+    state.raise_injected_error()
     check_context_length(state, prompt_tokens, max_tokens)
-    stream_options = body.get("stream_options") or {}
     # Like vLLM, a client's X-Request-Id becomes part of the completion id.
     base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     job = Generation(
         chat=chat, request_id=("chatcmpl-" if chat else "cmpl-") + base_id, model=model,
-        prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=bool(body.get("stream")),
-        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
+        prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
+        include_usage=include_usage)
     faults = Faults(**asdict(state.faults))  # a request keeps the faults it started with
 
     try:
@@ -487,14 +592,12 @@ async def embeddings(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await json_body(request)
     model = state.check_model(body)
+    items = text_or_token_inputs(body.get("input"), "input")
+    encoding_format = body.get("encoding_format")
+    if encoding_format not in (None, "float", "base64"):
+        raise invalid("encoding_format", '"float" or "base64"')
     state.raise_injected_error()
-    items = body.get("input")
-    if isinstance(items, str) or (isinstance(items, list) and items
-                                  and all(isinstance(i, int) for i in items)):
-        items = [items]
-    if not isinstance(items, list) or not items:
-        raise bad_request("`input` must be a string or a non-empty list.", "input")
-    as_base64 = body.get("encoding_format") == "base64"
+    as_base64 = encoding_format == "base64"
     data = []
     for index, item in enumerate(items):
         vector = embedding_of(item if isinstance(item, str) else orjson.dumps(item).decode())
@@ -502,7 +605,7 @@ async def embeddings(request: web.Request) -> web.Response:
         if as_base64:  # the openai SDK asks for this by default: little-endian float32
             encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
         data.append({"index": index, "object": "embedding", "embedding": encoded})
-    prompt_tokens = count_prompt_tokens(items)
+    prompt_tokens = count_input_tokens(items)
     state.prompt_tokens += prompt_tokens
     return json_response({
         "id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
@@ -523,10 +626,13 @@ async def transcriptions(request: web.Request) -> web.Response:
         size = len(upload.file.read())
         summary["file"] = {"filename": upload.filename, "size": size}
     request["record"]["body"] = summary
+    for name in ("model", "response_format"):
+        if isinstance(form.get(name), web.FileField):
+            raise invalid(name, "a text field, not a file")
     model = state.check_model({"model": form.get("model")})
-    state.raise_injected_error()
     if not isinstance(upload, web.FileField):
         raise bad_request("`file` must be an uploaded audio file.", "file")
+    state.raise_injected_error()
     text = completion_text(max(1, min(64, size // 1000)))
     if form.get("response_format") == "text":
         return web.Response(text=text)
@@ -537,13 +643,15 @@ async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await json_body(request)
     state.check_model(body)
-    if "messages" in body:
-        text = " ".join(text_of_content(m.get("content")) for m in body["messages"]
-                        if isinstance(m, dict))
-    elif isinstance(body.get("prompt"), str):
+    # vLLM tells the chat form from the text form by which of the two fields is there.
+    if body.get("messages") is not None:
+        text = " ".join(messages_texts(body["messages"]))
+    elif body.get("prompt") is None:
+        raise bad_request("`prompt` (a string) or `messages` is required.", "prompt")
+    elif isinstance(body["prompt"], str):
         text = body["prompt"]
     else:
-        raise bad_request("`prompt` (a string) or `messages` is required.", "prompt")
+        raise invalid("prompt", "a string")
     ids = token_ids(text)
     return json_response({"count": len(ids), "max_model_len": state.config.max_model_len,
                           "tokens": ids, "token_strs": None})
@@ -554,9 +662,9 @@ async def detokenize(request: web.Request) -> web.Response:
     body = await json_body(request)
     state.check_model(body)
     ids = body.get("tokens")
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise bad_request("`tokens` must be a list of integers.", "tokens")
-    words = [VOCAB[i] if 0 <= i < len(VOCAB) else "<unk>" for i in ids]
+    if not isinstance(ids, list) or not all(is_token_id(i) for i in ids):
+        raise invalid("tokens", "a list of token ids (integers >= 0)")
+    words = [VOCAB[i] if i < len(VOCAB) else "<unk>" for i in ids]
     return json_response({"prompt": " ".join(words)})
 
 
@@ -665,6 +773,8 @@ async def front_door(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status in (404, 405):  # FastAPI's shape, as vLLM answers unknown routes
             return json_response({"detail": exc.reason}, status=exc.status)
+        if 400 <= exc.status < 500:  # aiohttp's own refusals, e.g. 413 for a body over the limit
+            return ApiError(exc.status, exc.text or exc.reason).response()
         raise
 
 
