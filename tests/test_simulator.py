@@ -472,6 +472,10 @@ def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
         "response_format as a file": (
             None, form_part(boundary, "response_format", b"text", "f.txt") + audio + end),
         "no file": (None, form_part(boundary, "model", sim.model.encode()) + end),
+        # aiohttp's reader raises BadHttpMessage here, which is no ValueError.
+        "too many part headers": (
+            None, f"--{boundary}\r\n".encode() + b"X-A: b\r\n" * 200 + b"\r\nv\r\n" + audio + end),
+        "part header without a colon": (None, f"--{boundary}\r\nno colon\r\n\r\nv\r\n".encode() + audio + end),
     }
     for label, (content_type, body) in bodies.items():
         response = httpx.post(

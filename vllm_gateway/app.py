@@ -34,7 +34,6 @@ from .upstream import UpstreamPool
 log = logging.getLogger("vllm_gateway")
 
 KEY_FILE_POLL_SECONDS = 0.5
-USAGE_FLUSH_SECONDS = 30.0
 
 
 class Gateway:
@@ -125,7 +124,7 @@ async def watch_key_file(state: GatewayState) -> None:
         try:
             if state.keys.refresh_if_changed():
                 log.info("key file reloaded")
-            if time.monotonic() - last_flush > USAGE_FLUSH_SECONDS:
+            if time.monotonic() - last_flush > state.settings.key_usage_flush_seconds:
                 last_flush = time.monotonic()
                 await asyncio.to_thread(state.keys.flush_usage)
             reported = None

@@ -136,6 +136,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.stop_reading = False      # for good: the client broke the protocol, or sent EOF
         self.write_paused = False
+        self.unsent = 0                # bytes waiting to be sent when the send timer was last armed
         self.drain_waiter: asyncio.Future[None] | None = None
         self.closing = False
         self.client_eof = False
@@ -433,6 +434,7 @@ class GatewayProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.unsent = self.transport.get_write_buffer_size()
         self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
         self._update_reading()
 
@@ -521,10 +523,16 @@ class GatewayProtocol(asyncio.Protocol):
             self.fail(errors.request_timeout("request body", self.limits.body_timeout))
 
     def _send_timed_out(self) -> None:
-        # The client left its answer unread: drop it, which also ends a relay and with it the
-        # generation upstream (a stream's vLLM sequence is freed).
+        # As nginx's send_timeout: a client that read some of its answer since the timer was armed
+        # is slow, not gone, and gets another period. One that read nothing is dropped, which also
+        # ends a relay and with it the generation upstream (a stream's vLLM sequence is freed).
         self.send_timer = None
-        log.info("dropped a client that left its answer unread for %g s", self.limits.send_timeout)
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self.unsent:
+            self.unsent = unsent
+            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+            return
+        log.info("dropped a client that read none of its answer for %g s", self.limits.send_timeout)
         self.transport.abort()
 
     def _probe_closed_client(self) -> None:

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
 
     # -- keys and limits --
     key_file: Path = REPO_DIR / "api_keys.json"
+    # How often keys' last-used times are written to the key file (a rename of the whole file).
+    key_usage_flush_seconds: float = Field(30.0, gt=0)
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
 

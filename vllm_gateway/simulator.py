@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger("vllm_simulator")
 
@@ -618,7 +619,8 @@ async def transcriptions(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
         form = await request.post()
-    except ValueError as exc:
+    except (ValueError, HttpProcessingError) as exc:
+        # aiohttp's multipart reader raises BadHttpMessage for malformed part headers.
         raise bad_request(f"Invalid form body: {exc}") from None
     upload = form.get("file")
     summary: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
