@@ -35,6 +35,9 @@ need_python_venv() {
 }
 
 # apt_install_missing: install what need_* found missing; `apt-get update` runs only then, once.
+# Packages that ship a service (nginx, redis-server) are installed without it being started or
+# enabled: the tests and benchmarks start their own instances on free ports, and a machine should not
+# gain a system service it never asked for.
 apt_install_missing() {
     if ((${#APT_MISSING[@]} == 0)); then
         return 0
@@ -44,9 +47,58 @@ apt_install_missing() {
     info "installing system packages: ${APT_MISSING[*]}"
     # Wait for another apt run (unattended upgrades, a parallel job) instead of failing at once.
     as_root apt-get -o DPkg::Lock::Timeout=300 update -qq
+    deny_service_starts
     as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-        install -y -qq --no-install-recommends "${APT_MISSING[@]}"
+        install -y -qq --no-install-recommends "${APT_MISSING[@]}" || {
+        allow_service_starts
+        die 1 "apt-get could not install ${APT_MISSING[*]}"
+    }
+    allow_service_starts
+    disable_services "${APT_MISSING[@]}"
     APT_MISSING=()
+}
+
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_RC_OURS=0
+
+# deny_service_starts: Debian's invoke-rc.d asks policy-rc.d before starting a service; exit 101 says no.
+deny_service_starts() {
+    if [[ -e "$POLICY_RC" ]]; then
+        return 0  # the machine has its own policy (container images deny starts already)
+    fi
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$POLICY_RC" >/dev/null
+    as_root chmod 755 "$POLICY_RC"
+    POLICY_RC_OURS=1
+}
+
+allow_service_starts() {
+    if ((POLICY_RC_OURS)); then
+        as_root rm -f "$POLICY_RC"
+        POLICY_RC_OURS=0
+    fi
+}
+
+# disable_services PACKAGE...: the services these freshly installed packages enabled are disabled
+# and stopped (systemd), or their boot links removed (no systemd running: containers, chroots).
+disable_services() {
+    local package
+    for package in "$@"; do
+        case "$package" in
+            nginx | redis-server) ;;
+            *) continue ;;
+        esac
+        if [[ -d /run/systemd/system ]]; then
+            as_root systemctl disable --now "$package.service" >/dev/null 2>&1 || true
+        else
+            if command -v deb-systemd-helper >/dev/null 2>&1; then
+                as_root deb-systemd-helper disable "$package.service" >/dev/null 2>&1 || true
+            fi
+            if command -v update-rc.d >/dev/null 2>&1; then
+                as_root update-rc.d "$package" disable >/dev/null 2>&1 || true
+            fi
+        fi
+        info "$package is installed as a command only: its service is not enabled or running"
+    done
 }
 
 # pip_install VENV ARGS...: pip install into VENV with PIP_ARGS added.
@@ -55,7 +107,11 @@ pip_install() {
     shift
     local -a extra=()
     read -ra extra <<<"${PIP_ARGS:-}"
-    "$venv/bin/python" -m pip install --disable-pip-version-check -q "${extra[@]}" "$@"
+    local -a quiet=(-q)
+    if [[ "${PIP_PROGRESS:-0}" == 1 ]]; then
+        quiet=()  # a long install (vLLM's CPU build: minutes) shows what it is doing
+    fi
+    "$venv/bin/python" -m pip install --disable-pip-version-check "${quiet[@]}" "${extra[@]}" "$@"
 }
 
 # make_venv DIR: create the virtualenv DIR unless it already has a python.

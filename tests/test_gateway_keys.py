@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -159,3 +160,22 @@ def test_key_file_broken_while_running_keeps_the_last_good_keys(tmp_path, simula
             assert admin.post("/admin/keys", json={"name": "x"}).status_code == 503
         assert key_file.read_text() == "{broken"
         assert "still using the last good copy" in gw.log_text()
+
+
+def test_keys_list_shows_a_key_used_seconds_ago(gateway):
+    new = gateway.create_key("--name", "just-used")
+    gateway.wait_for_key(new["key"])  # a request with the key: it is used now
+    used_before = time.time()
+
+    def last_used() -> float | None:
+        listing = json.loads(gateway.cli("keys", "list", "--json").stdout)
+        return next(entry["last_used_at"] for entry in listing if entry["id"] == new["id"])
+
+    deadline = time.monotonic() + 10
+    while last_used() is None:
+        assert time.monotonic() < deadline, "keys list still says the key was never used"
+        time.sleep(0.5)
+    assert last_used() <= used_before + 1
+    table = gateway.cli("keys", "list").stdout
+    row = next(line for line in table.splitlines() if line.startswith(new["id"]))
+    assert "never" not in row

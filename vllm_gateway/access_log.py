@@ -2,8 +2,9 @@
 
 Request lines are formatted cheaply on the event loop, gathered for 50 ms and handed to a writer
 thread in one piece, so no request waits on the disk, the logging module's per-record cost stays off
-the hot path, and the writer thread wakes (and takes the GIL) a few times a second, not per request. Several workers may share the file: rotation happens under a lock, and a worker whose file
-was rotated by another reopens it.
+the hot path, and the writer thread wakes (and takes the GIL) a few times a second, not per request.
+Several workers may share the file: rotation happens under a lock, and a worker whose file was
+rotated by another reopens it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote
 
 from .settings import Settings
@@ -116,7 +118,7 @@ class LogWriter(threading.Thread):
         self.file.write(data)
         self.file.flush()
 
-    def _open(self):
+    def _open(self) -> BinaryIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return open(self.path, "ab")
 

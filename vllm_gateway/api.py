@@ -6,7 +6,8 @@ These are not on the token path, so they use FastAPI for its validation and read
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse
@@ -18,10 +19,12 @@ from .registry import BackendState, Model
 from .state import GatewayState
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def gateway(request: Request) -> GatewayState:
-    return request.app.state.gateway
+    state: GatewayState = request.app.state.gateway
+    return state
 
 
 def optional_key(request: Request) -> KeyRecord | None:
@@ -140,7 +143,7 @@ class KeyChanges(BaseModel):
     disabled: bool | None = None
 
 
-def key_file_guard(action):
+def key_file_guard(action: Callable[[], T]) -> T:
     """Run a key-file change, turning its refusals into client errors."""
     try:
         return action()

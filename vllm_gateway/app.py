@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 from . import errors, proxy
 from .access import check_head
@@ -45,18 +46,18 @@ class Gateway:
         self.api = api
         self.hooks = server_hooks(state)
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.api(scope, receive, send)  # lifespan: start-up and shutdown
         else:
             await self.logged(scope, receive, send)
 
-    async def logged(self, scope, receive, send) -> None:
+    async def logged(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         request_id = proxy.new_request_id()
         status = 500
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .file_limits import raise_open_files_limit
 from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
@@ -19,7 +20,8 @@ from .settings import Settings, load_settings
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
+        status: int = args.run(args)
+        return status
     except (KeyFileError, ModelConfigError, LastAdminKeyError, ValueError) as error:
         print(f"vllm_api_server: {error}", file=sys.stderr)
         return 1
@@ -110,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
     store.load()
     load_backend_specs(settings.model_config_file)
 
-    common = dict(
+    common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         http="vllm_gateway.http_protocol:GatewayProtocol",
@@ -138,18 +140,20 @@ def show_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("MODEL", "ALIASES", "STATUS", "BACKEND", "URL", "PATH")
-    table = [header] + [
+    print_table([("MODEL", "ALIASES", "STATUS", "BACKEND", "URL", "PATH")] + [
         (r["model"], ",".join(r["aliases"]) or "-", r["status"], r["backend"], r["url"], r["path"] or "-")
         for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    ])
     return 0
 
 
-async def probe_all(settings: Settings) -> list[dict[str, object]]:
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+async def probe_all(settings: Settings) -> list[dict[str, Any]]:
     from .health import check_backend, probe_pool
     from .registry import Registry
 
@@ -212,11 +216,8 @@ def list_keys(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([record.public() for record in records], indent=2))
         return 0
-    table = [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
-    table += [describe(record) for record in records]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_table([("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
+                + [describe(record) for record in records])
     return 0
 
 

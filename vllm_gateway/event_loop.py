@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import uvloop
 
@@ -37,7 +38,7 @@ class BatchAcceptServer(asyncio.AbstractServer):
         self._sockets = sockets
         self._serving = False
         self._closed = asyncio.Event()
-        self._handshakes: set[asyncio.Task] = set()
+        self._handshakes: set[asyncio.Task[Any]] = set()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -98,7 +99,7 @@ class BatchAcceptServer(asyncio.AbstractServer):
         if self._serving:
             self._loop.add_reader(listener.fileno(), self._accept_ready, listener)
 
-    def _handshake_done(self, task: asyncio.Task) -> None:
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
         self._handshakes.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("dropped a new connection: %s", task.exception())
@@ -110,12 +111,16 @@ class BatchAcceptLoop(uvloop.Loop):
     uvicorn takes the class as its loop factory: `loop="vllm_gateway.event_loop:BatchAcceptLoop"`.
     """
 
-    async def create_server(self, protocol_factory, host=None, port=None, *, sock=None,  # type: ignore[override]
-                            backlog=100, ssl=None, reuse_address=None, start_serving=True, **options):
+    async def create_server(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.Protocol], host: str | Iterable[str] | None = None,
+        port: int | None = None, *, sock: socket.socket | None = None, backlog: int = 100, ssl: Any = None,
+        reuse_address: bool | None = None, start_serving: bool = True, **options: Any,
+    ) -> asyncio.AbstractServer:
         if ssl is not None or options or (sock is not None and sock.family == socket.AF_UNIX):
-            return await super().create_server(protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl,
-                                               reuse_address=reuse_address, start_serving=start_serving,
-                                               **options)
+            # uvloop's stubs split host/port and sock into overloads; this passes on what it was given.
+            return await super().create_server(
+                protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl,  # type: ignore[arg-type]
+                reuse_address=reuse_address, start_serving=start_serving, **options)
         sockets = [sock] if sock is not None else await self._bind(host, port, reuse_address)
         for listener in sockets:
             listener.setblocking(False)

@@ -8,6 +8,7 @@ take minutes to load), and as down otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -120,8 +121,6 @@ class HealthChecker:
                 await self.check_all()
             except Exception:  # a bug here must not stop health checks for good
                 log.exception("health check round failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
             self._wake.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import errors
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from .http_protocol import GatewayProtocol
 
 Headers = list[tuple[bytes, bytes]]
+HeaderItems = Sequence[tuple[bytes, bytes]]
 
 REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -29,7 +31,7 @@ def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))
 
 
-def error_response(error: GatewayError, headers: Headers = ()) -> bytes:
+def error_response(error: GatewayError, headers: HeaderItems = ()) -> bytes:
     """A whole error answer after which the connection closes: for the connection's own rejections."""
     body = error.body()
     return b"".join([
@@ -156,7 +158,7 @@ class Exchange:
         self.protocol.write(self._head(status, headers) + (b"" if self.head_only else body))
         self._finish()
 
-    def respond_error(self, error: GatewayError, headers: Headers = ()) -> None:
+    def respond_error(self, error: GatewayError, headers: HeaderItems = ()) -> None:
         self.respond(error.status, [(b"content-type", b"application/json"), *headers, *error.headers], error.body())
 
     def start(self, status: int, headers: Headers, first: bytes = b"") -> None:

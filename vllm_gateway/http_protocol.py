@@ -128,8 +128,8 @@ class GatewayProtocol(asyncio.Protocol):
         self.app_state = app_state
         self.loop = _loop or asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
-        # -- per connection --
-        self.transport: asyncio.Transport | None = None
+        # -- per connection (the transport comes with connection_made) --
+        self.transport: asyncio.Transport
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
         self.served = 0
@@ -251,12 +251,14 @@ class GatewayProtocol(asyncio.Protocol):
             raise BadHead(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
         name = name.lower()
         exchange = self.parsing
+        assert exchange is not None
         if name == b"expect" and value.lower() == b"100-continue":
             exchange.expect_continue = True
         exchange.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
+        assert exchange is not None
         if self.resuming is not None:
             self.resuming = None
             return  # the replayed head of a refused upgrade: this request is already under way
@@ -288,10 +290,12 @@ class GatewayProtocol(asyncio.Protocol):
             self._update_reading()
 
     def on_body(self, body: bytes) -> None:
+        assert self.parsing is not None
         self.parsing.take_body(body)
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
+        assert exchange is not None
         self.parsing = None
         exchange.body_complete()
 
@@ -569,7 +573,7 @@ class GatewayProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
-        if self.active is None and self.transport is not None:
+        if self.active is None:
             self.transport.close()
 
 

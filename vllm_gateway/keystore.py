@@ -174,7 +174,7 @@ class KeyStore:
             return secret
 
     def revoke(self, key_id: str) -> bool:
-        found = []
+        found: list[KeyRecord] = []
 
         def remove(keys: list[KeyRecord]) -> None:
             found.extend(k for k in keys if k.id == key_id)

@@ -24,6 +24,7 @@ from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected
 from .state import GatewayState
 from .upstream import (
+    Headers,
     Response,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -101,7 +102,9 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
-        asyncio.current_task().uncancel()
+        task = asyncio.current_task()
+        assert task is not None
+        task.uncancel()
         outcome.status = 499
     finally:
         state.log.request(
@@ -110,7 +113,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         )
 
 
-async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: bytes, outcome: Outcome) -> None:
+async def proxy(state: GatewayState, exchange: Exchange, headers: dict[bytes, bytes], request_id: bytes,
+                outcome: Outcome) -> None:
     # 1. Who is asking: the key was checked with the head (access.check_head), before any body.
     key = exchange.key
     assert key is not None
@@ -141,7 +145,7 @@ async def proxy(state: GatewayState, exchange: Exchange, headers, request_id: by
         state.in_flight -= 1
 
 
-async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body: bytes, model: Model,
+async def relay(state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model,
                 outcome: Outcome) -> None:
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model)
     outcome.backend = backend.spec.id
@@ -184,7 +188,7 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers, body:
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
 
 
-async def open_upstream(state: GatewayState, exchange: Exchange, upstream_headers, body: bytes,
+async def open_upstream(state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes,
                         model: Model) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend, moving on to the next one that refuses."""
     query = exchange.query_string

@@ -63,6 +63,7 @@ class RateLimiter:
             count, reset_at = self.local.hit(key_id, item, text)
             allowed, remaining = count <= item.amount, max(0, item.amount - count)
         else:
+            assert self.shared is not None
             allowed = await self.shared.hit(item, "key", key_id)
             stats = await self.shared.get_window_stats(item, "key", key_id)
             reset_at, remaining = stats.reset_time, stats.remaining

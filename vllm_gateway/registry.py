@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from .model_config import BackendSpec
 
 
-class BackendState(str, Enum):
+class BackendState(StrEnum):
     READY = "ready"
     LOADING = "loading"
     DOWN = "down"
@@ -56,9 +56,9 @@ class Model:
         """The ready backend with the fewest requests in flight (replicas share the load)."""
         best = None
         for backend in self.backends:
-            if backend.state is BackendState.READY and backend not in exclude:
-                if best is None or backend.in_flight < best.in_flight:
-                    best = backend
+            if backend.state is BackendState.READY and backend not in exclude and (
+                    best is None or backend.in_flight < best.in_flight):
+                best = backend
         return best
 
 

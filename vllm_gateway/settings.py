@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -63,8 +63,9 @@ class Settings(BaseSettings):
 
     # -- keys and limits --
     key_file: Path = REPO_DIR / "api_keys.json"
-    # How often keys' last-used times are written to the key file (a rename of the whole file).
-    key_usage_flush_seconds: float = Field(30.0, gt=0)
+    # How often keys' last-used times are written to the key file (a rename of the whole file, only
+    # when a key was used since), so that `keys list` shows them within seconds.
+    key_usage_flush_seconds: float = Field(2.0, gt=0)
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
 
@@ -97,6 +98,6 @@ class Settings(BaseSettings):
         return self.rate_limit_scheme != "memory"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     env_file = os.environ.get("GATEWAY_ENV_FILE", "gateway.env")
     return Settings(_env_file=env_file if Path(env_file).is_file() else None, **overrides)

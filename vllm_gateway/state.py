@@ -21,9 +21,10 @@ class GatewayState:
     registry: Registry
     keys: KeyStore
     limiter: RateLimiter
-    upstream: UpstreamPool | None = None
-    health: HealthChecker | None = None
-    log: LogWriter | None = None
+    # Made once the event loop runs (app.py's create_app and lifespan), before the first request.
+    upstream: UpstreamPool = field(init=False)
+    health: HealthChecker = field(init=False)
+    log: LogWriter = field(init=False)
     in_flight: int = 0
     body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)

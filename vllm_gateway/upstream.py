@@ -84,9 +84,10 @@ class Target:
 
 
 class Sink(Protocol):
-    """Where a relayed body goes: the client's side of the gateway (http_protocol.Exchange)."""
+    """Where a relayed body goes: the client's side of the gateway (http_exchange.Exchange)."""
 
-    write_paused: bool
+    @property
+    def write_paused(self) -> bool: ...
 
     def write(self, chunk: bytes) -> None: ...
 
@@ -213,10 +214,12 @@ class Connection(asyncio.Protocol):
         self.pool = pool
         self.target = target
         self.loop = pool.loop
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # from connection_made, before anything is sent
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
-        self.headers_ready: asyncio.Future[None] | None = None
+        # A new one per request (send); this first one is done, so nothing can fail it unawaited.
+        self.headers_ready: asyncio.Future[None] = self.loop.create_future()
+        self.headers_ready.set_result(None)
         self.closed = False
         self.reused = False
         self.received = False
@@ -255,7 +258,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.transport is not None:
+            if hasattr(self, "transport"):
                 self.transport.close()
 
     def pause(self) -> None:
@@ -270,7 +273,7 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio protocol --
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -301,11 +304,15 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
 
+    # The parser runs only while a response is expected (send() made it), hence the asserts.
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
         self.response.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         response = self.response
+        assert response is not None
         response.status = self.parser.get_status_code()
         names = {name for name, _ in response.headers}
         self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
@@ -315,15 +322,17 @@ class Connection(asyncio.Protocol):
             self.headers_ready.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        assert self.response is not None
         self.response._feed(body)
 
     def on_message_complete(self) -> None:
+        assert self.response is not None
         self.response._finish()
 
     # -- internals --
 
     def _fail(self, error: UpstreamError) -> None:
-        if self.headers_ready is not None and not self.headers_ready.done():
+        if not self.headers_ready.done():
             self.headers_ready.set_exception(error)
         if self.response is not None:
             self.response._fail(error)
@@ -406,7 +415,7 @@ class UpstreamPool:
                 ),
                 self.connect_timeout,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamConnectTimeout(f"connect timed out after {self.connect_timeout:g} s") from None
         except OSError as error:
             raise UpstreamConnectError(f"connect failed: {error.strerror or error}") from None

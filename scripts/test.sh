@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Usage: scripts/test.sh [PYTEST ARGS...] [-h|--help]
+#
+# Every check the project has, in the order that fails fastest: ruff (lint and format), mypy (strict on
+# the packages), then the whole test suite under coverage, the gateway's own processes included, with
+# the coverage floor of pyproject.toml ([tool.coverage.report] fail_under).
+# Run scripts/install_test_deps.sh once first. PYTEST ARGS go to pytest (a file, -k EXPR, -x, ...);
+# with any of them the coverage floor is not applied, since a part of the suite covers less.
+#
+# Exit status: 0 all passed, 1 a check or a test failed.
+set -euo pipefail
+
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="$REPO_DIR/.venv/bin/python"
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+main() {
+    if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+        sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+        return 0
+    fi
+    [[ -x "$PYTHON" ]] || { echo "test: no .venv; run scripts/install_test_deps.sh first" >&2; return 1; }
+    cd "$REPO_DIR"
+    step "ruff check"
+    "$PYTHON" -m ruff check .
+    step "ruff format --check"
+    "$PYTHON" -m ruff format --check .
+    step "mypy"
+    "$PYTHON" -m mypy
+    step "pytest under coverage"
+    rm -f .coverage .coverage.*
+    "$PYTHON" -m coverage run -m pytest "$@"
+    "$PYTHON" -m coverage combine -q
+    step "coverage"
+    if (($# > 0)); then
+        "$PYTHON" -m coverage report --fail-under=0
+    else
+        "$PYTHON" -m coverage report
+    fi
+}
+
+main "$@"
