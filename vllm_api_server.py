@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The vLLM API gateway: `python vllm_api_server.py [serve|models|keys|...] --help`.
+"""The vLLM API gateway: `python3 vllm_api_server.py [serve|models|keys|...] --help`.
 
 Server settings (port 1024, concurrency 100, keep-alive 300 s, httptools, 20 requests/minute per key,
 ...) are declared in vllm_gateway/settings.py and set through GATEWAY_* environment variables.
@@ -17,7 +17,7 @@ NEEDED = ("fastapi", "uvicorn", "httptools", "uvloop", "pydantic", "pydantic_set
 
 
 def run_in_venv_if_needed(missing: str) -> None:
-    """The README and the first-start banner print `python vllm_api_server.py ...`: from a plain shell
+    """The README and the first-start banner print `python3 vllm_api_server.py ...`: from a plain shell
     that python lacks the gateway's packages, which the repo's .venv (scripts/install.sh) has."""
     python = VENV_DIR / "bin" / "python"
     if python.exists() and Path(sys.prefix).resolve() != VENV_DIR.resolve():

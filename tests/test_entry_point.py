@@ -1,4 +1,4 @@
-"""vllm_api_server.py works as the README and the first-start banner print it: `python vllm_api_server.py
+"""vllm_api_server.py works as the README and the first-start banner print it: `python3 vllm_api_server.py
 ...` from a plain shell, whose python lacks the gateway's packages, runs in the repo's .venv."""
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def serve(args: argparse.Namespace) -> int:
     if not store.exists:
         if not sys.stdout.isatty():
             print(
-                f"vllm_api_server: no key file at {settings.key_file}. Run `python vllm_api_server.py keys init` "
+                f"vllm_api_server: no key file at {settings.key_file}. Run `python3 vllm_api_server.py keys init` "
                 "once on a terminal to create the first admin key (start_api_server.sh does it for you).",
                 file=sys.stderr,
             )
@@ -195,7 +195,7 @@ def init_keys(_: argparse.Namespace) -> int:
     print(
         f"{rule}\n First start: created an admin API key. It is shown only this once:\n\n    {secret}\n\n"
         f" Only its hash is stored, in {store.path}. Keep it safe; make keys for users with\n"
-        f"    python vllm_api_server.py keys create --name NAME\n{rule}",
+        f"    python3 vllm_api_server.py keys create --name NAME\n{rule}",
         flush=True,
     )
     return 0

@@ -124,7 +124,7 @@ class KeyStore:
             self._install(KeyFile())
             raise KeyFileError(
                 f"key file {self.path} is missing: every key is refused until it is restored from a backup "
-                "or `python vllm_api_server.py keys init` creates a new admin key"
+                "or `python3 vllm_api_server.py keys init` creates a new admin key"
             )
         try:
             self._install(self._read())
