@@ -335,7 +335,7 @@ def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> N
     assert card["max_model_len"] == 2048
 
     rejected = subprocess.run(
-        [sys.executable, "-m", "vllm_gateway.simulator", "--served-model-name", "x", "--bogus"],
+        [sys.executable, "-m", "vllm_simulator", "--served-model-name", "x", "--bogus"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert rejected.returncode == 2
     assert "--bogus" in rejected.stderr
