@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.processes import (REPO_ROOT, Simulator, http_status, parse_metrics,
-                                     wait_until)
+from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_metrics, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -216,11 +215,10 @@ def test_slow_start_fault_holds_back_the_first_token(sim: Simulator) -> None:
 def stream_until_cut_off(sim: Simulator, max_tokens: int) -> list[str]:
     """The lines of a streamed chat that must end in a transport error, not a clean end."""
     received: list[str] = []
-    with pytest.raises(httpx.TransportError):
-        with httpx.stream("POST", sim.base_url + CHAT,
-                          json=chat_body(sim.model, max_tokens, stream=True)) as response:
-            for line in response.iter_lines():
-                received.append(line)
+    body = chat_body(sim.model, max_tokens, stream=True)
+    with pytest.raises(httpx.TransportError), httpx.stream("POST", sim.base_url + CHAT, json=body) as response:
+        for line in response.iter_lines():
+            received.append(line)
     return received
 
 
