@@ -1,6 +1,6 @@
 """What health checkers and the gateway poll: /health, /version, /v1/models and Prometheus /metrics.
 
-Shapes and metric names are vLLM's, so a gateway cannot tell the simulator from the engine here.
+Shapes and metric names are vLLM's, so the gateway's health checks and metric readers work unchanged.
 """
 
 from __future__ import annotations
