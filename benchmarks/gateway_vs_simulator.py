@@ -31,7 +31,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-vs-sim-") as tmp:
         work = Path(tmp)
         port = free_port()
-        simulator = spawn("simulator", [python, "-m", "vllm_gateway.simulator", "--port", str(port),
+        simulator = spawn("simulator", [python, "-m", "vllm_simulator", "--port", str(port),
                                         "--served-model-name", MODEL, "--first-token-delay", "0",
                                         "--token-rate", "0"], work / "simulator.log", [1], cwd=REPO)
         gateway = None

@@ -566,7 +566,7 @@ model_argv() {
     [[ -z "$(m "$i" aliases)" ]] || IFS=',' read -ra extra <<<"$(m "$i" aliases)"
     names+=("${extra[@]}")
     if [[ "$simulate" == 1 ]]; then
-        MODEL_ARGV=("$(gateway_python)" -m vllm_gateway.simulator --model "$path"
+        MODEL_ARGV=("$(gateway_python)" -m vllm_simulator --model "$path"
             --served-model-name "${names[@]}" --host "$VLLM_HOST" --port "$(m "$i" port)")
         [[ -z "$(m "$i" max_num_seqs)" ]] || MODEL_ARGV+=(--max-num-seqs "$(m "$i" max_num_seqs)")
         [[ -z "$(m "$i" max_model_len)" ]] || MODEL_ARGV+=(--max-model-len "$(m "$i" max_model_len)")

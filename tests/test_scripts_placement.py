@@ -238,6 +238,6 @@ def test_dry_run_of_the_simulator_needs_no_gpu_and_no_weights(fleet: Fleet, tmp_
     assert result.returncode == 0, result.stderr
     plan = parse_dry_run(result.stdout)["big"]
     assert plan.numactl == []
-    assert plan.server[1:] == ["-m", "vllm_gateway.simulator", "--model", "/no/such/weights",
+    assert plan.server[1:] == ["-m", "vllm_simulator", "--model", "/no/such/weights",
                                "--served-model-name", "big", "b", "--host", "127.0.0.1", "--port",
                                plan.server[-1]]

@@ -65,7 +65,7 @@ def test_simulated_models_start_and_stop_without_gpu_or_weights(fleet: Fleet) ->
 def test_vllm_simulate_variable_works_like_the_flag(fleet: Fleet) -> None:
     result = fleet.run("start_all_models.sh", "Qwen3-14B", "--wait", env={"VLLM_SIMULATE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "vllm_gateway.simulator" in fleet.log("qwen3_14b_vllm.log")
+    assert "vllm_simulator" in fleet.log("qwen3_14b_vllm.log")
 
 
 def test_all_services_start_serve_a_chat_through_the_gateway_and_stop(fleet: Fleet) -> None:

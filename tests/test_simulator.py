@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.processes import (REPO_ROOT, Simulator, http_status, parse_metrics,
-                                     wait_until)
+from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_metrics, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -216,11 +215,10 @@ def test_slow_start_fault_holds_back_the_first_token(sim: Simulator) -> None:
 def stream_until_cut_off(sim: Simulator, max_tokens: int) -> list[str]:
     """The lines of a streamed chat that must end in a transport error, not a clean end."""
     received: list[str] = []
-    with pytest.raises(httpx.TransportError):
-        with httpx.stream("POST", sim.base_url + CHAT,
-                          json=chat_body(sim.model, max_tokens, stream=True)) as response:
-            for line in response.iter_lines():
-                received.append(line)
+    body = chat_body(sim.model, max_tokens, stream=True)
+    with pytest.raises(httpx.TransportError), httpx.stream("POST", sim.base_url + CHAT, json=body) as response:
+        for line in response.iter_lines():
+            received.append(line)
     return received
 
 
@@ -335,7 +333,7 @@ def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> N
     assert card["max_model_len"] == 2048
 
     rejected = subprocess.run(
-        [sys.executable, "-m", "vllm_gateway.simulator", "--served-model-name", "x", "--bogus"],
+        [sys.executable, "-m", "vllm_simulator", "--served-model-name", "x", "--bogus"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert rejected.returncode == 2
     assert "--bogus" in rejected.stderr

@@ -230,7 +230,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 class Simulator:
-    """A vLLM simulator process on a free port (see vllm_gateway/simulator.py)."""
+    """A vLLM simulator process on a free port (see vllm_simulator/)."""
 
     def __init__(self, handle: ProcessHandle, port: int, model: str) -> None:
         self.handle = handle
@@ -247,7 +247,7 @@ class Simulator:
         The pace defaults to fast (no first-token delay, 1000 tokens/s); pass the flags to change it.
         """
         port = port or free_port()
-        cmd = [python, "-m", "vllm_gateway.simulator", "--port", str(port),
+        cmd = [python, "-m", "vllm_simulator", "--port", str(port),
                "--served-model-name", model, "--first-token-delay", "0", "--token-rate", "1000",
                *args]
         log_path = Path(log_dir) / f"simulator-{port}.log"

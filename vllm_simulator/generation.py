@@ -1,0 +1,197 @@
+"""Chat and text completions: paced tokens, the --max-num-seqs slot queue, whole and streamed answers.
+
+A request is checked, waits for a slot like a queued sequence in vLLM's engine, then generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import bad_request, invalid, json_response
+from .faults import Faults, strike
+from .state import STATE, SimulatorState
+from .validation import (
+    check_context_length,
+    count_input_tokens,
+    json_body,
+    messages_texts,
+    optional_bool,
+    requested_max_tokens,
+    requested_model,
+    text_or_token_inputs,
+)
+from .vocabulary import completion_text, token_json
+
+
+@dataclass(frozen=True)
+class Generation:
+    chat: bool
+    request_id: str
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await generate(request, chat=False)
+
+
+async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = await json_body(request)
+    model = requested_model(body, state.config)
+    # Validation before the injected failure: vLLM rejects a malformed request before it reaches
+    # the engine, so a broken engine still answers bad input with 400.
+    if chat:
+        prompt_tokens = count_input_tokens(messages_texts(body.get("messages")))
+        max_tokens = requested_max_tokens(body, "max_completion_tokens", "max_tokens")
+    else:
+        if body.get("prompt") is None:
+            raise bad_request("`prompt` is required.", "prompt")
+        prompt_tokens = count_input_tokens(text_or_token_inputs(body["prompt"], "prompt"))
+        max_tokens = requested_max_tokens(body, "max_tokens")
+    stream = optional_bool(body, "stream")
+    stream_options = body.get("stream_options")
+    if stream_options is None:
+        stream_options = {}
+    elif not isinstance(stream_options, dict):
+        raise invalid("stream_options", "an object")
+    include_usage = optional_bool(stream_options, "include_usage", "stream_options.include_usage")
+    state.faults.raise_injected_error()
+    check_context_length(state.config.max_model_len, prompt_tokens, max_tokens)
+    # Like vLLM, a client's X-Request-Id becomes part of the completion id.
+    base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    job = Generation(
+        chat=chat, request_id=("chatcmpl-" if chat else "cmpl-") + base_id, model=model,
+        prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
+        include_usage=include_usage)
+    faults = state.faults.copy()  # a request keeps the faults it started with
+
+    try:
+        await acquire_slot(state)
+    except asyncio.CancelledError:  # the client gave up while queued
+        state.aborted += 1
+        raise
+    state.running += 1
+    state.prompt_tokens += prompt_tokens
+    finished = False
+    try:
+        if job.stream:
+            response = await stream_generation(request, state, job, faults)
+        else:
+            response = await whole_generation(request, state, job, faults)
+        finished = True
+        return response
+    finally:
+        state.running -= 1
+        state.slots.release()
+        if finished:
+            state.completed += 1
+        elif request.get("crashed"):
+            state.crashed += 1
+        else:
+            state.aborted += 1
+
+
+async def acquire_slot(state: SimulatorState) -> None:
+    """Wait, counted as waiting, until one of the --max-num-seqs slots is free."""
+    state.waiting += 1
+    try:
+        await state.slots.acquire()
+    finally:
+        state.waiting -= 1
+
+
+async def paced_tokens(state: SimulatorState, n_tokens: int, faults: Faults) -> AsyncIterator[int]:
+    """Yield token positions 0..n-1 at the configured pace (first-token delay, then rate)."""
+    loop = asyncio.get_running_loop()
+    delay = state.config.first_token_delay + (faults.slow_start or 0.0)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    start = loop.time()
+    rate = state.config.token_rate
+    for position in range(n_tokens):
+        if rate > 0 and position > 0:
+            wait = start + position / rate - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        elif position % 32 == 31:
+            await asyncio.sleep(0)  # at full speed, still let other streams and aborts in
+        state.generation_tokens += 1
+        yield position
+
+
+async def whole_generation(request: web.Request, state: SimulatorState, job: Generation,
+                           faults: Faults) -> web.Response:
+    stop_at = faults.stop_after(job.max_tokens)
+    produced = 0
+    async for _ in paced_tokens(state, stop_at if stop_at is not None else job.max_tokens, faults):
+        produced += 1
+    if stop_at is not None:
+        strike(request, faults)
+    text = completion_text(produced)
+    choice: dict[str, Any]
+    if job.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
+                  "logprobs": None, "finish_reason": "length", "stop_reason": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
+                  "stop_reason": None}
+    return json_response({
+        "id": job.request_id, "object": "chat.completion" if job.chat else "text_completion",
+        "created": int(time.time()), "model": job.model, "choices": [choice],
+        "usage": job.usage(produced)})
+
+
+async def stream_generation(request: web.Request, state: SimulatorState, job: Generation,
+                            faults: Faults) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    created = int(time.time())
+    # Every chunk is the same bytes around its token, so they are built once per stream.
+    head = (b'data: {"id":' + orjson.dumps(job.request_id) + b',"object":'
+            + (b'"chat.completion.chunk"' if job.chat else b'"text_completion"')
+            + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(job.model)
+            + b',"choices":[{"index":0,')
+    token_open = b'"delta":{"content":' if job.chat else b'"text":'
+    token_close = b"}," if job.chat else b","
+    tail_more = b'"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
+    tail_last = b'"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+    if job.chat:  # vLLM opens a chat stream with the role
+        await response.write(head + b'"delta":{"role":"assistant","content":""},' + tail_more)
+
+    stop_at = faults.stop_after(job.max_tokens)
+    n_tokens = stop_at if stop_at is not None else job.max_tokens
+    async for position in paced_tokens(state, n_tokens, faults):
+        last = stop_at is None and position == n_tokens - 1
+        await response.write(head + token_open + token_json(position) + token_close
+                             + (tail_last if last else tail_more))
+    if stop_at is not None:
+        strike(request, faults)
+    if job.include_usage:
+        usage_chunk: dict[str, Any] = {
+            "id": job.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": created, "model": job.model, "choices": [], "usage": job.usage(n_tokens)}
+        await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
