@@ -63,11 +63,11 @@ def parser() -> argparse.ArgumentParser:
     listing.set_defaults(run=list_keys)
 
     revoke = keys.add_parser("revoke", help="delete a key for good")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
     revoke.set_defaults(run=revoke_key)
 
     update = keys.add_parser("update", help="change a key's name, models, limit, admin flag or disabled flag")
-    update.add_argument("key_id")
+    update.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
     update.add_argument("--name")
     update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
     update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
@@ -238,11 +238,26 @@ def describe(record: KeyRecord) -> tuple[str, ...]:
     )
 
 
+def key_id_of(store: KeyStore, reference: str) -> str:
+    """The id of the key `reference` names: its id, or a name no other key has."""
+    records = store.records()
+    if any(record.id == reference for record in records):
+        return reference
+    named = [record.id for record in records if record.name == reference]
+    if len(named) > 1:
+        raise ValueError(f"{len(named)} keys are named {reference}: name one by its id ({', '.join(named)})")
+    if not named:
+        raise ValueError(f"no key with the id or name {reference}")
+    return named[0]
+
+
 def revoke_key(args: argparse.Namespace) -> int:
-    if not key_store().revoke(args.key_id):
-        print(f"vllm_api_server: no key with id {args.key_id}", file=sys.stderr)
+    store = key_store()
+    key_id = key_id_of(store, args.key)
+    if not store.revoke(key_id):
+        print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
-    print(f"revoked {args.key_id}")
+    print(f"revoked {key_id}")
     return 0
 
 
@@ -257,9 +272,11 @@ def update_key(args: argparse.Namespace) -> int:
     for flag in ("admin", "disabled"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
-    record = key_store().update(args.key_id, changes)
+    store = key_store()
+    key_id = key_id_of(store, args.key)
+    record = store.update(key_id, changes)
     if record is None:
-        print(f"vllm_api_server: no key with id {args.key_id}", file=sys.stderr)
+        print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
     print("  ".join(describe(record)))
     return 0
