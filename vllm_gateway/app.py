@@ -22,8 +22,8 @@ from .api import router
 from .errors import GatewayError
 from .file_limits import current_open_files_limit, default_max_connections
 from .health import HealthChecker, probe_pool
+from .http_config import ConnectionCap, Limits, ServerHooks
 from .http_exchange import Exchange
-from .http_protocol import ConnectionCap, Limits, ServerHooks
 from .keystore import KeyFileError, KeyStore
 from .model_config import load_backend_specs
 from .ratelimit import RateLimiter

@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 import httptools
@@ -34,75 +30,15 @@ from . import errors
 from .access_log import clean
 from .asgi_bridge import serve_asgi
 from .errors import GatewayError
-from .http_exchange import CONTINUE, Exchange, error_response
+from .http_config import ServerHooks, find_hooks
+from .http_exchange import Exchange, error_response
+from .http_timers import ConnectionTimers
 from .request_body import ClientDisconnected
 
 log = logging.getLogger("vllm_gateway")
 
 # Requests parsed ahead of the one being answered (pipelining): beyond this, stop reading.
 MAX_QUEUED = 4
-# A client that sent EOF and still waits for an answer after this long is probed (_probe_closed_client);
-# its socket's state is then read this soon, and again at this interval until the answer starts.
-EOF_PROBE_SECONDS = 0.02
-EOF_CHECK_FIRST_SECONDS = 0.05
-EOF_CHECK_SECONDS = 1.0
-# At most one log line per this many seconds about connections refused at the cap.
-CAP_REPORT_SECONDS = 10.0
-_TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
-
-# What the read timer waits for.
-IDLE, HEAD, BODY = "idle", "head", "body"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The connection's limits and timeouts, from the settings (their defaults are nginx's, or near)."""
-
-    head_timeout: float
-    body_timeout: float
-    send_timeout: float
-    keepalive_timeout: float
-    max_request_line: int
-    max_head_bytes: int
-    max_headers: int
-    max_body: int
-    max_small_body: int
-
-
-class ConnectionCap:
-    """At most `limit` client connections per process, so that the process keeps file descriptors for
-    its upstream connections, its log and its key file; new connections beyond it are closed at once."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.refused = 0
-        self.reported_at = float("-inf")
-
-    def admit(self, open_now: int) -> bool:
-        if open_now < self.limit:
-            return True
-        self.refused += 1
-        now = time.monotonic()
-        if now - self.reported_at >= CAP_REPORT_SECONDS:
-            log.warning("connection limit of %d reached (GATEWAY_MAX_CONNECTIONS): closed %d new connection(s)",
-                        self.limit, self.refused)
-            self.reported_at = now
-            self.refused = 0
-        return False
-
-
-@dataclass(frozen=True)
-class ServerHooks:
-    """What the application hands the HTTP server, so the server needs none of the request path's modules."""
-
-    relay_paths: frozenset[str]
-    relay: Callable[[Exchange], Coroutine[Any, Any, None]]
-    # When a head is complete: the error that refuses the request before its body, or None.
-    check_head: Callable[[Exchange], GatewayError | None]
-    # One access-log line for a request the connection itself answered (status, method, path or "-").
-    log_rejection: Callable[[Exchange | None, int], None]
-    limits: Limits
-    cap: ConnectionCap
 
 
 class BadHead(Exception):
@@ -136,7 +72,6 @@ class GatewayProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.stop_reading = False      # for good: the client broke the protocol, or sent EOF
         self.write_paused = False
-        self.unsent = 0                # bytes waiting to be sent when the send timer was last armed
         self.drain_waiter: asyncio.Future[None] | None = None
         self.closing = False
         self.client_eof = False
@@ -151,13 +86,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.resuming: Exchange | None = None  # see _refuse_upgrade
         self.active: Exchange | None = None    # the request being answered
         self.queued: deque[Exchange] = deque()
-        # -- timers --
-        self.read_timer: asyncio.TimerHandle | None = None
-        self.read_phase: str | None = None
-        self.head_deadline: float | None = None
-        self.last_read = 0.0
-        self.send_timer: asyncio.TimerHandle | None = None
-        self.eof_timer: asyncio.TimerHandle | None = None
+        self.timers = ConnectionTimers(self)
 
     @property
     def default_headers(self) -> list[tuple[bytes, bytes]]:
@@ -173,8 +102,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
         self.client = address(transport.get_extra_info("peername"))
         self.server = address(transport.get_extra_info("sockname"))
-        self.head_deadline = self.loop.time() + self.limits.head_timeout
-        self._watch_reading()
+        self.timers.watch_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.stop_reading:
@@ -189,7 +117,7 @@ class GatewayProtocol(asyncio.Protocol):
                     break
         else:
             self._feed(data)
-        self._watch_reading()
+        self.timers.watch_reading()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -202,14 +130,12 @@ class GatewayProtocol(asyncio.Protocol):
             self.transport.close()
             return True
         # What arrived complete is answered, then the connection closes (HTTP/1.1's half-close).
-        self._probe_closed_client()
+        self.timers.probe_closed_client()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        for timer in (self.read_timer, self.send_timer, self.eof_timer):
-            if timer is not None:
-                timer.cancel()
+        self.timers.cancel()
         for exchange in (self.active, self.parsing, *self.queued):
             if exchange is not None and not exchange.done:
                 exchange.gone()
@@ -272,7 +198,7 @@ class GatewayProtocol(asyncio.Protocol):
         exchange.keep_alive = parser.should_keep_alive()
         exchange.head_only = exchange.method == "HEAD"
         exchange.head_complete = True
-        self.head_deadline = None
+        self.timers.head_complete()
         exchange.raw_path = url.path
         path = url.path.decode("ascii")
         exchange.path = urllib.parse.unquote(path) if "%" in path else path
@@ -357,7 +283,7 @@ class GatewayProtocol(asyncio.Protocol):
             exchange.respond_error(exchange.rejected)
             return
         if self.client_eof:
-            self._probe_closed_client()
+            self.timers.probe_closed_client()
         task = self.loop.create_task(self.hooks.relay(exchange) if exchange.relay else self.serve_app(exchange))
         exchange.task = task
         self.server_state.tasks.add(task)
@@ -393,9 +319,7 @@ class GatewayProtocol(asyncio.Protocol):
             return
         self.active = None
         self.server_state.total_requests += 1
-        if self.eof_timer is not None:
-            self.eof_timer.cancel()
-            self.eof_timer = None
+        self.timers.answer_done()
         if not exchange.keep_alive or self.closing or self.transport.is_closing():
             self.transport.close()
             return
@@ -416,7 +340,7 @@ class GatewayProtocol(asyncio.Protocol):
         elif self.client_eof:
             self.transport.close()
         else:
-            self._watch_reading()
+            self.timers.watch_reading()
 
     def fail(self, error: GatewayError) -> None:
         """The client broke the protocol (or its limits): what it sent before is answered, then this
@@ -438,15 +362,12 @@ class GatewayProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.unsent = self.transport.get_write_buffer_size()
-        self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+        self.timers.writing_paused()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.send_timer is not None:
-            self.send_timer.cancel()
-            self.send_timer = None
+        self.timers.writing_resumed()
         self._resume_writers()
         self._update_reading()
         self._next()
@@ -470,120 +391,15 @@ class GatewayProtocol(asyncio.Protocol):
                 self.transport.pause_reading()
             else:
                 self.transport.resume_reading()
-            self._watch_reading()
+            self.timers.watch_reading()
 
-    # -- timeouts and shutdown --
-
-    def _watch_reading(self) -> None:
-        """Arm the read timer for what the connection waits for now: a first head (from the connection's
-        start), the next request (keep-alive), the rest of a head, or the next piece of a body."""
-        parsing = self.parsing
-        if parsing is None:
-            phase = IDLE if self.active is None and not self.queued and not self.stop_reading else None
-        elif self.reading_paused:
-            # Not reading is the gateway's choice (answers wait to be read): the client is not slow.
-            phase = None
-            self.head_deadline = None
-        elif not parsing.head_complete:
-            phase = HEAD
-        else:
-            phase = BODY if parsing.rejected is None and not parsing.done else None
-        if phase is self.read_phase:
-            if phase is BODY:
-                self.last_read = self.loop.time()
-            return
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-            self.read_timer = None
-        self.read_phase = phase
-        if phase is None:
-            return
-        now = self.loop.time()
-        if phase is BODY:
-            self.last_read = now
-            self.read_timer = self.loop.call_at(now + self.limits.body_timeout, self._read_timed_out)
-            return
-        if phase is IDLE and self.served:
-            self.read_timer = self.loop.call_at(now + self.limits.keepalive_timeout, self._read_timed_out)
-            return
-        if self.head_deadline is None:
-            self.head_deadline = now + self.limits.head_timeout
-        self.read_timer = self.loop.call_at(self.head_deadline, self._read_timed_out)
-
-    def _read_timed_out(self) -> None:
-        self.read_timer = None
-        phase = self.read_phase
-        if phase is BODY:
-            waited = self.loop.time() - self.last_read
-            if waited < self.limits.body_timeout:
-                self.read_timer = self.loop.call_later(self.limits.body_timeout - waited, self._read_timed_out)
-                return
-        self.read_phase = None
-        if phase is IDLE:
-            self.transport.close()  # nothing of a request arrived: nothing to answer
-        elif phase is HEAD:
-            self.fail(errors.request_timeout("request head", self.limits.head_timeout))
-        elif phase is BODY:
-            self.fail(errors.request_timeout("request body", self.limits.body_timeout))
-
-    def _send_timed_out(self) -> None:
-        # As nginx's send_timeout: a client that read some of its answer since the timer was armed
-        # is slow, not gone, and gets another period. One that read nothing is dropped, which also
-        # ends a relay and with it the generation upstream (a stream's vLLM sequence is freed).
-        self.send_timer = None
-        unsent = self.transport.get_write_buffer_size()
-        if unsent < self.unsent:
-            self.unsent = unsent
-            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
-            return
-        log.info("dropped a client that read none of its answer for %g s", self.limits.send_timeout)
-        self.transport.abort()
-
-    def _probe_closed_client(self) -> None:
-        """A client's EOF may be a half-close (it still reads) or a close (it is gone). An interim
-        `100 Continue`, which every HTTP/1.1 client skips, tells them apart: a closed socket answers
-        it with a reset, and then the request is dropped (a relay's generation aborted) at once."""
-        if self.eof_timer is None:
-            self.eof_timer = self.loop.call_later(EOF_PROBE_SECONDS, self._probe)
-
-    def _probe(self) -> None:
-        self.eof_timer = None
-        active = self.active
-        if active is None or active.head_sent or active.http_version != "1.1" or self.transport.is_closing():
-            return  # answered already, or about to be: the answer itself is the probe
-        self.write(CONTINUE)
-        self.eof_timer = self.loop.call_later(EOF_CHECK_FIRST_SECONDS, self._check_closed_client)
-
-    def _check_closed_client(self) -> None:
-        self.eof_timer = None
-        active = self.active
-        if active is None or active.head_sent or self.transport.is_closing():
-            return
-        sock = self.transport.get_extra_info("socket")
-        try:
-            reset = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
-                     or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE)
-        except (OSError, AttributeError):
-            return  # not a TCP socket here: the next write will tell
-        if reset:
-            self.transport.abort()
-        else:
-            self.eof_timer = self.loop.call_later(EOF_CHECK_SECONDS, self._check_closed_client)
+    # -- shutdown --
 
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
         if self.active is None:
             self.transport.close()
-
-
-def find_hooks(app: Any) -> ServerHooks:
-    """The gateway's hooks, from its ASGI app under any middleware uvicorn wrapped it in."""
-    while app is not None and not isinstance(getattr(app, "hooks", None), ServerHooks):
-        app = getattr(app, "app", None)
-    if app is None:
-        raise RuntimeError("the http protocol serves only the gateway's app (vllm_gateway.app.create_app)")
-    return app.hooks  # type: ignore[no-any-return]
 
 
 def address(value: object) -> tuple[str, int] | None:

@@ -1,0 +1,175 @@
+"""The clocks of one client connection: how long it may take to send a head or the next piece of a
+body, or to stay idle between requests; how long it may leave its answer unread; and the probe that
+tells a client that half-closed from one that left. One handle per clock, re-armed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from . import errors
+from .http_exchange import CONTINUE
+
+if TYPE_CHECKING:
+    from .http_protocol import GatewayProtocol
+
+log = logging.getLogger("vllm_gateway")
+
+# A client that sent EOF and still waits for an answer after this long is probed (probe_closed_client);
+# its socket's state is then read this soon, and again at this interval until the answer starts.
+EOF_PROBE_SECONDS = 0.02
+EOF_CHECK_FIRST_SECONDS = 0.05
+EOF_CHECK_SECONDS = 1.0
+_TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
+
+# What the read timer waits for.
+IDLE, HEAD, BODY = "idle", "head", "body"
+
+
+class ConnectionTimers:
+    def __init__(self, connection: GatewayProtocol) -> None:
+        self.connection = connection
+        self.loop = connection.loop
+        self.limits = connection.limits
+        # -- reading: a head, a body, or the next request --
+        self.read_timer: asyncio.TimerHandle | None = None
+        self.read_phase: str | None = None
+        self.head_deadline: float | None = self.loop.time() + self.limits.head_timeout
+        self.last_read = 0.0
+        # -- writing: an answer that is not read --
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.unsent = 0  # bytes waiting to be sent when the send timer was last armed
+        # -- a client that sent EOF --
+        self.eof_timer: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        for timer in (self.read_timer, self.send_timer, self.eof_timer):
+            if timer is not None:
+                timer.cancel()
+
+    # -- reading --
+
+    def head_complete(self) -> None:
+        self.head_deadline = None
+
+    def watch_reading(self) -> None:
+        """Arm the read timer for what the connection waits for now: a first head (from the connection's
+        start), the next request (keep-alive), the rest of a head, or the next piece of a body."""
+        connection = self.connection
+        parsing = connection.parsing
+        if parsing is None:
+            idle = connection.active is None and not connection.queued and not connection.stop_reading
+            phase = IDLE if idle else None
+        elif connection.reading_paused:
+            # Not reading is the gateway's choice (answers wait to be read): the client is not slow.
+            phase = None
+            self.head_deadline = None
+        elif not parsing.head_complete:
+            phase = HEAD
+        else:
+            phase = BODY if parsing.rejected is None and not parsing.done else None
+        if phase is self.read_phase:
+            if phase is BODY:
+                self.last_read = self.loop.time()
+            return
+        if self.read_timer is not None:
+            self.read_timer.cancel()
+            self.read_timer = None
+        self.read_phase = phase
+        if phase is None:
+            return
+        now = self.loop.time()
+        if phase is BODY:
+            self.last_read = now
+            self.read_timer = self.loop.call_at(now + self.limits.body_timeout, self._read_timed_out)
+            return
+        if phase is IDLE and connection.served:
+            self.read_timer = self.loop.call_at(now + self.limits.keepalive_timeout, self._read_timed_out)
+            return
+        if self.head_deadline is None:
+            self.head_deadline = now + self.limits.head_timeout
+        self.read_timer = self.loop.call_at(self.head_deadline, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self.read_timer = None
+        phase = self.read_phase
+        if phase is BODY:
+            waited = self.loop.time() - self.last_read
+            if waited < self.limits.body_timeout:
+                self.read_timer = self.loop.call_later(self.limits.body_timeout - waited, self._read_timed_out)
+                return
+        self.read_phase = None
+        if phase is IDLE:
+            self.connection.transport.close()  # nothing of a request arrived: nothing to answer
+        elif phase is HEAD:
+            self.connection.fail(errors.request_timeout("request head", self.limits.head_timeout))
+        elif phase is BODY:
+            self.connection.fail(errors.request_timeout("request body", self.limits.body_timeout))
+
+    # -- writing --
+
+    def writing_paused(self) -> None:
+        self.unsent = self.connection.transport.get_write_buffer_size()
+        self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+
+    def writing_resumed(self) -> None:
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_timed_out(self) -> None:
+        # As nginx's send_timeout: a client that read some of its answer since the timer was armed
+        # is slow, not gone, and gets another period. One that read nothing is dropped, which also
+        # ends a relay and with it the generation upstream (a stream's vLLM sequence is freed).
+        self.send_timer = None
+        unsent = self.connection.transport.get_write_buffer_size()
+        if unsent < self.unsent:
+            self.unsent = unsent
+            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+            return
+        log.info("dropped a client that read none of its answer for %g s", self.limits.send_timeout)
+        self.connection.transport.abort()
+
+    # -- a client that sent EOF --
+
+    def probe_closed_client(self) -> None:
+        """A client's EOF may be a half-close (it still reads) or a close (it is gone). An interim
+        `100 Continue`, which every HTTP/1.1 client skips, tells them apart: a closed socket answers
+        it with a reset, and then the request is dropped (a relay's generation aborted) at once."""
+        if self.eof_timer is None:
+            self.eof_timer = self.loop.call_later(EOF_PROBE_SECONDS, self._probe)
+
+    def answer_done(self) -> None:
+        if self.eof_timer is not None:
+            self.eof_timer.cancel()
+            self.eof_timer = None
+
+    def _waiting_for_an_answer(self) -> bool:
+        active = self.connection.active
+        return active is not None and not active.head_sent and not self.connection.transport.is_closing()
+
+    def _probe(self) -> None:
+        self.eof_timer = None
+        active = self.connection.active
+        if not self._waiting_for_an_answer() or active is None or active.http_version != "1.1":
+            return  # answered already, or about to be: the answer itself is the probe
+        self.connection.write(CONTINUE)
+        self.eof_timer = self.loop.call_later(EOF_CHECK_FIRST_SECONDS, self._check_closed_client)
+
+    def _check_closed_client(self) -> None:
+        self.eof_timer = None
+        if not self._waiting_for_an_answer():
+            return
+        transport = self.connection.transport
+        sock = transport.get_extra_info("socket")
+        try:
+            reset = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+                     or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE)
+        except (OSError, AttributeError):
+            return  # not a TCP socket here: the next write will tell
+        if reset:
+            transport.abort()
+        else:
+            self.eof_timer = self.loop.call_later(EOF_CHECK_SECONDS, self._check_closed_client)
