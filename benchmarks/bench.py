@@ -226,7 +226,7 @@ def meta(bench: Bench) -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit or None, "cpu": cpu_model, "cores": os.cpu_count(), "kernel": platform.release(),
         # The whole version line names the build (date, compiler): a build without PGO and LTO (pyenv's
         # default) runs the gateway about a third slower than a distribution's Python (README).

@@ -12,12 +12,7 @@ from pathlib import Path
 
 # Four-letter words keep every token event the same size, so the paced backend (which writes a fixed number
 # of bytes per write) puts exactly one event in each write, as vLLM does.
-WORDS = (
-    "that with have this will your from they know want been good much some time very when come here just "
-    "like long make many over such take than them well were what more most only into also back call each "
-    "find give hand high keep last left life live look made mean move need next open part play same seem "
-    "show side tell turn used work year"
-).split()
+WORDS = ["that", "with", "have", "this", "will", "your", "from", "they", "know", "want", "been", "good", "much", "some", "time", "very", "when", "come", "here", "just", "like", "long", "make", "many", "over", "such", "take", "than", "them", "well", "were", "what", "more", "most", "only", "into", "also", "back", "call", "each", "find", "give", "hand", "high", "keep", "last", "left", "life", "live", "look", "made", "mean", "move", "need", "next", "open", "part", "play", "same", "seem", "show", "side", "tell", "turn", "used", "work", "year"]
 
 TOKENS_PER_COMPLETION = 100
 PROMPT_TOKENS = 187

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from canned import request_body  # noqa: E402
-from loadgen import Load, run_wrk  # noqa: E402
-from servers import REPO, free_port, spawn, start_gateway, wait_for_port  # noqa: E402
+from canned import request_body
+from loadgen import Load, run_wrk
+from servers import REPO, free_port, spawn, start_gateway, wait_for_port
 
 MODEL = "sim"
 

@@ -66,7 +66,7 @@ class CoreTimes:
     busy: dict[int, int]
     total: dict[int, int]
 
-    def busy_fraction_since(self, before: "CoreTimes") -> dict[int, float]:
+    def busy_fraction_since(self, before: CoreTimes) -> dict[int, float]:
         out = {}
         for core, total in self.total.items():
             elapsed = total - before.total.get(core, total)

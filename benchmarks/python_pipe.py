@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vllm_gateway.event_loop import BatchAcceptLoop  # noqa: E402  (the gateway's loop: same accept)
+from vllm_gateway.event_loop import BatchAcceptLoop
 
 
 class Half(asyncio.Protocol):

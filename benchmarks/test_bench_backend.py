@@ -8,19 +8,21 @@ reports what the driver parses.
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import socket
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from canned import VARIANTS, write_canned  # noqa: E402
-from loadgen import Load, run_wrk  # noqa: E402
-from servers import check_response, post, start_backend, start_proxy  # noqa: E402
+from canned import VARIANTS, write_canned
+from loadgen import Load, run_wrk
+from servers import check_response, post, start_backend, start_proxy
 
 VARIANT = {v.name: v for v in VARIANTS}
 
@@ -124,9 +126,9 @@ class Recorder(http.server.BaseHTTPRequestHandler):
     """Answers every POST with a tiny JSON body and records what arrived."""
 
     protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, bytes]] = []
+    seen: ClassVar[list[tuple[str, bytes]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append((self.headers.get("Authorization", ""), body))
         self.send_response(200)
@@ -154,4 +156,4 @@ def test_wrk_script_sends_the_key_and_a_mix_of_bodies_in_turn(files):
     assert {auth for auth, _ in Recorder.seen} == {"Bearer sk-mix"}
     sent = [json.loads(body)["stream"] for _, body in Recorder.seen]
     assert set(sent) == {False, True}
-    assert all(a != b for a, b in zip(sent, sent[1:]))  # one connection: strictly in turn
+    assert all(a != b for a, b in itertools.pairwise(sent))  # one connection: strictly in turn

@@ -5,7 +5,6 @@ then EOF, and the gateway keeps none of what it sends."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 
 import pytest
@@ -112,7 +111,7 @@ def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gw):
                         pushed[slot] += 65536
                 ready.append(slot)
                 release.wait(LIVENESS)  # held open while the gateway is measured
-        except (TimeoutError, socket.timeout, OSError):
+        except (TimeoutError, OSError):
             ready.append(slot)  # the gateway stopped taking the body: nothing more to push
 
     threads = [threading.Thread(target=upload, args=(slot,), daemon=True) for slot in range(20)]

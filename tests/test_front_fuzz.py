@@ -193,7 +193,7 @@ def junk_start(rng: random.Random) -> bytes:
 
 def chunked(rng: random.Random, body: bytes) -> bytes:
     cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 4)))) if len(body) > 1 else []
-    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])] if body else []
+    pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)] if body else []
     return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
@@ -1060,7 +1060,7 @@ def build_case(index: int, case_seed: int, t: Target) -> Case:
     if index % CONTROL_EVERY == CONTROL_EVERY - 1:
         case = control(rng, t)
     else:
-        weights, generators = zip(*GENERATORS)
+        weights, generators = zip(*GENERATORS, strict=True)
         case = rng.choices(generators, weights)[0](rng, t)
     case.index = index
     return case
@@ -1424,7 +1424,7 @@ def checks_after(gw: Gateway) -> list[tuple[str, str]]:
                         ("the key file is valid JSON with its keys", key_file)]:
         try:
             problem = check()
-        except Exception as error:  # noqa: BLE001 - every check reports, none stops the others
+        except Exception as error:
             problem = f"{type(error).__name__}: {error}"
         if problem:
             problems.append((what, str(problem)))
@@ -1493,7 +1493,7 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
     def done(conversation: Conversation) -> None:
         try:
             found = judge(conversation)
-        except Exception as error:  # noqa: BLE001 - a bug of the test is reported with the rest
+        except Exception as error:
             found = [Failure("the test itself failed judging the case", conversation.case,
                              f"{type(error).__name__}: {error}")]
         with lock:
@@ -1532,7 +1532,7 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
             case = build_case(index, seeds[index], t)
             try:
                 run_case(case)
-            except Exception as error:  # noqa: BLE001 - a bug of the test is reported with the rest
+            except Exception as error:
                 with lock:
                     failures.append(Failure("the test itself failed on the case", case,
                                             f"{type(error).__name__}: {error}"))

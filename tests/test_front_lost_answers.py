@@ -125,7 +125,7 @@ def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw)
 def test_invalid_http_is_logged_as_400(gw):
     before = gw.log_text().count("status=400")
     for data in (b"NOT HTTP AT ALL\r\n\r\n", HEALTH + GARBAGE):
-        sock, reader = connect(gw)
+        sock, _ = connect(gw)
         with sock:
             sock.sendall(data)
             read_to_eof(sock, timeout=LIVENESS)

@@ -4,7 +4,6 @@ the gateway holding more than about a head's worth of them, and without holding 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -133,7 +132,7 @@ def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
                 sock.sendall(get_health([]))
                 try:
                     status, _, _ = reader.response()
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     pytest.fail("/health took more than 2 s to answer while two clients sent huge heads")
             assert status == 200
             time.sleep(0.1)

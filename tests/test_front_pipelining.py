@@ -58,7 +58,7 @@ class Sender(threading.Thread):
             while self.sent_bytes < len(self.data):
                 try:
                     self.sent_bytes += self.sock.send(self.data[self.sent_bytes:self.sent_bytes + 65536])
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     continue  # still blocked: the gateway reads again once the answers are read
         except OSError as error:
             self.error = error
@@ -87,7 +87,7 @@ def read_answers(reader: Reader, sender: Sender) -> list[int]:
     try:
         while sender.is_alive() or len(statuses) < sender.sent_requests:
             statuses.append(reader.response()[0])
-    except (EOFError, ConnectionResetError, TimeoutError, socket.timeout) as error:
+    except (EOFError, ConnectionResetError, TimeoutError) as error:
         pytest.fail(f"after {len(statuses)} of {sender.sent_requests} answers: {error!r}")
     sender.join(LIVENESS)
     assert sender.error is None, f"sending stopped: {sender.error!r}"

@@ -72,12 +72,11 @@ def test_invalid_admin_requests_get_400_in_openai_shape(gateway):
 
 
 def test_the_last_admin_key_cannot_be_revoked(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
-        with gw.http(gw.admin_key) as admin:
-            admin_id = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["admin"])
-            refused = admin.delete(f"/admin/keys/{admin_id}")
-            assert refused.status_code == 409
-            assert admin.get("/admin/keys").status_code == 200
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw, gw.http(gw.admin_key) as admin:
+        admin_id = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["admin"])
+        refused = admin.delete(f"/admin/keys/{admin_id}")
+        assert refused.status_code == 409
+        assert admin.get("/admin/keys").status_code == 200
 
 
 def test_key_file_holds_only_hashes_with_mode_0600(gateway):

@@ -124,14 +124,13 @@ def test_backend_silent_past_the_read_timeout_gives_504(slow_gateway, slow_simul
 
 
 def test_dead_backend_is_marked_down_and_requests_get_503_with_retry_after(tmp_path):
-    with Simulator.start(tmp_path) as sim:
-        with Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gw:
-            sim.set_faults(exit_after_tokens=1)
-            with gw.http(gw.key) as client:
-                client.post("/v1/chat/completions", json={**STREAM, "stream": False})
-                wait_for(lambda: not sim.alive())
-                gw.wait_until(lambda health: health["models"][0]["status"] == "down")
-                response = client.post("/v1/chat/completions", json={**STREAM, "stream": False})
+    with Simulator.start(tmp_path) as sim, Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gw:
+        sim.set_faults(exit_after_tokens=1)
+        with gw.http(gw.key) as client:
+            client.post("/v1/chat/completions", json={**STREAM, "stream": False})
+            wait_for(lambda: not sim.alive())
+            gw.wait_until(lambda health: health["models"][0]["status"] == "down")
+            response = client.post("/v1/chat/completions", json={**STREAM, "stream": False})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_not_ready"
     assert int(response.headers["retry-after"]) > 0

@@ -178,7 +178,7 @@ def test_body_that_ends_with_the_connection_is_relayed_whole(raw_gateway):
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 200
     assert response.content == REPLY
-    line = next(l for l in gw.log_text().splitlines() if "model=raw" in l)
+    line = next(row for row in gw.log_text().splitlines() if "model=raw" in row)
     assert line.endswith("prompt_tokens=1 completion_tokens=2")
 
 
@@ -207,13 +207,12 @@ def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
 @pytest.mark.parametrize("raw_gateway", ["slow-events", "slow-json"], indirect=True)
 def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gateway):
     gw, backend = raw_gateway
-    with gw.http(gw.key) as client:
-        with client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
-            pieces = response.iter_raw()
-            first = next(pieces)
-            assert first.startswith(b"data: {")
-            assert not backend.finished.is_set()  # the first piece came while the backend was still writing
-            rest = b"".join(pieces)
+    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+        pieces = response.iter_raw()
+        first = next(pieces)
+        assert first.startswith(b"data: {")
+        assert not backend.finished.is_set()  # the first piece came while the backend was still writing
+        rest = b"".join(pieces)
     assert first + rest == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
 
 

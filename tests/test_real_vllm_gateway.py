@@ -61,7 +61,7 @@ def test_streamed_chat_delivers_the_tokens_and_usage_and_logs_them(real_gateway)
     usage = chunks[-1].usage
     assert usage.completion_tokens == 30
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 2
-    line = next(l for l in real_gateway.log_text().splitlines() if "rid=real-stream-1 " in l)
+    line = next(row for row in real_gateway.log_text().splitlines() if "rid=real-stream-1 " in row)
     assert f"prompt_tokens={usage.prompt_tokens} completion_tokens=30" in line
 
 

@@ -13,9 +13,14 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from vllm_gateway.errors import GatewayError
-from vllm_gateway.request_body import (MAX_HEADER_PARAMETERS, MAX_MULTIPART_PARTS,
-                                       MAX_PART_HEADER_BYTES, model_from_body, model_from_multipart,
-                                       require_model)
+from vllm_gateway.request_body import (
+    MAX_HEADER_PARAMETERS,
+    MAX_MULTIPART_PARTS,
+    MAX_PART_HEADER_BYTES,
+    model_from_body,
+    model_from_multipart,
+    require_model,
+)
 
 BOUNDARY = "boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()
@@ -234,7 +239,7 @@ def test_unterminated_parts_are_the_missing_model_error() -> None:
                  b"--boundaryX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n"
                  b"--boundary--\r\n",
                  b"--boundary--\r\n", b"", b"no delimiter at all"):
-        assert_missing_model(lambda: model_from_multipart(body, CONTENT_TYPE))
+        assert_missing_model(lambda body=body: model_from_multipart(body, CONTENT_TYPE))
 
 
 # ---- Crafted bodies finish, in time linear in their size -------------------------------------------

@@ -77,7 +77,7 @@ def read_to_eof(sock: socket.socket, timeout: float = LIVENESS, already: bytes =
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             continue
         except (ConnectionResetError, ConnectionAbortedError):
             return bytes(data)
@@ -149,7 +149,7 @@ def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str
             response = reader.response()
             if not 100 <= response[0] < 200:
                 return response
-    except (TimeoutError, socket.timeout, EOFError, ConnectionResetError):
+    except (TimeoutError, EOFError, ConnectionResetError):
         return None
     finally:
         reader.sock.settimeout(LIVENESS)

@@ -237,7 +237,7 @@ class Reader:
         self.sock.settimeout(timeout)
         try:
             return self.sock.recv(1) == b""
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True
