@@ -23,6 +23,7 @@ main() {
     need_python_venv
     apt_install_missing
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
+    install_project "$VLLM_REPO_DIR/.venv"
     info "done: .venv/bin/python vllm_api_server.py serve"
 }
 

@@ -135,6 +135,17 @@ requirements_digest() {
     cat "${files[@]}" | sha256sum | cut -d' ' -f1
 }
 
+# install_project VENV: the repo itself into VENV, editable, without its dependencies (the
+# requirements files bring those): it gives VENV the console scripts vllm-gateway and vllm-simulator.
+install_project() {
+    local venv="$1"
+    if [[ -x "$venv/bin/vllm-gateway" && -x "$venv/bin/vllm-simulator" ]]; then
+        return 0
+    fi
+    info "installing the project into $(display_path "$venv") (console scripts vllm-gateway, vllm-simulator)"
+    pip_install "$venv" --no-deps -e "$VLLM_REPO_DIR"
+}
+
 # ensure_venv_requirements DIR FILE: DIR exists with FILE installed. A checksum stamp in DIR skips
 # pip when FILE has not changed since the last successful install.
 ensure_venv_requirements() {

@@ -105,6 +105,7 @@ main() {
     fi
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-test.txt"
+    install_project "$VLLM_REPO_DIR/.venv"
     if ((vllm)); then
         install_vllm_venv
         make_tiny_model

@@ -41,3 +41,11 @@ def test_the_entry_runs_in_place_when_its_python_has_the_packages(tmp_path):
     result = subprocess.run([sys.executable, REPO_ROOT / "vllm_api_server.py", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "keys" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["vllm-gateway", "vllm-simulator"])
+def test_the_install_gives_the_venv_its_console_scripts(command):
+    script = Path(sys.executable).parent / command
+    assert script.exists(), f"{script}: scripts/install*.sh install the project into .venv"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage:" in result.stdout
