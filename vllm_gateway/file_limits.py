@@ -25,8 +25,9 @@ def raise_open_files_limit() -> int:
 def default_max_connections(open_files: int, concurrency_limit: int) -> int:
     """A relayed request holds an upstream connection beside its client's, and at most
     `concurrency_limit` are relayed at once; the idle pool only keeps connections that were once in
-    use together, so upstream connections never outnumber that peak."""
-    return max(1, open_files - concurrency_limit - RESERVED_DESCRIPTORS)
+    use together, so upstream connections never outnumber the clients, nor that limit."""
+    budget = open_files - RESERVED_DESCRIPTORS
+    return max(1, budget - min(concurrency_limit, budget // 2))
 
 
 def current_open_files_limit() -> int:
