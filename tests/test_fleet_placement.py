@@ -5,15 +5,12 @@ to show the split over two nodes with hyperthreads), the config's table, and eac
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
-from tests.support.fleet import FIXTURES
+from tests.support.fleet import FIXTURES, recorded_commands
 from vllm_fleet.placement import (
     Place,
     Placement,
-    PlacementError,
     format_cpulist,
     listed_gpus,
     parse_cpulist,
@@ -25,25 +22,8 @@ from vllm_fleet.placement import (
 )
 
 
-def recorded(name: str, *, nvidia_smi_fails: bool = False) -> Callable[[list[str]], str]:
-    """A command runner answering nvidia-smi and lscpu with the outputs recorded in fixture `name`."""
-    directory = FIXTURES / name
-
-    def run(argv: list[str]) -> str:
-        if argv == ["lscpu"]:
-            return (directory / "host.txt").read_text().split("\n----\n")[0]
-        if nvidia_smi_fails:
-            raise PlacementError("nvidia-smi failed (exit 9): NVIDIA-SMI has failed")
-        if argv[1:] == ["topo", "-m"]:
-            return (directory / "topo_m.txt").read_text()
-        assert argv[1].startswith("--query-gpu="), argv
-        return (directory / "query_gpu.csv").read_text()
-
-    return run
-
-
 def surveyed(name: str, table: list[str] | None = None, **kwargs: bool) -> tuple[Placement, list[str]]:
-    return survey(table or [], run=recorded(name, **kwargs))
+    return survey(table or [], run=recorded_commands(name, **kwargs))
 
 
 def shares(placement: Placement) -> list[str]:
