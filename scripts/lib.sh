@@ -106,9 +106,11 @@ m() {
     printf '%s' "${MODEL[$1.$2]-}"
 }
 
-# load_config FILE: evaluate the config; on any static problem vllm_fleet prints one line each and
-# we exit 2. The document handed over (vllm_fleet/document.py): the file, each vllm_model call's
-# words, GPU_CPU_BINDING and the variables the file set (those of the environment vllm_fleet sees).
+# load_config FILE: evaluate the config and hand what it collected to vllm_fleet (the document of
+# vllm_fleet/document.py): each vllm_model call's words, GPU_CPU_BINDING, and the variables the file
+# made, for a model's tuning may come from one (vllm_fleet sees the exported ones in its
+# environment). On any static problem vllm_fleet prints one line each and we exit 2.
+# Needs bash 4.4 (mapfile -d, ${var@a}, wait for a process substitution).
 load_config() {
     local _config_file="$1" _name="" _k=0
     local -A _known=()

@@ -80,8 +80,8 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             raise Exit(2)
         notice = None if args.simulate else binding_notice(fleet.variables, view.numactl)
         if notice is not None:
-            level, text = notice
-            say(sys.stderr, f"{args.prog}: {text}\n" if level == "info" else f"{args.prog}: {level}: {text}\n")
+            level, message = notice
+            say(sys.stderr, f"{args.prog}: {message}\n" if level == "info" else f"{args.prog}: {level}: {message}\n")
         for index in selected:
             model = fleet.models[index]
             command = server_command(model, fleet, view.places.get(index) or Place(), simulate=args.simulate,
