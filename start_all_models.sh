@@ -40,7 +40,6 @@ main() {
         shift
     done
     [[ "$simulate" == 1 ]] || simulate=0
-    DRY_RUN="$dry_run"
 
     init_dirs
     load_config "${config:-$(default_config_file)}"
@@ -71,9 +70,8 @@ main() {
         esac
     done
 
-    check_before_start "$simulate" "${to_start[@]}"
+    plan_start "$dry_run" "$simulate" "${to_start[@]}"
     if ((dry_run)); then
-        print_commands "$simulate" "${to_start[@]}"
         return 0
     fi
 
@@ -93,60 +91,21 @@ main() {
     return "$failed"
 }
 
-check_before_start() {
-    local simulate="$1" mode=vllm problem
-    shift
-    (($# > 0)) || return 0
-    if ((simulate)); then
-        mode=simulate
-    fi
-    plan_placement "$mode" "$@"
-    validate_machine "$mode" "$@"
-    if ((${#MACHINE_ERRORS[@]} > 0)); then
-        for problem in "${MACHINE_ERRORS[@]}"; do
-            printf '%s: %s\n' "$LOG_PREFIX" "$problem" >&2
-        done
-        die 2 "nothing was started"
-    fi
-    if [[ -z "$(numactl_command)" && "$mode" == vllm ]]; then
-        if [[ -z "${VLLM_NUMACTL-numactl}" || "${VLLM_NUMACTL-}" == none ]]; then
-            info "VLLM_NUMACTL=${VLLM_NUMACTL-}: models run without CPU binding"
-        else
-            warn "numactl not found: models run without CPU binding (install the numactl package)"
-        fi
-    fi
-}
-
-print_commands() {
-    local simulate="$1" i
-    shift
-    printf 'cd %s\n' "$(shell_word "$VLLM_REPO_DIR")"
-    for i in "$@"; do
-        full_argv "$i" "$simulate"
-        printf '# %s: %s on port %s, GPUs %s, %s\n' "$(m "$i" id)" "$(m "$i" name)" "$(m "$i" port)" \
-            "$(or_none "$(m "$i" gpus)")" "$PLACE_TEXT"
-        print_command "$(log_path "$i")" "${FULL_ARGV[@]}"
-    done
-}
-
+# start_model INDEX SIMULATE: launch the command plan_start built, record it in the log.
 start_model() {
-    local i="$1" simulate="$2" id log pid_file mode=vllm command_text
+    local i="$1" simulate="$2" id log pid_file mode=vllm
     id="$(m "$i" id)"
-    log="$(log_path "$i")"
+    log="$(m "$i" log_path)"
     pid_file="$(pid_file_of "$id")"
     if ((simulate)); then
         mode=simulated
     fi
-    full_argv "$i" "$simulate"
-    if [[ "$mode" == vllm && "$PLACE_TEXT" == unbound* && -n "$(numactl_command)" ]]; then
-        warn "$id runs without CPU binding: ${PLACE_NOTE[$i]:-no CPU set}"
-    fi
-    command_text="$(print_command "$log" "${FULL_ARGV[@]}" | sed -E 's/(--api-key )[^ ]+/\1***/')"
+    [[ -z "${START_WARNING[i]}" ]] || warn "${START_WARNING[i]}"
     rotate_log "$log"
     printf '==== %s: %s starts %s (%s) ====\n%s\n' "$(date '+%F %T')" "$LOG_PREFIX" "$id" "$mode" \
-        "$command_text" >>"$log"
-    launch "$log" "$pid_file" "$mode" "${FULL_ARGV[@]}"
-    info "started $id (PID $LAUNCHED_PID, port $(m "$i" port), GPUs $(or_none "$(m "$i" gpus)"), $PLACE_TEXT), log $(display_path "$log")"
+        "${LOGGED_COMMAND[i]}" >>"$log"
+    launch "$log" "$pid_file" "$mode" "${PLAN[@]:ARGV_FROM[i]:ARGV_LEN[i]}"
+    info "started $id (PID $LAUNCHED_PID, port $(m "$i" port), GPUs $(or_none "$(m "$i" gpus)"), ${PLACE_TEXT[i]}), log $(display_path "$log")"
     sleep 1
     if [[ -z "$(group_members "$LAUNCHED_PID")" ]]; then
         rm -f "$pid_file"
@@ -169,12 +128,12 @@ wait_until_healthy() {
         for i in "${pending[@]}"; do
             id="$(m "$i" id)"
             read -r state pid <<<"$(service_state "$(pid_file_of "$id")")"
-            code="$(http_status "$(base_url "$i")/health")"
+            code="$(http_status "$(m "$i" base_url)/health")"
             if [[ "$code" == 200 ]]; then
                 info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"
             elif [[ "$state" != running ]]; then
                 printf '%s: error: %s died while loading\n' "$LOG_PREFIX" "$id" >&2
-                log_tail "$(log_path "$i")"
+                log_tail "$(m "$i" log_path)"
                 rm -f "$(pid_file_of "$id")"
                 failed=1
             else

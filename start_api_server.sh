@@ -75,13 +75,13 @@ print_gateway_commands() {
     shift
     local -a keys_init=("${@:1:n}")
     shift "$n"
-    printf 'cd %s\n' "$(shell_word "$VLLM_REPO_DIR")"
+    vllm_fleet print-command -- cd "$VLLM_REPO_DIR"
     [[ -z "${GATEWAY_ENV_LOADED:-}" ]] || printf '# settings read from %s\n' "$GATEWAY_ENV_LOADED"
     for name in $(compgen -e | grep -E '^(GATEWAY_|VLLM_MODEL_CONFIG$|VLLM_RUN_DIR$|VLLM_LOG_DIR$)' | sort); do
-        printf 'export %s\n' "$(shell_word "$name=${!name}")"
+        vllm_fleet print-command -- export "$name=${!name}"
     done
-    printf '%s\n' "$(for name in "${keys_init[@]}"; do printf '%s ' "$(shell_word "$name")"; done | sed 's/ $//')"
-    print_command "$GATEWAY_STDOUT_LOG" "$@"
+    vllm_fleet print-command -- "${keys_init[@]}"
+    vllm_fleet print-command --log "$GATEWAY_STDOUT_LOG" -- "$@"
 }
 
 start_gateway() {

@@ -39,7 +39,7 @@ main() {
             remote_row "$i"
         else
             add_row "$(m "$i" id)" "$(pid_file_of "$(m "$i" id)")" "$(m "$i" port)" \
-                "$(base_url "$i")/health" "$(or_none "$(m "$i" gpus)")" "$(log_path "$i")"
+                "$(m "$i" base_url)/health" "$(or_none "$(m "$i" gpus)")" "$(m "$i" log_path)"
         fi
     done
     while IFS= read -r i; do
@@ -80,7 +80,7 @@ add_row() {
 
 remote_row() {
     local i="$1" health
-    health="$(health_text "$(base_url "$i")/health")"
+    health="$(health_text "$(m "$i" base_url)/health")"
     [[ "$health" == ok ]] || ALL_WELL=0
     ROWS+=("$(m "$i" id)|remote|-|-|$health|-|-|-|$(m "$i" url)")
 }

@@ -1,4 +1,4 @@
-# shellcheck shell=bash disable=SC2034  # the variables are read by scripts/lib.sh
+# shellcheck shell=bash disable=SC2034  # the variables are read by scripts/lib.sh and vllm_fleet
 # vllm_model_configs.sh: every vLLM model this host serves, in one place.
 #
 # Read by start_all_models.sh / stop_all_models.sh / status_all_services.sh and by the gateway

@@ -23,9 +23,9 @@ main() {
     local i
     for ((i = 0; i < MODEL_COUNT; i++)); do
         printf 'model\tid=%s\tname=%s\taliases=%s\tpath=%s\tbase_url=%s\tapi_key=%s\tmax_num_seqs=%s\tdevice=%s\tgpus=%s\tport=%s\tlog=%s\n' \
-            "$(m "$i" id)" "$(m "$i" name)" "$(m "$i" aliases)" "$(m "$i" path)" "$(base_url "$i")" \
+            "$(m "$i" id)" "$(m "$i" name)" "$(m "$i" aliases)" "$(m "$i" path)" "$(m "$i" base_url)" \
             "$(m "$i" api_key)" "$(m "$i" max_num_seqs)" "$(m "$i" device)" "$(m "$i" gpus)" \
-            "$(m "$i" port)" "$(is_remote "$i" || log_path "$i")"
+            "$(m "$i" port)" "$(m "$i" log_path)"
     done
 }
 

@@ -18,7 +18,7 @@ import pytest
 from tests.support.fleet import Fleet
 from tests.support.processes import REPO_ROOT, free_port
 
-PLACEMENT = REPO_ROOT / "vllm_gateway" / "placement.py"
+PLACEMENT = REPO_ROOT / "vllm_fleet"  # python3 vllm_fleet placement
 
 
 @dataclass
@@ -83,7 +83,7 @@ def models(tmp_path: Path, *specs: str) -> str:
 
 def test_placement_reads_the_real_topo_output_with_its_ansi_header(fleet: Fleet) -> None:
     fleet.use_gpu_fixture("h200x2")
-    result = subprocess.run([sys.executable, str(PLACEMENT), "show"], env={**fleet.env}, capture_output=True,
+    result = subprocess.run([sys.executable, str(PLACEMENT), "placement"], env={**fleet.env}, capture_output=True,
                             text=True, check=True)
     assert result.stdout.splitlines() == [
         "online CPUs: 0-31",
@@ -95,7 +95,7 @@ def test_placement_reads_the_real_topo_output_with_its_ansi_header(fleet: Fleet)
 
 def test_each_numa_nodes_cpus_are_split_among_its_gpus_keeping_hyperthreads_together(fleet: Fleet) -> None:
     fleet.use_gpu_fixture("synthetic-8gpu-2node")
-    result = subprocess.run([sys.executable, str(PLACEMENT), "show"], env={**fleet.env}, capture_output=True,
+    result = subprocess.run([sys.executable, str(PLACEMENT), "placement"], env={**fleet.env}, capture_output=True,
                             text=True, check=True)
     shares = [line.split(": CPUs ")[1].split(" (")[0] for line in result.stdout.splitlines() if line.startswith("GPU")]
     # node 0 = CPUs 0-47 and their second threads 96-143; node 1 = 48-95 and 144-191

@@ -1,7 +1,8 @@
-"""Reads the fleet's models from vllm_model_configs.sh, through the same bash code the scripts use.
+"""Reads the fleet's models from vllm_model_configs.sh, through the same code the scripts use.
 
-The scripts own the format; `scripts/print_model_config.sh` evaluates the file and prints one
-tab-separated line per model, so the gateway can never disagree with what was started.
+The scripts own the format; `scripts/print_model_config.sh` evaluates the file (bash), checks it
+(vllm_fleet) and prints one tab-separated line per model, so the gateway can never disagree with
+what was started. It runs as a command, so the gateway does not import the fleet's package.
 """
 
 from __future__ import annotations

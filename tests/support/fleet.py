@@ -16,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.processes import REPO_ROOT, process_tree
+from vllm_fleet.placement import PlacementError
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "nvidia-smi"
 FAKE_SERVER = REPO_ROOT / "tests" / "support" / "fake_vllm_server.py"
@@ -38,6 +40,23 @@ sed '/^----$/,$d' "$FAKE_SMI_DIR/host.txt"
 """
 
 FAKE_LAUNCH = f"{sys.executable} {FAKE_SERVER}"
+
+
+def recorded_commands(name: str, *, nvidia_smi_fails: bool = False) -> Callable[[list[str]], str]:
+    """For vllm_fleet.placement.survey: answers nvidia-smi and lscpu with fixture NAME's outputs."""
+    directory = FIXTURES / name
+
+    def run(argv: list[str]) -> str:
+        if argv == ["lscpu"]:
+            return (directory / "host.txt").read_text().split("\n----\n")[0]
+        if nvidia_smi_fails:
+            raise PlacementError("nvidia-smi failed (exit 9): NVIDIA-SMI has failed")
+        if argv[1:] == ["topo", "-m"]:
+            return (directory / "topo_m.txt").read_text()
+        assert argv[1].startswith("--query-gpu="), argv
+        return (directory / "query_gpu.csv").read_text()
+
+    return run
 
 
 class Fleet:

@@ -1,8 +1,7 @@
 """Which CPUs and memory nodes each vLLM server is bound to, derived from the machine.
 
-The fleet scripts run this file directly (`python3 vllm_gateway/placement.py plan`): it uses the
-standard library only, so placing models never needs the gateway's virtualenv. By hand,
-`python3 vllm_gateway/placement.py show` prints the GPU -> CPU table this host would get.
+`python3 -m vllm_fleet placement` prints the GPU -> CPU table this host gets; `plan` (vllm_fleet.cli)
+places the models of a start with `survey` and `place_models` below.
 
 Sources: `nvidia-smi --query-gpu` (which GPUs exist), `nvidia-smi topo -m` (each GPU's CPU and NUMA
 affinity), `lscpu` (online CPUs, NUMA nodes) and sysfs when topo has no answer. The CPUs near a
@@ -11,11 +10,12 @@ set of GPUs are split evenly among them; an explicit table (GPU_CPU_BINDING) win
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,10 +192,8 @@ def sysfs_pci_dir(bus_id: str) -> Path:
 def read_sysfs_affinity(gpu: Gpu) -> tuple[list[int] | None, list[int] | None]:
     device = sysfs_pci_dir(gpu.bus_id)
     cpus = nodes = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         cpus = parse_cpulist((device / "local_cpulist").read_text())
-    except (OSError, ValueError):
-        pass
     try:
         node = int((device / "numa_node").read_text())
         nodes = [node] if node >= 0 else None
@@ -223,8 +221,9 @@ def derive(gpus: list[Gpu], topo: dict[int, tuple[list[int] | None, list[int] | 
     for gpu in sorted(gpus, key=lambda g: g.index):
         groups.setdefault(tuple(gpu.affinity), []).append(gpu)
     for affinity, members in groups.items():
-        for gpu, share in zip(members, split_cpus(list(affinity), len(members))):
-            gpu.cpus = share
+        shares = split_cpus(list(affinity), len(members))  # one per member
+        for position, gpu in enumerate(members):
+            gpu.cpus = shares[position]
             if len(members) > 1:
                 gpu.source += f", split {len(members)} ways"
 
@@ -251,17 +250,19 @@ class Placement:
     gpu_problem: str  # why no GPU could be listed; empty when nvidia-smi answered
 
 
-def survey(table: list[str], nvidia_smi: str) -> tuple[Placement, list[str]]:
-    host = parse_lscpu(lscpu_text())
+def survey(table: list[str], nvidia_smi: str = "nvidia-smi",
+           run: Callable[[list[str]], str] = run_command) -> tuple[Placement, list[str]]:
+    """The machine's GPUs and CPUs, with the table applied; also the table's malformed entries."""
+    host = parse_lscpu(lscpu_text(run))
     gpus: dict[int, Gpu] = {}
     gpu_problem = ""
     try:
-        listed = parse_query(run_command([nvidia_smi, f"--query-gpu={QUERY_FIELDS}", "--format=csv,noheader,nounits"]))
+        listed = parse_query(run([nvidia_smi, f"--query-gpu={QUERY_FIELDS}", "--format=csv,noheader,nounits"]))
         if not listed:
             gpu_problem = "nvidia-smi lists no GPU"
         else:
             try:
-                topo = parse_topo(run_command([nvidia_smi, "topo", "-m"]))
+                topo = parse_topo(run([nvidia_smi, "topo", "-m"]))
             except PlacementError as exc:
                 print(f"placement: warning: {exc}; GPUs get CPUs from sysfs", file=sys.stderr)
                 topo = {}
@@ -273,9 +274,9 @@ def survey(table: list[str], nvidia_smi: str) -> tuple[Placement, list[str]]:
     return Placement(gpus=gpus, host=host, gpu_problem=gpu_problem), problems
 
 
-def lscpu_text() -> str:
+def lscpu_text(run: Callable[[list[str]], str]) -> str:
     try:
-        return run_command(["lscpu"])
+        return run(["lscpu"])
     except PlacementError as exc:
         print(f"placement: warning: {exc}; NUMA nodes unknown, memory is not bound", file=sys.stderr)
         return ""
@@ -299,59 +300,46 @@ def place_model(placement: Placement, gpus_text: str, cpus_text: str) -> tuple[l
     return sorted(cpus), " + ".join(sorted(sources))
 
 
-def command_plan(args: argparse.Namespace) -> int:
-    """Read `id|gpus|cpus` lines on stdin, print the GPUs found and one line per model, "|" separated.
 
-    Not tabs: bash's `read` would merge the empty fields of an unbound model.
-    """
-    placement, problems = survey(args.binding, args.nvidia_smi)
-    for problem in problems:
-        print(f"error|{problem}")
-    if placement.gpu_problem:
-        print(f"nogpu|{placement.gpu_problem}")
-    for gpu in sorted(placement.gpus.values(), key=lambda g: g.index):
-        if gpu.bus_id:
-            print(f"gpu|{gpu.index}|{format_cpulist(gpu.cpus)}|{gpu.source}")
-    print(f"online|{format_cpulist(placement.host.online)}|{len(placement.host.online)}")
-    for line in sys.stdin.read().splitlines():
-        model_id, gpus_text, cpus_text = (line.split("|") + ["", ""])[:3]
+
+@dataclass(frozen=True)
+class Place:
+    """Where one model runs: numactl's CPU and memory node lists; no CPUs means unbound, the note says why."""
+
+    cpus: str = ""
+    nodes: str = ""
+    count: int = 0
+    note: str = ""
+
+
+def place_models(placement: Placement, requests: dict[int, tuple[str, str]]) -> tuple[dict[int, Place], list[str]]:
+    """Place each model (index -> (gpus=, cpus=)); also the problems of values that do not parse."""
+    places: dict[int, Place] = {}
+    problems = []
+    for index, (gpus_text, cpus_text) in requests.items():
         try:
             cpus, note = place_model(placement, gpus_text, cpus_text)
         except ValueError:
-            print(f"error|model {model_id}: bad gpus= or cpus= value")
+            # Named by its index, not its id, as lib.sh always printed it.
+            problems.append(f"model {index}: bad gpus= or cpus= value")
             continue
         nodes = placement.host.nodes_of(cpus) if cpus else []
-        print(f"model|{model_id}|{format_cpulist(cpus)}|{format_cpulist(nodes)}|{len(cpus)}|{note}")
-    return 0
+        places[index] = Place(format_cpulist(cpus), format_cpulist(nodes), len(cpus), note)
+    return places, problems
 
 
-def command_show(args: argparse.Namespace) -> int:
-    placement, problems = survey(args.binding, args.nvidia_smi)
-    for problem in problems:
-        print(f"placement: {problem}", file=sys.stderr)
-    if placement.gpu_problem:
-        print(f"placement: no GPU: {placement.gpu_problem}", file=sys.stderr)
-    print(f"online CPUs: {format_cpulist(placement.host.online)}")
+def listed_gpus(placement: Placement) -> list[int]:
+    """The GPUs nvidia-smi listed (not those only the table names), in index order."""
+    return sorted(gpu.index for gpu in placement.gpus.values() if gpu.bus_id)
+
+
+def table_lines(placement: Placement) -> list[str]:
+    """The host's CPUs, NUMA nodes and each GPU's share, as `python3 -m vllm_fleet placement` prints them."""
+    lines = [f"online CPUs: {format_cpulist(placement.host.online)}"]
     for node, cpus in sorted(placement.host.nodes.items()):
-        print(f"NUMA node {node}: CPUs {format_cpulist(cpus)}")
+        lines.append(f"NUMA node {node}: CPUs {format_cpulist(cpus)}")
     for gpu in sorted(placement.gpus.values(), key=lambda g: g.index):
         nodes = format_cpulist(placement.host.nodes_of(gpu.cpus)) or "-"
-        print(f"GPU{gpu.index} {gpu.name or '?'} {gpu.bus_id or '?'}: CPUs {format_cpulist(gpu.cpus) or '-'}"
-              f" (node {nodes}; {gpu.source})")
-    return 1 if problems else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="placement.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--binding", action="append", default=[], metavar="GPU=CPUS",
-                        help="explicit GPU -> CPU list entry (GPU_CPU_BINDING), repeatable")
-    parser.add_argument("--nvidia-smi", default="nvidia-smi", help="nvidia-smi command (default: %(default)s)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("plan", help="place the models read on stdin (id|gpus|cpus), for the scripts")
-    commands.add_parser("show", help="print this host's GPU -> CPU table")
-    args = parser.parse_args(argv)
-    return command_plan(args) if args.command == "plan" else command_show(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        lines.append(f"GPU{gpu.index} {gpu.name or '?'} {gpu.bus_id or '?'}: CPUs {format_cpulist(gpu.cpus) or '-'}"
+                     f" (node {nodes}; {gpu.source})")
+    return lines
