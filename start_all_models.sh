@@ -11,7 +11,8 @@
 #   -n, --dry-run         check, then print each command and its environment instead of running it
 #   -s, --simulate        run the vLLM simulator in place of vLLM (no GPU, no weights); also VLLM_SIMULATE=1
 #   -w, --wait            wait until every model answers /health, showing progress
-#   -i, --interval SECS   pause between two launches (default: $VLLM_START_INTERVAL, else 15)
+#   -i, --interval SECS   pause between two launches (default: $VLLM_START_INTERVAL, else 15; with
+#                         --simulate 0 unless this option or VLLM_START_INTERVAL in the environment asks)
 #   -t, --timeout SECS    with --wait: give up after SECS (default: $VLLM_START_TIMEOUT, else 1800)
 #   -h, --help            show this help
 #
@@ -24,6 +25,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 main() {
     local config="" dry_run=0 simulate="${VLLM_SIMULATE:-0}" wait=0 interval="" timeout="${VLLM_START_TIMEOUT:-1800}"
+    # Read before the config sets its default: an interval the caller asked for.
+    local asked_interval="${VLLM_START_INTERVAL:-}"
     local -a names=()
     while (($# > 0)); do
         case "$1" in
@@ -43,7 +46,14 @@ main() {
 
     init_dirs
     load_config "${config:-$(default_config_file)}"
-    interval="${interval:-$VLLM_START_INTERVAL}"
+    if [[ -z "$interval" ]]; then
+        # The stagger spares GPUs loading weights at once; simulated models load nothing.
+        if ((simulate)) && [[ -z "$asked_interval" ]]; then
+            interval=0
+        else
+            interval="$VLLM_START_INTERVAL"
+        fi
+    fi
     [[ "$interval" =~ ^[0-9]+$ && "$timeout" =~ ^[0-9]+$ ]] || die 2 "--interval and --timeout take whole seconds"
     select_models "${names[@]}"
     ((dry_run)) || lock models
@@ -86,6 +96,7 @@ main() {
     done
     unlock
     if ((wait)); then
+        ALREADY_RUNNING=" ${running[*]} "
         wait_until_healthy "$timeout" "${to_start[@]}" "${running[@]}" || failed=1
     fi
     return "$failed"
@@ -115,6 +126,9 @@ start_model() {
     fi
 }
 
+# Indices (" 0 2 ") of the models that ran before this start: healthy, they were not just started.
+ALREADY_RUNNING=" "
+
 # wait_until_healthy TIMEOUT INDEX...: poll each model's /health; report deaths with their log.
 wait_until_healthy() {
     local timeout="$1" i id pid code state started last_report=0 failed=0 progress="${VLLM_PROGRESS_INTERVAL:-10}"
@@ -129,7 +143,9 @@ wait_until_healthy() {
             id="$(m "$i" id)"
             read -r state pid <<<"$(service_state "$(pid_file_of "$id")")"
             code="$(http_status "$(m "$i" base_url)/health")"
-            if [[ "$code" == 200 ]]; then
+            if [[ "$code" == 200 && "$ALREADY_RUNNING" == *" $i "* ]]; then
+                info "$id was already running and is healthy (up $(uptime_of "$pid"), port $(m "$i" port))"
+            elif [[ "$code" == 200 ]]; then
                 info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"
             elif [[ "$state" != running ]]; then
                 printf '%s: error: %s died while loading\n' "$LOG_PREFIX" "$id" >&2

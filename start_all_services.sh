@@ -8,7 +8,8 @@
 #   -n, --dry-run         print the commands and environment instead of running them
 #   -s, --simulate        run the vLLM simulator in place of vLLM (no GPU needed); also VLLM_SIMULATE=1
 #   -w, --wait            wait until every model, then the gateway, answers /health
-#   -i, --interval SECS   pause between two model launches (default: $VLLM_START_INTERVAL, else 15)
+#   -i, --interval SECS   pause between two model launches (default: $VLLM_START_INTERVAL, else 15;
+#                         with --simulate 0 unless asked for)
 #   -h, --help            show this help
 #
 # Exit status: 0 all started, 1 a model or the gateway failed (the gateway still starts when only

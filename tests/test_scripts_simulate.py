@@ -94,3 +94,24 @@ def test_all_services_start_serve_a_chat_through_the_gateway_and_stop(fleet: Fle
     assert live(trees) == set()
     assert fleet.pid_files() == []
     assert http_status(f"http://127.0.0.1:{gateway_port}/health") is None
+
+
+def test_simulated_models_start_without_the_stagger_unless_asked(fleet: Fleet) -> None:
+    # VLLM_START_INTERVAL empty: the config's default of 15 s applies, which --simulate skips.
+    result = fleet.run("start_all_models.sh", "--simulate", env={"VLLM_START_INTERVAL": ""})
+    assert result.returncode == 0, result.stderr
+    assert "before the next model" not in result.stderr
+    fleet.run("stop_all_models.sh")
+    asked = fleet.run("start_all_models.sh", "--simulate", "--interval", "1", env={"VLLM_START_INTERVAL": ""})
+    assert asked.returncode == 0, asked.stderr
+    assert "waiting 1s before the next model (--interval)" in asked.stderr
+
+
+def test_a_second_wait_says_the_models_were_already_running(fleet: Fleet) -> None:
+    first = fleet.run("start_all_models.sh", "--simulate", "--wait")
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"Qwen3-14B is healthy after \d+m\d+s", first.stderr), first.stderr
+    second = fleet.run("start_all_models.sh", "--simulate", "--wait")
+    assert second.returncode == 0, second.stderr
+    assert "Qwen3-14B was already running and is healthy (up " in second.stderr
+    assert "is healthy after" not in second.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -91,8 +92,8 @@ def server_hooks(state: GatewayState) -> ServerHooks:
     max_connections = settings.max_connections or default_max_connections(
         current_open_files_limit(), settings.concurrency_limit)
 
-    async def relay(exchange: Exchange) -> None:
-        await proxy.handle(state, exchange)
+    # A partial, not a wrapping coroutine: one coroutine per request, not two.
+    relay = functools.partial(proxy.handle, state)
 
     def check(exchange: Exchange) -> GatewayError | None:
         return check_head(state.keys, exchange)

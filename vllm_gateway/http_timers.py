@@ -59,6 +59,8 @@ class ConnectionTimers:
         start), the next request (keep-alive), the rest of a head, or the next piece of a body."""
         connection = self.connection
         parsing = connection.parsing
+        if parsing is None and self.read_phase is None and connection.active is not None:
+            return  # answering, nothing armed: the common case after a whole request arrived
         if parsing is None:
             idle = connection.active is None and not connection.queued and not connection.stop_reading
             phase = IDLE if idle else None

@@ -21,7 +21,7 @@ from .access_log import key_label
 from .errors import GatewayError
 from .http_exchange import Exchange
 from .registry import Backend, BackendState, Model
-from .request_body import ClientDisconnected
+from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
 from .upstream import (
     Headers,
@@ -125,7 +125,11 @@ async def proxy(state: GatewayState, exchange: Exchange, headers: dict[bytes, by
 
     # 3. The whole body, within the size limit, and the model it names.
     body = await exchange.read_body()
-    model_name = await state.body_parser.model_of(body, headers.get(b"content-type", b""))
+    content_type = headers.get(b"content-type", b"")
+    if state.body_parser.parses_inline(body, content_type):
+        model_name = model_from_body(body, content_type)
+    else:
+        model_name = await state.body_parser.model_of(body, content_type)
     outcome.model = model_name
     model = state.registry.resolve(model_name)
     if model is None or not key.may_use(model.name):
