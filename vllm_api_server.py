@@ -22,8 +22,10 @@ def run_in_venv_if_needed(missing: str) -> None:
     python = VENV_DIR / "bin" / "python"
     if python.exists() and Path(sys.prefix).resolve() != VENV_DIR.resolve():
         os.execv(python, [str(python), __file__, *sys.argv[1:]])
-    sys.exit(f"vllm_api_server: the Python package `{missing}` is missing; `bash scripts/install.sh` "
-             f"installs everything into {VENV_DIR}")
+    sys.exit(
+        f"vllm_api_server: the Python package `{missing}` is missing; `bash scripts/install.sh` "
+        f"installs everything into {VENV_DIR}"
+    )
 
 
 if __name__ == "__main__":

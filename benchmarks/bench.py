@@ -54,42 +54,78 @@ def name_list(allowed: tuple[str, ...]):
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown: {', '.join(unknown)} (choose from {', '.join(allowed)})")
         return names
+
     return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="benchmarks/run.sh", description=__doc__.splitlines()[0],
-        epilog="Results: benchmarks/results/latest.json, latest.txt and throughput.png (--quick: benchmarks/work/quick/).")
-    parser.add_argument("--quick", action="store_true",
-                        help="short smoke run: 3 s per scenario, 20k-request leak check, no real vLLM")
-    parser.add_argument("--scenarios", type=name_list(SCENARIOS), default=None,
-                        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; --quick: all but vllm)")
-    parser.add_argument("--targets", type=name_list(TARGETS), default=list(TARGETS),
-                        help="comma-separated subset of direct,nginx,pipe,gateway (default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay)")
+        prog="benchmarks/run.sh",
+        description=__doc__.splitlines()[0],
+        epilog="Results: benchmarks/results/latest.json, latest.txt and throughput.png "
+        "(--quick: benchmarks/work/quick/).",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="short smoke run: 3 s per scenario, 20k-request leak check, no real vLLM"
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=name_list(SCENARIOS),
+        default=None,
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all; --quick: all but vllm)",
+    )
+    parser.add_argument(
+        "--targets",
+        type=name_list(TARGETS),
+        default=list(TARGETS),
+        help="comma-separated subset of direct,nginx,pipe,gateway "
+        "(default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="seconds per load run (default 10; --quick 3)")
-    parser.add_argument("--paced-duration", type=float, default=None,
-                        help="seconds per paced-stream run, a dozen ~1 s streams per connection (default 15; --quick 6)")
-    parser.add_argument("--json-concurrency", type=int_list, default=[1, 32],
-                        help="connections for non-streamed requests (default 1,32)")
-    parser.add_argument("--stream-concurrency", type=int_list, default=[32],
-                        help="connections for whole streams (default 32)")
-    parser.add_argument("--paced-concurrency", type=int_list, default=[256, 1024],
-                        help="connections for paced ~1 s streams (default 256,1024)")
-    parser.add_argument("--leak-requests", type=int, default=None,
-                        help="requests in the leak check (default 1000000; --quick 20000)")
-    parser.add_argument("--leak-checkpoint", type=int, default=10_000,
-                        help="RSS is compared with the RSS after this many requests (default 10000)")
+    parser.add_argument(
+        "--paced-duration",
+        type=float,
+        default=None,
+        help="seconds per paced-stream run, a dozen ~1 s streams per connection (default 15; --quick 6)",
+    )
+    parser.add_argument(
+        "--json-concurrency",
+        type=int_list,
+        default=[1, 32],
+        help="connections for non-streamed requests (default 1,32)",
+    )
+    parser.add_argument(
+        "--stream-concurrency", type=int_list, default=[32], help="connections for whole streams (default 32)"
+    )
+    parser.add_argument(
+        "--paced-concurrency",
+        type=int_list,
+        default=[256, 1024],
+        help="connections for paced ~1 s streams (default 256,1024)",
+    )
+    parser.add_argument(
+        "--leak-requests", type=int, default=None, help="requests in the leak check (default 1000000; --quick 20000)"
+    )
+    parser.add_argument(
+        "--leak-checkpoint",
+        type=int,
+        default=10_000,
+        help="RSS is compared with the RSS after this many requests (default 10000)",
+    )
     parser.add_argument("--vllm-prompts", type=int, default=64, help="prompts per real-vLLM run (default 64)")
     parser.add_argument("--vllm-concurrency", type=int, default=8, help="concurrent real-vLLM requests (default 8)")
-    parser.add_argument("--vllm-rounds", type=int, default=2,
-                        help="direct/gateway runs each, in alternating order (default 2)")
+    parser.add_argument(
+        "--vllm-rounds", type=int, default=2, help="direct/gateway runs each, in alternating order (default 2)"
+    )
     parser.add_argument("--vllm-input-len", type=int, default=128, help="prompt tokens (default 128)")
     parser.add_argument("--vllm-output-len", type=int, default=128, help="output tokens (default 128)")
     parser.add_argument("--gateway-cpu", type=int, default=0, help="core of the proxy under test (default 0)")
-    parser.add_argument("--load-cpus", type=cpu_list, default=[1],
-                        help="cores of wrk (one thread each) and the backend (one worker each), e.g. 1-3 "
-                             "(default 1)")
+    parser.add_argument(
+        "--load-cpus",
+        type=cpu_list,
+        default=[1],
+        help="cores of wrk (one thread each) and the backend (one worker each), e.g. 1-3 (default 1)",
+    )
     parser.add_argument("--python", default=None, help="interpreter of the gateway (default: .venv/bin/python)")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch directory (default benchmarks/work)")
@@ -121,11 +157,18 @@ class Bench:
     args: argparse.Namespace
     files: CannedFiles
 
-    def load(self, target: Target, variant: Variant, connections: int, duration: float,
-             bodies: list[Path] | None = None) -> Measured:
-        load = Load(url=target.url_of(variant), bodies=bodies or [self.files.body(variant)], key=target.key,
-                    connections=connections, duration=duration, timeout=TIMEOUTS[variant.name],
-                    cpus=self.args.load_cpus)
+    def load(
+        self, target: Target, variant: Variant, connections: int, duration: float, bodies: list[Path] | None = None
+    ) -> Measured:
+        load = Load(
+            url=target.url_of(variant),
+            bodies=bodies or [self.files.body(variant)],
+            key=target.key,
+            connections=connections,
+            duration=duration,
+            timeout=TIMEOUTS[variant.name],
+            cpus=self.args.load_cpus,
+        )
         return run_wrk(load, target.pid)
 
 
@@ -134,17 +177,26 @@ def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
     m = bench.load(target, variant, connections, args.paced_duration if variant.paced else args.duration)
     events = m.requests * bench.files.events_per_stream if variant.stream else None
     row = {
-        "kind": kind, "target": target.name, "connections": connections,
-        "requests": m.requests, "seconds": round(m.seconds, 3), "rps": m.rps,
+        "kind": kind,
+        "target": target.name,
+        "connections": connections,
+        "requests": m.requests,
+        "seconds": round(m.seconds, 3),
+        "rps": m.rps,
         "latency_ms": {k.removesuffix("_us"): v / 1000 for k, v in m.latency_us.items()},
-        "errors": m.errors, "error_count": m.error_count,
+        "errors": m.errors,
+        "error_count": m.error_count,
         "events": events,
         "proxy_core_busy_pct": round(100 * m.core_busy.get(args.gateway_cpu, 0.0), 1),
-        "load_core_busy_pct": round(100 * sum(m.core_busy.get(c, 0.0) for c in args.load_cpus)
-                                    / len(args.load_cpus), 1),
+        "load_core_busy_pct": round(
+            100 * sum(m.core_busy.get(c, 0.0) for c in args.load_cpus) / len(args.load_cpus), 1
+        ),
         "cpu_seconds": m.cpu_seconds,
-        "cpu_us_per_request": None, "cpu_us_per_event": None,
-        "rss_idle_mb": None, "rss_peak_mb": None, "rss_kb_per_stream": None,
+        "cpu_us_per_request": None,
+        "cpu_us_per_event": None,
+        "rss_idle_mb": None,
+        "rss_peak_mb": None,
+        "rss_kb_per_stream": None,
     }
     if m.cpu_seconds is not None and m.requests:
         row["cpu_us_per_request"] = m.cpu_seconds / m.requests * 1e6
@@ -155,8 +207,10 @@ def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
         row["rss_peak_mb"] = m.rss_peak_kb / 1024
         if kind == "paced" and target.idle_rss_kb is not None:
             row["rss_kb_per_stream"] = (m.rss_peak_kb - target.idle_rss_kb) / connections
-    log(f"{kind:6} c={connections:<5} {target.name:8} {m.rps:9.0f} req/s  p50 {row['latency_ms']['p50']:8.2f} ms  "
-        f"p99 {row['latency_ms']['p99']:8.2f} ms  errors {m.error_count}")
+    log(
+        f"{kind:6} c={connections:<5} {target.name:8} {m.rps:9.0f} req/s  p50 {row['latency_ms']['p50']:8.2f} ms  "
+        f"p99 {row['latency_ms']['p99']:8.2f} ms  errors {m.error_count}"
+    )
     return row
 
 
@@ -192,8 +246,9 @@ def leak_check(bench: Bench, target: Target) -> dict:
         if m.error_count:
             raise RuntimeError(f"leak check: {m.errors} errors after {total:,} requests")
         if not m.requests:
-            raise RuntimeError(f"leak check: the gateway completed no request in {seconds:.0f} s "
-                               f"after {total:,} requests")
+            raise RuntimeError(
+                f"leak check: the gateway completed no request in {seconds:.0f} s after {total:,} requests"
+            )
         total += m.requests
         rate = m.rps
         time.sleep(0.5)  # let in-flight work settle before reading RSS
@@ -201,9 +256,13 @@ def leak_check(bench: Bench, target: Target) -> dict:
         log(f"leak check: {total:,} requests, RSS {checkpoints[-1]['rss_kb'] / 1024:.1f} MB")
     first = next((c for c in checkpoints if c["requests"] >= args.leak_checkpoint), checkpoints[0])
     return {
-        "mix": "9 non-streamed : 1 whole stream, 32 connections", "checkpoint": args.leak_checkpoint,
-        "checkpoints": checkpoints, "first_requests": first["requests"], "rss_first_kb": first["rss_kb"],
-        "total_requests": total, "rss_last_kb": checkpoints[-1]["rss_kb"],
+        "mix": "9 non-streamed : 1 whole stream, 32 connections",
+        "checkpoint": args.leak_checkpoint,
+        "checkpoints": checkpoints,
+        "first_requests": first["requests"],
+        "rss_first_kb": first["rss_kb"],
+        "total_requests": total,
+        "rss_last_kb": checkpoints[-1]["rss_kb"],
     }
 
 
@@ -223,19 +282,27 @@ def meta(bench: Bench) -> dict:
         if line.startswith("model name"):
             cpu_model = line.split(":", 1)[1].strip()
             break
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit or None, "cpu": cpu_model, "cores": os.cpu_count(), "kernel": platform.release(),
+        "commit": commit or None,
+        "cpu": cpu_model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
         # The whole version line names the build (date, compiler): a build without PGO and LTO (pyenv's
         # default) runs the gateway about a third slower than a distribution's Python (README).
         "python": tool_version([args.python, "-c", "import sys; print(sys.version.replace(chr(10), ' '))"]),
         "nginx": tool_version(["nginx", "-v"]),
         "wrk": tool_version(["wrk", "-v"]).split("Copyright")[0].strip(),
-        "proxy_core": args.gateway_cpu, "load_cores": args.load_cpus, "duration_s": args.duration,
-        "events_per_stream": bench.files.events_per_stream, "quick": args.quick,
-        "scenarios": args.scenarios, "targets": args.targets,
+        "proxy_core": args.gateway_cpu,
+        "load_cores": args.load_cpus,
+        "duration_s": args.duration,
+        "events_per_stream": bench.files.events_per_stream,
+        "quick": args.quick,
+        "scenarios": args.scenarios,
+        "targets": args.targets,
     }
 
 
@@ -273,9 +340,16 @@ def run_canned(bench: Bench, results: dict) -> None:
             if target.pid:
                 target.idle_rss_kb = procstat.rss_kb(target.pid)
 
-        plan = [(kind, c) for kind, levels in (("json", args.json_concurrency), ("stream", args.stream_concurrency),
-                                                ("paced", args.paced_concurrency))
-                if kind in args.scenarios for c in levels]
+        plan = [
+            (kind, c)
+            for kind, levels in (
+                ("json", args.json_concurrency),
+                ("stream", args.stream_concurrency),
+                ("paced", args.paced_concurrency),
+            )
+            if kind in args.scenarios
+            for c in levels
+        ]
         for kind, connections in plan:
             for target in targets:
                 settle(children)
@@ -319,8 +393,15 @@ def main(argv: list[str]) -> int:
             log("skipping the real-vLLM part: no .venv-vllm (create it as the README says, or set VLLM_PYTHON)")
             results["vllm"] = {"skipped": "no vLLM interpreter"}
         elif "vllm" in args.scenarios:
-            options = VllmOptions(args.vllm_prompts, args.vllm_concurrency, args.vllm_input_len,
-                                  args.vllm_output_len, args.vllm_rounds, args.gateway_cpu, args.load_cpus)
+            options = VllmOptions(
+                args.vllm_prompts,
+                args.vllm_concurrency,
+                args.vllm_input_len,
+                args.vllm_output_len,
+                args.vllm_rounds,
+                args.gateway_cpu,
+                args.load_cpus,
+            )
             results["vllm"] = run_vllm(args.work / "vllm", args.python, options)
     except (RuntimeError, OSError, TimeoutError) as error:
         log(f"benchmark stopped: {error}")

@@ -12,7 +12,75 @@ from pathlib import Path
 
 # Four-letter words keep every token event the same size, so the paced backend (which writes a fixed number
 # of bytes per write) puts exactly one event in each write, as vLLM does.
-WORDS = ["that", "with", "have", "this", "will", "your", "from", "they", "know", "want", "been", "good", "much", "some", "time", "very", "when", "come", "here", "just", "like", "long", "make", "many", "over", "such", "take", "than", "them", "well", "were", "what", "more", "most", "only", "into", "also", "back", "call", "each", "find", "give", "hand", "high", "keep", "last", "left", "life", "live", "look", "made", "mean", "move", "need", "next", "open", "part", "play", "same", "seem", "show", "side", "tell", "turn", "used", "work", "year"]
+WORDS = [
+    "that",
+    "with",
+    "have",
+    "this",
+    "will",
+    "your",
+    "from",
+    "they",
+    "know",
+    "want",
+    "been",
+    "good",
+    "much",
+    "some",
+    "time",
+    "very",
+    "when",
+    "come",
+    "here",
+    "just",
+    "like",
+    "long",
+    "make",
+    "many",
+    "over",
+    "such",
+    "take",
+    "than",
+    "them",
+    "well",
+    "were",
+    "what",
+    "more",
+    "most",
+    "only",
+    "into",
+    "also",
+    "back",
+    "call",
+    "each",
+    "find",
+    "give",
+    "hand",
+    "high",
+    "keep",
+    "last",
+    "left",
+    "life",
+    "live",
+    "look",
+    "made",
+    "mean",
+    "move",
+    "need",
+    "next",
+    "open",
+    "part",
+    "play",
+    "same",
+    "seem",
+    "show",
+    "side",
+    "tell",
+    "turn",
+    "used",
+    "work",
+    "year",
+]
 
 TOKENS_PER_COMPLETION = 100
 PROMPT_TOKENS = 187
@@ -126,8 +194,13 @@ def sse_events(model: str) -> list[bytes]:
 
     size = len(_event(token(words[0], None)))
     events = [
-        _event(_chunk(model, [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None, "finish_reason": None}]), size)
+        _event(
+            _chunk(
+                model,
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+            ),
+            size,
+        )
     ]
     events += [_event(token(word, None)) for word in words[:-1]]
     events.append(_event(token(words[-1], "length"), size))
@@ -175,11 +248,23 @@ class CannedFiles:
 
 
 def models_list(model: str) -> bytes:
-    return json.dumps({
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": CREATED, "owned_by": "vllm", "root": "/bench",
-                  "parent": None, "max_model_len": 4096, "permission": []}],
-    }).encode()
+    return json.dumps(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": CREATED,
+                    "owned_by": "vllm",
+                    "root": "/bench",
+                    "parent": None,
+                    "max_model_len": 4096,
+                    "permission": [],
+                }
+            ],
+        }
+    ).encode()
 
 
 def write_canned(root: Path) -> CannedFiles:

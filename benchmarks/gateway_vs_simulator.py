@@ -31,19 +31,41 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-vs-sim-") as tmp:
         work = Path(tmp)
         port = free_port()
-        simulator = spawn("simulator", [python, "-m", "vllm_simulator", "--port", str(port),
-                                        "--served-model-name", MODEL, "--first-token-delay", "0",
-                                        "--token-rate", "0"], work / "simulator.log", [1], cwd=REPO)
+        simulator = spawn(
+            "simulator",
+            [
+                python,
+                "-m",
+                "vllm_simulator",
+                "--port",
+                str(port),
+                "--served-model-name",
+                MODEL,
+                "--first-token-delay",
+                "0",
+                "--token-rate",
+                "0",
+            ],
+            work / "simulator.log",
+            [1],
+            cwd=REPO,
+        )
         gateway = None
         try:
             wait_for_port(port, simulator.proc, "simulator", simulator.log_path)
             direct_url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            gateway = start_gateway(work / "gateway", python, {MODEL: f"http://127.0.0.1:{port}"}, cpu=0,
-                                    overrides={"GATEWAY_RATE_LIMIT": "1000000000/minute",
-                                               "GATEWAY_CONCURRENCY_LIMIT": "100000"})
+            gateway = start_gateway(
+                work / "gateway",
+                python,
+                {MODEL: f"http://127.0.0.1:{port}"},
+                cpu=0,
+                overrides={"GATEWAY_RATE_LIMIT": "1000000000/minute", "GATEWAY_CONCURRENCY_LIMIT": "100000"},
+            )
             through_url = gateway.base_url + "/v1/chat/completions"
-            print(f"{'mode':<10}{'conns':>6}{'direct req/s':>14}{'gateway req/s':>15}"
-                  f"{'direct p50 ms':>15}{'gateway p50 ms':>16}{'added p50 ms':>14}")
+            print(
+                f"{'mode':<10}{'conns':>6}{'direct req/s':>14}{'gateway req/s':>15}"
+                f"{'direct p50 ms':>15}{'gateway p50 ms':>16}{'added p50 ms':>14}"
+            )
             for stream in (False, True):
                 body = work / f"body-{stream}.json"
                 body.write_bytes(request_body(MODEL, stream))
@@ -54,8 +76,11 @@ def main() -> int:
                         runs[name] = run_wrk(load, None)
                     direct, through = runs["direct"], runs["gateway"]
                     d50, g50 = direct.latency_us["p50"] / 1000, through.latency_us["p50"] / 1000
-                    print(f"{'stream' if stream else 'json':<10}{connections:>6}{direct.rps:>14.0f}"
-                          f"{through.rps:>15.0f}{d50:>15.2f}{g50:>16.2f}{g50 - d50:>14.2f}", flush=True)
+                    print(
+                        f"{'stream' if stream else 'json':<10}{connections:>6}{direct.rps:>14.0f}"
+                        f"{through.rps:>15.0f}{d50:>15.2f}{g50:>16.2f}{g50 - d50:>14.2f}",
+                        flush=True,
+                    )
         finally:
             if gateway is not None:
                 gateway.child.stop()

@@ -51,8 +51,16 @@ class Measured:
 
 def run_wrk(load: Load, pid: int | None) -> Measured:
     threads = min(len(load.cpus or [0]), load.connections)
-    argv = ["wrk", f"-t{threads}", f"-c{load.connections}", f"-d{max(1, round(load.duration))}s",
-            f"--timeout={max(1, round(load.timeout))}s", "-s", str(LUA), load.url]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{load.connections}",
+        f"-d{max(1, round(load.duration))}s",
+        f"--timeout={max(1, round(load.timeout))}s",
+        "-s",
+        str(LUA),
+        load.url,
+    ]
     if load.cpus:
         argv = ["taskset", "-c", ",".join(map(str, load.cpus)), *argv]
     env = dict(os.environ, BENCH_BODIES=":".join(str(b) for b in load.bodies), BENCH_KEY=load.key or "")
@@ -78,8 +86,10 @@ def run_wrk(load: Load, pid: int | None) -> Measured:
 
     lines = [line for line in stdout.decode().splitlines() if line.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed (status {proc.returncode}): {' '.join(argv)}\n"
-                           f"{stdout.decode()[-2000:]}{stderr.decode()[-2000:]}")
+        raise RuntimeError(
+            f"wrk failed (status {proc.returncode}): {' '.join(argv)}\n"
+            f"{stdout.decode()[-2000:]}{stderr.decode()[-2000:]}"
+        )
     result = json.loads(lines[-1].removeprefix("BENCH_RESULT "))
     return Measured(
         requests=result["requests"],

@@ -13,7 +13,7 @@ PROC = Path("/proc")
 def _stat_fields(pid: int) -> list[str]:
     text = (PROC / str(pid) / "stat").read_text()
     # The command name may hold spaces and parentheses; the fields after the last ")" are fixed.
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def tree(root: int) -> list[int]:

@@ -1,10 +1,10 @@
 """The floor for any proxy hop written in Python: a TCP pipe on uvloop, with no HTTP at all.
 
-It runs on the gateway's own event loop (uvloop with batch accept). Each client connection gets a backend connection of its own, and bytes go across unchanged in both
-directions, with back-pressure. There is no parsing, no routing, no keys, limits or logs, so no
-Python relay (the gateway included) can be cheaper per request or per event: the benchmark runs it
-beside nginx to show how much of the gateway's cost is Python's event loop and how much is the
-gateway's own.
+It runs on the gateway's own event loop (uvloop with batch accept). Each client connection gets a
+backend connection of its own, and bytes go across unchanged in both directions, with
+back-pressure. There is no parsing, no routing, no keys, limits or logs, so no Python relay (the
+gateway included) can be cheaper per request or per event: the benchmark runs it beside nginx to
+show how much of the gateway's cost is Python's event loop and how much is the gateway's own.
 
 Usage: python_pipe.py LISTEN_PORT:BACKEND_PORT ...   (loopback only; stops on SIGTERM)
 """
@@ -58,6 +58,7 @@ def client_side(backend_port: int):
         client = Half()
         asyncio.get_running_loop().create_task(connect_backend(client, backend_port))
         return client
+
     return make
 
 
@@ -79,8 +80,9 @@ async def main(pairs: list[tuple[int, int]]) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-    servers = [await loop.create_server(client_side(backend), "127.0.0.1", listen, backlog=4096)
-               for listen, backend in pairs]
+    servers = [
+        await loop.create_server(client_side(backend), "127.0.0.1", listen, backlog=4096) for listen, backend in pairs
+    ]
     await stop
     for server in servers:
         server.close()

@@ -20,8 +20,11 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def _row(rows: list[dict], kind: str, target: str, connections: int | None = None) -> dict | None:
-    matches = [r for r in rows if r["kind"] == kind and r["target"] == target
-               and (connections is None or r["connections"] == connections)]
+    matches = [
+        r
+        for r in rows
+        if r["kind"] == kind and r["target"] == target and (connections is None or r["connections"] == connections)
+    ]
     if connections is None and matches:
         return max(matches, key=lambda r: r["connections"])
     return matches[0] if matches else None
@@ -42,15 +45,15 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
 
     gw, ng = _row(rows, "json", "gateway"), _row(rows, "json", "nginx")
     ratio = _ratio(gw and gw["rps"], ng and ng["rps"])
-    checks.append(_check(f"non-streamed req/s vs nginx (c={gw['connections'] if gw else '?'})",
-                         ratio, ">=", 0.4, "x"))
+    checks.append(_check(f"non-streamed req/s vs nginx (c={gw['connections'] if gw else '?'})", ratio, ">=", 0.4, "x"))
 
     for kind in ("stream", "paced"):
         for row in [r for r in rows if r["kind"] == kind and r["target"] == "gateway"]:
             other = _row(rows, kind, "nginx", row["connections"])
             ratio = _ratio(row.get("cpu_us_per_event"), other and other.get("cpu_us_per_event"))
-            checks.append(_check(f"CPU per relayed event vs nginx ({kind}, c={row['connections']})",
-                                 ratio, "<=", 1.5, "x"))
+            checks.append(
+                _check(f"CPU per relayed event vs nginx ({kind}, c={row['connections']})", ratio, "<=", 1.5, "x")
+            )
 
     gw, direct = _row(rows, "json", "gateway", 1), _row(rows, "json", "direct", 1)
     added = gw["latency_ms"]["p50"] - direct["latency_ms"]["p50"] if gw and direct else None
@@ -81,22 +84,46 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
 
 
 def table(rows: list[dict]) -> str:
-    head = ("scenario", "target", "conc", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req", "CPU us/event",
-            "proxy core %", "load core %", "RSS MB", "KB/stream")
+    head = (
+        "scenario",
+        "target",
+        "conc",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "CPU us/req",
+        "CPU us/event",
+        "proxy core %",
+        "load core %",
+        "RSS MB",
+        "KB/stream",
+    )
     lines = []
     for row in rows:
-        lines.append((
-            row["kind"], row["target"], _fmt(row["connections"]), _fmt(row["rps"], 0),
-            _fmt(row["latency_ms"]["p50"], 2), _fmt(row["latency_ms"]["p99"], 2), _fmt(row["error_count"]),
-            _fmt(row.get("cpu_us_per_request")), _fmt(row.get("cpu_us_per_event"), 2),
-            _fmt(row["proxy_core_busy_pct"], 0) if row["target"] != "direct" else "-",
-            _fmt(row["load_core_busy_pct"], 0),
-            _fmt(row.get("rss_peak_mb")), _fmt(row.get("rss_kb_per_stream")),
-        ))
+        lines.append(
+            (
+                row["kind"],
+                row["target"],
+                _fmt(row["connections"]),
+                _fmt(row["rps"], 0),
+                _fmt(row["latency_ms"]["p50"], 2),
+                _fmt(row["latency_ms"]["p99"], 2),
+                _fmt(row["error_count"]),
+                _fmt(row.get("cpu_us_per_request")),
+                _fmt(row.get("cpu_us_per_event"), 2),
+                _fmt(row["proxy_core_busy_pct"], 0) if row["target"] != "direct" else "-",
+                _fmt(row["load_core_busy_pct"], 0),
+                _fmt(row.get("rss_peak_mb")),
+                _fmt(row.get("rss_kb_per_stream")),
+            )
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
 
     def render(cells) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     return "\n".join([render(head), render(["-" * w for w in widths]), *map(render, lines)])
 
@@ -113,8 +140,10 @@ def vllm_table(vllm: dict) -> str:
     lines = [head]
     for target in ("direct", "gateway"):
         s = vllm[target]
-        lines.append(f"{target:8}  {s['output_tokens_per_s']:9.1f}  {s['ttft_p50_ms']:7.2f}ms  "
-                     f"{s['ttft_p99_ms']:7.2f}ms  {s['itl_p50_ms']:6.2f}ms  {s['itl_p99_ms']:6.2f}ms  {s['failed']}")
+        lines.append(
+            f"{target:8}  {s['output_tokens_per_s']:9.1f}  {s['ttft_p50_ms']:7.2f}ms  "
+            f"{s['ttft_p99_ms']:7.2f}ms  {s['itl_p50_ms']:6.2f}ms  {s['itl_p99_ms']:6.2f}ms  {s['failed']}"
+        )
     return "\n".join(lines)
 
 
@@ -126,8 +155,9 @@ def targets_text(checks: list[dict]) -> str:
         digits = {"x": 3, "ms": 3, "%": 1, "KB": 1}.get(check["unit"], 0)
         value = "not measured" if check["value"] is None else f"{check['value']:.{digits}f}{unit}"
         detail = f"  ({check['detail']})" if check["detail"] else ""
-        lines.append(f"  {mark}  {check['target']:<54} {value:>13}   target {check['op']} "
-                     f"{check['limit']:g}{unit}{detail}")
+        lines.append(
+            f"  {mark}  {check['target']:<54} {value:>13}   target {check['op']} {check['limit']:g}{unit}{detail}"
+        )
     return "\n".join(lines)
 
 
@@ -135,9 +165,10 @@ def floor_text(rows: list[dict]) -> str | None:
     """The same ratios as the targets, for python_pipe.py: what no Python relay can beat."""
     lines = []
     for kind, connections, field, label in (
-            ("json", 32, "rps", "non-streamed req/s vs nginx (c=32)"),
-            ("stream", 32, "cpu_us_per_event", "CPU per relayed event vs nginx (stream, c=32)"),
-            ("paced", 256, "cpu_us_per_event", "CPU per relayed event vs nginx (paced, c=256)")):
+        ("json", 32, "rps", "non-streamed req/s vs nginx (c=32)"),
+        ("stream", 32, "cpu_us_per_event", "CPU per relayed event vs nginx (stream, c=32)"),
+        ("paced", 256, "cpu_us_per_event", "CPU per relayed event vs nginx (paced, c=256)"),
+    ):
         ratios = []
         for target in ("pipe", "gateway"):
             mine, theirs = _row(rows, kind, target, connections), _row(rows, kind, "nginx", connections)
@@ -154,16 +185,19 @@ def summary_text(results: dict) -> str:
     if python:
         parts += [f"Python of the gateway and the pipe: {python}", ""]
     if results["scenarios"]:
-        parts += ["Load through one core (req/s, latency: wrk; CPU and RSS of the proxy process from /proc)", "",
-                  table(results["scenarios"]), ""]
+        parts += [
+            "Load through one core (req/s, latency: wrk; CPU and RSS of the proxy process from /proc)",
+            "",
+            table(results["scenarios"]),
+            "",
+        ]
     if results.get("leak"):
         parts += ["Gateway RSS over a long run (leak check)", "", leak_table(results["leak"]), ""]
     if results.get("vllm") and "direct" in results["vllm"]:
         parts += ["Through real vLLM (vllm.benchmarks.serve)", "", vllm_table(results["vllm"]), ""]
     floor = floor_text(results["scenarios"])
     if floor:
-        parts += ["The floor for a Python relay (python_pipe.py: uvloop, bytes piped, no HTTP at all)", "",
-                  floor, ""]
+        parts += ["The floor for a Python relay (python_pipe.py: uvloop, bytes piped, no HTTP at all)", "", floor, ""]
     parts += ["Targets (ratios within this run)", "", targets_text(results["targets"])]
     return "\n".join(parts)
 
@@ -190,14 +224,14 @@ def plot(path: Path, rows: list[dict]) -> bool:
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):
         for target in TARGET_ORDER:
-            points = sorted((r for r in rows if r["kind"] == kind and r["target"] == target),
-                            key=lambda r: r["connections"])
+            points = sorted(
+                (r for r in rows if r["kind"] == kind and r["target"] == target), key=lambda r: r["connections"]
+            )
             if not points:
                 continue
             xs = [p["connections"] for p in points]
             axes[0][col].plot(xs, [p["rps"] for p in points], "o-", color=colours[target], label=target)
-            axes[1][col].plot(xs, [p["latency_ms"]["p99"] for p in points], "o-", color=colours[target],
-                              label=target)
+            axes[1][col].plot(xs, [p["latency_ms"]["p99"] for p in points], "o-", color=colours[target], label=target)
         axes[0][col].set_title(KIND_TITLES[kind], fontsize=10)
         levels = sorted({r["connections"] for r in rows if r["kind"] == kind})
         for row in (0, 1):

@@ -46,8 +46,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on port {port}; "
-                               f"{log_path}:\n{tail(log_path)}")
+            raise RuntimeError(
+                f"{what} exited with status {proc.returncode} before listening on port {port}; "
+                f"{log_path}:\n{tail(log_path)}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -83,18 +85,32 @@ class Child:
         self.proc.wait()
 
 
-def spawn(name: str, argv: list[str], log_path: Path, cpus: list[int] | None,
-          env: dict[str, str] | None = None, cwd: Path | None = None) -> Child:
+def spawn(
+    name: str,
+    argv: list[str],
+    log_path: Path,
+    cpus: list[int] | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Child:
     if cpus:
         argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
     return Child(name, proc, log_path)
 
 
 # ---- nginx -----------------------------------------------------------------------------------------
+
 
 def _open_files_limit() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -105,13 +121,15 @@ def _nginx_main(directory: Path, http_body: str, workers: int = 1) -> str:
     # Workers keep the master's user when it is not root; as root, nginx would otherwise switch them to
     # "nobody", which may not be able to read the work directory.
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"    {kind}_temp_path {directory / 'tmp' / kind};"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {directory / 'tmp' / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     return f"""# Written by benchmarks/bench.py; regenerated on every run.
 {user}worker_processes {workers};
 worker_rlimit_nofile {_open_files_limit()};
-pid {directory / 'nginx.pid'};
-error_log {directory / 'error.log'} warn;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
 
 events {{
     worker_connections 16384;
@@ -190,7 +208,7 @@ def proxy_conf(directory: Path, backend_ports: dict[str, int], ports: dict[str, 
     server {{
         listen 127.0.0.1:{ports[variant.name]} backlog=4096;
         # Logged like the gateway logs, buffered as any production nginx would be.
-        access_log {directory / 'access.log'} combined buffer=64k flush=1s;
+        access_log {directory / "access.log"} combined buffer=64k flush=1s;
         location / {{
             proxy_pass http://backend_{variant.name};
             proxy_http_version 1.1;
@@ -214,15 +232,16 @@ class PortPerVariant:
         return f"http://127.0.0.1:{self.ports[variant.name]}"
 
 
-def start_nginx(name: str, directory: Path, conf_text: str, ports: dict[str, int], cpus: list[int] | None) -> PortPerVariant:
+def start_nginx(
+    name: str, directory: Path, conf_text: str, ports: dict[str, int], cpus: list[int] | None
+) -> PortPerVariant:
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (directory / "tmp" / kind).mkdir(parents=True, exist_ok=True)
     conf = directory / "nginx.conf"
     conf.write_text(conf_text)
-    argv = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log"),
-            "-g", "daemon off;"]
+    argv = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "error.log"), "-g", "daemon off;"]
     child = spawn(name, argv, directory / "stdout.log", cpus)
     for port in ports.values():
         wait_for_port(port, child.proc, name, child.log_path)
@@ -245,20 +264,21 @@ def start_proxy(work: Path, backend: PortPerVariant, cpu: int | None) -> PortPer
     return start_nginx("nginx proxy", directory, conf, ports, None if cpu is None else [cpu])
 
 
-
 def start_pipe(work: Path, python: str, backend: PortPerVariant, cpu: int | None) -> PortPerVariant:
     """python_pipe.py on `cpu`: a port per variant, piped to the backend's."""
     ports = {variant.name: free_port() for variant in VARIANTS}
     pairs = [f"{ports[name]}:{backend.ports[name]}" for name in ports]
     argv = [python, str(Path(__file__).resolve().parent / "python_pipe.py"), *pairs]
-    child = spawn("python pipe", argv, work.resolve() / "python-pipe" / "stdout.log",
-                  None if cpu is None else [cpu], cwd=REPO)
+    child = spawn(
+        "python pipe", argv, work.resolve() / "python-pipe" / "stdout.log", None if cpu is None else [cpu], cwd=REPO
+    )
     for port in ports.values():
         wait_for_port(port, child.proc, "python pipe", child.log_path)
     return PortPerVariant(child, ports)
 
 
 # ---- the gateway -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Gateway:
@@ -277,20 +297,22 @@ class Gateway:
 
 def gateway_env(work: Path, port: int, model_config: Path, overrides: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "GATEWAY_PORT": str(port),
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_KEY_FILE": str(work / "keys.json"),
-        "VLLM_MODEL_CONFIG": str(model_config),
-        # Everything stays on, with limits far above what the load can reach.
-        "GATEWAY_RATE_LIMIT": "1000000000/minute",
-        "GATEWAY_CONCURRENCY_LIMIT": "100000",
-        "GATEWAY_LOG_DIR": str(work / "logs"),
-        "VLLM_LOG_DIR": str(work / "logs"),
-        "VLLM_RUN_DIR": str(work / "run"),
-        # One process on one core: figures are per gateway core.
-        "GATEWAY_WORKERS": "1",
-    })
+    env.update(
+        {
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_KEY_FILE": str(work / "keys.json"),
+            "VLLM_MODEL_CONFIG": str(model_config),
+            # Everything stays on, with limits far above what the load can reach.
+            "GATEWAY_RATE_LIMIT": "1000000000/minute",
+            "GATEWAY_CONCURRENCY_LIMIT": "100000",
+            "GATEWAY_LOG_DIR": str(work / "logs"),
+            "VLLM_LOG_DIR": str(work / "logs"),
+            "VLLM_RUN_DIR": str(work / "run"),
+            # One process on one core: figures are per gateway core.
+            "GATEWAY_WORKERS": "1",
+        }
+    )
     env.update(overrides)
     return env
 
@@ -311,8 +333,14 @@ def write_model_config(path: Path, routes: dict[str, str], model_path: str = "/b
     path.write_text("\n".join(lines) + "\n")
 
 
-def start_gateway(work: Path, python: str, routes: dict[str, str], cpu: int | None,
-                  model_path: str = "/bench", overrides: dict[str, str] | None = None) -> Gateway:
+def start_gateway(
+    work: Path,
+    python: str,
+    routes: dict[str, str],
+    cpu: int | None,
+    model_path: str = "/bench",
+    overrides: dict[str, str] | None = None,
+) -> Gateway:
     """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL)."""
     work.mkdir(parents=True, exist_ok=True)
     model_config = work / "models.sh"
@@ -330,6 +358,7 @@ def start_gateway(work: Path, python: str, routes: dict[str, str], cpu: int | No
 
 
 # ---- checks ----------------------------------------------------------------------------------------
+
 
 def post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
@@ -361,8 +390,9 @@ def check_response(variant: Variant, status: int, payload: bytes, events_per_str
     return None
 
 
-def wait_until_serving(name: str, url_of, files: CannedFiles, key: str | None, proc: subprocess.Popen,
-                       timeout: float) -> None:
+def wait_until_serving(
+    name: str, url_of, files: CannedFiles, key: str | None, proc: subprocess.Popen, timeout: float
+) -> None:
     """Send each variant once and check the answer, retrying while the target warms up (health checks)."""
     for variant in VARIANTS:
         deadline = time.monotonic() + timeout

@@ -62,8 +62,10 @@ def raw_exchange(port: int, request: bytes) -> list[bytes]:
 
 
 def chat_request(body: bytes) -> bytes:
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer sk-test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer sk-test\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -78,8 +80,9 @@ def test_backend_answers_health_models_and_a_chat_completion(backend, files):
 
     health = raw_exchange(backend.ports["json"], b"GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
     assert b"".join(health).startswith(b"HTTP/1.1 200")
-    models = b"".join(raw_exchange(backend.ports["json"],
-                                   b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"))
+    models = b"".join(
+        raw_exchange(backend.ports["json"], b"GET /v1/models HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+    )
     assert [m["id"] for m in json.loads(models.split(b"\r\n\r\n", 1)[1])["data"]] == [variant.model]
 
 
@@ -114,8 +117,18 @@ def test_nginx_proxy_relays_the_paced_stream_without_buffering_it(proxy, files):
 
 def test_wrk_script_reports_requests_latency_and_no_errors(proxy, files):
     variant = VARIANT["json"]
-    measured = run_wrk(Load(url=proxy.url(variant), bodies=[files.body(variant)], key="sk-test",
-                            connections=4, duration=1, timeout=5, cpus=None), pid=proxy.child.pid)
+    measured = run_wrk(
+        Load(
+            url=proxy.url(variant),
+            bodies=[files.body(variant)],
+            key="sk-test",
+            connections=4,
+            duration=1,
+            timeout=5,
+            cpus=None,
+        ),
+        pid=proxy.child.pid,
+    )
     assert measured.requests > 0
     assert measured.error_count == 0
     assert 0 < measured.latency_us["p50"] <= measured.latency_us["p99"]
@@ -147,8 +160,18 @@ def test_wrk_script_sends_the_key_and_a_mix_of_bodies_in_turn(files):
     thread.start()
     try:
         bodies = [files.body(VARIANT["json"]), files.body(VARIANT["stream"])]
-        measured = run_wrk(Load(url=f"http://127.0.0.1:{server.server_address[1]}", bodies=bodies,
-                                key="sk-mix", connections=1, duration=1, timeout=5, cpus=None), pid=None)
+        measured = run_wrk(
+            Load(
+                url=f"http://127.0.0.1:{server.server_address[1]}",
+                bodies=bodies,
+                key="sk-mix",
+                connections=1,
+                duration=1,
+                timeout=5,
+                cpus=None,
+            ),
+            pid=None,
+        )
     finally:
         server.shutdown()
         server.server_close()

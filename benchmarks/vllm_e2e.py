@@ -31,19 +31,54 @@ class VllmOptions:
 
 def pin_tree(pids: set[int], cpus: str) -> None:
     for pid in pids:
-        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", cpus, str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
 
 
-def _client(vllm_python: str, base_url: str, tokenizer: str, options: VllmOptions, prompts: int,
-            key: str | None, out: Path) -> dict:
-    argv = [vllm_python, str(CLIENT), "--backend", "openai-chat", "--base-url", base_url,
-            "--endpoint", "/v1/chat/completions", "--model", SERVED_NAME, "--tokenizer", tokenizer,
-            "--dataset-name", "random", "--random-input-len", str(options.input_len),
-            "--random-output-len", str(options.output_len), "--num-prompts", str(prompts),
-            "--max-concurrency", str(options.concurrency), "--ignore-eos", "--seed", "0",
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-            "--disable-tqdm", "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
+def _client(
+    vllm_python: str, base_url: str, tokenizer: str, options: VllmOptions, prompts: int, key: str | None, out: Path
+) -> dict:
+    argv = [
+        vllm_python,
+        str(CLIENT),
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url,
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        SERVED_NAME,
+        "--tokenizer",
+        tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(options.input_len),
+        "--random-output-len",
+        str(options.output_len),
+        "--num-prompts",
+        str(prompts),
+        "--max-concurrency",
+        str(options.concurrency),
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "50,99",
+        "--disable-tqdm",
+        "--save-result",
+        "--result-dir",
+        str(out.parent),
+        "--result-filename",
+        out.name,
+    ]
     if options.load_cpus:
         argv = ["taskset", "-c", ",".join(map(str, options.load_cpus)), *argv]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -99,10 +134,16 @@ def run_vllm(work: Path, gateway_python: str, options: VllmOptions) -> dict:
         if load_cpus:
             pin_tree(server.handle.tree(), load_cpus)
         log(f"vLLM ready after {server.startup_seconds:.0f} s; starting the gateway in front of it")
-        gateway = start_gateway(work / "gateway", gateway_python, {SERVED_NAME: server.base_url},
-                                cpu=options.gateway_cpu, model_path=model_dir)
-        ping = json.dumps({"model": SERVED_NAME, "max_tokens": 4,
-                           "messages": [{"role": "user", "content": "hello"}]}).encode()
+        gateway = start_gateway(
+            work / "gateway",
+            gateway_python,
+            {SERVED_NAME: server.base_url},
+            cpu=options.gateway_cpu,
+            model_path=model_dir,
+        )
+        ping = json.dumps(
+            {"model": SERVED_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]}
+        ).encode()
         for _ in range(120):
             status, payload = post(gateway.base_url, ping, gateway.key)
             if status == 200:
@@ -115,8 +156,15 @@ def run_vllm(work: Path, gateway_python: str, options: VllmOptions) -> dict:
 
         urls = {"direct": (server.base_url, None), "gateway": (gateway.base_url, gateway.key)}
         log("warming vLLM up")
-        _client(python, server.base_url, model_dir, options, min(options.prompts, 2 * options.concurrency),
-                None, work / "warmup.json")
+        _client(
+            python,
+            server.base_url,
+            model_dir,
+            options,
+            min(options.prompts, 2 * options.concurrency),
+            None,
+            work / "warmup.json",
+        )
         runs: dict[str, list[dict]] = {"direct": [], "gateway": []}
         for number in range(options.rounds):
             # Alternate the order (direct, gateway, gateway, direct, ...) so drift favours neither side.
@@ -124,16 +172,22 @@ def run_vllm(work: Path, gateway_python: str, options: VllmOptions) -> dict:
             for target in order:
                 log(f"vLLM round {number + 1}/{options.rounds}: {target}")
                 url, key = urls[target]
-                runs[target].append(_client(python, url, model_dir, options, options.prompts, key,
-                                            work / f"{target}-{number}.json"))
+                runs[target].append(
+                    _client(python, url, model_dir, options, options.prompts, key, work / f"{target}-{number}.json")
+                )
     finally:
         if gateway is not None:
             gateway.child.stop()
         server.stop()
     return {
         "model": "tiny random-weight Llama (tests/support/tiny_model.py), float32, vLLM CPU build",
-        "prompts": options.prompts, "concurrency": options.concurrency,
-        "input_len": options.input_len, "output_len": options.output_len, "rounds": options.rounds,
-        "gateway_core": options.gateway_cpu, "vllm_and_client_cores": options.load_cpus,
-        "direct": _summary(runs["direct"]), "gateway": _summary(runs["gateway"]),
+        "prompts": options.prompts,
+        "concurrency": options.concurrency,
+        "input_len": options.input_len,
+        "output_len": options.output_len,
+        "rounds": options.rounds,
+        "gateway_core": options.gateway_cpu,
+        "vllm_and_client_cores": options.load_cpus,
+        "direct": _summary(runs["direct"]),
+        "gateway": _summary(runs["gateway"]),
     }

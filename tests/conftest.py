@@ -17,8 +17,9 @@ from tests.support.processes import Simulator  # noqa: E402
 @pytest.fixture(scope="module")
 def simulator(tmp_path_factory):
     """A fast simulated vLLM server serving the model `sim` (alias `sim-alias`)."""
-    with Simulator.start(tmp_path_factory.mktemp("sim"), "--served-model-name", "sim", "sim-alias",
-                         "--model", "/models/sim") as sim:
+    with Simulator.start(
+        tmp_path_factory.mktemp("sim"), "--served-model-name", "sim", "sim-alias", "--model", "/models/sim"
+    ) as sim:
         yield sim
 
 

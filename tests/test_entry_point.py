@@ -28,18 +28,31 @@ def bare_python(tmp_path_factory) -> Path:
 
 def test_a_python_without_the_packages_runs_the_command_in_the_repos_venv(bare_python, tmp_path):
     env = {**os.environ, "GATEWAY_KEY_FILE": str(tmp_path / "keys.json"), "GATEWAY_ENV_FILE": "/nonexistent"}
-    created = subprocess.run([bare_python, REPO_ROOT / "vllm_api_server.py", "keys", "create", "--name", "newcomer",
-                              "--json"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    created = subprocess.run(
+        [bare_python, REPO_ROOT / "vllm_api_server.py", "keys", "create", "--name", "newcomer", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["name"] == "newcomer"
-    listed = subprocess.run([bare_python, REPO_ROOT / "vllm_api_server.py", "keys", "list"], env=env,
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    listed = subprocess.run(
+        [bare_python, REPO_ROOT / "vllm_api_server.py", "keys", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert "newcomer" in listed.stdout
 
 
 def test_the_entry_runs_in_place_when_its_python_has_the_packages(tmp_path):
-    result = subprocess.run([sys.executable, REPO_ROOT / "vllm_api_server.py", "--help"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, REPO_ROOT / "vllm_api_server.py", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "keys" in result.stdout
 
 

@@ -98,8 +98,9 @@ def test_binding_a_port_in_use_fails_with_the_os_error() -> None:
         first = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
         try:
             with pytest.raises(OSError) as raised:
-                await loop.create_server(asyncio.Protocol, "127.0.0.1", first.sockets[0].getsockname()[1],
-                                         reuse_address=False)
+                await loop.create_server(
+                    asyncio.Protocol, "127.0.0.1", first.sockets[0].getsockname()[1], reuse_address=False
+                )
             assert "in use" in str(raised.value)
         finally:
             first.close()

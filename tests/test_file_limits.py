@@ -27,15 +27,18 @@ def test_the_default_never_drops_below_one():
 
 def test_raising_the_soft_limit_reaches_the_hard_one():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    code = ("import resource, sys; from vllm_gateway.file_limits import raise_open_files_limit; "
-            "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    code = (
+        "import resource, sys; from vllm_gateway.file_limits import raise_open_files_limit; "
+        "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
     lowered = min(soft, 256)
 
     def lower() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=lower,
-                         timeout=30, cwd=REPO_ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=lower, timeout=30, cwd=REPO_ROOT
+    )
     reported, now = map(int, out.stdout.split())
     assert reported == now
     assert now == (hard if hard != resource.RLIM_INFINITY else lowered)

@@ -20,12 +20,20 @@ PACKAGE = REPO_ROOT / "vllm_fleet"
 PYTHON3 = shutil.which("python3") or "python3"
 
 
-def fleet_command(*args: str, document: ConfigDocument | None = None, cwd: Path | None = None,
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def fleet_command(
+    *args: str, document: ConfigDocument | None = None, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     stdin = write_document(document) if document is not None else b""
     clean = {name: value for name, value in os.environ.items() if not name.startswith("VLLM_")}
-    return subprocess.run([PYTHON3, str(PACKAGE), *args], input=stdin, capture_output=True, cwd=cwd,
-                          env={**clean, **(env or {})}, timeout=60, check=False)
+    return subprocess.run(
+        [PYTHON3, str(PACKAGE), *args],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        env={**clean, **(env or {})},
+        timeout=60,
+        check=False,
+    )
 
 
 def pairs(output: bytes) -> dict[str, str]:
@@ -34,8 +42,13 @@ def pairs(output: bytes) -> dict[str, str]:
 
 
 def test_the_document_carries_any_byte_but_nul() -> None:
-    document = ConfigDocument(file="/c.sh", calls=[["name=a\tb", "env=x\ny", "path=/\udcff"], []],
-                              bindings=["0=0-15"], variables={"MODEL_ROOT": ""}, evaluated=False)
+    document = ConfigDocument(
+        file="/c.sh",
+        calls=[["name=a\tb", "env=x\ny", "path=/\udcff"], []],
+        bindings=["0=0-15"],
+        variables={"MODEL_ROOT": ""},
+        evaluated=False,
+    )
     data = write_document(document)
     assert b"path=/\xff\0" in data  # the byte bash had, not its UTF-8 escape
     assert read_document(data) == document
@@ -48,17 +61,24 @@ def test_a_document_lib_sh_would_not_write_is_refused(data: bytes) -> None:
 
 
 def test_models_prints_every_key_of_each_model_and_the_settings_bash_uses() -> None:
-    document = ConfigDocument(file="/c.sh", calls=[["name=a", "path=/m", "port=9001", "gpus=0,1"],
-                                                   ["name=far", "url=http://h:1"]],
-                              variables={"VLLM_HOST": "0.0.0.0"})
+    document = ConfigDocument(
+        file="/c.sh",
+        calls=[["name=a", "path=/m", "port=9001", "gpus=0,1"], ["name=far", "url=http://h:1"]],
+        variables={"VLLM_HOST": "0.0.0.0"},
+    )
     result = fleet_command("models", "--log-dir", "/logs", document=document)
     assert result.returncode == 0, result.stderr
     values = pairs(result.stdout)
     assert (values["VLLM_HOST"], values["VLLM_START_INTERVAL"], values["models"]) == ("0.0.0.0", "15", "2")
-    assert {key for key in values if key.startswith("0.")} == {f"0.{key}" for key in (*MODEL_KEYS, "log_path",
-                                                                                         "base_url")}
+    assert {key for key in values if key.startswith("0.")} == {
+        f"0.{key}" for key in (*MODEL_KEYS, "log_path", "base_url")
+    }
     assert (values["0.id"], values["0.tensor_parallel_size"], values["0.log_path"], values["0.base_url"]) == (
-        "a", "2", "/logs/a_vllm.log", "http://127.0.0.1:9001")
+        "a",
+        "2",
+        "/logs/a_vllm.log",
+        "http://127.0.0.1:9001",
+    )
     assert (values["1.log_path"], values["1.base_url"]) == ("", "http://h:1")
 
 
@@ -66,26 +86,33 @@ def test_models_refuses_a_bad_config_with_one_prefixed_line_each_and_exit_2() ->
     document = ConfigDocument(file="/c.sh", calls=[["name=a", "path=/m", "port=9001", "gpu=0"], ["path=/\udcff"]])
     result = fleet_command("models", document=document)
     assert result.returncode == 2 and result.stdout == b""
-    assert result.stderr == (b"vllm_model_configs: model #1 (a): unknown key 'gpu' (did you mean gpus?)\n"
-                             b"vllm_model_configs: model #2: no name=\n"
-                             b"vllm_model_configs: model #2: no port=\n")
+    assert result.stderr == (
+        b"vllm_model_configs: model #1 (a): unknown key 'gpu' (did you mean gpus?)\n"
+        b"vllm_model_configs: model #2: no name=\n"
+        b"vllm_model_configs: model #2: no port=\n"
+    )
 
 
 def test_the_environment_and_the_files_variables_both_reach_the_rules() -> None:
-    document = ConfigDocument(file="/c.sh", calls=[["name=a", "path=/m", "port=9001"]],
-                              variables={"VLLM_START_INTERVAL": "7"})
+    document = ConfigDocument(
+        file="/c.sh", calls=[["name=a", "path=/m", "port=9001"]], variables={"VLLM_START_INTERVAL": "7"}
+    )
     result = fleet_command("models", document=document, env={"VLLM_HOST": "10.1.1.1"})
     values = pairs(result.stdout)
     assert (values["VLLM_HOST"], values["VLLM_START_INTERVAL"], values["0.base_url"]) == (
-        "10.1.1.1", "7", "http://10.1.1.1:9001")
+        "10.1.1.1",
+        "7",
+        "http://10.1.1.1:9001",
+    )
 
 
 PORT = str(free_port())
 
 
 def simulated() -> ConfigDocument:
-    return ConfigDocument(file="/c.sh", calls=[["name=big", "path=/no/weights", f"port={PORT}", "gpus=0,1",
-                                                "api_key=k"]])
+    return ConfigDocument(
+        file="/c.sh", calls=[["name=big", "path=/no/weights", f"port={PORT}", "gpus=0,1", "api_key=k"]]
+    )
 
 
 def test_plan_reads_back_as_each_models_place_warning_logged_command_and_argv() -> None:
@@ -95,7 +122,7 @@ def test_plan_reads_back_as_each_models_place_warning_logged_command_and_argv() 
     index, place_text, warning, logged, count, *argv = fields
     assert (index, place_text, warning) == ("0", "unbound", "")
     assert int(count) == len(argv) and argv[:2] == ["setsid", "env"]
-    assert argv[argv.index("/venv/bin/python"):][:3] == ["/venv/bin/python", "-m", "vllm_simulator"]
+    assert argv[argv.index("/venv/bin/python") :][:3] == ["/venv/bin/python", "-m", "vllm_simulator"]
     assert logged.endswith("--api-key *** \\\n  >> logs/big_vllm.log 2>&1 < /dev/null &")
 
 
@@ -107,12 +134,20 @@ def test_plan_dry_run_prints_a_script_that_starts_in_the_repo() -> None:
 
 
 def test_plan_stops_on_a_machine_problem_with_the_scripts_prefix_and_exit_2() -> None:
-    result = fleet_command("plan", "--prog", "start_all_models", "0", document=ConfigDocument(
-        file="/c.sh", calls=[["name=a", "path=/no/such/weights", f"port={PORT}", "device=cpu"]]))
+    result = fleet_command(
+        "plan",
+        "--prog",
+        "start_all_models",
+        "0",
+        document=ConfigDocument(
+            file="/c.sh", calls=[["name=a", "path=/no/such/weights", f"port={PORT}", "device=cpu"]]
+        ),
+    )
     assert result.returncode == 2 and result.stdout == b""
     assert result.stderr.decode().splitlines() == [
         "start_all_models: model a: model path /no/such/weights does not exist",
-        "start_all_models: error: nothing was started"]
+        "start_all_models: error: nothing was started",
+    ]
 
 
 def test_plan_of_no_model_checks_nothing() -> None:

@@ -10,11 +10,16 @@ from vllm_fleet.config import MODEL_KEYS, Fleet, FleetSettings, ModelSpec, key_h
 from vllm_fleet.document import ConfigDocument
 
 
-def load(*calls: str, variables: dict[str, str] | None = None, evaluated: bool = True,
-         environ: dict[str, str] | None = None) -> tuple[Fleet, list[str]]:
+def load(
+    *calls: str, variables: dict[str, str] | None = None, evaluated: bool = True, environ: dict[str, str] | None = None
+) -> tuple[Fleet, list[str]]:
     """Each call written as its shell words, e.g. "name=a path=/m port=9001"."""
-    document = ConfigDocument(file="/etc/models.sh", calls=[shlex.split(call) for call in calls],
-                              variables=variables or {}, evaluated=evaluated)
+    document = ConfigDocument(
+        file="/etc/models.sh",
+        calls=[shlex.split(call) for call in calls],
+        variables=variables or {},
+        evaluated=evaluated,
+    )
     return load_fleet(document, environ or {}, log_dir="/var/log/fleet")
 
 
@@ -24,17 +29,38 @@ def problems(*calls: str, variables: dict[str, str] | None = None, evaluated: bo
 
 def test_the_keys_are_listed_in_the_order_the_hint_shows_them() -> None:
     assert MODEL_KEYS == (
-        "name", "id", "aliases", "path", "port", "url", "gpus", "device", "cpus", "tensor_parallel_size",
-        "gpu_memory_utilization", "max_model_len", "max_num_seqs", "enforce_eager", "load_workers", "log",
-        "extra_args", "env", "api_key", "launch_command")
+        "name",
+        "id",
+        "aliases",
+        "path",
+        "port",
+        "url",
+        "gpus",
+        "device",
+        "cpus",
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "max_num_seqs",
+        "enforce_eager",
+        "load_workers",
+        "log",
+        "extra_args",
+        "env",
+        "api_key",
+        "launch_command",
+    )
 
 
-@pytest.mark.parametrize(("key", "hint"), [
-    ("gpu", "did you mean gpus?"),  # a prefix of a key
-    ("gpus_list", "did you mean gpus?"),  # a key is its prefix
-    ("tensor-parallel-size", "did you mean tensor_parallel_size?"),  # dashes for underscores
-    ("maxmodellen", "did you mean max_model_len?"),
-])
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("gpu", "did you mean gpus?"),  # a prefix of a key
+        ("gpus_list", "did you mean gpus?"),  # a key is its prefix
+        ("tensor-parallel-size", "did you mean tensor_parallel_size?"),  # dashes for underscores
+        ("maxmodellen", "did you mean max_model_len?"),
+    ],
+)
 def test_a_near_miss_of_a_key_is_answered_with_the_key_meant(key: str, hint: str) -> None:
     assert key_hint(key) == hint
 
@@ -70,7 +96,11 @@ def test_defaults_id_from_the_name_gpu_device_log_from_the_id_and_one_rank_per_g
     assert found == []
     model = fleet.models[0]
     assert (model.id, model.device, model.log, model.tensor_parallel_size) == (
-        "Qwen_Qwen3-8B", "gpu", "Qwen_Qwen3-8B_vllm.log", "3")
+        "Qwen_Qwen3-8B",
+        "gpu",
+        "Qwen_Qwen3-8B_vllm.log",
+        "3",
+    )
 
 
 def test_empty_values_count_as_unset_and_get_the_defaults() -> None:
@@ -85,51 +115,71 @@ def test_the_id_made_from_a_name_replaces_each_byte_outside_the_safe_set() -> No
 
 
 def test_given_values_win_over_the_defaults() -> None:
-    fleet, found = load("name=a id=a1 path=/m port=9001 gpus=0,1 tensor_parallel_size=1 device=cpu cpus=0 log=/x.log",
-                        "name=b path=/m port=9002 device=cpu")
+    fleet, found = load(
+        "name=a id=a1 path=/m port=9001 gpus=0,1 tensor_parallel_size=1 device=cpu cpus=0 log=/x.log",
+        "name=b path=/m port=9002 device=cpu",
+    )
     model = fleet.models[0]
     assert (model.id, model.tensor_parallel_size, model.device, model.log) == ("a1", "1", "cpu", "/x.log")
     assert found == ["model #1 (a): device=cpu takes no gpus="]
 
 
-@pytest.mark.parametrize(("call", "expected"), [
-    ("path=/m port=9001", "model #1: no name="),
-    ("name=a port=9001", "model #1 (a): needs path= (served here) or url= (served elsewhere)"),
-    ("name=a id='a b' path=/m port=9001", "model #1 (a): id=a b may only hold letters, digits, '.', '_' and '-'"),
-    ("name=a url=ftp://h", "model #1 (a): url=ftp://h is not an http:// or https:// URL"),
-    ("name=a url=http://h:1 port=9001", "model #1 (a): url= and port= exclude each other (url= is a server elsewhere)"),
-    ("name=a path=/m", "model #1 (a): no port="),
-    ("name=a path=/m port=80000", "model #1 (a): port=80000 is not a port number"),
-    ("name=a path=/m port=0", "model #1 (a): port=0 is not a port number"),
-    ("name=a path=/m port=http", "model #1 (a): port=http is not a port number"),
-    ("name=a path=/m port=9001 gpus=0,,1", "model #1 (a): gpus=0,,1 is not a comma separated list of GPU indices"),
-    ("name=a path=/m port=9001 gpus=0,0", "model #1 (a): gpus=0,0 names a GPU twice"),
-    ("name=a path=/m port=9001 device=cpu gpus=0", "model #1 (a): device=cpu takes no gpus="),
-    ("name=a path=/m port=9001 device=tpu", "model #1 (a): device=tpu is neither gpu nor cpu"),
-    ("name=a path=/m port=9001 cpus=0-3,", "model #1 (a): cpus=0-3, is not a CPU list like 0-15,32-47"),
-    ("name=a path=/m port=9001 max_model_len=32k", "model #1 (a): max_model_len=32k is not a positive whole number"),
-    ("name=a path=/m port=9001 load_workers=0", "model #1 (a): load_workers=0 is not a positive whole number"),
-    ("name=a path=/m port=9001 gpu_memory_utilization=1.5",
-     "model #1 (a): gpu_memory_utilization=1.5 is not a fraction in (0, 1]"),
-    ("name=a path=/m port=9001 gpu_memory_utilization=0",
-     "model #1 (a): gpu_memory_utilization=0 is not a fraction in (0, 1]"),
-    ("name=a path=/m port=9001 gpu_memory_utilization=1e-1",
-     "model #1 (a): gpu_memory_utilization=1e-1 is not a fraction in (0, 1]"),
-    ("name=a path=/m port=9001 enforce_eager=yes", "model #1 (a): enforce_eager=yes is neither true nor false"),
-    ("name=a path=/m port=9001 aliases=x,,y", "model #1 (a): aliases=x,,y is not a comma separated list of names"),
-    ("name=a path=/m port=9001 env='A=1 NOEQUALS'", "model #1 (a): env= word 'NOEQUALS' is not KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        ("path=/m port=9001", "model #1: no name="),
+        ("name=a port=9001", "model #1 (a): needs path= (served here) or url= (served elsewhere)"),
+        ("name=a id='a b' path=/m port=9001", "model #1 (a): id=a b may only hold letters, digits, '.', '_' and '-'"),
+        ("name=a url=ftp://h", "model #1 (a): url=ftp://h is not an http:// or https:// URL"),
+        (
+            "name=a url=http://h:1 port=9001",
+            "model #1 (a): url= and port= exclude each other (url= is a server elsewhere)",
+        ),
+        ("name=a path=/m", "model #1 (a): no port="),
+        ("name=a path=/m port=80000", "model #1 (a): port=80000 is not a port number"),
+        ("name=a path=/m port=0", "model #1 (a): port=0 is not a port number"),
+        ("name=a path=/m port=http", "model #1 (a): port=http is not a port number"),
+        ("name=a path=/m port=9001 gpus=0,,1", "model #1 (a): gpus=0,,1 is not a comma separated list of GPU indices"),
+        ("name=a path=/m port=9001 gpus=0,0", "model #1 (a): gpus=0,0 names a GPU twice"),
+        ("name=a path=/m port=9001 device=cpu gpus=0", "model #1 (a): device=cpu takes no gpus="),
+        ("name=a path=/m port=9001 device=tpu", "model #1 (a): device=tpu is neither gpu nor cpu"),
+        ("name=a path=/m port=9001 cpus=0-3,", "model #1 (a): cpus=0-3, is not a CPU list like 0-15,32-47"),
+        (
+            "name=a path=/m port=9001 max_model_len=32k",
+            "model #1 (a): max_model_len=32k is not a positive whole number",
+        ),
+        ("name=a path=/m port=9001 load_workers=0", "model #1 (a): load_workers=0 is not a positive whole number"),
+        (
+            "name=a path=/m port=9001 gpu_memory_utilization=1.5",
+            "model #1 (a): gpu_memory_utilization=1.5 is not a fraction in (0, 1]",
+        ),
+        (
+            "name=a path=/m port=9001 gpu_memory_utilization=0",
+            "model #1 (a): gpu_memory_utilization=0 is not a fraction in (0, 1]",
+        ),
+        (
+            "name=a path=/m port=9001 gpu_memory_utilization=1e-1",
+            "model #1 (a): gpu_memory_utilization=1e-1 is not a fraction in (0, 1]",
+        ),
+        ("name=a path=/m port=9001 enforce_eager=yes", "model #1 (a): enforce_eager=yes is neither true nor false"),
+        ("name=a path=/m port=9001 aliases=x,,y", "model #1 (a): aliases=x,,y is not a comma separated list of names"),
+        ("name=a path=/m port=9001 env='A=1 NOEQUALS'", "model #1 (a): env= word 'NOEQUALS' is not KEY=VALUE"),
+    ],
+)
 def test_each_static_problem_is_one_line_naming_the_model(call: str, expected: str) -> None:
     assert problems(call) == [expected]
 
 
-@pytest.mark.parametrize("call", [
-    "name=a path=/m port=9001 gpu_memory_utilization=1",
-    "name=a path=/m port=9001 gpu_memory_utilization=.5",
-    "name=a path=/m port=65535 enforce_eager=false",
-    "name=a url=https://gpu2.example:8443",
-    "name=a path=/m port=9001 device=cpu cpus=0-3,8,10-11",
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "name=a path=/m port=9001 gpu_memory_utilization=1",
+        "name=a path=/m port=9001 gpu_memory_utilization=.5",
+        "name=a path=/m port=65535 enforce_eager=false",
+        "name=a url=https://gpu2.example:8443",
+        "name=a path=/m port=9001 device=cpu cpus=0-3,8,10-11",
+    ],
+)
 def test_good_values_pass(call: str) -> None:
     assert problems(call) == []
 
@@ -143,21 +193,29 @@ def test_duplicate_ids_and_ports_name_the_model_they_repeat() -> None:
 
 def test_two_models_writing_one_log_are_refused_unless_a_duplicate_id_already_says_so() -> None:
     assert problems("name=x path=/m port=9001 log=same.log", "name=y path=/m port=9002 log=same.log") == [
-        "model #2 (y): log same.log is also model #1's log"]
+        "model #2 (y): log same.log is also model #1's log"
+    ]
     assert problems("name=a path=/m port=9001", "name=b id=a path=/m port=9002") == [
-        "model #2 (b): duplicate id 'a' (also model #1)"]  # and a_vllm.log twice, not said again
+        "model #2 (b): duplicate id 'a' (also model #1)"
+    ]  # and a_vllm.log twice, not said again
 
 
 def test_replicas_share_a_name_and_its_weights_but_not_their_path() -> None:
     assert problems("name=a path=/m port=9001", "name=a id=a2 path=/m port=9002") == []
     assert problems("name=a path=/m port=9001", "name=a id=a2 path=/other port=9002") == [
-        "model #2 (a): same name as model #1 but another path (replicas serve the same weights)"]
+        "model #2 (a): same name as model #1 but another path (replicas serve the same weights)"
+    ]
     assert problems("name=a path=/m port=9001", "name=a id=far url=http://h:1") == []
 
 
 def test_every_problem_of_a_file_is_reported_at_once_in_file_order_word_problems_first() -> None:
-    found = problems("name=a path=/m port=9001 colour=red", "name=b path=/m port=9001", "path=/m port=9003",
-                     variables={"VLLM_START_INTERVAL": "soon"}, evaluated=False)
+    found = problems(
+        "name=a path=/m port=9001 colour=red",
+        "name=b path=/m port=9001",
+        "path=/m port=9003",
+        variables={"VLLM_START_INTERVAL": "soon"},
+        evaluated=False,
+    )
     assert [line.split(": ", 1)[-1] for line in found] == [
         "unknown key 'colour' (keys: " + " ".join(MODEL_KEYS) + ")",
         "/etc/models.sh could not be evaluated (bash said why above)",
@@ -170,8 +228,11 @@ def test_every_problem_of_a_file_is_reported_at_once_in_file_order_word_problems
 def test_settings_come_from_the_file_over_the_environment_with_defaults_for_empty_ones() -> None:
     assert FleetSettings.from_variables({}) == FleetSettings("vllm serve", "127.0.0.1", "15")
     assert FleetSettings.from_variables({"VLLM_HOST": "", "VLLM_START_INTERVAL": ""}).host == "127.0.0.1"
-    fleet, _ = load("name=a path=/m port=9001", variables={"VLLM_HOST": "0.0.0.0"},
-                    environ={"VLLM_HOST": "10.0.0.1", "VLLM_START_INTERVAL": "3"})
+    fleet, _ = load(
+        "name=a path=/m port=9001",
+        variables={"VLLM_HOST": "0.0.0.0"},
+        environ={"VLLM_HOST": "10.0.0.1", "VLLM_START_INTERVAL": "3"},
+    )
     assert (fleet.settings.host, fleet.settings.start_interval) == ("0.0.0.0", "3")
 
 

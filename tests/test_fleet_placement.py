@@ -52,8 +52,16 @@ def test_two_gpus_of_the_real_one_node_host_share_its_32_cpus() -> None:
 def test_each_numa_nodes_cpus_are_split_among_its_gpus_keeping_hyperthreads_together() -> None:
     placement, _ = surveyed("synthetic-8gpu-2node")
     # node 0 = CPUs 0-47 and their second threads 96-143; node 1 = 48-95 and 144-191
-    assert shares(placement) == ["0-11,96-107", "12-23,108-119", "24-35,120-131", "36-47,132-143",
-                                 "48-59,144-155", "60-71,156-167", "72-83,168-179", "84-95,180-191"]
+    assert shares(placement) == [
+        "0-11,96-107",
+        "12-23,108-119",
+        "24-35,120-131",
+        "36-47,132-143",
+        "48-59,144-155",
+        "60-71,156-167",
+        "72-83,168-179",
+        "84-95,180-191",
+    ]
     assert placement.gpus[7].source == "nvidia-smi topo -m, split 4 ways"
 
 

@@ -35,8 +35,9 @@ AT_ONCE = 3.0
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, simulator):
-    with Gateway.start(tmp_path_factory.mktemp("gw-auth"), [Backend("sim", simulator.base_url)],
-                       env={"GATEWAY_BODY_TIMEOUT": "30"}) as gateway:
+    with Gateway.start(
+        tmp_path_factory.mktemp("gw-auth"), [Backend("sim", simulator.base_url)], env={"GATEWAY_BODY_TIMEOUT": "30"}
+    ) as gateway:
         yield gateway
 
 
@@ -77,13 +78,16 @@ def refused_on_the_head(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], 
     with sock:
         sock.sendall(data)
         response = response_or_none(reader, AT_ONCE)
-        assert response is not None, "no answer to a head that can be refused as it stands: the gateway waits for the body"
+        assert response is not None, (
+            "no answer to a head that can be refused as it stands: the gateway waits for the body"
+        )
         closed = read_to_eof(sock, timeout=AT_ONCE, already=reader.buffer)
         assert closed == b"", f"bytes after the answer: {closed[:200]!r}"
         return response
 
 
 # -- 401 --
+
 
 @pytest.mark.parametrize("path", ["/admin/keys", "/v1/chat/completions"])
 @pytest.mark.parametrize("which", ["no key", "wrong key", "disabled key"])
@@ -125,15 +129,19 @@ def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gw):
         release.set()
         for thread in threads:
             thread.join(LIVENESS)
-    assert grown < 5 * 1024, (f"20 connections without a key grew the gateway by {grown / 1024:.1f} MB "
-                              f"(they got {sum(pushed) / 2**20:.1f} MB of body in)")
+    assert grown < 5 * 1024, (
+        f"20 connections without a key grew the gateway by {grown / 1024:.1f} MB "
+        f"(they got {sum(pushed) / 2**20:.1f} MB of body in)"
+    )
 
 
 # -- 403 and 413 on the admin API --
 
+
 def test_user_key_on_admin_keys_gets_403_before_its_body_and_then_eof(gw):
     response = refused_on_the_head(
-        gw, request("POST", "/admin/keys", gw.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB))
+        gw, request("POST", "/admin/keys", gw.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
+    )
     assert_rejected(response, 403, "admin_required", "permission_error")
 
 
@@ -155,15 +163,18 @@ def test_admin_key_with_a_normal_body_still_creates_a_key(gw):
 
 # -- 429 --
 
+
 def test_key_at_its_rate_limit_gets_429_before_its_body_and_then_eof(gw, limited_key):
     use_up(gw, limited_key)
     response = refused_on_the_head(
-        gw, request("POST", "/v1/chat/completions", limited_key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB))
+        gw, request("POST", "/v1/chat/completions", limited_key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
+    )
     assert_rejected(response, 429, "rate_limit_exceeded", "rate_limit_error")
     assert int(response[1]["retry-after"]) > 0
 
 
 # -- the log --
+
 
 def test_refusals_on_the_head_appear_in_the_access_log(gw, limited_key):
     use_up(gw, limited_key)

@@ -44,21 +44,21 @@ from tests.support.processes import Simulator
 
 SEED = int(os.environ.get("FUZZ_SEED", "20250611"))
 ONLY = [int(i) for i in os.environ.get("FUZZ_ONLY", "").replace(" ", "").split(",") if i]
-FUZZ_CASES = 5000                   # malformed or mutated requests
-CONTROL_EVERY = 25                  # and one well-formed control request after every 24 of them
-WORKERS = 6                         # connections driven at once (plus the parked ones)
-HEAD_TIMEOUT = BODY_TIMEOUT = 2     # what the gateway is started with
-CLOSE_BOUND = max(HEAD_TIMEOUT, BODY_TIMEOUT) + 4.0   # an incomplete request's connection ends by then
-LIVENESS = 10.0                     # a complete request's answer (or close) arrives by then
-FUZZ_BUDGET = 60.0                  # seconds for sending all cases; beyond it no new case starts
-CHECK_TIMEOUT = 5.0                 # for each check after the fuzz
-PARKED_MAX = 600                    # connections waiting for the gateway to close them
-LOOP_BOUND = 1.0                    # a concurrent GET /health answers within this (the spec's bound)
+FUZZ_CASES = 5000  # malformed or mutated requests
+CONTROL_EVERY = 25  # and one well-formed control request after every 24 of them
+WORKERS = 6  # connections driven at once (plus the parked ones)
+HEAD_TIMEOUT = BODY_TIMEOUT = 2  # what the gateway is started with
+CLOSE_BOUND = max(HEAD_TIMEOUT, BODY_TIMEOUT) + 4.0  # an incomplete request's connection ends by then
+LIVENESS = 10.0  # a complete request's answer (or close) arrives by then
+FUZZ_BUDGET = 60.0  # seconds for sending all cases; beyond it no new case starts
+CHECK_TIMEOUT = 5.0  # for each check after the fuzz
+PARKED_MAX = 600  # connections waiting for the gateway to close them
+LOOP_BOUND = 1.0  # a concurrent GET /health answers within this (the spec's bound)
 # The spec types the error shape: {"message": str, "type": str, "param": null|str, "code": str}. A null
 # code (FastAPI's own 405 and body-parsing 400 today) fails the test; False would only ask for the keys.
 ERROR_CODE_IS_A_STRING = True
 RSS_GROWTH_MB = 64
-REPORTED = 20                       # cases shown in full in the failure message
+REPORTED = 20  # cases shown in full in the failure message
 
 COMPLETE, INCOMPLETE, EITHER, PIPELINED = "complete", "incomplete", "either", "pipelined"
 TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
@@ -77,8 +77,16 @@ def fuzz_gateway(tmp_path_factory):
     if soft != resource.RLIM_INFINITY and soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    with Simulator.start(tmp_path_factory.mktemp("fuzz-sim"), "--served-model-name", "sim", "sim-alias",
-                         "--model", "/models/sim", "--token-rate", "0") as sim:
+    with Simulator.start(
+        tmp_path_factory.mktemp("fuzz-sim"),
+        "--served-model-name",
+        "sim",
+        "sim-alias",
+        "--model",
+        "/models/sim",
+        "--token-rate",
+        "0",
+    ) as sim:
         backend = Backend("sim", sim.base_url, path="/models/sim", aliases="sim-alias")
         env = {"GATEWAY_HEAD_TIMEOUT": str(HEAD_TIMEOUT), "GATEWAY_BODY_TIMEOUT": str(BODY_TIMEOUT)}
         with Gateway.start(tmp_path_factory.mktemp("fuzz-gw"), [backend], env=env) as gw:
@@ -90,8 +98,8 @@ class Target:
     port: int
     user_key: bytes
     admin_key: bytes
-    victim_id: bytes                 # a key the admin cases may change at will
-    created: list[bytes] = field(default_factory=list)   # keys made by the cases, for DELETE cases
+    victim_id: bytes  # a key the admin cases may change at will
+    created: list[bytes] = field(default_factory=list)  # keys made by the cases, for DELETE cases
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def created_id(self, rng: random.Random) -> bytes | None:
@@ -131,8 +139,14 @@ class Req:
         return self
 
 
-def request(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"",
-            query: bytes = b"", content_type: bytes | None = b"application/json") -> Req:
+def request(
+    method: bytes,
+    path: bytes,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"",
+    query: bytes = b"",
+    content_type: bytes | None = b"application/json",
+) -> Req:
     target = path + (b"?" + query if query else b"")
     all_headers = [(b"Host", b"gw"), *headers]
     if body or method in (b"POST", b"PATCH", b"PUT"):
@@ -145,12 +159,12 @@ def request(method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body
 @dataclass
 class Case:
     category: str
-    data: list[bytes]                # sent in this order, as separate sends
+    data: list[bytes]  # sent in this order, as separate sends
     kind: str
     note: str = ""
-    head_only: bool = False          # answers a HEAD: no body whatever its headers say
-    answers: int = 1                 # complete cases: answers owed before the connection may be left
-    expect: tuple[int, ...] = ()     # controls: the statuses those answers must have
+    head_only: bool = False  # answers a HEAD: no body whatever its headers say
+    answers: int = 1  # complete cases: answers owed before the connection may be left
+    expect: tuple[int, ...] = ()  # controls: the statuses those answers must have
     index: int = -1
 
     @property
@@ -209,8 +223,19 @@ def credentials(rng: random.Random, t: Target, role: str = "user") -> tuple[list
     if r < 0.78:
         return [(b"Authorization", b"Bearer sk-" + token(rng, 8, 43))], b"", "bad key"
     if r < 0.83:
-        value = rng.choice([b"Bearer", b"Bearer ", b"Basic dXNlcjpwYXNz", b"bearer " + key, b"Bearer  " + key,
-                            b"Bearer " + key + b"x", b"Bearer " + key[:-1], b"Token " + key, b"Bearer\t" + key])
+        value = rng.choice(
+            [
+                b"Bearer",
+                b"Bearer ",
+                b"Basic dXNlcjpwYXNz",
+                b"bearer " + key,
+                b"Bearer  " + key,
+                b"Bearer " + key + b"x",
+                b"Bearer " + key[:-1],
+                b"Token " + key,
+                b"Bearer\t" + key,
+            ]
+        )
         return [(b"Authorization", value)], b"", "mangled key"
     if r < 0.87:
         pair = [(b"Authorization", b"Bearer " + key), (b"Authorization", b"Bearer sk-nope")]
@@ -225,18 +250,38 @@ def credentials(rng: random.Random, t: Target, role: str = "user") -> tuple[list
 # -- JSON of the wrong types --
 
 RELAY_TEMPLATES = {
-    b"/v1/chat/completions": lambda rng: {"model": "sim", "messages": [{"role": "user", "content": "hi"}],
-                                          "max_tokens": rng.randint(1, 8)},
+    b"/v1/chat/completions": lambda rng: {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": rng.randint(1, 8),
+    },
     b"/v1/completions": lambda rng: {"model": "sim", "prompt": "hi there", "max_tokens": rng.randint(1, 8)},
     b"/v1/embeddings": lambda rng: {"model": "sim", "input": "hi"},
     b"/tokenize": lambda rng: {"model": "sim", "prompt": "hi there"},
     b"/detokenize": lambda rng: {"model": "sim", "tokens": [1, 2, 3]},
 }
-MAIN_FIELD = {b"/v1/chat/completions": "messages", b"/v1/completions": "prompt", b"/v1/embeddings": "input",
-              b"/tokenize": "prompt", b"/detokenize": "tokens"}
+MAIN_FIELD = {
+    b"/v1/chat/completions": "messages",
+    b"/v1/completions": "prompt",
+    b"/v1/embeddings": "input",
+    b"/tokenize": "prompt",
+    b"/detokenize": "tokens",
+}
 RELAY_FIELDS = {
-    b"/v1/chat/completions": ["messages", "max_tokens", "max_completion_tokens", "stream", "stream_options",
-                              "temperature", "n", "stop", "tools", "response_format", "logprobs", "seed"],
+    b"/v1/chat/completions": [
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "n",
+        "stop",
+        "tools",
+        "response_format",
+        "logprobs",
+        "seed",
+    ],
     b"/v1/completions": ["prompt", "max_tokens", "stream", "stream_options", "echo", "suffix", "best_of"],
     b"/v1/embeddings": ["input", "encoding_format", "dimensions", "user"],
     b"/tokenize": ["prompt", "messages", "add_special_tokens", "return_token_strs"],
@@ -247,8 +292,15 @@ RELAY_FIELDS = {
 def nested(rng: random.Random, high: int = 1200) -> Raw:
     """Arrays or objects nested up to `high` deep: orjson refuses to parse beyond 1024 levels or to write
     beyond 254, Python recurses about 1000 deep; the ranges straddle those limits."""
-    depth = rng.choice([rng.randint(2, 64), rng.randint(64, high), rng.randint(240, 270), rng.randint(960, 1022),
-                        rng.randint(1023, 1100)])
+    depth = rng.choice(
+        [
+            rng.randint(2, 64),
+            rng.randint(64, high),
+            rng.randint(240, 270),
+            rng.randint(960, 1022),
+            rng.randint(1023, 1100),
+        ]
+    )
     depth = min(depth, high)
     if rng.random() < 0.5:
         return Raw(b"[" * depth + rng.choice([b"", b"1", b'"x"']) + b"]" * depth)
@@ -261,25 +313,94 @@ def weird(rng: random.Random) -> object:
     if pick == 0:
         return rng.choice([0, -1, 1, 7, -0.5, 3.25, 1e308, -1e308, 2**63, 2**64 + 1, 10**30, -(10**30), 5e-324])
     if pick == 1:
-        return Raw(rng.choice([b"1e999", b"-1e999", b"NaN", b"Infinity", b"-", b"01", b"1.", b".5", b"+1",
-                               b"0x10", b"1e", b"9" * rng.randint(20, 5000), b"1" + b"0" * 400 + b".5e-400",
-                               b"-0", b"1E400", b"123456789012345678901234567890"]))
+        return Raw(
+            rng.choice(
+                [
+                    b"1e999",
+                    b"-1e999",
+                    b"NaN",
+                    b"Infinity",
+                    b"-",
+                    b"01",
+                    b"1.",
+                    b".5",
+                    b"+1",
+                    b"0x10",
+                    b"1e",
+                    b"9" * rng.randint(20, 5000),
+                    b"1" + b"0" * 400 + b".5e-400",
+                    b"-0",
+                    b"1E400",
+                    b"123456789012345678901234567890",
+                ]
+            )
+        )
     if pick == 2:
         return rng.choice([True, False, None])
     if pick == 3:
-        return rng.choice(["", "yes", "no", "true", "null", "0", "sim", "sim-alias", " sim", "SIM", "\x00",
-                           "\u202e\u0000", "é" * 100, "\r\n", "{}", "[DONE]"])
+        return rng.choice(
+            [
+                "",
+                "yes",
+                "no",
+                "true",
+                "null",
+                "0",
+                "sim",
+                "sim-alias",
+                " sim",
+                "SIM",
+                "\x00",
+                "\u202e\u0000",
+                "é" * 100,
+                "\r\n",
+                "{}",
+                "[DONE]",
+            ]
+        )
     if pick == 4:
         return "x" * rng.choice([1000, 10000, 100000])
     if pick == 5:
-        return Raw(rng.choice([b'"\\ud800"', b'"\\udfff\\ud800"', b'"\xff\xfe"', b'"\\u0000"', b'"unterminated',
-                               b'"\\x41"', b'"\\"', b"'single'"]))
+        return Raw(
+            rng.choice(
+                [
+                    b'"\\ud800"',
+                    b'"\\udfff\\ud800"',
+                    b'"\xff\xfe"',
+                    b'"\\u0000"',
+                    b'"unterminated',
+                    b'"\\x41"',
+                    b'"\\"',
+                    b"'single'",
+                ]
+            )
+        )
     if pick == 6:
-        return rng.choice([[], [None], [1, "a", {}], list(range(rng.randint(1, 2000))), ["sim"] * 3, [[]],
-                           [True, False], [1.5, -2], [{"type": "text", "text": 5}]])
+        return rng.choice(
+            [
+                [],
+                [None],
+                [1, "a", {}],
+                list(range(rng.randint(1, 2000))),
+                ["sim"] * 3,
+                [[]],
+                [True, False],
+                [1.5, -2],
+                [{"type": "text", "text": 5}],
+            ]
+        )
     if pick == 7:
-        return rng.choice([{}, {"a": 1}, {"model": "sim"}, {"role": "user", "content": "hi"}, {"": None},
-                           {"include_usage": "yes"}, {"type": "json_object"}])
+        return rng.choice(
+            [
+                {},
+                {"a": 1},
+                {"model": "sim"},
+                {"role": "user", "content": "hi"},
+                {"": None},
+                {"include_usage": "yes"},
+                {"type": "json_object"},
+            ]
+        )
     if pick == 8:
         return nested(rng)
     return rng.randint(-(2**70), 2**70)
@@ -292,8 +413,24 @@ def mutate_relay_body(rng: random.Random, path: bytes) -> tuple[bytes, str]:
     for _ in range(rng.randint(1, 3)):
         r = rng.random()
         if r < 0.15:
-            body["model"] = rng.choice([5, 0, -1.5, ["sim"], [], None, {"name": "sim"}, True, "", "nope",
-                                        "sim\x00", Raw(b"1e999"), "sim-alias", " sim"])
+            body["model"] = rng.choice(
+                [
+                    5,
+                    0,
+                    -1.5,
+                    ["sim"],
+                    [],
+                    None,
+                    {"name": "sim"},
+                    True,
+                    "",
+                    "nope",
+                    "sim\x00",
+                    Raw(b"1e999"),
+                    "sim-alias",
+                    " sim",
+                ]
+            )
             notes.append(f"model={body['model']!r:.40}")
         elif r < 0.25:  # deep nesting where the endpoint's content goes, up to the parsers' limits and past
             name = MAIN_FIELD[path]
@@ -328,26 +465,102 @@ def targeted(rng: random.Random, name: str) -> object:
     if name in ("messages", "prompt", "input", "tokens") and rng.random() < 0.25:
         return nested(rng) if rng.random() < 0.7 else [nested(rng, 300)]
     if name == "messages":
-        return rng.choice([True, False, 5, "hi", {"role": "user"}, [], [True], ["hi"], [None],
-                           [{"role": "user", "content": weird(rng)}], [{"role": weird(rng), "content": "hi"}],
-                           [{"content": [{"type": "text", "text": weird(rng)}]}], [{"role": "user"}],
-                           [{"role": "user", "content": [weird(rng)]}], nested(rng)])
+        return rng.choice(
+            [
+                True,
+                False,
+                5,
+                "hi",
+                {"role": "user"},
+                [],
+                [True],
+                ["hi"],
+                [None],
+                [{"role": "user", "content": weird(rng)}],
+                [{"role": weird(rng), "content": "hi"}],
+                [{"content": [{"type": "text", "text": weird(rng)}]}],
+                [{"role": "user"}],
+                [{"role": "user", "content": [weird(rng)]}],
+                nested(rng),
+            ]
+        )
     if name == "prompt":
-        return rng.choice([{"text": "hi"}, {}, [weird(rng)], 5, True, None, [[1, 2], [3]], ["a", 1, None],
-                           [1, 2, 3], nested(rng), "", list(range(rng.randint(1, 5000)))])
+        return rng.choice(
+            [
+                {"text": "hi"},
+                {},
+                [weird(rng)],
+                5,
+                True,
+                None,
+                [[1, 2], [3]],
+                ["a", 1, None],
+                [1, 2, 3],
+                nested(rng),
+                "",
+                list(range(rng.randint(1, 5000))),
+            ]
+        )
     if name in ("max_tokens", "max_completion_tokens"):
-        return rng.choice(["10", "yes", -1, 0, 1.5, 10**30, True, None, [], {}, 2**63, 4096, 4000,
-                           rng.randint(1, 4200), Raw(b"1e999"), "1e3"])
+        return rng.choice(
+            [
+                "10",
+                "yes",
+                -1,
+                0,
+                1.5,
+                10**30,
+                True,
+                None,
+                [],
+                {},
+                2**63,
+                4096,
+                4000,
+                rng.randint(1, 4200),
+                Raw(b"1e999"),
+                "1e3",
+            ]
+        )
     if name == "stream":
         return rng.choice(["yes", 1, 0, "false", "", [], {}, None, True, "true"])
     if name == "stream_options":
         return rng.choice(["yes", 1, [], {"include_usage": "yes"}, {"include_usage": True}, {"x": 1}, True])
     if name == "input":
-        return rng.choice([5, True, None, {}, [], [None], [[]], [1, "a"], [[1, 2], [3]], nested(rng),
-                           [nested(rng, 300)], list(range(rng.randint(1, 3000))), "x" * 50000])
+        return rng.choice(
+            [
+                5,
+                True,
+                None,
+                {},
+                [],
+                [None],
+                [[]],
+                [1, "a"],
+                [[1, 2], [3]],
+                nested(rng),
+                [nested(rng, 300)],
+                list(range(rng.randint(1, 3000))),
+                "x" * 50000,
+            ]
+        )
     if name == "tokens":
-        return rng.choice(["1 2 3", 5, None, {}, [1.5], [-1], [10**30], [True], ["a"], nested(rng),
-                           list(range(rng.randint(1, 3000))), [2**63]])
+        return rng.choice(
+            [
+                "1 2 3",
+                5,
+                None,
+                {},
+                [1.5],
+                [-1],
+                [10**30],
+                [True],
+                ["a"],
+                nested(rng),
+                list(range(rng.randint(1, 3000))),
+                [2**63],
+            ]
+        )
     return weird(rng)
 
 
@@ -356,7 +569,7 @@ def broken_json(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     if how == 0:
         return rng.choice([b"[]", b'"x"', b"1", b"null", b"true", b"[{}]", b'["model", "sim"]']), "not an object"
     if how == 1:
-        return data[:rng.randrange(len(data))], "cut JSON"
+        return data[: rng.randrange(len(data))], "cut JSON"
     if how == 2:
         at = rng.randrange(len(data))
         return data[:at] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x00"]) + data[at:], "bad UTF-8"
@@ -381,6 +594,7 @@ def _short(value: object) -> str:
 
 # -- the usual requests the head mutations start from --
 
+
 def relay_post(rng: random.Random, t: Target, path: bytes | None = None, body: bytes | None = None) -> tuple[Req, str]:
     path = path or rng.choice(list(RELAY_TEMPLATES))
     headers, query, who = credentials(rng, t)
@@ -403,11 +617,12 @@ def base_post(rng: random.Random, t: Target) -> tuple[Req, str]:
     if r < 0.9:
         headers, query, who = credentials(rng, t, "admin")
         return request(b"POST", b"/admin/keys", headers, b'{"name": "fuzz-head"}', query), f"POST /admin/keys {who}"
-    body, content_type = multipart(rng.choice([b"b0undary", b"----x" + token(rng)]),
-                                   [(b"model", None, b"sim"), (b"file", b"a.wav", noise(rng, 1, 2000))])
+    body, content_type = multipart(
+        rng.choice([b"b0undary", b"----x" + token(rng)]),
+        [(b"model", None, b"sim"), (b"file", b"a.wav", noise(rng, 1, 2000))],
+    )
     headers, query, who = credentials(rng, t)
-    return (request(b"POST", b"/v1/audio/transcriptions", headers, body, query, content_type),
-            f"transcription {who}")
+    return (request(b"POST", b"/v1/audio/transcriptions", headers, body, query, content_type), f"transcription {who}")
 
 
 def base_request(rng: random.Random, t: Target) -> tuple[Req, str]:
@@ -427,9 +642,33 @@ def base_request(rng: random.Random, t: Target) -> tuple[Req, str]:
 
 # -- case generators: (rng, target) -> Case --
 
-METHODS = [b"GE T", b"get", b"Get", b"G\x00T", b"", b"GETT", b"PRI", b"CONNECT", b"OPTIONS", b"TRACE", b"PUT",
-           b"DELETE", b"PATCH", b"FOO", b"M-SEARCH", b"PROPFIND", b"QUERY", b"LINK", b"SOURCE", b"\xc3\xa9",
-           b"POST\x7f", b"POS", b"HEAD", b"PATCH ", b"P\tOST"]
+METHODS = [
+    b"GE T",
+    b"get",
+    b"Get",
+    b"G\x00T",
+    b"",
+    b"GETT",
+    b"PRI",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PUT",
+    b"DELETE",
+    b"PATCH",
+    b"FOO",
+    b"M-SEARCH",
+    b"PROPFIND",
+    b"QUERY",
+    b"LINK",
+    b"SOURCE",
+    b"\xc3\xa9",
+    b"POST\x7f",
+    b"POS",
+    b"HEAD",
+    b"PATCH ",
+    b"P\tOST",
+]
 
 
 def g_method(rng, t):
@@ -441,10 +680,34 @@ def g_method(rng, t):
     return Case("head/method", [data], EITHER, f"{what}, method {req.method[:20]!r}", head_only=req.method == b"HEAD")
 
 
-VERSIONS = [b"HTTP/1.2", b"HTTP/2.0", b"HTTP/2", b"HTTP/3", b"HTTP/0.9", b"HTTP/1", b"HTTP/11", b"http/1.1",
-            b"HTTP/1.1x", b"HTTP/ 1.1", b"HTTP /1.1", b"HTP/1.1", b"", None, b"HTTP/1.10", b"HTTP/9.9",
-            b"HTTP/1.1 extra", b"HTTP/1.0", b"HTTP/1.1\x00", b"HTTP/1.", b"HTTP/-1.1", b"ICE/1.0", b"RTSP/1.0",
-            b"HTTP/1.1     ", b"HTTP/1.1\t", b"HTTP/\xff.1"]
+VERSIONS = [
+    b"HTTP/1.2",
+    b"HTTP/2.0",
+    b"HTTP/2",
+    b"HTTP/3",
+    b"HTTP/0.9",
+    b"HTTP/1",
+    b"HTTP/11",
+    b"http/1.1",
+    b"HTTP/1.1x",
+    b"HTTP/ 1.1",
+    b"HTTP /1.1",
+    b"HTP/1.1",
+    b"",
+    None,
+    b"HTTP/1.10",
+    b"HTTP/9.9",
+    b"HTTP/1.1 extra",
+    b"HTTP/1.0",
+    b"HTTP/1.1\x00",
+    b"HTTP/1.",
+    b"HTTP/-1.1",
+    b"ICE/1.0",
+    b"RTSP/1.0",
+    b"HTTP/1.1     ",
+    b"HTTP/1.1\t",
+    b"HTTP/\xff.1",
+]
 
 
 def g_version(rng, t):
@@ -509,9 +772,25 @@ def g_content_length(rng, t):
     elif variant == 3:
         value, kind = b"%d" % (n + rng.randint(1, 5000)), INCOMPLETE
     elif variant == 4:
-        value = rng.choice([b"-1", b"+%d" % n, b"0x10", b"1e3", b"%d.0" % n, b"", b"%d %d" % (n, n),
-                            b"%d,%d" % (n, n), b"%d, %d" % (n, n + 1), b"\x0b%d" % n, b"%d\x00" % n, b"0%d" % n,
-                            b"00000000000000000000000%d" % n, b"%d;x" % n, b"\xd9\xa3"])
+        value = rng.choice(
+            [
+                b"-1",
+                b"+%d" % n,
+                b"0x10",
+                b"1e3",
+                b"%d.0" % n,
+                b"",
+                b"%d %d" % (n, n),
+                b"%d,%d" % (n, n),
+                b"%d, %d" % (n, n + 1),
+                b"\x0b%d" % n,
+                b"%d\x00" % n,
+                b"0%d" % n,
+                b"00000000000000000000000%d" % n,
+                b"%d;x" % n,
+                b"\xd9\xa3",
+            ]
+        )
     elif variant in (5, 6):
         other = n if variant == 5 else n + rng.randint(1, 9)
         req.headers.append((b"Content-Length", b"%d" % other))
@@ -523,13 +802,22 @@ def g_content_length(rng, t):
     elif variant == 8 and n > 2:
         cut = rng.randrange(1, n - 1)
         value = b"%d" % cut
-        kind = PIPELINED if body[cut:cut + 1] in (b" ", b'"', b":", b",", b"{", b"}", b"[", b"]") else EITHER
+        kind = PIPELINED if body[cut : cut + 1] in (b" ", b'"', b":", b",", b"{", b"}", b"[", b"]") else EITHER
     elif variant == 9:
         req = request(b"GET", b"/health", [], noise(rng, 1, 300), content_type=None)
         return Case("head/content-length", [req.encode()], COMPLETE, "GET /health with a body")
     elif variant == 10:
-        name = rng.choice([b"content-length", b"CONTENT-LENGTH", b"Content-Length ", b"Content_Length",
-                           b"Content-Length\t", b" Content-Length", b"Content-Lengths"])
+        name = rng.choice(
+            [
+                b"content-length",
+                b"CONTENT-LENGTH",
+                b"Content-Length ",
+                b"Content_Length",
+                b"Content-Length\t",
+                b" Content-Length",
+                b"Content-Lengths",
+            ]
+        )
         req.drop(b"Content-Length").headers.append((name, b"%d" % n))
         return Case("head/content-length", [req.encode()], EITHER, f"{what}, header name {name!r}")
     else:
@@ -565,10 +853,24 @@ def g_cl_and_te(rng, t):
     return Case("head/cl-and-te", [req.encode()], EITHER, f"{what}, CL {cl!r} with TE {te!r} (variant {variant})")
 
 
-TRANSFER_CODINGS = [[b"chunked"], [b"Chunked"], [b"CHUNKED"], [b"gzip, chunked"], [b"chunked, gzip"], [b"identity"],
-                    [b"gzip"], [b"xchunked"], [b"chunked\x00"], [b"chunked;q=1"], [b" chunked"],
-                    [b"chunked, chunked"], [b""], [b"chunked", b"chunked"], [b"gzip", b"chunked"],
-                    [b"chunked", b"gzip"]]
+TRANSFER_CODINGS = [
+    [b"chunked"],
+    [b"Chunked"],
+    [b"CHUNKED"],
+    [b"gzip, chunked"],
+    [b"chunked, gzip"],
+    [b"identity"],
+    [b"gzip"],
+    [b"xchunked"],
+    [b"chunked\x00"],
+    [b"chunked;q=1"],
+    [b" chunked"],
+    [b"chunked, chunked"],
+    [b""],
+    [b"chunked", b"chunked"],
+    [b"gzip", b"chunked"],
+    [b"chunked", b"gzip"],
+]
 
 
 def g_transfer_encoding(rng, t):
@@ -589,16 +891,37 @@ def g_chunks(rng, t):
     variant = rng.randrange(11)
     kind = EITHER
     if variant == 0:
-        size = rng.choice([b"zz", b"-1", b"0x5", b" %x" % n, b"%x " % n, b"", b"+%x" % n, b"%x\x00" % n,
-                           b"f" * rng.randint(17, 40), b"%x\t" % n, b"0%x" % n])
+        size = rng.choice(
+            [
+                b"zz",
+                b"-1",
+                b"0x5",
+                b" %x" % n,
+                b"%x " % n,
+                b"",
+                b"+%x" % n,
+                b"%x\x00" % n,
+                b"f" * rng.randint(17, 40),
+                b"%x\t" % n,
+                b"0%x" % n,
+            ]
+        )
         payload = size + b"\r\n" + body + b"\r\n0\r\n\r\n"
     elif variant == 1:
         payload = b"%x\r\n" % (n + rng.randint(1, 12)) + body + b"\r\n0\r\n\r\n"
     elif variant == 2 and n > 1:
         payload = b"%x\r\n" % rng.randrange(1, n) + body + b"\r\n0\r\n\r\n"
     elif variant == 3:
-        extension = rng.choice([b";name=value", b";" + b"x" * rng.randint(100, 5000), b";\x00", b"; q=\"1\"",
-                                b";" * 50, b";a=" + noise(rng, 1, 30)])
+        extension = rng.choice(
+            [
+                b";name=value",
+                b";" + b"x" * rng.randint(100, 5000),
+                b";\x00",
+                b'; q="1"',
+                b";" * 50,
+                b";a=" + noise(rng, 1, 30),
+            ]
+        )
         payload = b"%x" % n + extension + b"\r\n" + body + b"\r\n0\r\n\r\n"
     elif variant == 4:
         payload = b"%x\r\n" % n + body + b"0\r\n\r\n"
@@ -620,8 +943,21 @@ def g_chunks(rng, t):
     return Case("head/chunks", [req.encode()], kind, f"{what}, chunk variant {variant}")
 
 
-NO_COLON = [b"JustAName", b"X-Foo bar", b": value", b"Name : value", b"Name\t: value", b"(bad): value",
-            b'Na"me: v', b"X-A:: b", b"=", b"Host", b"Authorization Bearer x", b"\x00: x", b"Name:value"]
+NO_COLON = [
+    b"JustAName",
+    b"X-Foo bar",
+    b": value",
+    b"Name : value",
+    b"Name\t: value",
+    b"(bad): value",
+    b'Na"me: v',
+    b"X-A:: b",
+    b"=",
+    b"Host",
+    b"Authorization Bearer x",
+    b"\x00: x",
+    b"Name:value",
+]
 
 
 def g_no_colon(rng, t):
@@ -694,11 +1030,13 @@ def g_expect(rng, t):
     if variant == 2 and len(req.body) > 1:
         req.headers.append((b"Expect", b"100-continue"))
         cut = rng.randrange(1, len(req.body))
-        return Case("head/expect", [req.head(), req.body[:cut]], INCOMPLETE,
-                    f"{what}, Expect 100-continue, half a body")
+        return Case(
+            "head/expect", [req.head(), req.body[:cut]], INCOMPLETE, f"{what}, Expect 100-continue, half a body"
+        )
     if variant == 3:
-        value = rng.choice([b"100-Continue", b"100-continue, foo", b"200-ok", b"", b"100", b"continue",
-                            b"100-continue;x=1", b"\xff"])
+        value = rng.choice(
+            [b"100-Continue", b"100-continue, foo", b"200-ok", b"", b"100", b"continue", b"100-continue;x=1", b"\xff"]
+        )
         req.headers.append((b"Expect", value))
         return Case("head/expect", [req.encode()], COMPLETE, f"{what}, Expect {value!r}")
     if variant == 4:
@@ -715,14 +1053,24 @@ def g_expect(rng, t):
 def g_upgrade(rng, t):
     variant = rng.randrange(7)
     if variant == 0:
-        req = request(b"GET", b"/health", [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
-                                           (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
-                                           (b"Sec-WebSocket-Version", b"13")])
+        req = request(
+            b"GET",
+            b"/health",
+            [
+                (b"Connection", b"Upgrade"),
+                (b"Upgrade", b"websocket"),
+                (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+                (b"Sec-WebSocket-Version", b"13"),
+            ],
+        )
         return Case("head/upgrade", [req.encode()], COMPLETE, "websocket upgrade on /health")
     req, what = base_post(rng, t)
     if variant == 1:
-        req.headers += [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"),
-                        (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA")]
+        req.headers += [
+            (b"Connection", b"Upgrade, HTTP2-Settings"),
+            (b"Upgrade", b"h2c"),
+            (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA"),
+        ]
         return Case("head/upgrade", [req.encode()], COMPLETE, f"{what}, h2c upgrade")
     if variant == 2:
         req.headers.append((b"Upgrade", rng.choice([b"h2c", b"websocket", b"TLS/1.2"])))
@@ -743,13 +1091,39 @@ def g_upgrade(rng, t):
 
 
 def g_target(rng, t):
-    targets = [b"*", b"", b"//health", b"/health#frag", b"/%zz", b"/%", b"/v1/chat/completions?x=%00", b"/\xff",
-               b"/health?\xff", b"http://evil.example/health", b"https://x/admin/keys", b"health",
-               b"/..%2f..%2fetc/passwd", b"/v1/models/%73k-x", b"/admin/keys/%00", b"/admin/keys/",
-               b"/%2e%2e/admin/keys", b"/health/../admin/keys", b"/v1//chat/completions", b"/V1/CHAT/COMPLETIONS",
-               b"/tokenize/", b"/v1/chat/completions;x", b"/health?" + b"&" * 1000, b"/health?api_key=",
-               b"/v1/models?api_key=" + t.user_key, b"/\t/", b"/ a", b"/admin/keys?" + b"%" * 50,
-               b"/v1/chat/completions%00", b"/v1/chat/completions%2F", b"/v1/chat%2Fcompletions"]
+    targets = [
+        b"*",
+        b"",
+        b"//health",
+        b"/health#frag",
+        b"/%zz",
+        b"/%",
+        b"/v1/chat/completions?x=%00",
+        b"/\xff",
+        b"/health?\xff",
+        b"http://evil.example/health",
+        b"https://x/admin/keys",
+        b"health",
+        b"/..%2f..%2fetc/passwd",
+        b"/v1/models/%73k-x",
+        b"/admin/keys/%00",
+        b"/admin/keys/",
+        b"/%2e%2e/admin/keys",
+        b"/health/../admin/keys",
+        b"/v1//chat/completions",
+        b"/V1/CHAT/COMPLETIONS",
+        b"/tokenize/",
+        b"/v1/chat/completions;x",
+        b"/health?" + b"&" * 1000,
+        b"/health?api_key=",
+        b"/v1/models?api_key=" + t.user_key,
+        b"/\t/",
+        b"/ a",
+        b"/admin/keys?" + b"%" * 50,
+        b"/v1/chat/completions%00",
+        b"/v1/chat/completions%2F",
+        b"/v1/chat%2Fcompletions",
+    ]
     req, what = base_request(rng, t)
     new = rng.choice(targets)
     query = req.target.partition(b"?")[2]
@@ -804,9 +1178,9 @@ def g_byte_mutation(rng, t):
         elif op == 1:
             data[at:at] = rng.randbytes(rng.randint(1, 4))
         elif op == 2 and len(data) > 8:
-            del data[at:at + rng.randint(1, 4)]
+            del data[at : at + rng.randint(1, 4)]
         elif op == 3:
-            data[at:at] = data[at:at + rng.randint(1, 40)]
+            data[at:at] = data[at : at + rng.randint(1, 40)]
         elif op == 4:
             other = rng.randrange(len(data))
             data[at], data[other] = data[other], data[at]
@@ -818,10 +1192,15 @@ def g_byte_mutation(rng, t):
 
 def g_junk(rng, t):
     variant = rng.randrange(7)
-    data = [noise(rng, 1, 4096), "".join(rng.choice(string.printable) for _ in range(rng.randint(1, 2000))).encode(),
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + noise(rng, 32, 200),
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",
-            b"\r\n" * rng.randint(1, 500), b" " * rng.randint(1, 500), rng.choice([b"GET", b"POST /", b"G"])][variant]
+    data = [
+        noise(rng, 1, 4096),
+        "".join(rng.choice(string.printable) for _ in range(rng.randint(1, 2000))).encode(),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + noise(rng, 32, 200),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",
+        b"\r\n" * rng.randint(1, 500),
+        b" " * rng.randint(1, 500),
+        rng.choice([b"GET", b"POST /", b"G"]),
+    ][variant]
     return Case("junk", [data], EITHER, f"junk variant {variant}, {len(data)} bytes")
 
 
@@ -849,12 +1228,24 @@ def g_random_body(rng, t):
     req.body = rng.choice([noise(rng, 0, 4096), noise(rng, 0, 64), b"\x00" * rng.randint(1, 1000)])
     req.set(b"Content-Length", b"%d" % len(req.body))
     if rng.random() < 0.3:
-        req.set(b"Content-Type", rng.choice([b"text/plain", b"application/octet-stream", b"", b"\xff",
-                                             b"application/json; charset=utf-16", b"multipart/form-data"]))
+        req.set(
+            b"Content-Type",
+            rng.choice(
+                [
+                    b"text/plain",
+                    b"application/octet-stream",
+                    b"",
+                    b"\xff",
+                    b"application/json; charset=utf-16",
+                    b"multipart/form-data",
+                ]
+            ),
+        )
     return Case("body/random", [req.encode()], COMPLETE, f"{what}, {len(req.body)} random bytes")
 
 
 # -- multipart --
+
 
 def multipart(boundary: bytes, parts: list[tuple[bytes, bytes | None, bytes]], end: bool = True) -> tuple[bytes, bytes]:
     out = []
@@ -896,13 +1287,23 @@ def g_multipart(rng, t):
     elif variant == 5:
         content_type += b"; boundary=other"
     elif variant == 6:
-        body = rng.choice([body[:-4], body[:-(len(boundary) + 6)], body[:rng.randrange(len(body))]])
+        body = rng.choice([body[:-4], body[: -(len(boundary) + 6)], body[: rng.randrange(len(body))]])
     elif variant == 7:
         body, content_type = multipart(boundary, parts[1:])
     elif variant == 8:
-        model = rng.choice([(b"model", None, b""), (b"model", b"m.txt", b"sim"), (b"MODEL", None, b"sim"),
-                            (b"model", None, b"sim\r\n"), (b"model", None, b"\xff\xfe"), (b"model", None, b"nope"),
-                            (b"model", None, b"sim  "), (b"model", None, b"sim\x00"), (b"model", None, b"s" * 5000)])
+        model = rng.choice(
+            [
+                (b"model", None, b""),
+                (b"model", b"m.txt", b"sim"),
+                (b"MODEL", None, b"sim"),
+                (b"model", None, b"sim\r\n"),
+                (b"model", None, b"\xff\xfe"),
+                (b"model", None, b"nope"),
+                (b"model", None, b"sim  "),
+                (b"model", None, b"sim\x00"),
+                (b"model", None, b"s" * 5000),
+            ]
+        )
         body, content_type = multipart(boundary, [model, *parts[1:]])
         note += f" model part {model[0]!r} {model[2][:12]!r}"
     elif variant == 9:
@@ -928,13 +1329,27 @@ def g_multipart(rng, t):
         body = bytes(mutable)
     elif variant == 14:
         inner, inner_type = multipart(b"inner", [(b"model", None, b"sim")])
-        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\nContent-Type: '
-                + inner_type + b"\r\n\r\n" + inner + b"\r\n" + multipart(boundary, parts[1:])[0])
+        body = (
+            b"--"
+            + boundary
+            + b'\r\nContent-Disposition: form-data; name="model"\r\nContent-Type: '
+            + inner_type
+            + b"\r\n\r\n"
+            + inner
+            + b"\r\n"
+            + multipart(boundary, parts[1:])[0]
+        )
     elif variant == 15:
         path = rng.choice([b"/v1/chat/completions", b"/v1/completions", b"/tokenize"])
         headers, query, who = credentials(rng, t)
-        req = request(b"POST", path, headers, dump(RELAY_TEMPLATES[path](rng)), query,
-                      rng.choice([b"multipart/form-data", b"multipart/form-data; boundary=x"]))
+        req = request(
+            b"POST",
+            path,
+            headers,
+            dump(RELAY_TEMPLATES[path](rng)),
+            query,
+            rng.choice([b"multipart/form-data", b"multipart/form-data; boundary=x"]),
+        )
         return Case("multipart", [req.encode()], COMPLETE, f"{path.decode()} {who}, JSON sent as multipart")
     headers, query, who = credentials(rng, t)
     req = request(b"POST", b"/v1/audio/transcriptions", headers, body, query, content_type)
@@ -952,17 +1367,51 @@ def g_relay_json(rng, t):
     return Case("json/relay", [req.encode()], COMPLETE, f"{what}: {note}")
 
 
-RATE_LIMITS = ["lots", "", "-1/minute", "1/fortnight", "0/second", "1/0 minute", "99999999999999999999999/second",
-               "1 per minute", "1/minute;", ";;", "10/minute; 5/second", "\x00", "1/minute" * 50, "5/minute",
-               "1/1000000000000000000000 seconds", "nan/minute", "1e3/minute", "١/minute", "2 per 3 hours"]
+RATE_LIMITS = [
+    "lots",
+    "",
+    "-1/minute",
+    "1/fortnight",
+    "0/second",
+    "1/0 minute",
+    "99999999999999999999999/second",
+    "1 per minute",
+    "1/minute;",
+    ";;",
+    "10/minute; 5/second",
+    "\x00",
+    "1/minute" * 50,
+    "5/minute",
+    "1/1000000000000000000000 seconds",
+    "nan/minute",
+    "1e3/minute",
+    "١/minute",
+    "2 per 3 hours",
+]
 
 
 def admin_value(rng: random.Random, name: str) -> object:
     if name == "name":
         return rng.choice([5, None, ["a"], {"a": 1}, True, "", "n" * 201, "n" * 200, "\x00", "fuzz", weird(rng)])
     if name == "models":
-        return rng.choice(["sim", "", 5, [5], [None], ["sim", 5], {"sim": 1}, ["sim"], [], None, True,
-                           [["sim"]], ["x" * 5000], weird(rng)])
+        return rng.choice(
+            [
+                "sim",
+                "",
+                5,
+                [5],
+                [None],
+                ["sim", 5],
+                {"sim": 1},
+                ["sim"],
+                [],
+                None,
+                True,
+                [["sim"]],
+                ["x" * 5000],
+                weird(rng),
+            ]
+        )
     if name == "rate_limit":
         return rng.choice([*RATE_LIMITS, 5, 5.5, [], {}, True, None, weird(rng)])
     if name in ("admin", "disabled"):
@@ -979,15 +1428,27 @@ def g_admin(rng, t):
         body: dict = {"name": f"fuzz-{rng.randrange(10**6)}"}
     elif r < 0.8:
         method = b"PATCH"
-        target = rng.choice([t.victim_id, t.victim_id, b"key_000000000000", token(rng), b"%00", b"x" * 3000,
-                             b"..%2f..", b"%73k-", b"\xc3\xa9"])
+        target = rng.choice(
+            [
+                t.victim_id,
+                t.victim_id,
+                b"key_000000000000",
+                token(rng),
+                b"%00",
+                b"x" * 3000,
+                b"..%2f..",
+                b"%73k-",
+                b"\xc3\xa9",
+            ]
+        )
         path = b"/admin/keys/" + target
         body = {}
     else:
         method = b"DELETE"
         created = t.created_id(rng) if rng.random() < 0.5 else None
-        target = created or rng.choice([b"key_000000000000", token(rng), b"%00", b"x" * 3000, b"", b"%2e%2e",
-                                        b"key_" + b"0" * 12 + b"/x"])
+        target = created or rng.choice(
+            [b"key_000000000000", token(rng), b"%00", b"x" * 3000, b"", b"%2e%2e", b"key_" + b"0" * 12 + b"/x"]
+        )
         path = b"/admin/keys/" + target
         body = {}
     notes = [f"{method.decode()} {path[:40].decode(errors='replace')} {who}"]
@@ -1008,11 +1469,30 @@ def g_admin(rng, t):
 
 
 GENERATORS = [
-    (5, g_method), (4, g_version), (5, g_line_endings), (6, g_control_bytes), (7, g_content_length),
-    (3, g_cl_and_te), (3, g_transfer_encoding), (5, g_chunks), (3, g_no_colon), (3, g_obs_fold), (4, g_long),
-    (4, g_expect), (3, g_upgrade), (3, g_target), (2, g_whitespace), (3, g_truncated_head), (5, g_byte_mutation),
-    (2, g_junk), (4, g_truncated_body), (3, g_overlong_body), (3, g_random_body), (8, g_multipart),
-    (14, g_relay_json), (8, g_admin),
+    (5, g_method),
+    (4, g_version),
+    (5, g_line_endings),
+    (6, g_control_bytes),
+    (7, g_content_length),
+    (3, g_cl_and_te),
+    (3, g_transfer_encoding),
+    (5, g_chunks),
+    (3, g_no_colon),
+    (3, g_obs_fold),
+    (4, g_long),
+    (4, g_expect),
+    (3, g_upgrade),
+    (3, g_target),
+    (2, g_whitespace),
+    (3, g_truncated_head),
+    (5, g_byte_mutation),
+    (2, g_junk),
+    (4, g_truncated_body),
+    (3, g_overlong_body),
+    (3, g_random_body),
+    (8, g_multipart),
+    (14, g_relay_json),
+    (8, g_admin),
 ]
 
 
@@ -1041,13 +1521,28 @@ def control(rng: random.Random, t: Target) -> Case:
         chat.headers.append((b"Expect", b"100-continue"))
         return Case("control/expect", [chat.head(), chat.body], COMPLETE, "chat with Expect", expect=(200,))
     if pick == 5:  # what curl --http2 sends to an http:// URL, then a second request (the spec: both answered)
-        chat.headers += [(b"Connection", b"Upgrade, HTTP2-Settings"), (b"Upgrade", b"h2c"),
-                         (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA")]
-        return Case("control/h2c", [chat.encode() + health.encode()], COMPLETE, "h2c chat + health",
-                    answers=2, expect=(200, 200))
+        chat.headers += [
+            (b"Connection", b"Upgrade, HTTP2-Settings"),
+            (b"Upgrade", b"h2c"),
+            (b"HTTP2-Settings", b"AAMAAABkAARAAAAAAAIAAAAA"),
+        ]
+        return Case(
+            "control/h2c",
+            [chat.encode() + health.encode()],
+            COMPLETE,
+            "h2c chat + health",
+            answers=2,
+            expect=(200, 200),
+        )
     if pick == 6:
-        return Case("control/pipelined", [chat.encode() + health.encode() + chat.encode()], COMPLETE,
-                    "chat + health + chat", answers=3, expect=(200, 200, 200))
+        return Case(
+            "control/pipelined",
+            [chat.encode() + health.encode() + chat.encode()],
+            COMPLETE,
+            "chat + health + chat",
+            answers=3,
+            expect=(200, 200, 200),
+        )
     if pick == 7:
         chat.version = b"HTTP/1.0"
         return Case("control/http1.0", [chat.encode()], COMPLETE, "HTTP/1.0 chat", expect=(200,))
@@ -1079,7 +1574,7 @@ class Conversation:
         self.eof = False
         self.reset = False
         self.malformed: str | None = None
-        self.answered = 0.0              # when the first final answer was complete
+        self.answered = 0.0  # when the first final answer was complete
         self.timed_out = False
         self.send_error = ""
         self.started = time.monotonic()
@@ -1172,7 +1667,7 @@ class ParkingLot:
         self.wake_read.setblocking(False)
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
         self.stopping = False
-        self.waited = 0.0                # seconds workers spent waiting for a free slot
+        self.waited = 0.0  # seconds workers spent waiting for a free slot
         self.active: dict[socket.socket, tuple[Conversation, float]] = {}
         self.thread = threading.Thread(target=self._run, name="parking-lot", daemon=True)
         self.thread.start()
@@ -1300,10 +1795,12 @@ def judge(conversation: Conversation) -> list[Failure]:
             if problem:
                 fail(f"gateway {response.status} not in OpenAI's error shape: {problem}", response.summary())
     if case.expect:
-        statuses = tuple(r.status for r in final[:len(case.expect)])
+        statuses = tuple(r.status for r in final[: len(case.expect)])
         if statuses != case.expect:
-            fail(f"control {case.category}: answers {statuses}, expected {case.expect}",
-                 f"got {got}{', then EOF' if conversation.eof else ''}")
+            fail(
+                f"control {case.category}: answers {statuses}, expected {case.expect}",
+                f"got {got}{', then EOF' if conversation.eof else ''}",
+            )
     waited = f"{(conversation.ended or time.monotonic()) - conversation.started:.1f} s"
     if conversation.timed_out:
         if case.kind == COMPLETE:
@@ -1314,14 +1811,19 @@ def judge(conversation: Conversation) -> list[Failure]:
         elif case.kind == EITHER:
             fail(f"left hanging: no answer nor close within {CLOSE_BOUND:g} s", f"got {got}")
         elif case.kind == INCOMPLETE:
-            fail(f"incomplete request: connection not closed within {CLOSE_BOUND:g} s"
-                 + (" (after an answer)" if final else ""), f"got {got}")
+            fail(
+                f"incomplete request: connection not closed within {CLOSE_BOUND:g} s"
+                + (" (after an answer)" if final else ""),
+                f"got {got}",
+            )
         else:
             fail(f"junk after a complete request: connection not closed within {LIVENESS:g} s", f"got {got}")
     if case.kind == PIPELINED and conversation.eof and not conversation.malformed:
         if not final:
-            fail("lost answer: a complete request followed by junk got no answer before EOF",
-                 f"{'reset' if conversation.reset else 'EOF'} after {waited}")
+            fail(
+                "lost answer: a complete request followed by junk got no answer before EOF",
+                f"{'reset' if conversation.reset else 'EOF'} after {waited}",
+            )
         elif not final[0].closes and (len(final) < 2 or final[1].status != 400):
             fail("junk after an answered request got no 400 before EOF", f"got {got}")
     return failures
@@ -1379,13 +1881,21 @@ class LoopProbe:
     def summary(self) -> str:
         times = sorted(took for _, took in self.latencies) or [0.0]
         slow = [when for when, took in self.latencies if took > LOOP_BOUND]
-        return (f"loop probe: {len(self.latencies)} GET /health, median {times[len(times) // 2]:.3f} s, "
-                f"90% {times[len(times) * 9 // 10]:.3f} s, slowest {times[-1]:.2f} s, {len(slow)} over {LOOP_BOUND:g} s"
-                + (f" (at {', '.join(f'{when:.1f}' for when in slow[:8])} s)" if slow else ""))
+        return (
+            f"loop probe: {len(self.latencies)} GET /health, median {times[len(times) // 2]:.3f} s, "
+            f"90% {times[len(times) * 9 // 10]:.3f} s, slowest {times[-1]:.2f} s, {len(slow)} over {LOOP_BOUND:g} s"
+            + (f" (at {', '.join(f'{when:.1f}' for when in slow[:8])} s)" if slow else "")
+        )
 
     def failures(self) -> list[tuple[str, str]]:
-        held = [(f"event loop held: concurrent GET /health took over {LOOP_BOUND:g} s",
-                 f"{took:.2f} s at {when:.1f} s into the fuzz") for when, took in self.latencies if took > LOOP_BOUND]
+        held = [
+            (
+                f"event loop held: concurrent GET /health took over {LOOP_BOUND:g} s",
+                f"{took:.2f} s at {when:.1f} s into the fuzz",
+            )
+            for when, took in self.latencies
+            if took > LOOP_BOUND
+        ]
         return held + [("concurrent GET /health failed", problem) for problem in self.problems]
 
 
@@ -1394,8 +1904,9 @@ def checks_after(gw: Gateway) -> list[tuple[str, str]]:
     relays a chat completion, honours the admin key, and its key file is whole."""
 
     def health():
-        answers = exchange(gw.port, b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-                           timeout=CHECK_TIMEOUT)
+        answers = exchange(
+            gw.port, b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", timeout=CHECK_TIMEOUT
+        )
         return None if [r.status for r in answers] == [200] else f"answers: {[r.summary() for r in answers]}"
 
     def chat():
@@ -1416,12 +1927,17 @@ def checks_after(gw: Gateway) -> list[tuple[str, str]]:
         return None if {"test-admin", "test-user"} <= names else f"keys left: {sorted(names)[:10]}"
 
     problems = []
+
     def alive():
         return None if gw.handle.alive() else f"exited with {gw.handle.returncode}"
 
-    for what, check in [("the gateway process is alive", alive), ("GET /health answers 200", health),
-                        ("a chat completion works", chat), ("the admin key works", admin),
-                        ("the key file is valid JSON with its keys", key_file)]:
+    for what, check in [
+        ("the gateway process is alive", alive),
+        ("GET /health answers 200", health),
+        ("a chat completion works", chat),
+        ("the admin key works", admin),
+        ("the key file is valid JSON with its keys", key_file),
+    ]:
         try:
             problem = check()
         except Exception as error:
@@ -1442,12 +1958,23 @@ def warm_up(port: int, t: Target) -> None:
             read_until_settled(sock, conversation, time.monotonic() + 10)
     for path, template in RELAY_TEMPLATES.items():
         body = dump(template(rng))
-        exchange(port, request(b"POST", path, [(b"Authorization", b"Bearer " + t.user_key),
-                                              (b"Connection", b"close")], body).encode())
+        exchange(
+            port,
+            request(
+                b"POST", path, [(b"Authorization", b"Bearer " + t.user_key), (b"Connection", b"close")], body
+            ).encode(),
+        )
     body, content_type = multipart(b"warm", [(b"model", None, b"sim"), (b"file", b"a.wav", b"x" * 2000)])
-    exchange(port, request(b"POST", b"/v1/audio/transcriptions", [(b"Authorization", b"Bearer " + t.user_key),
-                                                                 (b"Connection", b"close")],
-                           body, content_type=content_type).encode())
+    exchange(
+        port,
+        request(
+            b"POST",
+            b"/v1/audio/transcriptions",
+            [(b"Authorization", b"Bearer " + t.user_key), (b"Connection", b"close")],
+            body,
+            content_type=content_type,
+        ).encode(),
+    )
 
 
 def report(failures: list[Failure], lines: list[str], shown: int = REPORTED) -> str:
@@ -1494,13 +2021,17 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
         try:
             found = judge(conversation)
         except Exception as error:
-            found = [Failure("the test itself failed judging the case", conversation.case,
-                             f"{type(error).__name__}: {error}")]
+            found = [
+                Failure(
+                    "the test itself failed judging the case", conversation.case, f"{type(error).__name__}: {error}"
+                )
+            ]
         with lock:
             counts[conversation.case.kind] += 1
             if conversation.answered:
-                durations.append((conversation.answered - conversation.started, conversation.case.index,
-                                  conversation.case.note[:60]))
+                durations.append(
+                    (conversation.answered - conversation.started, conversation.case.index, conversation.case.note[:60])
+                )
             failures.extend(found)
             for response in conversation.final:  # keys made by the admin cases, for the DELETE cases
                 if conversation.case.category == "admin" and response.status == 201:
@@ -1534,8 +2065,9 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
                 run_case(case)
             except Exception as error:
                 with lock:
-                    failures.append(Failure("the test itself failed on the case", case,
-                                            f"{type(error).__name__}: {error}"))
+                    failures.append(
+                        Failure("the test itself failed on the case", case, f"{type(error).__name__}: {error}")
+                    )
 
     def run_case(case: Case) -> None:
         conversation = Conversation(case)
@@ -1570,8 +2102,12 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
     elapsed = time.monotonic() - started
 
     # -- afterwards: still healthy, still serving, memory bounded, keys intact --
-    lines = [(f"FUZZ_SEED={SEED}: {ran['fuzz']} fuzz cases and {ran['control']} controls "
-              f"({dict(counts)}) sent in {sent_in:.1f} s, all ended after {elapsed:.1f} s")]
+    lines = [
+        (
+            f"FUZZ_SEED={SEED}: {ran['fuzz']} fuzz cases and {ran['control']} controls "
+            f"({dict(counts)}) sent in {sent_in:.1f} s, all ended after {elapsed:.1f} s"
+        )
+    ]
     if not ONLY and ran["fuzz"] < FUZZ_CASES:
         lines.append(f"only {ran['fuzz']} of {FUZZ_CASES} fuzz cases ran within the {FUZZ_BUDGET:g} s budget")
         failures.append(Failure("fuzz budget exhausted", Case("budget", [], COMPLETE, "", index=-1), lines[-1]))
@@ -1585,11 +2121,14 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
     time.sleep(0.5)
     rss_after = rss_kb(gw.handle.pid) if gw.handle.alive() else 0
     growth_mb = (rss_after - rss_before) / 1024
-    lines.append(f"gateway RSS {rss_before / 1024:.0f} MB after warm-up, {rss_after / 1024:.0f} MB at the end "
-                 f"({growth_mb:+.0f} MB)")
+    lines.append(
+        f"gateway RSS {rss_before / 1024:.0f} MB after warm-up, {rss_after / 1024:.0f} MB at the end "
+        f"({growth_mb:+.0f} MB)"
+    )
     if growth_mb > RSS_GROWTH_MB:
-        failures.append(Failure(f"after the fuzz: RSS grew by more than {RSS_GROWTH_MB} MB", end_case,
-                                f"{growth_mb:+.0f} MB"))
+        failures.append(
+            Failure(f"after the fuzz: RSS grew by more than {RSS_GROWTH_MB} MB", end_case, f"{growth_mb:+.0f} MB")
+        )
 
     slowest = sorted(durations, reverse=True)[:5]
     lines.append("slowest answers: " + ", ".join(f"{took:.2f} s (case {i}, {what})" for took, i, what in slowest))

@@ -23,8 +23,7 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 STREAM = {**CHAT, "max_tokens": 5, "stream": True}
 GARBAGE = b"\x00\x01garbage\r\n\r\n"
-H2C_UPGRADE = ("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
-               "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n")
+H2C_UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +63,7 @@ def check_stream(response) -> None:
 
 # -- garbage after a complete request --
 
+
 @pytest.mark.parametrize("first, check", [(HEALTH, check_health), (None, check_chat)], ids=["health", "relayed chat"])
 def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gw, first, check):
     sock, reader = connect(gw)
@@ -77,12 +77,17 @@ def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gw, fir
 
 # -- half-close after the requests --
 
-@pytest.mark.parametrize("requests, checks", [
-    (lambda key: HEALTH, [check_health]),
-    (lambda key: raw_post(key, CHAT), [check_chat]),
-    (lambda key: raw_post(key, STREAM), [check_stream]),
-    (lambda key: HEALTH + raw_post(key, CHAT) + raw_post(key, STREAM), [check_health, check_chat, check_stream]),
-], ids=["health", "relayed chat", "relayed stream", "three pipelined"])
+
+@pytest.mark.parametrize(
+    "requests, checks",
+    [
+        (lambda key: HEALTH, [check_health]),
+        (lambda key: raw_post(key, CHAT), [check_chat]),
+        (lambda key: raw_post(key, STREAM), [check_stream]),
+        (lambda key: HEALTH + raw_post(key, CHAT) + raw_post(key, STREAM), [check_health, check_chat, check_stream]),
+    ],
+    ids=["health", "relayed chat", "relayed stream", "three pipelined"],
+)
 def test_client_that_half_closes_after_its_requests_gets_every_answer_then_eof(gw, requests, checks):
     sock, reader = connect(gw)
     with sock:
@@ -107,6 +112,7 @@ def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(
 
 # -- curl --http2 on http:// --
 
+
 def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw):
     sock, reader = connect(gw)
     with sock:
@@ -121,6 +127,7 @@ def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw)
 
 
 # -- the log --
+
 
 def test_invalid_http_is_logged_as_400(gw):
     before = gw.log_text().count("status=400")

@@ -29,8 +29,9 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, simulator):
-    with Gateway.start(tmp_path_factory.mktemp("gw-heads"), [Backend("sim", simulator.base_url)],
-                       env={"GATEWAY_HEAD_TIMEOUT": "5"}) as gateway:
+    with Gateway.start(
+        tmp_path_factory.mktemp("gw-heads"), [Backend("sim", simulator.base_url)], env={"GATEWAY_HEAD_TIMEOUT": "5"}
+    ) as gateway:
         yield gateway
 
 
@@ -52,6 +53,7 @@ def ask(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
 
 # -- the request line --
 
+
 def test_request_line_of_9_kib_gets_414(gw):
     response = ask(gw, get_health([], path="/health?pad=" + "a" * 9 * 1024))
     assert_rejected(response, 414, "request_line_too_long", "invalid_request_error")
@@ -64,6 +66,7 @@ def test_request_line_just_under_the_limit_is_served(gw):
 
 
 # -- the headers --
+
 
 def test_header_value_of_70_kib_gets_431(gw):
     response = ask(gw, get_health(["X-Big: " + "b" * 70 * 1024]))
@@ -97,7 +100,8 @@ def test_10_mb_header_value_sent_in_pieces_is_cut_off_with_431_without_the_gatew
             peak = max(peak, rss_kib(pid))
         peak = max(peak, max_rss_while(pid, 0.5))
         assert peak - before < 4 * 1024, (
-            f"the gateway grew by {(peak - before) / 1024:.1f} MB while {sent / MIB:.1f} MB of one header came in")
+            f"the gateway grew by {(peak - before) / 1024:.1f} MB while {sent / MIB:.1f} MB of one header came in"
+        )
         response = response_or_none(reader, LIVENESS)
         assert response is not None, f"no answer after {sent / MIB:.1f} MB of one header value"
         assert_rejected(response, 431, "request_header_too_large", "invalid_request_error")
@@ -145,11 +149,14 @@ def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
 
 # -- the log --
 
+
 def test_oversized_heads_appear_in_the_access_log_as_414_and_431(gw):
     before = gw.log_text()  # settled: earlier tests' lines are in
-    for data in (get_health([], path="/health?pad=" + "a" * 9 * 1024),
-                 get_health(["X-Big: " + "b" * 70 * 1024]),
-                 get_health([f"X-Header-{i}: {i}" for i in range(100)])):
+    for data in (
+        get_health([], path="/health?pad=" + "a" * 9 * 1024),
+        get_health(["X-Big: " + "b" * 70 * 1024]),
+        get_health([f"X-Header-{i}: {i}" for i in range(100)]),
+    ):
         sock, reader = connect(gw)
         with sock:
             send_all(sock, data)
@@ -157,11 +164,13 @@ def test_oversized_heads_appear_in_the_access_log_as_414_and_431(gw):
 
     def logged() -> bool:
         text = gw.log_text(settle=0)
-        return (text.count("status=414") >= before.count("status=414") + 1
-                and text.count("status=431") >= before.count("status=431") + 2)
+        return (
+            text.count("status=414") >= before.count("status=414") + 1
+            and text.count("status=431") >= before.count("status=431") + 2
+        )
 
     try:
         wait_until(logged, timeout=5)
     except TimeoutError:
-        new = gw.log_text()[len(before):].splitlines()
+        new = gw.log_text()[len(before) :].splitlines()
         pytest.fail(f"no status=414 / status=431 access-log lines; new log lines: {new[-5:]}")

@@ -24,8 +24,7 @@ MISSING = b"GET /no-such-page HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 @pytest.fixture(scope="module")
 def many_models_simulator(tmp_path_factory):
-    with Simulator.start(tmp_path_factory.mktemp("sim-many"), "--served-model-name", *MODELS,
-                         model=MODELS[0]) as sim:
+    with Simulator.start(tmp_path_factory.mktemp("sim-many"), "--served-model-name", *MODELS, model=MODELS[0]) as sim:
         yield sim
 
 
@@ -33,8 +32,7 @@ def many_models_simulator(tmp_path_factory):
 def gw(tmp_path_factory, many_models_simulator):
     backends = [Backend(name, many_models_simulator.base_url) for name in MODELS]
     # Health checks every minute, not twice a second, so that the gateway is idle when nobody asks.
-    with Gateway.start(tmp_path_factory.mktemp("gw-pipe"), backends,
-                       env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
+    with Gateway.start(tmp_path_factory.mktemp("gw-pipe"), backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
         yield gateway
 
 
@@ -57,7 +55,7 @@ class Sender(threading.Thread):
         try:
             while self.sent_bytes < len(self.data):
                 try:
-                    self.sent_bytes += self.sock.send(self.data[self.sent_bytes:self.sent_bytes + 65536])
+                    self.sent_bytes += self.sock.send(self.data[self.sent_bytes : self.sent_bytes + 65536])
                 except TimeoutError:
                     continue  # still blocked: the gateway reads again once the answers are read
         except OSError as error:
@@ -126,11 +124,12 @@ def test_every_pipelined_request_has_its_access_log_line(gw):
     assert statuses == expected
 
     def counts() -> tuple[int, int]:
-        new = gw.log_text(settle=0)[len(before):]
+        new = gw.log_text(settle=0)[len(before) :]
         return new.count("GET /health status=200"), new.count("GET /no-such-page status=401")
 
     try:
         wait_until(lambda: counts() == (expected.count(200), expected.count(401)), timeout=5)
     except TimeoutError:
-        pytest.fail(f"access-log lines (health, 401): {counts()}, expected "
-                    f"{(expected.count(200), expected.count(401))}")
+        pytest.fail(
+            f"access-log lines (health, 401): {counts()}, expected {(expected.count(200), expected.count(401))}"
+        )

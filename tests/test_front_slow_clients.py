@@ -42,19 +42,22 @@ TIMEOUTS = {
 @pytest.fixture(scope="module")
 def fast_simulator(tmp_path_factory):
     """Tokens as fast as it can make them, and room for a million of them in one answer."""
-    with Simulator.start(tmp_path_factory.mktemp("fast-sim"), "--token-rate", "0",
-                         "--max-model-len", "10000000", model="fast") as sim:
+    with Simulator.start(
+        tmp_path_factory.mktemp("fast-sim"), "--token-rate", "0", "--max-model-len", "10000000", model="fast"
+    ) as sim:
         yield sim
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, fast_simulator):
-    with Gateway.start(tmp_path_factory.mktemp("gw-slow"), [Backend("fast", fast_simulator.base_url)],
-                       env=TIMEOUTS) as gateway:
+    with Gateway.start(
+        tmp_path_factory.mktemp("gw-slow"), [Backend("fast", fast_simulator.base_url)], env=TIMEOUTS
+    ) as gateway:
         yield gateway
 
 
 # -- the head --
+
 
 def test_idle_connection_is_closed_after_the_head_timeout_without_a_byte(gw):
     sock, _ = connect(gw)
@@ -101,6 +104,7 @@ def test_next_head_started_and_stalled_on_a_keep_alive_connection_gets_408(gw):
 
 # -- the body --
 
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/keys"])
 def test_declared_body_that_never_arrives_gets_408_after_the_body_timeout(gw, path):
     key = gw.admin_key  # authenticated (and allowed on both paths), so the gateway waits for the body
@@ -120,12 +124,13 @@ def test_body_sent_slowly_with_pauses_shorter_than_the_body_timeout_is_served(gw
         sock.sendall(raw_post(gw.key, data)[: -len(data)])
         for start in range(0, len(data), 8):  # 8 bytes every 0.2 s: slow, never idle for the timeout
             time.sleep(0.2)
-            sock.sendall(data[start:start + 8])
+            sock.sendall(data[start : start + 8])
         status, _, body = reader.response()
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
 
 
 # -- the response --
+
 
 def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborted(gw, fast_simulator):
     aborted_before = fast_simulator.stats()["aborted"]
@@ -138,8 +143,10 @@ def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborte
         try:
             wait_until(lambda: fast_simulator.stats()["aborted"] > aborted_before, timeout=LIVENESS)
         except TimeoutError:
-            pytest.fail("a client that read nothing for 10 s (send timeout 1 s) was not dropped: "
-                        "the generation upstream still runs")
+            pytest.fail(
+                "a client that read nothing for 10 s (send timeout 1 s) was not dropped: "
+                "the generation upstream still runs"
+            )
         wait_until(lambda: fast_simulator.metrics()["vllm:num_requests_running"] == 0, timeout=LIVENESS)
         received = read_to_eof(sock, timeout=LIVENESS)  # what was in flight, then the drop
     assert received.startswith(b"HTTP/1.1 200")
@@ -165,6 +172,7 @@ def test_slow_but_steady_reader_of_a_stream_is_not_dropped(gw, fast_simulator):
 
 # -- the log --
 
+
 def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gw):
     def stall(data: bytes) -> None:
         sock, reader = connect(gw)
@@ -173,10 +181,13 @@ def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gw):
             response_or_none(reader, BOUND)
 
     before = gw.log_text().count("status=408")  # settled: earlier tests' lines are in
-    threads = [threading.Thread(target=stall, args=(data,), daemon=True) for data in (
-        b"GET /health HTTP/1.1\r\nHost: gw\r\n",                                      # a head that stalls
-        request("POST", "/v1/chat/completions", gw.key, body=b"{", content_length=50),  # a body that stalls
-    )]
+    threads = [
+        threading.Thread(target=stall, args=(data,), daemon=True)
+        for data in (
+            b"GET /health HTTP/1.1\r\nHost: gw\r\n",  # a head that stalls
+            request("POST", "/v1/chat/completions", gw.key, body=b"{", content_length=50),  # a body that stalls
+        )
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -36,14 +36,16 @@ def gw(tmp_path_factory, simulator):
 
 # -- workers and in-memory rate-limit stores --
 
+
 @pytest.mark.parametrize("storage", ["memory://", "async+memory://", "MEMORY://", "memory:///"])
 def test_two_workers_with_an_in_memory_rate_limit_store_refuse_to_start(tmp_path, storage):
     env = gateway_env(tmp_path, free_port())
     env.update({"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": storage})
     write_model_config(Path(env["VLLM_MODEL_CONFIG"]), [])
     run_cli(env, "keys", "create", "--name", "admin", "--admin")
-    handle = start_process([sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
-                           env=env, log_path=tmp_path / "serve.log")
+    handle = start_process(
+        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"], env=env, log_path=tmp_path / "serve.log"
+    )
     try:
         try:
             handle.popen.wait(timeout=10)  # refusing takes a second or two
@@ -57,11 +59,13 @@ def test_two_workers_with_an_in_memory_rate_limit_store_refuse_to_start(tmp_path
 
 # -- trailing slash --
 
+
 def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(gw):
     sock, reader = connect(gw)
     with sock:
-        sock.sendall(f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {gw.admin_key}\r\n\r\n"
-                     .encode())
+        sock.sendall(
+            f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {gw.admin_key}\r\n\r\n".encode()
+        )
         status, headers, body = reader.response()
     assert "location" not in headers, headers
     assert status == 404, (status, headers)
@@ -71,6 +75,7 @@ def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(gw):
 
 
 # -- keys in the access log --
+
 
 def key_requests(key: str) -> dict[str, bytes]:
     auth = f"Authorization: Bearer {key}\r\n"
@@ -95,11 +100,12 @@ def test_a_key_never_reaches_the_access_log(gw, where):
     text = gw.log_text()
     secret = key[3:]  # what follows "sk-": its first characters may be shown as the key's prefix
     assert secret not in text, [line for line in text.splitlines() if secret in line]
-    new = text[len(before):].splitlines()
+    new = text[len(before) :].splitlines()
     assert any(f"status={status}" in line and " access " in line for line in new), new
 
 
 # -- a deleted key file --
+
 
 def test_deleting_the_key_file_revokes_every_key_until_keys_init(tmp_path, simulator):
     env = {"GATEWAY_KEY_USAGE_FLUSH_SECONDS": str(USAGE_FLUSH_SECONDS)}
@@ -129,8 +135,9 @@ def test_deleting_the_key_file_revokes_every_key_until_keys_init(tmp_path, simul
         assert statuses() == [401, 401]
         log = gw.log_text()
         errors = [line for line in log.splitlines() if " ERROR " in line and str(key_file) in line]
-        assert any(re.search(r"missing|not found|does not exist|no such file|deleted", line, re.I)
-                   for line in errors), errors
+        assert any(
+            re.search(r"missing|not found|does not exist|no such file|deleted", line, re.I) for line in errors
+        ), errors
         assert "status=401" in log
 
         init = gw.cli("keys", "init")
@@ -144,25 +151,31 @@ def test_deleting_the_key_file_revokes_every_key_until_keys_init(tmp_path, simul
 
 # -- the simulator and JSON of the wrong types --
 
+
 def test_simulator_tokenize_with_messages_true_is_400(simulator):
     response = httpx.post(simulator.base_url + "/tokenize", json={"model": "sim", "messages": True}, timeout=10)
     assert response.status_code == 400, response.text[:200]
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/tokenize", {"model": "sim", "messages": "hi"}),
-    ("/tokenize", {"model": "sim", "messages": [1, 2]}),
-    ("/tokenize", {"model": "sim", "messages": [{"role": "user", "content": 5}]}),
-    ("/v1/chat/completions", {"model": "sim", "messages": [{"role": "user", "content": {"x": 1}}]}),
-    ("/v1/completions", {"model": "sim", "prompt": {"a": 1}}),
-    ("/v1/embeddings", {"model": "sim", "input": [1, None]}),
-], ids=lambda value: value if isinstance(value, str) else json.dumps(value))
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/tokenize", {"model": "sim", "messages": "hi"}),
+        ("/tokenize", {"model": "sim", "messages": [1, 2]}),
+        ("/tokenize", {"model": "sim", "messages": [{"role": "user", "content": 5}]}),
+        ("/v1/chat/completions", {"model": "sim", "messages": [{"role": "user", "content": {"x": 1}}]}),
+        ("/v1/completions", {"model": "sim", "prompt": {"a": 1}}),
+        ("/v1/embeddings", {"model": "sim", "input": [1, None]}),
+    ],
+    ids=lambda value: value if isinstance(value, str) else json.dumps(value),
+)
 def test_simulator_answers_json_of_the_wrong_types_with_4xx(simulator, path, body):
     response = httpx.post(simulator.base_url + path, json=body, timeout=10)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:200])
 
 
 # -- GATEWAY_MAX_CONNECTIONS --
+
 
 @contextlib.contextmanager
 def open_file_soft_limit(soft: int):
@@ -178,8 +191,11 @@ def open_file_soft_limit(soft: int):
 @pytest.fixture(scope="module")
 def capped_gw(tmp_path_factory, simulator):
     with open_file_soft_limit(1024):
-        gateway = Gateway.start(tmp_path_factory.mktemp("gw-capped"), [Backend("sim", simulator.base_url)],
-                                env={"GATEWAY_MAX_CONNECTIONS": "20"})
+        gateway = Gateway.start(
+            tmp_path_factory.mktemp("gw-capped"),
+            [Backend("sim", simulator.base_url)],
+            env={"GATEWAY_MAX_CONNECTIONS": "20"},
+        )
     with gateway:
         yield gateway
 
@@ -238,4 +254,3 @@ def test_gateway_raises_its_open_file_soft_limit_to_the_hard_limit(capped_gw):
     if hard is not None and hard != "unlimited" and int(hard) <= 1024:
         pytest.skip("the hard limit is not above the soft limit the gateway was started with")
     assert soft == hard, f"soft {soft}, hard {hard}"
-

@@ -24,8 +24,12 @@ def test_missing_key_is_401_in_openai_shape(gateway):
 
 def test_clients_key_is_not_forwarded_but_the_request_id_is(gateway, simulator):
     with gateway.http(gateway.key) as client:
-        response = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "trace-42"},
-                               params={"api_key": gateway.key, "keep": "me"})
+        response = client.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Request-ID": "trace-42"},
+            params={"api_key": gateway.key, "keep": "me"},
+        )
     assert response.headers["x-request-id"] == "trace-42"
     seen = simulator.stats()["last_request"]
     assert "authorization" not in seen["headers"]

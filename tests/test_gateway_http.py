@@ -35,8 +35,7 @@ def test_one_connection_serves_relayed_and_api_requests_in_turn(gateway):
             status, headers, body = reader.response()
             assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
             assert headers["content-length"] == str(len(body))
-            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.key}\r\n\r\n"
-                         .encode())
+            sock.sendall(f"GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.key}\r\n\r\n".encode())
             status, _, body = reader.response()
             assert status == 200 and json.loads(body)["data"][0]["id"] == "sim"
 
@@ -46,9 +45,17 @@ def test_pipelined_requests_are_answered_in_order(gateway):
     stream = {**CHAT, "max_tokens": 4, "stream": True}
     sock, reader = connect(gateway)
     with sock:
-        sock.sendall(b"".join([raw_post(gateway.key, bodies[0]), raw_post(gateway.key, stream),
-                               b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n",
-                               raw_post(gateway.key, bodies[1]), raw_post(gateway.key, bodies[2])]))
+        sock.sendall(
+            b"".join(
+                [
+                    raw_post(gateway.key, bodies[0]),
+                    raw_post(gateway.key, stream),
+                    b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n",
+                    raw_post(gateway.key, bodies[1]),
+                    raw_post(gateway.key, bodies[2]),
+                ]
+            )
+        )
         answers = [reader.response() for _ in range(5)]
     assert [status for status, _, _ in answers] == [200] * 5
     assert json.loads(answers[0][2])["usage"]["completion_tokens"] == 1
@@ -73,7 +80,8 @@ def test_expect_100_continue_with_a_too_large_body_gets_413_without_continue(gat
     sock, reader = connect(gateway)
     with sock:
         head = raw_post(gateway.key, b"", extra="Expect: 100-continue\r\n").replace(
-            b"Content-Length: 0", b"Content-Length: %d" % (1 << 40))
+            b"Content-Length: 0", b"Content-Length: %d" % (1 << 40)
+        )
         sock.sendall(head)
         status, headers, body = reader.response()
         assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"

@@ -22,16 +22,29 @@ def test_admin_lists_keys_without_any_secret_or_hash(gateway):
     names = {entry["name"] for entry in listing}
     assert {"test-admin", "test-user"} <= names
     for entry in listing:
-        assert {"id", "name", "prefix", "admin", "models", "rate_limit", "created_at", "last_used_at",
-                "disabled"} <= set(entry)
+        assert {
+            "id",
+            "name",
+            "prefix",
+            "admin",
+            "models",
+            "rate_limit",
+            "created_at",
+            "last_used_at",
+            "disabled",
+        } <= set(entry)
         assert "hash" not in entry and "key" not in entry
     assert gateway.key not in json.dumps(listing) and gateway.admin_key not in json.dumps(listing)
 
 
 def test_non_admin_key_gets_403_on_every_admin_endpoint(gateway):
     with gateway.http(gateway.key) as client:
-        for method, path in [("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/x"),
-                             ("PATCH", "/admin/keys/x")]:
+        for method, path in [
+            ("GET", "/admin/keys"),
+            ("POST", "/admin/keys"),
+            ("DELETE", "/admin/keys/x"),
+            ("PATCH", "/admin/keys/x"),
+        ]:
             response = client.request(method, path, json={"name": "x"})
             assert response.status_code == 403, (method, path)
             assert response.json()["error"]["type"] == "permission_error"
@@ -45,7 +58,10 @@ def test_key_created_over_the_api_is_shown_once_and_works(gateway):
         shown_again = admin.get(f"/admin/keys/{created.json()['id']}").json()
     assert "key" not in shown_again and shown_again["rate_limit"] == "5/minute"
     with gateway.http(key) as client:
-        reply = client.post("/v1/chat/completions", json={"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+        reply = client.post(
+            "/v1/chat/completions",
+            json={"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+        )
     assert reply.status_code == 200
     assert reply.headers["x-ratelimit-limit-requests"] == "5"
 
@@ -110,8 +126,13 @@ def test_concurrent_key_creation_from_many_processes_loses_nothing(tmp_path):
     script = "from vllm_gateway.cli import main; import sys; sys.exit(main(sys.argv[1:]))"
 
     def create(index: int) -> None:
-        subprocess.run([sys.executable, "-c", script, "keys", "create", "--name", f"k{index}"],
-                       env=env, cwd=REPO_ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-c", script, "keys", "create", "--name", f"k{index}"],
+            env=env,
+            cwd=REPO_ROOT,
+            check=True,
+            capture_output=True,
+        )
 
     threads = [threading.Thread(target=create, args=(i,)) for i in range(12)]
     for thread in threads:
@@ -126,8 +147,9 @@ def test_first_start_prints_an_admin_key_once_and_stores_its_hash(tmp_path):
     env = {**os.environ, **gateway_env(tmp_path, free_port())}
     first = run_cli(env, "keys", "init")
     key = next(word for word in first.split() if word.startswith("sk-"))
-    second = subprocess.run([sys.executable, "vllm_api_server.py", "keys", "init"], env=env, cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+    second = subprocess.run(
+        [sys.executable, "vllm_api_server.py", "keys", "init"], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert "sk-" not in second.stdout + second.stderr
     stored = (tmp_path / "api_keys.json").read_text()
     assert key not in stored and json.loads(stored)["keys"][0]["admin"] is True
@@ -139,8 +161,9 @@ def test_corrupt_key_file_stops_the_gateway_and_is_left_untouched(tmp_path, cont
     (tmp_path / "models.sh").write_text("")
     key_file = tmp_path / "api_keys.json"
     key_file.write_bytes(content)
-    handle = start_process([sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"], env=env,
-                           log_path=tmp_path / "out.log")
+    handle = start_process(
+        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"], env=env, log_path=tmp_path / "out.log"
+    )
     assert handle.popen.wait(timeout=30) != 0
     assert "api_keys.json is not valid" in handle.log() and "will not overwrite" in handle.log()
     assert key_file.read_bytes() == content

@@ -20,8 +20,10 @@ CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_to
 def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulator):
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_RATE_LIMIT": "3/minute"}) as gw:
         with gw.http(gw.key) as client:
-            remaining = [client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-requests"]
-                         for _ in range(3)]
+            remaining = [
+                client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-requests"]
+                for _ in range(3)
+            ]
             refused = client.post("/v1/chat/completions", json=CHAT)
         with gw.http(gw.admin_key) as other_key:
             assert other_key.post("/v1/chat/completions", json=CHAT).status_code == 200
@@ -60,8 +62,14 @@ def test_requests_beyond_the_concurrency_limit_get_503(tmp_path, simulator):
 def test_several_workers_on_per_process_memory_are_refused(tmp_path):
     env = gateway_env(tmp_path, free_port())
     env["GATEWAY_WORKERS"] = "4"
-    result = subprocess.run([sys.executable, "vllm_api_server.py", "serve"], env={**os.environ, **env},
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "vllm_api_server.py", "serve"],
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "GATEWAY_RATE_LIMIT_STORAGE" in result.stderr and "4 workers" in result.stderr
 
@@ -71,8 +79,10 @@ def redis_url(tmp_path):
     server = shutil.which("redis-server")
     assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
     port = free_port()
-    handle = start_process([server, "--port", str(port), "--save", "", "--appendonly", "no",
-                            "--dir", str(tmp_path)], log_path=tmp_path / "redis.log")
+    handle = start_process(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        log_path=tmp_path / "redis.log",
+    )
     import socket
     import time
 
@@ -96,8 +106,10 @@ def test_counts_are_exact_across_workers_with_a_shared_store(tmp_path, simulator
         for _ in range(16):
             with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}) as client:
                 statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
-        pids = {int(line.split("Started server process [")[1].split("]")[0])
-                for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
-                if "Started server process" in line}
+        pids = {
+            int(line.split("Started server process [")[1].split("]")[0])
+            for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
+            if "Started server process" in line
+        }
     assert statuses.count(200) == 10 and statuses.count(429) == 6
     assert len(pids) == 3

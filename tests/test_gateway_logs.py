@@ -10,26 +10,40 @@ from tests.support.gateway import Backend, Gateway
 def test_each_request_is_one_line_with_key_model_backend_status_and_tokens(gateway):
     client = gateway.openai()
     client.chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "a b c d"}], max_tokens=6,
+        model="sim",
+        messages=[{"role": "user", "content": "a b c d"}],
+        max_tokens=6,
         extra_headers={"X-Request-ID": "log-check-1"},
     )
-    list(client.chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "a b"}], max_tokens=4, stream=True,
-        stream_options={"include_usage": True}, extra_headers={"X-Request-ID": "log-check-2"},
-    ))
+    list(
+        client.chat.completions.create(
+            model="sim",
+            messages=[{"role": "user", "content": "a b"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Request-ID": "log-check-2"},
+        )
+    )
     lines = gateway.log_text().splitlines()
     first = [line for line in lines if "rid=log-check-1 " in line]
     second = [line for line in lines if "rid=log-check-2 " in line]
     assert len(first) == 1 and len(second) == 1
-    assert re.search(r"POST /v1/chat/completions status=200 duration_ms=[\d.]+ key=key_\w+\(test-user\) "
-                     r"model=sim backend=sim prompt_tokens=4 completion_tokens=6$", first[0])
+    assert re.search(
+        r"POST /v1/chat/completions status=200 duration_ms=[\d.]+ key=key_\w+\(test-user\) "
+        r"model=sim backend=sim prompt_tokens=4 completion_tokens=6$",
+        first[0],
+    )
     assert second[0].endswith("prompt_tokens=2 completion_tokens=4")
 
 
 def test_no_key_appears_in_any_log_even_when_sent_in_the_url(gateway):
     with gateway.http() as client:
-        client.post("/v1/chat/completions", params={"api_key": gateway.key},
-                    json={"model": "sim", "messages": [], "max_tokens": 1})
+        client.post(
+            "/v1/chat/completions",
+            params={"api_key": gateway.key},
+            json={"model": "sim", "messages": [], "max_tokens": 1},
+        )
         client.get("/v1/models", params={"api_key": gateway.admin_key})
         client.get("/v1/models", params={"api_key": "sk-wrong-key-in-url"})
     text = gateway.log_text() + (gateway.workdir / "gateway.stdout.log").read_text()
@@ -49,8 +63,11 @@ def test_log_rotates_at_its_size_limit_and_keeps_writing(tmp_path, simulator):
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
         with gw.http(gw.key) as client:
             for index in range(40):
-                client.post("/v1/chat/completions", json={"model": "sim", "messages": [], "max_tokens": 1},
-                            headers={"X-Request-ID": f"rot-{index}"})
+                client.post(
+                    "/v1/chat/completions",
+                    json={"model": "sim", "messages": [], "max_tokens": 1},
+                    headers={"X-Request-ID": f"rot-{index}"},
+                )
         text = gw.log_text()
     rotated = tmp_path / "logs" / "vllm_api_server.log.1"
     assert rotated.exists()

@@ -56,7 +56,9 @@ def test_completions_stream_and_non_stream(gateway):
     client = gateway.openai()
     whole = client.completions.create(model="sim", prompt="a b", max_tokens=5)
     assert whole.usage.completion_tokens == 5
-    pieces = [c.choices[0].text for c in client.completions.create(model="sim", prompt="a b", max_tokens=5, stream=True)]
+    pieces = [
+        c.choices[0].text for c in client.completions.create(model="sim", prompt="a b", max_tokens=5, stream=True)
+    ]
     assert "".join(pieces).strip() == whole.choices[0].text.strip()
 
 

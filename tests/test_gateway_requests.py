@@ -7,8 +7,9 @@ import socket
 
 def test_bad_json_is_400_invalid_json(gateway):
     with gateway.http(gateway.key) as client:
-        response = client.post("/v1/chat/completions", content=b'{"model": "sim",',
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=b'{"model": "sim",', headers={"content-type": "application/json"}
+        )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_json"
 

@@ -13,8 +13,10 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 
 
 def test_replicas_share_the_load_by_requests_in_flight(tmp_path):
-    with Simulator.start(tmp_path, "--token-rate", "20", model="m") as one, \
-            Simulator.start(tmp_path, "--token-rate", "20", model="m") as two:
+    with (
+        Simulator.start(tmp_path, "--token-rate", "20", model="m") as one,
+        Simulator.start(tmp_path, "--token-rate", "20", model="m") as two,
+    ):
         backends = [Backend("m", one.base_url, id="m-a"), Backend("m", two.base_url, id="m-b")]
         with Gateway.start(tmp_path / "gw", backends) as gw:
 
@@ -63,7 +65,9 @@ def test_backend_that_never_started_is_down_and_health_says_degraded(tmp_path):
     with Simulator.start(tmp_path, model="m") as sim:
         backends = [Backend("m", sim.base_url), Backend("ghost", f"http://127.0.0.1:{free_port()}")]
         with Gateway.start(tmp_path / "gw", backends, wait_ready=False) as gw:
-            health = gw.wait_until(lambda h: {m["id"]: m["status"] for m in h["models"]} == {"m": "ready", "ghost": "down"})
+            health = gw.wait_until(
+                lambda h: {m["id"]: m["status"] for m in h["models"]} == {"m": "ready", "ghost": "down"}
+            )
     assert health["status"] == "degraded"
 
 
@@ -84,8 +88,11 @@ def test_a_model_added_to_the_config_is_served_without_a_restart(tmp_path):
 def test_models_command_prints_the_registry_with_live_status(tmp_path):
     with Simulator.start(tmp_path, model="m") as sim:
         ghost = f"http://127.0.0.1:{free_port()}"
-        with Gateway.start(tmp_path / "gw", [Backend("m", sim.base_url, path="/weights/m", aliases="mm"),
-                                             Backend("ghost", ghost)], wait_ready=False) as gw:
+        with Gateway.start(
+            tmp_path / "gw",
+            [Backend("m", sim.base_url, path="/weights/m", aliases="mm"), Backend("ghost", ghost)],
+            wait_ready=False,
+        ) as gw:
             table = gw.cli("models").stdout
             rows = json.loads(gw.cli("models", "--json").stdout)
     assert "MODEL" in table and "/weights/m" in table

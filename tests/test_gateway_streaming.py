@@ -13,8 +13,13 @@ import pytest
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator
 
-STREAM = {"model": "sim", "messages": [{"role": "user", "content": "go"}], "max_tokens": 10, "stream": True,
-          "stream_options": {"include_usage": True}}
+STREAM = {
+    "model": "sim",
+    "messages": [{"role": "user", "content": "go"}],
+    "max_tokens": 10,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,11 @@ def test_stream_bytes_are_exactly_the_backends(gateway, simulator):
     headers = {"X-Request-ID": "same-id"}
     with httpx.Client(timeout=30) as client:
         direct = client.post(simulator.base_url + "/v1/chat/completions", json=STREAM, headers=headers)
-        relayed = client.post(gateway.url + "/v1/chat/completions", json=STREAM,
-                              headers={**headers, "Authorization": f"Bearer {gateway.key}"})
+        relayed = client.post(
+            gateway.url + "/v1/chat/completions",
+            json=STREAM,
+            headers={**headers, "Authorization": f"Bearer {gateway.key}"},
+        )
     assert relayed.headers["content-type"].startswith("text/event-stream")
     assert without_timestamps(relayed.content) == without_timestamps(direct.content)
     assert relayed.content.endswith(b"data: [DONE]\n\n")
@@ -75,8 +83,12 @@ def test_client_leaving_a_non_streamed_request_aborts_it_upstream(slow_gateway, 
     aborted_before = slow_simulator.stats()["aborted"]
     body = {"model": "slow", "prompt": "x", "max_tokens": 50}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(slow_gateway.url + "/v1/completions", json=body, timeout=1.0,
-                   headers={"Authorization": f"Bearer {slow_gateway.key}"})
+        httpx.post(
+            slow_gateway.url + "/v1/completions",
+            json=body,
+            timeout=1.0,
+            headers={"Authorization": f"Bearer {slow_gateway.key}"},
+        )
     wait_for(lambda: slow_simulator.stats()["aborted"] == aborted_before + 1)
     assert slow_simulator.metrics()["vllm:num_requests_running"] == 0
 
@@ -115,8 +127,9 @@ def test_backend_silent_past_the_read_timeout_gives_504(slow_gateway, slow_simul
     slow_simulator.set_faults(slow_start=4)
     try:
         with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {slow_gateway.key}"}) as client:
-            response = client.post(slow_gateway.url + "/v1/completions",
-                                   json={"model": "slow", "prompt": "x", "max_tokens": 2})
+            response = client.post(
+                slow_gateway.url + "/v1/completions", json={"model": "slow", "prompt": "x", "max_tokens": 2}
+            )
     finally:
         slow_simulator.clear_faults()
     assert response.status_code == 504

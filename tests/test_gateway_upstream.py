@@ -60,8 +60,16 @@ class RawBackend:
                     return
                 buffer += data
             head, _, buffer = buffer.partition(b"\r\n\r\n")
-            length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), b"0"))
+            length = int(
+                next(
+                    (
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    b"0",
+                )
+            )
             while len(buffer) < length:
                 buffer += conn.recv(65536)
             buffer = buffer[length:]
@@ -76,20 +84,25 @@ class RawBackend:
                     # when uvicorn under vLLM drops an idle connection just as it is reused.
                     return
                 self.generations += 1
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY)
+                )
                 answered_here = True
                 continue
             self.generations += 1
             self.generation_connections.add(id(conn))
             if self.mode == "keep-alive":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY)
+                )
                 continue
             if self.mode == "firehose":
                 # An endless stream, written as fast as the gateway takes it.
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
                 event = b"data: " + b"x" * 65000 + b"\n\n"
                 framed = chunk(event)
                 try:
@@ -101,19 +114,21 @@ class RawBackend:
             if self.mode == "burst":
                 # A finite stream sent in bursts of a hundred events per write, so one read by the
                 # gateway brings many chunks at once.
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                )
                 for start in range(0, len(BURST_EVENTS), 100):
-                    conn.sendall(b"".join(map(chunk, BURST_EVENTS[start:start + 100])))
+                    conn.sendall(b"".join(map(chunk, BURST_EVENTS[start : start + 100])))
                 conn.sendall(b"0\r\n\r\n")
                 continue
             if self.mode in ("slow-events", "slow-json"):
                 # A body with a Content-Length that is written over a second and a half, as nginx's
                 # limit_rate or a slow server would: the relay must pass each piece on as it comes.
                 kind = b"text/event-stream" if self.mode == "slow-events" else b"application/json"
-                pieces = [b"data: {\"n\": %d}\n\n" % n for n in range(5)]
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
-                             % (kind, sum(map(len, pieces))))
+                pieces = [b'data: {"n": %d}\n\n' % n for n in range(5)]
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (kind, sum(map(len, pieces)))
+                )
                 for n, piece in enumerate(pieces):
                     time.sleep(0.3 if n else 0)
                     conn.sendall(piece)
@@ -123,8 +138,7 @@ class RawBackend:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
                 return
             if self.mode == "until-close":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\n\r\n" + REPLY)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + REPLY)
                 return
             conn.sendall(b"this is not HTTP\r\n\r\n")
             return

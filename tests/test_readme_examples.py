@@ -35,9 +35,15 @@ def stack(tmp_path_factory):
     fleet.write_config(config)
     gateway_port = free_port()
     (root / "gateway.env").write_text("")
-    fleet.env.update({"GATEWAY_PORT": str(gateway_port), "GATEWAY_HOST": "127.0.0.1",
-                      "GATEWAY_KEY_FILE": str(root / "api_keys.json"), "GATEWAY_ENV_FILE": str(root / "gateway.env"),
-                      "GATEWAY_HEALTH_INTERVAL": "0.5"})
+    fleet.env.update(
+        {
+            "GATEWAY_PORT": str(gateway_port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_KEY_FILE": str(root / "api_keys.json"),
+            "GATEWAY_ENV_FILE": str(root / "gateway.env"),
+            "GATEWAY_HEALTH_INTERVAL": "0.5",
+        }
+    )
     try:
         started = fleet.run("start_all_services.sh", "--simulate", "--wait", timeout=180)
         assert started.returncode == 0, started.stderr
@@ -54,10 +60,10 @@ def test_readme_example_runs_as_printed(stack, index):
     fleet, port, key = stack
     example = readme_examples()[index].replace("localhost:1024", f"localhost:{port}")
     env = {**os.environ, **fleet.env, "KEY": key}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", example], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", example], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, f"{example}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert '"error"' not in result.stdout, result.stdout
     assert "Traceback" not in result.stderr, result.stderr
     assert result.stdout.strip(), "the example printed nothing"
-

@@ -53,11 +53,17 @@ def test_non_streamed_chat_usage_matches_a_direct_request(real_gateway, vllm):
 
 
 def test_streamed_chat_delivers_the_tokens_and_usage_and_logs_them(real_gateway):
-    chunks = list(real_gateway.openai().chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=30, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-        extra_headers={"X-Request-ID": "real-stream-1"},
-    ))
+    chunks = list(
+        real_gateway.openai().chat.completions.create(
+            model="tiny",
+            messages=MESSAGES,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+            extra_headers={"X-Request-ID": "real-stream-1"},
+        )
+    )
     usage = chunks[-1].usage
     assert usage.completion_tokens == 30
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content is not None) >= 2

@@ -26,11 +26,13 @@ BOUNDARY = "boundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()
 
 
-def part(name: str, value: bytes, *, filename: str | None = None, boundary: str = BOUNDARY,
-         extra_headers: bytes = b"") -> bytes:
+def part(
+    name: str, value: bytes, *, filename: str | None = None, boundary: str = BOUNDARY, extra_headers: bytes = b""
+) -> bytes:
     disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-    return (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode() + extra_headers
-            + b"\r\n" + value + b"\r\n")
+    return (
+        f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode() + extra_headers + b"\r\n" + value + b"\r\n"
+    )
 
 
 def form(*parts: bytes, boundary: str = BOUNDARY) -> bytes:
@@ -49,7 +51,12 @@ def assert_missing_model(call: Callable[[], object]) -> None:
         call()
     error = caught.value
     assert (error.status, error.type, error.code, error.param, error.message) == (
-        expected.status, expected.type, expected.code, expected.param, expected.message)
+        expected.status,
+        expected.type,
+        expected.code,
+        expected.param,
+        expected.message,
+    )
 
 
 def sdk_transcription_request(model: str) -> httpx.Request:
@@ -60,8 +67,11 @@ def sdk_transcription_request(model: str) -> httpx.Request:
         sent.append(request)
         return httpx.Response(200, json={"text": "hi"})
 
-    client = openai.OpenAI(base_url="http://gateway.invalid/v1", api_key="unused",
-                           http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+    client = openai.OpenAI(
+        base_url="http://gateway.invalid/v1",
+        api_key="unused",
+        http_client=httpx.Client(transport=httpx.MockTransport(answer)),
+    )
     client.audio.transcriptions.create(model=model, file=("clip.wav", b"RIFF\0\0\r\n--x", "audio/wav"))
     return sent[0]
 
@@ -80,28 +90,34 @@ def test_model_is_found_in_the_body_the_openai_sdk_sends() -> None:
 def test_model_after_a_file_part_is_found_as_curl_sends_it() -> None:
     # `curl -F file=@a.wav -F model=whisper-1`, byte for byte: file first, a dashed boundary.
     boundary = "------------------------36606dad14b6b146"
-    body = (f"--{boundary}\r\n"
-            'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + b"RIFF\0\0\r\n" + (
+    body = (
+        (
             f"--{boundary}\r\n"
-            'Content-Disposition: form-data; name="model"\r\n\r\n'
-            "whisper-1\r\n"
-            f"--{boundary}--\r\n").encode()
+            'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + b"RIFF\0\0\r\n"
+        + (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--{boundary}--\r\n'
+        ).encode()
+    )
     content_type = f"multipart/form-data; boundary={boundary}".encode()
     assert model_from_multipart(body, content_type) == "whisper-1"
 
 
-@pytest.mark.parametrize("content_type", [
-    b"multipart/form-data; boundary=boundary",
-    b'multipart/form-data; boundary="boundary"',
-    b"multipart/form-data;boundary=boundary",
-    b"multipart/form-data; BOUNDARY=boundary",
-    b'Multipart/Form-Data; Boundary = "boundary" ',
-    b'multipart/form-data; charset=utf-8; boundary="boundary"; foo=bar',
-    b'multipart/form-data; note="a; boundary=wrong"; boundary=boundary',
-])
-def test_boundary_is_read_quoted_or_not_and_whatever_the_case_of_its_name(
-        content_type: bytes) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"multipart/form-data; boundary=boundary",
+        b'multipart/form-data; boundary="boundary"',
+        b"multipart/form-data;boundary=boundary",
+        b"multipart/form-data; BOUNDARY=boundary",
+        b'Multipart/Form-Data; Boundary = "boundary" ',
+        b'multipart/form-data; charset=utf-8; boundary="boundary"; foo=bar',
+        b'multipart/form-data; note="a; boundary=wrong"; boundary=boundary',
+    ],
+)
+def test_boundary_is_read_quoted_or_not_and_whatever_the_case_of_its_name(content_type: bytes) -> None:
     body = form(part("file", b"\0\1", filename="a.wav"), part("model", b"m"))
     assert model_from_multipart(body, content_type) == "m"
 
@@ -112,29 +128,35 @@ def test_quoted_boundary_may_hold_the_characters_rfc_2046_allows() -> None:
     assert model_from_multipart(body, f'multipart/form-data; boundary="{boundary}"'.encode()) == "m"
 
 
-@pytest.mark.parametrize("content_type", [
-    b"multipart/form-data",
-    b"multipart/form-data; boundary=",
-    b'multipart/form-data; boundary=""',
-    b"multipart/form-data; boundary=" + b"b" * 71,
-    b'multipart/form-data; boundary="boundary',
-    b"multipart/form-data; boundary=bound ary",
-    b'multipart/form-data; boundary="boundary "',
-    b"multipart/form-data; boundary=bound<ary",
-    b'multipart/form-data; boundary="bound\\ary"',
-    b"multipart/form-data; boundary=boundary; boundary=other",
-    b'multipart/form-data; note="boundary=boundary"',
-    b"multipart/form-data; boundary",
-    b"multipart/mixed; boundary=boundary",
-], ids=lambda value: value.decode()[20:] or "none")
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"multipart/form-data",
+        b"multipart/form-data; boundary=",
+        b'multipart/form-data; boundary=""',
+        b"multipart/form-data; boundary=" + b"b" * 71,
+        b'multipart/form-data; boundary="boundary',
+        b"multipart/form-data; boundary=bound ary",
+        b'multipart/form-data; boundary="boundary "',
+        b"multipart/form-data; boundary=bound<ary",
+        b'multipart/form-data; boundary="bound\\ary"',
+        b"multipart/form-data; boundary=boundary; boundary=other",
+        b'multipart/form-data; note="boundary=boundary"',
+        b"multipart/form-data; boundary",
+        b"multipart/mixed; boundary=boundary",
+    ],
+    ids=lambda value: value.decode()[20:] or "none",
+)
 def test_missing_or_bad_boundary_is_the_missing_model_error(content_type: bytes) -> None:
     body = form(part("model", b"m"))
     assert_missing_model(lambda: model_from_multipart(body, content_type))
 
 
 def test_preamble_and_padding_after_a_delimiter_are_allowed() -> None:
-    body = (b"This is the preamble.\r\n--boundary \t\r\n"
-            b'Content-Disposition: form-data; name="model"\r\n\r\nm\r\n--boundary--\r\n')
+    body = (
+        b"This is the preamble.\r\n--boundary \t\r\n"
+        b'Content-Disposition: form-data; name="model"\r\n\r\nm\r\n--boundary--\r\n'
+    )
     assert model_from_multipart(body, CONTENT_TYPE) == "m"
 
 
@@ -148,11 +170,15 @@ def test_value_ends_at_the_next_delimiter_and_keeps_what_is_before_it() -> None:
     assert model_from_multipart(body, CONTENT_TYPE) == "org/model--v2\r\n--not-the-boundary"
 
 
-@pytest.mark.parametrize("disposition", [
-    b'form-data; filename="a\\";name=\\"x"; name="model"',  # an escaped quote ends nothing
-    b'form-data; filename="C:\\\\dir\\\\"; name="model"',  # an escaped backslash, then the end
-    b'form-data; filename="a; name=x.wav"; name="model"',  # a ";" and "name=" inside quotes
-], ids=["escaped-quote", "escaped-backslash", "separator-in-quotes"])
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        b'form-data; filename="a\\";name=\\"x"; name="model"',  # an escaped quote ends nothing
+        b'form-data; filename="C:\\\\dir\\\\"; name="model"',  # an escaped backslash, then the end
+        b'form-data; filename="a; name=x.wav"; name="model"',  # a ";" and "name=" inside quotes
+    ],
+    ids=["escaped-quote", "escaped-backslash", "separator-in-quotes"],
+)
 def test_quoted_parameters_before_the_name_are_skipped_whole(disposition: bytes) -> None:
     body = b"--boundary\r\nContent-Disposition: " + disposition + b"\r\n\r\nm\r\n--boundary--\r\n"
     assert model_from_multipart(body, CONTENT_TYPE) == "m"
@@ -181,13 +207,18 @@ def test_model_that_is_not_utf8_is_the_missing_model_error() -> None:
     assert_missing_model(lambda: model_from_multipart(body, CONTENT_TYPE))
 
 
-@pytest.mark.parametrize("disposition", [
-    b'form-data; name="Model"', b'form-data; name="models"', b'form-data; filename="model"',
-    b'form-data; name="x"; note="name=model"', b'form-data; name="model"; name="x"',
-])
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        b'form-data; name="Model"',
+        b'form-data; name="models"',
+        b'form-data; filename="model"',
+        b'form-data; name="x"; note="name=model"',
+        b'form-data; name="model"; name="x"',
+    ],
+)
 def test_only_a_part_named_exactly_model_is_the_model(disposition: bytes) -> None:
-    body = (b"--boundary\r\nContent-Disposition: " + disposition + b"\r\n\r\nm\r\n"
-            b"--boundary--\r\n")
+    body = b"--boundary\r\nContent-Disposition: " + disposition + b"\r\n\r\nm\r\n--boundary--\r\n"
     assert_missing_model(lambda: model_from_multipart(body, CONTENT_TYPE))
 
 
@@ -202,8 +233,7 @@ def test_a_model_field_inside_an_uploaded_file_is_not_the_model() -> None:
 
 def test_model_beyond_the_part_limit_is_the_missing_model_error() -> None:
     fillers = [part(f"field{index}", b"v") for index in range(MAX_MULTIPART_PARTS)]
-    assert_missing_model(lambda: model_from_multipart(form(*fillers, part("model", b"m")),
-                                                      CONTENT_TYPE))
+    assert_missing_model(lambda: model_from_multipart(form(*fillers, part("model", b"m")), CONTENT_TYPE))
     assert model_from_multipart(form(*fillers[1:], part("model", b"m")), CONTENT_TYPE) == "m"
 
 
@@ -220,25 +250,33 @@ def test_header_block_longer_than_the_limit_ends_the_search() -> None:
 def test_disposition_with_more_parameters_than_the_limit_ends_the_search() -> None:
     def body_with(extra: int) -> bytes:
         parameters = b"".join(b"; p%d=v" % index for index in range(extra))
-        return (b'--boundary\r\nContent-Disposition: form-data; name="model"' + parameters
-                + b"\r\n\r\nm\r\n--boundary--\r\n")
+        return (
+            b'--boundary\r\nContent-Disposition: form-data; name="model"'
+            + parameters
+            + b"\r\n\r\nm\r\n--boundary--\r\n"
+        )
+
     assert model_from_multipart(body_with(MAX_HEADER_PARAMETERS - 1), CONTENT_TYPE) == "m"
-    assert_missing_model(lambda: model_from_multipart(body_with(MAX_HEADER_PARAMETERS),
-                                                      CONTENT_TYPE))
+    assert_missing_model(lambda: model_from_multipart(body_with(MAX_HEADER_PARAMETERS), CONTENT_TYPE))
 
 
 def test_part_with_two_dispositions_ends_the_search() -> None:
-    body = (b'--boundary\r\nContent-Disposition: form-data; name="x"\r\n'
-            b'Content-Disposition: form-data; name="model"\r\n\r\nm\r\n--boundary--\r\n')
+    body = (
+        b'--boundary\r\nContent-Disposition: form-data; name="x"\r\n'
+        b'Content-Disposition: form-data; name="model"\r\n\r\nm\r\n--boundary--\r\n'
+    )
     assert_missing_model(lambda: model_from_multipart(body, CONTENT_TYPE))
 
 
 def test_unterminated_parts_are_the_missing_model_error() -> None:
-    for body in (b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm",
-                 b"--boundary\r\nContent-Disposition: form-data; name=\"model\"\r\n",
-                 b"--boundaryX\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n"
-                 b"--boundary--\r\n",
-                 b"--boundary--\r\n", b"", b"no delimiter at all"):
+    for body in (
+        b'--boundary\r\nContent-Disposition: form-data; name="model"\r\n\r\nm',
+        b'--boundary\r\nContent-Disposition: form-data; name="model"\r\n',
+        b'--boundaryX\r\nContent-Disposition: form-data; name="model"\r\n\r\nm\r\n--boundary--\r\n',
+        b"--boundary--\r\n",
+        b"",
+        b"no delimiter at all",
+    ):
         assert_missing_model(lambda body=body: model_from_multipart(body, CONTENT_TYPE))
 
 
@@ -265,21 +303,28 @@ CRAFTED_SIZE = 4 * 1024 * 1024
 
 
 def call_in_child(body: bytes, content_type: bytes) -> dict:
-    result = subprocess.run([sys.executable, "-c", _CALL_IN_CHILD, content_type.decode()],
-                            input=body, capture_output=True, cwd=REPO_ROOT,
-                            timeout=LIVENESS_SECONDS * 6)  # room for the interpreter to start
+    result = subprocess.run(
+        [sys.executable, "-c", _CALL_IN_CHILD, content_type.decode()],
+        input=body,
+        capture_output=True,
+        cwd=REPO_ROOT,
+        timeout=LIVENESS_SECONDS * 6,
+    )  # room for the interpreter to start
     assert result.returncode == 0, result.stderr.decode()
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("unit", [
-    b'Content-Disposition: form-data; name="x"\r\n',  # header lines, never a blank line
-    b"--boundary\r\n",  # delimiters, never a header block
-    b"Content-Disposition:",  # quadratic for the old regex
-    b'Content-Disposition: form-data; name="model"\r\n',  # quadratic for the old regex
-    b'Content-Disposition: name="model"',  # cubic for the old regex
-], ids=["header-lines", "delimiters", "disposition-no-newline", "model-header-lines",
-        "model-disposition-no-newline"])
+@pytest.mark.parametrize(
+    "unit",
+    [
+        b'Content-Disposition: form-data; name="x"\r\n',  # header lines, never a blank line
+        b"--boundary\r\n",  # delimiters, never a header block
+        b"Content-Disposition:",  # quadratic for the old regex
+        b'Content-Disposition: form-data; name="model"\r\n',  # quadratic for the old regex
+        b'Content-Disposition: name="model"',  # cubic for the old regex
+    ],
+    ids=["header-lines", "delimiters", "disposition-no-newline", "model-header-lines", "model-disposition-no-newline"],
+)
 def test_crafted_4_mib_body_finishes_with_the_missing_model_error(unit: bytes) -> None:
     body = unit * (CRAFTED_SIZE // len(unit))
     for crafted in (body, b"--boundary\r\n" + body):  # with and without a first delimiter

@@ -18,9 +18,14 @@ def fleet(tmp_path: Path):
     fleet.write_config(f"vllm_model name=m path=/none port={free_port()} device=cpu\n")
     fleet.env_file = tmp_path / "gateway.env"
     fleet.env_file.write_text("")
-    fleet.env.update({"GATEWAY_PORT": str(free_port()), "GATEWAY_HOST": "127.0.0.1",
-                      "GATEWAY_KEY_FILE": str(tmp_path / "api_keys.json"),
-                      "GATEWAY_ENV_FILE": str(fleet.env_file)})
+    fleet.env.update(
+        {
+            "GATEWAY_PORT": str(free_port()),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_KEY_FILE": str(tmp_path / "api_keys.json"),
+            "GATEWAY_ENV_FILE": str(fleet.env_file),
+        }
+    )
     yield fleet
     fleet.stop_everything()
 

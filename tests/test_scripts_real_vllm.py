@@ -35,12 +35,26 @@ def fleet(tmp_path_factory):
             f"vllm_model name={name} path={model} port={port} device=cpu cpus={fleet.cpus[name]} "
             f"max_model_len=512 max_num_seqs=8 extra_args='--dtype float32' env='{env_words}' "
             f"{'aliases=tb' if name == 'tiny-b' else ''}\n"
-            for name, port in fleet.ports.items()))
+            for name, port in fleet.ports.items()
+        )
+    )
     (root / "gateway.env").write_text(f"GATEWAY_KEY_FILE={root / 'api_keys.json'}\n")
-    fleet.env.update({"GATEWAY_PORT": str(free_port()), "GATEWAY_HOST": "127.0.0.1",
-                      "GATEWAY_ENV_FILE": str(root / "gateway.env"), "VLLM_PROGRESS_INTERVAL": "15"})
-    fleet.started = fleet.run("start_all_services.sh", "--wait", "--interval", "0",
-                              timeout=START_TIMEOUT + 120, env={"VLLM_START_TIMEOUT": str(START_TIMEOUT)})
+    fleet.env.update(
+        {
+            "GATEWAY_PORT": str(free_port()),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_ENV_FILE": str(root / "gateway.env"),
+            "VLLM_PROGRESS_INTERVAL": "15",
+        }
+    )
+    fleet.started = fleet.run(
+        "start_all_services.sh",
+        "--wait",
+        "--interval",
+        "0",
+        timeout=START_TIMEOUT + 120,
+        env={"VLLM_START_TIMEOUT": str(START_TIMEOUT)},
+    )
     try:
         yield fleet
     finally:
@@ -69,8 +83,11 @@ def test_a_chat_reaches_each_model_through_the_gateway(fleet: Fleet, admin_key: 
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}/v1", api_key=admin_key)
     for requested, served in (("tiny-a", "tiny-a"), ("tb", "tiny-b")):
         answer = client.chat.completions.create(
-            model=requested, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
-            extra_body={"ignore_eos": True})
+            model=requested,
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+        )
         assert answer.usage.completion_tokens == 8
         assert answer.model in (requested, served)
 

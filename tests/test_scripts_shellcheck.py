@@ -10,8 +10,12 @@ import pytest
 from tests.support.processes import REPO_ROOT
 
 SCRIPTS = sorted(
-    [*REPO_ROOT.glob("*.sh"), *REPO_ROOT.glob("scripts/*.sh"), *REPO_ROOT.glob("benchmarks/*.sh"),
-     REPO_ROOT / ".ci" / "run"]
+    [
+        *REPO_ROOT.glob("*.sh"),
+        *REPO_ROOT.glob("scripts/*.sh"),
+        *REPO_ROOT.glob("benchmarks/*.sh"),
+        REPO_ROOT / ".ci" / "run",
+    ]
 )
 
 
@@ -22,8 +26,9 @@ def test_every_script_is_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-@pytest.mark.parametrize("script", [s for s in SCRIPTS if s.parent == REPO_ROOT and s.name != "vllm_model_configs.sh"],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "script", [s for s in SCRIPTS if s.parent == REPO_ROOT and s.name != "vllm_model_configs.sh"], ids=lambda s: s.name
+)
 def test_every_top_level_script_answers_help(script):
     result = subprocess.run(["bash", str(script), "--help"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0

@@ -28,18 +28,26 @@ def fleet(tmp_path: Path):
     fleet.write_config(CONFIG.format(p1=fleet.ports[0], p2=fleet.ports[1]))
     gateway_env = tmp_path / "gateway.env"
     gateway_env.write_text("")
-    fleet.env.update({"GATEWAY_PORT": str(free_port()), "GATEWAY_HOST": "127.0.0.1",
-                      "GATEWAY_KEY_FILE": str(tmp_path / "api_keys.json"), "GATEWAY_ENV_FILE": str(gateway_env),
-                      "GATEWAY_HEALTH_INTERVAL": "0.5"})
+    fleet.env.update(
+        {
+            "GATEWAY_PORT": str(free_port()),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_KEY_FILE": str(tmp_path / "api_keys.json"),
+            "GATEWAY_ENV_FILE": str(gateway_env),
+            "GATEWAY_HEALTH_INTERVAL": "0.5",
+        }
+    )
     yield fleet
     fleet.stop_everything()
 
 
 def chat(port: int, key: str, model: str) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        method="POST",
         data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode(),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -54,8 +62,9 @@ def test_simulated_models_start_and_stop_without_gpu_or_weights(fleet: Fleet) ->
     assert "(simulated) ====" in fleet.log("qwen3_14b_vllm.log").splitlines()[0]
     trees = {pid for name in ("DeepSeek-R1-0528-Qwen3-14B", "Qwen3-14B") for pid in process_tree(fleet.pid(name))}
     status = fleet.run("status_all_services.sh")
-    assert re.search(r"^Qwen3-14B\s+running\(simulated\)\s+\d+\s+%d\s+ok\s+0,1,2,3" % fleet.ports[1],
-                     status.stdout, re.MULTILINE), status.stdout
+    assert re.search(
+        r"^Qwen3-14B\s+running\(simulated\)\s+\d+\s+%d\s+ok\s+0,1,2,3" % fleet.ports[1], status.stdout, re.MULTILINE
+    ), status.stdout
     result = fleet.run("stop_all_models.sh")
     assert result.returncode == 0, result.stderr
     assert live(trees) == set()

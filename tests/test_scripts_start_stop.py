@@ -28,8 +28,7 @@ def fleet(tmp_path: Path):
 
 
 def fake_model(fleet: Fleet, name: str, port: int, extra: str = "") -> str:
-    return (f"vllm_model name={name} path={fleet.root}/m port={port} device=cpu "
-            f"launch_command='{FAKE_LAUNCH}' {extra}\n")
+    return f"vllm_model name={name} path={fleet.root}/m port={port} device=cpu launch_command='{FAKE_LAUNCH}' {extra}\n"
 
 
 def info(port: int) -> dict:
@@ -52,7 +51,7 @@ def test_each_model_starts_in_its_own_process_group_and_answers_health(fleet: Fl
     result = start(fleet, "--wait")
     assert result.returncode == 0, result.stderr
     assert "a is healthy after" in result.stderr and "b is healthy after" in result.stderr
-    for name, port in zip("ab", ports):
+    for name, port in zip("ab", ports, strict=True):
         pid = fleet.pid(name)
         assert http_status(f"http://127.0.0.1:{port}/health") == 200
         reported = info(port)
@@ -136,8 +135,7 @@ def test_start_replaces_a_stale_pid_file(fleet: Fleet) -> None:
 
 def test_a_model_dying_while_loading_is_reported_with_its_log(fleet: Fleet) -> None:
     good, bad = free_port(), free_port()
-    fleet.write_config(fake_model(fleet, "good", good) +
-                       fake_model(fleet, "bad", bad, "env=FAKE_VLLM_FAIL_AFTER=2"))
+    fleet.write_config(fake_model(fleet, "good", good) + fake_model(fleet, "bad", bad, "env=FAKE_VLLM_FAIL_AFTER=2"))
     result = start(fleet, "--wait")
     assert result.returncode == 1
     assert "start_all_models: error: bad died while loading" in result.stderr
@@ -164,8 +162,9 @@ def test_wait_gives_up_after_its_timeout(fleet: Fleet) -> None:
 
 
 def test_a_command_that_fails_at_once_is_reported(fleet: Fleet) -> None:
-    fleet.write_config(f"vllm_model name=a path={fleet.root}/m port={free_port()} device=cpu "
-                       "launch_command='no-such-vllm serve'\n")
+    fleet.write_config(
+        f"vllm_model name=a path={fleet.root}/m port={free_port()} device=cpu launch_command='no-such-vllm serve'\n"
+    )
     result = start(fleet)
     assert result.returncode == 1
     assert "error: a exited at once" in result.stderr
@@ -187,8 +186,9 @@ def test_a_restart_keeps_the_previous_log(fleet: Fleet) -> None:
 
 def test_models_are_chosen_by_id_or_name(fleet: Fleet) -> None:
     ports = free_port(), free_port(), free_port()
-    fleet.write_config(fake_model(fleet, "a", ports[0]) + fake_model(fleet, "b", ports[1], "id=b1") +
-                       fake_model(fleet, "c", ports[2]))
+    fleet.write_config(
+        fake_model(fleet, "a", ports[0]) + fake_model(fleet, "b", ports[1], "id=b1") + fake_model(fleet, "c", ports[2])
+    )
     assert start(fleet, "b1", "c", "--wait").returncode == 0
     assert [p.name for p in fleet.pid_files()] == ["b1.pid", "c.pid"]
     assert fleet.run("stop_all_models.sh", "c").returncode == 0
@@ -212,8 +212,10 @@ def test_the_interval_separates_two_launches(fleet: Fleet) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [line.split(" (")[0] for line in lines if "started" in line or "waiting" in line] == [
-        "start_all_models: started a", "start_all_models: waiting 1s before the next model",
-        "start_all_models: started b"]
+        "start_all_models: started a",
+        "start_all_models: waiting 1s before the next model",
+        "start_all_models: started b",
+    ]
 
 
 def test_real_numactl_binds_each_model_to_its_cpus(fleet: Fleet) -> None:
@@ -239,7 +241,14 @@ def test_status_reports_pid_port_health_binding_uptime_and_log(fleet: Fleet) -> 
     assert rows[0] == ["SERVICE", "STATE", "PID", "PORT", "HEALTH", "GPUS", "CPUS", "UPTIME", "LOG"]
     name, state, pid, shown_port, health, gpus, cpus, uptime, log = rows[1]
     assert (name, state, pid, shown_port, health, gpus, cpus) == (
-        "a", "running", str(fleet.pid("a")), str(port), "ok", "none", "0")
+        "a",
+        "running",
+        str(fleet.pid("a")),
+        str(port),
+        "ok",
+        "none",
+        "0",
+    )
     assert uptime.startswith("0m") and log == str(fleet.log_dir / "a_vllm.log")
     assert rows[2][:3] == ["down", "stopped", "-"]
     assert rows[3][:2] == ["gateway", "stopped"]
@@ -259,9 +268,19 @@ def test_a_model_removed_from_the_config_while_running_is_still_shown_and_stoppe
     assert live(tree) == set()
 
 
-@pytest.mark.parametrize("script", [
-    "start_all_models.sh", "stop_all_models.sh", "start_api_server.sh", "stop_api_server.sh",
-    "start_all_services.sh", "stop_all_services.sh", "status_all_services.sh", "scripts/print_model_config.sh"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "start_all_models.sh",
+        "stop_all_models.sh",
+        "start_api_server.sh",
+        "stop_api_server.sh",
+        "start_all_services.sh",
+        "stop_all_services.sh",
+        "status_all_services.sh",
+        "scripts/print_model_config.sh",
+    ],
+)
 def test_every_script_explains_itself_with_help(fleet: Fleet, script: str) -> None:
     result = fleet.run(script, "--help")
     assert result.returncode == 0

@@ -29,8 +29,13 @@ def client_for(simulator: Simulator, api_key: str = "unused") -> openai.OpenAI:
 
 
 def chat_body(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": "four words of prompt"}],
-            "max_tokens": max_tokens, "stream": stream, **extra}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "four words of prompt"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **extra,
+    }
 
 
 def sse_events(lines: list[str]) -> list[str]:
@@ -38,17 +43,26 @@ def sse_events(lines: list[str]) -> list[str]:
 
 
 def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(sim: Simulator) -> None:
-    chunks = list(client_for(sim).chat.completions.create(
-        model=sim.model, messages=[{"role": "user", "content": "four words of prompt"}],
-        max_tokens=7, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client_for(sim).chat.completions.create(
+            model=sim.model,
+            messages=[{"role": "user", "content": "four words of prompt"}],
+            max_tokens=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
 
     assert chunks[0].choices[0].delta.role == "assistant"
     token_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(token_chunks) == 7
     assert token_chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].choices == []
-    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens,
-            chunks[-1].usage.total_tokens) == (4, 7, 11)
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens, chunks[-1].usage.total_tokens) == (
+        4,
+        7,
+        11,
+    )
 
 
 def test_stream_ends_with_done_marker(sim: Simulator) -> None:
@@ -62,7 +76,8 @@ def test_stream_ends_with_done_marker(sim: Simulator) -> None:
 def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(sim: Simulator) -> None:
     client = client_for(sim)
     chat = client.chat.completions.create(
-        model=sim.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5)
+        model=sim.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5
+    )
     text = client.completions.create(model=sim.model, prompt="a b", max_tokens=9)
 
     assert chat.object == "chat.completion"
@@ -70,25 +85,27 @@ def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(sim: Si
     assert chat.choices[0].finish_reason == "length"
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 5)
     assert len(text.choices[0].text.split()) == 9
-    assert (text.usage.prompt_tokens, text.usage.completion_tokens, text.usage.total_tokens) == (
-        2, 9, 11)
+    assert (text.usage.prompt_tokens, text.usage.completion_tokens, text.usage.total_tokens) == (2, 9, 11)
     metrics = sim.metrics()
     assert metrics["vllm:prompt_tokens_total"] == 5
     assert metrics["vllm:generation_tokens_total"] == 14
 
 
 def test_models_lists_every_served_name_as_the_simulator(tmp_path: Path) -> None:
-    with Simulator.start(tmp_path, "--served-model-name", "main", "alias", "--model",
-                         "models/main", "--max-model-len", "1024") as simulator:
+    with Simulator.start(
+        tmp_path, "--served-model-name", "main", "alias", "--model", "models/main", "--max-model-len", "1024"
+    ) as simulator:
         response = httpx.get(simulator.base_url + "/v1/models")
         chat = client_for(simulator).chat.completions.create(
-            model="alias", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            model="alias", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
 
     assert response.headers["x-vllm-simulator"] == "1"
     cards = response.json()["data"]
     assert [card["id"] for card in cards] == ["main", "alias"]
     assert {(c["object"], c["owned_by"], c["root"], c["max_model_len"]) for c in cards} == {
-        ("model", "vllm-simulator", "models/main", 1024)}
+        ("model", "vllm-simulator", "models/main", 1024)
+    }
     assert chat.model == "alias"
 
 
@@ -96,8 +113,7 @@ def test_embeddings_are_deterministic_vectors_per_input(sim: Simulator) -> None:
     client = client_for(sim)
     first = client.embeddings.create(model=sim.model, input=["same text", "other text"])
     again = client.embeddings.create(model=sim.model, input="same text")
-    as_floats = httpx.post(sim.base_url + "/v1/embeddings",
-                           json={"model": sim.model, "input": "same text"}).json()
+    as_floats = httpx.post(sim.base_url + "/v1/embeddings", json={"model": sim.model, "input": "same text"}).json()
 
     vectors = [item.embedding for item in first.data]
     assert len(vectors) == 2 and len(vectors[0]) == 16
@@ -109,15 +125,17 @@ def test_embeddings_are_deterministic_vectors_per_input(sim: Simulator) -> None:
 
 def test_unknown_model_is_a_404_not_found_error(sim: Simulator) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        client_for(sim).chat.completions.create(
-            model="nope", messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.body == {"message": "The model `nope` does not exist.",
-                                 "type": "NotFoundError", "param": "model", "code": 404}
+        client_for(sim).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body == {
+        "message": "The model `nope` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
 
 
 def test_bad_json_is_a_400_bad_request_error(sim: Simulator) -> None:
-    response = httpx.post(sim.base_url + CHAT, content=b"{not json",
-                          headers={"content-type": "application/json"})
+    response = httpx.post(sim.base_url + CHAT, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "BadRequestError"
     assert response.json()["error"]["code"] == 400
@@ -131,6 +149,7 @@ def test_prompt_plus_max_tokens_beyond_max_model_len_is_rejected(sim: Simulator)
 def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
     async def scenario(simulator: Simulator) -> tuple[dict, dict, dict]:
         async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
+
             async def stream_forever() -> None:
                 body = chat_body(simulator.model, 400, stream=True)
                 async with client.stream("POST", CHAT, json=body) as response:
@@ -153,8 +172,9 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            idle = await metrics_when(lambda m: m["vllm:num_requests_running"] == 0
-                                      and m["vllm:num_requests_waiting"] == 0)
+            idle = await metrics_when(
+                lambda m: m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+            )
             return busy, idle, (await client.get("/_simulator/stats")).json()
 
     with Simulator.start(tmp_path, "--max-num-seqs", "2", "--token-rate", "20") as simulator:
@@ -167,8 +187,9 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
 
 def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--token-rate", "20") as simulator:
-        with httpx.stream("POST", simulator.base_url + CHAT,
-                          json=chat_body(simulator.model, 1000, stream=True)) as response:
+        with httpx.stream(
+            "POST", simulator.base_url + CHAT, json=chat_body(simulator.model, 1000, stream=True)
+        ) as response:
             lines = response.iter_lines()
             next(lines), next(lines)
             assert simulator.metrics()["vllm:num_requests_running"] == 1
@@ -244,8 +265,9 @@ def test_exit_fault_ends_the_whole_process_mid_stream(sim: Simulator) -> None:
 def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--error-status", "503", "--health-status", "500") as simulator:
         faults = httpx.get(simulator.base_url + "/_simulator/faults").json()
-        status = httpx.post(simulator.base_url + "/v1/completions",
-                            json={"model": simulator.model, "prompt": "x"}).status_code
+        status = httpx.post(
+            simulator.base_url + "/v1/completions", json={"model": simulator.model, "prompt": "x"}
+        ).status_code
         health = http_status(simulator.base_url + "/health")
     assert faults == {"error_status": 503, "health_status": 500}
     assert (status, health) == (503, 500)
@@ -260,8 +282,7 @@ def test_unknown_fault_is_rejected(sim: Simulator) -> None:
 def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--api-key", "s3cret") as simulator:
         without = httpx.get(simulator.base_url + "/v1/models")
-        wrong = httpx.get(simulator.base_url + "/v1/models",
-                          headers={"Authorization": "Bearer nope"})
+        wrong = httpx.get(simulator.base_url + "/v1/models", headers={"Authorization": "Bearer nope"})
         with pytest.raises(openai.AuthenticationError):
             client_for(simulator, "nope").models.list()
         models = client_for(simulator, "s3cret").models.list()
@@ -274,8 +295,9 @@ def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
 
 def test_stats_show_what_the_last_api_request_carried(sim: Simulator) -> None:
     body = chat_body(sim.model, 2)
-    response = httpx.post(sim.base_url + CHAT, json=body,
-                          headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"})
+    response = httpx.post(
+        sim.base_url + CHAT, json=body, headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"}
+    )
     httpx.get(sim.base_url + "/health")  # a health poll must not hide the API request
     stats = sim.stats()
 
@@ -291,17 +313,14 @@ def test_stats_show_what_the_last_api_request_carried(sim: Simulator) -> None:
 
 
 def test_tokenize_and_detokenize_round_trip_known_words(sim: Simulator) -> None:
-    tokens = httpx.post(sim.base_url + "/tokenize",
-                        json={"model": sim.model, "prompt": "lorem ipsum dolor"}).json()
-    text = httpx.post(sim.base_url + "/detokenize",
-                      json={"model": sim.model, "tokens": tokens["tokens"]}).json()
+    tokens = httpx.post(sim.base_url + "/tokenize", json={"model": sim.model, "prompt": "lorem ipsum dolor"}).json()
+    text = httpx.post(sim.base_url + "/detokenize", json={"model": sim.model, "tokens": tokens["tokens"]}).json()
     assert tokens["count"] == 3 and tokens["max_model_len"] == 512
     assert text == {"prompt": "lorem ipsum dolor"}
 
 
 def test_transcription_returns_text_for_an_uploaded_file(sim: Simulator) -> None:
-    result = client_for(sim).audio.transcriptions.create(
-        model=sim.model, file=("clip.wav", b"\0" * 5000, "audio/wav"))
+    result = client_for(sim).audio.transcriptions.create(model=sim.model, file=("clip.wav", b"\0" * 5000, "audio/wav"))
     assert len(result.text.split()) == 5
     assert sim.stats()["last_request"]["body"]["file"] == {"filename": "clip.wav", "size": 5000}
 
@@ -325,16 +344,30 @@ def test_startup_delay_keeps_the_port_closed_while_loading(tmp_path: Path) -> No
 
 
 def test_vllm_flags_are_accepted_and_unknown_flags_rejected(tmp_path: Path) -> None:
-    vllm_flags = ["--tensor-parallel-size", "4", "--gpu-memory-utilization", "0.3",
-                  "--max-model-len", "2048", "--enforce-eager", "--max-parallel-loading-workers",
-                  "64", "--dtype", "float16"]
+    vllm_flags = [
+        "--tensor-parallel-size",
+        "4",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--max-parallel-loading-workers",
+        "64",
+        "--dtype",
+        "float16",
+    ]
     with Simulator.start(tmp_path, *vllm_flags) as simulator:
         card = httpx.get(simulator.base_url + "/v1/models").json()["data"][0]
     assert card["max_model_len"] == 2048
 
     rejected = subprocess.run(
         [sys.executable, "-m", "vllm_simulator", "--served-model-name", "x", "--bogus"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert rejected.returncode == 2
     assert "--bogus" in rejected.stderr
 
@@ -354,11 +387,11 @@ def assert_bad_request(response: httpx.Response, param: str | None = None) -> di
     return error
 
 
-def post_json(simulator: Simulator, path: str, body: object,
-              client: httpx.Client | None = None) -> httpx.Response:
+def post_json(simulator: Simulator, path: str, body: object, client: httpx.Client | None = None) -> httpx.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (client or httpx).post(simulator.base_url + path, content=raw,
-                                  headers={"content-type": "application/json"}, timeout=10)
+    return (client or httpx).post(
+        simulator.base_url + path, content=raw, headers={"content-type": "application/json"}, timeout=10
+    )
 
 
 def test_tokenize_with_messages_of_the_wrong_type_is_a_400(sim: Simulator) -> None:
@@ -382,8 +415,7 @@ def test_chat_message_whose_content_is_a_dict_or_a_number_is_a_400(sim: Simulato
 
 def test_chat_content_part_with_text_that_is_not_a_string_is_a_400(sim: Simulator) -> None:
     parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": {}}]
-    body = {"model": sim.model, "messages": [{"role": "user", "content": "fine"},
-                                             {"role": "user", "content": parts}]}
+    body = {"model": sim.model, "messages": [{"role": "user", "content": "fine"}, {"role": "user", "content": parts}]}
     assert_bad_request(post_json(sim, CHAT, body), "messages[1].content[1].text")
 
 
@@ -401,7 +433,7 @@ def test_completion_prompt_that_is_a_number_null_or_nested_garbage_is_a_400(sim:
 
 
 def test_max_tokens_that_is_a_string_a_float_or_negative_is_a_400(sim: Simulator) -> None:
-    for value in ("5", 2.5, -1, 0, True, 2 ** 64):  # 2**64 no longer fits JSON's integers: a float
+    for value in ("5", 2.5, -1, 0, True, 2**64):  # 2**64 no longer fits JSON's integers: a float
         body = chat_body(sim.model, 1) | {"max_tokens": value}
         assert_bad_request(post_json(sim, CHAT, body), "max_tokens")
 
@@ -412,7 +444,7 @@ def test_max_tokens_is_checked_even_when_max_completion_tokens_decides(sim: Simu
 
 
 def test_huge_max_tokens_is_a_400_about_the_context_length(sim: Simulator) -> None:
-    body = {"model": sim.model, "prompt": "x", "max_tokens": 2 ** 64 - 1}
+    body = {"model": sim.model, "prompt": "x", "max_tokens": 2**64 - 1}
     error = assert_bad_request(post_json(sim, "/v1/completions", body))
     assert "maximum context length is 512" in error["message"]
 
@@ -428,8 +460,7 @@ def test_stream_given_as_a_string_is_a_400_not_a_stream(sim: Simulator) -> None:
     assert_bad_request(response, "stream")
     options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
     assert_bad_request(post_json(sim, CHAT, options), "stream_options.include_usage")
-    assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream_options": [1]}),
-                       "stream_options")
+    assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream_options": [1]}), "stream_options")
 
 
 def test_embeddings_input_of_nested_garbage_or_unknown_encoding_is_a_400(sim: Simulator) -> None:
@@ -447,9 +478,10 @@ def test_detokenize_with_booleans_or_negative_ids_is_a_400(sim: Simulator) -> No
 
 
 def test_transcription_with_the_model_sent_as_a_file_is_a_400(sim: Simulator) -> None:
-    response = httpx.post(sim.base_url + "/v1/audio/transcriptions",
-                          files={"model": ("m.txt", sim.model.encode()),
-                                 "file": ("clip.wav", b"\0" * 1000, "audio/wav")})
+    response = httpx.post(
+        sim.base_url + "/v1/audio/transcriptions",
+        files={"model": ("m.txt", sim.model.encode()), "file": ("clip.wav", b"\0" * 1000, "audio/wav")},
+    )
     assert_bad_request(response, "model")
 
 
@@ -467,25 +499,32 @@ def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
         "no boundary": ("multipart/form-data", audio + end),
         "no closing boundary": (None, audio[:-10]),
         "model not UTF-8": (None, form_part(boundary, "model", b"\xff\xfe") + audio + end),
-        "response_format as a file": (
-            None, form_part(boundary, "response_format", b"text", "f.txt") + audio + end),
+        "response_format as a file": (None, form_part(boundary, "response_format", b"text", "f.txt") + audio + end),
         "no file": (None, form_part(boundary, "model", sim.model.encode()) + end),
         # aiohttp's reader raises BadHttpMessage here, which is no ValueError.
         "too many part headers": (
-            None, f"--{boundary}\r\n".encode() + b"X-A: b\r\n" * 200 + b"\r\nv\r\n" + audio + end),
+            None,
+            f"--{boundary}\r\n".encode() + b"X-A: b\r\n" * 200 + b"\r\nv\r\n" + audio + end,
+        ),
         "part header without a colon": (None, f"--{boundary}\r\nno colon\r\n\r\nv\r\n".encode() + audio + end),
     }
     for label, (content_type, body) in bodies.items():
         response = httpx.post(
-            sim.base_url + "/v1/audio/transcriptions", content=body,
-            headers={"content-type": content_type or f"multipart/form-data; boundary={boundary}"})
+            sim.base_url + "/v1/audio/transcriptions",
+            content=body,
+            headers={"content-type": content_type or f"multipart/form-data; boundary={boundary}"},
+        )
         assert response.status_code == 400, (label, response.text)
         assert_bad_request(response)
 
 
 def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(sim: Simulator) -> None:
-    response = httpx.post(sim.base_url + "/v1/completions", content=b" " * (65 * 2 ** 20),
-                          headers={"content-type": "application/json"}, timeout=60)
+    response = httpx.post(
+        sim.base_url + "/v1/completions",
+        content=b" " * (65 * 2**20),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == 413
     error = response.json()["error"]
     assert (error["code"], error["type"]) == (413, "RequestEntityTooLargeError")
@@ -499,11 +538,16 @@ def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(sim: Simulator
     assert well_formed.status_code == 503
 
 
-def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(
-        sim: Simulator) -> None:
-    for faults in ({"error_status": 101}, {"error_status": 200}, {"health_status": 100},
-                   {"crash_after_tokens": 2.5}, {"exit_after_tokens": 1e300},
-                   {"error_status": "500"}, {"slow_start": -1}):
+def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(sim: Simulator) -> None:
+    for faults in (
+        {"error_status": 101},
+        {"error_status": 200},
+        {"health_status": 100},
+        {"crash_after_tokens": 2.5},
+        {"exit_after_tokens": 1e300},
+        {"error_status": "500"},
+        {"slow_start": -1},
+    ):
         name = next(iter(faults))
         assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
     assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
@@ -519,11 +563,21 @@ def test_stats_still_answer_after_a_body_nested_too_deeply_to_encode_again(sim: 
 
 def test_every_input_shape_openai_allows_is_still_accepted(sim: Simulator) -> None:
     """The checks above must not turn away what the OpenAI API and vLLM take."""
-    parts = {"model": sim.model, "messages": [
-        {"role": "system", "content": None},
-        {"role": "user", "content": [{"type": "text", "text": "two words"},
-                                     {"type": "image_url", "image_url": {"url": "data:,"}}]},
-        {"role": "assistant", "content": "", "tool_calls": []}], "max_tokens": 1}
+    parts = {
+        "model": sim.model,
+        "messages": [
+            {"role": "system", "content": None},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "two words"},
+                    {"type": "image_url", "image_url": {"url": "data:,"}},
+                ],
+            },
+            {"role": "assistant", "content": "", "tool_calls": []},
+        ],
+        "max_tokens": 1,
+    }
     token_prompts = {"model": sim.model, "prompt": [[1, 2, 3], [4]], "max_tokens": 1}
     id_prompt = {"model": sim.model, "prompt": [5, 6], "max_tokens": 1}
     string_prompts = {"model": sim.model, "prompt": ["a b", "c"], "max_tokens": 1}
@@ -540,10 +594,21 @@ def test_every_input_shape_openai_allows_is_still_accepted(sim: Simulator) -> No
 
 # Every endpoint that reads a body gets each of these in place of the whole body, and each wrong
 # value in place of each field it reads; all must be a 400 in vLLM's shape.
-NOT_AN_OBJECT = [b"null", b"true", b"0", b"-1.5", b'"text"', b"[]", b'[{"model": "sim"}]',
-                 b"[[[]]]", b"[" * 1000 + b"]" * 1000, b"", b"{", b'{"model": "sim"']
-WRONG_VALUES: list[object] = [True, -1, 2.5, "text", [], [None], [[{}]], {},
-                              {"nested": {"deeper": [1, "x", None]}}]
+NOT_AN_OBJECT = [
+    b"null",
+    b"true",
+    b"0",
+    b"-1.5",
+    b'"text"',
+    b"[]",
+    b'[{"model": "sim"}]',
+    b"[[[]]]",
+    b"[" * 1000 + b"]" * 1000,
+    b"",
+    b"{",
+    b'{"model": "sim"',
+]
+WRONG_VALUES: list[object] = [True, -1, 2.5, "text", [], [None], [[{}]], {}, {"nested": {"deeper": [1, "x", None]}}]
 DEEP_VALUE = b"[" * 1000 + b"]" * 1000
 # Objects are right for stream_options: like vLLM, the simulator ignores options it does not know.
 OBJECTS = [value for value in WRONG_VALUES if isinstance(value, dict)]
@@ -552,30 +617,69 @@ OBJECTS = [value for value in WRONG_VALUES if isinstance(value, dict)]
 # A field is a path of keys and list indexes into the body.
 FieldPath = tuple[str | int, ...]
 BODY_ENDPOINTS: list[tuple[str, str, dict, dict[FieldPath, list[object]]]] = [
-    ("chat", CHAT,
-     {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
-      "max_completion_tokens": 1, "stream": False, "stream_options": {"include_usage": False}},
-     {("model",): ["text"], ("messages",): [], ("messages", 0): [],
-      ("messages", 0, "role"): ["text"], ("messages", 0, "content"): ["text", []],
-      ("max_tokens",): [], ("max_completion_tokens",): [], ("stream",): [True],
-      ("stream_options",): OBJECTS, ("stream_options", "include_usage"): [True]}),
-    ("completions", "/v1/completions",
-     {"model": "sim", "prompt": "hi", "max_tokens": 1, "stream": False,
-      "stream_options": {"include_usage": False}},
-     {("model",): ["text"], ("prompt",): ["text"], ("max_tokens",): [], ("stream",): [True],
-      ("stream_options",): OBJECTS, ("stream_options", "include_usage"): [True]}),
-    ("embeddings", "/v1/embeddings", {"model": "sim", "input": "hi", "encoding_format": "float"},
-     {("model",): ["text"], ("input",): ["text"], ("encoding_format",): []}),
-    ("tokenize-prompt", "/tokenize", {"model": "sim", "prompt": "hi"},
-     {("model",): ["text"], ("prompt",): ["text"]}),
-    ("tokenize-messages", "/tokenize",
-     {"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
-     {("model",): ["text"], ("messages",): [], ("messages", 0, "content"): ["text", []]}),
-    ("detokenize", "/detokenize", {"model": "sim", "tokens": [1, 2]},
-     {("model",): ["text"], ("tokens",): [[]]}),
-    ("faults", "/_simulator/faults", {"error_status": None, "health_status": None},
-     {("error_status",): [], ("health_status",): [], ("slow_start",): [2.5],
-      ("crash_after_tokens",): [], ("exit_after_tokens",): []}),
+    (
+        "chat",
+        CHAT,
+        {
+            "model": "sim",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1,
+            "max_completion_tokens": 1,
+            "stream": False,
+            "stream_options": {"include_usage": False},
+        },
+        {
+            ("model",): ["text"],
+            ("messages",): [],
+            ("messages", 0): [],
+            ("messages", 0, "role"): ["text"],
+            ("messages", 0, "content"): ["text", []],
+            ("max_tokens",): [],
+            ("max_completion_tokens",): [],
+            ("stream",): [True],
+            ("stream_options",): OBJECTS,
+            ("stream_options", "include_usage"): [True],
+        },
+    ),
+    (
+        "completions",
+        "/v1/completions",
+        {"model": "sim", "prompt": "hi", "max_tokens": 1, "stream": False, "stream_options": {"include_usage": False}},
+        {
+            ("model",): ["text"],
+            ("prompt",): ["text"],
+            ("max_tokens",): [],
+            ("stream",): [True],
+            ("stream_options",): OBJECTS,
+            ("stream_options", "include_usage"): [True],
+        },
+    ),
+    (
+        "embeddings",
+        "/v1/embeddings",
+        {"model": "sim", "input": "hi", "encoding_format": "float"},
+        {("model",): ["text"], ("input",): ["text"], ("encoding_format",): []},
+    ),
+    ("tokenize-prompt", "/tokenize", {"model": "sim", "prompt": "hi"}, {("model",): ["text"], ("prompt",): ["text"]}),
+    (
+        "tokenize-messages",
+        "/tokenize",
+        {"model": "sim", "messages": [{"role": "user", "content": "hi"}]},
+        {("model",): ["text"], ("messages",): [], ("messages", 0, "content"): ["text", []]},
+    ),
+    ("detokenize", "/detokenize", {"model": "sim", "tokens": [1, 2]}, {("model",): ["text"], ("tokens",): [[]]}),
+    (
+        "faults",
+        "/_simulator/faults",
+        {"error_status": None, "health_status": None},
+        {
+            ("error_status",): [],
+            ("health_status",): [],
+            ("slow_start",): [2.5],
+            ("crash_after_tokens",): [],
+            ("exit_after_tokens",): [],
+        },
+    ),
     # JSON is not how a transcription is sent, but a JSON body must still be a clean 400.
     ("transcriptions", "/v1/audio/transcriptions", {"model": "sim"}, {}),
 ]
@@ -606,11 +710,9 @@ def bad_body_cases() -> Iterator[object]:
         for field, right in right_values.items():
             param = param_of(field)
             for index, value in enumerate(v for v in WRONG_VALUES if v not in right):
-                yield pytest.param(path, with_value(body, field, value), param,
-                                   id=f"{name}-{param}-{index}")
+                yield pytest.param(path, with_value(body, field, value), param, id=f"{name}-{param}-{index}")
             deep = json.dumps(with_value(body, field, "@DEEP@")).encode()
-            yield pytest.param(path, deep.replace(b'"@DEEP@"', DEEP_VALUE), param,
-                               id=f"{name}-{param}-deep")
+            yield pytest.param(path, deep.replace(b'"@DEEP@"', DEEP_VALUE), param, id=f"{name}-{param}-deep")
 
 
 @pytest.fixture(scope="module")
@@ -626,8 +728,7 @@ def http_client() -> Iterator[httpx.Client]:
         yield client
 
 
-def test_the_bodies_the_bad_ones_are_made_from_are_accepted(shared_sim: Simulator,
-                                                             http_client: httpx.Client) -> None:
+def test_the_bodies_the_bad_ones_are_made_from_are_accepted(shared_sim: Simulator, http_client: httpx.Client) -> None:
     """Each bad body differs from one of these in one place, so that one place is the fault."""
     for name, path, body, _ in BODY_ENDPOINTS:
         if name != "transcriptions":
@@ -636,8 +737,8 @@ def test_the_bodies_the_bad_ones_are_made_from_are_accepted(shared_sim: Simulato
 
 @pytest.mark.parametrize(("path", "body", "param"), list(bad_body_cases()))
 def test_wrong_typed_body_is_a_400_in_the_openai_error_shape(
-        shared_sim: Simulator, http_client: httpx.Client, path: str, body: object,
-        param: str | None) -> None:
+    shared_sim: Simulator, http_client: httpx.Client, path: str, body: object, param: str | None
+) -> None:
     error = assert_bad_request(post_json(shared_sim, path, body, http_client))
     if param is not None:
         assert error["param"] is not None and error["param"].startswith(param), error

@@ -54,13 +54,23 @@ def read_fleet(stdin: BinaryIO, environ: Mapping[str, str], log_dir: str) -> Fle
 
 def command_models(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
     fleet = read_fleet(sys.stdin.buffer, environ, args.log_dir)
-    values = ["VLLM_HOST", fleet.settings.host, "VLLM_START_INTERVAL", fleet.settings.start_interval,
-              "models", str(len(fleet.models))]
+    values = [
+        "VLLM_HOST",
+        fleet.settings.host,
+        "VLLM_START_INTERVAL",
+        fleet.settings.start_interval,
+        "models",
+        str(len(fleet.models)),
+    ]
     for index, model in enumerate(fleet.models):
         for key in MODEL_KEYS:
             values += [f"{index}.{key}", model.value(key)]
-        values += [f"{index}.log_path", "" if model.is_remote else fleet.log_path(model),
-                   f"{index}.base_url", fleet.base_url(model)]
+        values += [
+            f"{index}.log_path",
+            "" if model.is_remote else fleet.log_path(model),
+            f"{index}.base_url",
+            fleet.base_url(model),
+        ]
     sys.stdout.buffer.write(encode_fields(values))
 
 
@@ -84,14 +94,29 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
             say(sys.stderr, f"{args.prog}: {message}\n" if level == "info" else f"{args.prog}: {level}: {message}\n")
         for index in selected:
             model = fleet.models[index]
-            command = server_command(model, fleet, view.places.get(index) or Place(), simulate=args.simulate,
-                                     numactl=view.numactl, online_count=view.online_count, python=args.python,
-                                     environ=environ)
+            command = server_command(
+                model,
+                fleet,
+                view.places.get(index) or Place(),
+                simulate=args.simulate,
+                numactl=view.numactl,
+                online_count=view.online_count,
+                python=args.python,
+                environ=environ,
+            )
             text = command_text(fleet.log_path(model), command.argv)
-            script.append(f"# {model.id}: {model.name} on port {model.port}, GPUs {model.gpus or 'none'},"
-                          f" {command.place_text}\n{text}")
-            records += [str(index), command.place_text, command.warning, without_api_keys(text).rstrip("\n"),
-                        str(len(command.argv)), *command.argv]
+            script.append(
+                f"# {model.id}: {model.name} on port {model.port}, GPUs {model.gpus or 'none'},"
+                f" {command.place_text}\n{text}"
+            )
+            records += [
+                str(index),
+                command.place_text,
+                command.warning,
+                without_api_keys(text).rstrip("\n"),
+                str(len(command.argv)),
+                *command.argv,
+            ]
     if args.dry_run:
         say(sys.stdout, "".join(script))
     else:
@@ -121,30 +146,43 @@ def command_placement(args: argparse.Namespace, environ: Mapping[str, str]) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm_fleet", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n")[-1])
+    parser = argparse.ArgumentParser(
+        prog="vllm_fleet",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[-1],
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     log_dir = argparse.ArgumentParser(add_help=False)
-    log_dir.add_argument("--log-dir", default="logs", metavar="DIR",
-                         help="where relative log= names live (lib.sh's LOG_DIR; default: %(default)s)")
+    log_dir.add_argument(
+        "--log-dir",
+        default="logs",
+        metavar="DIR",
+        help="where relative log= names live (lib.sh's LOG_DIR; default: %(default)s)",
+    )
 
     models = commands.add_parser(
-        "models", parents=[log_dir], help="check the config document on stdin and print its models",
+        "models",
+        parents=[log_dir],
+        help="check the config document on stdin and print its models",
         description="Read the config document lib.sh writes on stdin. On any static problem print one line "
-                    f"each, prefixed '{CONFIG_PREFIX}: ', and exit 2; else print VLLM_HOST, VLLM_START_INTERVAL, "
-                    "'models' (their number) and INDEX.KEY for every key, log_path and base_url of each model, "
-                    "as NAME VALUE pairs of NUL-terminated fields.")
+        f"each, prefixed '{CONFIG_PREFIX}: ', and exit 2; else print VLLM_HOST, VLLM_START_INTERVAL, "
+        "'models' (their number) and INDEX.KEY for every key, log_path and base_url of each model, "
+        "as NAME VALUE pairs of NUL-terminated fields.",
+    )
     models.set_defaults(run=command_models)
 
     plan = commands.add_parser(
-        "plan", parents=[log_dir], help="place, check and build the commands of a start",
+        "plan",
+        parents=[log_dir],
+        help="place, check and build the commands of a start",
         description="Read the config document on stdin; place the models INDEX... on CPUs, check the machine "
-                    "(ports, model paths, GPUs, parallel sizes, memory fractions, numactl) and build each "
-                    "server's command. On any problem print one line each and exit 2. With --dry-run print "
-                    "the commands as a shell script; else per model the NUL-terminated fields INDEX, "
-                    "PLACE_TEXT, WARNING, LOGGED_COMMAND, N and the N words of its command.")
+        "(ports, model paths, GPUs, parallel sizes, memory fractions, numactl) and build each "
+        "server's command. On any problem print one line each and exit 2. With --dry-run print "
+        "the commands as a shell script; else per model the NUL-terminated fields INDEX, "
+        "PLACE_TEXT, WARNING, LOGGED_COMMAND, N and the N words of its command.",
+    )
     plan.add_argument("models", nargs="*", type=int, metavar="INDEX", help="the models to start, from 0")
     plan.add_argument("--simulate", action="store_true", help="run the simulator in place of vLLM")
     plan.add_argument("--dry-run", action="store_true", help="print the commands (and try no numactl binding)")
@@ -154,19 +192,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=command_plan)
 
     printer = commands.add_parser(
-        "print-command", help="print one command as the dry runs do",
+        "print-command",
+        help="print one command as the dry runs do",
         description="Print WORD... quoted for a shell where needed. With --log, as a background command with "
-                    "its output going to FILE, and the words after `env` one a line.")
+        "its output going to FILE, and the words after `env` one a line.",
+    )
     printer.add_argument("--log", metavar="FILE", help="the file the command's output goes to")
     printer.add_argument("words", nargs="+", metavar="WORD")
     printer.set_defaults(run=command_print)
 
     placement = commands.add_parser(
-        "placement", help="print this host's GPU -> CPU table",
+        "placement",
+        help="print this host's GPU -> CPU table",
         description="Print the online CPUs, the NUMA nodes and each GPU's share of CPUs, as the models would "
-                    "be bound; exit 1 when a --binding entry is malformed.")
-    placement.add_argument("--binding", action="append", default=[], metavar="GPU=CPUS",
-                           help="explicit GPU -> CPU list entry (GPU_CPU_BINDING), repeatable")
+        "be bound; exit 1 when a --binding entry is malformed.",
+    )
+    placement.add_argument(
+        "--binding",
+        action="append",
+        default=[],
+        metavar="GPU=CPUS",
+        help="explicit GPU -> CPU list entry (GPU_CPU_BINDING), repeatable",
+    )
     placement.add_argument("--nvidia-smi", default="nvidia-smi", help="nvidia-smi command (default: %(default)s)")
     placement.set_defaults(run=command_placement)
     return parser

@@ -13,8 +13,13 @@ from .placement import Place
 
 # The thread counts follow the model's CPU set; the rest is the spec's tuning. A variable of the
 # same name in the environment or the config file replaces the default, a model's env= word wins.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS", "NUMEXPR_MAX_THREADS",
-                    "TORCH_CPU_CORES")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "NUMEXPR_MAX_THREADS",
+    "TORCH_CPU_CORES",
+)
 TUNING_BEFORE_BIND = (("TOKENIZERS_PARALLELISM", "true"), ("CUDA_DEVICE_MAX_CONNECTIONS", "16"))
 TUNING_AFTER_BIND = (
     ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
@@ -25,9 +30,20 @@ TUNING_AFTER_BIND = (
 )
 
 # Variables of the scripts that vLLM would take for misspelt settings of its own and warn about.
-FLEET_VARIABLES = ("VLLM_MODEL_CONFIG", "VLLM_LOG_DIR", "VLLM_RUN_DIR", "VLLM_START_INTERVAL", "VLLM_START_TIMEOUT",
-                   "VLLM_STOP_TIMEOUT", "VLLM_SIMULATE", "VLLM_LAUNCH_COMMAND", "VLLM_HOST", "VLLM_NUMACTL",
-                   "VLLM_LOG_KEEP", "VLLM_PROGRESS_INTERVAL")
+FLEET_VARIABLES = (
+    "VLLM_MODEL_CONFIG",
+    "VLLM_LOG_DIR",
+    "VLLM_RUN_DIR",
+    "VLLM_START_INTERVAL",
+    "VLLM_START_TIMEOUT",
+    "VLLM_STOP_TIMEOUT",
+    "VLLM_SIMULATE",
+    "VLLM_LAUNCH_COMMAND",
+    "VLLM_HOST",
+    "VLLM_NUMACTL",
+    "VLLM_LOG_KEEP",
+    "VLLM_PROGRESS_INTERVAL",
+)
 
 SIMULATOR_MODULE = "vllm_simulator"
 SAFE_WORD = re.compile(r"[A-Za-z0-9_./:=,+@%^-]+")
@@ -63,8 +79,19 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
     """The server's command line: vLLM's OpenAI server, or the simulator standing in for it."""
     names = [model.name, *(model.aliases.split(",") if model.aliases else [])]
     if simulate:
-        argv = [python, "-m", SIMULATOR_MODULE, "--model", model.path, "--served-model-name", *names,
-                "--host", fleet.settings.host, "--port", model.port]
+        argv = [
+            python,
+            "-m",
+            SIMULATOR_MODULE,
+            "--model",
+            model.path,
+            "--served-model-name",
+            *names,
+            "--host",
+            fleet.settings.host,
+            "--port",
+            model.port,
+        ]
         argv += option("--max-num-seqs", model.max_num_seqs)
         argv += option("--max-model-len", model.max_model_len)
         argv += option("--api-key", model.api_key)
@@ -95,8 +122,17 @@ def unset_words(environ: Mapping[str, str]) -> list[str]:
     return [word for name in FLEET_VARIABLES if name in environ for word in ("-u", name)]
 
 
-def server_command(model: ModelSpec, fleet: Fleet, place: Place, *, simulate: bool, numactl: str,
-                   online_count: str, python: str, environ: Mapping[str, str]) -> ServerCommand:
+def server_command(
+    model: ModelSpec,
+    fleet: Fleet,
+    place: Place,
+    *,
+    simulate: bool,
+    numactl: str,
+    online_count: str,
+    python: str,
+    environ: Mapping[str, str],
+) -> ServerCommand:
     """setsid env ... [numactl --physcpubind=CPUS [--membind=NODES]] SERVER ...; numactl empty: no binding."""
     bound = bool(place.cpus and numactl)
     cpus = place.cpus if bound else ""

@@ -164,8 +164,7 @@ def fill_defaults(model: ModelSpec) -> None:
         model.tensor_parallel_size = str(len(model.gpus.split(",")))
 
 
-def load_fleet(document: ConfigDocument, environ: Mapping[str, str],
-               log_dir: str = "logs") -> tuple[Fleet, list[str]]:
+def load_fleet(document: ConfigDocument, environ: Mapping[str, str], log_dir: str = "logs") -> tuple[Fleet, list[str]]:
     """The fleet of an evaluated config, defaults filled, and every static problem, one line each."""
     models, problems = [], []
     for index, words in enumerate(document.calls):
@@ -177,8 +176,13 @@ def load_fleet(document: ConfigDocument, environ: Mapping[str, str],
     for model in models:
         fill_defaults(model)
     variables = {**environ, **document.variables}
-    fleet = Fleet(models=models, settings=FleetSettings.from_variables(variables), bindings=list(document.bindings),
-                  log_dir=log_dir, variables=variables)
+    fleet = Fleet(
+        models=models,
+        settings=FleetSettings.from_variables(variables),
+        bindings=list(document.bindings),
+        log_dir=log_dir,
+        variables=variables,
+    )
     return fleet, problems + check_config(fleet)
 
 
@@ -252,10 +256,10 @@ def check_config(fleet: Fleet) -> list[str]:
             if not ENV_WORD.match(word):
                 found.append(f"env= word '{word}' is not KEY=VALUE")
         for other_index, other in enumerate(fleet.models[:index]):
-            if (model.name and model.name == other.name and not model.url and not other.url
-                    and model.path != other.path):
-                found.append(f"same name as model #{other_index + 1} but another path"
-                             " (replicas serve the same weights)")
+            if model.name and model.name == other.name and not model.url and not other.url and model.path != other.path:
+                found.append(
+                    f"same name as model #{other_index + 1} but another path (replicas serve the same weights)"
+                )
         problems += [f"{label(index, {'name': model.name})}: {problem}" for problem in found]
     return problems
 

@@ -51,11 +51,19 @@ def binding_notice(variables: Mapping[str, str], numactl: str) -> tuple[str, str
     return "warning", "numactl not found: models run without CPU binding (install the numactl package)"
 
 
-def look_at_host(fleet: Fleet, selected: list[int], *, simulate: bool,
-                 survey_host: Callable[[list[str]], tuple[Placement, list[str]]] = survey) -> HostView:
+def look_at_host(
+    fleet: Fleet,
+    selected: list[int],
+    *,
+    simulate: bool,
+    survey_host: Callable[[list[str]], tuple[Placement, list[str]]] = survey,
+) -> HostView:
     """Place the selected models; a simulation places only those with cpus= and lists no GPU."""
-    requests = {index: ("" if simulate else fleet.models[index].gpus, fleet.models[index].cpus)
-                for index in selected if not simulate or fleet.models[index].cpus}
+    requests = {
+        index: ("" if simulate else fleet.models[index].gpus, fleet.models[index].cpus)
+        for index in selected
+        if not simulate or fleet.models[index].cpus
+    }
     view = HostView(numactl=numactl_command(fleet.variables))
     if not requests:
         view.online_count = nproc()
@@ -78,8 +86,15 @@ def nproc() -> str:
     return result.stdout.strip() or "1"
 
 
-def machine_problems(fleet: Fleet, selected: list[int], view: HostView, *, simulate: bool, dry_run: bool,
-                     port_taken: Callable[[str, str], bool] | None = None) -> list[str]:
+def machine_problems(
+    fleet: Fleet,
+    selected: list[int],
+    view: HostView,
+    *,
+    simulate: bool,
+    dry_run: bool,
+    port_taken: Callable[[str, str], bool] | None = None,
+) -> list[str]:
     """Everything that would make the start of the selected models fail, one line each."""
     port_taken = port_taken or port_in_use
     problems = list(view.problems)
@@ -107,8 +122,9 @@ def machine_problems(fleet: Fleet, selected: list[int], view: HostView, *, simul
         stages = pipeline.group(2) if pipeline else ""
         if int(model.tensor_parallel_size) * int(stages or "1") != len(gpus):
             shown = f"{model.tensor_parallel_size} x pipeline {stages}" if stages else model.tensor_parallel_size
-            problems.append(f"{label}: tensor_parallel_size={shown} does not match the {len(gpus)} GPUs"
-                            f" in gpus={model.gpus}")
+            problems.append(
+                f"{label}: tensor_parallel_size={shown} does not match the {len(gpus)} GPUs in gpus={model.gpus}"
+            )
     if not simulate:
         problems += memory_fraction_problems(fleet.models)
     if view.numactl and not dry_run:
@@ -117,8 +133,7 @@ def machine_problems(fleet: Fleet, selected: list[int], view: HostView, *, simul
             if place and place.cpus:
                 refusal = numactl_refusal(view.numactl, place)
                 if refusal is not None:
-                    problems.append(f"model {fleet.models[index].id}: numactl cannot bind CPUs {place.cpus}:"
-                                    f" {refusal}")
+                    problems.append(f"model {fleet.models[index].id}: numactl cannot bind CPUs {place.cpus}: {refusal}")
     return problems
 
 
@@ -135,8 +150,9 @@ def numactl_refusal(numactl: str, place: Place) -> str | None:
     """None when numactl can apply the binding (tried on `true`), else the first line it said."""
     argv = [numactl, f"--physcpubind={place.cpus}", *([f"--membind={place.nodes}"] if place.nodes else []), "true"]
     try:
-        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                check=False)
+        result = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", check=False
+        )
     except OSError as exc:
         return str(exc)
     if result.returncode == 0:

@@ -250,8 +250,9 @@ class Placement:
     gpu_problem: str  # why no GPU could be listed; empty when nvidia-smi answered
 
 
-def survey(table: list[str], nvidia_smi: str = "nvidia-smi",
-           run: Callable[[list[str]], str] = run_command) -> tuple[Placement, list[str]]:
+def survey(
+    table: list[str], nvidia_smi: str = "nvidia-smi", run: Callable[[list[str]], str] = run_command
+) -> tuple[Placement, list[str]]:
     """The machine's GPUs and CPUs, with the table applied; also the table's malformed entries."""
     host = parse_lscpu(lscpu_text(run))
     gpus: dict[int, Gpu] = {}
@@ -300,8 +301,6 @@ def place_model(placement: Placement, gpus_text: str, cpus_text: str) -> tuple[l
     return sorted(cpus), " + ".join(sorted(sources))
 
 
-
-
 @dataclass(frozen=True)
 class Place:
     """Where one model runs: numactl's CPU and memory node lists; no CPUs means unbound, the note says why."""
@@ -340,6 +339,8 @@ def table_lines(placement: Placement) -> list[str]:
         lines.append(f"NUMA node {node}: CPUs {format_cpulist(cpus)}")
     for gpu in sorted(placement.gpus.values(), key=lambda g: g.index):
         nodes = format_cpulist(placement.host.nodes_of(gpu.cpus)) or "-"
-        lines.append(f"GPU{gpu.index} {gpu.name or '?'} {gpu.bus_id or '?'}: CPUs {format_cpulist(gpu.cpus) or '-'}"
-                     f" (node {nodes}; {gpu.source})")
+        lines.append(
+            f"GPU{gpu.index} {gpu.name or '?'} {gpu.bus_id or '?'}: CPUs {format_cpulist(gpu.cpus) or '-'}"
+            f" (node {nodes}; {gpu.source})"
+        )
     return lines

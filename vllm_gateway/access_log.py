@@ -32,6 +32,7 @@ MAYBE_KEY = re.compile(r"sk-|%", re.I)
 KEY_SHAPED = re.compile(r"sk-[A-Za-z0-9_\-]{6,}", re.I)
 PERCENT_DECODE_ROUNDS = 3  # a key encoded twice over is still found; more rounds decode nothing new
 
+
 class LogWriter(threading.Thread):
     """Owns the log file: appends queued lines, rotates at max_bytes keeping `backups` old files."""
 

@@ -48,6 +48,7 @@ def admin_key(key: Annotated[KeyRecord, Depends(api_key)]) -> KeyRecord:
 
 # -- health --
 
+
 @router.get("/health")
 def health(
     state: Annotated[GatewayState, Depends(gateway)], key: Annotated[KeyRecord | None, Depends(optional_key)]
@@ -93,6 +94,7 @@ def health_of(model: Model, detailed: bool) -> dict[str, object]:
 
 # -- models --
 
+
 def model_object(model: Model) -> dict[str, object]:
     return {
         "id": model.name,
@@ -125,6 +127,7 @@ def get_model(
 
 
 # -- key administration --
+
 
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")

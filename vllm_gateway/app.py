@@ -90,7 +90,8 @@ def server_hooks(state: GatewayState) -> ServerHooks:
         max_small_body=settings.max_admin_body_bytes,
     )
     max_connections = settings.max_connections or default_max_connections(
-        current_open_files_limit(), settings.concurrency_limit)
+        current_open_files_limit(), settings.concurrency_limit
+    )
 
     # A partial, not a wrapping coroutine: one coroutine per request, not two.
     relay = functools.partial(proxy.handle, state)
@@ -101,8 +102,12 @@ def server_hooks(state: GatewayState) -> ServerHooks:
     def log_rejection(exchange: Exchange | None, status: int) -> None:
         key = exchange.key if exchange is not None else None
         state.log.request(
-            proxy.new_request_id().decode(), exchange.method if exchange else "-", exchange.path if exchange else "-",
-            status, 0.0, key_label(key.id, key.name) if key is not None else "-",
+            proxy.new_request_id().decode(),
+            exchange.method if exchange else "-",
+            exchange.path if exchange else "-",
+            status,
+            0.0,
+            key_label(key.id, key.name) if key is not None else "-",
         )
 
     return ServerHooks(proxy.PROXIED_PATHS, relay, check, log_rejection, limits, ConnectionCap(max_connections))
@@ -152,7 +157,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
         log.info(
             "gateway listening on %s:%s with models: %s",
-            settings.host, settings.port, ", ".join(state.registry.models) or "none",
+            settings.host,
+            settings.port,
+            ", ".join(state.registry.models) or "none",
         )
         try:
             yield
@@ -167,8 +174,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
             state.log.stop()
 
     # No redirect for a trailing slash: Starlette builds its Location from the client's Host header.
-    api = FastAPI(title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
-                  redirect_slashes=False)
+    api = FastAPI(
+        title="vLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
     api.state.gateway = state
     api.include_router(router)
     add_error_handlers(api)
@@ -181,9 +189,11 @@ HTTP_ERROR_CODES = {400: "invalid_request", 405: "method_not_allowed", 413: "bod
 
 def add_error_handlers(api: FastAPI) -> None:
     def respond(error: GatewayError) -> JSONResponse:
-        return JSONResponse(error.body_dict(), status_code=error.status, headers={
-            name.decode(): value.decode() for name, value in error.headers
-        })
+        return JSONResponse(
+            error.body_dict(),
+            status_code=error.status,
+            headers={name.decode(): value.decode() for name, value in error.headers},
+        )
 
     @api.exception_handler(GatewayError)
     async def gateway_error(_: Request, error: GatewayError) -> JSONResponse:

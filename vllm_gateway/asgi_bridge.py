@@ -11,8 +11,13 @@ from .request_body import ClientDisconnected
 Scope = dict[str, Any]
 
 
-async def serve_asgi(app: Any, exchange: Exchange, server: tuple[str, int] | None, client: tuple[str, int] | None,
-                     app_state: dict[str, Any]) -> None:
+async def serve_asgi(
+    app: Any,
+    exchange: Exchange,
+    server: tuple[str, int] | None,
+    client: tuple[str, int] | None,
+    app_state: dict[str, Any],
+) -> None:
     """Run `app` for this exchange; an error, or no complete response, is answered by the connection."""
     state = app_state.copy()
     if exchange.key is not None:

@@ -42,8 +42,9 @@ class BodyParser:
         except BrokenProcessPool:
             # The helper died (killed, out of memory): the next large body starts a new one.
             self.close()
-            raise errors.GatewayError(503, "The gateway could not parse this body now; try again.",
-                                      "server_error", "body_parser_unavailable") from None
+            raise errors.GatewayError(
+                503, "The gateway could not parse this body now; try again.", "server_error", "body_parser_unavailable"
+            ) from None
         if problem is not None:
             raise errors.bad_request(problem, code="invalid_json")
         return require_model(model)

@@ -143,16 +143,20 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
 
 # -- models --
 
+
 def show_models(args: argparse.Namespace) -> int:
     settings = load_settings()
     rows = asyncio.run(probe_all(settings))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print_table([("MODEL", "ALIASES", "STATUS", "BACKEND", "URL", "PATH")] + [
-        (r["model"], ",".join(r["aliases"]) or "-", r["status"], r["backend"], r["url"], r["path"] or "-")
-        for r in rows
-    ])
+    print_table(
+        [("MODEL", "ALIASES", "STATUS", "BACKEND", "URL", "PATH")]
+        + [
+            (r["model"], ",".join(r["aliases"]) or "-", r["status"], r["backend"], r["url"], r["path"] or "-")
+            for r in rows
+        ]
+    )
     return 0
 
 
@@ -186,6 +190,7 @@ async def probe_all(settings: Settings) -> list[dict[str, Any]]:
 
 
 # -- keys --
+
 
 def key_store() -> KeyStore:
     store = KeyStore(load_settings().key_file)
@@ -225,8 +230,10 @@ def list_keys(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([record.public() for record in records], indent=2))
         return 0
-    print_table([("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
-                + [describe(record) for record in records])
+    print_table(
+        [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
+        + [describe(record) for record in records]
+    )
     return 0
 
 

@@ -43,6 +43,7 @@ def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
 
 # Constructors, one per situation the gateway reports. Statuses follow OpenAI's API where it has one.
 
+
 def invalid_api_key() -> GatewayError:
     return GatewayError(
         401,
@@ -92,7 +93,9 @@ def request_timeout(what: str, seconds: float) -> GatewayError:
 
 def request_line_too_long(limit: int) -> GatewayError:
     return GatewayError(
-        414, f"The request line is longer than the limit of {limit} bytes.", "invalid_request_error",
+        414,
+        f"The request line is longer than the limit of {limit} bytes.",
+        "invalid_request_error",
         "request_line_too_long",
     )
 

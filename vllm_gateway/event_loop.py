@@ -31,8 +31,9 @@ _OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 class BatchAcceptServer(asyncio.AbstractServer):
     """What asyncio's create_server returns, for listening sockets whose accepts this loop does."""
 
-    def __init__(self, loop: BatchAcceptLoop, protocol_factory: Callable[[], asyncio.Protocol],
-                 sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, loop: BatchAcceptLoop, protocol_factory: Callable[[], asyncio.Protocol], sockets: list[socket.socket]
+    ) -> None:
         self._loop = loop
         self._protocol_factory = protocol_factory
         self._sockets = sockets
@@ -112,15 +113,24 @@ class BatchAcceptLoop(uvloop.Loop):
     """
 
     async def create_server(  # type: ignore[override]
-        self, protocol_factory: Callable[[], asyncio.Protocol], host: str | Iterable[str] | None = None,
-        port: int | None = None, *, sock: socket.socket | None = None, backlog: int = 100, ssl: Any = None,
-        reuse_address: bool | None = None, start_serving: bool = True, **options: Any,
+        self,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        host: str | Iterable[str] | None = None,
+        port: int | None = None,
+        *,
+        sock: socket.socket | None = None,
+        backlog: int = 100,
+        ssl: Any = None,
+        reuse_address: bool | None = None,
+        start_serving: bool = True,
+        **options: Any,
     ) -> asyncio.AbstractServer:
         if ssl is not None or options or (sock is not None and sock.family == socket.AF_UNIX):
             # uvloop's stubs split host/port and sock into overloads; this passes on what it was given.
-            return await super().create_server(
-                protocol_factory, host, port, sock=sock, backlog=backlog, ssl=ssl,  # type: ignore[arg-type]
-                reuse_address=reuse_address, start_serving=start_serving, **options)
+            passed: dict[str, Any] = dict(
+                sock=sock, backlog=backlog, ssl=ssl, reuse_address=reuse_address, start_serving=start_serving, **options
+            )
+            return await super().create_server(protocol_factory, host, port, **passed)  # type: ignore[arg-type]
         sockets = [sock] if sock is not None else await self._bind(host, port, reuse_address)
         for listener in sockets:
             listener.setblocking(False)
@@ -130,8 +140,9 @@ class BatchAcceptLoop(uvloop.Loop):
             await server.start_serving()
         return server
 
-    async def _bind(self, host: str | Iterable[str] | None, port: int | None,
-                    reuse_address: bool | None) -> list[socket.socket]:
+    async def _bind(
+        self, host: str | Iterable[str] | None, port: int | None, reuse_address: bool | None
+    ) -> list[socket.socket]:
         hosts = [None] if host in (None, "") else [host] if isinstance(host, str) else list(host)
         infos = []
         for name in hosts:
@@ -151,4 +162,3 @@ class BatchAcceptLoop(uvloop.Loop):
                 listener.close()
             raise
         return sockets
-

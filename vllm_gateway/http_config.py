@@ -48,8 +48,11 @@ class ConnectionCap:
         self.refused += 1
         now = time.monotonic()
         if now - self.reported_at >= CAP_REPORT_SECONDS:
-            log.warning("connection limit of %d reached (GATEWAY_MAX_CONNECTIONS): closed %d new connection(s)",
-                        self.limit, self.refused)
+            log.warning(
+                "connection limit of %d reached (GATEWAY_MAX_CONNECTIONS): closed %d new connection(s)",
+                self.limit,
+                self.refused,
+            )
             self.reported_at = now
             self.refused = 0
         return False

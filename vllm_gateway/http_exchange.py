@@ -34,22 +34,46 @@ def status_line(status: int) -> bytes:
 def error_response(error: GatewayError, headers: HeaderItems = ()) -> bytes:
     """A whole error answer after which the connection closes: for the connection's own rejections."""
     body = error.body()
-    return b"".join([
-        status_line(error.status),
-        *[name + b": " + value + b"\r\n" for name, value in (*headers, *error.headers)],
-        b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
-        body,
-    ])
+    return b"".join(
+        [
+            status_line(error.status),
+            *[name + b": " + value + b"\r\n" for name, value in (*headers, *error.headers)],
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+            body,
+        ]
+    )
 
 
 class Exchange:
     """One request (its head at once, its body as it arrives) and the writer of its response."""
 
     __slots__ = (
-        "protocol", "method", "path", "raw_path", "query_string", "headers", "http_version", "keep_alive",
-        "expect_continue", "body_parts", "body_size", "body_limit", "too_large", "complete", "body_waiter",
-        "task", "relay", "client_gone", "head_sent", "done", "chunked", "head_only", "key", "rejected",
-        "head_complete", "failure",
+        "protocol",
+        "method",
+        "path",
+        "raw_path",
+        "query_string",
+        "headers",
+        "http_version",
+        "keep_alive",
+        "expect_continue",
+        "body_parts",
+        "body_size",
+        "body_limit",
+        "too_large",
+        "complete",
+        "body_waiter",
+        "task",
+        "relay",
+        "client_gone",
+        "head_sent",
+        "done",
+        "chunked",
+        "head_only",
+        "key",
+        "rejected",
+        "head_complete",
+        "failure",
     )
 
     def __init__(self, protocol: GatewayProtocol) -> None:
@@ -202,12 +226,14 @@ class Exchange:
         if not self.keep_alive or self.protocol.closing:
             self.keep_alive = False
             headers = [*headers, (b"connection", b"close")]
-        return b"".join([
-            status_line(status),
-            *[name + b": " + value + b"\r\n" for name, value in self.protocol.default_headers],
-            *[name + b": " + value + b"\r\n" for name, value in headers],
-            b"\r\n",
-        ])
+        return b"".join(
+            [
+                status_line(status),
+                *[name + b": " + value + b"\r\n" for name, value in self.protocol.default_headers],
+                *[name + b": " + value + b"\r\n" for name, value in headers],
+                b"\r\n",
+            ]
+        )
 
     def _frame(self, chunk: bytes) -> bytes:
         if not chunk or self.head_only:

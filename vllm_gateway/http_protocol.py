@@ -52,8 +52,9 @@ class BadHead(Exception):
 class GatewayProtocol(asyncio.Protocol):
     """uvicorn's `http` protocol class: `http="vllm_gateway.http_protocol:GatewayProtocol"`."""
 
-    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         if not config.loaded:
             config.load()
         self.app = config.loaded_app
@@ -70,7 +71,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.server: tuple[str, int] | None = None
         self.served = 0
         self.reading_paused = False
-        self.stop_reading = False      # for good: the client broke the protocol, or sent EOF
+        self.stop_reading = False  # for good: the client broke the protocol, or sent EOF
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.closing = False
@@ -80,11 +81,11 @@ class GatewayProtocol(asyncio.Protocol):
         self.url = b""
         self.head_size = 0
         self.header_count = 0
-        self.head_fed = 0              # bytes given to the parser while the current head is unfinished
-        self.head_began = False        # a head began during the current feed
-        self.parsing: Exchange | None = None   # the request whose bytes are arriving
+        self.head_fed = 0  # bytes given to the parser while the current head is unfinished
+        self.head_began = False  # a head began during the current feed
+        self.parsing: Exchange | None = None  # the request whose bytes are arriving
         self.resuming: Exchange | None = None  # see _refuse_upgrade
-        self.active: Exchange | None = None    # the request being answered
+        self.active: Exchange | None = None  # the request being answered
         self.queued: deque[Exchange] = deque()
         self.timers = ConnectionTimers(self)
 
@@ -113,7 +114,7 @@ class GatewayProtocol(asyncio.Protocol):
             # Fed in slices, so that an unfinished head never holds much more than its limit.
             view = memoryview(data)
             for start in range(0, len(data), step):
-                if not self._feed(view[start:start + step]):
+                if not self._feed(view[start : start + step]):
                     break
         else:
             self._feed(data)
@@ -233,7 +234,7 @@ class GatewayProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            return self._refuse_upgrade(data[upgrade.args[0]:])
+            return self._refuse_upgrade(data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, BadHead):
@@ -311,8 +312,9 @@ class GatewayProtocol(asyncio.Protocol):
         if exchange.head_sent or exchange.client_gone:
             exchange.abort()
         else:
-            exchange.respond_error(GatewayError(
-                500, "The gateway failed on this request; its log has the details.", "server_error"))
+            exchange.respond_error(
+                GatewayError(500, "The gateway failed on this request; its log has the details.", "server_error")
+            )
 
     def response_done(self, exchange: Exchange) -> None:
         if exchange is not self.active:

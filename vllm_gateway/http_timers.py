@@ -167,8 +167,10 @@ class ConnectionTimers:
         transport = self.connection.transport
         sock = transport.get_extra_info("socket")
         try:
-            reset = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
-                     or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE)
+            reset = (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+                or sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+            )
         except (OSError, AttributeError):
             return  # not a TCP socket here: the next write will tell
         if reset:

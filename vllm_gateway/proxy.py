@@ -97,8 +97,17 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         # The backend failed mid-body: before the head went out the client gets a 502; after it, only a
         # dropped connection can say so (send_error does either).
         outcome.status = 502
-        send_error(exchange, GatewayError(502, f"The server of model `{outcome.model}` failed: {error}.",
-                                          "server_error", "upstream_error", "model"), outcome.headers)
+        send_error(
+            exchange,
+            GatewayError(
+                502,
+                f"The server of model `{outcome.model}` failed: {error}.",
+                "server_error",
+                "upstream_error",
+                "model",
+            ),
+            outcome.headers,
+        )
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
@@ -108,13 +117,22 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         outcome.status = 499
     finally:
         state.log.request(
-            request_id.decode(), "POST", exchange.path, outcome.status, time.perf_counter() - started,
-            outcome.key, outcome.model, outcome.backend, outcome.prompt_tokens, outcome.completion_tokens,
+            request_id.decode(),
+            "POST",
+            exchange.path,
+            outcome.status,
+            time.perf_counter() - started,
+            outcome.key,
+            outcome.model,
+            outcome.backend,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
         )
 
 
-async def proxy(state: GatewayState, exchange: Exchange, headers: dict[bytes, bytes], request_id: bytes,
-                outcome: Outcome) -> None:
+async def proxy(
+    state: GatewayState, exchange: Exchange, headers: dict[bytes, bytes], request_id: bytes, outcome: Outcome
+) -> None:
     # 1. Who is asking: the key was checked with the head (access.check_head), before any body.
     key = exchange.key
     assert key is not None
@@ -149,8 +167,9 @@ async def proxy(state: GatewayState, exchange: Exchange, headers: dict[bytes, by
         state.in_flight -= 1
 
 
-async def relay(state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model,
-                outcome: Outcome) -> None:
+async def relay(
+    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
+) -> None:
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model)
     outcome.backend = backend.spec.id
     finished = False
@@ -178,8 +197,9 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers: Heade
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
                 outcome.status = 502
-                exchange.write(errors.sse_error_event(
-                    f"The server of model `{model.name}` failed during the stream: {error}."))
+                exchange.write(
+                    errors.sse_error_event(f"The server of model `{model.name}` failed during the stream: {error}.")
+                )
             exchange.end()
             tail = upstream.previous + upstream.last
         finished = True
@@ -192,8 +212,9 @@ async def relay(state: GatewayState, exchange: Exchange, upstream_headers: Heade
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
 
 
-async def open_upstream(state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes,
-                        model: Model) -> tuple[Response, Backend]:
+async def open_upstream(
+    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model
+) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend, moving on to the next one that refuses."""
     query = exchange.query_string
     if b"api_key=" in query:
@@ -228,8 +249,9 @@ async def open_upstream(state: GatewayState, exchange: Exchange, upstream_header
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
             backend.in_flight -= 1
-            raise GatewayError(502, f"The server of model `{model.name}` failed: {error}.",
-                               "server_error", "upstream_error", "model") from None
+            raise GatewayError(
+                502, f"The server of model `{model.name}` failed: {error}.", "server_error", "upstream_error", "model"
+            ) from None
         except BaseException:
             backend.in_flight -= 1
             raise

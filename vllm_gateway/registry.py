@@ -56,8 +56,11 @@ class Model:
         """The ready backend with the fewest requests in flight (replicas share the load)."""
         best = None
         for backend in self.backends:
-            if backend.state is BackendState.READY and backend not in exclude and (
-                    best is None or backend.in_flight < best.in_flight):
+            if (
+                backend.state is BackendState.READY
+                and backend not in exclude
+                and (best is None or backend.in_flight < best.in_flight)
+            ):
                 best = backend
         return best
 

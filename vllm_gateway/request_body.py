@@ -9,8 +9,7 @@ from .errors import GatewayError
 
 # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters, and these are the ones it may use.
 MAX_BOUNDARY_LENGTH = 70
-BOUNDARY_CHARS = frozenset(
-    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? ")
+BOUNDARY_CHARS = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? ")
 # Real clients send a part header block of a hundred bytes or so (Content-Disposition, maybe a
 # Content-Type). The bound caps what one part's header search can cost; a longer block is not a
 # form field worth routing by.
@@ -83,8 +82,12 @@ def multipart_boundary(content_type: bytes) -> bytes | None:
         boundary = _parameters(content_type).get(b"boundary")
     except _Unparsable:
         return None
-    if (boundary is None or not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH
-            or boundary.endswith(b" ") or not BOUNDARY_CHARS.issuperset(boundary)):
+    if (
+        boundary is None
+        or not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH
+        or boundary.endswith(b" ")
+        or not BOUNDARY_CHARS.issuperset(boundary)
+    ):
         return None
     return boundary
 

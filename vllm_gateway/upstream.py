@@ -100,8 +100,19 @@ class Response:
     stream then costs no task wake-up per event, and a burst of events stays one write.
     """
 
-    __slots__ = ("status", "headers", "previous", "last", "_connection", "_chunks", "_buffered", "_waiter",
-                 "_done", "_error", "_sink")
+    __slots__ = (
+        "status",
+        "headers",
+        "previous",
+        "last",
+        "_connection",
+        "_chunks",
+        "_buffered",
+        "_waiter",
+        "_done",
+        "_error",
+        "_sink",
+    )
 
     def __init__(self, connection: Connection) -> None:
         self.status = 0
@@ -360,15 +371,20 @@ class UpstreamPool:
         self._targets: dict[str, Target] = {}
         self._tls: ssl.SSLContext | None = None
 
-    async def request(
-        self, method: bytes, base_url: str, path: bytes, headers: Headers, body: bytes = b""
-    ) -> Response:
+    async def request(self, method: bytes, base_url: str, path: bytes, headers: Headers, body: bytes = b"") -> Response:
         """Send a request and wait for the response's status and headers."""
         target = self._targets.get(base_url) or self._targets.setdefault(base_url, Target.parse(base_url))
         head = b"".join(
             [
-                method, b" ", target.prefix.encode(), path, b" HTTP/1.1\r\nHost: ", target.host_header,
-                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n",
+                method,
+                b" ",
+                target.prefix.encode(),
+                path,
+                b" HTTP/1.1\r\nHost: ",
+                target.host_header,
+                b"\r\nContent-Length: ",
+                str(len(body)).encode(),
+                b"\r\n",
                 *[name + b": " + value + b"\r\n" for name, value in headers],
                 b"\r\n",
             ]

@@ -25,8 +25,12 @@ async def front_door(request: web.Request, handler: Handler) -> web.StreamRespon
     if not path.startswith("/_simulator/"):
         request["record"] = state.record(request)
     key = state.config.api_key
-    if (key is not None and path.startswith("/v1") and request.method != "OPTIONS"
-            and request.headers.get("Authorization") != "Bearer " + key):
+    if (
+        key is not None
+        and path.startswith("/v1")
+        and request.method != "OPTIONS"
+        and request.headers.get("Authorization") != "Bearer " + key
+    ):
         return json_response({"error": "Unauthorized"}, status=401)
     try:
         return await handler(request)

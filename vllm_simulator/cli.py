@@ -26,21 +26,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_simulator",
         description="vLLM SIMULATOR: serves vLLM's OpenAI API with made-up tokens and no model, "
-                    "for tests, benchmarks and GPU-less demos. Not a real inference server.")
+        "for tests, benchmarks and GPU-less demos. Not a real inference server.",
+    )
     parser.add_argument("model_tag", nargs="?", help="model path, as `vllm serve MODEL` takes it")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="model path shown as `root` (default: the first name)")
-    parser.add_argument("--served-model-name", nargs="+", metavar="NAME",
-                        help="names clients use; the first is the primary (default: the model)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="names clients use; the first is the primary (default: the model)",
+    )
     parser.add_argument("--first-token-delay", type=float, default=0.05, metavar="SECONDS")
-    parser.add_argument("--token-rate", type=float, default=200.0, metavar="TOKENS_PER_S",
-                        help="tokens per second per request; 0 = as fast as possible")
-    parser.add_argument("--max-num-seqs", type=int, default=8, metavar="N",
-                        help="requests generating at once; the rest wait in a queue")
+    parser.add_argument(
+        "--token-rate",
+        type=float,
+        default=200.0,
+        metavar="TOKENS_PER_S",
+        help="tokens per second per request; 0 = as fast as possible",
+    )
+    parser.add_argument(
+        "--max-num-seqs", type=int, default=8, metavar="N", help="requests generating at once; the rest wait in a queue"
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--startup-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="sleep this long before opening the port, like loading weights")
+    parser.add_argument(
+        "--startup-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sleep this long before opening the port, like loading weights",
+    )
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` under /v1")
     faults = parser.add_argument_group("fault defaults (change at run time: /_simulator/faults)")
     faults.add_argument("--error-status", type=int, metavar="STATUS")
@@ -74,9 +90,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[SimulatorConfig, Faults
     except ApiError as exc:
         parser.error(exc.message)
     config = SimulatorConfig(
-        served_model_names=names, model_path=model or names[0], max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, first_token_delay=max(0.0, args.first_token_delay),
-        token_rate=max(0.0, args.token_rate), api_key=args.api_key)
+        served_model_names=names,
+        model_path=model or names[0],
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        first_token_delay=max(0.0, args.first_token_delay),
+        token_rate=max(0.0, args.token_rate),
+        api_key=args.api_key,
+    )
     return config, faults, args
 
 
@@ -90,15 +111,28 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 
 def main(argv: list[str] | None = None) -> None:
     config, faults, args = parse_config(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     if args.startup_delay > 0:
         log.info("SIMULATOR: pretending to load weights for %.1f s", args.startup_delay)
         time.sleep(args.startup_delay)
-    log.info("vLLM SIMULATOR (no model; lorem tokens) serving %s on http://%s:%d "
-             "(max-num-seqs %d, first token %.3f s, %g tokens/s, faults %s)",
-             list(config.served_model_names), args.host, args.port, config.max_num_seqs,
-             config.first_token_delay, config.token_rate, faults.active())
-    web.run_app(create_app(config, faults), host=args.host, port=args.port, print=None,
-                access_log=None, handler_cancellation=True, shutdown_timeout=2.0,
-                loop=_event_loop())
+    log.info(
+        "vLLM SIMULATOR (no model; lorem tokens) serving %s on http://%s:%d "
+        "(max-num-seqs %d, first token %.3f s, %g tokens/s, faults %s)",
+        list(config.served_model_names),
+        args.host,
+        args.port,
+        config.max_num_seqs,
+        config.first_token_delay,
+        config.token_rate,
+        faults.active(),
+    )
+    web.run_app(
+        create_app(config, faults),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=2.0,
+        loop=_event_loop(),
+    )

@@ -49,8 +49,13 @@ async def embeddings(request: web.Request) -> web.Response:
         data.append({"index": index, "object": "embedding", "embedding": encoded})
     prompt_tokens = count_input_tokens(items)
     state.prompt_tokens += prompt_tokens
-    return json_response({
-        "id": "embd-" + uuid.uuid4().hex, "object": "list", "created": int(time.time()),
-        "model": model, "data": data,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
-                  "completion_tokens": 0}})
+    return json_response(
+        {
+            "id": "embd-" + uuid.uuid4().hex,
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0},
+        }
+    )

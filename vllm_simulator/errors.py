@@ -32,8 +32,7 @@ class ApiError(Exception):
         return name if name.endswith("Error") else name + "Error"
 
     def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.status}}
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
         return json_response(body, status=self.status)
 
 

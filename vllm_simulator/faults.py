@@ -51,11 +51,9 @@ class Faults:
             if name in _FAULT_STATUS_RANGES:
                 low, high = _FAULT_STATUS_RANGES[name]
                 if not (low <= value <= high and value == int(value)):
-                    raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}",
-                                      name)
+                    raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}", name)
             elif name.endswith("_tokens") and (value != int(value) or value > _MAX_FAULT_TOKENS):
-                raise bad_request(f"fault {name} must be a whole number of tokens up to "
-                                  f"{_MAX_FAULT_TOKENS}", name)
+                raise bad_request(f"fault {name} must be a whole number of tokens up to {_MAX_FAULT_TOKENS}", name)
             setattr(faults, name, float(value) if name == "slow_start" else int(value))
         return faults
 

@@ -42,8 +42,11 @@ class Generation:
     include_usage: bool
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -80,9 +83,14 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
     # Like vLLM, a client's X-Request-Id becomes part of the completion id.
     base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     job = Generation(
-        chat=chat, request_id=("chatcmpl-" if chat else "cmpl-") + base_id, model=model,
-        prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream,
-        include_usage=include_usage)
+        chat=chat,
+        request_id=("chatcmpl-" if chat else "cmpl-") + base_id,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        stream=stream,
+        include_usage=include_usage,
+    )
     faults = state.faults.copy()  # a request keeps the faults it started with
 
     try:
@@ -139,8 +147,9 @@ async def paced_tokens(state: SimulatorState, n_tokens: int, faults: Faults) -> 
         yield position
 
 
-async def whole_generation(request: web.Request, state: SimulatorState, job: Generation,
-                           faults: Faults) -> web.Response:
+async def whole_generation(
+    request: web.Request, state: SimulatorState, job: Generation, faults: Faults
+) -> web.Response:
     stop_at = faults.stop_after(job.max_tokens)
     produced = 0
     async for _ in paced_tokens(state, stop_at if stop_at is not None else job.max_tokens, faults):
@@ -150,28 +159,47 @@ async def whole_generation(request: web.Request, state: SimulatorState, job: Gen
     text = completion_text(produced)
     choice: dict[str, Any]
     if job.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "tool_calls": []},
-                  "logprobs": None, "finish_reason": "length", "stop_reason": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "tool_calls": []},
+            "logprobs": None,
+            "finish_reason": "length",
+            "stop_reason": None,
+        }
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                  "stop_reason": None}
-    return json_response({
-        "id": job.request_id, "object": "chat.completion" if job.chat else "text_completion",
-        "created": int(time.time()), "model": job.model, "choices": [choice],
-        "usage": job.usage(produced)})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+    return json_response(
+        {
+            "id": job.request_id,
+            "object": "chat.completion" if job.chat else "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [choice],
+            "usage": job.usage(produced),
+        }
+    )
 
 
-async def stream_generation(request: web.Request, state: SimulatorState, job: Generation,
-                            faults: Faults) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-cache"})
+async def stream_generation(
+    request: web.Request, state: SimulatorState, job: Generation, faults: Faults
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
     await response.prepare(request)
     created = int(time.time())
     # Every chunk is the same bytes around its token, so they are built once per stream.
-    head = (b'data: {"id":' + orjson.dumps(job.request_id) + b',"object":'
-            + (b'"chat.completion.chunk"' if job.chat else b'"text_completion"')
-            + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(job.model)
-            + b',"choices":[{"index":0,')
+    head = (
+        b'data: {"id":'
+        + orjson.dumps(job.request_id)
+        + b',"object":'
+        + (b'"chat.completion.chunk"' if job.chat else b'"text_completion"')
+        + b',"created":'
+        + str(created).encode()
+        + b',"model":'
+        + orjson.dumps(job.model)
+        + b',"choices":[{"index":0,'
+    )
     token_open = b'"delta":{"content":' if job.chat else b'"text":'
     token_close = b"}," if job.chat else b","
     tail_more = b'"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
@@ -183,14 +211,20 @@ async def stream_generation(request: web.Request, state: SimulatorState, job: Ge
     n_tokens = stop_at if stop_at is not None else job.max_tokens
     async for position in paced_tokens(state, n_tokens, faults):
         last = stop_at is None and position == n_tokens - 1
-        await response.write(head + token_open + token_json(position) + token_close
-                             + (tail_last if last else tail_more))
+        await response.write(
+            head + token_open + token_json(position) + token_close + (tail_last if last else tail_more)
+        )
     if stop_at is not None:
         strike(request, faults)
     if job.include_usage:
         usage_chunk: dict[str, Any] = {
-            "id": job.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
-            "created": created, "model": job.model, "choices": [], "usage": job.usage(n_tokens)}
+            "id": job.request_id,
+            "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": created,
+            "model": job.model,
+            "choices": [],
+            "usage": job.usage(n_tokens),
+        }
         await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

@@ -53,8 +53,13 @@ class SimulatorState:
         for key, value in request.headers.items():
             key = key.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        entry = {"method": request.method, "path": request.path, "query": dict(request.query),
-                 "headers": headers, "body": None}
+        entry = {
+            "method": request.method,
+            "path": request.path,
+            "query": dict(request.query),
+            "headers": headers,
+            "body": None,
+        }
         self.last_by_path[request.path] = entry
         if request.path not in _UNRECORDED_PATHS:
             self.last_request = entry

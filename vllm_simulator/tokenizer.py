@@ -27,8 +27,9 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         raise invalid("prompt", "a string")
     ids = token_ids(text)
-    return json_response({"count": len(ids), "max_model_len": state.config.max_model_len,
-                          "tokens": ids, "token_strs": None})
+    return json_response(
+        {"count": len(ids), "max_model_len": state.config.max_model_len, "tokens": ids, "token_strs": None}
+    )
 
 
 async def detokenize(request: web.Request) -> web.Response:

@@ -117,11 +117,13 @@ def text_or_token_inputs(value: Any, param: str) -> list[str | list[int]]:
             return list(value)
         if all(is_token_id(item) for item in value):
             return [value]
-        if all(isinstance(item, list) and item and all(is_token_id(i) for i in item)
-               for item in value):
+        if all(isinstance(item, list) and item and all(is_token_id(i) for i in item) for item in value):
             return list(value)
-    raise invalid(param, "a string, a non-empty list of strings, a non-empty list of token ids "
-                         "(integers >= 0) or a non-empty list of such lists")
+    raise invalid(
+        param,
+        "a string, a non-empty list of strings, a non-empty list of token ids "
+        "(integers >= 0) or a non-empty list of such lists",
+    )
 
 
 def count_input_tokens(inputs: Sequence[str | list[int]]) -> int:
@@ -148,4 +150,5 @@ def check_context_length(max_model_len: int, prompt_tokens: int, max_tokens: int
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you requested "
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in "
-            "the completion). Please reduce the length of the messages or completion.")
+            "the completion). Please reduce the length of the messages or completion."
+        )

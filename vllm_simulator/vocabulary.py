@@ -39,8 +39,7 @@ def completion_text(n_tokens: int) -> str:
 
 def token_ids(text: str) -> list[int]:
     # Words outside the lorem text still get a stable id, past the vocabulary's own.
-    return [VOCAB_IDS.get(word, len(VOCAB) + zlib.crc32(word.encode()) % 50_000)
-            for word in text.split()]
+    return [VOCAB_IDS.get(word, len(VOCAB) + zlib.crc32(word.encode()) % 50_000) for word in text.split()]
 
 
 def detokenized(ids: list[int]) -> str:

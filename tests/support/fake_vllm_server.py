@@ -40,8 +40,9 @@ def start_tree(ignore_term: bool) -> list[int]:
     ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)" if ignore_term else ""
     worker = CHILD.format(ignore=ignore, spawn="")
     spawn = f"w = subprocess.Popen([sys.executable, '-c', {worker!r}]); print('worker', w.pid, flush=True)"
-    engine = subprocess.Popen([sys.executable, "-c", CHILD.format(ignore=ignore, spawn=spawn)],
-                              stdout=subprocess.PIPE, text=True)
+    engine = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(ignore=ignore, spawn=spawn)], stdout=subprocess.PIPE, text=True
+    )
     assert engine.stdout is not None
     worker_pid = int(engine.stdout.readline().split()[1])
     return [os.getpid(), engine.pid, worker_pid]
@@ -67,7 +68,7 @@ def main() -> int:
     info = json.dumps({"argv": argv, "env": dict(os.environ), "pids": pids}).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        def do_GET(self) -> None:
             body = {"/health": b"", "/_fake/info": info}.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.send_header("Content-Length", str(len(body or b"")))

@@ -89,11 +89,19 @@ class Fleet:
         self.env["FAKE_SMI_DIR"] = str(FIXTURES / name)
         self.env["PATH"] = f"{self.bin_dir}:{os.environ['PATH']}"
 
-    def run(self, script: str, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, **self.env, **(env or {})}
-        return subprocess.run(["bash", str(REPO_ROOT / script), *args], env=full_env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            ["bash", str(REPO_ROOT / script), *args],
+            env=full_env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def pid(self, model_id: str) -> int:
         return int((self.run_dir / f"{model_id}.pid").read_text().split()[0])

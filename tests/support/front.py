@@ -36,8 +36,14 @@ def connect(gateway: Gateway, timeout: float = LIVENESS, rcvbuf: int | None = No
     return sock, Reader(sock)
 
 
-def request(method: bytes | str, path: str, key: str | None = None, headers: str = "",
-            body: bytes = b"", content_length: int | None = None) -> bytes:
+def request(
+    method: bytes | str,
+    path: str,
+    key: str | None = None,
+    headers: str = "",
+    body: bytes = b"",
+    content_length: int | None = None,
+) -> bytes:
     """The bytes of one HTTP/1.1 request; `content_length` may declare more than `body` holds."""
     method = method.decode() if isinstance(method, bytes) else method
     lines = [f"{method} {path} HTTP/1.1", "Host: gw"]
@@ -72,8 +78,9 @@ def read_to_eof(sock: socket.socket, timeout: float = LIVENESS, already: bytes =
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"the connection was still open after {timeout} s "
-                                 f"({len(data)} bytes received: {bytes(data[:200])!r})")
+            raise AssertionError(
+                f"the connection was still open after {timeout} s ({len(data)} bytes received: {bytes(data[:200])!r})"
+            )
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
@@ -105,8 +112,9 @@ def error_of(body: bytes) -> dict[str, object]:
     return error
 
 
-def assert_rejected(response: tuple[int, dict[str, str], bytes], status: int, code: str,
-                    error_type: str | None = None) -> dict[str, object]:
+def assert_rejected(
+    response: tuple[int, dict[str, str], bytes], status: int, code: str, error_type: str | None = None
+) -> dict[str, object]:
     """A rejection as the spec shapes it: status, JSON error with this code, its length, connection: close."""
     got_status, headers, body = response
     assert got_status == status, (got_status, body[:300])
@@ -157,6 +165,7 @@ def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str
 
 # -- the gateway process --
 
+
 def rss_kib(pid: int) -> int:
     """Resident memory of a process in KiB (VmRSS in /proc/PID/status)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -168,7 +177,7 @@ def rss_kib(pid: int) -> int:
 def cpu_ticks(pid: int) -> int:
     """User plus system CPU time a process has used so far, in clock ticks."""
     raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2:].split()
+    fields = raw[raw.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
 
 

@@ -1,9 +1,9 @@
 """The gateway as a real process for tests: a model config, a key file, keys, a free port.
 
-    gw = Gateway.start(tmp_path, [Backend("sim", sim.base_url, path="/models/sim")])
-    client = gw.openai()                 # the official SDK, with an ordinary user key
-    gw.log_text()                        # vllm_api_server.log
-    gw.stop()
+gw = Gateway.start(tmp_path, [Backend("sim", sim.base_url, path="/models/sim")])
+client = gw.openai()                 # the official SDK, with an ordinary user key
+gw.log_text()                        # vllm_api_server.log
+gw.stop()
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ class Gateway:
         user = run_cli(full_env, "keys", "create", "--name", "test-user", "--json")
         handle = start_process(
             [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
-            env=full_env, log_path=workdir / "gateway.stdout.log",
+            env=full_env,
+            log_path=workdir / "gateway.stdout.log",
         )
         gateway = cls(workdir, port, handle, full_env)
         gateway.admin_key, gateway.key = json.loads(admin)["key"], json.loads(user)["key"]
@@ -92,7 +93,11 @@ class Gateway:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
-            env={**os.environ, **self.env}, capture_output=True, text=True, check=check, cwd=REPO_ROOT,
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            check=check,
+            cwd=REPO_ROOT,
             timeout=60,
         )
 
@@ -167,19 +172,26 @@ def gateway_env(workdir: Path, port: int) -> dict[str, str]:
 def run_cli(env: Mapping[str, str], *args: str) -> str:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
-        env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=60,
     )
     if result.returncode != 0:
         raise RuntimeError(f"vllm_api_server.py {' '.join(args)} failed: {result.stderr}")
     return result.stdout
 
 
-def raw_post(key: str, body: dict | bytes, path: str = "/v1/chat/completions", version: str = "1.1",
-             extra: str = "") -> bytes:
+def raw_post(
+    key: str, body: dict | bytes, path: str = "/v1/chat/completions", version: str = "1.1", extra: str = ""
+) -> bytes:
     """The bytes of a POST with a JSON body and a key, for tests that speak HTTP over a raw socket."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n").encode() + data
+    return (
+        f"POST {path} HTTP/{version}\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+    ).encode() + data
 
 
 class Reader:

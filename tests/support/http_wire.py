@@ -102,10 +102,11 @@ def take_response(buffer: bytes, eof: bool, head_only: bool = False) -> tuple[Wi
         size = int(lengths.pop())
         if len(buffer) - start < size:
             if eof:
-                raise Malformed(f"the connection closed {size - (len(buffer) - start)} bytes before "
-                                "the end of a response body")
+                raise Malformed(
+                    f"the connection closed {size - (len(buffer) - start)} bytes before the end of a response body"
+                )
             return None, 0
-        response.body = buffer[start:start + size]
+        response.body = buffer[start : start + size]
         return response, start + size
     if not response.closes:
         raise Malformed(f"a {status} with neither Content-Length nor chunked framing on a kept connection")
@@ -121,7 +122,7 @@ def _take_chunked(buffer: bytes, at: int, eof: bool, response: WireResponse) -> 
         line_end = buffer.find(b"\r\n", at)
         if line_end < 0:
             if len(buffer) - at > 1024:
-                raise Malformed(f"a chunk-size line longer than 1 KB: {buffer[at:at + 100]!r}")
+                raise Malformed(f"a chunk-size line longer than 1 KB: {buffer[at : at + 100]!r}")
             return _need_more(eof, "in a chunk-size line")
         size_line = buffer[at:line_end]
         match = CHUNK_SIZE.fullmatch(size_line)
@@ -133,9 +134,9 @@ def _take_chunked(buffer: bytes, at: int, eof: bool, response: WireResponse) -> 
             break
         if len(buffer) < at + size + 2:
             return _need_more(eof, "in a chunk")
-        if buffer[at + size:at + size + 2] != b"\r\n":
-            raise Malformed(f"a chunk not followed by CRLF: {buffer[at + size:at + size + 20]!r}")
-        parts.append(buffer[at:at + size])
+        if buffer[at + size : at + size + 2] != b"\r\n":
+            raise Malformed(f"a chunk not followed by CRLF: {buffer[at + size : at + size + 20]!r}")
+        parts.append(buffer[at : at + size])
         at += size + 2
     while True:  # trailer fields, then the empty line
         line_end = buffer.find(b"\r\n", at)

@@ -46,7 +46,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the command name may contain spaces
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces
     return fields[0], int(fields[1]), int(fields[2])
 
 
@@ -140,8 +140,12 @@ class ProcessHandle:
         self.stop()
 
 
-def start_process(cmd: Sequence[str], env: Mapping[str, str] | None = None,
-                  log_path: str | Path | None = None, cwd: str | Path | None = None) -> ProcessHandle:
+def start_process(
+    cmd: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    log_path: str | Path | None = None,
+    cwd: str | Path | None = None,
+) -> ProcessHandle:
     """Start `cmd` in a new session (its own process group), output to `log_path` (else dropped).
 
     `env` is added to the current environment; a value of "" is kept as the empty string.
@@ -155,9 +159,14 @@ def start_process(cmd: Sequence[str], env: Mapping[str, str] | None = None,
         log_file = path.open("ab")
     try:
         popen = subprocess.Popen(
-            list(cmd), env=full_env, cwd=cwd or REPO_ROOT, start_new_session=True,
-            stdin=subprocess.DEVNULL, stdout=log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT)
+            list(cmd),
+            env=full_env,
+            cwd=cwd or REPO_ROOT,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         if log_file is not None:
             log_file.close()
@@ -183,8 +192,7 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_for_http(url: str, timeout: float, status: int = 200,
-                  process: ProcessHandle | None = None) -> None:
+def wait_for_http(url: str, timeout: float, status: int = 200, process: ProcessHandle | None = None) -> None:
     """Poll `url` until it answers `status`; fail early if `process` exits first."""
     deadline = time.monotonic() + timeout
     last: int | None = None
@@ -193,8 +201,10 @@ def wait_for_http(url: str, timeout: float, status: int = 200,
         if last == status:
             return
         if process is not None and not process.alive():
-            raise RuntimeError(f"process {process.pid} exited with {process.returncode} before "
-                               f"{url} answered {status}; log tail:\n{process.log_tail()}")
+            raise RuntimeError(
+                f"process {process.pid} exited with {process.returncode} before "
+                f"{url} answered {status}; log tail:\n{process.log_tail()}"
+            )
         time.sleep(0.1)
     tail = f"; log tail:\n{process.log_tail()}" if process is not None else ""
     raise TimeoutError(f"{url} did not answer {status} within {timeout} s (last: {last}){tail}")
@@ -222,7 +232,7 @@ def parse_metrics(text: str) -> dict[str, float]:
         if not line or line.startswith("#"):
             continue
         if "{" in line:
-            name, value = line[:line.index("{")], line[line.rindex("}") + 1:].split()[0]
+            name, value = line[: line.index("{")], line[line.rindex("}") + 1 :].split()[0]
         else:
             name, value = line.split()[:2]
         values[name] = values.get(name, 0.0) + float(value)
@@ -239,17 +249,35 @@ class Simulator:
         self.base_url = f"http://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, log_dir: str | Path, *args: str, model: str = "sim",
-              python: str = sys.executable, wait: bool = True, timeout: float = 30.0,
-              port: int | None = None) -> Simulator:
+    def start(
+        cls,
+        log_dir: str | Path,
+        *args: str,
+        model: str = "sim",
+        python: str = sys.executable,
+        wait: bool = True,
+        timeout: float = 30.0,
+        port: int | None = None,
+    ) -> Simulator:
         """Start with `--served-model-name model` plus `args`, wait for /health unless told not to.
 
         The pace defaults to fast (no first-token delay, 1000 tokens/s); pass the flags to change it.
         """
         port = port or free_port()
-        cmd = [python, "-m", "vllm_simulator", "--port", str(port),
-               "--served-model-name", model, "--first-token-delay", "0", "--token-rate", "1000",
-               *args]
+        cmd = [
+            python,
+            "-m",
+            "vllm_simulator",
+            "--port",
+            str(port),
+            "--served-model-name",
+            model,
+            "--first-token-delay",
+            "0",
+            "--token-rate",
+            "1000",
+            *args,
+        ]
         log_path = Path(log_dir) / f"simulator-{port}.log"
         handle = start_process(cmd, log_path=log_path)
         simulator = cls(handle, port, model)

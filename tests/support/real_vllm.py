@@ -40,8 +40,11 @@ def vllm_python() -> str:
 def tiny_model_dir(directory: str | Path = DEFAULT_DIR) -> str:
     """Path of the tiny model, generating it with the vLLM interpreter if it is not there yet."""
     if not is_complete(directory):
-        subprocess.run([vllm_python(), str(REPO_ROOT / "tests" / "support" / "tiny_model.py"),
-                        str(directory)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [vllm_python(), str(REPO_ROOT / "tests" / "support" / "tiny_model.py"), str(directory)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return str(Path(directory).resolve())
 
 
@@ -60,12 +63,25 @@ class RealVllm:
         return self.handle.stop(timeout=30)
 
 
-def start_real_vllm(port: int, served_name: str, model_dir: str | Path, log_path: str | Path,
-                    extra_args: Sequence[str] = ()) -> RealVllm:
+def start_real_vllm(
+    port: int, served_name: str, model_dir: str | Path, log_path: str | Path, extra_args: Sequence[str] = ()
+) -> RealVllm:
     """Start vLLM's OpenAI server on 127.0.0.1:`port` and wait until /health answers 200."""
-    cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-           *VLLM_ARGS, *extra_args]
+    cmd = [
+        vllm_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *VLLM_ARGS,
+        *extra_args,
+    ]
     started = time.monotonic()
     handle = start_process(cmd, env=VLLM_ENV, log_path=log_path)
     try:

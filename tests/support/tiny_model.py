@@ -20,10 +20,16 @@ DEFAULT_DIR = REPO_ROOT / ".cache" / "tiny-model"
 # Written last: its presence means the directory is complete. Bump the recipe to rebuild old caches.
 COMPLETE_MARKER = ".tiny-model-complete"
 RECIPE = {
-    "recipe": 1, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "recipe": 1,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
     "head_dim": 64,  # the CPU attention kernels reject small head sizes such as 16
-    "num_key_value_heads": 1, "intermediate_size": 256, "vocab_size": 400,
-    "max_position_embeddings": 2048, "seed": 0,
+    "num_key_value_heads": 1,
+    "intermediate_size": 256,
+    "vocab_size": 400,
+    "max_position_embeddings": 2048,
+    "seed": 0,
 }
 
 CHAT_TEMPLATE = (
@@ -68,12 +74,19 @@ def _train_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=RECIPE["vocab_size"], special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=RECIPE["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TRAINING_TEXT * 4, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        model_max_length=RECIPE["max_position_embeddings"])
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=RECIPE["max_position_embeddings"],
+    )
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
@@ -101,8 +114,8 @@ def _build(directory: Path) -> None:
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(directory)
 
 
