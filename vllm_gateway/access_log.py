@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote
@@ -64,15 +65,32 @@ class LogWriter(threading.Thread):
         completion_tokens: int | None = None,
     ) -> None:
         """One request line. `path` must not carry the query string: it may hold an api_key."""
-        line = (
-            f"{self._timestamp()} INFO access rid={clean(request_id)} {method} {clean(path)} status={status} "
-            f"duration_ms={duration * 1000:.1f} key={key} model={clean(model)} backend={clean(backend)}"
-        )
+        line = self._line(escape, request_id, method, path, status, duration, key, model, backend)
+        if MAYBE_KEY.search(line):
+            # Rarely: something in it may spell a key. Build it again, each value searched and masked.
+            line = self._line(clean, request_id, method, path, status, duration, key, model, backend)
         if prompt_tokens is not None or completion_tokens is not None:
             line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
         self._pending.append(line)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+
+    def _line(
+        self,
+        safe: Callable[[object], str],
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        key: str,
+        model: str,
+        backend: str,
+    ) -> str:
+        return (
+            f"{self._timestamp()} INFO access rid={safe(request_id)} {method} {safe(path)} status={status} "
+            f"duration_ms={duration * 1000:.1f} key={key} model={safe(model)} backend={safe(backend)}"
+        )
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -197,7 +215,12 @@ def without_keys(text: str) -> str:
 def clean(value: object) -> str:
     """A log-safe value: no key, and no spaces, quotes or control characters an attacker could use to
     forge lines."""
-    text = without_keys(str(value))
+    return escape(without_keys(str(value)))
+
+
+def escape(value: object) -> str:
+    """`value` with no spaces, quotes or control characters (quoted and escaped when it has any)."""
+    text = str(value)
     if SAFE_VALUE.fullmatch(text):
         return text
     return '"' + text[:200].encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'

@@ -61,6 +61,8 @@ class GatewayProtocol(asyncio.Protocol):
         self.hooks: ServerHooks = find_hooks(self.app)
         self.limits = self.hooks.limits
         self.max_small_body = self.limits.max_small_body
+        self.max_head_bytes = self.limits.max_head_bytes
+        self.max_headers = self.limits.max_headers
         self.server_state = server_state
         self.app_state = app_state
         self.loop = _loop or asyncio.get_running_loop()
@@ -79,8 +81,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.broken: GatewayError | None = None  # answered once the requests before it are
         # -- per request --
         self.url = b""
-        self.head_size = 0
-        self.header_count = 0
+        self.head_size = 0  # the target and the header lines so far
         self.head_fed = 0  # bytes given to the parser while the current head is unfinished
         self.head_began = False  # a head began during the current feed
         self.parsing: Exchange | None = None  # the request whose bytes are arriving
@@ -156,13 +157,13 @@ class GatewayProtocol(asyncio.Protocol):
             return
         self.url = b""
         self.head_size = 0
-        self.header_count = 0
         self.parsing = Exchange(self)
 
     def on_url(self, url: bytes) -> None:
         if self.resuming is not None:
             return
         self.url += url
+        self.head_size += len(url)
         # The request line is the method, the target and the version, with two spaces.
         if len(self.url) + len(self.parser.get_method()) + 10 > self.limits.max_request_line:
             raise BadHead(errors.request_line_too_long(self.limits.max_request_line))
@@ -170,18 +171,23 @@ class GatewayProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.resuming is not None:
             return
-        self.header_count += 1
-        self.head_size += len(name) + len(value) + 4
-        if self.header_count > self.limits.max_headers:
-            raise BadHead(errors.head_too_large(f"more than {self.limits.max_headers} header lines"))
-        if self.head_size + len(self.url) > self.limits.max_head_bytes:
-            raise BadHead(errors.head_too_large(f"a head over {self.limits.max_head_bytes} bytes"))
-        name = name.lower()
         exchange = self.parsing
         assert exchange is not None
+        headers = exchange.headers
+        # The head so far (the request line's target counted in on_url) and its lines: one test on
+        # the hot path, the reason only when it fails.
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > self.max_head_bytes or len(headers) >= self.max_headers:
+            raise BadHead(self.head_too_large(len(headers) + 1))
+        name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             exchange.expect_continue = True
-        exchange.headers.append((name, value))
+        headers.append((name, value))
+
+    def head_too_large(self, lines: int) -> GatewayError:
+        if lines > self.max_headers:
+            return errors.head_too_large(f"more than {self.max_headers} header lines")
+        return errors.head_too_large(f"a head over {self.max_head_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
