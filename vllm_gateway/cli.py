@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .file_limits import raise_open_files_limit
@@ -208,11 +209,19 @@ def init_keys(_: argparse.Namespace) -> int:
     rule = "=" * 72
     print(
         f"{rule}\n First start: created an admin API key. It is shown only this once:\n\n    {secret}\n\n"
-        f" Only its hash is stored, in {store.path}. Keep it safe; make keys for users with\n"
+        f" Only its hash is stored, in {shown_path(store.path)}. Keep it safe; make keys for users with\n"
         f"    python3 vllm_api_server.py keys create --name NAME\n{rule}",
         flush=True,
     )
     return 0
+
+
+def shown_path(path: Path) -> str:
+    """`path` as the person at the terminal would type it: relative where it is below here."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def create_key(args: argparse.Namespace) -> int:
