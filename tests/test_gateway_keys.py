@@ -201,3 +201,22 @@ def test_keys_list_shows_a_key_used_seconds_ago(gateway):
     table = gateway.cli("keys", "list").stdout
     row = next(line for line in table.splitlines() if line.startswith(new["id"]))
     assert "never" not in row
+
+
+def test_the_key_file_is_rewritten_for_a_first_use_and_then_once_a_minute_at_most(tmp_path):
+    from vllm_gateway.keystore import LAST_USED_RESOLUTION_SECONDS, KeyStore
+
+    store = KeyStore(tmp_path / "api_keys.json")
+    store.load()
+    _, secret = store.create("busy")
+    assert not store.usage_due()
+    store.authenticate(secret)
+    assert store.usage_due()  # a first use goes to the file at the next look
+    store.flush_usage()
+    stamp = (tmp_path / "api_keys.json").stat().st_mtime_ns
+    store.authenticate(secret)
+    assert not store.usage_due()  # used again within the minute: the file says enough
+    record = store.records()[0]
+    store._used[record.id] = record.last_used_at + LAST_USED_RESOLUTION_SECONDS  # a minute later
+    assert store.usage_due()
+    assert (tmp_path / "api_keys.json").stat().st_mtime_ns == stamp

@@ -131,7 +131,7 @@ async def watch_key_file(state: GatewayState) -> None:
         try:
             if state.keys.refresh_if_changed():
                 log.info("key file reloaded")
-            if time.monotonic() - last_flush > state.settings.key_usage_flush_seconds:
+            if time.monotonic() - last_flush > state.settings.key_usage_flush_seconds and state.keys.usage_due():
                 last_flush = time.monotonic()
                 await asyncio.to_thread(state.keys.flush_usage)
             reported = None

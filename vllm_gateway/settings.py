@@ -63,8 +63,8 @@ class Settings(BaseSettings):
 
     # -- keys and limits --
     key_file: Path = REPO_DIR / "api_keys.json"
-    # How often keys' last-used times are written to the key file (a rename of the whole file, only
-    # when a key was used since), so that `keys list` shows them within seconds.
+    # How often the gateway looks whether keys' last-used times are due in the key file (a first
+    # use, or one a minute newer: keystore.usage_due), so that `keys list` shows them within seconds.
     key_usage_flush_seconds: float = Field(2.0, gt=0)
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
