@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from .http_exchange import Exchange
-from .request_body import ClientDisconnected
 
 Scope = dict[str, Any]
 
@@ -14,11 +13,13 @@ Scope = dict[str, Any]
 async def serve_asgi(
     app: Any,
     exchange: Exchange,
+    body: bytes,
     server: tuple[str, int] | None,
     client: tuple[str, int] | None,
     app_state: dict[str, Any],
 ) -> None:
-    """Run `app` for this exchange; an error, or no complete response, is answered by the connection."""
+    """Run `app` for this exchange, whose whole `body` the connection has read; an error, or no
+    complete response, is answered by the connection."""
     state = app_state.copy()
     if exchange.key is not None:
         state["key"] = exchange.key  # checked when the head arrived (access.check_head)
@@ -45,10 +46,7 @@ async def serve_asgi(
         nonlocal body_sent
         if not body_sent:
             body_sent = True
-            try:
-                return {"type": "http.request", "body": await exchange.read_body(), "more_body": False}
-            except ClientDisconnected:
-                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": body, "more_body": False}
         while not exchange.client_gone and not exchange.done:
             exchange.body_waiter = loop.create_future()
             await exchange.body_waiter

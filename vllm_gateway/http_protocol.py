@@ -298,14 +298,14 @@ class GatewayProtocol(asyncio.Protocol):
 
     async def serve_app(self, exchange: Exchange) -> None:
         try:
-            await exchange.read_body()  # small (max_small_body), so the app is handed it whole
+            body = await exchange.read_body()  # small (max_small_body), so the app is handed it whole
         except GatewayError as error:
             self.hooks.log_rejection(exchange, error.status)
             exchange.respond_error(error)
             return
         except ClientDisconnected:
             return
-        await serve_asgi(self.app, exchange, self.server, self.client, self.app_state)
+        await serve_asgi(self.app, exchange, body, self.server, self.client, self.app_state)
 
     def task_done(self, task: asyncio.Task[None]) -> None:
         self.server_state.tasks.discard(task)
