@@ -20,7 +20,7 @@ DEFAULT_DIR = REPO_ROOT / ".cache" / "tiny-model"
 # Written last: its presence means the directory is complete. Bump the recipe to rebuild old caches.
 COMPLETE_MARKER = ".tiny-model-complete"
 RECIPE = {
-    "recipe": 1,
+    "recipe": 2,
     "hidden_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
@@ -28,7 +28,7 @@ RECIPE = {
     "num_key_value_heads": 1,
     "intermediate_size": 256,
     "vocab_size": 400,
-    "max_position_embeddings": 2048,
+    "max_position_embeddings": 8192,  # long enough for a generation that an abort visibly cuts short
     "seed": 0,
 }
 
