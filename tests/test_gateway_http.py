@@ -116,6 +116,18 @@ def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(short_keep_al
         assert reader.closed(timeout=20)
 
 
+def test_the_keep_alive_timeout_counts_from_the_last_answer_not_the_first(short_keep_alive_gateway):
+    sock, reader = connect(short_keep_alive_gateway)
+    with sock:
+        # Requests 0.7 s apart with a 1 s keep-alive: the third comes after the first answer's deadline.
+        for number in range(3):
+            if number:
+                time.sleep(0.7)
+            sock.sendall(raw_post(short_keep_alive_gateway.key, CHAT))
+            assert reader.response()[0] == 200, f"request {number + 1}"
+        assert reader.closed(timeout=20)
+
+
 def test_an_active_stream_keeps_its_connection_past_the_keep_alive_timeout(short_keep_alive_gateway):
     sock, reader = connect(short_keep_alive_gateway)
     with sock:

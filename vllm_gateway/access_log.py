@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -89,7 +90,8 @@ class LogWriter(threading.Thread):
     ) -> str:
         return (
             f"{self._timestamp()} INFO access rid={safe(request_id)} {method} {safe(path)} status={status} "
-            f"duration_ms={duration * 1000:.1f} key={key} model={safe(model)} backend={safe(backend)}"
+            f"duration_ms={duration * 1000:.1f} key={key} model={safe_name(safe, model)} "
+            f"backend={safe_name(safe, backend)}"
         )
 
     def _timestamp(self) -> str:
@@ -194,6 +196,14 @@ def setup_logging(settings: Settings) -> LogWriter:
     return writer
 
 
+# A gateway has few keys, models and backends, and each request's line names one of each: their
+# labels are worked out once (a bounded cache: model names are the client's to choose).
+@functools.lru_cache(maxsize=1024)
+def safe_name(safe: Callable[[object], str], name: str) -> str:
+    return safe(name)
+
+
+@functools.lru_cache(maxsize=1024)
 def key_label(key_id: str, name: str) -> str:
     """How the log names a key: its id and name, never the key."""
     return f"{key_id}({clean(name)})"

@@ -35,7 +35,9 @@ class ConnectionTimers:
         self.limits = connection.limits
         # -- reading: a head, a body, or the next request --
         self.read_timer: asyncio.TimerHandle | None = None
+        self.read_timer_when = 0.0
         self.read_phase: str | None = None
+        self.read_deadline = 0.0  # of the phase: the timer may be due earlier, never later
         self.head_deadline: float | None = self.loop.time() + self.limits.head_timeout
         self.last_read = 0.0
         # -- writing: an answer that is not read --
@@ -76,32 +78,41 @@ class ConnectionTimers:
             if phase is BODY:
                 self.last_read = self.loop.time()
             return
-        if self.read_timer is not None:
-            self.read_timer.cancel()
-            self.read_timer = None
         self.read_phase = phase
         if phase is None:
-            return
+            return  # an armed timer finds nothing to do when it fires
         now = self.loop.time()
         if phase is BODY:
             self.last_read = now
-            self.read_timer = self.loop.call_at(now + self.limits.body_timeout, self._read_timed_out)
-            return
-        if phase is IDLE and connection.served:
-            self.read_timer = self.loop.call_at(now + self.limits.keepalive_timeout, self._read_timed_out)
-            return
-        if self.head_deadline is None:
-            self.head_deadline = now + self.limits.head_timeout
-        self.read_timer = self.loop.call_at(self.head_deadline, self._read_timed_out)
+            self._arm(now + self.limits.body_timeout)
+        elif phase is IDLE and connection.served:
+            self._arm(now + self.limits.keepalive_timeout)
+        else:
+            if self.head_deadline is None:
+                self.head_deadline = now + self.limits.head_timeout
+            self._arm(self.head_deadline)
+
+    def _arm(self, deadline: float) -> None:
+        # Arming and cancelling a timer for each request costs more than the rest of this module's
+        # work for it: a timer due before the deadline is kept, and it re-arms for the deadline it finds.
+        self.read_deadline = deadline
+        if self.read_timer is not None:
+            if self.read_timer_when <= deadline:
+                return
+            self.read_timer.cancel()
+        self.read_timer_when = deadline
+        self.read_timer = self.loop.call_at(deadline, self._read_timed_out)
 
     def _read_timed_out(self) -> None:
         self.read_timer = None
         phase = self.read_phase
-        if phase is BODY:
-            waited = self.loop.time() - self.last_read
-            if waited < self.limits.body_timeout:
-                self.read_timer = self.loop.call_later(self.limits.body_timeout - waited, self._read_timed_out)
-                return
+        if phase is None:
+            return
+        deadline = self.last_read + self.limits.body_timeout if phase is BODY else self.read_deadline
+        if self.loop.time() < deadline:
+            self.read_timer_when = deadline
+            self.read_timer = self.loop.call_at(deadline, self._read_timed_out)
+            return
         self.read_phase = None
         if phase is IDLE:
             self.connection.transport.close()  # nothing of a request arrived: nothing to answer

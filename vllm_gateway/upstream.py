@@ -247,7 +247,8 @@ class Connection(asyncio.Protocol):
         self.headers_ready = self.loop.create_future()
         self.received = self.until_close = self.keep_alive = False
         self.last_io = self.loop.time()
-        self.timer = self.loop.call_later(self.pool.read_timeout, self._check_timeout)
+        if self.timer is None:  # else a timer of an earlier request, due sooner: it re-arms
+            self.timer = self.loop.call_later(self.pool.read_timeout, self._check_timeout)
         self.transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.transport.write(body)
@@ -257,9 +258,6 @@ class Connection(asyncio.Protocol):
         if self.response is None:
             return
         self.response = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if reusable and self.keep_alive and not self.closed:
             self.reused = True
             self.pool.put_idle(self)
@@ -349,10 +347,11 @@ class Connection(asyncio.Protocol):
             self.response._fail(error)
 
     def _check_timeout(self) -> None:
-        # One timer per request, re-armed only when it fires: cheaper than one per chunk.
-        idle = self.loop.time() - self.last_io
-        if self.response is None:
+        # One timer per connection, re-armed only when it fires: cheaper than one per request or chunk.
+        self.timer = None
+        if self.response is None or self.closed:
             return
+        idle = self.loop.time() - self.last_io
         if idle >= self.pool.read_timeout:
             self._fail(UpstreamTimeout(f"no data for {self.pool.read_timeout:g} s"))
             self.close()
