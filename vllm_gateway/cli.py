@@ -76,6 +76,14 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
     update.set_defaults(run=update_key)
+
+    usage_cmd = commands.add_parser("usage", help="print requests and tokens from the usage ledger")
+    usage_cmd.add_argument("--since", default="7d", help="how far back: 12h, 7d, 2w (default 7d)")
+    usage_cmd.add_argument(
+        "--by", default="key,model", help="group by any of key, model, hour, joined with commas (default key,model)"
+    )
+    usage_cmd.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    usage_cmd.set_defaults(run=show_usage)
     return root
 
 
@@ -304,4 +312,45 @@ def update_key(args: argparse.Namespace) -> int:
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
     print("  ".join(describe(record)))
+    return 0
+
+
+# -- usage --
+
+
+def show_usage(args: argparse.Namespace) -> int:
+    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
+    from .usage_report import parse_span
+
+    settings = load_settings()
+    by = [part.strip() for part in args.by.split(",") if part.strip()]
+    unknown = set(by) - {"key", "model", "hour"}
+    if unknown or not by:
+        raise ValueError(f"--by takes key, model and hour, not {args.by!r}")
+    if not settings.usage_db_path.exists():
+        raise ValueError(f"no usage ledger at {settings.usage_db_path} yet (the gateway writes it)")
+    since = int(time.time()) - parse_span(args.since)
+    rows = SQLiteUsageStore(settings.usage_db_path).rows(since // HOUR * HOUR, 2**62)
+    names = {record.id: record.name for record in key_store().records()} if "key" in by else {}
+    groups = totals(rows, by)
+    entries = []
+    for group, counts in sorted(groups.items()):
+        entry: dict[str, object] = {}
+        for name, value in zip(by, group, strict=True):
+            if name == "key":
+                entry["key_id"], entry["key_name"] = value, names.get(value, "(revoked)")
+            elif name == "hour":
+                entry["hour"] = time.strftime("%Y-%m-%d %H:00", time.localtime(int(value)))
+            else:
+                entry[name] = value
+        entry.update(zip(FIELDS, counts, strict=True))
+        entries.append(entry)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print(f"no usage in the last {args.since}")
+        return 0
+    header = list(entries[0])
+    print_table([header] + [[str(entry[column]) for column in header] for entry in entries])
     return 0

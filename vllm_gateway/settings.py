@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
 
+    # -- the usage ledger (usage_ledger.py): requests and tokens per key, model and hour --
+    usage_ledger: bool = True
+    # None: usage.db beside the key file.
+    usage_db: Path | None = None
+    # How often a worker writes what it counted: a crash loses at most this long of counts.
+    usage_flush_seconds: float = Field(1.0, gt=0, le=60)
+
     # -- logs --
     log_dir: Path = Field(REPO_DIR / "logs", validation_alias=AliasChoices("GATEWAY_LOG_DIR", "VLLM_LOG_DIR"))
     log_file_name: str = "vllm_api_server.log"
@@ -82,6 +89,10 @@ class Settings(BaseSettings):
 
         parse(value)
         return value
+
+    @property
+    def usage_db_path(self) -> Path:
+        return self.usage_db or self.key_file.parent / "usage.db"
 
     @property
     def log_path(self) -> Path:
