@@ -328,7 +328,8 @@ def show_usage(args: argparse.Namespace) -> int:
     if unknown or not by:
         raise ValueError(f"--by takes key, model and hour, not {args.by!r}")
     if not settings.usage_db_path.exists():
-        raise ValueError(f"no usage ledger at {settings.usage_db_path} yet (the gateway writes it)")
+        print(f"no usage recorded yet: the gateway writes {shown_path(settings.usage_db_path)} as it serves")
+        return 0
     since = int(time.time()) - parse_span(args.since)
     rows = SQLiteUsageStore(settings.usage_db_path).rows(since // HOUR * HOUR, 2**62)
     names = {record.id: record.name for record in key_store().records()} if "key" in by else {}
