@@ -1,5 +1,6 @@
 """Token limits per key: counted from each answer's usage, refused before the backend once used up,
-set over the API and the CLI, the gateway-wide default, and exact counts across workers with Redis."""
+set over the API and the CLI, the gateway-wide default, and exact counts across workers with Redis;
+and request limits of several windows, in the same syntax."""
 
 from __future__ import annotations
 
@@ -111,6 +112,18 @@ def test_gateway_token_limit_applies_to_keys_without_their_own(tmp_path, simulat
     assert answers[0].headers["x-ratelimit-limit-tokens"] == "25"
     assert answers[2].json()["error"]["type"] == "tokens"
     assert with_own.status_code == 200 and with_own.headers["x-ratelimit-limit-tokens"] == "5000"
+
+
+def test_request_limit_of_several_windows_refuses_at_the_tightest(gateway):
+    key = gateway.create_key("--name", "two-windows", "--rate-limit", "100/hour;2/minute")["key"]
+    gateway.wait_for_key(key)
+    client = gateway.openai(key)
+    answers = [chat(client) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == ["1", "0", "0"]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[2].json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 60
 
 
 def test_token_limit_is_set_and_cleared_over_the_api(gateway):

@@ -16,6 +16,7 @@ amount are atomic there.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import lru_cache
@@ -25,6 +26,8 @@ from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from . import errors
+
+log = logging.getLogger("vllm_gateway")
 
 Headers = list[tuple[bytes, bytes]]
 WindowId = tuple[str, str, int, int]
@@ -149,9 +152,12 @@ class RateLimiter:
         for item in parse_limits(limit_text):
             if self.local is not None:
                 self.local.hit(TOKENS, key_id, item, tokens)
-            else:
-                assert self.shared is not None
+                continue
+            assert self.shared is not None
+            try:
                 await self.shared.hit(item, TOKENS, key_id, cost=tokens)
+            except Exception as error:  # the store failed after the answer: the client has it, say so here
+                log.warning("could not count %d tokens of key %s in %s: %s", tokens, key_id, item, error)
 
 
 def window_headers(kind: bytes, remaining: int, limit: int, reset_in: int) -> Headers:
