@@ -136,6 +136,7 @@ class NewKey(BaseModel):
     admin: bool = False
     models: list[str] | None = None
     rate_limit: str | None = None
+    token_limit: str | None = None
 
 
 class KeyChanges(BaseModel):
@@ -144,6 +145,7 @@ class KeyChanges(BaseModel):
     admin: bool | None = None
     models: list[str] | None = None
     rate_limit: str | None = None
+    token_limit: str | None = None
     disabled: bool | None = None
 
 
@@ -170,7 +172,9 @@ def list_keys(
 def create_key(
     new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
-    record, secret = key_file_guard(lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit))
+    record, secret = key_file_guard(
+        lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit, new.token_limit)
+    )
     return {**record.public(), "key": secret}
 
 

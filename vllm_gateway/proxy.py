@@ -1,6 +1,6 @@
 """The request path for every model-addressed endpoint, top to bottom:
 rate-limit the key (checked with the head, access.py), read the body, find the model, pick a backend,
-relay, log.
+relay, count the answer's tokens, log.
 
 It runs for every request and every token, so it talks to the client's connection directly
 (http_exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
@@ -154,6 +154,10 @@ async def proxy(
 
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
     outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
+    token_limit = key.token_limit or state.settings.token_limit
+    if token_limit:
+        outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
     # 3. The whole body, within the size limit, and the model it names.
     body = await exchange.read_body()
@@ -185,6 +189,11 @@ async def proxy(
         await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
+
+    # 6. The answer is out: its usage counts against the key's token limit, in full.
+    if token_limit:
+        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+        await state.limiter.count_tokens(key.id, token_limit, tokens)
 
 
 async def relay(

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     # use, or one a minute newer: keystore.usage_due), so that `keys list` shows them within seconds.
     key_usage_flush_seconds: float = Field(2.0, gt=0)
     rate_limit: str = "20/minute"
+    # Tokens (prompt + completion) per key, for keys without a token_limit of their own; none: no limit.
+    token_limit: str | None = None
     rate_limit_storage: str = "memory://"
 
     # -- the usage ledger (usage_ledger.py): requests and tokens per key, model and hour --
@@ -85,9 +87,19 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_parses(cls, value: str) -> str:
-        from limits import parse
+        from limits import parse_many
 
-        parse(value)
+        parse_many(value)  # windows joined with `;`, as ratelimit.parse_limits reads them
+        return value
+
+    @field_validator("token_limit")
+    @classmethod
+    def _token_limit_parses(cls, value: str | None) -> str | None:
+        from limits import parse_many
+
+        if value is None or not value.strip() or value.strip().lower() == "none":
+            return None
+        parse_many(value)
         return value
 
     @property
