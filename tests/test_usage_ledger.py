@@ -45,6 +45,17 @@ def wait_for_usage(gw: Gateway, requests: int, timeout: float = 10.0, **params: 
         time.sleep(0.1)
 
 
+def settled_usage(gw: Gateway) -> dict:
+    """The ledger's sums once earlier requests' batches are all written (two reads a few batches apart agree)."""
+    last = wait_for_usage(gw, 0, timeout=0)
+    while True:
+        time.sleep(3 * float(FLUSH["GATEWAY_USAGE_FLUSH_SECONDS"]))
+        now = wait_for_usage(gw, 0, timeout=0)
+        if now == last:
+            return now
+        last = now
+
+
 def make_traffic(gw: Gateway, rounds: int = 3) -> dict:
     """Non-streamed and streamed chats with the SDK; the sums of the usage the answers reported."""
     client = gw.openai()
@@ -70,14 +81,14 @@ def gw(tmp_path_factory, simulator):
 
 
 def test_ledger_totals_equal_the_usage_in_the_answers(gw):
-    before = wait_for_usage(gw, 0, timeout=0)
+    before = settled_usage(gw)
     sums = make_traffic(gw)
     after = wait_for_usage(gw, before["requests"] + sums["requests"])
     assert {name: after[name] - before[name] for name in sums} == sums
 
 
 def test_a_stream_without_include_usage_is_counted_and_its_client_sees_no_usage_chunk(gw, simulator):
-    before = wait_for_usage(gw, 0, timeout=0)
+    before = settled_usage(gw)
     chunks = list(gw.openai().chat.completions.create(**{**CHAT, "max_tokens": 7}, stream=True))
     assert chunks and all(chunk.choices for chunk in chunks), "a chunk with empty choices reached the client"
     assert all(chunk.usage is None for chunk in chunks)
@@ -107,7 +118,7 @@ def test_a_client_that_asked_for_usage_gets_exactly_one_usage_chunk(gw):
 
 
 def test_a_completions_stream_without_usage_is_counted_too(gw):
-    before = wait_for_usage(gw, 0, timeout=0)
+    before = settled_usage(gw)
     chunks = list(gw.openai().completions.create(model="sim", prompt="the", max_tokens=6, stream=True))
     assert all(chunk.choices for chunk in chunks)
     after = wait_for_usage(gw, before["requests"] + 1)
@@ -115,7 +126,7 @@ def test_a_completions_stream_without_usage_is_counted_too(gw):
 
 
 def test_an_aborted_stream_is_counted_with_the_tokens_it_delivered_and_marked(tmp_path, simulator):
-    env = {**FLUSH}
+    env = {**FLUSH, "GATEWAY_TOKEN_LIMIT": "100000/hour"}
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
         body = {**CHAT, "max_tokens": 2000, "stream": True}  # ten seconds at the simulator's rate
         delivered = 0
@@ -131,10 +142,14 @@ def test_an_aborted_stream_is_counted_with_the_tokens_it_delivered_and_marked(tm
             if rows or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        # The same tokens count against the key's token limit.
+        with gw.http(gw.key) as client:
+            remaining = client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-tokens"]
     (row,) = rows
     assert row["requests"] == 1 and row["aborted"] == 1 and row["errors"] == 0
     # What the client read, and what was on its way when it left: never the 2000 it asked for.
     assert 10 <= row["completion_tokens"] == row["aborted_completion_tokens"] < 200
+    assert int(remaining) == 100000 - row["completion_tokens"]
 
 
 def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator):

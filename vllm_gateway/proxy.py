@@ -189,11 +189,11 @@ async def proxy(
         await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
-
-    # 6. The answer is out: its usage counts against the key's token limit, in full.
-    if token_limit:
+        # 6. The answer is out, or its client left: its tokens (of an aborted stream, those delivered)
+        # count against the key's token limit, in full.
         tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
-        await state.limiter.count_tokens(key.id, token_limit, tokens)
+        if token_limit and tokens:
+            await state.limiter.count_tokens(key.id, token_limit, tokens)
 
 
 async def relay(
