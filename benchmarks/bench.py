@@ -28,7 +28,9 @@ from vllm_e2e import VllmOptions, run_vllm
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS = ("json", "stream", "paced", "leak", "vllm")
-TARGETS = ("direct", "nginx", "pipe", "gateway")
+TARGETS = ("direct", "nginx", "pipe", "gateway", "gateway-bare")
+# The gateway with what it keeps beside each request turned off, to measure what that costs.
+BARE_GATEWAY = {"GATEWAY_USAGE_LEDGER": "false"}
 VARIANT = {v.name: v for v in VARIANTS}
 # Seconds wrk waits for one response before counting a timeout, per kind of request.
 TIMEOUTS = {"json": 10, "stream": 20, "paced": 60}
@@ -78,8 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--targets",
         type=name_list(TARGETS),
         default=list(TARGETS),
-        help="comma-separated subset of direct,nginx,pipe,gateway "
-        "(default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay)",
+        help="comma-separated subset of direct,nginx,pipe,gateway,gateway-bare "
+        "(default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay; gateway-bare is the "
+        "gateway with its usage ledger and metrics off)",
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per load run (default 10; --quick 3)")
     parser.add_argument(
@@ -332,6 +335,13 @@ def run_canned(bench: Bench, results: dict) -> None:
             children.append(gateway.child)
             wait_until_serving("gateway", gateway.url, files, gateway.key, gateway.child.proc, 60)
             targets.append(Target("gateway", gateway.url, gateway.key, gateway.child.pid))
+        if "gateway-bare" in args.targets:
+            routes = {v.model: backend.url(v) for v in VARIANTS}
+            work = args.work / "gateway-bare"
+            bare = start_gateway(work, args.python, routes, args.gateway_cpu, overrides=BARE_GATEWAY)
+            children.append(bare.child)
+            wait_until_serving("gateway-bare", bare.url, files, bare.key, bare.child.proc, 60)
+            targets.append(Target("gateway-bare", bare.url, bare.key, bare.child.pid))
 
         for target in targets:
             log(f"warming up {target.name}")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGET_ORDER = ("direct", "nginx", "pipe", "gateway")
+TARGET_ORDER = ("direct", "nginx", "pipe", "gateway", "gateway-bare")
 KIND_TITLES = {"json": "non-streamed", "stream": "whole SSE stream", "paced": "paced SSE stream (~1 s)"}
 
 
@@ -54,6 +54,15 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
             checks.append(
                 _check(f"CPU per relayed event vs nginx ({kind}, c={row['connections']})", ratio, "<=", 1.5, "x")
             )
+
+    # What the usage ledger (and what else gateway-bare turns off) costs: CPU with it over CPU without.
+    for kind, figure in (("json", "cpu_us_per_request"), ("stream", "cpu_us_per_event")):
+        for row in [r for r in rows if r["kind"] == kind and r["target"] == "gateway"]:
+            bare = _row(rows, kind, "gateway-bare", row["connections"])
+            if bare is not None:
+                ratio = _ratio(row.get(figure), bare.get(figure))
+                label = f"CPU per {'request' if kind == 'json' else 'event'} with the ledger vs without"
+                checks.append(_check(f"{label} ({kind}, c={row['connections']})", ratio, "<=", 1.05, "x"))
 
     gw, direct = _row(rows, "json", "gateway", 1), _row(rows, "json", "direct", 1)
     added = gw["latency_ms"]["p50"] - direct["latency_ms"]["p50"] if gw and direct else None
@@ -220,7 +229,13 @@ def plot(path: Path, rows: list[dict]) -> bool:
     kinds = [k for k in KIND_TITLES if any(r["kind"] == k for r in rows)]
     if not kinds:
         return False
-    colours = {"direct": "#7f7f7f", "nginx": "#2ca02c", "pipe": "#ff7f0e", "gateway": "#1f77b4"}
+    colours = {
+        "direct": "#7f7f7f",
+        "nginx": "#2ca02c",
+        "pipe": "#ff7f0e",
+        "gateway": "#1f77b4",
+        "gateway-bare": "#9467bd",
+    }
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):
         for target in TARGET_ORDER:
