@@ -7,6 +7,7 @@ Values come from the environment (prefix GATEWAY_) or from an env file named by 
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -69,6 +70,15 @@ class Settings(BaseSettings):
     rate_limit: str = "20/minute"
     rate_limit_storage: str = "memory://"
 
+    # -- metrics: GET /metrics (docs/metrics.md) --
+    # Client networks (CIDRs, comma-separated) answered without a key; any other client needs an admin
+    # key. It replaces the default, so keep 127.0.0.0/8 in it to keep loopback; empty: admin keys only.
+    metrics_allow: str = "127.0.0.0/8,::1/128"
+    # A port of its own for /metrics, on the same host; None: the gateway's port.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # How often each worker writes its figures for the others to add up (several workers only).
+    metrics_snapshot_seconds: float = Field(1.0, gt=0)
+
     # -- logs --
     log_dir: Path = Field(REPO_DIR / "logs", validation_alias=AliasChoices("GATEWAY_LOG_DIR", "VLLM_LOG_DIR"))
     log_file_name: str = "vllm_api_server.log"
@@ -83,6 +93,16 @@ class Settings(BaseSettings):
         parse(value)
         return value
 
+    @field_validator("metrics_allow")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        networks_of(value)
+        return value
+
+    @property
+    def metrics_networks(self) -> list[IPv4Network | IPv6Network]:
+        return networks_of(self.metrics_allow)
+
     @property
     def log_path(self) -> Path:
         return self.log_dir / self.log_file_name
@@ -96,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def shares_rate_limit_store(self) -> bool:
         return self.rate_limit_scheme != "memory"
+
+
+def networks_of(text: str) -> list[IPv4Network | IPv6Network]:
+    return [ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
 def load_settings(**overrides: Any) -> Settings:
