@@ -143,6 +143,21 @@ def test_rate_limited_requests_are_counted_by_key_name(tmp_path, simulator):
     assert total(text, "vllm_gateway_requests_total", model="-", key="test-user", status="4xx") == 1
 
 
+def test_requests_refused_by_a_token_limit_are_counted_as_kind_tokens(tmp_path, simulator):
+    env = {"GATEWAY_TOKEN_LIMIT": "10/minute"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        with gateway.http(gateway.key) as client:
+            answers = [
+                client.post("/v1/chat/completions", json={"model": "sim", "messages": HI, "max_tokens": 5})
+                for _ in range(4)
+            ]
+        text = scrape(gateway)
+    refused = [answer for answer in answers if answer.status_code == 429]
+    assert refused and all(answer.json()["error"]["type"] == "tokens" for answer in refused)
+    assert total(text, "vllm_gateway_rate_limited_total", key="test-user", kind="tokens") == len(refused)
+    assert total(text, "vllm_gateway_rate_limited_total", kind="requests") == 0
+
+
 def test_a_stream_the_backend_drops_counts_as_a_mid_stream_upstream_error(tmp_path):
     with Simulator.start(tmp_path, "--crash-after-tokens", "2") as sim:
         with Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gateway:

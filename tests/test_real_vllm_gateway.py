@@ -25,7 +25,7 @@ def vllm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_gateway(tmp_path_factory, vllm):
     backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), aliases="tiny-chat")
-    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend]) as gw:
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend], env={"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}) as gw:
         yield gw
 
 
@@ -105,3 +105,40 @@ def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
         time.sleep(0.1)
     generated = metrics(vllm)["vllm:generation_tokens_total"] - before
     assert generated < max_tokens, f"vLLM generated all {generated} tokens: the abort never reached it"
+
+
+def ledger_tokens(gateway) -> tuple[int, int, int]:
+    with gateway.http(gateway.admin_key) as client:
+        page = client.get("/admin/usage", params={"start_time": int(time.time()) - 86400, "bucket_width": "1d"}).json()
+    results = [result for bucket in page["data"] for result in bucket["results"]]
+    return (
+        sum(r["num_model_requests"] for r in results),
+        sum(r["input_tokens"] for r in results),
+        sum(r["output_tokens"] for r in results),
+    )
+
+
+def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm):
+    requests_before, prompt_before, completion_before = ledger_tokens(real_gateway)
+    before = metrics(vllm)
+    client = real_gateway.openai()
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, extra_body={"ignore_eos": True})
+    # A stream whose client did not ask for usage: the gateway asks vLLM, and the client sees no usage chunk.
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=9, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    assert all(chunk.choices for chunk in chunks) and all(chunk.usage is None for chunk in chunks)
+    list(client.completions.create(model="tiny", prompt="the sea", max_tokens=7, stream=True))
+    after = metrics(vllm)
+    deadline = time.monotonic() + 10
+    while ledger_tokens(real_gateway)[0] < requests_before + 3:
+        assert time.monotonic() < deadline, "the ledger never counted the three requests"
+        time.sleep(0.1)
+    requests, prompt, completion = ledger_tokens(real_gateway)
+    assert requests - requests_before == 3
+    assert prompt - prompt_before == after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
+    assert completion - completion_before == (
+        after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    )

@@ -84,7 +84,7 @@ def test_model_is_found_in_the_body_the_openai_sdk_sends() -> None:
     content_type = request.headers["content-type"].encode()
     assert content_type.startswith(b"multipart/form-data; boundary=")
     assert model_from_multipart(request.content, content_type) == "whisper-large"
-    assert model_from_body(request.content, content_type) == "whisper-large"
+    assert model_from_body(request.content, content_type) == ("whisper-large", False)
 
 
 def test_model_after_a_file_part_is_found_as_curl_sends_it() -> None:

@@ -17,6 +17,7 @@ from . import errors
 from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
 from .registry import BackendState, Model
 from .state import GatewayState
+from .usage_report import UsageQuery, usage_page
 
 router = APIRouter()
 T = TypeVar("T")
@@ -135,6 +136,7 @@ class NewKey(BaseModel):
     admin: bool = False
     models: list[str] | None = None
     rate_limit: str | None = None
+    token_limit: str | None = None
 
 
 class KeyChanges(BaseModel):
@@ -143,6 +145,7 @@ class KeyChanges(BaseModel):
     admin: bool | None = None
     models: list[str] | None = None
     rate_limit: str | None = None
+    token_limit: str | None = None
     disabled: bool | None = None
 
 
@@ -169,7 +172,9 @@ def list_keys(
 def create_key(
     new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
-    record, secret = key_file_guard(lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit))
+    record, secret = key_file_guard(
+        lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit, new.token_limit)
+    )
     return {**record.public(), "key": secret}
 
 
@@ -203,3 +208,47 @@ def revoke_key(
     if not key_file_guard(lambda: state.keys.revoke(key_id)):
         raise errors.not_found(f"No API key with id `{key_id}`.")
     return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})
+
+
+# -- usage --
+
+
+@router.get("/admin/usage")
+def usage(
+    request: Request, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    """The ledger in the shape of OpenAI's `/v1/organization/usage/completions`. Lists may come as
+    `group_by=a&group_by=b`, `group_by[]=a` or `group_by=a,b`; the figures are up to a second old
+    (each worker's last batch)."""
+    if state.ledger is None:
+        raise errors.GatewayError(
+            404, "The usage ledger is off (GATEWAY_USAGE_LEDGER).", "invalid_request_error", "usage_ledger_off"
+        )
+    params = request.query_params
+
+    def listed(name: str) -> list[str]:
+        values = params.getlist(name) + params.getlist(name + "[]")
+        return [part for value in values for part in value.split(",") if part]
+
+    def number(name: str) -> int | None:
+        value = params.get(name)
+        if value is None:
+            return None
+        if not value.lstrip("-").isdigit():
+            raise errors.bad_request(f"{name} must be a whole number.", param=name)
+        return int(value)
+
+    start_time = number("start_time")
+    if start_time is None:
+        raise errors.bad_request("start_time (unix seconds) is required.", param="start_time")
+    query = UsageQuery(
+        start_time=start_time,
+        end_time=number("end_time"),
+        bucket_width=params.get("bucket_width", "1d"),
+        group_by=listed("group_by"),
+        models=listed("models"),
+        api_key_ids=listed("api_key_ids"),
+        limit=number("limit"),
+        page=params.get("page"),
+    )
+    return usage_page(state.ledger.store, query)

@@ -32,6 +32,7 @@ from .registry import Registry
 from .settings import Settings, load_settings
 from .state import GatewayState
 from .upstream import UpstreamPool
+from .usage_ledger import SQLiteUsageStore, UsageLedger
 
 log = logging.getLogger("vllm_gateway")
 
@@ -121,7 +122,12 @@ def build_state(settings: Settings) -> GatewayState:
     keys.load()
     registry = Registry(load_backend_specs(settings.model_config_file))
     limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage, local=not settings.shares_rate_limit_store)
-    return GatewayState(settings=settings, registry=registry, keys=keys, limiter=limiter)
+    ledger = (
+        UsageLedger(SQLiteUsageStore(settings.usage_db_path), settings.usage_flush_seconds)
+        if settings.usage_ledger
+        else None
+    )
+    return GatewayState(settings=settings, registry=registry, keys=keys, limiter=limiter, ledger=ledger)
 
 
 async def watch_key_file(state: GatewayState) -> None:
@@ -159,6 +165,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
         metrics_service = metrics_http.MetricsService(state)
         await metrics_service.start()
+        if state.ledger is not None:
+            state.ledger.start()
         log.info(
             "gateway listening on %s:%s with models: %s",
             settings.host,
@@ -173,6 +181,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
             await metrics_service.stop()
             with contextlib.suppress(KeyFileError, OSError):
                 await asyncio.to_thread(state.keys.flush_usage)
+            if state.ledger is not None:
+                await state.ledger.stop()
             state.upstream.close()
             state.body_parser.close()
             probes.close()

@@ -32,13 +32,13 @@ class BodyParser:
         the caller then saves a coroutine per request."""
         return len(body) <= INLINE_BYTES or content_type.startswith(b"multipart/form-data")
 
-    async def model_of(self, body: bytes, content_type: bytes) -> str:
-        """The model the body names; the same GatewayErrors (400) as request_body.model_from_body."""
+    async def model_of(self, body: bytes, content_type: bytes) -> tuple[str, bool]:
+        """request_body.model_from_body's answer, and its GatewayErrors (400)."""
         if self.parses_inline(body, content_type):
             return model_from_body(body, content_type)
         loop = asyncio.get_running_loop()
         try:
-            model, problem = await loop.run_in_executor(self._executor(), json_model, body)
+            model, no_usage, problem = await loop.run_in_executor(self._executor(), json_model, body)
         except BrokenProcessPool:
             # The helper died (killed, out of memory): the next large body starts a new one.
             self.close()
@@ -47,7 +47,7 @@ class BodyParser:
             ) from None
         if problem is not None:
             raise errors.bad_request(problem, code="invalid_json")
-        return require_model(model)
+        return require_model(model), no_usage
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--admin", action="store_true", help="may use /admin/keys")
     create.add_argument("--models", help="comma-separated models this key may use (default: all)")
     create.add_argument("--rate-limit", help='this key\'s limit, e.g. "100/minute" (default: GATEWAY_RATE_LIMIT)')
+    create.add_argument(
+        "--token-limit", help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)'
+    )
     create.add_argument("--json", action="store_true", help="print the new key as JSON")
     create.set_defaults(run=create_key)
 
@@ -68,14 +71,23 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
     revoke.set_defaults(run=revoke_key)
 
-    update = keys.add_parser("update", help="change a key's name, models, limit, admin flag or disabled flag")
+    update = keys.add_parser("update", help="change a key's name, models, limits, admin flag or disabled flag")
     update.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
     update.add_argument("--name")
     update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
     update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
+    update.add_argument("--token-limit", help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT")
     update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
     update.set_defaults(run=update_key)
+
+    usage_cmd = commands.add_parser("usage", help="print requests and tokens from the usage ledger")
+    usage_cmd.add_argument("--since", default="7d", help="how far back: 12h, 7d, 2w (default 7d)")
+    usage_cmd.add_argument(
+        "--by", default="key,model", help="group by any of key, model, hour, joined with commas (default key,model)"
+    )
+    usage_cmd.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    usage_cmd.set_defaults(run=show_usage)
     return root
 
 
@@ -226,7 +238,7 @@ def shown_path(path: Path) -> str:
 
 def create_key(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m] if args.models else None
-    record, secret = key_store().create(args.name, args.admin, models, args.rate_limit)
+    record, secret = key_store().create(args.name, args.admin, models, args.rate_limit, args.token_limit)
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
     else:
@@ -240,7 +252,7 @@ def list_keys(args: argparse.Namespace) -> int:
         print(json.dumps([record.public() for record in records], indent=2))
         return 0
     print_table(
-        [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "CREATED", "LAST USED", "STATE")]
+        [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "TOKEN LIMIT", "CREATED", "LAST USED", "STATE")]
         + [describe(record) for record in records]
     )
     return 0
@@ -257,6 +269,7 @@ def describe(record: KeyRecord) -> tuple[str, ...]:
         "yes" if record.admin else "no",
         ",".join(record.models) if record.models is not None else "all",
         record.rate_limit or "default",
+        record.token_limit or "default",
         when(record.created_at),
         when(record.last_used_at),
         "disabled" if record.disabled else "active",
@@ -294,6 +307,8 @@ def update_key(args: argparse.Namespace) -> int:
         changes["models"] = None if args.models == "all" else [m for m in args.models.split(",") if m]
     if args.rate_limit is not None:
         changes["rate_limit"] = None if args.rate_limit == "default" else args.rate_limit
+    if args.token_limit is not None:
+        changes["token_limit"] = None if args.token_limit == "default" else args.token_limit
     for flag in ("admin", "disabled"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
@@ -304,4 +319,46 @@ def update_key(args: argparse.Namespace) -> int:
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
     print("  ".join(describe(record)))
+    return 0
+
+
+# -- usage --
+
+
+def show_usage(args: argparse.Namespace) -> int:
+    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
+    from .usage_report import parse_span
+
+    settings = load_settings()
+    by = [part.strip() for part in args.by.split(",") if part.strip()]
+    unknown = set(by) - {"key", "model", "hour"}
+    if unknown or not by:
+        raise ValueError(f"--by takes key, model and hour, not {args.by!r}")
+    if not settings.usage_db_path.exists():
+        print(f"no usage recorded yet: the gateway writes {shown_path(settings.usage_db_path)} as it serves")
+        return 0
+    since = int(time.time()) - parse_span(args.since)
+    rows = SQLiteUsageStore(settings.usage_db_path).rows(since // HOUR * HOUR, 2**62)
+    names = {record.id: record.name for record in key_store().records()} if "key" in by else {}
+    groups = totals(rows, by)
+    entries = []
+    for group, counts in sorted(groups.items()):
+        entry: dict[str, object] = {}
+        for name, value in zip(by, group, strict=True):
+            if name == "key":
+                entry["key_id"], entry["key_name"] = value, names.get(value, "(revoked)")
+            elif name == "hour":
+                entry["hour"] = time.strftime("%Y-%m-%d %H:00", time.localtime(int(value)))
+            else:
+                entry[name] = value
+        entry.update(zip(FIELDS, counts, strict=True))
+        entries.append(entry)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print(f"no usage in the last {args.since}")
+        return 0
+    header = list(entries[0])
+    print_table([header] + [[str(entry[column]) for column in header] for entry in entries])
     return 0

@@ -116,6 +116,17 @@ def rate_limited(limit: str, retry_after: int, headers: Headers) -> GatewayError
     )
 
 
+def tokens_limited(limit: str, retry_after: int, headers: Headers) -> GatewayError:
+    """A key whose token window is used up: type `tokens`, as OpenAI's own token limits say."""
+    return GatewayError(
+        429,
+        f"Token limit reached for this API key ({limit} tokens). Try again in {retry_after} s.",
+        "tokens",
+        "rate_limit_exceeded",
+        headers=[*headers, (b"retry-after", str(retry_after).encode())],
+    )
+
+
 def overloaded(limit: int) -> GatewayError:
     return GatewayError(
         503,

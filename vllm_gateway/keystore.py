@@ -43,18 +43,17 @@ class KeyRecord(BaseModel):
     admin: bool = False
     models: list[str] | None = None
     rate_limit: str | None = None
+    token_limit: str | None = None
     created_at: float
     last_used_at: float | None = None
     disabled: bool = False
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "token_limit")
     @classmethod
-    def _rate_limit_parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            from limits import parse
+    def _limit_parses(cls, value: str | None) -> str | None:
+        from .ratelimit import check_limit_text
 
-            parse(value)
-        return value
+        return check_limit_text(value)
 
     def may_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -78,7 +77,11 @@ def new_secret() -> str:
 
 
 def new_record(
-    name: str, admin: bool = False, models: list[str] | None = None, rate_limit: str | None = None
+    name: str,
+    admin: bool = False,
+    models: list[str] | None = None,
+    rate_limit: str | None = None,
+    token_limit: str | None = None,
 ) -> tuple[KeyRecord, str]:
     """A fresh key and its record; the record holds only the key's hash and first characters."""
     secret = new_secret()
@@ -90,6 +93,7 @@ def new_record(
         admin=admin,
         models=models,
         rate_limit=rate_limit,
+        token_limit=token_limit,
         created_at=time.time(),
     )
     return record, secret
@@ -160,9 +164,10 @@ class KeyStore:
         admin: bool = False,
         models: list[str] | None = None,
         rate_limit: str | None = None,
+        token_limit: str | None = None,
     ) -> tuple[KeyRecord, str]:
         """Add a key; returns its record and the key itself, which is never stored or shown again."""
-        record, secret = new_record(name, admin, models, rate_limit)
+        record, secret = new_record(name, admin, models, rate_limit, token_limit)
         self._change(lambda keys: keys.append(record))
         return record, secret
 
@@ -186,7 +191,7 @@ class KeyStore:
         return bool(found)
 
     def update(self, key_id: str, changes: dict[str, object]) -> KeyRecord | None:
-        """Change some of name, admin, models, rate_limit, disabled; returns the new record or None."""
+        """Change some of name, admin, models, rate_limit, token_limit, disabled; returns the new record or None."""
         updated: list[KeyRecord] = []
 
         def apply(keys: list[KeyRecord]) -> None:

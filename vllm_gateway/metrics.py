@@ -43,6 +43,9 @@ TTFT_AT = DURATION_AT + len(DURATION_BUCKETS) + 1
 OVERHEAD_AT = TTFT_AT + len(TTFT_BUCKETS) + 1
 SERIES_SIZE = OVERHEAD_AT + len(OVERHEAD_BUCKETS) + 1
 
+# The gateway's 429s, by their error's type (errors.rate_limited, errors.tokens_limited).
+RATE_LIMIT_KINDS = {"rate_limit_error": "requests", "tokens": "tokens"}
+
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 # (model, backend, key name, status class)
@@ -96,9 +99,8 @@ class Metrics:
                 series[TTFT_SUM] += ttft
                 series[TTFT_COUNT] += 1
                 series[TTFT_AT + bisect_left(TTFT_BUCKETS, ttft)] += 1
-        if outcome.error_code is not None and outcome.status == 429:
-            kind = "tokens" if "token" in outcome.error_code else "requests"
-            limited = (labels[2], kind)
+        if outcome.status == 429 and outcome.error_type in RATE_LIMIT_KINDS:
+            limited = (labels[2], RATE_LIMIT_KINDS[outcome.error_type])
             self.rate_limited[limited] = self.rate_limited.get(limited, 0.0) + 1
 
     def upstream_error(self, model: str, backend: str, kind: str) -> None:

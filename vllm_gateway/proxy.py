@@ -1,6 +1,6 @@
 """The request path for every model-addressed endpoint, top to bottom:
 rate-limit the key (checked with the head, access.py), read the body, find the model, pick a backend,
-relay, log.
+relay, count the answer's tokens, log.
 
 It runs for every request and every token, so it talks to the client's connection directly
 (http_exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
@@ -23,9 +23,11 @@ from .http_exchange import Exchange
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
+from .stream_usage import USAGE_PATHS, UsageChunkFilter, with_usage_requested
 from .upstream import (
     Headers,
     Response,
+    Sink,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -71,10 +73,13 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's code.
+    # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's type.
     upstream_seconds: float = 0.0
     first_byte_at: float = 0.0
-    error_code: str | None = None
+    error_type: str | None = None
+    # For the usage ledger: set once the key may use the model it named.
+    key_id: str = ""
+    ledger_model: str = ""
 
 
 def new_request_id() -> bytes:
@@ -94,7 +99,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        outcome.error_code = error.code
+        outcome.error_type = error.type
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
@@ -123,6 +128,15 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         outcome.status = 499
     finally:
         state.metrics.request(outcome, exchange.key, started)
+        if outcome.ledger_model and state.ledger is not None:
+            state.ledger.record(
+                outcome.key_id,
+                outcome.ledger_model,
+                outcome.prompt_tokens or 0,
+                outcome.completion_tokens or 0,
+                error=outcome.status >= 400 and outcome.status != 499,
+                aborted=outcome.status == 499,
+            )
         state.log.request(
             request_id.decode(),
             "POST",
@@ -147,18 +161,28 @@ async def proxy(
 
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
     outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
+    token_limit = key.token_limit or state.settings.token_limit
+    if token_limit:
+        outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
     # 3. The whole body, within the size limit, and the model it names.
     body = await exchange.read_body()
     content_type = headers.get(b"content-type", b"")
     if state.body_parser.parses_inline(body, content_type):
-        model_name = model_from_body(body, content_type)
+        model_name, lacks_usage = model_from_body(body, content_type)
     else:
-        model_name = await state.body_parser.model_of(body, content_type)
+        model_name, lacks_usage = await state.body_parser.model_of(body, content_type)
     outcome.model = model_name
     model = state.registry.resolve(model_name)
     if model is None or not key.may_use(model.name):
         raise errors.model_not_found(model_name)
+    outcome.key_id, outcome.ledger_model = key.id, model.name
+    # A stream is counted even when its client did not ask for the usage: the gateway asks, and
+    # keeps the usage chunk from that client (stream_usage.py).
+    strip_usage = lacks_usage and exchange.path in USAGE_PATHS
+    if strip_usage:
+        body = with_usage_requested(body)
 
     # 4. The gateway's concurrency.
     if state.in_flight >= state.settings.concurrency_limit:
@@ -169,18 +193,30 @@ async def proxy(
     state.in_flight += 1
     try:
         upstream_headers = request_headers(list(headers.items()), request_id)
-        await relay(state, exchange, upstream_headers, body, model, outcome)
+        await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
+        # 6. The answer is out, or its client left: its tokens (of an aborted stream, those delivered)
+        # count against the key's token limit, in full.
+        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+        if token_limit and tokens:
+            await state.limiter.count_tokens(key.id, token_limit, tokens)
 
 
 async def relay(
-    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
+    state: GatewayState,
+    exchange: Exchange,
+    upstream_headers: Headers,
+    body: bytes,
+    model: Model,
+    outcome: Outcome,
+    strip_usage: bool,
 ) -> None:
     waiting_from = time.perf_counter()
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model)
     outcome.backend = backend.spec.id
     finished = False
+    counted: UsageChunkFilter | None = None
     try:
         outcome.status = upstream.status
         head = response_headers(upstream) + outcome.headers
@@ -193,14 +229,19 @@ async def relay(
         else:
             # A stream, or a body still coming: the head at once, then every piece as it arrives.
             exchange.start(upstream.status, head, first)
-            upstream.send_body_to(exchange)
+            sink: Sink = exchange
+            if streaming and exchange.path in USAGE_PATHS:
+                sink = counted = UsageChunkFilter(exchange, strip_usage)
+            upstream.send_body_to(sink)
             try:
                 # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
                 # up while the client was not reading, and at the end.
                 while chunk := await upstream.read_chunk():
-                    exchange.write(chunk)
+                    sink.write(chunk)
                     if exchange.write_paused:
                         await exchange.drain()
+                if counted is not None:
+                    exchange.write(counted.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
@@ -222,6 +263,10 @@ async def relay(
             upstream.release()
         else:
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
+            if counted is not None and exchange.client_gone:
+                # No usage came: the ledger counts the events delivered, one token each (the chat
+                # stream's first event carries the role only).
+                outcome.completion_tokens = max(0, counted.events - (exchange.path == "/v1/chat/completions"))
 
 
 async def open_upstream(

@@ -1,44 +1,79 @@
-"""Per-key request rate limits: fixed windows, parsed and (when shared) stored by the `limits` library.
+"""Per-key limits on requests and on tokens: fixed windows, parsed and (when shared) stored by `limits`.
 
-With one worker the counts live in this process: a dictionary entry per key, about a microsecond per
-request. `limits`' own in-memory storages start a timer thread or task on every hit (22-50 us measured
-here), which is too much for the hot path. With several workers the counts must be shared to be
-exact, so they go to Redis through `limits` (the engine under slowapi).
+A limit is one or more windows joined with `;` (`100/minute;2000/day`); every one of them applies.
+
+Requests are counted as they come. Tokens can only be counted when the answer ends (prompt plus
+completion, from its usage), so a request is admitted while its key's token windows have tokens
+left, and its whole usage is added afterwards: a request that goes over exhausts the window, and the
+next one is refused. Fixed windows are what make a cost added after the fact simple and exact.
+
+With one worker the counts live in this process: a dictionary entry per window, about a microsecond
+per request. `limits`' own in-memory storages start a timer thread or task on every hit (22-50 us
+measured here), which is too much for the hot path. With several workers the counts must be shared to
+be exact, so they go to Redis through `limits` (the engine under slowapi), whose increments by any
+amount are atomic there.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import lru_cache
 
-from limits import RateLimitItem, parse
+from limits import RateLimitItem, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
 from . import errors
 
+log = logging.getLogger("vllm_gateway")
+
 Headers = list[tuple[bytes, bytes]]
+WindowId = tuple[str, str, int, int]
+
+REQUESTS = "key"  # the namespace of request counts (as before token limits, so counts carry over)
+TOKENS = "tokens"
 
 
 @lru_cache(maxsize=256)
-def parse_limit(text: str) -> RateLimitItem:
-    return parse(text)
+def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
+    """The windows of a limit such as `40000/minute;2000000/day`; raises ValueError when it does not parse."""
+    items = tuple(parse_many(text))
+    if not items:
+        raise ValueError(f"no limit in {text!r}")
+    return items
+
+
+def check_limit_text(value: str | None) -> str | None:
+    """For validators: `value` unchanged when it parses (None is no limit of the key's own)."""
+    if value is not None:
+        parse_limits(value)
+    return value
 
 
 class LocalWindows:
-    """Fixed windows counted in this process: window start and count per (key, limit)."""
+    """Fixed windows counted in this process: window end and count per (namespace, key, window)."""
 
     def __init__(self) -> None:
-        self.windows: dict[tuple[str, str], list[float]] = {}
+        self.windows: dict[WindowId, list[float]] = {}
 
-    def hit(self, key_id: str, item: RateLimitItem, text: str) -> tuple[int, float]:
-        """Count a hit; returns the count in the current window and when that window ends."""
+    def hit(self, namespace: str, key_id: str, item: RateLimitItem, cost: int = 1) -> tuple[int, float]:
+        """Add `cost`; returns the count in the current window and when that window ends."""
         now = time.time()
-        window = self.windows.get((key_id, text))
+        window_id = (namespace, key_id, item.amount, item.get_expiry())
+        window = self.windows.get(window_id)
         if window is None or now >= window[0]:
-            window = self.windows[(key_id, text)] = [now + item.get_expiry(), 0]
-        window[1] += 1
+            window = self.windows[window_id] = [now + item.get_expiry(), 0]
+        window[1] += cost
+        return int(window[1]), window[0]
+
+    def peek(self, namespace: str, key_id: str, item: RateLimitItem) -> tuple[int, float]:
+        """The count in the current window and when it ends (a full window from now when none is open)."""
+        now = time.time()
+        window = self.windows.get((namespace, key_id, item.amount, item.get_expiry()))
+        if window is None or now >= window[0]:
+            return 0, now + item.get_expiry()
         return int(window[1]), window[0]
 
 
@@ -56,23 +91,79 @@ class RateLimiter:
             self.shared = FixedWindowRateLimiter(storage_from_string(storage_uri, implementation="redispy"))
 
     async def hit(self, key_id: str, limit_text: str | None) -> Headers:
-        """Count one request for this key; returns the rate-limit headers or raises a 429 error."""
+        """Count one request for this key; returns the rate-limit headers or raises a 429 error.
+
+        The headers tell the window with the fewest requests left; Retry-After the last one to reopen."""
         text = limit_text or self.default_limit
-        item = parse_limit(text)
-        if self.local is not None:
-            count, reset_at = self.local.hit(key_id, item, text)
-            allowed, remaining = count <= item.amount, max(0, item.amount - count)
-        else:
-            assert self.shared is not None
-            allowed = await self.shared.hit(item, "key", key_id)
-            stats = await self.shared.get_window_stats(item, "key", key_id)
-            reset_at, remaining = stats.reset_time, stats.remaining
-        reset_in = max(1, math.ceil(reset_at - time.time()))
-        headers = [
-            (b"x-ratelimit-limit-requests", str(item.amount).encode()),
-            (b"x-ratelimit-remaining-requests", str(remaining).encode()),
-            (b"x-ratelimit-reset-requests", f"{reset_in}s".encode()),
-        ]
+        allowed = True
+        tightest: tuple[int, int, int] | None = None  # remaining, limit, seconds to reset
+        retry_after = 1
+        for item in parse_limits(text):
+            if self.local is not None:
+                count, reset_at = self.local.hit(REQUESTS, key_id, item)
+                fits, remaining = count <= item.amount, max(0, item.amount - count)
+            else:
+                assert self.shared is not None
+                fits = await self.shared.hit(item, REQUESTS, key_id)
+                stats = await self.shared.get_window_stats(item, REQUESTS, key_id)
+                reset_at, remaining = stats.reset_time, stats.remaining
+            reset_in = max(1, math.ceil(reset_at - time.time()))
+            if tightest is None or remaining < tightest[0]:
+                tightest = (remaining, item.amount, reset_in)
+            if not fits:
+                allowed, retry_after = False, max(retry_after, reset_in)
+        assert tightest is not None
+        headers = window_headers(b"requests", *tightest)
         if not allowed:
-            raise errors.rate_limited(text, reset_in, headers)
+            raise errors.rate_limited(text, retry_after, headers)
         return headers
+
+    async def check_tokens(self, key_id: str, limit_text: str) -> Headers:
+        """Before a request goes upstream: its key's token windows as headers, or a 429 error when
+        one of them is used up."""
+        allowed = True
+        tightest: tuple[int, int, int] | None = None
+        retry_after = 1
+        for item in parse_limits(limit_text):
+            if self.local is not None:
+                used, reset_at = self.local.peek(TOKENS, key_id, item)
+            else:
+                assert self.shared is not None
+                stats = await self.shared.get_window_stats(item, TOKENS, key_id)
+                used = item.amount - stats.remaining
+                reset_at = stats.reset_time if used else time.time() + item.get_expiry()
+            remaining = max(0, item.amount - used)
+            reset_in = max(1, math.ceil(reset_at - time.time()))
+            if tightest is None or remaining < tightest[0]:
+                tightest = (remaining, item.amount, reset_in)
+            if remaining == 0:
+                allowed, retry_after = False, max(retry_after, reset_in)
+        assert tightest is not None
+        headers = window_headers(b"tokens", *tightest)
+        if not allowed:
+            raise errors.tokens_limited(limit_text, retry_after, headers)
+        return headers
+
+    async def count_tokens(self, key_id: str, limit_text: str, tokens: int) -> None:
+        """After an answer: add its tokens to every window of the key's token limit, in full, even
+        past the limit (the answer is already out; the next request is refused instead)."""
+        if tokens <= 0:
+            return
+        for item in parse_limits(limit_text):
+            if self.local is not None:
+                self.local.hit(TOKENS, key_id, item, tokens)
+                continue
+            assert self.shared is not None
+            try:
+                await self.shared.hit(item, TOKENS, key_id, cost=tokens)
+            except Exception as error:  # the store failed after the answer: the client has it, say so here
+                log.warning("could not count %d tokens of key %s in %s: %s", tokens, key_id, item, error)
+
+
+def window_headers(kind: bytes, remaining: int, limit: int, reset_in: int) -> Headers:
+    """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers."""
+    return [
+        (b"x-ratelimit-limit-" + kind, str(limit).encode()),
+        (b"x-ratelimit-remaining-" + kind, str(remaining).encode()),
+        (b"x-ratelimit-reset-" + kind, f"{reset_in}s".encode()),
+    ]

@@ -6,6 +6,7 @@ import orjson
 
 from . import errors
 from .errors import GatewayError
+from .stream_usage import lacks_usage
 
 # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters, and these are the ones it may use.
 MAX_BOUNDARY_LENGTH = 70
@@ -29,25 +30,27 @@ class ClientDisconnected(Exception):
     """The client went away before its request was complete."""
 
 
-def model_from_body(body: bytes, content_type: bytes) -> str:
+def model_from_body(body: bytes, content_type: bytes) -> tuple[str, bool]:
+    """The model the body names, and whether it is a stream whose client did not ask for its usage
+    (stream_usage.lacks_usage)."""
     if content_type.startswith(b"multipart/form-data"):
-        return model_from_multipart(body, content_type)
-    model, problem = json_model(body)
+        return model_from_multipart(body, content_type), False
+    model, no_usage, problem = json_model(body)
     if problem is not None:
         raise errors.bad_request(problem, code="invalid_json")
-    return require_model(model)
+    return require_model(model), no_usage
 
 
-def json_model(body: bytes) -> tuple[object, str | None]:
-    """The `model` of a JSON body, or why the body is not a JSON object. Plain values, not errors, so
-    that it can run in a helper process (body_parser.py) and send its answer back."""
+def json_model(body: bytes) -> tuple[object, bool, str | None]:
+    """The `model` of a JSON body and lacks_usage(), or why the body is not a JSON object. Plain
+    values, not errors, so that it can run in a helper process (body_parser.py) and send its answer back."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        return None, f"The request body is not valid JSON: {error}"
+        return None, False, f"The request body is not valid JSON: {error}"
     if not isinstance(payload, dict):
-        return None, "The request body must be a JSON object."
-    return payload.get("model"), None
+        return None, False, "The request body must be a JSON object."
+    return payload.get("model"), lacks_usage(payload), None
 
 
 def model_from_multipart(body: bytes, content_type: bytes) -> str:

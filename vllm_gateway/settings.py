@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # use, or one a minute newer: keystore.usage_due), so that `keys list` shows them within seconds.
     key_usage_flush_seconds: float = Field(2.0, gt=0)
     rate_limit: str = "20/minute"
+    # Tokens (prompt + completion) per key, for keys without a token_limit of their own; none: no limit.
+    token_limit: str | None = None
     rate_limit_storage: str = "memory://"
 
     # -- metrics: GET /metrics (docs/metrics.md) --
@@ -79,6 +81,13 @@ class Settings(BaseSettings):
     # How often each worker writes its figures for the others to add up (several workers only).
     metrics_snapshot_seconds: float = Field(1.0, gt=0)
 
+    # -- the usage ledger (usage_ledger.py): requests and tokens per key, model and hour --
+    usage_ledger: bool = True
+    # None: usage.db beside the key file.
+    usage_db: Path | None = None
+    # How often a worker writes what it counted: a crash loses at most this long of counts.
+    usage_flush_seconds: float = Field(1.0, gt=0, le=60)
+
     # -- logs --
     log_dir: Path = Field(REPO_DIR / "logs", validation_alias=AliasChoices("GATEWAY_LOG_DIR", "VLLM_LOG_DIR"))
     log_file_name: str = "vllm_api_server.log"
@@ -88,9 +97,9 @@ class Settings(BaseSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_limit_parses(cls, value: str) -> str:
-        from limits import parse
+        from limits import parse_many
 
-        parse(value)
+        parse_many(value)  # windows joined with `;`, as ratelimit.parse_limits reads them
         return value
 
     @field_validator("metrics_allow")
@@ -102,6 +111,20 @@ class Settings(BaseSettings):
     @property
     def metrics_networks(self) -> list[IPv4Network | IPv6Network]:
         return networks_of(self.metrics_allow)
+
+    @field_validator("token_limit")
+    @classmethod
+    def _token_limit_parses(cls, value: str | None) -> str | None:
+        from limits import parse_many
+
+        if value is None or not value.strip() or value.strip().lower() == "none":
+            return None
+        parse_many(value)
+        return value
+
+    @property
+    def usage_db_path(self) -> Path:
+        return self.usage_db or self.key_file.parent / "usage.db"
 
     @property
     def log_path(self) -> Path:

@@ -14,6 +14,7 @@ from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings
 from .upstream import UpstreamPool
+from .usage_ledger import UsageLedger
 
 
 @dataclass(eq=False)
@@ -26,6 +27,7 @@ class GatewayState:
     upstream: UpstreamPool = field(init=False)
     health: HealthChecker = field(init=False)
     log: LogWriter = field(init=False)
+    ledger: UsageLedger | None = None  # None when GATEWAY_USAGE_LEDGER is off
     in_flight: int = 0
     body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)

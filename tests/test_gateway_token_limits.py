@@ -1,0 +1,202 @@
+"""Token limits per key: counted from each answer's usage, refused before the backend once used up,
+set over the API and the CLI, the gateway-wide default, and exact counts across workers with Redis;
+and request limits of several windows, in the same syntax."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.support.gateway import Backend, Gateway
+from tests.test_gateway_limits import redis_url  # noqa: F401  (the fixture that runs a real redis-server)
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+# The simulator answers max_tokens tokens with ignore_eos; "hi" is one prompt token: 21 in all.
+ANSWER = {"max_tokens": 20, "extra_body": {"ignore_eos": True}}
+ANSWER_TOKENS = 21
+TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
+
+
+def chat(client: openai.OpenAI) -> httpx.Response:
+    """One chat completion; the raw answer, whatever its status."""
+    try:
+        raw = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
+    except openai.APIStatusError as error:
+        return error.response
+    return raw.http_response
+
+
+def streamed_chat_usage(client: openai.OpenAI) -> tuple[httpx.Response, int]:
+    with client.chat.completions.with_streaming_response.create(
+        model="sim", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **ANSWER
+    ) as raw:
+        usage = [chunk.usage for chunk in raw.parse() if chunk.usage]
+        return raw.http_response, usage[-1].total_tokens
+
+
+def backend_requests(simulator) -> int:
+    return simulator.stats()["requests"].get("/v1/chat/completions", 0)
+
+
+def test_key_out_of_tokens_gets_429_before_the_backend_and_recovers_in_the_next_window(gateway, simulator):
+    key = gateway.create_key("--name", "few-tokens", "--token-limit", "30/10 seconds")["key"]
+    gateway.wait_for_key(key)
+    client = gateway.openai(key)
+
+    streamed, streamed_tokens = streamed_chat_usage(client)  # a stream counts too: 21 of 30
+    over = chat(client)  # 9 left: admitted, and its 21 tokens count in full
+    before = backend_requests(simulator)
+    refused = chat(client)
+    after = backend_requests(simulator)
+
+    assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-tokens"] == "30"
+    assert streamed_tokens == ANSWER_TOKENS
+    assert over.status_code == 200 and over.headers["x-ratelimit-remaining-tokens"] == "9"
+    assert refused.status_code == 429
+    assert refused.json() == {
+        "error": {
+            "message": refused.json()["error"]["message"],
+            "type": "tokens",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    assert refused.headers["x-ratelimit-limit-tokens"] == "30"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.headers["x-ratelimit-reset-tokens"].endswith("s")
+    assert 1 <= int(refused.headers["retry-after"]) <= 10
+    assert after == before, "a refused request must not reach the backend"
+
+    deadline = time.monotonic() + 30
+    while (recovered := chat(client)).status_code == 429:
+        assert time.monotonic() < deadline, "the token window never reopened"
+        time.sleep(0.5)
+    assert recovered.status_code == 200
+    assert recovered.headers["x-ratelimit-remaining-tokens"] == "30"
+
+
+def test_token_headers_on_answers_count_down_by_each_answers_usage(gateway):
+    key = gateway.create_key("--name", "counted", "--token-limit", "100000/minute;2000000/day")["key"]
+    gateway.wait_for_key(key)
+    client = gateway.openai(key)
+    first = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
+    second = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
+    usage = first.parse().usage
+    assert usage is not None
+    used = usage.prompt_tokens + usage.completion_tokens
+    assert first.headers["x-ratelimit-limit-tokens"] == "100000"  # the window with the fewest left
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 100000
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100000 - used
+    assert second.headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+def test_keys_without_a_token_limit_get_no_token_headers(gateway):
+    response = chat(gateway.openai())
+    assert response.status_code == 200
+    assert not any(name in response.headers for name in TOKEN_HEADERS)
+
+
+def test_gateway_token_limit_applies_to_keys_without_their_own(tmp_path, simulator):
+    env = {"GATEWAY_TOKEN_LIMIT": "25/minute"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        own = gw.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
+        gw.wait_for_key(own)
+        defaulted = gw.openai()
+        answers = [chat(defaulted) for _ in range(3)]
+        with_own = chat(gw.openai(own))
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-tokens"] == "25"
+    assert answers[2].json()["error"]["type"] == "tokens"
+    assert with_own.status_code == 200 and with_own.headers["x-ratelimit-limit-tokens"] == "5000"
+
+
+def test_request_limit_of_several_windows_refuses_at_the_tightest(gateway):
+    key = gateway.create_key("--name", "two-windows", "--rate-limit", "100/hour;2/minute")["key"]
+    gateway.wait_for_key(key)
+    client = gateway.openai(key)
+    answers = [chat(client) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == ["1", "0", "0"]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[2].json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(answers[2].headers["retry-after"]) <= 60
+
+
+def test_token_limit_is_set_and_cleared_over_the_api(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        created = admin.post("/admin/keys", json={"name": "api-tokens", "token_limit": "40000/minute;2000000/day"})
+        assert created.status_code == 201
+        key_id = created.json()["id"]
+        assert created.json()["token_limit"] == "40000/minute;2000000/day"
+        assert admin.get(f"/admin/keys/{key_id}").json()["token_limit"] == "40000/minute;2000000/day"
+        changed = admin.patch(
+            f"/admin/keys/{key_id}", json={"token_limit": "500/hour", "rate_limit": "5/second;50/hour"}
+        )
+        assert changed.status_code == 200
+        assert (changed.json()["token_limit"], changed.json()["rate_limit"]) == ("500/hour", "5/second;50/hour")
+        cleared = admin.patch(f"/admin/keys/{key_id}", json={"token_limit": None})
+        assert cleared.status_code == 200 and cleared.json()["token_limit"] is None
+        listed = {entry["id"]: entry for entry in admin.get("/admin/keys").json()["data"]}
+    assert listed[key_id]["token_limit"] is None and listed[key_id]["rate_limit"] == "5/second;50/hour"
+
+
+def test_token_limit_is_set_shown_and_cleared_with_the_cli(gateway):
+    created = gateway.create_key("--name", "cli-tokens", "--token-limit", "40000/minute")
+    assert created["token_limit"] == "40000/minute"
+    key_id = str(created["id"])
+    gateway.cli("keys", "update", key_id, "--token-limit", "2000000/day;40000/minute")
+    table = gateway.cli("keys", "list").stdout.splitlines()
+    assert "TOKEN LIMIT" in table[0]
+    assert "2000000/day;40000/minute" in next(line for line in table if line.startswith(key_id))
+    gateway.cli("keys", "update", key_id, "--token-limit", "default")
+    listed = {entry["id"]: entry for entry in json.loads(gateway.cli("keys", "list", "--json").stdout)}
+    assert listed[key_id]["token_limit"] is None
+
+
+@pytest.mark.parametrize("limit", ["lots", "100/fortnight", "", "10/minute;x"])
+def test_invalid_token_limit_gets_400_and_leaves_the_key_file_unchanged(gateway, limit):
+    key_file = gateway.workdir / "api_keys.json"
+    key_id = str(gateway.create_key("--name", "unchanged")["id"])
+    before = key_file.read_bytes()
+    with gateway.http(gateway.admin_key) as admin:
+        responses = [
+            admin.post("/admin/keys", json={"name": "bad-tokens", "token_limit": limit}),
+            admin.patch(f"/admin/keys/{key_id}", json={"token_limit": limit}),
+        ]
+    by_cli = gateway.cli("keys", "create", "--name", "bad-tokens", "--token-limit", limit, check=False)
+    for response in responses:
+        assert response.status_code == 400
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert by_cli.returncode == 1 and "token_limit" in by_cli.stderr
+    assert key_file.read_bytes() == before
+
+
+def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):  # noqa: F811
+    # 50 tokens: two answers of 21 leave 8, a third is admitted and goes over, and every later one is
+    # refused, whichever worker takes it. Counted per worker, each worker would admit three.
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_TOKEN_LIMIT": "50/minute"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        statuses = []
+        remaining = []
+        for _ in range(12):
+            # A new connection each time, so the kernel spreads them over the workers.
+            with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}, timeout=30) as client:
+                response = client.post(
+                    "/v1/chat/completions",
+                    json={"model": "sim", "messages": MESSAGES, "max_tokens": 20, "ignore_eos": True},
+                )
+            statuses.append(response.status_code)
+            remaining.append(response.headers["x-ratelimit-remaining-tokens"])
+        pids = {
+            int(line.split("Started server process [")[1].split("]")[0])
+            for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
+            if "Started server process" in line
+        }
+    assert statuses == [200] * 3 + [429] * 9
+    assert remaining == ["50", "29", "8"] + ["0"] * 9
+    assert len(pids) == 2

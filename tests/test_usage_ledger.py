@@ -1,0 +1,285 @@
+"""The usage ledger: every request's tokens per key, model and hour in SQLite, read through
+GET /admin/usage (OpenAI's organization usage shape) and `vllm_api_server.py usage`; streams are
+counted even when their client did not ask for the usage, and that client never sees the extra chunk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import signal
+import socket
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from tests.support.gateway import Backend, Gateway, run_cli
+from tests.support.processes import free_port, start_process
+
+CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+FLUSH = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
+
+
+def usage_results(gw: Gateway, **params: object) -> list[dict]:
+    query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d", **params}
+    with gw.http(gw.admin_key) as client:
+        response = client.get("/admin/usage", params=query)
+    assert response.status_code == 200, response.text
+    return [result for bucket in response.json()["data"] for result in bucket["results"]]
+
+
+def wait_for_usage(gw: Gateway, requests: int, timeout: float = 10.0, **params: object) -> dict:
+    """The ledger's sums once it counts `requests` requests (each worker writes its batches within a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        results = usage_results(gw, **params)
+        counted = sum(result["num_model_requests"] for result in results)
+        if counted >= requests or time.monotonic() > deadline:
+            return {
+                "requests": counted,
+                "input_tokens": sum(result["input_tokens"] for result in results),
+                "output_tokens": sum(result["output_tokens"] for result in results),
+            }
+        time.sleep(0.1)
+
+
+def settled_usage(gw: Gateway) -> dict:
+    """The ledger's sums once earlier requests' batches are all written (two reads a few batches apart agree)."""
+    last = wait_for_usage(gw, 0, timeout=0)
+    while True:
+        time.sleep(3 * float(FLUSH["GATEWAY_USAGE_FLUSH_SECONDS"]))
+        now = wait_for_usage(gw, 0, timeout=0)
+        if now == last:
+            return now
+        last = now
+
+
+def make_traffic(gw: Gateway, rounds: int = 3) -> dict:
+    """Non-streamed and streamed chats with the SDK; the sums of the usage the answers reported."""
+    client = gw.openai()
+    sums = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
+    for number in range(rounds):
+        answer = client.chat.completions.create(**CHAT)
+        stream = list(
+            client.chat.completions.create(
+                **{**CHAT, "max_tokens": 3 + number}, stream=True, stream_options={"include_usage": True}
+            )
+        )
+        for usage in (answer.usage, stream[-1].usage):
+            sums["requests"] += 1
+            sums["input_tokens"] += usage.prompt_tokens
+            sums["output_tokens"] += usage.completion_tokens
+    return sums
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, simulator):
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [Backend("sim", simulator.base_url)], env=FLUSH) as gateway:
+        yield gateway
+
+
+def test_ledger_totals_equal_the_usage_in_the_answers(gw):
+    before = settled_usage(gw)
+    sums = make_traffic(gw)
+    after = wait_for_usage(gw, before["requests"] + sums["requests"])
+    assert {name: after[name] - before[name] for name in sums} == sums
+
+
+def test_a_stream_without_include_usage_is_counted_and_its_client_sees_no_usage_chunk(gw, simulator):
+    before = settled_usage(gw)
+    chunks = list(gw.openai().chat.completions.create(**{**CHAT, "max_tokens": 7}, stream=True))
+    assert chunks and all(chunk.choices for chunk in chunks), "a chunk with empty choices reached the client"
+    assert all(chunk.usage is None for chunk in chunks)
+    sent = simulator.stats()["last_request"]["body"]
+    assert sent["stream_options"] == {"include_usage": True}  # the gateway asked vLLM on the client's behalf
+    after = wait_for_usage(gw, before["requests"] + 1)
+    assert after["output_tokens"] - before["output_tokens"] == 7
+
+
+def test_raw_sse_without_include_usage_has_every_event_but_the_usage_chunk(gw):
+    body = {**CHAT, "max_tokens": 4, "stream": True}
+    with gw.http(gw.key) as client:
+        raw = client.post("/v1/chat/completions", json=body).content
+    events = [event for event in raw.split(b"\n\n") if event]
+    assert events[-1] == b"data: [DONE]"
+    payloads = [json.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+    assert len(payloads) == 1 + 4  # the role, then a token per event
+    assert all(payload["choices"] for payload in payloads)
+    assert b'"usage"' not in raw
+
+
+def test_a_client_that_asked_for_usage_gets_exactly_one_usage_chunk(gw):
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with gw.http(gw.key) as client:
+        raw = client.post("/v1/chat/completions", json=body).content
+    assert raw.count(b'"choices":[]') == 1 and raw.count(b'"usage"') == 1
+
+
+def test_a_completions_stream_without_usage_is_counted_too(gw):
+    before = settled_usage(gw)
+    chunks = list(gw.openai().completions.create(model="sim", prompt="the", max_tokens=6, stream=True))
+    assert all(chunk.choices for chunk in chunks)
+    after = wait_for_usage(gw, before["requests"] + 1)
+    assert after["output_tokens"] - before["output_tokens"] == 6
+
+
+def test_an_aborted_stream_is_counted_with_the_tokens_it_delivered_and_marked(tmp_path, simulator):
+    env = {**FLUSH, "GATEWAY_TOKEN_LIMIT": "100000/hour"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        body = {**CHAT, "max_tokens": 2000, "stream": True}  # ten seconds at the simulator's rate
+        delivered = 0
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {gw.key}"}) as client:
+            with client.stream("POST", gw.url + "/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    delivered += line.startswith('data: {"id"') and '"content":""' not in line
+                    if delivered == 10:
+                        break
+        deadline = time.monotonic() + 10
+        while True:
+            rows = json.loads(gw.cli("usage", "--by", "key,model", "--json").stdout)
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        # The same tokens count against the key's token limit.
+        with gw.http(gw.key) as client:
+            remaining = client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-tokens"]
+    (row,) = rows
+    assert row["requests"] == 1 and row["aborted"] == 1 and row["errors"] == 0
+    # What the client read, and what was on its way when it left: never the 2000 it asked for.
+    assert 10 <= row["completion_tokens"] == row["aborted_completion_tokens"] < 200
+    assert int(remaining) == 100000 - row["completion_tokens"]
+
+
+def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gw:
+        other = gw.create_key("--name", "other")
+        gw.wait_for_key(other["key"])
+        gw.openai().chat.completions.create(**CHAT)
+        gw.openai(key=other["key"]).chat.completions.create(**{**CHAT, "max_tokens": 2})
+        wait_for_usage(gw, 2)
+        grouped = usage_results(gw, group_by="api_key_id,model")
+        by_key = {result["api_key_id"]: result for result in grouped}
+        assert by_key[other["id"]]["output_tokens"] == 2 and by_key[other["id"]]["model"] == "sim"
+        assert len(by_key) == 2
+        assert {result["object"] for result in grouped} == {"organization.usage.completions.result"}
+        mine = usage_results(gw, **{"api_key_ids[]": other["id"]})
+        assert [(result["api_key_id"], result["num_model_requests"]) for result in mine] == [(None, 1)]
+
+        now = int(time.time())
+        with gw.http(gw.admin_key) as client:
+            first = client.get(
+                "/admin/usage", params={"start_time": now - 5 * 3600, "bucket_width": "1h", "limit": 3}
+            ).json()
+            assert first["object"] == "page" and first["has_more"] is True and len(first["data"]) == 3
+            starts = [bucket["start_time"] for bucket in first["data"]]
+            assert all(later - earlier == 3600 for earlier, later in itertools.pairwise(starts))
+            second = client.get(
+                "/admin/usage",
+                params={"start_time": now - 5 * 3600, "bucket_width": "1h", "limit": 3, "page": first["next_page"]},
+            ).json()
+            assert second["data"][0]["start_time"] == starts[-1] + 3600 and second["has_more"] is False
+            counted = sum(r["num_model_requests"] for b in first["data"] + second["data"] for r in b["results"])
+            assert counted == 2
+        table = gw.cli("usage", "--since", "1d", "--by", "key,model").stdout
+        assert "other" in table and "completion_tokens" in table
+
+
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({}, "start_time"),
+        ({"start_time": "soon"}, "start_time"),
+        ({"start_time": 0, "bucket_width": "1m"}, "bucket_width"),
+        ({"start_time": 0, "group_by": "project_id"}, "group_by"),
+        ({"start_time": 0, "bucket_width": "1h", "limit": 169}, "limit"),
+        ({"start_time": 0, "page": "12"}, "page"),
+    ],
+)
+def test_bad_usage_queries_get_400_in_openais_shape(gw, params, param):
+    with gw.http(gw.admin_key) as client:
+        response = client.get("/admin/usage", params=params)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_usage_api_needs_an_admin_key(gw):
+    with gw.http(gw.key) as client:
+        assert client.get("/admin/usage", params={"start_time": 0}).status_code == 403
+    with gw.http() as client:
+        assert client.get("/admin/usage", params={"start_time": 0}).status_code == 401
+
+
+def test_the_ledger_survives_a_restart(tmp_path, simulator):
+    backend = Backend("sim", simulator.base_url)
+    with Gateway.start(tmp_path, [backend], env=FLUSH) as first:
+        sums = make_traffic(first, rounds=2)
+        wait_for_usage(first, sums["requests"])
+    with Gateway.start(tmp_path, [backend], env=FLUSH) as second:
+        assert wait_for_usage(second, sums["requests"], timeout=0) == sums
+
+
+def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):
+    env = {"GATEWAY_USAGE_FLUSH_SECONDS": "1"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        sums = make_traffic(gw, rounds=3)
+        assert wait_for_usage(gw, sums["requests"]) == sums  # all written
+        client = gw.openai()
+        for _ in range(4):  # counted in memory, in the batch not written yet
+            client.chat.completions.create(**CHAT)
+        gw.handle.popen.send_signal(signal.SIGKILL)
+        gw.handle.popen.wait(10)
+    database = tmp_path / "usage.db"
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        requests, completion = connection.execute("SELECT SUM(requests), SUM(completion_tokens) FROM usage").fetchone()
+    assert sums["requests"] <= requests <= sums["requests"] + 4
+    assert completion >= sums["output_tokens"]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
+    port = free_port()
+    handle = start_process(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        log_path=tmp_path / "redis.log",
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    handle.stop()
+
+
+def test_two_workers_write_one_ledger_exactly(tmp_path, simulator, redis_url):
+    env = {**FLUSH, "GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        sums = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
+        for number in range(12):
+            # A new connection each time, so the kernel spreads them over the workers.
+            with gw.http(gw.key) as client:
+                usage = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1 + number % 4}).json()["usage"]
+            sums["requests"] += 1
+            sums["input_tokens"] += usage["prompt_tokens"]
+            sums["output_tokens"] += usage["completion_tokens"]
+        assert wait_for_usage(gw, sums["requests"]) == sums
+        pids = {
+            line.split("Started server process [")[1].split("]")[0]
+            for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
+            if "Started server process" in line
+        }
+    assert len(pids) == 2
+
+
+def test_usage_command_rejects_unknown_groupings(gw):
+    with pytest.raises(RuntimeError, match="--by takes key, model and hour"):
+        run_cli(gw.env, "usage", "--by", "colour")

@@ -1,0 +1,202 @@
+"""The usage ledger: requests, tokens and errors per key, model and hour, kept in a store that outlives
+the process (SQLite by default).
+
+A request adds to a dictionary in this process (a few hundred nanoseconds); once a second the
+figures gathered since go to the store in one transaction, from a thread, so the request path never
+waits for a disk. Several workers write to one SQLite file at once: each batch is one transaction
+of additions (`INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`), so none overwrites another.
+A crash (kill -9) loses the batch not yet written, at most a second of requests; a batch is written
+whole or not at all.
+
+`UsageStore` is what a store must do; `SQLiteUsageStore` is the one there is. A store shared by
+gateways on several hosts (PostgreSQL, with the same additive upsert) would implement the same two
+methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("vllm_gateway")
+
+HOUR = 3600
+
+# (hour, key id, model) -> [requests, prompt tokens, completion tokens, errors, aborted, aborted tokens]
+Counts = list[int]
+Batch = dict[tuple[int, str, str], Counts]
+FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "aborted", "aborted_completion_tokens")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One key's use of one model in one hour."""
+
+    hour: int  # unix time of the hour's start (UTC)
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: int
+    # Requests whose client left before the answer ended, and the completion tokens delivered to them
+    # (counted from the stream's events, since vLLM's usage never came): included in the figures above.
+    aborted: int
+    aborted_completion_tokens: int
+
+
+class UsageStore(Protocol):
+    def add(self, batch: Batch) -> None:
+        """Add the batch's counts to the stored ones, all of them or none."""
+
+    def rows(self, start: int, end: int, key_ids: Sequence[str] = (), models: Sequence[str] = ()) -> list[UsageRow]:
+        """Rows of the hours that start in [start, end), optionally of some keys and models only."""
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    hour INTEGER NOT NULL,
+    key_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    aborted INTEGER NOT NULL DEFAULT 0,
+    aborted_completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (hour, key_id, model)
+) WITHOUT ROWID
+"""
+
+UPSERT = f"""
+INSERT INTO usage (hour, key_id, model, {", ".join(FIELDS)}) VALUES (?, ?, ?, {", ".join("?" for _ in FIELDS)})
+ON CONFLICT (hour, key_id, model) DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in FIELDS)}
+"""
+
+
+class SQLiteUsageStore:
+    """One SQLite file in WAL mode: readers never block the writers, and writers from several worker
+    processes take turns (each waits up to BUSY_TIMEOUT_MS for the others' transactions)."""
+
+    BUSY_TIMEOUT_MS = 10_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        # A connection per call: each is used by whichever thread flushes or reads, and opening one
+        # costs far less than the second between batches.
+        connection = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        connection.execute(f"PRAGMA busy_timeout={self.BUSY_TIMEOUT_MS}")
+        connection.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last batch, never corrupt
+        return connection
+
+    def add(self, batch: Batch) -> None:
+        connection = self._connect()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(UPSERT, [(*where, *counts) for where, counts in batch.items()])
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        finally:
+            connection.close()
+
+    def rows(self, start: int, end: int, key_ids: Sequence[str] = (), models: Sequence[str] = ()) -> list[UsageRow]:
+        query = f"SELECT hour, key_id, model, {', '.join(FIELDS)} FROM usage WHERE hour >= ? AND hour < ?"
+        parameters: list[object] = [start, end]
+        for column, values in (("key_id", key_ids), ("model", models)):
+            if values:
+                query += f" AND {column} IN ({', '.join('?' for _ in values)})"
+                parameters += values
+        connection = self._connect()
+        try:
+            return [UsageRow(*row) for row in connection.execute(query + " ORDER BY hour, key_id, model", parameters)]
+        finally:
+            connection.close()
+
+
+class UsageLedger:
+    """What this process counted since its last batch, and the task that writes the batches."""
+
+    def __init__(self, store: UsageStore, flush_seconds: float) -> None:
+        self.store = store
+        self.flush_seconds = flush_seconds
+        self.pending: Batch = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def record(
+        self,
+        key_id: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        error: bool,
+        aborted: bool,
+    ) -> None:
+        where = (int(time.time()) // HOUR * HOUR, key_id, model)
+        counts = self.pending.get(where)
+        if counts is None:
+            counts = self.pending[where] = [0, 0, 0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += prompt_tokens
+        counts[2] += completion_tokens
+        if error:
+            counts[3] += 1
+        if aborted:
+            counts[4] += 1
+            counts[5] += completion_tokens
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_seconds)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, {}
+        try:
+            await asyncio.to_thread(self.store.add, batch)
+        except (sqlite3.Error, OSError) as error:
+            # Kept for the next batch rather than lost: the store may be busy or its disk full.
+            log.error("could not write the usage ledger (%s); the counts wait for the next batch", error)
+            for where, counts in batch.items():
+                mine = self.pending.setdefault(where, [0] * len(counts))
+                for index, value in enumerate(counts):
+                    mine[index] += value
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+
+
+def totals(rows: Iterable[UsageRow], by: Sequence[str]) -> dict[tuple[str, ...], list[int]]:
+    """Sum rows over everything but `by` (a subset of "key", "model", "hour"): {group: counts}."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for row in rows:
+        group = tuple(str({"key": row.key_id, "model": row.model, "hour": row.hour}[name]) for name in by)
+        counts = groups.setdefault(group, [0] * len(FIELDS))
+        for index, name in enumerate(FIELDS):
+            counts[index] += getattr(row, name)
+    return groups

@@ -1,0 +1,101 @@
+"""Reading the usage ledger: pages in the shape of OpenAI's organization usage API
+(`/v1/organization/usage/completions`) for `GET /admin/usage`, and totals for the `usage` command."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import errors
+from .usage_ledger import HOUR, UsageRow, UsageStore
+
+BUCKET_SECONDS = {"1h": HOUR, "1d": 24 * HOUR}
+# OpenAI's defaults and maxima for the number of buckets on a page.
+DEFAULT_BUCKETS = {"1h": 24, "1d": 7}
+MAX_BUCKETS = {"1h": 168, "1d": 31}
+GROUPS = ("api_key_id", "model")
+SPAN = re.compile(r"(\d+)([hdw])")
+SPAN_SECONDS = {"h": HOUR, "d": 24 * HOUR, "w": 7 * 24 * HOUR}
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    start_time: int
+    end_time: int | None = None
+    bucket_width: str = "1d"
+    group_by: Sequence[str] = ()
+    models: Sequence[str] = ()
+    api_key_ids: Sequence[str] = ()
+    limit: int | None = None
+    page: str | None = None
+
+
+def usage_page(store: UsageStore, query: UsageQuery, now: float | None = None) -> dict[str, object]:
+    width = BUCKET_SECONDS.get(query.bucket_width)
+    if width is None:
+        raise errors.bad_request("bucket_width must be 1h or 1d: the ledger counts by the hour.", param="bucket_width")
+    for group in query.group_by:
+        if group not in GROUPS:
+            raise errors.bad_request(f"group_by takes {' and '.join(GROUPS)}, not {group!r}.", param="group_by")
+    limit = query.limit or DEFAULT_BUCKETS[query.bucket_width]
+    if not 1 <= limit <= MAX_BUCKETS[query.bucket_width]:
+        raise errors.bad_request(
+            f"limit must be 1 to {MAX_BUCKETS[query.bucket_width]} for bucket_width {query.bucket_width}.",
+            param="limit",
+        )
+    end = query.end_time if query.end_time is not None else int(now if now is not None else time.time()) + 1
+    if query.start_time < 0 or end <= query.start_time:
+        raise errors.bad_request("start_time must be before end_time, both unix seconds.", param="start_time")
+    first = query.start_time // width * width
+    if query.page is not None:
+        if not query.page.isdigit() or int(query.page) % width or not first <= int(query.page) < end:
+            raise errors.bad_request("page is not a cursor this query gave.", param="page")
+        first = int(query.page)
+    starts = list(range(first, end, width))
+    page, rest = starts[:limit], starts[limit:]
+    rows = store.rows(page[0], page[-1] + width, query.api_key_ids, query.models)
+    buckets = []
+    for start in page:
+        in_bucket = [row for row in rows if start <= row.hour < start + width]
+        buckets.append(
+            {
+                "object": "bucket",
+                "start_time": start,
+                "end_time": start + width,
+                "results": results(in_bucket, query.group_by),
+            }
+        )
+    return {"object": "page", "data": buckets, "has_more": bool(rest), "next_page": str(rest[0]) if rest else None}
+
+
+def results(rows: Sequence[UsageRow], group_by: Sequence[str]) -> list[dict[str, object]]:
+    groups: dict[tuple[str | None, str | None], list[int]] = {}
+    for row in rows:
+        group = (row.key_id if "api_key_id" in group_by else None, row.model if "model" in group_by else None)
+        sums = groups.setdefault(group, [0, 0, 0])
+        sums[0] += row.prompt_tokens
+        sums[1] += row.completion_tokens
+        sums[2] += row.requests
+    return [
+        {
+            "object": "organization.usage.completions.result",
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "num_model_requests": requests,
+            "api_key_id": key_id,
+            "model": model,
+        }
+        for (key_id, model), (input_tokens, output_tokens, requests) in sorted(
+            groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or "")
+        )
+    ]
+
+
+def parse_span(text: str) -> int:
+    """`7d`, `12h`, `2w` -> seconds."""
+    match = SPAN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a span such as 12h, 7d or 2w")
+    return int(match.group(1)) * SPAN_SECONDS[match.group(2)]
