@@ -191,6 +191,16 @@ def test_scrapes_from_outside_the_allowed_networks_need_an_admin_key(tmp_path, s
     assert "vllm_gateway_requests_total" in admin
 
 
+def test_metrics_turned_off_answer_404_and_requests_still_flow(tmp_path, simulator):
+    env = {"GATEWAY_METRICS": "false"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        assert chat(gateway, gateway.key, "sim", 3, stream=False) == 3
+        with gateway.http(gateway.admin_key) as client:
+            response = client.get("/metrics")
+        assert response.status_code == 404
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_metrics_on_a_port_of_their_own_leave_the_gateway_port(tmp_path, simulator):
     port = free_port()
     env = {"GATEWAY_METRICS_PORT": str(port)}

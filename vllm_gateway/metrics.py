@@ -55,8 +55,9 @@ Labels = tuple[str, ...]
 class Metrics:
     """One worker's figures."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, enabled: bool = True) -> None:
         self.registry = registry
+        self.enabled = enabled
         self.series: dict[Labels, list[float]] = {}
         self.rate_limited: dict[Labels, float] = {}  # (key name, kind)
         self.upstream_errors: dict[Labels, float] = {}  # (model, backend, kind)
@@ -71,6 +72,8 @@ class Metrics:
 
     def request(self, outcome: Outcome, key: KeyRecord | None, started: float) -> None:
         """Count one relayed request as it ends (proxy.handle)."""
+        if not self.enabled:
+            return
         elapsed = perf_counter() - started
         status = outcome.status // 100
         labels = (
@@ -105,6 +108,8 @@ class Metrics:
 
     def upstream_error(self, model: str, backend: str, kind: str) -> None:
         """A backend failed: kind is connect, connect_timeout, timeout, protocol or mid_stream."""
+        if not self.enabled:
+            return
         labels = (self.model_label(model), backend, kind)
         self.upstream_errors[labels] = self.upstream_errors.get(labels, 0.0) + 1
 

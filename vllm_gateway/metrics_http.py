@@ -92,6 +92,8 @@ async def scrape(state: GatewayState) -> bytes:
 @router.get(METRICS_PATH)
 async def get_metrics(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
+    if not state.settings.metrics:
+        raise errors.not_found("The metrics are off (GATEWAY_METRICS).")
     if state.settings.metrics_port is not None:
         raise errors.not_found(f"The metrics are on port {state.settings.metrics_port}.")
     return Response(await scrape(state), media_type=CONTENT_TYPE)
@@ -174,6 +176,8 @@ class MetricsService:
 
     async def start(self) -> None:
         settings = self.state.settings
+        if not settings.metrics:
+            return
         if settings.workers > 1:
             self.tasks.append(asyncio.create_task(write_snapshots(self.state)))
         if settings.metrics_port is not None:

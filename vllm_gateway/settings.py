@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     rate_limit_storage: str = "memory://"
 
     # -- metrics: GET /metrics (docs/metrics.md) --
+    # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
+    metrics: bool = True
     # Client networks (CIDRs, comma-separated) answered without a key; any other client needs an admin
     # key. It replaces the default, so keep 127.0.0.0/8 in it to keep loopback; empty: admin keys only.
     metrics_allow: str = "127.0.0.0/8,::1/128"

@@ -34,4 +34,4 @@ class GatewayState:
     metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, self.settings.metrics)
