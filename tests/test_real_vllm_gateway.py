@@ -118,8 +118,19 @@ def ledger_tokens(gateway) -> tuple[int, int, int]:
     )
 
 
+def settled_ledger_tokens(gateway) -> tuple[int, int, int]:
+    """The ledger once earlier requests' batches are written: two reads a few batches apart agree."""
+    last = ledger_tokens(gateway)
+    while True:
+        time.sleep(1)
+        now = ledger_tokens(gateway)
+        if now == last:
+            return now
+        last = now
+
+
 def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm):
-    requests_before, prompt_before, completion_before = ledger_tokens(real_gateway)
+    requests_before, prompt_before, completion_before = settled_ledger_tokens(real_gateway)
     before = metrics(vllm)
     client = real_gateway.openai()
     client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, extra_body={"ignore_eos": True})

@@ -89,9 +89,12 @@ class SQLiteUsageStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as connection:
+        connection = self._connect()
+        try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(SCHEMA)
+        finally:
+            connection.close()
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: each is used by whichever thread flushes or reads, and opening one
