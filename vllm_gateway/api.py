@@ -137,6 +137,8 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
+    weight: float | None = None
+    max_parallel_requests: int | None = None
 
 
 class KeyChanges(BaseModel):
@@ -146,6 +148,8 @@ class KeyChanges(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
+    weight: float | None = None
+    max_parallel_requests: int | None = None
     disabled: bool | None = None
 
 
@@ -173,7 +177,9 @@ def create_key(
     new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
     record, secret = key_file_guard(
-        lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit, new.token_limit)
+        lambda: state.keys.create(
+            new.name, new.admin, new.models, new.rate_limit, new.token_limit, new.weight, new.max_parallel_requests
+        )
     )
     return {**record.public(), "key": secret}
 
