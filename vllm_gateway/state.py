@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .access_log import LogWriter
+from .admission import Admission
 from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
@@ -30,3 +31,7 @@ class GatewayState:
     in_flight: int = 0
     body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings, self.registry)
