@@ -148,6 +148,10 @@ class Admission:
         else:
             self.per_key.pop(key.id, None)
 
+    def waiting(self, model_name: str) -> int:
+        queue = self.queues.get(model_name)
+        return queue.size if queue is not None else 0
+
     # -- backends --
 
     async def acquire(

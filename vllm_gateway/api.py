@@ -62,14 +62,16 @@ def health(
         "uptime_s": round(time.time() - state.started_at, 1),
         "models_ready": ready,
         "models_total": len(models),
-        "models": [health_of(model, detailed=key is not None) for model in models],
+        "models": [
+            health_of(model, detailed=key is not None, waiting=state.admission.waiting(model.name)) for model in models
+        ],
     }
     if key is not None:
         report["in_flight"] = state.in_flight
     return report
 
 
-def health_of(model: Model, detailed: bool) -> dict[str, object]:
+def health_of(model: Model, detailed: bool, waiting: int = 0) -> dict[str, object]:
     entry: dict[str, object] = {
         "id": model.name,
         "status": model.state.value,
@@ -79,6 +81,7 @@ def health_of(model: Model, detailed: bool) -> dict[str, object]:
     if detailed:  # paths and addresses only for callers with a key
         entry["path"] = model.path
         entry["aliases"] = list(model.aliases)
+        entry["waiting"] = waiting  # requests waiting for a server with room (admission)
         entry["backends"] = [
             {
                 "id": backend.spec.id,
@@ -86,6 +89,7 @@ def health_of(model: Model, detailed: bool) -> dict[str, object]:
                 "status": backend.state.value,
                 "detail": backend.detail,
                 "in_flight": backend.in_flight,
+                "capacity": backend.spec.capacity,
                 "checked_at": backend.checked_at or None,
             }
             for backend in model.backends
