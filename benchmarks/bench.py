@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SCENARIOS = ("json", "stream", "paced", "leak", "vllm")
 TARGETS = ("direct", "nginx", "pipe", "gateway", "gateway-bare")
 # The gateway with what it keeps beside each request turned off, to measure what that costs.
-BARE_GATEWAY = {"GATEWAY_USAGE_LEDGER": "false"}
+BARE_GATEWAY = {"GATEWAY_USAGE_LEDGER": "false", "GATEWAY_METRICS": "false"}
 VARIANT = {v.name: v for v in VARIANTS}
 # Seconds wrk waits for one response before counting a timeout, per kind of request.
 TIMEOUTS = {"json": 10, "stream": 20, "paced": 60}

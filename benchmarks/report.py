@@ -55,13 +55,13 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
                 _check(f"CPU per relayed event vs nginx ({kind}, c={row['connections']})", ratio, "<=", 1.5, "x")
             )
 
-    # What the usage ledger (and what else gateway-bare turns off) costs: CPU with it over CPU without.
+    # What the usage ledger and the metrics cost: CPU with them over CPU without (gateway-bare).
     for kind, figure in (("json", "cpu_us_per_request"), ("stream", "cpu_us_per_event")):
         for row in [r for r in rows if r["kind"] == kind and r["target"] == "gateway"]:
             bare = _row(rows, kind, "gateway-bare", row["connections"])
             if bare is not None:
                 ratio = _ratio(row.get(figure), bare.get(figure))
-                label = f"CPU per {'request' if kind == 'json' else 'event'} with the ledger vs without"
+                label = f"CPU per {'request' if kind == 'json' else 'event'}, ledger+metrics on vs off"
                 checks.append(_check(f"{label} ({kind}, c={row['connections']})", ratio, "<=", 1.05, "x"))
 
     gw, direct = _row(rows, "json", "gateway", 1), _row(rows, "json", "direct", 1)

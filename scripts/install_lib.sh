@@ -35,7 +35,7 @@ need_python_venv() {
 }
 
 # apt_install_missing: install what need_* found missing; `apt-get update` runs only then, once.
-# Packages that ship a service (nginx, redis-server) are installed without it being started or
+# Packages that ship a service (nginx, redis-server, prometheus) are installed without it being started or
 # enabled: the tests and benchmarks start their own instances on free ports, and a machine should not
 # gain a system service it never asked for.
 apt_install_missing() {
@@ -84,7 +84,7 @@ disable_services() {
     local package
     for package in "$@"; do
         case "$package" in
-            nginx | redis-server) ;;
+            nginx | redis-server | prometheus) ;;
             *) continue ;;
         esac
         if [[ -d /run/systemd/system ]]; then

@@ -184,6 +184,12 @@ def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator
             assert counted == 2
         table = gw.cli("usage", "--since", "1d", "--by", "key,model").stdout
         assert "other" in table and "completion_tokens" in table
+        # `keys list` shows each key's use from the ledger.
+        listing = {key["id"]: key for key in json.loads(gw.cli("keys", "list", "--json").stdout)}
+        assert listing[other["id"]]["usage_30d"]["completion_tokens"] == 2
+        assert listing[other["id"]]["usage_30d"]["requests"] == 1
+        header = gw.cli("keys", "list").stdout.splitlines()[0]
+        assert header.split()[-4:] == ["REQUESTS", "30D", "TOKENS", "30D"]
 
 
 @pytest.mark.parametrize(

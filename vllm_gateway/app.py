@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from . import errors, proxy
+from . import errors, metrics_http, proxy
 from .access import check_head
 from .access_log import key_label, setup_logging
 from .api import router
@@ -98,6 +98,8 @@ def server_hooks(state: GatewayState) -> ServerHooks:
     relay = functools.partial(proxy.handle, state)
 
     def check(exchange: Exchange) -> GatewayError | None:
+        if exchange.path == metrics_http.METRICS_PATH:
+            return metrics_http.check_head(state, exchange)
         return check_head(state.keys, exchange)
 
     def log_rejection(exchange: Exchange | None, status: int) -> None:
@@ -161,6 +163,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         )
         await state.health.check_all()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
+        metrics_service = metrics_http.MetricsService(state)
+        await metrics_service.start()
         if state.ledger is not None:
             state.ledger.start()
         log.info(
@@ -174,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         finally:
             for task in tasks:
                 task.cancel()
+            await metrics_service.stop()
             with contextlib.suppress(KeyFileError, OSError):
                 await asyncio.to_thread(state.keys.flush_usage)
             if state.ledger is not None:
@@ -189,6 +194,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     )
     api.state.gateway = state
     api.include_router(router)
+    api.include_router(metrics_http.router)
     add_error_handlers(api)
     return Gateway(state, api)
 

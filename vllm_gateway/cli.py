@@ -258,14 +258,42 @@ def create_key(args: argparse.Namespace) -> int:
 
 def list_keys(args: argparse.Namespace) -> int:
     records = key_store().records()
+    usage = recent_usage_by_key(load_settings())
     if args.json:
-        print(json.dumps([record.public() for record in records], indent=2))
+        listing = []
+        for record in records:
+            requests, prompt, completion = usage.get(record.id, (0, 0, 0))
+            listing.append(
+                {
+                    **record.public(),
+                    "usage_30d": {"requests": requests, "prompt_tokens": prompt, "completion_tokens": completion},
+                }
+            )
+        print(json.dumps(listing, indent=2))
         return 0
-    print_table(
-        [("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "TOKEN LIMIT", "CREATED", "LAST USED", "STATE")]
-        + [describe(record) for record in records]
-    )
+    header = ("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "TOKEN LIMIT", "CREATED", "LAST USED", "STATE")
+    rows = []
+    for record in records:
+        requests, prompt, completion = usage.get(record.id, (0, 0, 0))
+        rows.append((*describe(record), str(requests), str(prompt + completion)))
+    print_table([(*header, "REQUESTS 30D", "TOKENS 30D"), *rows])
     return 0
+
+
+def recent_usage_by_key(settings: Settings, days: int = 30) -> dict[str, tuple[int, int, int]]:
+    """Requests, prompt and completion tokens per key id over the last `days`, from the usage ledger
+    (the source of truth for what a key used; empty when there is no ledger yet)."""
+    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
+
+    if not settings.usage_db_path.exists():
+        return {}
+    since = (int(time.time()) - days * 24 * HOUR) // HOUR * HOUR
+    groups = totals(SQLiteUsageStore(settings.usage_db_path).rows(since, 2**62), ["key"])
+    at = {name: FIELDS.index(name) for name in ("requests", "prompt_tokens", "completion_tokens")}
+    return {
+        key_id: (counts[at["requests"]], counts[at["prompt_tokens"]], counts[at["completion_tokens"]])
+        for (key_id,), counts in groups.items()
+    }
 
 
 def describe(record: KeyRecord) -> tuple[str, ...]:

@@ -73,6 +73,10 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's type.
+    upstream_seconds: float = 0.0
+    first_byte_at: float = 0.0
+    error_type: str | None = None
     # For the usage ledger: set once the key may use the model it named.
     key_id: str = ""
     ledger_model: str = ""
@@ -97,6 +101,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
+        outcome.error_type = error.type
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
@@ -104,6 +109,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         # The backend failed mid-body: before the head went out the client gets a 502; after it, only a
         # dropped connection can say so (send_error does either).
         outcome.status = 502
+        state.metrics.upstream_error(outcome.model, outcome.backend, upstream_error_kind(error, "mid_body"))
         send_error(
             exchange,
             GatewayError(
@@ -123,6 +129,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         task.uncancel()
         outcome.status = 499
     finally:
+        state.metrics.request(outcome, exchange.key, started)
         if outcome.ledger_model and state.ledger is not None:
             state.ledger.record(
                 outcome.key_id,
@@ -212,6 +219,9 @@ async def relay(
     outcome: Outcome,
     strip_usage: bool,
 ) -> None:
+    # From here the metrics count the backend's time, admission's wait for one included, so that the
+    # gateway's overhead is its own work only (the wait is in the log line, queue_ms).
+    waiting_from = time.perf_counter()
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
@@ -245,14 +255,18 @@ async def relay(
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
                 outcome.status = 502
+                state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error, "mid_stream"))
                 exchange.write(
                     errors.sse_error_event(f"The server of model `{model.name}` failed during the stream: {error}.")
                 )
             exchange.end()
             tail = upstream.previous + upstream.last
+            if streaming:
+                outcome.first_byte_at = upstream.first_body_at
         finished = True
         record_usage(tail, outcome)
     finally:
+        outcome.upstream_seconds = time.perf_counter() - waiting_from
         state.admission.release(backend)  # in flight until the last byte: now the next may go
         if finished:
             upstream.release()
@@ -297,21 +311,34 @@ async def open_upstream(
             # Nothing reached vLLM, so another replica may safely take the request.
             state.admission.release(backend)
             timed_out = isinstance(error, UpstreamConnectTimeout)
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             if backend.mark(BackendState.DOWN, str(error)):
                 state.registry.changed()
             state.health.check_soon()
             tried.append(backend)
-        except UpstreamTimeout:
+        except UpstreamTimeout as error:
             state.admission.release(backend)
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
             state.admission.release(backend)
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise GatewayError(
                 502, f"The server of model `{model.name}` failed: {error}.", "server_error", "upstream_error", "model"
             ) from None
         except BaseException:
             state.admission.release(backend)
             raise
+
+
+def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> str:
+    if isinstance(error, UpstreamConnectTimeout):
+        return "connect_timeout"
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    return otherwise
 
 
 def record_usage(tail: bytes, outcome: Outcome) -> None:

@@ -7,6 +7,7 @@ Values come from the environment (prefix GATEWAY_) or from an env file named by 
 from __future__ import annotations
 
 import os
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -79,6 +80,17 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(60.0, gt=0)
     queue_limit: int = Field(1024, ge=0)
 
+    # -- metrics: GET /metrics (docs/metrics.md) --
+    # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
+    metrics: bool = True
+    # Client networks (CIDRs, comma-separated) answered without a key; any other client needs an admin
+    # key. It replaces the default, so keep 127.0.0.0/8 in it to keep loopback; empty: admin keys only.
+    metrics_allow: str = "127.0.0.0/8,::1/128"
+    # A port of its own for /metrics, on the same host; None: the gateway's port.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    # How often each worker writes its figures for the others to add up (several workers only).
+    metrics_snapshot_seconds: float = Field(1.0, gt=0)
+
     # -- the usage ledger (usage_ledger.py): requests and tokens per key, model and hour --
     usage_ledger: bool = True
     # None: usage.db beside the key file.
@@ -99,6 +111,16 @@ class Settings(BaseSettings):
 
         parse_many(value)  # windows joined with `;`, as ratelimit.parse_limits reads them
         return value
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        networks_of(value)
+        return value
+
+    @property
+    def metrics_networks(self) -> list[IPv4Network | IPv6Network]:
+        return networks_of(self.metrics_allow)
 
     @field_validator("token_limit")
     @classmethod
@@ -127,6 +149,10 @@ class Settings(BaseSettings):
     @property
     def shares_rate_limit_store(self) -> bool:
         return self.rate_limit_scheme != "memory"
+
+
+def networks_of(text: str) -> list[IPv4Network | IPv6Network]:
+    return [ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
 def load_settings(**overrides: Any) -> Settings:

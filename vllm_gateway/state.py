@@ -10,6 +10,7 @@ from .admission import Admission
 from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
+from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings
@@ -31,7 +32,9 @@ class GatewayState:
     in_flight: int = 0
     body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)
+    metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
+        self.metrics = Metrics(self.registry, self.settings.metrics)
         self.admission = Admission(self.settings, self.registry)

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import ssl
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -112,6 +113,7 @@ class Response:
         "_done",
         "_error",
         "_sink",
+        "first_body_at",
     )
 
     def __init__(self, connection: Connection) -> None:
@@ -126,6 +128,7 @@ class Response:
         self._done = False
         self._error: UpstreamError | None = None
         self._sink: Sink | None = None
+        self.first_body_at = 0.0  # perf_counter() when the first body bytes came (metrics: TTFT)
 
     def send_body_to(self, sink: Sink) -> None:
         """From now on, what each read from the backend brings goes straight to `sink`, in one write;
@@ -189,6 +192,8 @@ class Response:
         return data
 
     def _feed(self, data: bytes) -> None:
+        if not self.first_body_at:
+            self.first_body_at = perf_counter()
         self.previous, self.last = self.last, data
         self._chunks.append(data)
         self._buffered += len(data)
