@@ -124,6 +124,8 @@ def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, sim: Si
                 return await asyncio.gather(*two), third, other_key
 
         statuses, refused, other = asyncio.run(scenario())
+        with gw.http() as client:
+            metrics = client.get("/metrics").text
 
     assert statuses == [200, 200]
     assert refused.status_code == 429
@@ -137,6 +139,7 @@ def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, sim: Si
         }
     }
     assert other.status_code == 200  # another key is not held to this one's cap
+    assert 'vllm_gateway_rate_limited_total{key="capped",kind="parallel"} 1' in metrics
 
 
 def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simulator) -> None:

@@ -101,7 +101,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        outcome.error_type = error.type
+        # The metrics tell a key's cap of parallel requests (admission.py) from its rate limit.
+        outcome.error_type = error.code if error.code == "parallel_requests_exceeded" else error.type
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
