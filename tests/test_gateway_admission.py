@@ -175,6 +175,19 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simula
     assert "".join(order) == "ABBABBABBAAA"
 
 
+def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "5"}, max_num_seqs="1") as gw:
+        with gw.http(gw.key) as client:
+            with client.stream("POST", CHAT, json=chat(100)) as blocker:
+                assert blocker.status_code == 200
+                wait_until(lambda: in_flight(gw) == 1)
+                tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
+                assert waiting(gw) == 0
+                assert sim.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
+
+    assert tokenized.status_code == 200
+
+
 def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: Path, sim: Simulator) -> None:
     with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "0.5"}, max_num_seqs="1") as gw:
         with gw.http(gw.key) as client:

@@ -19,7 +19,8 @@ Bounds, each answered at once:
 - when the model has no ready replica left, its waiting requests get 503 `model_not_ready`.
 
 A request whose client goes away while it waits is cancelled (http_protocol.connection_lost) and
-leaves the queue at once; it never reaches vLLM.
+leaves the queue at once; it never reaches vLLM. /tokenize and /detokenize take no sequence in vLLM,
+so they never wait (they count in flight while they last, a few milliseconds).
 
 The counts live in one worker's memory: with GATEWAY_WORKERS=N, each worker admits up to a backend's
 capacity, so the backend may see up to N x its capacity (vLLM queues the excess itself).
@@ -155,11 +156,12 @@ class Admission:
     # -- backends --
 
     async def acquire(
-        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = ()
+        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
     ) -> tuple[Backend | None, float]:
         """A ready backend of `model` for one request, counted in its `in_flight`, and the seconds the
-        request waited for it; None when no ready backend (but those in `exclude`) is left."""
-        if not self.enabled:
+        request waited for it; None when no ready backend (but those in `exclude`) is left. With
+        `at_once` (a request that takes no sequence in vLLM) the least busy one, full or not."""
+        if not self.enabled or at_once:
             backend = model.pick(exclude)
             if backend is not None:
                 backend.in_flight += 1

@@ -56,6 +56,9 @@ PROXIED_PATHS = frozenset(
     }
 )
 
+# Endpoints that take no sequence in vLLM: admission sends them at once, full backend or not.
+NO_SEQUENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
+
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
@@ -293,7 +296,7 @@ async def open_upstream(
     key = exchange.key
     assert key is not None
     while True:
-        backend, waited = await state.admission.acquire(model, key, exclude=tried)
+        backend, waited = await state.admission.acquire(model, key, tried, exchange.path in NO_SEQUENCE_PATHS)
         if waited:
             outcome.queued = (outcome.queued or 0.0) + waited
         if backend is None:
