@@ -306,6 +306,8 @@ def gateway_env(work: Path, port: int, model_config: Path, overrides: dict[str, 
             # Everything stays on, with limits far above what the load can reach.
             "GATEWAY_RATE_LIMIT": "1000000000/minute",
             "GATEWAY_CONCURRENCY_LIMIT": "100000",
+            # One key makes every connection's requests: its cap of requests at once must not bind.
+            "GATEWAY_MAX_PARALLEL_REQUESTS": "100000",
             "GATEWAY_LOG_DIR": str(work / "logs"),
             "VLLM_LOG_DIR": str(work / "logs"),
             "VLLM_RUN_DIR": str(work / "run"),

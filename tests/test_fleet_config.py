@@ -42,6 +42,7 @@ def test_the_keys_are_listed_in_the_order_the_hint_shows_them() -> None:
         "gpu_memory_utilization",
         "max_model_len",
         "max_num_seqs",
+        "max_concurrency",
         "enforce_eager",
         "load_workers",
         "log",

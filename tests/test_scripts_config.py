@@ -62,6 +62,7 @@ def test_shipped_config_lists_the_specs_four_models_in_field_order(fleet: Fleet)
                 "gpus",
                 "port",
                 "log",
+                "max_concurrency",
             ]
         ]
         * 4
@@ -104,6 +105,7 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "gpus": "",
         "port": "9001",
         "log": str(fleet.log_dir / "Qwen_Qwen3-8B_vllm.log"),
+        "max_concurrency": "",
     }
     assert (remote["id"], remote["base_url"], remote["port"], remote["log"]) == (
         "far-1",

@@ -185,6 +185,27 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
     assert stats["aborted"] == 5
 
 
+def test_stats_keep_the_most_requests_that_ran_at_once_until_reset(tmp_path: Path) -> None:
+    async def scenario(simulator: Simulator) -> tuple[dict, dict]:
+        async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
+
+            async def stream() -> None:
+                async with client.stream("POST", CHAT, json=chat_body(simulator.model, 20, stream=True)) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+
+            await asyncio.gather(*(stream() for _ in range(3)))
+            done = (await client.get("/_simulator/stats")).json()
+            await client.delete("/_simulator/stats")
+            return done, (await client.get("/_simulator/stats")).json()
+
+    with Simulator.start(tmp_path, "--max-num-seqs", "2", "--token-rate", "50") as simulator:
+        done, after_reset = asyncio.run(scenario(simulator))
+
+    assert (done["running"], done["peak_running"]) == (0, 2)
+    assert after_reset["peak_running"] == 0
+
+
 def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--token-rate", "20") as simulator:
         with httpx.stream(

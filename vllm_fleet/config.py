@@ -28,7 +28,7 @@ FRACTION = re.compile(r"[0-9]*\.?[0-9]+")
 NAME_LIST = re.compile(rf"[^,{SPACE}]+(,[^,{SPACE}]+)*")
 ENV_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 WORD_SEPARATOR = re.compile(r"[ \t\n]+")  # bash's default IFS
-WHOLE_NUMBER_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "load_workers")
+WHOLE_NUMBER_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_concurrency", "load_workers")
 
 DEFAULT_LAUNCH_COMMAND = "vllm serve"
 DEFAULT_HOST = "127.0.0.1"
@@ -52,6 +52,8 @@ class ModelSpec:
     gpu_memory_utilization: str = ""
     max_model_len: str = ""
     max_num_seqs: str = ""
+    # The gateway's limit of requests in flight to this server (default: max_num_seqs); not for vLLM.
+    max_concurrency: str = ""
     enforce_eager: str = ""
     load_workers: str = ""
     log: str = ""

@@ -64,14 +64,18 @@ class LogWriter(threading.Thread):
         backend: str = "-",
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        queued: float | None = None,
     ) -> None:
-        """One request line. `path` must not carry the query string: it may hold an api_key."""
+        """One request line. `path` must not carry the query string: it may hold an api_key. A
+        request that waited for a free backend (admission.py) says how long, as queue_ms."""
         line = self._line(escape, request_id, method, path, status, duration, key, model, backend)
         if MAYBE_KEY.search(line):
             # Rarely: something in it may spell a key. Build it again, each value searched and masked.
             line = self._line(clean, request_id, method, path, status, duration, key, model, backend)
         if prompt_tokens is not None or completion_tokens is not None:
             line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
+        if queued is not None:
+            line += f" queue_ms={queued * 1000:.1f}"
         self._pending.append(line)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)

@@ -62,14 +62,16 @@ def health(
         "uptime_s": round(time.time() - state.started_at, 1),
         "models_ready": ready,
         "models_total": len(models),
-        "models": [health_of(model, detailed=key is not None) for model in models],
+        "models": [
+            health_of(model, detailed=key is not None, waiting=state.admission.waiting(model.name)) for model in models
+        ],
     }
     if key is not None:
         report["in_flight"] = state.in_flight
     return report
 
 
-def health_of(model: Model, detailed: bool) -> dict[str, object]:
+def health_of(model: Model, detailed: bool, waiting: int = 0) -> dict[str, object]:
     entry: dict[str, object] = {
         "id": model.name,
         "status": model.state.value,
@@ -79,6 +81,7 @@ def health_of(model: Model, detailed: bool) -> dict[str, object]:
     if detailed:  # paths and addresses only for callers with a key
         entry["path"] = model.path
         entry["aliases"] = list(model.aliases)
+        entry["waiting"] = waiting  # requests waiting for a server with room (admission)
         entry["backends"] = [
             {
                 "id": backend.spec.id,
@@ -86,6 +89,7 @@ def health_of(model: Model, detailed: bool) -> dict[str, object]:
                 "status": backend.state.value,
                 "detail": backend.detail,
                 "in_flight": backend.in_flight,
+                "capacity": backend.spec.capacity,
                 "checked_at": backend.checked_at or None,
             }
             for backend in model.backends
@@ -137,6 +141,8 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
+    weight: float | None = None
+    max_parallel_requests: int | None = None
 
 
 class KeyChanges(BaseModel):
@@ -146,6 +152,8 @@ class KeyChanges(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
+    weight: float | None = None
+    max_parallel_requests: int | None = None
     disabled: bool | None = None
 
 
@@ -173,7 +181,9 @@ def create_key(
     new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
     record, secret = key_file_guard(
-        lambda: state.keys.create(new.name, new.admin, new.models, new.rate_limit, new.token_limit)
+        lambda: state.keys.create(
+            new.name, new.admin, new.models, new.rate_limit, new.token_limit, new.weight, new.max_parallel_requests
+        )
     )
     return {**record.public(), "key": secret}
 

@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--token-limit", help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)'
     )
+    create.add_argument("--weight", type=float, help="this key's share of a busy model's turns, e.g. 2 (default: 1)")
+    create.add_argument(
+        "--max-parallel-requests",
+        type=int,
+        help="requests in flight and waiting at once (default: GATEWAY_MAX_PARALLEL_REQUESTS)",
+    )
     create.add_argument("--json", action="store_true", help="print the new key as JSON")
     create.set_defaults(run=create_key)
 
@@ -77,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
     update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
     update.add_argument("--token-limit", help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT")
+    update.add_argument("--weight", help="e.g. 2; 'default' goes back to 1")
+    update.add_argument("--max-parallel-requests", help="e.g. 8; 'default' goes back to GATEWAY_MAX_PARALLEL_REQUESTS")
     update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
     update.set_defaults(run=update_key)
@@ -238,7 +246,9 @@ def shown_path(path: Path) -> str:
 
 def create_key(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m] if args.models else None
-    record, secret = key_store().create(args.name, args.admin, models, args.rate_limit, args.token_limit)
+    record, secret = key_store().create(
+        args.name, args.admin, models, args.rate_limit, args.token_limit, args.weight, args.max_parallel_requests
+    )
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
     else:
@@ -337,6 +347,13 @@ def update_key(args: argparse.Namespace) -> int:
         changes["rate_limit"] = None if args.rate_limit == "default" else args.rate_limit
     if args.token_limit is not None:
         changes["token_limit"] = None if args.token_limit == "default" else args.token_limit
+    # Numbers as given: the key record checks them (a positive weight, a whole number of requests).
+    if args.weight is not None:
+        changes["weight"] = None if args.weight == "default" else args.weight
+    if args.max_parallel_requests is not None:
+        changes["max_parallel_requests"] = (
+            None if args.max_parallel_requests == "default" else args.max_parallel_requests
+        )
     for flag in ("admin", "disabled"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)

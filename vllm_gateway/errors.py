@@ -162,3 +162,41 @@ def upstream_timeout(model: str, seconds: float) -> GatewayError:
         "upstream_timeout",
         "model",
     )
+
+
+# -- admission (admission.py) --
+
+
+def too_many_parallel_requests(limit: int) -> GatewayError:
+    """A key with `limit` requests in flight and waiting already: the key's own limit, so 429."""
+    return GatewayError(
+        429,
+        f"This API key has {limit} requests in flight or waiting, its limit. Wait for one to finish.",
+        "rate_limit_error",
+        "parallel_requests_exceeded",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def queue_full(model: str, limit: int) -> GatewayError:
+    """The model's servers are all busy and `limit` requests wait already: the server is saturated
+    (not the key over a limit of its own), so 503, as OpenAI answers an overloaded engine."""
+    return GatewayError(
+        503,
+        f"Every server of model `{model}` is busy and {limit} requests are waiting already. Try again shortly.",
+        "server_error",
+        "queue_full",
+        "model",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+def queue_timeout(model: str, seconds: float) -> GatewayError:
+    return GatewayError(
+        503,
+        f"Every server of model `{model}` stayed busy for {seconds:g} s while this request waited. Try again shortly.",
+        "server_error",
+        "queue_timeout",
+        "model",
+        headers=[(b"retry-after", b"1")],
+    )

@@ -67,10 +67,13 @@ async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[Ba
     return BackendState.READY, "ok"
 
 
-async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> None:
+async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> bool:
+    """Probe and mark the backend; returns whether its state changed."""
     state, detail = await probe(pool, backend, run_dir)
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
+        return True
+    return False
 
 
 class HealthChecker:
@@ -99,7 +102,9 @@ class HealthChecker:
         self._wake.set()
 
     async def check_all(self) -> None:
-        await asyncio.gather(*(check_backend(self.pool, b, self.run_dir) for b in self.registry.backends()))
+        changed = await asyncio.gather(*(check_backend(self.pool, b, self.run_dir) for b in self.registry.backends()))
+        if any(changed):
+            self.registry.changed()  # waiting requests go to a backend that came up, or learn none is left
 
     async def reload_config_if_changed(self) -> None:
         stamp = self._stamp()
@@ -112,6 +117,7 @@ class HealthChecker:
             log.error("model config changed but cannot be read, keeping the previous one: %s", error)
             return
         self.registry.replace(specs)
+        self.registry.changed()
         log.info("model config reloaded: %s", ", ".join(self.registry.models) or "no models")
 
     async def run(self) -> None:

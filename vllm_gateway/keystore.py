@@ -44,6 +44,10 @@ class KeyRecord(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
+    # Admission (admission.py): this key's share of a busy model's turns, and its most requests in
+    # flight and waiting together; None: 1, and GATEWAY_MAX_PARALLEL_REQUESTS.
+    weight: float | None = Field(None, gt=0, le=1000)
+    max_parallel_requests: int | None = Field(None, ge=1)
     created_at: float
     last_used_at: float | None = None
     disabled: bool = False
@@ -82,6 +86,8 @@ def new_record(
     models: list[str] | None = None,
     rate_limit: str | None = None,
     token_limit: str | None = None,
+    weight: float | None = None,
+    max_parallel_requests: int | None = None,
 ) -> tuple[KeyRecord, str]:
     """A fresh key and its record; the record holds only the key's hash and first characters."""
     secret = new_secret()
@@ -94,6 +100,8 @@ def new_record(
         models=models,
         rate_limit=rate_limit,
         token_limit=token_limit,
+        weight=weight,
+        max_parallel_requests=max_parallel_requests,
         created_at=time.time(),
     )
     return record, secret
@@ -165,9 +173,11 @@ class KeyStore:
         models: list[str] | None = None,
         rate_limit: str | None = None,
         token_limit: str | None = None,
+        weight: float | None = None,
+        max_parallel_requests: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """Add a key; returns its record and the key itself, which is never stored or shown again."""
-        record, secret = new_record(name, admin, models, rate_limit, token_limit)
+        record, secret = new_record(name, admin, models, rate_limit, token_limit, weight, max_parallel_requests)
         self._change(lambda keys: keys.append(record))
         return record, secret
 
@@ -191,7 +201,8 @@ class KeyStore:
         return bool(found)
 
     def update(self, key_id: str, changes: dict[str, object]) -> KeyRecord | None:
-        """Change some of name, admin, models, rate_limit, token_limit, disabled; returns the new record or None."""
+        """Change some of name, admin, models, rate_limit, token_limit, weight, max_parallel_requests,
+        disabled; returns the new record or None."""
         updated: list[KeyRecord] = []
 
         def apply(keys: list[KeyRecord]) -> None:

@@ -44,7 +44,7 @@ OVERHEAD_AT = TTFT_AT + len(TTFT_BUCKETS) + 1
 SERIES_SIZE = OVERHEAD_AT + len(OVERHEAD_BUCKETS) + 1
 
 # The gateway's 429s, by their error's type (errors.rate_limited, errors.tokens_limited).
-RATE_LIMIT_KINDS = {"rate_limit_error": "requests", "tokens": "tokens"}
+RATE_LIMIT_KINDS = {"rate_limit_error": "requests", "tokens": "tokens", "parallel_requests_exceeded": "parallel"}
 
 STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 

@@ -29,6 +29,13 @@ class BackendSpec:
     base_url: str
     api_key: str | None
     max_num_seqs: int | None
+    max_concurrency: int | None = None
+
+    @property
+    def capacity(self) -> int | None:
+        """Requests the gateway keeps in flight to this server at most: `max_concurrency` when the
+        config line gives one, else the server's `max_num_seqs`; None, no limit, when neither is set."""
+        return self.max_concurrency or self.max_num_seqs
 
 
 def load_backend_specs(config_file: Path) -> list[BackendSpec]:
@@ -45,6 +52,7 @@ def load_backend_specs(config_file: Path) -> list[BackendSpec]:
 def parse_line(line: str) -> BackendSpec:
     fields = dict(part.split("=", 1) for part in line.split("\t")[1:] if "=" in part)
     max_num_seqs = fields.get("max_num_seqs", "")
+    max_concurrency = fields.get("max_concurrency", "")
     return BackendSpec(
         id=fields["id"],
         name=fields["name"],
@@ -53,4 +61,5 @@ def parse_line(line: str) -> BackendSpec:
         base_url=fields["base_url"].rstrip("/"),
         api_key=fields.get("api_key") or None,
         max_num_seqs=int(max_num_seqs) if max_num_seqs.isdigit() else None,
+        max_concurrency=int(max_concurrency) if max_concurrency.isdigit() else None,
     )

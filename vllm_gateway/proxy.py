@@ -56,6 +56,9 @@ PROXIED_PATHS = frozenset(
     }
 )
 
+# Endpoints that take no sequence in vLLM: admission sends them at once, full backend or not.
+NO_SEQUENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
+
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
 PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
@@ -80,6 +83,8 @@ class Outcome:
     # For the usage ledger: set once the key may use the model it named.
     key_id: str = ""
     ledger_model: str = ""
+    # Seconds the request waited for a free backend (admission.py); None when it went at once.
+    queued: float | None = None
 
 
 def new_request_id() -> bytes:
@@ -99,7 +104,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        outcome.error_type = error.type
+        # The metrics tell a key's cap of parallel requests (admission.py) from its rate limit.
+        outcome.error_type = error.code if error.code == "parallel_requests_exceeded" else error.type
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
@@ -148,6 +154,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             outcome.backend,
             outcome.prompt_tokens,
             outcome.completion_tokens,
+            queued=outcome.queued,
         )
 
 
@@ -184,18 +191,22 @@ async def proxy(
     if strip_usage:
         body = with_usage_requested(body)
 
-    # 4. The gateway's concurrency.
+    # 4. The gateway's concurrency (requests waiting for a backend count too), then this key's
+    # requests in flight and waiting (admission.py).
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
+    state.admission.enter(key)
 
-    # 5. Relay. When the client goes away, its connection cancels this task, and the upstream
-    # connection is closed on the way out, which is how vLLM learns to abort the generation.
+    # 5. Relay, once admission gave a backend with room (open_upstream). When the client goes away,
+    # its connection cancels this task: a waiting request leaves the queue, and a relayed one's
+    # upstream connection is closed on the way out, which is how vLLM learns to abort the generation.
     state.in_flight += 1
     try:
         upstream_headers = request_headers(list(headers.items()), request_id)
         await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
+        state.admission.leave(key)
         # 6. The answer is out, or its client left: its tokens (of an aborted stream, those delivered)
         # count against the key's token limit, in full.
         tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
@@ -212,8 +223,10 @@ async def relay(
     outcome: Outcome,
     strip_usage: bool,
 ) -> None:
+    # From here the metrics count the backend's time, admission's wait for one included, so that the
+    # gateway's overhead is its own work only (the wait is in the log line, queue_ms).
     waiting_from = time.perf_counter()
-    upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model)
+    upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
     counted: UsageChunkFilter | None = None
@@ -258,7 +271,7 @@ async def relay(
         record_usage(tail, outcome)
     finally:
         outcome.upstream_seconds = time.perf_counter() - waiting_from
-        backend.in_flight -= 1
+        state.admission.release(backend)  # in flight until the last byte: now the next may go
         if finished:
             upstream.release()
         else:
@@ -270,17 +283,22 @@ async def relay(
 
 
 async def open_upstream(
-    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model
+    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
 ) -> tuple[Response, Backend]:
-    """Send the request to the least busy ready backend, moving on to the next one that refuses."""
+    """Send the request to the least busy ready backend with room (waiting for one when all are
+    full, admission.py), moving on to the next one that refuses."""
     query = exchange.query_string
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
     path = exchange.raw_path + (b"?" + query if query else b"")
     tried: list[Backend] = []
     timed_out = False
+    key = exchange.key
+    assert key is not None
     while True:
-        backend = model.pick(exclude=tried)
+        backend, waited = await state.admission.acquire(model, key, tried, exchange.path in NO_SEQUENCE_PATHS)
+        if waited:
+            outcome.queued = (outcome.queued or 0.0) + waited
         if backend is None:
             if timed_out:
                 raise errors.upstream_timeout(model.name, state.settings.connect_timeout)
@@ -291,29 +309,29 @@ async def open_upstream(
         headers = upstream_headers
         if backend.spec.api_key:
             headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]
-        backend.in_flight += 1
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
         except UpstreamConnectError as error:
             # Nothing reached vLLM, so another replica may safely take the request.
-            backend.in_flight -= 1
+            state.admission.release(backend)
             timed_out = isinstance(error, UpstreamConnectTimeout)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
-            backend.mark(BackendState.DOWN, str(error))
+            if backend.mark(BackendState.DOWN, str(error)):
+                state.registry.changed()
             state.health.check_soon()
             tried.append(backend)
         except UpstreamTimeout as error:
-            backend.in_flight -= 1
+            state.admission.release(backend)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
-            backend.in_flight -= 1
+            state.admission.release(backend)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise GatewayError(
                 502, f"The server of model `{model.name}` failed: {error}.", "server_error", "upstream_error", "model"
             ) from None
         except BaseException:
-            backend.in_flight -= 1
+            state.admission.release(backend)
             raise
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -29,6 +29,12 @@ class Backend:
     def base_url(self) -> str:
         return self.spec.base_url
 
+    @property
+    def has_room(self) -> bool:
+        """Fewer requests in flight than the server's capacity (always, for a server without one)."""
+        capacity = self.spec.capacity
+        return capacity is None or self.in_flight < capacity
+
     def mark(self, state: BackendState, detail: str) -> bool:
         """Record a health result; returns whether the state changed."""
         changed = state is not self.state
@@ -52,13 +58,15 @@ class Model:
                 return state
         return BackendState.DOWN
 
-    def pick(self, exclude: Sequence[Backend] = ()) -> Backend | None:
-        """The ready backend with the fewest requests in flight (replicas share the load)."""
+    def pick(self, exclude: Sequence[Backend] = (), with_room: bool = False) -> Backend | None:
+        """The ready backend with the fewest requests in flight (replicas share the load); with
+        `with_room`, only one below its capacity."""
         best = None
         for backend in self.backends:
             if (
                 backend.state is BackendState.READY
                 and backend not in exclude
+                and (not with_room or backend.has_room)
                 and (best is None or backend.in_flight < best.in_flight)
             ):
                 best = backend
@@ -69,6 +77,8 @@ class Registry:
     def __init__(self, specs: Iterable[BackendSpec] = ()) -> None:
         self.models: dict[str, Model] = {}
         self._by_name: dict[str, Model] = {}
+        # Called when a backend's state changed or a new config came (admission.py listens).
+        self.listeners: list[Callable[[], None]] = []
         self.replace(specs)
 
     def replace(self, specs: Iterable[BackendSpec]) -> None:
@@ -86,6 +96,10 @@ class Registry:
             for alias in model.aliases:
                 by_name.setdefault(alias, model)
         self.models, self._by_name = models, by_name
+
+    def changed(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def resolve(self, name: str) -> Model | None:
         return self._by_name.get(name)

@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     token_limit: str | None = None
     rate_limit_storage: str = "memory://"
 
+    # -- admission (admission.py): each backend gets at most its capacity, the rest wait fairly --
+    admission: bool = True
+    # A key's requests in flight and waiting together, for keys without max_parallel_requests.
+    max_parallel_requests: int = Field(64, ge=1)
+    # Seconds a request may wait for a free backend, and requests that may wait per model.
+    queue_timeout: float = Field(60.0, gt=0)
+    queue_limit: int = Field(1024, ge=0)
+
     # -- metrics: GET /metrics (docs/metrics.md) --
     # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
     metrics: bool = True

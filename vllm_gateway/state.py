@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .access_log import LogWriter
+from .admission import Admission
 from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
@@ -32,6 +33,8 @@ class GatewayState:
     body_parser: BodyParser = field(default_factory=BodyParser)
     started_at: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
+    admission: Admission = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry, self.settings.metrics)
+        self.admission = Admission(self.settings, self.registry)

@@ -49,6 +49,7 @@ def stats_of(state: SimulatorState) -> dict[str, Any]:
     return {
         "requests": dict(state.requests),
         "running": state.running,
+        "peak_running": state.peak_running,
         "waiting": state.waiting,
         "aborted": state.aborted,
         "completed": state.completed,

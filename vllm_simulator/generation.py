@@ -99,6 +99,7 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         state.aborted += 1
         raise
     state.running += 1
+    state.peak_running = max(state.peak_running, state.running)
     state.prompt_tokens += prompt_tokens
     finished = False
     try:

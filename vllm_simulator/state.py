@@ -31,6 +31,7 @@ class SimulatorState:
         self.slots = asyncio.Semaphore(config.max_num_seqs)
         # Counters, as /metrics and /_simulator/stats tell them.
         self.running = 0
+        self.peak_running = 0  # the most running at once since the stats were last reset
         self.waiting = 0
         self.aborted = 0
         self.completed = 0
@@ -68,6 +69,7 @@ class SimulatorState:
     def reset_stats(self) -> None:
         self.requests.clear()
         self.aborted = self.completed = self.crashed = 0
+        self.peak_running = self.running
         self.last_request = None
         self.last_by_path = {}
 

@@ -33,10 +33,12 @@ class Backend:
     id: str = ""
     aliases: str = ""
     api_key: str = ""
+    max_num_seqs: str = ""
+    max_concurrency: str = ""
 
     def config_line(self) -> str:
         words = [f"name={self.name}", f"url={self.url}"]
-        for key in ("path", "id", "aliases", "api_key"):
+        for key in ("path", "id", "aliases", "api_key", "max_num_seqs", "max_concurrency"):
             if getattr(self, key):
                 words.append(f"{key}={getattr(self, key)}")
         return "vllm_model " + " ".join(f"'{word}'" for word in words) + "\n"

@@ -1,0 +1,326 @@
+"""Admission: a backend never gets more than its capacity, the rest wait in the gateway, fairly.
+
+The gateway runs as a process in front of simulators that generate slowly; capacities come from the
+model config (max_num_seqs, max_concurrency), while the simulators' own engines are large, so that
+what reaches them is what the gateway let through (the simulator's peak_running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.processes import Simulator, wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(max_tokens: int, stream: bool = True, content: str = "hello") -> dict[str, object]:
+    return {
+        "model": "sim",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+async def stream_through(client: httpx.AsyncClient, key: str, max_tokens: int) -> int:
+    headers = {"Authorization": f"Bearer {key}"}
+    async with client.stream("POST", CHAT, json=chat(max_tokens), headers=headers) as response:
+        async for _ in response.aiter_bytes():
+            pass
+        return response.status_code
+
+
+def waiting(gw: Gateway) -> int:
+    health = gw.health(gw.admin_key)
+    return sum(int(model.get("waiting", 0)) for model in health["models"])  # type: ignore[union-attr]
+
+
+def in_flight(gw: Gateway) -> int:
+    return int(gw.health(gw.admin_key)["in_flight"])  # type: ignore[arg-type]
+
+
+def chat_requests(sim: Simulator) -> int:
+    return int(sim.stats()["requests"].get(CHAT, 0))
+
+
+@pytest.fixture
+def sim(tmp_path: Path):
+    # A big engine, generating 20 tokens a second: whatever the gateway sends runs at once.
+    with Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as simulator:
+        yield simulator
+
+
+def start_gateway(tmp_path: Path, sim: Simulator, env: dict[str, str] | None = None, **capacity: str) -> Gateway:
+    return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
+
+
+@pytest.mark.parametrize(
+    "capacity",
+    [{"max_num_seqs": "4"}, {"max_num_seqs": "16", "max_concurrency": "4"}],
+    ids=["max_num_seqs", "max_concurrency"],
+)
+def test_a_backend_never_has_more_than_its_capacity_in_flight(
+    tmp_path: Path, sim: Simulator, capacity: dict[str, str]
+) -> None:
+    with start_gateway(tmp_path, sim, **capacity) as gw:
+        assert gw.health(gw.admin_key)["models"][0]["backends"][0]["capacity"] == 4  # type: ignore[index]
+
+        async def twenty_streams() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                return await asyncio.gather(*(stream_through(client, gw.key, 6) for _ in range(20)))
+
+        statuses = asyncio.run(twenty_streams())
+        stats = sim.stats()
+        log = gw.log_text()
+
+    assert statuses == [200] * 20
+    assert stats["completed"] == 20
+    assert stats["peak_running"] == 4
+    # Those that waited say so in their log line; those that went at once do not.
+    lines = [line for line in log.splitlines() if " access " in line and CHAT in line]
+    assert len(lines) == 20
+    assert 4 <= sum("queue_ms=" not in line for line in lines) < 20
+
+
+def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+        with gw.http(gw.key) as client:
+            with client.stream("POST", CHAT, json=chat(60)) as blocker:
+                assert blocker.status_code == 200
+                wait_until(lambda: sim.stats()["running"] == 1)
+                with socket.create_connection(("127.0.0.1", gw.port)) as queued:
+                    queued.sendall(raw_post(gw.key, chat(5)))
+                    wait_until(lambda: waiting(gw) == 1)
+                wait_until(lambda: waiting(gw) == 0 and in_flight(gw) == 1)
+            # The slot is free again: the next request goes through, the one that left never went.
+            assert client.post(CHAT, json=chat(2, stream=False)).status_code == 200
+        assert chat_requests(sim) == 2
+        assert " status=499 " in gw.log_text()
+
+
+def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+        capped = str(gw.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
+        gw.wait_for_key(capped)
+
+        async def scenario() -> tuple[list[int], httpx.Response, httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                two = [asyncio.create_task(stream_through(client, capped, 20)) for _ in range(2)]
+                while in_flight(gw) < 2:  # one relayed, one waiting
+                    await asyncio.sleep(0.05)
+                third = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {capped}"})
+                other_key = await client.post(
+                    CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gw.key}"}
+                )
+                return await asyncio.gather(*two), third, other_key
+
+        statuses, refused, other = asyncio.run(scenario())
+        with gw.http() as client:
+            metrics = client.get("/metrics").text
+
+    assert statuses == [200, 200]
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json() == {
+        "error": {
+            "message": "This API key has 2 requests in flight or waiting, its limit. Wait for one to finish.",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "parallel_requests_exceeded",
+        }
+    }
+    assert other.status_code == 200  # another key is not held to this one's cap
+    assert 'vllm_gateway_rate_limited_total{key="capped",kind="parallel"} 1' in metrics
+
+
+def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+        light = str(gw.create_key("--name", "light")["key"])
+        heavy = str(gw.create_key("--name", "heavy", "--weight", "2")["key"])
+        gw.wait_for_key(light)
+        gw.wait_for_key(heavy)
+        order: list[str] = []
+
+        async def one(client: httpx.AsyncClient, name: str, key: str) -> int:
+            response = await client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {key}"})
+            order.append(name)
+            return response.status_code
+
+        async def scenario() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gw.key, 20))
+                while in_flight(gw) < 1:
+                    await asyncio.sleep(0.05)
+                tasks = [asyncio.create_task(one(client, "A", light)) for _ in range(6)]
+                while waiting(gw) < 6:
+                    await asyncio.sleep(0.05)
+                tasks += [asyncio.create_task(one(client, "B", heavy)) for _ in range(6)]
+                while waiting(gw) < 12:
+                    await asyncio.sleep(0.05)
+                return await asyncio.gather(blocker, *tasks)
+
+        statuses = asyncio.run(scenario())
+
+    assert statuses == [200] * 13
+    # Deficit round robin: A's turn sends one, B's turn two, until B has nothing left to send.
+    assert "".join(order) == "ABBABBABBAAA"
+
+
+def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "5"}, max_num_seqs="1") as gw:
+        with gw.http(gw.key) as client:
+            with client.stream("POST", CHAT, json=chat(100)) as blocker:
+                assert blocker.status_code == 200
+                wait_until(lambda: in_flight(gw) == 1)
+                tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
+                assert waiting(gw) == 0
+                assert sim.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
+
+    assert tokenized.status_code == 200
+
+
+def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "0.5"}, max_num_seqs="1") as gw:
+        with gw.http(gw.key) as client:
+            with client.stream("POST", CHAT, json=chat(100)) as blocker:
+                assert blocker.status_code == 200
+                started = time.monotonic()
+                refused = client.post(CHAT, json=chat(2, stream=False))
+                assert time.monotonic() - started < 30  # liveness only
+        assert chat_requests(sim) == 1
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_timeout"
+    assert refused.json()["error"]["type"] == "server_error"
+    assert refused.json()["error"]["param"] == "model"
+
+
+def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_LIMIT": "1"}, max_num_seqs="1") as gw:
+
+        async def scenario() -> tuple[int, int, httpx.Response]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gw.key, 20))
+                while in_flight(gw) < 1:
+                    await asyncio.sleep(0.05)
+                queued = asyncio.create_task(stream_through(client, gw.key, 2))
+                while waiting(gw) < 1:
+                    await asyncio.sleep(0.05)
+                refused = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {gw.key}"})
+                return await blocker, await queued, refused
+
+        first, second, refused = asyncio.run(scenario())
+        assert chat_requests(sim) == 2
+
+    assert (first, second) == (200, 200)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+
+
+def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+
+        async def scenario() -> tuple[httpx.Response, int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gw.key, 60))
+                while in_flight(gw) < 1:
+                    await asyncio.sleep(0.05)
+                queued = asyncio.create_task(
+                    client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gw.key}"})
+                )
+                while waiting(gw) < 1:
+                    await asyncio.sleep(0.05)
+                # The server stops being ready (its /health fails) while its stream goes on.
+                sim.set_faults(health_status=503)
+                refused = await queued
+                assert not blocker.done()  # at once: before the stream in flight ended
+                return refused, await blocker
+
+        refused, streamed = asyncio.run(scenario())
+
+        assert chat_requests(sim) == 1
+
+    assert streamed == 200
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "model_not_ready"
+    assert refused.headers["retry-after"] == "10"
+
+
+def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> None:
+    with (
+        Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as one,
+        Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as two,
+    ):
+        backends = [
+            Backend("sim", one.base_url, path="/models/sim", id="one", max_num_seqs="1"),
+            Backend("sim", two.base_url, path="/models/sim", id="two", max_num_seqs="1"),
+        ]
+        with Gateway.start(tmp_path / "gw", backends) as gw:
+
+            async def scenario() -> list[int]:
+                async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                    long = asyncio.create_task(stream_through(client, gw.key, 200))
+                    while in_flight(gw) < 1:
+                        await asyncio.sleep(0.05)
+                    short = asyncio.create_task(stream_through(client, gw.key, 10))
+                    while in_flight(gw) < 2:
+                        await asyncio.sleep(0.05)
+                    queued = asyncio.create_task(stream_through(client, gw.key, 2))
+                    while waiting(gw) < 1:
+                        await asyncio.sleep(0.05)
+                    statuses = list(await asyncio.gather(short, queued))
+                    long.cancel()
+                    await asyncio.gather(long, return_exceptions=True)
+                    return statuses
+
+            statuses = asyncio.run(scenario())
+            counts = sorted([chat_requests(one), chat_requests(two)])
+            peaks = [one.stats()["peak_running"], two.stats()["peak_running"]]
+
+    assert statuses == [200, 200]
+    assert counts == [1, 2]  # the long stream's replica never took another
+    assert peaks == [1, 1]
+
+
+def test_with_admission_off_every_request_goes_straight_through(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim, {"GATEWAY_ADMISSION": "false"}, max_num_seqs="2") as gw:
+
+        async def six_streams() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                return await asyncio.gather(*(stream_through(client, gw.key, 40) for _ in range(6)))
+
+        statuses = asyncio.run(six_streams())
+        assert sim.stats()["peak_running"] == 6
+        assert "queue_ms=" not in gw.log_text()
+
+    assert statuses == [200] * 6
+
+
+def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim) as gw:
+        with gw.http(gw.admin_key) as admin:
+            created = admin.post("/admin/keys", json={"name": "w", "weight": 2.5, "max_parallel_requests": 3})
+            assert created.status_code == 201
+            assert (created.json()["weight"], created.json()["max_parallel_requests"]) == (2.5, 3)
+            key_id = created.json()["id"]
+            assert admin.patch(f"/admin/keys/{key_id}", json={"weight": 0}).status_code == 400
+            assert admin.patch(f"/admin/keys/{key_id}", json={"max_parallel_requests": 0}).status_code == 400
+            changed = admin.patch(f"/admin/keys/{key_id}", json={"weight": None, "max_parallel_requests": 8})
+            assert (changed.json()["weight"], changed.json()["max_parallel_requests"]) == (None, 8)
+        made = gw.create_key("--name", "c", "--weight", "3", "--max-parallel-requests", "5")
+        assert (made["weight"], made["max_parallel_requests"]) == (3.0, 5)
+        gw.cli("keys", "update", "c", "--weight", "default", "--max-parallel-requests", "7")
+        assert gw.cli("keys", "update", "c", "--weight", "-1", check=False).returncode == 1
+        listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
+        assert (listed["c"]["weight"], listed["c"]["max_parallel_requests"]) == (None, 7)

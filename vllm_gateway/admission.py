@@ -1,0 +1,244 @@
+"""Fair admission: no backend gets more requests than its capacity, and the rest wait, fairly.
+
+A backend's capacity is its `max_concurrency` from the model config, else its `max_num_seqs`, else
+none (model_config.BackendSpec.capacity). A request is in flight from the moment a backend is chosen
+for it until its last byte went to the client (proxy.relay counts `Backend.in_flight` down then).
+
+A request that finds every ready replica of its model full waits in the model's queue. When a slot
+frees (a request ends, a replica comes up), the next request is chosen by deficit round robin over
+the keys that wait: each key has its own first-in-first-out queue, and on its turn a key sends as many
+requests as its weight (default 1; fractions carry over to its next turn). One busy key cannot starve
+the others, and a key of weight 2 gets twice the turns of a key of weight 1 while both wait.
+
+Bounds, each answered at once:
+- a key with `max_parallel_requests` (default GATEWAY_MAX_PARALLEL_REQUESTS) requests in flight or
+  waiting gets 429 `parallel_requests_exceeded`: the key is over its own limit;
+- a model with GATEWAY_QUEUE_LIMIT requests waiting answers the next one 503 `queue_full`, and a
+  request that waited GATEWAY_QUEUE_TIMEOUT seconds gets 503 `queue_timeout`: the servers are
+  saturated, which no key caused, so these are 503 with Retry-After, like an overloaded server;
+- when the model has no ready replica left, its waiting requests get 503 `model_not_ready`.
+
+A request whose client goes away while it waits is cancelled (http_protocol.connection_lost) and
+leaves the queue at once; it never reaches vLLM. /tokenize and /detokenize take no sequence in vLLM,
+so they never wait (they count in flight while they last, a few milliseconds).
+
+The counts live in one worker's memory: with GATEWAY_WORKERS=N, each worker admits up to a backend's
+capacity, so the backend may see up to N x its capacity (vLLM queues the excess itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from . import errors
+from .keystore import KeyRecord
+from .registry import Backend, BackendState, Model, Registry
+from .settings import Settings
+
+
+class Waiter:
+    __slots__ = ("future", "key_id")
+
+    def __init__(self, key_id: str, future: asyncio.Future[Backend]) -> None:
+        self.key_id = key_id
+        self.future = future
+
+
+class ModelQueue:
+    """The requests waiting for one model: a FIFO per key, and the keys' turns (deficit round robin)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.by_key: dict[str, deque[Waiter]] = {}
+        self.turns: deque[str] = deque()  # keys with waiting requests; the first has the turn
+        self.deficit: dict[str, float] = {}  # requests a key may still send in its turn
+        self.weight: dict[str, float] = {}
+        self.size = 0
+
+    def push(self, waiter: Waiter, weight: float) -> None:
+        waiting = self.by_key.get(waiter.key_id)
+        if waiting is None:
+            waiting = self.by_key[waiter.key_id] = deque()
+            self.turns.append(waiter.key_id)
+            self.deficit[waiter.key_id] = 0.0
+        self.weight[waiter.key_id] = weight  # the key's weight as of its latest request
+        waiting.append(waiter)
+        self.size += 1
+
+    def remove(self, waiter: Waiter) -> None:
+        """Take a waiter out (its client left, or it timed out); nothing when it is not queued."""
+        waiting = self.by_key.get(waiter.key_id)
+        if waiting is None or waiter not in waiting:
+            return
+        waiting.remove(waiter)
+        self.size -= 1
+        if not waiting:
+            self._drop(waiter.key_id)
+
+    def pop(self) -> Waiter | None:
+        """The next waiter by deficit round robin: a key's turn gives it `weight` more requests."""
+        while self.turns:
+            key_id = self.turns[0]
+            if self.deficit[key_id] < 1:
+                self.deficit[key_id] += self.weight[key_id]  # a new turn
+                if self.deficit[key_id] < 1:
+                    self.turns.rotate(-1)  # a weight below 1 adds up over several turns
+                    continue
+            self.deficit[key_id] -= 1
+            waiting = self.by_key[key_id]
+            waiter = waiting.popleft()
+            self.size -= 1
+            if not waiting:
+                self._drop(key_id)  # a key that stops waiting keeps no credit, as in DRR
+            elif self.deficit[key_id] < 1:
+                self.turns.rotate(-1)  # its turn is over
+            return waiter
+        return None
+
+    def drain(self) -> list[Waiter]:
+        waiters = [waiter for waiting in self.by_key.values() for waiter in waiting]
+        self.by_key.clear()
+        self.turns.clear()
+        self.deficit.clear()
+        self.weight.clear()
+        self.size = 0
+        return waiters
+
+    def _drop(self, key_id: str) -> None:
+        del self.by_key[key_id]
+        self.turns.remove(key_id)
+        del self.deficit[key_id]
+        del self.weight[key_id]
+
+
+class Admission:
+    """Which backend a request goes to and when; with GATEWAY_ADMISSION=false, at once to the least
+    busy ready backend, as without admission."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.enabled = settings.admission
+        self.max_parallel_requests = settings.max_parallel_requests
+        self.queue_timeout = settings.queue_timeout
+        self.queue_limit = settings.queue_limit
+        self.registry = registry
+        self.queues: dict[str, ModelQueue] = {}
+        self.per_key: dict[str, int] = {}  # requests in flight or waiting, per key id
+        registry.listeners.append(self.backends_changed)
+
+    # -- the key's own cap --
+
+    def enter(self, key: KeyRecord) -> None:
+        """Count one more request of `key`, or refuse it (429) when the key is at its cap."""
+        if not self.enabled:
+            return
+        limit = key.max_parallel_requests or self.max_parallel_requests
+        count = self.per_key.get(key.id, 0)
+        if count >= limit:
+            raise errors.too_many_parallel_requests(limit)
+        self.per_key[key.id] = count + 1
+
+    def leave(self, key: KeyRecord) -> None:
+        if not self.enabled:
+            return
+        count = self.per_key.get(key.id, 0) - 1
+        if count > 0:
+            self.per_key[key.id] = count
+        else:
+            self.per_key.pop(key.id, None)
+
+    def waiting(self, model_name: str) -> int:
+        queue = self.queues.get(model_name)
+        return queue.size if queue is not None else 0
+
+    # -- backends --
+
+    async def acquire(
+        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
+    ) -> tuple[Backend | None, float]:
+        """A ready backend of `model` for one request, counted in its `in_flight`, and the seconds the
+        request waited for it; None when no ready backend (but those in `exclude`) is left. With
+        `at_once` (a request that takes no sequence in vLLM) the least busy one, full or not."""
+        if not self.enabled or at_once:
+            backend = model.pick(exclude)
+            if backend is not None:
+                backend.in_flight += 1
+            return backend, 0.0
+        queue = self.queues.get(model.name)
+        if queue is None or not queue.size:  # nobody waits: no one is overtaken
+            backend = model.pick(exclude, with_room=True)
+            if backend is not None:
+                backend.in_flight += 1
+                return backend, 0.0
+        if model.pick(exclude) is None:
+            return None, 0.0
+        if queue is None:
+            queue = self.queues[model.name] = ModelQueue(model)
+        if queue.size >= self.queue_limit:
+            raise errors.queue_full(model.name, self.queue_limit)
+        queue.model = model
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(key.id, loop.create_future())
+        queue.push(waiter, key.weight or 1.0)
+        timer = loop.call_later(self.queue_timeout, self._expire, queue, waiter)
+        started = time.perf_counter()
+        try:
+            backend = await waiter.future
+        except BaseException:
+            # Cancelled (the client left) or refused: out of the queue at once. A backend handed over
+            # just before the cancellation goes back to the next waiter.
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(future.result())
+            queue.remove(waiter)
+            raise
+        finally:
+            timer.cancel()
+            if not queue.size and self.queues.get(model.name) is queue:
+                del self.queues[model.name]
+        return backend, time.perf_counter() - started
+
+    def release(self, backend: Backend) -> None:
+        """One request to `backend` ended (its last byte went out, or it failed): the next may go."""
+        backend.in_flight -= 1
+        if self.enabled:
+            queue = self.queues.get(backend.spec.name)
+            if queue is not None:
+                self.dispatch(queue)
+
+    def dispatch(self, queue: ModelQueue) -> None:
+        """Hand free slots to waiters, in their fair order, each to the least busy backend with room."""
+        while queue.size:
+            backend = queue.model.pick(with_room=True)
+            if backend is None:
+                return
+            waiter = queue.pop()
+            if waiter is None:
+                return
+            if waiter.future.done():
+                continue
+            backend.in_flight += 1
+            waiter.future.set_result(backend)
+
+    def backends_changed(self) -> None:
+        """A backend came up or went down, or the config changed: waiters go to a replica that is
+        ready, or, when their model has none left, get 503 at once."""
+        for name, queue in list(self.queues.items()):
+            model = self.registry.models.get(name)
+            if model is not None and model.pick() is not None:
+                queue.model = model
+                self.dispatch(queue)
+                continue
+            state = model.state if model is not None else BackendState.DOWN
+            retry_after = 10 if state is BackendState.LOADING else 5
+            for waiter in queue.drain():
+                if not waiter.future.done():
+                    waiter.future.set_exception(errors.model_unavailable(name, state.value, retry_after))
+            del self.queues[name]
+
+    def _expire(self, queue: ModelQueue, waiter: Waiter) -> None:
+        if not waiter.future.done():
+            queue.remove(waiter)
+            waiter.future.set_exception(errors.queue_timeout(queue.model.name, self.queue_timeout))
