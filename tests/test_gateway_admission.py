@@ -324,3 +324,31 @@ def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_p
         assert gw.cli("keys", "update", "c", "--weight", "-1", check=False).returncode == 1
         listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
         assert (listed["c"]["weight"], listed["c"]["max_parallel_requests"]) == (None, 7)
+
+
+def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, sim: Simulator) -> None:
+    from tests.support.gateway import Reader
+    from tests.support.processes import parse_metrics
+
+    def scrape(gw: Gateway) -> str:
+        with gw.http() as client:
+            return client.get("/metrics").text
+
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+        with gw.http(gw.key) as client:
+            with client.stream("POST", CHAT, json=chat(40)) as blocker:
+                assert blocker.status_code == 200
+                wait_until(lambda: sim.stats()["running"] == 1)
+                with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as queued:
+                    queued.sendall(raw_post(gw.key, chat(2, stream=False)))
+                    wait_until(lambda: waiting(gw) == 1)
+                    text = scrape(gw)
+                    assert 'vllm_gateway_queue_length{model="sim"} 1' in text
+                    assert 'vllm_gateway_key_requests_in_flight{key="test-user"} 2' in text
+                    for _ in blocker.iter_bytes():
+                        pass  # the first stream ends: the waiting request goes
+                    assert Reader(queued).response()[0] == 200
+        wait_until(lambda: parse_metrics(scrape(gw)).get("vllm_gateway_queue_seconds_count") == 1.0)
+        text = scrape(gw)
+    assert 'vllm_gateway_queue_length{model="sim"} 0' in text
+    assert gw.key not in text

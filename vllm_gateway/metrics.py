@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from .registry import BackendState, Registry
 
 if TYPE_CHECKING:
+    from .admission import Admission
     from .keystore import KeyRecord
     from .proxy import Outcome
 
@@ -34,6 +35,7 @@ UNKNOWN = "unknown"
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 # A series' figures, one flat list: the counts and sums below, then each histogram's bucket counts
 # (one more than its bounds: the last counts what is above every bound).
@@ -61,6 +63,11 @@ class Metrics:
         self.series: dict[Labels, list[float]] = {}
         self.rate_limited: dict[Labels, float] = {}  # (key name, kind)
         self.upstream_errors: dict[Labels, float] = {}  # (model, backend, kind)
+        # (model,) -> [seconds waited, requests that waited, bucket counts...]: admission's queue
+        self.queue_waits: dict[Labels, list[float]] = {}
+        # What admission holds now (read at a scrape): set by GatewayState once both exist.
+        self.admission: Admission | None = None
+        self.key_names: Callable[[], dict[str, str]] = dict
 
     # -- recording: the request path --
 
@@ -102,6 +109,13 @@ class Metrics:
                 series[TTFT_SUM] += ttft
                 series[TTFT_COUNT] += 1
                 series[TTFT_AT + bisect_left(TTFT_BUCKETS, ttft)] += 1
+        if outcome.queued:
+            waits = self.queue_waits.get(labels[:1])
+            if waits is None:
+                waits = self.queue_waits[labels[:1]] = [0.0] * (len(QUEUE_BUCKETS) + 3)
+            waits[0] += outcome.queued
+            waits[1] += 1
+            waits[2 + bisect_left(QUEUE_BUCKETS, outcome.queued)] += 1
         if outcome.status == 429 and outcome.error_type in RATE_LIMIT_KINDS:
             limited = (labels[2], RATE_LIMIT_KINDS[outcome.error_type])
             self.rate_limited[limited] = self.rate_limited.get(limited, 0.0) + 1
@@ -122,13 +136,21 @@ class Metrics:
             for model in self.registry.models.values()
             for backend in model.backends
         }
-        return Figures(
+        figures = Figures(
             {labels: list(values) for labels, values in self.series.items()},
             dict(self.rate_limited),
             dict(self.upstream_errors),
             in_flight,
             [os.getpid()],
         )
+        figures.queue_waits = {labels: list(values) for labels, values in self.queue_waits.items()}
+        if self.admission is not None:
+            figures.queue_length = {(model,): float(self.admission.waiting(model)) for model in self.registry.models}
+            names = self.key_names()
+            figures.key_requests = {
+                (names.get(key_id, "-"),): float(count) for key_id, count in self.admission.per_key.items()
+            }
+        return figures
 
     def backend_states(self) -> dict[Labels, float]:
         states: dict[Labels, float] = {
@@ -155,6 +177,9 @@ class Figures:
         self.upstream_errors = upstream_errors
         self.in_flight = in_flight
         self.pids = pids
+        self.queue_waits: dict[Labels, list[float]] = {}  # (model,) -> [sum, count, buckets...]
+        self.queue_length: dict[Labels, float] = {}  # (model,)
+        self.key_requests: dict[Labels, float] = {}  # (key name,): in flight or waiting
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -163,6 +188,9 @@ class Figures:
                 "rate_limited": [[list(labels), value] for labels, value in self.rate_limited.items()],
                 "upstream_errors": [[list(labels), value] for labels, value in self.upstream_errors.items()],
                 "in_flight": [[list(labels), value] for labels, value in self.in_flight.items()],
+                "queue_waits": [[list(labels), values] for labels, values in self.queue_waits.items()],
+                "queue_length": [[list(labels), value] for labels, value in self.queue_length.items()],
+                "key_requests": [[list(labels), value] for labels, value in self.key_requests.items()],
                 "pids": self.pids,
             }
         ).encode()
@@ -177,9 +205,15 @@ class Figures:
         series = {tuple(labels): [float(v) for v in values] for labels, values in raw["series"]}
         if any(len(values) != SERIES_SIZE for values in series.values()):
             raise ValueError("a snapshot of another version's layout")
-        return cls(
+        figures = cls(
             series, table("rate_limited"), table("upstream_errors"), table("in_flight"), [int(p) for p in raw["pids"]]
         )
+        figures.queue_waits = {tuple(labels): [float(v) for v in values] for labels, values in raw["queue_waits"]}
+        if any(len(values) != len(QUEUE_BUCKETS) + 3 for values in figures.queue_waits.values()):
+            raise ValueError("a snapshot of another version's layout")
+        figures.queue_length = table("queue_length")
+        figures.key_requests = table("key_requests")
+        return figures
 
     def add(self, other: Figures) -> None:
         for labels, values in other.series.items():
@@ -189,7 +223,11 @@ class Figures:
             else:
                 for index, value in enumerate(values):
                     mine[index] += value
-        for name in ("rate_limited", "upstream_errors", "in_flight"):
+        for labels, values in other.queue_waits.items():
+            waits = self.queue_waits.setdefault(labels, [0.0] * len(values))
+            for index, value in enumerate(values):
+                waits[index] += value
+        for name in ("rate_limited", "upstream_errors", "in_flight", "queue_length", "key_requests"):
             mine_table: dict[Labels, float] = getattr(self, name)
             for labels, value in getattr(other, name).items():
                 mine_table[labels] = mine_table.get(labels, 0.0) + value
@@ -396,6 +434,18 @@ def render(figures: Figures, backend_up: dict[Labels, float]) -> bytes:
     name = PREFIX + "requests_in_flight"
     out.family(name, "gauge", "Requests being relayed now, by model and backend, over all workers.")
     out.samples(name, ("model", "backend"), figures.in_flight)
+
+    name = PREFIX + "queue_length"
+    out.family(name, "gauge", "Requests waiting for a free sequence of their model (admission), over all workers.")
+    out.samples(name, ("model",), figures.queue_length)
+
+    name = PREFIX + "queue_seconds"
+    out.family(name, "histogram", "Time requests waited in their model's queue, of those that waited.")
+    out.histogram(name, ("model",), QUEUE_BUCKETS, figures.queue_waits)
+
+    name = PREFIX + "key_requests_in_flight"
+    out.family(name, "gauge", "Requests of each key in flight or waiting (what max_parallel_requests caps).")
+    out.samples(name, ("key",), figures.key_requests)
 
     name = PREFIX + "backend_up"
     out.family(name, "gauge", "1 when the backend's last health check found it ready, else 0.")

@@ -38,3 +38,6 @@ class GatewayState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry, self.settings.metrics)
         self.admission = Admission(self.settings, self.registry)
+        # A scrape reads the queues and each key's requests (by name, never by key) from admission.
+        self.metrics.admission = self.admission
+        self.metrics.key_names = lambda: {record.id: record.name for record in self.keys.records()}
