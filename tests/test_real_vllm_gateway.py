@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -153,3 +154,41 @@ def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm)
     assert completion - completion_before == (
         after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     )
+
+
+def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp_path, vllm):
+    # vLLM runs with --max-num-seqs 8; twice that many streams at once: the gateway keeps 8 in flight.
+    backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), max_num_seqs="8")
+    with Gateway.start(tmp_path, [backend]) as gateway:
+        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": f"Bearer {gateway.key}"}
+        vllm_waiting: list[float] = []
+
+        async def one() -> str:
+            """How the stream ended: its finish reason, once [DONE] came."""
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as client:
+                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    finish, done = "", False
+                    async for line in response.aiter_lines():
+                        if '"finish_reason":"' in line:
+                            finish = line.split('"finish_reason":"')[1].split('"')[0]
+                        done = done or line == "data: [DONE]"
+                    return finish if done else "cut short"
+
+        async def sample(until: asyncio.Future) -> None:
+            async with httpx.AsyncClient(timeout=10) as client:
+                while not until.done():
+                    text = (await client.get(vllm.base_url + "/metrics")).text
+                    vllm_waiting.append(parse_metrics(text)["vllm:num_requests_waiting"])
+                    await asyncio.sleep(0.05)
+
+        async def run() -> list[str]:
+            streams = asyncio.gather(*(one() for _ in range(16)))
+            await sample(streams)
+            return await streams
+
+        endings = asyncio.run(run())
+        lines = [line for line in gateway.log_text().splitlines() if " access " in line and "/v1/chat" in line]
+    assert endings == ["length"] * 16  # every stream ran to its 1000 tokens
+    assert len(vllm_waiting) >= 3 and max(vllm_waiting) == 0, "vLLM queued requests the gateway let through"
+    assert sum("queue_ms=" in line for line in lines) >= 8, "the gateway never held the excess"
