@@ -11,7 +11,7 @@ if str(REPO_ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 from tests.support.gateway import Backend, Gateway  # noqa: E402
-from tests.support.processes import Simulator  # noqa: E402
+from tests.support.processes import Simulator, free_port, start_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,29 @@ def _fresh_simulator_state(request):
         sim.clear_faults()
         sim.reset_stats()
     yield
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A real redis-server on a free port, for the stores that workers share."""
+    import shutil
+    import socket
+    import time
+
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
+    port = free_port()
+    handle = start_process(
+        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        log_path=tmp_path / "redis.log",
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    handle.stop()

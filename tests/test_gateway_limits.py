@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
 
 import httpx
-import pytest
 
 from tests.support.gateway import Backend, Gateway, gateway_env
-from tests.support.processes import REPO_ROOT, free_port, start_process
+from tests.support.processes import REPO_ROOT, free_port
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
@@ -72,30 +70,6 @@ def test_several_workers_on_per_process_memory_are_refused(tmp_path):
     )
     assert result.returncode == 2
     assert "GATEWAY_RATE_LIMIT_STORAGE" in result.stderr and "4 workers" in result.stderr
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
-    port = free_port()
-    handle = start_process(
-        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        log_path=tmp_path / "redis.log",
-    )
-    import socket
-    import time
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, handle.log_tail()
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    handle.stop()
 
 
 def test_counts_are_exact_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 
 import httpx
@@ -259,27 +257,6 @@ def test_prometheus_scrapes_the_completion_tokens_the_answers_reported(tmp_path,
         assert wait_until(scraped, timeout=60, interval=0.5) == expected
     finally:
         handle.stop()
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
-    port = free_port()
-    handle = start_process(
-        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        log_path=tmp_path / "redis.log",
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, handle.log_tail()
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    handle.stop()
 
 
 def test_a_scrape_adds_up_every_worker(tmp_path, simulator, redis_url):

@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from tests.support.gateway import Backend, Gateway
-from tests.test_gateway_limits import redis_url  # noqa: F401  (the fixture that runs a real redis-server)
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # The simulator answers max_tokens tokens with ignore_eos; "hi" is one prompt token: 21 in all.
@@ -176,7 +175,7 @@ def test_invalid_token_limit_gets_400_and_leaves_the_key_file_unchanged(gateway,
     assert key_file.read_bytes() == before
 
 
-def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):  # noqa: F811
+def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):
     # 50 tokens: two answers of 21 leave 8, a third is admitted and goes over, and every later one is
     # refused, whichever worker takes it. Counted per worker, each worker would admit three.
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_TOKEN_LIMIT": "50/minute"}

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import signal
-import socket
 import sqlite3
 import time
 
@@ -16,7 +14,6 @@ import httpx
 import pytest
 
 from tests.support.gateway import Backend, Gateway, run_cli
-from tests.support.processes import free_port, start_process
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
 FLUSH = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
@@ -243,27 +240,6 @@ def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_p
         requests, completion = connection.execute("SELECT SUM(requests), SUM(completion_tokens) FROM usage").fetchone()
     assert sums["requests"] <= requests <= sums["requests"] + 4
     assert completion >= sums["output_tokens"]
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
-    port = free_port()
-    handle = start_process(
-        [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-        log_path=tmp_path / "redis.log",
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, handle.log_tail()
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    handle.stop()
 
 
 def test_two_workers_write_one_ledger_exactly(tmp_path, simulator, redis_url):
