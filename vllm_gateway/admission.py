@@ -22,8 +22,8 @@ A request whose client goes away while it waits is cancelled (http_protocol.conn
 leaves the queue at once; it never reaches vLLM. /tokenize and /detokenize take no sequence in vLLM,
 so they never wait (they count in flight while they last, a few milliseconds).
 
-The counts live in one worker's memory: with GATEWAY_WORKERS=N, each worker admits up to a backend's
-capacity, so the backend may see up to N x its capacity (vLLM queues the excess itself).
+The counts live in this worker's memory; with several workers, shared_admission.SharedAdmission
+keeps them in Redis instead, for the gateway as a whole.
 """
 
 from __future__ import annotations
@@ -150,8 +150,19 @@ class Admission:
             self.per_key.pop(key.id, None)
 
     def waiting(self, model_name: str) -> int:
+        """Requests of this worker waiting for `model_name` (the metrics add the workers up)."""
         queue = self.queues.get(model_name)
         return queue.size if queue is not None else 0
+
+    def waiting_everywhere(self, model_name: str) -> int:
+        """Requests of every worker waiting for `model_name` (/health)."""
+        return self.waiting(model_name)
+
+    async def start(self) -> None:
+        """Nothing to start for one worker (SharedAdmission connects to Redis)."""
+
+    async def stop(self) -> None:
+        """Nothing to stop for one worker."""
 
     # -- backends --
 
@@ -200,8 +211,9 @@ class Admission:
                 del self.queues[model.name]
         return backend, time.perf_counter() - started
 
-    def release(self, backend: Backend) -> None:
-        """One request to `backend` ended (its last byte went out, or it failed): the next may go."""
+    def release(self, backend: Backend, at_once: bool = False) -> None:
+        """One request to `backend` ended (its last byte went out, or it failed): the next may go.
+        `at_once` as it was acquired."""
         backend.in_flight -= 1
         if self.enabled:
             queue = self.queues.get(backend.spec.name)

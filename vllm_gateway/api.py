@@ -63,7 +63,8 @@ def health(
         "models_ready": ready,
         "models_total": len(models),
         "models": [
-            health_of(model, detailed=key is not None, waiting=state.admission.waiting(model.name)) for model in models
+            health_of(model, detailed=key is not None, waiting=state.admission.waiting_everywhere(model.name))
+            for model in models
         ],
     }
     if key is not None:

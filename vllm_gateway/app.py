@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir
         )
         await state.health.check_all()
+        await state.admission.start()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
         metrics_service = metrics_http.MetricsService(state)
         await metrics_service.start()
@@ -179,6 +180,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             for task in tasks:
                 task.cancel()
             await metrics_service.stop()
+            await state.admission.stop()
             with contextlib.suppress(KeyFileError, OSError):
                 await asyncio.to_thread(state.keys.flush_usage)
             if state.ledger is not None:

@@ -120,6 +120,14 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if settings.workers > 1 and settings.admission and settings.redis_url is None:
+        print(
+            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
+            f"{settings.rate_limit_storage}: the workers share admission's counts and queues through Redis. "
+            "Use redis://HOST:6379, or set GATEWAY_ADMISSION=false.",
+            file=sys.stderr,
+        )
+        return 2
     raise_open_files_limit()
     store = KeyStore(settings.key_file)
     if not store.exists:

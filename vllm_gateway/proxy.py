@@ -271,7 +271,8 @@ async def relay(
         record_usage(tail, outcome)
     finally:
         outcome.upstream_seconds = time.perf_counter() - waiting_from
-        state.admission.release(backend)  # in flight until the last byte: now the next may go
+        # In flight until the last byte: now the next may go.
+        state.admission.release(backend, exchange.path in NO_SEQUENCE_PATHS)
         if finished:
             upstream.release()
         else:
@@ -295,8 +296,9 @@ async def open_upstream(
     timed_out = False
     key = exchange.key
     assert key is not None
+    at_once = exchange.path in NO_SEQUENCE_PATHS
     while True:
-        backend, waited = await state.admission.acquire(model, key, tried, exchange.path in NO_SEQUENCE_PATHS)
+        backend, waited = await state.admission.acquire(model, key, tried, at_once)
         if waited:
             outcome.queued = (outcome.queued or 0.0) + waited
         if backend is None:
@@ -313,7 +315,7 @@ async def open_upstream(
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
         except UpstreamConnectError as error:
             # Nothing reached vLLM, so another replica may safely take the request.
-            state.admission.release(backend)
+            state.admission.release(backend, at_once)
             timed_out = isinstance(error, UpstreamConnectTimeout)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             if backend.mark(BackendState.DOWN, str(error)):
@@ -321,17 +323,17 @@ async def open_upstream(
             state.health.check_soon()
             tried.append(backend)
         except UpstreamTimeout as error:
-            state.admission.release(backend)
+            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
-            state.admission.release(backend)
+            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise GatewayError(
                 502, f"The server of model `{model.name}` failed: {error}.", "server_error", "upstream_error", "model"
             ) from None
         except BaseException:
-            state.admission.release(backend)
+            state.admission.release(backend, at_once)
             raise
 
 

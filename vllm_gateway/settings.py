@@ -150,6 +150,13 @@ class Settings(BaseSettings):
     def shares_rate_limit_store(self) -> bool:
         return self.rate_limit_scheme != "memory"
 
+    @property
+    def redis_url(self) -> str | None:
+        """The shared store as a Redis URL, for what only Redis can share (admission); else None."""
+        if self.rate_limit_scheme not in ("redis", "rediss", "unix"):
+            return None
+        return self.rate_limit_storage.removeprefix("async+")
+
 
 def networks_of(text: str) -> list[IPv4Network | IPv6Network]:
     return [ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]

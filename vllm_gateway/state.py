@@ -14,6 +14,7 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings
+from .shared_admission import SharedAdmission
 from .upstream import UpstreamPool
 from .usage_ledger import UsageLedger
 
@@ -37,7 +38,9 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry, self.settings.metrics)
-        self.admission = Admission(self.settings, self.registry)
+        # Several workers share their counts and queues through Redis (shared_admission.py).
+        shared = self.settings.workers > 1 and self.settings.admission
+        self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
         # A scrape reads the queues and each key's requests (by name, never by key) from admission.
         self.metrics.admission = self.admission
         self.metrics.key_names = lambda: {record.id: record.name for record in self.keys.records()}

@@ -1,0 +1,167 @@
+"""Admission with several workers: the counts and the queues live in Redis, so a backend's capacity,
+the fair order and a disconnect while waiting hold for the gateway as a whole, not per worker.
+
+Each request goes on a connection of its own, so the kernel spreads them over both workers (each
+worker's metrics snapshot shows it served some).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.processes import Simulator, wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def chat(max_tokens: int, stream: bool = True) -> dict[str, object]:
+    return {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+
+
+@pytest.fixture
+def sim(tmp_path: Path):
+    # A big engine, generating 20 tokens a second: whatever the gateway sends runs at once.
+    with Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as simulator:
+        yield simulator
+
+
+def start_two_workers(tmp_path: Path, sim: Simulator, redis_url: str, **capacity: str) -> Gateway:
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
+    return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
+
+
+def fresh_client(gw: Gateway) -> httpx.AsyncClient:
+    # No keep-alive: every request is a new connection, which either worker may accept.
+    return httpx.AsyncClient(base_url=gw.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+async def stream_through(gw: Gateway, key: str, max_tokens: int) -> int:
+    async with fresh_client(gw) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with client.stream("POST", CHAT, json=chat(max_tokens), headers=headers) as response:
+            async for _ in response.aiter_bytes():
+                pass
+            return response.status_code
+
+
+def waiting(gw: Gateway) -> int:
+    """Every worker's waiting requests, as /health tells them (Redis's count, at most 1 s old)."""
+    health = gw.health(gw.admin_key)
+    return sum(int(model.get("waiting", 0)) for model in health["models"])  # type: ignore[union-attr]
+
+
+def workers_that_answered(gw: Gateway) -> int:
+    """Workers whose metrics snapshot (written each second) counts a chat request."""
+
+    def served() -> int:
+        count = 0
+        for path in (gw.workdir / "run" / "metrics").glob("*.json"):
+            series = json.loads(path.read_text())["series"]
+            count += any(labels[0] == "sim" for labels, _ in series)  # (model, backend, key, status)
+        return count
+
+    try:
+        return int(wait_until(lambda: served() == 2 and 2, timeout=5))
+    except TimeoutError:
+        return served()
+
+
+def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
+    tmp_path: Path, sim: Simulator, redis_url: str
+) -> None:
+    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="4") as gw:
+
+        async def twenty_four_streams() -> list[int]:
+            return await asyncio.gather(*(stream_through(gw, gw.key, 6) for _ in range(24)))
+
+        statuses = asyncio.run(twenty_four_streams())
+        stats = sim.stats()
+        log = gw.log_text()
+        served_by = workers_that_answered(gw)
+
+    assert statuses == [200] * 24
+    assert stats["completed"] == 24
+    assert stats["peak_running"] == 4  # one worker alone would have sent 4, two 8
+    assert served_by == 2, "the kernel gave every connection to one worker; the test proves nothing"
+    lines = [line for line in log.splitlines() if " access " in line and CHAT in line]
+    assert len(lines) == 24
+    assert 4 <= sum("queue_ms=" not in line for line in lines) < 24
+
+
+def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: Simulator, redis_url: str) -> None:
+    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="1") as gw:
+        light = str(gw.create_key("--name", "light")["key"])
+        heavy = str(gw.create_key("--name", "heavy", "--weight", "2")["key"])
+        gw.wait_for_key(light)
+        gw.wait_for_key(heavy)
+        order: list[str] = []
+
+        async def one(name: str, key: str) -> int:
+            async with fresh_client(gw) as client:
+                headers = {"Authorization": f"Bearer {key}"}
+                response = await client.post(CHAT, json=chat(2, stream=False), headers=headers)
+                order.append(name)
+                return response.status_code
+
+        async def until_waiting(count: int) -> None:
+            for _ in range(100):
+                if waiting(gw) >= count:
+                    return
+                await asyncio.sleep(0.1)
+            raise TimeoutError(f"{count} requests never waited at once")
+
+        async def scenario() -> list[int]:
+            blocker = asyncio.create_task(stream_through(gw, gw.key, 1000))  # holds the one slot
+            while sim.stats()["running"] < 1:
+                await asyncio.sleep(0.05)
+            # One connection at a time, so that both workers get some (a burst goes to one, whose
+            # loop accepts the whole backlog).
+            tasks = []
+            for name, key in [("A", light)] * 6 + [("B", heavy)] * 6:
+                tasks.append(asyncio.create_task(one(name, key)))
+                await until_waiting(len(tasks))
+            blocker.cancel()  # its client leaves: the slot goes to the queue, in turn
+            return await asyncio.gather(*tasks)
+
+        statuses = asyncio.run(scenario())
+        served_by = workers_that_answered(gw)
+
+    assert statuses == [200] * 12
+    assert served_by == 2
+    # One queue for the whole gateway: A's turn sends one, B's turn two, until B has none left.
+    assert "".join(order) == "ABBABBABBAAA"
+
+
+def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_backend(
+    tmp_path: Path, sim: Simulator, redis_url: str
+) -> None:
+    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="1") as gw:
+
+        async def scenario() -> tuple[int, list[int]]:
+            blocker = asyncio.create_task(stream_through(gw, gw.key, 60))
+            while sim.stats()["running"] < 1:
+                await asyncio.sleep(0.05)
+            # Four clients wait, on whichever workers took their connections, then leave.
+            for _ in range(4):
+                with socket.create_connection(("127.0.0.1", gw.port)) as queued:
+                    queued.sendall(raw_post(gw.key, chat(5)))
+                    wait_until(lambda: waiting(gw) == 1)
+                wait_until(lambda: waiting(gw) == 0)
+            after = [await stream_through(gw, gw.key, 2) for _ in range(2)]
+            return await blocker, after
+
+        blocked, after = asyncio.run(scenario())
+        stats = sim.stats()
+
+    assert blocked == 200
+    assert after == [200, 200]
+    # The blocker and the two after it; none of the four that left.
+    assert stats["requests"][CHAT] == 3
+    assert stats["peak_running"] == 1

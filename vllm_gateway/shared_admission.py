@@ -1,0 +1,516 @@
+"""Admission for several workers: the counts and the queues live in Redis, so capacity and fairness
+hold for the gateway as a whole (N workers never send N x a backend's capacity).
+
+Each decision is one Lua script, which Redis runs atomically:
+- acquire: a backend with room, when nobody waits for the model; else the request's ticket joins its
+  key's line in the model's queue, and the script hands out what room there is, in turn;
+- release: one request ended; the freed slot goes to the next ticket in turn, whichever worker holds it;
+- cancel: a waiting request gave up (its client left, or it timed out).
+
+The turns are the same deficit round robin as one worker's (admission.ModelQueue), kept in Redis: a
+list of the keys that wait, a FIFO of tickets per key, and each key's deficit and weight. A ticket
+handed to another worker is published on that worker's channel and recorded in its `granted` hash, so
+a message lost with a dropped connection is found again (on resubscribing, or when the request gives
+up). A ticket is `worker|sequence`.
+
+Workers announce themselves with a key that expires (HEARTBEAT_TTL). A worker that died without
+releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends and its
+tickets leave the queues.
+
+Cost: one script (one round trip to Redis) when a request is admitted and one when it ends
+(docs/performance.md, "Admission across workers"). A release that Redis does not take (the
+connection dropped) is retried until it does, so a slot is never lost to a blip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import errors
+from .admission import Admission
+from .errors import GatewayError
+from .keystore import KeyRecord
+from .registry import Backend, BackendState, Model, Registry
+from .settings import Settings
+
+log = logging.getLogger("vllm_gateway")
+
+# A worker is taken for dead this long after its last heartbeat; it beats every HEARTBEAT_SECONDS.
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_TTL = 10
+
+
+class SharedAdmission(Admission):
+    """Admission whose counts and queues several workers share through Redis."""
+
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        super().__init__(settings, registry)
+        import redis.asyncio as redis
+
+        assert settings.redis_url is not None  # cli.serve refuses several workers without Redis
+        self.redis: Any = redis.Redis.from_url(settings.redis_url)
+        # One namespace per gateway (its key file and port), so gateways sharing a Redis never mix.
+        identity = f"{settings.key_file.resolve()}:{settings.port}".encode()
+        self.prefix = "vllm_gateway:admission:" + hashlib.sha256(identity).hexdigest()[:12]
+        self.worker = secrets.token_hex(6)
+        self.channel = f"{self.prefix}:admit:{self.worker}"
+        self.tickets = itertools.count()
+        self.waiters: dict[str, tuple[Model, asyncio.Future[Backend]]] = {}  # ticket: who waits
+        self.local_waiting: dict[str, int] = {}  # this worker's waiting requests, per model
+        self.totals: dict[str, int] = {}  # every worker's, per model, as of the last heartbeat
+        self.unreleased: list[Backend] = []  # releases Redis did not take yet
+        self.scripts: dict[str, Any] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.pending: set[asyncio.Task[None]] = set()
+        self.delivered: set[str] = set()  # grants handed to a waiter, until Redis forgot them
+
+    # -- life --
+
+    async def start(self) -> None:
+        for name, body in SCRIPTS.items():
+            self.scripts[name] = self.redis.register_script(COMMON + body)
+        await self.heartbeat()
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.channel)
+        self.tasks = [asyncio.create_task(self.listen(pubsub)), asyncio.create_task(self.beat())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in [*self.tasks, *self.pending]:
+            with contextlib.suppress(BaseException):
+                await task
+        # Leaving: whatever this worker still holds goes back, and its tickets leave the queues.
+        with contextlib.suppress(Exception):
+            await self.redis.delete(f"{self.prefix}:alive:{self.worker}")
+            await self.scripts["reap"](args=[self.prefix])
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.heartbeat()
+                await self.retry_releases()
+            except Exception as error:
+                log.warning("admission: Redis did not answer the heartbeat: %s", error)
+
+    async def heartbeat(self) -> None:
+        models = list(self.registry.models)
+        sizes = await self.scripts["heartbeat"](args=[self.prefix, self.worker, HEARTBEAT_TTL, *models])
+        self.totals = {model: int(size) for model, size in zip(models, sizes, strict=False)}
+
+    async def listen(self, pubsub: Any) -> None:
+        """Tickets other workers handed to this one's waiting requests."""
+        while True:
+            try:
+                async for message in pubsub.listen():
+                    ticket, backend_id, model_name = message["data"].decode().split("\n", 2)
+                    self.granted(ticket, backend_id, model_name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("admission: lost the Redis channel (%s); subscribing again", error)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await pubsub.subscribe(self.channel)
+                    # What was handed out while the channel was down is in the granted hash.
+                    grants = await self.redis.hgetall(f"{self.prefix}:granted:{self.worker}")
+                    for ticket, grant in grants.items():
+                        backend_id, model_name = grant.decode().split("\n", 1)
+                        self.granted(ticket.decode(), backend_id, model_name)
+
+    # -- backends --
+
+    def waiting(self, model_name: str) -> int:
+        return self.local_waiting.get(model_name, 0)
+
+    def waiting_everywhere(self, model_name: str) -> int:
+        return max(self.totals.get(model_name, 0), self.waiting(model_name))
+
+    async def acquire(
+        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
+    ) -> tuple[Backend | None, float]:
+        if not self.enabled or at_once:
+            return await super().acquire(model, key, exclude, at_once)
+        candidates = ready_with_capacity(model, exclude)
+        if not candidates:
+            return None, 0.0
+        ticket = f"{self.worker}|{next(self.tickets)}"
+        future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
+        self.waiters[ticket] = (model, future)  # before the script: a grant may come before its answer
+        args = [self.prefix, model.name, self.worker, ticket, key.id, key.weight or 1.0, self.queue_limit]
+        call = asyncio.ensure_future(self.scripts["acquire"](args=[*args, *candidates]))
+        try:
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The client left while Redis decided: undo what it decided, once it has.
+            del self.waiters[ticket]
+            call.add_done_callback(lambda done: self.spawn(self.undo(done, model, ticket, key)))
+            raise
+        except Exception as error:
+            del self.waiters[ticket]
+            raise store_unavailable(error) from None
+        outcome = reply[0].decode()
+        if outcome == "ok":
+            del self.waiters[ticket]
+            backend = by_id(model, reply[1].decode())
+            assert backend is not None  # one of the candidates named in the call
+            backend.in_flight += 1
+            return backend, 0.0
+        if outcome == "full":
+            del self.waiters[ticket]
+            raise errors.queue_full(model.name, self.queue_limit)
+        return await self.wait(model, ticket, key, future)
+
+    async def undo(self, call: asyncio.Future[Any], model: Model, ticket: str, key: KeyRecord) -> None:
+        """An acquire whose request was cancelled before Redis answered: give back the slot it took,
+        or take its ticket out of the queue."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        reply = call.result()
+        if reply[0] == b"ok":
+            backend = by_id(model, reply[1].decode())
+            if backend is not None:
+                await self.release_slot(backend)
+        elif reply[0] == b"queued":
+            await self.run("cancel", model.name, self.worker, ticket, key.id)
+
+    async def wait(
+        self, model: Model, ticket: str, key: KeyRecord, future: asyncio.Future[Backend]
+    ) -> tuple[Backend | None, float]:
+        started = time.perf_counter()
+        self.local_waiting[model.name] = self.local_waiting.get(model.name, 0) + 1
+        try:
+            async with asyncio.timeout(self.queue_timeout):
+                backend = await asyncio.shield(future)
+        except BaseException as error:
+            await self.give_up(model, ticket, key, future)
+            if isinstance(error, TimeoutError):
+                raise errors.queue_timeout(model.name, self.queue_timeout) from None
+            raise
+        finally:
+            self.waiters.pop(ticket, None)
+            self.local_waiting[model.name] -= 1
+        return backend, time.perf_counter() - started
+
+    async def give_up(self, model: Model, ticket: str, key: KeyRecord, future: asyncio.Future[Backend]) -> None:
+        """A waiting request leaves (its client went, it timed out, its model went down): out of the
+        queue, and a slot granted to it meanwhile goes to the next in turn."""
+        self.waiters.pop(ticket, None)  # a grant from now on finds nobody and is handed back
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.release(future.result())  # granted and delivered just before it gave up
+            return
+        await asyncio.shield(self.run("cancel", model.name, self.worker, ticket, key.id))
+
+    def granted(self, ticket: str, backend_id: str, model_name: str) -> None:
+        """A slot another worker (or a release here) handed to one of this worker's tickets."""
+        if ticket in self.delivered:
+            return  # a grant read again from the hash while its request runs
+        entry = self.waiters.get(ticket)
+        backend = by_id(entry[0], backend_id) if entry is not None else None
+        if entry is None or backend is None or entry[1].done():
+            # Nobody waits for it any more (or its server left the config): hand it on, unless
+            # give_up's cancel found the grant first and did so already.
+            self.spawn(self.run("cancel", model_name, self.worker, ticket, ""))
+            return
+        backend.in_flight += 1
+        entry[1].set_result(backend)
+        self.delivered.add(ticket)
+        self.spawn(self.forget_grant(ticket))
+
+    async def forget_grant(self, ticket: str) -> None:
+        try:
+            await self.redis.hdel(f"{self.prefix}:granted:{self.worker}", ticket)
+        except Exception as error:
+            log.warning("admission: Redis did not forget a grant: %s", error)
+        finally:
+            self.delivered.discard(ticket)
+
+    def release(self, backend: Backend, at_once: bool = False) -> None:
+        backend.in_flight -= 1
+        if self.enabled and not at_once:
+            self.spawn(self.release_slot(backend))
+
+    async def release_slot(self, backend: Backend) -> None:
+        model = self.registry.models.get(backend.spec.name)
+        try:
+            servers = ready_with_capacity(model) if model is not None else []
+            await self.scripts["release"](args=[self.prefix, backend.spec.name, self.worker, backend.spec.id, *servers])
+        except Exception as error:
+            log.warning("admission: Redis did not take a release of %s (%s); retrying", backend.spec.id, error)
+            self.unreleased.append(backend)
+
+    async def retry_releases(self) -> None:
+        pending, self.unreleased = self.unreleased, []
+        for backend in pending:
+            await self.release_slot(backend)
+
+    def backends_changed(self) -> None:
+        """A backend came up or went down: hand out its room, or tell this worker's waiters of a
+        model without a ready server (the other workers tell theirs)."""
+        if not self.enabled:
+            return
+        for ticket, (model, future) in list(self.waiters.items()):
+            current = self.registry.models.get(model.name)
+            if (current is None or current.pick() is None) and not future.done():
+                state = current.state if current is not None else BackendState.DOWN
+                retry_after = 10 if state is BackendState.LOADING else 5
+                future.set_exception(errors.model_unavailable(model.name, state.value, retry_after))
+            elif current is not None and current is not model:
+                self.waiters[ticket] = (current, future)
+        for model in self.registry.models.values():
+            if model.pick() is not None:
+                self.spawn(self.run("dispatch", model.name))
+
+    async def run(self, script: str, model_name: str, *args: str) -> None:
+        """A script that hands out room as it goes (cancel, dispatch), with the model's servers now."""
+        model = self.registry.models.get(model_name)
+        candidates = ready_with_capacity(model) if model is not None else []
+        try:
+            await self.scripts[script](args=[self.prefix, model_name, *args, *candidates])
+        except Exception as error:
+            log.warning("admission: Redis did not run %s for %s: %s", script, model_name, error)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coroutine)
+        except RuntimeError:  # no loop yet (the config loaded at start): start() hands out room
+            coroutine.close()
+            return
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+
+def ready_with_capacity(model: Model, exclude: Sequence[Backend] = ()) -> list[str | int]:
+    """The script's view of a model's servers: id and capacity (-1: none) of each ready one."""
+    candidates: list[str | int] = []
+    for backend in model.backends:
+        if backend.state is BackendState.READY and backend not in exclude:
+            capacity = backend.spec.capacity
+            candidates += [backend.spec.id, -1 if capacity is None else capacity]
+    return candidates
+
+
+def by_id(model: Model, backend_id: str) -> Backend | None:
+    return next((backend for backend in model.backends if backend.spec.id == backend_id), None)
+
+
+def store_unavailable(error: Exception) -> GatewayError:
+    log.warning("admission: Redis did not answer: %s", error)
+    return GatewayError(
+        503,
+        "The gateway's shared store (Redis) did not answer, so no server could be chosen. Try again shortly.",
+        "server_error",
+        "store_unavailable",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
+# -- the scripts (Lua, run by Redis atomically). ARGV[1] is the gateway's key prefix, ARGV[2] the model
+# where there is one; the model's ready servers come last, as (id, capacity) pairs (-1: no limit). --
+
+COMMON = """
+local P = ARGV[1]
+local function q(m, part) return P .. ':q:' .. m .. ':' .. part end
+local function alive(w) return redis.call('EXISTS', P .. ':alive:' .. w) == 1 end
+local function worker_of(ticket) return string.match(ticket, '^([^|]+)') end
+
+-- The server with room and the fewest in flight, of the (id, capacity) pairs from ARGV[first].
+local function pick(first)
+  local best, fewest = nil, nil
+  for i = first, #ARGV, 2 do
+    local cap = tonumber(ARGV[i + 1])
+    local n = tonumber(redis.call('HGET', P .. ':inflight:' .. ARGV[i], 'total') or '0')
+    if (cap < 0 or n < cap) and (fewest == nil or n < fewest) then best, fewest = ARGV[i], n end
+  end
+  return best
+end
+
+local function take(backend, worker)
+  local h = P .. ':inflight:' .. backend
+  redis.call('HINCRBY', h, 'total', 1)
+  redis.call('HINCRBY', h, worker, 1)
+  redis.call('SADD', P .. ':backends', backend)
+end
+
+-- Never below zero: a worker taken for dead while it lived had its counts removed already.
+local function give_back(backend, worker)
+  local h = P .. ':inflight:' .. backend
+  if tonumber(redis.call('HGET', h, worker) or '0') > 0 then
+    redis.call('HINCRBY', h, worker, -1)
+    redis.call('HINCRBY', h, 'total', -1)
+  end
+end
+
+local function forget_key(m, k)
+  redis.call('LREM', q(m, 'turns'), 1, k)
+  redis.call('HDEL', q(m, 'deficit'), k)
+  redis.call('HDEL', q(m, 'weight'), k)
+end
+
+-- The next ticket by deficit round robin (admission.ModelQueue.pop, step for step).
+local function pop(m)
+  local turns = q(m, 'turns')
+  while true do
+    local k = redis.call('LINDEX', turns, 0)
+    if not k then return nil end
+    local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
+    local turn = true
+    if d < 1 then
+      d = d + tonumber(redis.call('HGET', q(m, 'weight'), k))
+      if d < 1 then  -- a weight below 1 adds up over several turns
+        redis.call('HSET', q(m, 'deficit'), k, d)
+        redis.call('RPUSH', turns, redis.call('LPOP', turns))
+        turn = false
+      end
+    end
+    if turn then
+      d = d - 1
+      local line = q(m, 'key:' .. k)
+      local ticket = redis.call('LPOP', line)
+      redis.call('DECR', q(m, 'size'))
+      if redis.call('LLEN', line) == 0 then
+        forget_key(m, k)  -- a key that stops waiting keeps no credit
+      else
+        redis.call('HSET', q(m, 'deficit'), k, d)
+        if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
+      end
+      return ticket
+    end
+  end
+end
+
+-- Room to tickets, in turn. The caller's own ticket (`mine`) is returned; another worker's is
+-- recorded in its granted hash and published on its channel.
+local function dispatch(m, first, mine)
+  local got = nil
+  while tonumber(redis.call('GET', q(m, 'size')) or '0') > 0 do
+    local backend = pick(first)
+    if not backend then break end
+    local ticket = pop(m)
+    if not ticket then break end
+    local worker = worker_of(ticket)
+    if alive(worker) then
+      take(backend, worker)
+      if ticket == mine then
+        got = backend
+      else
+        redis.call('HSET', P .. ':granted:' .. worker, ticket, backend .. '\\n' .. m)
+        redis.call('PUBLISH', P .. ':admit:' .. worker, ticket .. '\\n' .. backend .. '\\n' .. m)
+      end
+    end
+  end
+  return got
+end
+
+-- Workers whose alive key expired: their slots go back, their grants and tickets are dropped.
+local function reap()
+  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+    if not alive(w) then
+      for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
+        local h = P .. ':inflight:' .. backend
+        local n = tonumber(redis.call('HGET', h, w) or '0')
+        if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
+        redis.call('HDEL', h, w)
+      end
+      redis.call('DEL', P .. ':granted:' .. w)
+      redis.call('SREM', P .. ':workers', w)
+      for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
+        for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
+          local line = q(m, 'key:' .. k)
+          for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
+            if worker_of(ticket) == w then
+              redis.call('LREM', line, 1, ticket)
+              redis.call('DECR', q(m, 'size'))
+            end
+          end
+          if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+        end
+      end
+    end
+  end
+end
+"""
+
+SCRIPTS = {
+    # ARGV: prefix, model, worker, ticket, key, weight, queue limit, servers.
+    "acquire": """
+local m, worker, ticket, k, weight, limit = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local size = tonumber(redis.call('GET', q(m, 'size')) or '0')
+if size == 0 then  -- nobody waits, so nobody is overtaken
+  local backend = pick(8)
+  if backend then
+    take(backend, worker)
+    return {'ok', backend}
+  end
+end
+if size >= limit then return {'full'} end
+local line = q(m, 'key:' .. k)
+if redis.call('LLEN', line) == 0 then
+  redis.call('RPUSH', q(m, 'turns'), k)
+  redis.call('HSET', q(m, 'deficit'), k, 0)
+end
+redis.call('HSET', q(m, 'weight'), k, weight)  -- the key's weight as of its latest request
+redis.call('RPUSH', line, ticket)
+redis.call('INCR', q(m, 'size'))
+redis.call('SADD', P .. ':models', m)
+local got = dispatch(m, 8, ticket)
+if got then return {'ok', got} end
+return {'queued'}
+""",
+    # ARGV: prefix, model, worker, server, servers.
+    "release": """
+give_back(ARGV[4], ARGV[3])
+dispatch(ARGV[2], 5, nil)
+return 1
+""",
+    # ARGV: prefix, model, worker, ticket, key ('' for a grant nobody waits for), servers. Out of its
+    # key's line; or, when it was granted meanwhile, its slot goes to the next in turn.
+    "cancel": """
+local m, worker, ticket, k = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local line = q(m, 'key:' .. k)
+if k ~= '' and redis.call('LREM', line, 1, ticket) == 1 then
+  redis.call('DECR', q(m, 'size'))
+  if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+  return 1
+end
+local grant = redis.call('HGET', P .. ':granted:' .. worker, ticket)
+if grant then
+  redis.call('HDEL', P .. ':granted:' .. worker, ticket)
+  give_back(string.match(grant, '^([^\\n]+)'), worker)
+  dispatch(m, 6, nil)
+  return 2
+end
+return 0
+""",
+    # ARGV: prefix, model, servers: a server came up, or the config changed.
+    "dispatch": """
+dispatch(ARGV[2], 3, nil)
+return 1
+""",
+    # ARGV: prefix, worker, seconds to live, models: this worker lives on, the dead are reaped, and
+    # the answer is each model's waiting requests over all workers.
+    "heartbeat": """
+redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
+redis.call('SADD', P .. ':workers', ARGV[2])
+reap()
+local sizes = {}
+for i = 4, #ARGV do sizes[#sizes + 1] = tonumber(redis.call('GET', q(ARGV[i], 'size')) or '0') end
+return sizes
+""",
+    # ARGV: prefix. A worker that leaves deletes its alive key first.
+    "reap": """
+reap()
+return 1
+""",
+}
