@@ -3,9 +3,12 @@ one exchange becomes one ASGI `http` scope, its body one `http.request` message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from .errors import GatewayError
 from .http_exchange import Exchange
+from .request_body import ClientDisconnected
 
 Scope = dict[str, Any]
 
@@ -13,13 +16,21 @@ Scope = dict[str, Any]
 async def serve_asgi(
     app: Any,
     exchange: Exchange,
-    body: bytes,
     server: tuple[str, int] | None,
     client: tuple[str, int] | None,
     app_state: dict[str, Any],
+    log_rejection: Callable[[Exchange, int], None],
 ) -> None:
-    """Run `app` for this exchange, whose whole `body` the connection has read; an error, or no
-    complete response, is answered by the connection."""
+    """Run `app` for this exchange once its body has arrived; no complete response (an error) is
+    answered by the connection."""
+    try:
+        body = await exchange.read_body()  # small (max_small_body), so the app is handed it whole
+    except GatewayError as error:
+        log_rejection(exchange, error.status)
+        exchange.respond_error(error)
+        return
+    except ClientDisconnected:
+        return
     state = app_state.copy()
     if exchange.key is not None:
         state["key"] = exchange.key  # checked when the head arrived (access.check_head)
@@ -40,7 +51,7 @@ async def serve_asgi(
     }
     body_sent = False
     response: dict[str, Any] = {}
-    loop = exchange.protocol.loop
+    loop = exchange.connection.loop
 
     async def receive() -> dict[str, Any]:
         nonlocal body_sent

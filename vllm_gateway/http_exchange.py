@@ -1,24 +1,28 @@
 """One request and its response on a client connection: the request's head at once, its body as it
 arrives, and the writer of the answer (whole, or a head and then pieces).
 
-The connection (http_protocol.GatewayProtocol) feeds it and is told when the response is done; the
-relay (proxy.py) and the ASGI bridge (asgi_bridge.py) read from it and answer through it.
+The connection (http_protocol.GatewayProtocol, through http_reader.RequestReader) feeds it and is
+told when the response is done; the relay (proxy.py) and the ASGI bridge (asgi_bridge.py) read from it
+and answer through it. What it needs of the connection is the Connection protocol below, and the
+connection's flow control (http_flow.FlowControl) for its writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
+import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from . import errors
+from .access_log import clean
 from .errors import GatewayError
+from .http_flow import FlowControl
 from .keystore import KeyRecord
 from .request_body import ClientDisconnected
 
-if TYPE_CHECKING:
-    from .http_protocol import GatewayProtocol
+log = logging.getLogger("vllm_gateway")
 
 Headers = list[tuple[bytes, bytes]]
 HeaderItems = Sequence[tuple[bytes, bytes]]
@@ -44,11 +48,26 @@ def error_response(error: GatewayError, headers: HeaderItems = ()) -> bytes:
     )
 
 
+class Connection(Protocol):
+    """What an exchange needs of its client connection (http_protocol.GatewayProtocol)."""
+
+    loop: asyncio.AbstractEventLoop
+    flow: FlowControl
+    client: tuple[str, int] | None
+    closing: bool  # shutting down: this answer is the connection's last
+    max_small_body: int  # the body limit of a request that is not relayed
+
+    @property
+    def default_headers(self) -> Headers: ...
+    def response_done(self, exchange: Exchange) -> None: ...
+
+
 class Exchange:
     """One request (its head at once, its body as it arrives) and the writer of its response."""
 
     __slots__ = (
-        "protocol",
+        "connection",
+        "flow",
         "method",
         "path",
         "raw_path",
@@ -76,8 +95,9 @@ class Exchange:
         "failure",
     )
 
-    def __init__(self, protocol: GatewayProtocol) -> None:
-        self.protocol = protocol
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.flow = connection.flow
         # -- the request head --
         self.method = "GET"
         self.path = "/"
@@ -95,7 +115,7 @@ class Exchange:
         # -- the request body --
         self.body_parts: list[bytes] = []
         self.body_size = 0
-        self.body_limit = protocol.max_small_body
+        self.body_limit = connection.max_small_body
         self.too_large = False
         self.complete = False
         self.body_waiter: asyncio.Future[None] | None = None
@@ -127,8 +147,8 @@ class Exchange:
                 raise ClientDisconnected
             if self.expect_continue:
                 self.expect_continue = False
-                self.protocol.write(CONTINUE)
-            self.body_waiter = self.protocol.loop.create_future()
+                self.flow.write(CONTINUE)
+            self.body_waiter = self.connection.loop.create_future()
             try:
                 await self.body_waiter
             finally:
@@ -179,7 +199,7 @@ class Exchange:
         """A whole response in one write; adds content-length unless the headers carry it."""
         if not any(name == b"content-length" for name, _ in headers):
             headers = [*headers, (b"content-length", b"%d" % len(body))]
-        self.protocol.write(self._head(status, headers) + (b"" if self.head_only else body))
+        self.flow.write(self._head(status, headers) + (b"" if self.head_only else body))
         self._finish()
 
     def respond_error(self, error: GatewayError, headers: HeaderItems = ()) -> None:
@@ -194,15 +214,15 @@ class Exchange:
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         else:
             self.keep_alive = False  # an HTTP/1.0 client reads to the end of the connection
-        self.protocol.write(self._head(status, headers) + self._frame(first))
+        self.flow.write(self._head(status, headers) + self._frame(first))
 
     def write(self, chunk: bytes) -> None:
         if chunk:
-            self.protocol.write(self._frame(chunk))
+            self.flow.write(self._frame(chunk))
 
     def end(self, last: bytes = b"") -> None:
         data = self._frame(last)
-        self.protocol.write(data + b"0\r\n\r\n" if self.chunked else data)
+        self.flow.write(data + b"0\r\n\r\n" if self.chunked else data)
         self._finish()
 
     def abort(self) -> None:
@@ -210,12 +230,24 @@ class Exchange:
         self.keep_alive = False
         self._finish()
 
+    def handler_ended(self, task: asyncio.Task[None]) -> None:
+        """The task answering this request ended without finishing its response (a bug): the client
+        must not hang."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("unhandled error in %s %s", self.method, clean(self.path), exc_info=task.exception())
+        if self.head_sent or self.client_gone:
+            self.abort()
+        else:
+            self.respond_error(
+                GatewayError(500, "The gateway failed on this request; its log has the details.", "server_error")
+            )
+
     @property
     def write_paused(self) -> bool:
-        return self.protocol.write_paused
+        return self.flow.write_paused
 
     async def drain(self) -> None:
-        await self.protocol.drain()
+        await self.flow.drain()
 
     def _head(self, status: int, headers: Headers) -> bytes:
         self.head_sent = True
@@ -223,13 +255,13 @@ class Exchange:
             # Answered before its body arrived (401, 413, 429, ...): rather than read and drop the rest
             # of a body nobody will use, the connection closes after the answer.
             self.keep_alive = False
-        if not self.keep_alive or self.protocol.closing:
+        if not self.keep_alive or self.connection.closing:
             self.keep_alive = False
             headers = [*headers, (b"connection", b"close")]
         return b"".join(
             [
                 status_line(status),
-                *[name + b": " + value + b"\r\n" for name, value in self.protocol.default_headers],
+                *[name + b": " + value + b"\r\n" for name, value in self.connection.default_headers],
                 *[name + b": " + value + b"\r\n" for name, value in headers],
                 b"\r\n",
             ]
@@ -244,4 +276,4 @@ class Exchange:
         if not self.done:
             self.done = True
             self._wake()
-            self.protocol.response_done(self)
+            self.connection.response_done(self)

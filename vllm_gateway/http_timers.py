@@ -1,19 +1,24 @@
 """The clocks of one client connection: how long it may take to send a head or the next piece of a
 body, or to stay idle between requests; how long it may leave its answer unread; and the probe that
-tells a client that half-closed from one that left. One handle per clock, re-armed."""
+tells a client that half-closed from one that left. One handle per clock, re-armed.
+
+What the clocks read of the connection, and what they do when one runs out, is the TimedConnection
+protocol below (http_protocol.GatewayProtocol is one)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import Protocol
 
 from . import errors
-from .http_exchange import CONTINUE
-
-if TYPE_CHECKING:
-    from .http_protocol import GatewayProtocol
+from .errors import GatewayError
+from .http_config import Limits
+from .http_exchange import CONTINUE, Exchange
+from .http_flow import FlowControl
+from .http_reader import RequestReader
 
 log = logging.getLogger("vllm_gateway")
 
@@ -28,8 +33,23 @@ _TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
 IDLE, HEAD, BODY = "idle", "head", "body"
 
 
+class TimedConnection(Protocol):
+    """The client connection the clocks are of."""
+
+    loop: asyncio.AbstractEventLoop
+    limits: Limits
+    transport: asyncio.Transport
+    flow: FlowControl
+    reader: RequestReader
+    active: Exchange | None  # the request being answered
+    queued: deque[Exchange]
+    served: int  # requests answered: the next wait is a keep-alive's
+
+    def fail(self, error: GatewayError) -> None: ...
+
+
 class ConnectionTimers:
-    def __init__(self, connection: GatewayProtocol) -> None:
+    def __init__(self, connection: TimedConnection) -> None:
         self.connection = connection
         self.loop = connection.loop
         self.limits = connection.limits
@@ -60,13 +80,13 @@ class ConnectionTimers:
         """Arm the read timer for what the connection waits for now: a first head (from the connection's
         start), the next request (keep-alive), the rest of a head, or the next piece of a body."""
         connection = self.connection
-        parsing = connection.parsing
+        parsing = connection.reader.parsing
         if parsing is None and self.read_phase is None and connection.active is not None:
             return  # answering, nothing armed: the common case after a whole request arrived
         if parsing is None:
-            idle = connection.active is None and not connection.queued and not connection.stop_reading
+            idle = connection.active is None and not connection.queued and not connection.flow.stop_reading
             phase = IDLE if idle else None
-        elif connection.reading_paused:
+        elif connection.flow.reading_paused:
             # Not reading is the gateway's choice (answers wait to be read): the client is not slow.
             phase = None
             self.head_deadline = None
@@ -168,7 +188,7 @@ class ConnectionTimers:
         active = self.connection.active
         if not self._waiting_for_an_answer() or active is None or active.http_version != "1.1":
             return  # answered already, or about to be: the answer itself is the probe
-        self.connection.write(CONTINUE)
+        self.connection.flow.write(CONTINUE)
         self.eof_timer = self.loop.call_later(EOF_CHECK_FIRST_SECONDS, self._check_closed_client)
 
     def _check_closed_client(self) -> None:

@@ -19,14 +19,10 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from .keystore import KeyRecord
 from .registry import BackendState, Registry
-
-if TYPE_CHECKING:
-    from .admission import Admission
-    from .keystore import KeyRecord
-    from .proxy import Outcome
 
 PREFIX = "vllm_gateway_"
 # What stands for a model the registry does not know: client input never becomes a label value.
@@ -52,6 +48,41 @@ STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 # (model, backend, key name, status class)
 Labels = tuple[str, ...]
+
+
+# What the figures are read from, declared here so that this module imports neither the request path
+# (proxy.Outcome) nor admission (admission.Admission), both of which reach this module through state.py.
+
+
+class Outcome(Protocol):
+    """One request as it ended (proxy.Outcome)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+    @property
+    def upstream_seconds(self) -> float: ...
+    @property
+    def first_byte_at(self) -> float: ...
+    @property
+    def error_type(self) -> str | None: ...
+    @property
+    def queued(self) -> float | None: ...
+
+
+class Admission(Protocol):
+    """What admission holds now (admission.Admission): the requests waiting, and those of each key."""
+
+    @property
+    def per_key(self) -> dict[str, int]: ...
+    def waiting(self, model_name: str) -> int: ...
 
 
 class Metrics:

@@ -70,7 +70,7 @@ def check_head(state: GatewayState, exchange: Exchange) -> GatewayError | None:
     """access.check_head's counterpart for /metrics on the gateway's port."""
     if state.settings.metrics_port is not None:
         return None  # answered 404 by the route: the metrics are on their own port
-    client = exchange.protocol.client
+    client = exchange.connection.client
     error = check_access(
         state.settings,
         state.keys,
