@@ -327,11 +327,15 @@ def create_key(python: str, env: dict[str, str]) -> str:
     return json.loads(done.stdout)["key"]
 
 
-def write_model_config(path: Path, routes: dict[str, str], model_path: str = "/bench") -> None:
-    """A model config in the format of vllm_model_configs.sh: url= backends the gateway only routes to."""
+def write_model_config(
+    path: Path, routes: dict[str, str], model_path: str = "/bench", max_num_seqs: int | None = None
+) -> None:
+    """A model config in the format of vllm_model_configs.sh: url= backends the gateway only routes to.
+    With `max_num_seqs`, each backend's capacity for admission (else admission does not limit them)."""
     lines = ["# shellcheck shell=bash", "# Written by benchmarks/bench.py."]
+    capacity = f" max_num_seqs={max_num_seqs}" if max_num_seqs else ""
     for name, url in routes.items():
-        lines.append(f"vllm_model name={name} path={model_path} url={url}")
+        lines.append(f"vllm_model name={name} path={model_path} url={url}{capacity}")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -342,11 +346,12 @@ def start_gateway(
     cpu: int | None,
     model_path: str = "/bench",
     overrides: dict[str, str] | None = None,
+    max_num_seqs: int | None = None,
 ) -> Gateway:
     """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL)."""
     work.mkdir(parents=True, exist_ok=True)
     model_config = work / "models.sh"
-    write_model_config(model_config, routes, model_path)
+    write_model_config(model_config, routes, model_path, max_num_seqs)
     keys = work / "keys.json"
     if keys.exists():
         keys.unlink()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import REPO, free_port, log, post, start_gateway
+from servers import REPO, Gateway, free_port, log, post, start_gateway
 
 CLIENT = Path(__file__).resolve().parent / "vllm_client.py"
 SERVED_NAME = "tiny"
@@ -37,6 +37,19 @@ def pin_tree(pids: set[int], cpus: str) -> None:
             stderr=subprocess.DEVNULL,
             check=False,
         )
+
+
+def wait_for_model(gateway: Gateway) -> None:
+    """Wait until a chat completion through the gateway succeeds: its health check has found vLLM ready."""
+    ping = json.dumps({"model": SERVED_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]})
+    for _ in range(120):
+        status, payload = post(gateway.base_url, ping.encode(), gateway.key)
+        if status == 200:
+            return
+        if gateway.child.proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited; see {gateway.child.log_path}")
+        time.sleep(0.5)
+    raise RuntimeError(f"the gateway does not serve {SERVED_NAME}: {status} {payload[:300]!r}")
 
 
 def _client(
@@ -141,18 +154,7 @@ def run_vllm(work: Path, gateway_python: str, options: VllmOptions) -> dict:
             cpu=options.gateway_cpu,
             model_path=model_dir,
         )
-        ping = json.dumps(
-            {"model": SERVED_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]}
-        ).encode()
-        for _ in range(120):
-            status, payload = post(gateway.base_url, ping, gateway.key)
-            if status == 200:
-                break
-            if gateway.child.proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited; see {gateway.child.log_path}")
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"the gateway does not serve {SERVED_NAME}: {status} {payload[:300]!r}")
+        wait_for_model(gateway)
 
         urls = {"direct": (server.base_url, None), "gateway": (gateway.base_url, gateway.key)}
         log("warming vLLM up")
