@@ -293,7 +293,7 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
     assert peaks == [1, 1]
 
 
-def test_with_admission_off_every_request_goes_straight_through(tmp_path: Path, sim: Simulator) -> None:
+def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(tmp_path: Path, sim: Simulator) -> None:
     with start_gateway(tmp_path, sim, {"GATEWAY_ADMISSION": "false"}, max_num_seqs="2") as gw:
 
         async def six_streams() -> list[int]:
@@ -304,7 +304,22 @@ def test_with_admission_off_every_request_goes_straight_through(tmp_path: Path, 
         assert sim.stats()["peak_running"] == 6
         assert "queue_ms=" not in gw.log_text()
 
+        # The key's own cap still holds: it bounds what one key may have at once, queued or not.
+        capped = str(gw.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
+        gw.wait_for_key(capped)
+
+        async def three_of_a_capped_key() -> list[int]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+                two = [asyncio.create_task(stream_through(client, capped, 40)) for _ in range(2)]
+                while sim.stats()["running"] < 2:
+                    await asyncio.sleep(0.05)
+                third = await stream_through(client, capped, 2)
+                return [*await asyncio.gather(*two), third]
+
+        capped_statuses = asyncio.run(three_of_a_capped_key())
+
     assert statuses == [200] * 6
+    assert capped_statuses == [200, 200, 429]
 
 
 def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_path: Path, sim: Simulator) -> None:
@@ -324,6 +339,12 @@ def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_p
         assert gw.cli("keys", "update", "c", "--weight", "-1", check=False).returncode == 1
         listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
         assert (listed["c"]["weight"], listed["c"]["max_parallel_requests"]) == (None, 7)
+        gw.cli("keys", "update", "c", "--weight", "2.5")
+        table = gw.cli("keys", "list").stdout.splitlines()
+        assert "WEIGHT" in table[0] and "PARALLEL" in table[0]
+        row = next(line for line in table if f" {made['name']} " in f" {line} ").split()
+        rate_limit = row.index("default")  # then the token limit, the weight and the cap
+        assert row[rate_limit + 2 : rate_limit + 4] == ["2.5", "7"]
 
 
 def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, sim: Simulator) -> None:

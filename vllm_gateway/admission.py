@@ -131,9 +131,8 @@ class Admission:
     # -- the key's own cap --
 
     def enter(self, key: KeyRecord) -> None:
-        """Count one more request of `key`, or refuse it (429) when the key is at its cap."""
-        if not self.enabled:
-            return
+        """Count one more request of `key`, or refuse it (429) when the key is at its cap (with
+        admission off too: the cap bounds what one key holds, waiting or not)."""
         limit = key.max_parallel_requests or self.max_parallel_requests
         count = self.per_key.get(key.id, 0)
         if count >= limit:
@@ -141,8 +140,6 @@ class Admission:
         self.per_key[key.id] = count + 1
 
     def leave(self, key: KeyRecord) -> None:
-        if not self.enabled:
-            return
         count = self.per_key.get(key.id, 0) - 1
         if count > 0:
             self.per_key[key.id] = count

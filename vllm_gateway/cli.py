@@ -279,7 +279,20 @@ def list_keys(args: argparse.Namespace) -> int:
             )
         print(json.dumps(listing, indent=2))
         return 0
-    header = ("ID", "NAME", "PREFIX", "ADMIN", "MODELS", "RATE LIMIT", "TOKEN LIMIT", "CREATED", "LAST USED", "STATE")
+    header = (
+        "ID",
+        "NAME",
+        "PREFIX",
+        "ADMIN",
+        "MODELS",
+        "RATE LIMIT",
+        "TOKEN LIMIT",
+        "WEIGHT",
+        "PARALLEL",
+        "CREATED",
+        "LAST USED",
+        "STATE",
+    )
     rows = []
     for record in records:
         requests, prompt, completion = usage.get(record.id, (0, 0, 0))
@@ -316,6 +329,8 @@ def describe(record: KeyRecord) -> tuple[str, ...]:
         ",".join(record.models) if record.models is not None else "all",
         record.rate_limit or "default",
         record.token_limit or "default",
+        f"{record.weight:g}" if record.weight else "default",
+        str(record.max_parallel_requests) if record.max_parallel_requests else "default",
         when(record.created_at),
         when(record.last_used_at),
         "disabled" if record.disabled else "active",

@@ -76,9 +76,11 @@ class Settings(BaseSettings):
     admission: bool = True
     # A key's requests in flight and waiting together, for keys without max_parallel_requests.
     max_parallel_requests: int = Field(64, ge=1)
-    # Seconds a request may wait for a free backend, and requests that may wait per model.
+    # Seconds a request may wait for a free backend, and requests that may wait per model (over all
+    # workers). A worker holds at most concurrency_limit requests, relayed or waiting, so a longer
+    # queue than that could never fill with one worker.
     queue_timeout: float = Field(60.0, gt=0)
-    queue_limit: int = Field(1024, ge=0)
+    queue_limit: int = Field(100, ge=0)
 
     # -- metrics: GET /metrics (docs/metrics.md) --
     # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
