@@ -1,0 +1,165 @@
+"""Admission's Redis side (shared_admission.py), two workers in one process against a real Redis:
+the turns it keeps are one worker's deficit round robin step for step, and a worker that dies gives
+back what it held."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from vllm_gateway.admission import ModelQueue, Waiter
+from vllm_gateway.keystore import KeyRecord
+from vllm_gateway.model_config import BackendSpec
+from vllm_gateway.registry import BackendState, Model, Registry
+from vllm_gateway.settings import Settings
+from vllm_gateway.shared_admission import SharedAdmission
+
+SPEC = BackendSpec(id="m-1", name="m", aliases=(), path="", base_url="http://127.0.0.1:9", api_key=None, max_num_seqs=1)
+
+
+def key(name: str, weight: float) -> KeyRecord:
+    return KeyRecord(id=f"key_{name}", name=name, prefix="sk-", hash="-", weight=weight, created_at=time.time())
+
+
+def worker(redis_url: str, tmp_path: Path) -> SharedAdmission:
+    settings = Settings(workers=2, rate_limit_storage=redis_url, key_file=tmp_path / "api_keys.json", port=1)
+    registry = Registry([SPEC])
+    for backend in registry.backends():
+        backend.state = BackendState.READY
+    return SharedAdmission(settings, registry)
+
+
+Workers = tuple[SharedAdmission, SharedAdmission]
+
+
+@contextlib.asynccontextmanager
+async def two_workers(redis_url: str, tmp_path: Path) -> AsyncIterator[Workers]:
+    first, second = worker(redis_url, tmp_path), worker(redis_url, tmp_path)
+    await first.start()
+    await second.start()
+    try:
+        yield first, second
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@pytest.fixture
+def run_with_workers(redis_url: str, tmp_path: Path) -> Callable[[Callable[[Workers], Awaitable[None]]], None]:
+    def run(scenario: Callable[[Workers], Awaitable[None]]) -> None:
+        async def main() -> None:
+            async with two_workers(redis_url, tmp_path) as workers:
+                await scenario(workers)
+
+        asyncio.run(main())
+
+    return run
+
+
+def model_of(admission: SharedAdmission) -> Model:
+    return admission.registry.models["m"]
+
+
+async def until(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def one_workers_order(queued: list[tuple[str, float]]) -> list[str]:
+    queue = ModelQueue(Model("m", ""))
+    loop = asyncio.get_running_loop()
+    for name, weight in queued:
+        queue.push(Waiter(name, loop.create_future()), weight)
+    order = []
+    while (waiter := queue.pop()) is not None:
+        order.append(waiter.key_id)
+    return order
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_turns_across_workers_are_one_workers_deficit_round_robin(run_with_workers, seed: int) -> None:  # type: ignore[no-untyped-def]
+    run_with_workers(lambda workers: turns_across_workers(workers, seed))
+
+
+async def turns_across_workers(workers: Workers, seed: int) -> None:
+    rng = random.Random(seed)
+    keys = [key(name, rng.choice([0.5, 1.0, 2.0, 3.0])) for name in "ABCD"]
+    queued = [(rng.choice(keys), rng.choice(workers)) for _ in range(30)]
+    holder = workers[0]
+    slot, _ = await holder.acquire(model_of(holder), keys[0])
+    assert slot is not None
+    order: list[str] = []
+
+    async def request(record: KeyRecord, admission: SharedAdmission) -> None:
+        backend, waited = await admission.acquire(model_of(admission), record)
+        assert backend is not None and waited > 0
+        order.append(record.name)
+        admission.release(backend)  # the next in turn goes, on whichever worker it waits
+
+    tasks = []
+    for record, admission in queued:
+        before = admission.waiting("m")
+        tasks.append(asyncio.create_task(request(record, admission)))
+        await until(lambda admission=admission, before=before: admission.waiting("m") == before + 1)
+    assert {id(admission) for _, admission in queued} == {id(workers[0]), id(workers[1])}
+    holder.release(slot)
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+
+    assert order == one_workers_order([(record.name, record.weight or 1.0) for record, _ in queued])
+
+
+def test_a_dead_workers_slots_and_tickets_are_reaped(run_with_workers) -> None:  # type: ignore[no-untyped-def]
+    run_with_workers(a_worker_dies)
+
+
+async def a_worker_dies(workers: Workers) -> None:
+    dead, alive = workers
+    slot, _ = await dead.acquire(model_of(dead), key("A", 1))
+    assert slot is not None
+    waiting = asyncio.create_task(dead.acquire(model_of(dead), key("B", 1)))
+    await until(lambda: dead.waiting("m") == 1)
+    # The worker dies: it beats no more, and its alive key expires (deleted here, not waited for).
+    for task in dead.tasks:
+        task.cancel()
+    await alive.redis.delete(f"{dead.prefix}:alive:{dead.worker}")
+
+    await alive.heartbeat()  # which reaps
+
+    assert alive.totals == {"m": 0}  # the dead worker's ticket left the queue
+    backend, waited = await asyncio.wait_for(alive.acquire(model_of(alive), key("C", 1)), 5)
+    assert backend is not None and waited == 0.0  # its slot came back at once
+    assert not waiting.done()  # a dead worker's request is never handed a slot
+    waiting.cancel()
+
+
+def test_a_request_that_gives_up_leaves_the_queue_and_hands_on_a_slot_granted_meanwhile(run_with_workers) -> None:  # type: ignore[no-untyped-def]
+    run_with_workers(one_gives_up)
+
+
+async def one_gives_up(workers: Workers) -> None:
+    first, second = workers
+    slot, _ = await first.acquire(model_of(first), key("A", 1))
+    assert slot is not None
+    leaving = asyncio.create_task(second.acquire(model_of(second), key("B", 1)))
+    await until(lambda: second.waiting("m") == 1)
+    staying = asyncio.create_task(first.acquire(model_of(first), key("C", 1)))
+    await until(lambda: first.waiting("m") == 1)
+
+    leaving.cancel()
+    first.release(slot)  # at the same moment: either the cancel or the grant comes first in Redis
+
+    backend, waited = await asyncio.wait_for(staying, 5)
+    assert backend is not None and waited > 0
+    assert leaving.cancelled()
+    await first.heartbeat()
+    assert first.totals == {"m": 0}
+    inflight = await first.redis.hget(f"{first.prefix}:inflight:m-1", "total")
+    assert int(inflight) == 1  # C's, and no slot left held for B
