@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -38,6 +39,7 @@ from . import errors
 from .admission import Admission
 from .errors import GatewayError
 from .keystore import KeyRecord
+from .redis_pipe import LuaScripts, RedisPipe
 from .registry import Backend, BackendState, Model, Registry
 from .settings import Settings
 
@@ -56,7 +58,11 @@ class SharedAdmission(Admission):
         import redis.asyncio as redis
 
         assert settings.redis_url is not None  # cli.serve refuses several workers without Redis
+        # Per request, scripts go over a pipelined connection of our own (redis_pipe.py); the
+        # channel that grants arrive on is redis-py's.
         self.redis: Any = redis.Redis.from_url(settings.redis_url)
+        self.pipe = RedisPipe(settings.redis_url)
+        self.scripts = LuaScripts(self.pipe, {name: COMMON + body for name, body in SCRIPTS.items()})
         # One namespace per gateway (its key file and port), so gateways sharing a Redis never mix.
         identity = f"{settings.key_file.resolve()}:{settings.port}".encode()
         self.prefix = "vllm_gateway:admission:" + hashlib.sha256(identity).hexdigest()[:12]
@@ -67,7 +73,6 @@ class SharedAdmission(Admission):
         self.local_waiting: dict[str, int] = {}  # this worker's waiting requests, per model
         self.totals: dict[str, int] = {}  # every worker's, per model, as of the last heartbeat
         self.unreleased: list[Backend] = []  # releases Redis did not take yet
-        self.scripts: dict[str, Any] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.pending: set[asyncio.Task[None]] = set()
         self.delivered: set[str] = set()  # grants handed to a waiter, until Redis forgot them
@@ -75,8 +80,7 @@ class SharedAdmission(Admission):
     # -- life --
 
     async def start(self) -> None:
-        for name, body in SCRIPTS.items():
-            self.scripts[name] = self.redis.register_script(COMMON + body)
+        await self.scripts.load()
         await self.heartbeat()
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.channel)
@@ -90,8 +94,9 @@ class SharedAdmission(Admission):
                 await task
         # Leaving: whatever this worker still holds goes back, and its tickets leave the queues.
         with contextlib.suppress(Exception):
-            await self.redis.delete(f"{self.prefix}:alive:{self.worker}")
-            await self.scripts["reap"](args=[self.prefix])
+            await self.pipe.call("DEL", f"{self.prefix}:alive:{self.worker}")
+            await self.scripts.run("reap", [self.prefix])
+        self.pipe.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -106,7 +111,7 @@ class SharedAdmission(Admission):
 
     async def heartbeat(self) -> None:
         models = list(self.registry.models)
-        sizes = await self.scripts["heartbeat"](args=[self.prefix, self.worker, HEARTBEAT_TTL, *models])
+        sizes = await self.scripts.run("heartbeat", [self.prefix, self.worker, HEARTBEAT_TTL, *models])
         self.totals = {model: int(size) for model, size in zip(models, sizes, strict=False)}
 
     async def listen(self, pubsub: Any) -> None:
@@ -149,7 +154,9 @@ class SharedAdmission(Admission):
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self.waiters[ticket] = (model, future)  # before the script: a grant may come before its answer
         args = [self.prefix, model.name, self.worker, ticket, key.id, key.weight or 1.0, self.queue_limit]
-        call = asyncio.ensure_future(self.scripts["acquire"](args=[*args, *candidates]))
+        call = self.scripts.send("acquire", [*args, *candidates])
+        if call is None:  # not connected yet, or again
+            call = asyncio.ensure_future(self.scripts.run("acquire", [*args, *candidates]))
         try:
             reply = await asyncio.shield(call)
         except asyncio.CancelledError:
@@ -230,7 +237,7 @@ class SharedAdmission(Admission):
 
     async def forget_grant(self, ticket: str) -> None:
         try:
-            await self.redis.hdel(f"{self.prefix}:granted:{self.worker}", ticket)
+            await self.pipe.call("HDEL", f"{self.prefix}:granted:{self.worker}", ticket)
         except Exception as error:
             log.warning("admission: Redis did not forget a grant: %s", error)
         finally:
@@ -238,14 +245,27 @@ class SharedAdmission(Admission):
 
     def release(self, backend: Backend, at_once: bool = False) -> None:
         backend.in_flight -= 1
-        if self.enabled and not at_once:
+        if not self.enabled or at_once:
+            return
+        # Sent at once on the open connection, its reply checked by a callback: no task per request.
+        future = self.scripts.send("release", self.release_args(backend))
+        if future is None:
             self.spawn(self.release_slot(backend))
+        else:
+            future.add_done_callback(functools.partial(self.released, backend))
+
+    def release_args(self, backend: Backend) -> list[object]:
+        model = self.registry.models.get(backend.spec.name)
+        servers = ready_with_capacity(model) if model is not None else []
+        return [self.prefix, backend.spec.name, self.worker, backend.spec.id, *servers]
+
+    def released(self, backend: Backend, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.spawn(self.release_slot(backend))  # again, through the path that reconnects and reloads
 
     async def release_slot(self, backend: Backend) -> None:
-        model = self.registry.models.get(backend.spec.name)
         try:
-            servers = ready_with_capacity(model) if model is not None else []
-            await self.scripts["release"](args=[self.prefix, backend.spec.name, self.worker, backend.spec.id, *servers])
+            await self.scripts.run("release", self.release_args(backend))
         except Exception as error:
             log.warning("admission: Redis did not take a release of %s (%s); retrying", backend.spec.id, error)
             self.unreleased.append(backend)
@@ -277,7 +297,7 @@ class SharedAdmission(Admission):
         model = self.registry.models.get(model_name)
         candidates = ready_with_capacity(model) if model is not None else []
         try:
-            await self.scripts[script](args=[self.prefix, model_name, *args, *candidates])
+            await self.scripts.run(script, [self.prefix, model_name, *args, *candidates])
         except Exception as error:
             log.warning("admission: Redis did not run %s for %s: %s", script, model_name, error)
 

@@ -1,0 +1,118 @@
+"""The small Redis client admission's scripts use (redis_pipe.py): replies read whole however they
+arrive, matched to their commands in order, errors kept to their command, and scripts loaded again
+when Redis forgot them."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import ProcessHandle, free_port, start_process
+from vllm_gateway.redis_pipe import LuaScripts, RedisConnectionError, RedisError, RedisPipe, _Connection, pack
+
+
+def test_a_command_is_an_array_of_bulk_strings() -> None:
+    assert pack(("EVALSHA", "ab", 0, 1.5, b"\r\n")) == (
+        b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n0\r\n$3\r\n1.5\r\n$2\r\n\r\n\r\n"
+    )
+
+
+def test_replies_cut_anywhere_are_read_whole_and_in_order() -> None:
+    wire = b"*3\r\n$2\r\nok\r\n:-7\r\n*2\r\n$-1\r\n+PONG\r\n-ERR no such thing\r\n$0\r\n\r\n"
+
+    async def feed_byte_by_byte() -> list[object]:
+        connection = _Connection()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(3)]
+        connection.waiting.extend(futures)
+        for index in range(len(wire)):
+            connection.data_received(wire[index : index + 1])
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    first, second, third = asyncio.run(feed_byte_by_byte())
+    assert first == [b"ok", -7, [None, b"PONG"]]
+    assert isinstance(second, RedisError) and str(second) == "ERR no such thing"
+    assert third == b""
+
+
+class Redis:
+    """A redis-server of our own, on a port that stays the same when it restarts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.handle: ProcessHandle | None = None
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        assert server, "redis-server is missing: scripts/install_test_deps.sh installs it"
+        argv = [server, "--port", str(self.port), "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        self.handle = start_process(argv, log_path=self.directory / "redis.log")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, self.handle.log_tail()
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.stop()
+            self.handle = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/2"
+
+
+@pytest.fixture
+def redis(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_pipelined_commands_each_get_their_own_reply_and_an_error_stays_with_its_command(redis: Redis) -> None:
+    async def scenario() -> tuple[list[object], object, int]:
+        pipe = RedisPipe(redis.url)
+        await pipe.call("DEL", "n")
+        many = await asyncio.gather(*(pipe.call("INCR", "n") for _ in range(300)))
+        failed = await asyncio.gather(pipe.call("INCR", "n"), pipe.call("HGET", "n", "x"), return_exceptions=True)
+        database = await pipe.call("CLIENT", "INFO")
+        pipe.close()
+        return many, failed, int(database.split(b" db=")[1].split(b" ")[0])
+
+    many, (after, wrong_type), database = asyncio.run(scenario())
+    assert many == list(range(1, 301))
+    assert after == 301
+    assert isinstance(wrong_type, RedisError) and str(wrong_type).startswith("WRONGTYPE")
+    assert database == 2  # the URL's database was selected
+
+
+def test_after_redis_restarts_the_next_call_reconnects_and_loads_its_script_again(redis: Redis) -> None:
+    async def scenario() -> tuple[object, object, object]:
+        pipe = RedisPipe(redis.url)
+        scripts = LuaScripts(pipe, {"double": "return tonumber(ARGV[1]) * 2"})
+        before = await scripts.run("double", [21])
+        redis.stop()
+        try:
+            down: object = await scripts.run("double", [1])
+        except RedisConnectionError as error:
+            down = error
+        redis.start()  # empty: no script loaded
+        after = await scripts.run("double", [5])
+        pipe.close()
+        return before, down, after
+
+    before, down, after = asyncio.run(scenario())
+    assert before == 42
+    assert isinstance(down, RedisConnectionError)
+    assert after == 10
