@@ -1,12 +1,13 @@
 """Fair sharing of one model between keys, with the gateway's admission on and off.
 
-    .venv/bin/python benchmarks/fairness.py [--duration 20] [--token-rate 40] [--max-tokens 64]
+    .venv/bin/python benchmarks/fairness.py [--duration 20] [--token-rate 40] [--max-tokens 64] [--workers 2]
 
 The simulator serves one model with --max-num-seqs 8, at a token rate like a real model's. Key A
 keeps 64 streams open; keys B, C and D each send one stream at a time. Printed: the time to first
 token (p50, p99) of B, C and D alone and beside A, with admission on and off; then, with four greedy
 keys (16 streams each), each key's share of the completed tokens (Jain's fairness index) and the
-total tokens per second, admission on and off. Figures and ratios come from this one run.
+total tokens per second, admission on and off. Figures and ratios come from this one run. With
+--workers N the gateway runs N workers sharing a redis-server the script starts (shared_admission.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -73,24 +75,38 @@ async def client_loop(base_url: str, key: str, streams: int, max_tokens: int, un
         await asyncio.gather(*(worker() for _ in range(streams)))
 
 
+async def most_waiting_in_engine(engine_url: str, until: float) -> int:
+    """The most requests the simulator's engine had waiting for a sequence, sampled every 0.2 s: what
+    the gateway let through beyond the engine's max_num_seqs."""
+    most = 0
+    async with httpx.AsyncClient(base_url=engine_url, timeout=5) as client:
+        while time.monotonic() < until:
+            most = max(most, int((await client.get("/_simulator/stats")).json()["waiting"]))
+            await asyncio.sleep(0.2)
+    return most
+
+
 def run_load(
-    base_url: str, plan: dict[str, tuple[str, int]], max_tokens: int, duration: float
-) -> tuple[dict[str, KeyLoad], float]:
-    """plan: key name -> (key, streams at once). Returns what each key measured, and the seconds it took."""
+    stack: Stack, plan: dict[str, tuple[str, int]], max_tokens: int, duration: float
+) -> tuple[dict[str, KeyLoad], float, int]:
+    """plan: key name -> (key, streams at once). Returns what each key measured, the seconds it took,
+    and the most requests waiting in the engine meanwhile."""
     loads = {name: KeyLoad() for name in plan}
     until = time.monotonic() + duration
 
-    async def main() -> None:
-        await asyncio.gather(
+    async def main() -> int:
+        most, *_ = await asyncio.gather(
+            most_waiting_in_engine(stack.sim_url, until),
             *(
-                client_loop(base_url, key, streams, max_tokens, until, loads[name])
+                client_loop(stack.url, key, streams, max_tokens, until, loads[name])
                 for name, (key, streams) in plan.items()
-            )
+            ),
         )
+        return int(most)
 
     started = time.monotonic()
-    asyncio.run(main())
-    return loads, time.monotonic() - started
+    most = asyncio.run(main())
+    return loads, time.monotonic() - started, most
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -107,9 +123,12 @@ def jain(values: list[float]) -> float:
 class Stack:
     """The simulator and a gateway in front of it, with keys A-D."""
 
-    def __init__(self, work: Path, python: str, token_rate: float, admission: bool) -> None:
+    def __init__(self, work: Path, python: str, token_rate: float, admission: bool, workers: int) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
+        shared: dict[str, str] = {}
+        if workers > 1:
+            shared = {"GATEWAY_WORKERS": str(workers), "GATEWAY_RATE_LIMIT_STORAGE": self.start_redis(work)}
         sim_port = free_port()
         sim = spawn(
             "simulator",
@@ -132,6 +151,7 @@ class Stack:
         )
         self.children.append(sim)
         wait_for_port(sim_port, sim.proc, "simulator", sim.log_path)
+        self.sim_url = f"http://127.0.0.1:{sim_port}"
         config = work / "models.sh"
         config.write_text(
             f"vllm_model name=m path=/bench url=http://127.0.0.1:{sim_port} max_num_seqs={MAX_NUM_SEQS}\n"
@@ -140,7 +160,7 @@ class Stack:
         if keys.exists():
             keys.unlink()
         port = free_port()
-        env = gateway_env(work, port, config, {"GATEWAY_ADMISSION": "true" if admission else "false"})
+        env = gateway_env(work, port, config, {"GATEWAY_ADMISSION": "true" if admission else "false", **shared})
         self.keys: dict[str, str] = {}
         for name in "ABCD":
             argv = [python, str(REPO / "vllm_api_server.py"), "keys", "create", "--name", name, "--json"]
@@ -163,6 +183,17 @@ class Stack:
                 raise RuntimeError("the gateway never found the simulator ready")
             time.sleep(0.2)
 
+    def start_redis(self, work: Path) -> str:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is missing (scripts/install_test_deps.sh installs it)")
+        port = free_port()
+        argv = [server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)]
+        redis = spawn("redis", argv, work / "redis.log", None)
+        self.children.append(redis)
+        wait_for_port(port, redis.proc, "redis", redis.log_path)
+        return f"redis://127.0.0.1:{port}/0"
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
@@ -173,26 +204,29 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per load (default 20)")
     parser.add_argument("--token-rate", type=float, default=40.0, help="tokens/s per sequence (default 40)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per stream (default 64)")
+    parser.add_argument("--workers", type=int, default=1, help="gateway workers (more than 1: with Redis)")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "fairness")
     args = parser.parse_args()
     sequence_s = args.max_tokens / args.token_rate
 
     ttft: dict[tuple[bool, bool], list[float]] = {}
+    engine_waiting: dict[tuple[bool, bool], int] = {}
     greedy: dict[bool, tuple[list[int], float]] = {}
     for admission in (True, False):
-        stack = Stack(args.work / ("on" if admission else "off"), args.python, args.token_rate, admission)
+        stack = Stack(args.work / ("on" if admission else "off"), args.python, args.token_rate, admission, args.workers)
         try:
             for flood in (False, True):
                 plan = {name: (stack.keys[name], 1) for name in "BCD"}
                 if flood:
                     plan["A"] = (stack.keys["A"], FLOOD)
                 log(f"admission {'on' if admission else 'off'}: B, C, D{' beside A' if flood else ' alone'}")
-                loads, _ = run_load(stack.url, plan, args.max_tokens, args.duration)
+                loads, _, most = run_load(stack, plan, args.max_tokens, args.duration)
                 ttft[(admission, flood)] = [t for name in "BCD" for t in loads[name].ttfts]
+                engine_waiting[(admission, flood)] = most
             log(f"admission {'on' if admission else 'off'}: four greedy keys")
             everyone = {name: (stack.keys[name], GREEDY) for name in "ABCD"}
-            loads, elapsed = run_load(stack.url, everyone, args.max_tokens, args.duration)
+            loads, elapsed, _ = run_load(stack, everyone, args.max_tokens, args.duration)
             greedy[admission] = (
                 [loads[name].tokens for name in "ABCD"],
                 sum(loads[n].tokens for n in "ABCD") / elapsed,
@@ -202,17 +236,18 @@ def main() -> int:
 
     print(
         f"\nOne model, --max-num-seqs {MAX_NUM_SEQS}, {args.token_rate:g} tokens/s per sequence, "
-        f"{args.max_tokens} tokens per stream ({sequence_s:.2f} s), {args.duration:g} s per load\n"
+        f"{args.max_tokens} tokens per stream ({sequence_s:.2f} s), {args.duration:g} s per load, "
+        f"{args.workers} gateway worker{'s' if args.workers > 1 else ''}\n"
     )
     print("TTFT of keys B, C, D (one stream at a time each), ms")
-    print(f"  {'':<28}{'p50':>9}{'p99':>9}{'streams':>9}")
+    print(f"  {'':<28}{'p50':>9}{'p99':>9}{'streams':>9}{'engine waiting max':>20}")
     for admission in (True, False):
         for flood in (False, True):
             values = ttft[(admission, flood)]
             label = f"admission {'on' if admission else 'off'}, {'beside A (64)' if flood else 'alone'}"
             print(
                 f"  {label:<28}{percentile(values, 50) * 1000:>9.0f}{percentile(values, 99) * 1000:>9.0f}"
-                f"{len(values):>9}"
+                f"{len(values):>9}{engine_waiting[(admission, flood)]:>20}"
             )
     print("\nFour greedy keys (16 streams each): completed tokens per key")
     for admission in (True, False):
@@ -228,6 +263,7 @@ def main() -> int:
     checks = [
         ("TTFT p99 beside the flood <= 1.5 x alone + one sequence (admission on)", flood_p99, "<=", limit, "s"),
         ("Jain's index, four greedy keys (admission on)", jain([float(t) for t in greedy[True][0]]), ">=", 0.95, ""),
+        ("requests waiting in the engine beside the flood (admission on)", engine_waiting[(True, True)], "<=", 0, ""),
         ("total tokens/s, admission on vs off", greedy[True][1] / greedy[False][1], ">=", 0.98, "x"),
     ]
     print("\nTargets")

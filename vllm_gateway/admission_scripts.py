@@ -1,0 +1,210 @@
+"""Admission's decisions as Lua scripts, which Redis runs atomically (shared_admission.py calls them).
+
+The data, under the gateway's prefix P:
+- P:inflight:<server>   hash: `total`, and each worker's share of it, so a dead worker's can be taken back
+- P:q:<model>:size      requests waiting for the model, over all workers
+- P:q:<model>:turns     the keys that wait, the first has the turn (deficit round robin)
+- P:q:<model>:key:<key> that key's tickets, first in first out; a ticket is `worker|sequence`
+- P:q:<model>:deficit, :weight   hashes by key: what the key may still send in its turn, its weight
+- P:granted:<worker>    hash: tickets handed to that worker's requests and not yet taken up
+- P:alive:<worker>      a key that expires: the worker lives; P:workers, P:backends, P:models: sets
+"""
+
+# -- the scripts (Lua, run by Redis atomically). ARGV[1] is the gateway's key prefix, ARGV[2] the model
+# where there is one; the model's ready servers come last, as (id, capacity) pairs (-1: no limit). --
+
+COMMON = """
+local P = ARGV[1]
+local function q(m, part) return P .. ':q:' .. m .. ':' .. part end
+local function alive(w) return redis.call('EXISTS', P .. ':alive:' .. w) == 1 end
+local function worker_of(ticket) return string.match(ticket, '^([^|]+)') end
+
+-- The server with room and the fewest in flight, of the (id, capacity) pairs from ARGV[first].
+local function pick(first)
+  local best, fewest = nil, nil
+  for i = first, #ARGV, 2 do
+    local cap = tonumber(ARGV[i + 1])
+    local n = tonumber(redis.call('HGET', P .. ':inflight:' .. ARGV[i], 'total') or '0')
+    if (cap < 0 or n < cap) and (fewest == nil or n < fewest) then best, fewest = ARGV[i], n end
+  end
+  return best
+end
+
+local function take(backend, worker)
+  local h = P .. ':inflight:' .. backend
+  redis.call('HINCRBY', h, 'total', 1)
+  redis.call('HINCRBY', h, worker, 1)
+  redis.call('SADD', P .. ':backends', backend)
+end
+
+-- Never below zero: a worker taken for dead while it lived had its counts removed already.
+local function give_back(backend, worker)
+  local h = P .. ':inflight:' .. backend
+  if tonumber(redis.call('HGET', h, worker) or '0') > 0 then
+    redis.call('HINCRBY', h, worker, -1)
+    redis.call('HINCRBY', h, 'total', -1)
+  end
+end
+
+local function forget_key(m, k)
+  redis.call('LREM', q(m, 'turns'), 1, k)
+  redis.call('HDEL', q(m, 'deficit'), k)
+  redis.call('HDEL', q(m, 'weight'), k)
+end
+
+-- The next ticket by deficit round robin (admission.ModelQueue.pop, step for step).
+local function pop(m)
+  local turns = q(m, 'turns')
+  while true do
+    local k = redis.call('LINDEX', turns, 0)
+    if not k then return nil end
+    local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
+    local turn = true
+    if d < 1 then
+      d = d + tonumber(redis.call('HGET', q(m, 'weight'), k))
+      if d < 1 then  -- a weight below 1 adds up over several turns
+        redis.call('HSET', q(m, 'deficit'), k, d)
+        redis.call('RPUSH', turns, redis.call('LPOP', turns))
+        turn = false
+      end
+    end
+    if turn then
+      d = d - 1
+      local line = q(m, 'key:' .. k)
+      local ticket = redis.call('LPOP', line)
+      redis.call('DECR', q(m, 'size'))
+      if redis.call('LLEN', line) == 0 then
+        forget_key(m, k)  -- a key that stops waiting keeps no credit
+      else
+        redis.call('HSET', q(m, 'deficit'), k, d)
+        if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
+      end
+      return ticket
+    end
+  end
+end
+
+-- Room to tickets, in turn. The caller's own ticket (`mine`) is returned; another worker's is
+-- recorded in its granted hash and published on its channel.
+local function dispatch(m, first, mine)
+  local got = nil
+  while tonumber(redis.call('GET', q(m, 'size')) or '0') > 0 do
+    local backend = pick(first)
+    if not backend then break end
+    local ticket = pop(m)
+    if not ticket then break end
+    local worker = worker_of(ticket)
+    if alive(worker) then
+      take(backend, worker)
+      if ticket == mine then
+        got = backend
+      else
+        redis.call('HSET', P .. ':granted:' .. worker, ticket, backend .. '\\n' .. m)
+        redis.call('PUBLISH', P .. ':admit:' .. worker, ticket .. '\\n' .. backend .. '\\n' .. m)
+      end
+    end
+  end
+  return got
+end
+
+-- Workers whose alive key expired: their slots go back, their grants and tickets are dropped.
+local function reap()
+  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+    if not alive(w) then
+      for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
+        local h = P .. ':inflight:' .. backend
+        local n = tonumber(redis.call('HGET', h, w) or '0')
+        if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
+        redis.call('HDEL', h, w)
+      end
+      redis.call('DEL', P .. ':granted:' .. w)
+      redis.call('SREM', P .. ':workers', w)
+      for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
+        for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
+          local line = q(m, 'key:' .. k)
+          for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
+            if worker_of(ticket) == w then
+              redis.call('LREM', line, 1, ticket)
+              redis.call('DECR', q(m, 'size'))
+            end
+          end
+          if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+        end
+      end
+    end
+  end
+end
+"""
+
+SCRIPTS = {
+    # ARGV: prefix, model, worker, ticket, key, weight, queue limit, servers.
+    "acquire": """
+local m, worker, ticket, k, weight, limit = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local size = tonumber(redis.call('GET', q(m, 'size')) or '0')
+if size == 0 then  -- nobody waits, so nobody is overtaken
+  local backend = pick(8)
+  if backend then
+    take(backend, worker)
+    return {'ok', backend}
+  end
+end
+if size >= limit then return {'full'} end
+local line = q(m, 'key:' .. k)
+if redis.call('LLEN', line) == 0 then
+  redis.call('RPUSH', q(m, 'turns'), k)
+  redis.call('HSET', q(m, 'deficit'), k, 0)
+end
+redis.call('HSET', q(m, 'weight'), k, weight)  -- the key's weight as of its latest request
+redis.call('RPUSH', line, ticket)
+redis.call('INCR', q(m, 'size'))
+redis.call('SADD', P .. ':models', m)
+local got = dispatch(m, 8, ticket)
+if got then return {'ok', got} end
+return {'queued'}
+""",
+    # ARGV: prefix, model, worker, server, servers.
+    "release": """
+give_back(ARGV[4], ARGV[3])
+dispatch(ARGV[2], 5, nil)
+return 1
+""",
+    # ARGV: prefix, model, worker, ticket, key ('' for a grant nobody waits for), servers. Out of its
+    # key's line; or, when it was granted meanwhile, its slot goes to the next in turn.
+    "cancel": """
+local m, worker, ticket, k = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local line = q(m, 'key:' .. k)
+if k ~= '' and redis.call('LREM', line, 1, ticket) == 1 then
+  redis.call('DECR', q(m, 'size'))
+  if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+  return 1
+end
+local grant = redis.call('HGET', P .. ':granted:' .. worker, ticket)
+if grant then
+  redis.call('HDEL', P .. ':granted:' .. worker, ticket)
+  give_back(string.match(grant, '^([^\\n]+)'), worker)
+  dispatch(m, 6, nil)
+  return 2
+end
+return 0
+""",
+    # ARGV: prefix, model, servers: a server came up, or the config changed.
+    "dispatch": """
+dispatch(ARGV[2], 3, nil)
+return 1
+""",
+    # ARGV: prefix, worker, seconds to live, models: this worker lives on, the dead are reaped, and
+    # the answer is each model's waiting requests over all workers.
+    "heartbeat": """
+redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
+redis.call('SADD', P .. ':workers', ARGV[2])
+reap()
+local sizes = {}
+for i = 4, #ARGV do sizes[#sizes + 1] = tonumber(redis.call('GET', q(ARGV[i], 'size')) or '0') end
+return sizes
+""",
+    # ARGV: prefix. A worker that leaves deletes its alive key first.
+    "reap": """
+reap()
+return 1
+""",
+}
