@@ -84,9 +84,11 @@ local function pop(m)
   end
 end
 
--- Room to tickets, in turn. The caller's own ticket (`mine`) is returned; another worker's is
--- recorded in its granted hash and published on its channel.
-local function dispatch(m, first, mine)
+-- Room to tickets, in turn, each recorded in its worker's granted hash. The caller's own ticket
+-- (`mine`) is returned; other tickets of the calling worker (`me`) are added to `own`, for the
+-- script's answer; another worker's are published on its channel.
+local own = {}
+local function dispatch(m, first, mine, me)
   local got = nil
   while tonumber(redis.call('GET', q(m, 'size')) or '0') > 0 do
     local backend = pick(first)
@@ -100,11 +102,23 @@ local function dispatch(m, first, mine)
         got = backend
       else
         redis.call('HSET', P .. ':granted:' .. worker, ticket, backend .. '\\n' .. m)
-        redis.call('PUBLISH', P .. ':admit:' .. worker, ticket .. '\\n' .. backend .. '\\n' .. m)
+        if worker == me then
+          own[#own + 1] = ticket
+          own[#own + 1] = backend
+        else
+          redis.call('PUBLISH', P .. ':admit:' .. worker, ticket .. '\\n' .. backend .. '\\n' .. m)
+        end
       end
     end
   end
   return got
+end
+
+-- A script's answer: its status, then the (ticket, server) pairs granted to the caller's tickets.
+local function answer(...)
+  local reply = {...}
+  for _, item in ipairs(own) do reply[#reply + 1] = item end
+  return reply
 end
 
 -- Workers whose alive key expired: their slots go back, their grants and tickets are dropped.
@@ -137,7 +151,8 @@ end
 """
 
 SCRIPTS = {
-    # ARGV: prefix, model, worker, ticket, key, weight, queue limit, servers.
+    # ARGV: prefix, model, worker, ticket, key, weight, queue limit, servers. Every script that hands
+    # out room answers its status first, then the grants to the caller's other tickets (answer).
     "acquire": """
 local m, worker, ticket, k, weight, limit = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
 local size = tonumber(redis.call('GET', q(m, 'size')) or '0')
@@ -148,7 +163,7 @@ if size == 0 then  -- nobody waits, so nobody is overtaken
     return {'ok', backend}
   end
 end
-if size >= limit then return {'full'} end
+if size >= limit then return {'full', ''} end
 local line = q(m, 'key:' .. k)
 if redis.call('LLEN', line) == 0 then
   redis.call('RPUSH', q(m, 'turns'), k)
@@ -158,15 +173,15 @@ redis.call('HSET', q(m, 'weight'), k, weight)  -- the key's weight as of its lat
 redis.call('RPUSH', line, ticket)
 redis.call('INCR', q(m, 'size'))
 redis.call('SADD', P .. ':models', m)
-local got = dispatch(m, 8, ticket)
-if got then return {'ok', got} end
-return {'queued'}
+local got = dispatch(m, 8, ticket, worker)
+if got then return answer('ok', got) end
+return answer('queued', '')
 """,
     # ARGV: prefix, model, worker, server, servers.
     "release": """
 give_back(ARGV[4], ARGV[3])
-dispatch(ARGV[2], 5, nil)
-return 1
+dispatch(ARGV[2], 5, nil, ARGV[3])
+return answer(1)
 """,
     # ARGV: prefix, model, worker, ticket, key ('' for a grant nobody waits for), servers. Out of its
     # key's line; or, when it was granted meanwhile, its slot goes to the next in turn.
@@ -176,21 +191,21 @@ local line = q(m, 'key:' .. k)
 if k ~= '' and redis.call('LREM', line, 1, ticket) == 1 then
   redis.call('DECR', q(m, 'size'))
   if redis.call('LLEN', line) == 0 then forget_key(m, k) end
-  return 1
+  return {1}
 end
 local grant = redis.call('HGET', P .. ':granted:' .. worker, ticket)
 if grant then
   redis.call('HDEL', P .. ':granted:' .. worker, ticket)
   give_back(string.match(grant, '^([^\\n]+)'), worker)
-  dispatch(m, 6, nil)
-  return 2
+  dispatch(m, 6, nil, worker)
+  return answer(2)
 end
-return 0
+return {0}
 """,
-    # ARGV: prefix, model, servers: a server came up, or the config changed.
+    # ARGV: prefix, model, worker, servers: a server came up, or the config changed.
     "dispatch": """
-dispatch(ARGV[2], 3, nil)
-return 1
+dispatch(ARGV[2], 4, nil, ARGV[3])
+return answer(1)
 """,
     # ARGV: prefix, worker, seconds to live, models: this worker lives on, the dead are reaped, and
     # the answer is each model's waiting requests over all workers.

@@ -8,10 +8,11 @@ Each decision is one Lua script (admission_scripts.py), which Redis runs atomica
 - cancel: a waiting request gave up (its client left, or it timed out).
 
 The turns are the same deficit round robin as one worker's (admission.ModelQueue), kept in Redis: a
-list of the keys that wait, a FIFO of tickets per key, and each key's deficit and weight. A ticket
-handed to another worker is published on that worker's channel and recorded in its `granted` hash, so
-a message lost with a dropped connection is found again (on resubscribing, or when the request gives
-up). A ticket is `worker|sequence`.
+list of the keys that wait, a FIFO of tickets per key, and each key's deficit and weight. A slot
+handed to a ticket is recorded in its worker's `granted` hash; the script's answer carries those of
+the calling worker, and another worker's are published on its channel, so a message lost with a
+dropped connection is found again (on resubscribing, or when the request gives up). A ticket is
+`worker|sequence`.
 
 Workers announce themselves with a key that expires (HEARTBEAT_TTL). A worker that died without
 releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends and its
@@ -168,6 +169,7 @@ class SharedAdmission(Admission):
         except Exception as error:
             del self.waiters[ticket]
             raise store_unavailable(error) from None
+        self.take_grants(reply, 2, model.name)
         outcome = reply[0].decode()
         if outcome == "ok":
             del self.waiters[ticket]
@@ -186,6 +188,7 @@ class SharedAdmission(Admission):
         if call.cancelled() or call.exception() is not None:
             return
         reply = call.result()
+        self.take_grants(reply, 2, model.name)
         if reply[0] == b"ok":
             backend = by_id(model, reply[1].decode())
             if backend is not None:
@@ -221,7 +224,8 @@ class SharedAdmission(Admission):
         await asyncio.shield(self.run("cancel", model.name, self.worker, ticket, key.id))
 
     def granted(self, ticket: str, backend_id: str, model_name: str) -> None:
-        """A slot another worker (or a release here) handed to one of this worker's tickets."""
+        """A slot handed to one of this worker's waiting tickets: by another worker (its channel) or
+        by this one's own script (the script's answer, take_grants)."""
         if ticket in self.delivered:
             return  # a grant read again from the hash while its request runs
         entry = self.waiters.get(ticket)
@@ -263,10 +267,19 @@ class SharedAdmission(Admission):
     def released(self, backend: Backend, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
             self.spawn(self.release_slot(backend))  # again, through the path that reconnects and reloads
+        else:
+            self.take_grants(future.result(), 1, backend.spec.name)
+
+    def take_grants(self, reply: list[Any], start: int, model_name: str) -> None:
+        """The (ticket, server) pairs from `start` in a script's answer: slots its dispatch handed to
+        this worker's own waiting requests (not published: the answer carries them)."""
+        for index in range(start, len(reply) - 1, 2):
+            self.granted(reply[index].decode(), reply[index + 1].decode(), model_name)
 
     async def release_slot(self, backend: Backend) -> None:
         try:
-            await self.scripts.run("release", self.release_args(backend))
+            reply = await self.scripts.run("release", self.release_args(backend))
+            self.take_grants(reply, 1, backend.spec.name)
         except Exception as error:
             log.warning("admission: Redis did not take a release of %s (%s); retrying", backend.spec.id, error)
             self.unreleased.append(backend)
@@ -291,14 +304,15 @@ class SharedAdmission(Admission):
                 self.waiters[ticket] = (current, future)
         for model in self.registry.models.values():
             if model.pick() is not None:
-                self.spawn(self.run("dispatch", model.name))
+                self.spawn(self.run("dispatch", model.name, self.worker))
 
     async def run(self, script: str, model_name: str, *args: str) -> None:
         """A script that hands out room as it goes (cancel, dispatch), with the model's servers now."""
         model = self.registry.models.get(model_name)
         candidates = ready_with_capacity(model) if model is not None else []
         try:
-            await self.scripts.run(script, [self.prefix, model_name, *args, *candidates])
+            reply = await self.scripts.run(script, [self.prefix, model_name, *args, *candidates])
+            self.take_grants(reply, 1, model_name)
         except Exception as error:
             log.warning("admission: Redis did not run %s for %s: %s", script, model_name, error)
 
