@@ -163,3 +163,33 @@ async def one_gives_up(workers: Workers) -> None:
     assert first.totals == {"m": 0}
     inflight = await first.redis.hget(f"{first.prefix}:inflight:m-1", "total")
     assert int(inflight) == 1  # C's, and no slot left held for B
+
+
+def test_without_redis_a_request_gets_503_store_unavailable_and_holds_nothing(tmp_path: Path) -> None:
+    from tests.support.redis_server import Redis
+    from vllm_gateway.errors import GatewayError
+
+    server = Redis(tmp_path)
+    server.start()
+
+    async def scenario() -> tuple[GatewayError, int]:
+        admission = worker(server.url, tmp_path)
+        await admission.start()
+        server.stop()
+        try:
+            await admission.acquire(model_of(admission), key("A", 1))
+        except GatewayError as error:
+            refused = error
+        else:
+            raise AssertionError("admitted without Redis")
+        in_flight = model_of(admission).backends[0].in_flight
+        await admission.stop()
+        return refused, in_flight
+
+    try:
+        refused, in_flight = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert (refused.status, refused.code) == (503, "store_unavailable")
+    assert refused.headers == [(b"retry-after", b"1")]
+    assert in_flight == 0
