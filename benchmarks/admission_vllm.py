@@ -33,6 +33,7 @@ import httpx
 import procstat
 from bench import cpu_list
 from servers import REPO, free_port, log, start_gateway
+from targets import print_targets
 from vllm_e2e import SERVED_NAME, pin_tree, wait_for_model
 
 sys.path.insert(0, str(REPO))
@@ -372,13 +373,7 @@ def targets(
         checks.append((f"output tokens/s, gateway (admission on) vs direct, {clients} clients", ratio, ">=", 0.98, "x"))
         checks.append((f"vllm:num_requests_waiting max through the gateway, {clients} clients", waiting, "<=", 0, ""))
         checks.append((f"errors and streams cut short through the gateway, {clients} clients", errors, "<=", 0, ""))
-    print("\nTargets")
-    failed = 0
-    for label, value, op, target, unit in checks:
-        ok = value <= target if op == "<=" else value >= target
-        failed += not ok
-        print(f"  {'PASS' if ok else 'FAIL'}  {label:<72} {value:.3f} {unit}  target {op} {target:.3f} {unit}")
-    return 1 if failed else 0
+    return print_targets(checks)
 
 
 def warm_up(stack: Stack, options: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 from servers import REPO, Child, free_port, gateway_env, log, spawn, wait_for_port
+from targets import print_targets
 
 MAX_NUM_SEQS = 8
 FLOOD = 64
@@ -266,13 +267,7 @@ def main() -> int:
         ("requests waiting in the engine beside the flood (admission on)", engine_waiting[(True, True)], "<=", 0, ""),
         ("total tokens/s, admission on vs off", greedy[True][1] / greedy[False][1], ">=", 0.98, "x"),
     ]
-    print("\nTargets")
-    failed = 0
-    for label, value, op, target, unit in checks:
-        ok = value <= target if op == "<=" else value >= target
-        failed += not ok
-        print(f"  {'PASS' if ok else 'FAIL'}  {label:<72} {value:.3f} {unit}  target {op} {target:.3f} {unit}")
-    return 1 if failed else 0
+    return print_targets(checks)
 
 
 if __name__ == "__main__":

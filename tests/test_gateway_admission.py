@@ -39,11 +39,6 @@ async def stream_through(client: httpx.AsyncClient, key: str, max_tokens: int) -
         return response.status_code
 
 
-def waiting(gw: Gateway) -> int:
-    health = gw.health(gw.admin_key)
-    return sum(int(model.get("waiting", 0)) for model in health["models"])  # type: ignore[union-attr]
-
-
 def in_flight(gw: Gateway) -> int:
     return int(gw.health(gw.admin_key)["in_flight"])  # type: ignore[arg-type]
 
@@ -99,8 +94,8 @@ def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(tmp
                 wait_until(lambda: sim.stats()["running"] == 1)
                 with socket.create_connection(("127.0.0.1", gw.port)) as queued:
                     queued.sendall(raw_post(gw.key, chat(5)))
-                    wait_until(lambda: waiting(gw) == 1)
-                wait_until(lambda: waiting(gw) == 0 and in_flight(gw) == 1)
+                    wait_until(lambda: gw.waiting() == 1)
+                wait_until(lambda: gw.waiting() == 0 and in_flight(gw) == 1)
             # The slot is free again: the next request goes through, the one that left never went.
             assert client.post(CHAT, json=chat(2, stream=False)).status_code == 200
         assert chat_requests(sim) == 2
@@ -161,10 +156,10 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simula
                 while in_flight(gw) < 1:
                     await asyncio.sleep(0.05)
                 tasks = [asyncio.create_task(one(client, "A", light)) for _ in range(6)]
-                while waiting(gw) < 6:
+                while gw.waiting() < 6:
                     await asyncio.sleep(0.05)
                 tasks += [asyncio.create_task(one(client, "B", heavy)) for _ in range(6)]
-                while waiting(gw) < 12:
+                while gw.waiting() < 12:
                     await asyncio.sleep(0.05)
                 return await asyncio.gather(blocker, *tasks)
 
@@ -182,7 +177,7 @@ def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, sim: Simulator)
                 assert blocker.status_code == 200
                 wait_until(lambda: in_flight(gw) == 1)
                 tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
-                assert waiting(gw) == 0
+                assert gw.waiting() == 0
                 assert sim.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
 
     assert tokenized.status_code == 200
@@ -214,7 +209,7 @@ def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, sim: 
                 while in_flight(gw) < 1:
                     await asyncio.sleep(0.05)
                 queued = asyncio.create_task(stream_through(client, gw.key, 2))
-                while waiting(gw) < 1:
+                while gw.waiting() < 1:
                     await asyncio.sleep(0.05)
                 refused = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {gw.key}"})
                 return await blocker, await queued, refused
@@ -239,7 +234,7 @@ def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(tmp_p
                 queued = asyncio.create_task(
                     client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gw.key}"})
                 )
-                while waiting(gw) < 1:
+                while gw.waiting() < 1:
                     await asyncio.sleep(0.05)
                 # The server stops being ready (its /health fails) while its stream goes on.
                 sim.set_faults(health_status=503)
@@ -277,7 +272,7 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
                     while in_flight(gw) < 2:
                         await asyncio.sleep(0.05)
                     queued = asyncio.create_task(stream_through(client, gw.key, 2))
-                    while waiting(gw) < 1:
+                    while gw.waiting() < 1:
                         await asyncio.sleep(0.05)
                     statuses = list(await asyncio.gather(short, queued))
                     long.cancel()
@@ -362,7 +357,7 @@ def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: P
                 wait_until(lambda: sim.stats()["running"] == 1)
                 with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as queued:
                     queued.sendall(raw_post(gw.key, chat(2, stream=False)))
-                    wait_until(lambda: waiting(gw) == 1)
+                    wait_until(lambda: gw.waiting() == 1)
                     text = scrape(gw)
                     assert 'vllm_gateway_queue_length{model="sim"} 1' in text
                     assert 'vllm_gateway_key_requests_in_flight{key="test-user"} 2' in text

@@ -51,12 +51,6 @@ async def stream_through(gw: Gateway, key: str, max_tokens: int) -> int:
             return response.status_code
 
 
-def waiting(gw: Gateway) -> int:
-    """Every worker's waiting requests, as /health tells them (Redis's count, at most 1 s old)."""
-    health = gw.health(gw.admin_key)
-    return sum(int(model.get("waiting", 0)) for model in health["models"])  # type: ignore[union-attr]
-
-
 def workers_that_answered(gw: Gateway) -> int:
     """Workers whose metrics snapshot (written each second) counts a chat request."""
 
@@ -112,7 +106,7 @@ def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: 
 
         async def until_waiting(count: int) -> None:
             for _ in range(100):
-                if waiting(gw) >= count:
+                if gw.waiting() >= count:
                     return
                 await asyncio.sleep(0.1)
             raise TimeoutError(f"{count} requests never waited at once")
@@ -152,8 +146,8 @@ def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_b
             for _ in range(4):
                 with socket.create_connection(("127.0.0.1", gw.port)) as queued:
                     queued.sendall(raw_post(gw.key, chat(5)))
-                    wait_until(lambda: waiting(gw) == 1)
-                wait_until(lambda: waiting(gw) == 0)
+                    wait_until(lambda: gw.waiting() == 1)
+                wait_until(lambda: gw.waiting() == 0)
             after = [await stream_through(gw, gw.key, 2) for _ in range(2)]
             return await blocker, after
 

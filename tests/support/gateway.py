@@ -119,6 +119,12 @@ class Gateway:
         with self.http(key) as client:
             return client.get("/health").json()
 
+    def waiting(self) -> int:
+        """Requests waiting for a server with room, over every model (and, with several workers,
+        every worker: Redis's count as of the last heartbeat)."""
+        models = self.health(self.admin_key)["models"]
+        return sum(int(model.get("waiting", 0)) for model in models)  # type: ignore[attr-defined]
+
     def wait_until(self, condition, timeout: float = 30.0) -> dict[str, object]:
         """Poll /health (with the admin key) until `condition(health)` holds."""
         deadline = time.monotonic() + timeout
