@@ -73,7 +73,13 @@ def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
     with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="4") as gw:
 
         async def twenty_four_streams() -> list[int]:
-            return await asyncio.gather(*(stream_through(gw, gw.key, 6) for _ in range(24)))
+            # A little apart, so that both workers take some (a burst goes to one, whose loop
+            # accepts the whole backlog); each stream lasts a second, so most run at once.
+            streams = []
+            for _ in range(24):
+                streams.append(asyncio.create_task(stream_through(gw, gw.key, 20)))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*streams)
 
         statuses = asyncio.run(twenty_four_streams())
         stats = sim.stats()
