@@ -319,9 +319,9 @@ def gateway_env(work: Path, port: int, model_config: Path, overrides: dict[str, 
     return env
 
 
-def create_key(python: str, env: dict[str, str]) -> str:
-    argv = [python, str(REPO / "vllm_api_server.py"), "keys", "create", "--name", "bench", "--json"]
-    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+def create_key(python: str, env: dict[str, str], repo: Path = REPO) -> str:
+    argv = [python, str(repo / "vllm_api_server.py"), "keys", "create", "--name", "bench", "--json"]
+    done = subprocess.run(argv, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"creating a gateway key failed ({' '.join(argv[1:])}):\n{done.stderr.strip()}")
     return json.loads(done.stdout)["key"]
@@ -347,8 +347,13 @@ def start_gateway(
     model_path: str = "/bench",
     overrides: dict[str, str] | None = None,
     max_num_seqs: int | None = None,
+    repo: Path = REPO,
 ) -> Gateway:
-    """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL)."""
+    """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL).
+
+    `repo` is the checkout whose gateway runs (another revision's worktree for the baseline): its
+    vllm_api_server.py, run there, imports that checkout's vllm_gateway before the installed one. Settings
+    an older revision does not know are ignored by it."""
     work.mkdir(parents=True, exist_ok=True)
     model_config = work / "models.sh"
     write_model_config(model_config, routes, model_path, max_num_seqs)
@@ -357,9 +362,9 @@ def start_gateway(
         keys.unlink()
     port = free_port()
     env = gateway_env(work, port, model_config, overrides or {})
-    key = create_key(python, env)
-    argv = [python, str(REPO / "vllm_api_server.py"), "serve"]
-    child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=REPO)
+    key = create_key(python, env, repo)
+    argv = [python, str(repo / "vllm_api_server.py"), "serve"]
+    child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=repo)
     wait_for_port(port, child.proc, "gateway", child.log_path, timeout=60)
     return Gateway(child, port, key, env)
 
