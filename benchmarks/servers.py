@@ -1,5 +1,5 @@
-"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, the gateway, and the
-Python floor (python_pipe.py).
+"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, the gateway (this
+revision's or another's), vllm-router, and the Python floor (python_pipe.py).
 
 Each runs as a child of the driver, pinned with taskset, on free loopback ports, and is stopped with it.
 """
@@ -367,6 +367,67 @@ def start_gateway(
     child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=repo)
     wait_for_port(port, child.proc, "gateway", child.log_path, timeout=60)
     return Gateway(child, port, key, env)
+
+
+# ---- vllm-router -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterPerVariant:
+    """vllm-router in front of the canned backend: one router per variant, as it serves one set of workers
+    (routing on the model name is its multi-model mode, a feature the comparison leaves out)."""
+
+    children: dict[str, Child]
+    ports: dict[str, int]
+
+    def url(self, variant: Variant) -> str:
+        return f"http://127.0.0.1:{self.ports[variant.name]}"
+
+    def pid(self, variant: Variant) -> int:
+        return self.children[variant.name].pid
+
+
+def vllm_router_argv(executable: str, port: int, worker: str, metrics_port: int) -> list[str]:
+    return [
+        executable,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        worker,
+        # With one worker every policy picks it; round_robin does so without the prefix tree of the default
+        # cache_aware policy, which the gateway has no counterpart of.
+        "--policy",
+        "round_robin",
+        # It always serves Prometheus metrics (as the gateway does); each router needs a port of its own.
+        "--prometheus-port",
+        str(metrics_port),
+        # One health check at start, then none during the run: the backend is nginx and stays up.
+        "--health-check-interval-secs",
+        "86400",
+    ]
+
+
+def start_vllm_router(work: Path, executable: str, backend: PortPerVariant, cpu: int | None) -> RouterPerVariant:
+    """A vllm-router per variant, all on `cpu`, each with the backend's port of that variant as its worker."""
+    directory = work.resolve() / "vllm-router"
+    children, ports = {}, {}
+    try:
+        for variant in VARIANTS:
+            ports[variant.name] = free_port()
+            argv = vllm_router_argv(executable, ports[variant.name], backend.url(variant), free_port())
+            log_path = directory / f"{variant.name}.log"
+            children[variant.name] = spawn(
+                f"vllm-router ({variant.name})", argv, log_path, None if cpu is None else [cpu]
+            )
+        for name, child in children.items():
+            wait_for_port(ports[name], child.proc, child.name, child.log_path)
+    except BaseException:
+        for child in children.values():
+            child.stop()
+        raise
+    return RouterPerVariant(children, ports)
 
 
 # ---- checks ----------------------------------------------------------------------------------------
