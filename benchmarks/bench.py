@@ -1,4 +1,5 @@
-"""The gateway benchmark: the gateway, nginx as a reverse proxy and the bare backend, side by side in one run.
+"""The gateway benchmark: the gateway, nginx as a reverse proxy, vllm-router, the gateway of another revision
+and the bare backend, side by side in one run.
 
 Backends are nginx serving canned vLLM-shaped answers; load comes from wrk; the proxy under test sits alone on
 one core and the load on another, so every figure is per proxy core. Run it through benchmarks/run.sh.
@@ -16,21 +17,48 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import baseline
 import procstat
 import report
+from baseline import Checkout
 from canned import VARIANTS, CannedFiles, Variant, write_canned
 from loadgen import Load, Measured, run_wrk
-from servers import REPO, Child, log, start_backend, start_gateway, start_pipe, start_proxy, wait_until_serving
+from servers import (
+    REPO,
+    Child,
+    PortPerVariant,
+    log,
+    start_backend,
+    start_gateway,
+    start_pipe,
+    start_proxy,
+    start_vllm_router,
+    wait_until_serving,
+)
+from targets import checks_text, print_targets
 from vllm_e2e import VllmOptions, run_vllm
 
 HERE = Path(__file__).resolve().parent
+COMPARISON_TITLE = "Targets against the baseline, vllm-router and gateway-bare (ratios within this run)"
 SCENARIOS = ("json", "stream", "paced", "leak", "vllm")
-TARGETS = ("direct", "nginx", "pipe", "gateway", "gateway-bare")
-# The gateway with what it keeps beside each request turned off, to measure what that costs.
-BARE_GATEWAY = {"GATEWAY_USAGE_LEDGER": "false", "GATEWAY_METRICS": "false"}
+# What the gateway keeps beside each request, by the setting that turns it off.
+FEATURES = {"metrics": "GATEWAY_METRICS", "ledger": "GATEWAY_USAGE_LEDGER", "admission": "GATEWAY_ADMISSION"}
+# This revision's gateway as it ships (every feature on), with all of them off (bare), and with one off at a
+# time: the differences are what each feature costs.
+GATEWAYS = {
+    "gateway": {},
+    "gateway-bare": {setting: "false" for setting in FEATURES.values()},
+    **{f"gateway-no-{feature}": {setting: "false"} for feature, setting in FEATURES.items()},
+}
+TARGETS = ("direct", "nginx", "pipe", "vllm-router", "baseline", *GATEWAYS)
+DEFAULT_TARGETS = ["direct", "nginx", "pipe", "gateway", "gateway-bare"]
+# Where benchmarks/run.sh installs vllm-router (its own virtualenv: it pins its own FastAPI and uvicorn).
+VLLM_ROUTER = HERE / "work" / "vllm-router-venv" / "bin" / "vllm-router"
+# The worktree of the baseline's revision, in the --work directory.
+BASELINE_TREE = "baseline-tree"
 VARIANT = {v.name: v for v in VARIANTS}
 # Seconds wrk waits for one response before counting a timeout, per kind of request.
 TIMEOUTS = {"json": 10, "stream": 20, "paced": 60}
@@ -47,6 +75,13 @@ def cpu_list(text: str) -> list[int]:
         first, _, last = part.strip().partition("-")
         cpus += range(int(first), int(last or first) + 1)
     return cpus
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def name_list(allowed: tuple[str, ...]):
@@ -79,10 +114,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         type=name_list(TARGETS),
-        default=list(TARGETS),
-        help="comma-separated subset of direct,nginx,pipe,gateway,gateway-bare "
-        "(default: all; pipe is benchmarks/python_pipe.py, the floor for a Python relay; gateway-bare is the "
-        "gateway with its usage ledger and metrics off)",
+        default=None,
+        help=f"comma-separated subset of {','.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)}, and baseline "
+        "with --baseline). pipe is benchmarks/python_pipe.py, the floor for a Python relay; vllm-router is the "
+        "Rust router from PyPI (run.sh installs it); baseline is the gateway of --baseline's revision; "
+        "gateway-bare is the gateway with its metrics, usage ledger and admission off, gateway-no-X with X "
+        "off alone (X: metrics, ledger, admission)",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="a revision of this repository (a commit, a branch, a tag) whose gateway runs as the target "
+        "baseline, from a git worktree under the --work directory, with the same interpreter",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        help="runs of each scenario, the targets taking turns (the order reversed every other round); the "
+        "table shows each figure's median (default 1)",
+    )
+    parser.add_argument(
+        "--vllm-router",
+        default=str(VLLM_ROUTER),
+        help="the vllm-router executable (default: the one run.sh installs under benchmarks/work/)",
     )
     parser.add_argument("--duration", type=float, default=None, help="seconds per load run (default 10; --quick 3)")
     parser.add_argument(
@@ -133,6 +189,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--work", type=Path, default=HERE / "work", help="scratch directory (default benchmarks/work)")
     args = parser.parse_args(argv)
+    if args.targets is None:
+        args.targets = DEFAULT_TARGETS + (["baseline"] if args.baseline else [])
+    if "baseline" in args.targets and not args.baseline:
+        parser.error("the target baseline needs --baseline REV")
     if args.scenarios is None:
         args.scenarios = [s for s in SCENARIOS if not (args.quick and s == "vllm")]
     args.duration = args.duration or (3.0 if args.quick else 10.0)
@@ -149,8 +209,21 @@ class Target:
     name: str
     url_of: Callable[[Variant], str]  # base URL serving that variant
     key: str | None
-    pid: int | None  # the process whose CPU and memory are measured (None: nothing between wrk and backend)
-    idle_rss_kb: int | None = None
+    # The process whose CPU and memory are measured serving that variant (None: nothing between wrk and
+    # the backend).
+    pid_of: Callable[[Variant], int | None]
+    label: str = ""  # how the report names it, when not by its name
+    idle_rss_kb: dict[str, int] = field(default_factory=dict)  # per variant, after the warm-up
+
+    @property
+    def pid(self) -> int | None:
+        """The process serving every variant (the gateway's); None when there is none or several."""
+        pids = {self.pid_of(v) for v in VARIANTS}
+        return pids.pop() if len(pids) == 1 else None
+
+
+def one_process(pid: int | None) -> Callable[[Variant], int | None]:
+    return lambda variant: pid
 
 
 @dataclass(frozen=True)
@@ -172,20 +245,27 @@ class Bench:
             timeout=TIMEOUTS[variant.name],
             cpus=self.args.load_cpus,
         )
-        return run_wrk(load, target.pid)
+        return run_wrk(load, target.pid_of(variant))
 
 
 def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
     args, variant = bench.args, VARIANT[kind]
     m = bench.load(target, variant, connections, args.paced_duration if variant.paced else args.duration)
     events = m.requests * bench.files.events_per_stream if variant.stream else None
+    # Every answer holds the canned response whole, so fewer bytes a request than that means a proxy cut
+    # answers short (wrk counts those only when the framing breaks).
+    bytes_per_request = m.bytes / m.requests if m.requests else None
+    short = bytes_per_request is not None and bytes_per_request < bench.files.response(variant).stat().st_size
     row = {
         "kind": kind,
         "target": target.name,
+        "label": target.label or target.name,
         "connections": connections,
         "requests": m.requests,
         "seconds": round(m.seconds, 3),
         "rps": m.rps,
+        "bytes_per_request": bytes_per_request,
+        "short_answers": short,
         "latency_ms": {k.removesuffix("_us"): v / 1000 for k, v in m.latency_us.items()},
         "errors": m.errors,
         "error_count": m.error_count,
@@ -205,15 +285,21 @@ def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
         row["cpu_us_per_request"] = m.cpu_seconds / m.requests * 1e6
         if events:
             row["cpu_us_per_event"] = m.cpu_seconds / events * 1e6
+    idle_rss_kb = target.idle_rss_kb.get(variant.name)
     if m.rss_peak_kb is not None:
-        row["rss_idle_mb"] = (target.idle_rss_kb or 0) / 1024
+        row["rss_idle_mb"] = (idle_rss_kb or 0) / 1024
         row["rss_peak_mb"] = m.rss_peak_kb / 1024
-        if kind == "paced" and target.idle_rss_kb is not None:
-            row["rss_kb_per_stream"] = (m.rss_peak_kb - target.idle_rss_kb) / connections
+        if kind == "paced" and idle_rss_kb is not None:
+            row["rss_kb_per_stream"] = (m.rss_peak_kb - idle_rss_kb) / connections
     log(
-        f"{kind:6} c={connections:<5} {target.name:8} {m.rps:9.0f} req/s  p50 {row['latency_ms']['p50']:8.2f} ms  "
+        f"{kind:6} c={connections:<5} {row['label']:20} {m.rps:9.0f} req/s  p50 {row['latency_ms']['p50']:8.2f} ms  "
         f"p99 {row['latency_ms']['p99']:8.2f} ms  errors {m.error_count}"
     )
+    if short:
+        log(
+            f"warning: {row['label']} answered {bytes_per_request:.0f} bytes a request on average, less than the "
+            f"canned {kind} response alone"
+        )
     return row
 
 
@@ -278,7 +364,21 @@ def tool_version(argv: list[str]) -> str:
     return text[0] if text else ""
 
 
-def meta(bench: Bench) -> dict:
+def vllm_router_version(executable: str) -> str | None:
+    """The installed vllm-router's version, from the metadata of the virtualenv it runs from."""
+    python = Path(executable).parent / "python"
+    if not python.exists():
+        return None
+    done = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-router'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.stdout.strip() or None
+
+
+def meta(bench: Bench, checkout: Checkout | None) -> dict:
     args = bench.args
     cpu_model = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -306,51 +406,88 @@ def meta(bench: Bench) -> dict:
         "quick": args.quick,
         "scenarios": args.scenarios,
         "targets": args.targets,
+        "repeat": args.repeat,
+        "baseline": ({"rev": args.baseline, "commit": checkout.commit, "short": checkout.short} if checkout else None),
+        "vllm_router": vllm_router_version(args.vllm_router) if "vllm-router" in args.targets else None,
     }
 
 
-def run_canned(bench: Bench, results: dict) -> None:
+def start_targets(
+    bench: Bench, backend: PortPerVariant, children: list[Child], checkout: Checkout | None
+) -> list[Target]:
+    """Start the processes under test that --targets names, each checked to serve every variant whole."""
+    args, files = bench.args, bench.files
+    targets = []
+
+    def serving(name: str, url_of: Callable[[Variant], str], key: str | None, child: Child, timeout: float) -> None:
+        children.append(child)
+        wait_until_serving(name, url_of, files, key, child.proc, timeout)
+
+    if "direct" in args.targets:
+        targets.append(Target("direct", backend.url, None, one_process(None)))
+    if "nginx" in args.targets:
+        proxy = start_proxy(args.work, backend, args.gateway_cpu)
+        serving("nginx proxy", proxy.url, None, proxy.child, 10)
+        targets.append(Target("nginx", proxy.url, None, one_process(proxy.child.pid)))
+    if "pipe" in args.targets:
+        pipe = start_pipe(args.work, args.python, backend, args.gateway_cpu)
+        serving("python pipe", pipe.url, None, pipe.child, 10)
+        targets.append(Target("pipe", pipe.url, None, one_process(pipe.child.pid)))
+    if "vllm-router" in args.targets:
+        router = start_vllm_router(args.work, args.vllm_router, backend, args.gateway_cpu)
+        for router_child in router.children.values():
+            serving("vllm-router", router.url, None, router_child, 30)
+        targets.append(Target("vllm-router", router.url, None, router.pid))
+    routes = {v.model: backend.url(v) for v in VARIANTS}
+    if checkout is not None:
+        gateway = start_gateway(args.work / "baseline", args.python, routes, args.gateway_cpu, repo=checkout.path)
+        serving(f"the gateway of {checkout.short}", gateway.url, gateway.key, gateway.child, 60)
+        label = f"baseline {checkout.short}"
+        targets.append(Target("baseline", gateway.url, gateway.key, one_process(gateway.child.pid), label))
+    for name, overrides in GATEWAYS.items():
+        if name in args.targets:
+            gateway = start_gateway(args.work / name, args.python, routes, args.gateway_cpu, overrides=overrides)
+            serving(name, gateway.url, gateway.key, gateway.child, 60)
+            targets.append(Target(name, gateway.url, gateway.key, one_process(gateway.child.pid)))
+    # Measured in the order --targets names them: the first of two alike can come out a few % apart.
+    targets.sort(key=lambda target: args.targets.index(target.name))
+    return targets
+
+
+def measure_rounds(
+    bench: Bench, targets: list[Target], children: list[Child], kind: str, connections: int
+) -> list[dict]:
+    """--repeat runs of one scenario per target, the targets taking turns; the order reverses every other round
+    so that neither end of it is always first."""
+    rows = []
+    for round_ in range(bench.args.repeat):
+        for target in targets if round_ % 2 == 0 else reversed(targets):
+            settle(children)
+            row = measure(bench, target, kind, connections)
+            row["round"] = round_ + 1
+            rows.append(row)
+            gone = [c.name for c in children if c.proc.poll() is not None]
+            if gone:
+                raise RuntimeError(f"{', '.join(gone)} exited during {kind} c={connections}")
+    return rows
+
+
+def run_canned(bench: Bench, results: dict, checkout: Checkout | None) -> None:
     args, files = bench.args, bench.files
     children: list[Child] = []
     try:
         backend = start_backend(args.work, files, args.load_cpus)
         children.append(backend.child)
         wait_until_serving("nginx backend", backend.url, files, None, backend.child.proc, 10)
-        targets = []
-        if "direct" in args.targets:
-            targets.append(Target("direct", backend.url, None, None))
-        if "nginx" in args.targets:
-            proxy = start_proxy(args.work, backend, args.gateway_cpu)
-            children.append(proxy.child)
-            wait_until_serving("nginx proxy", proxy.url, files, None, proxy.child.proc, 10)
-            targets.append(Target("nginx", proxy.url, None, proxy.child.pid))
-        if "pipe" in args.targets:
-            pipe = start_pipe(args.work, args.python, backend, args.gateway_cpu)
-            children.append(pipe.child)
-            wait_until_serving("python pipe", pipe.url, files, None, pipe.child.proc, 10)
-            targets.append(Target("pipe", pipe.url, None, pipe.child.pid))
-        if "gateway" in args.targets:
-            routes = {v.model: backend.url(v) for v in VARIANTS}
-            gateway = start_gateway(args.work / "gateway", args.python, routes, args.gateway_cpu)
-            children.append(gateway.child)
-            wait_until_serving("gateway", gateway.url, files, gateway.key, gateway.child.proc, 60)
-            targets.append(Target("gateway", gateway.url, gateway.key, gateway.child.pid))
-        if "gateway-bare" in args.targets:
-            routes = {v.model: backend.url(v) for v in VARIANTS}
-            work = args.work / "gateway-bare"
-            bare = start_gateway(work, args.python, routes, args.gateway_cpu, overrides=BARE_GATEWAY)
-            children.append(bare.child)
-            wait_until_serving("gateway-bare", bare.url, files, bare.key, bare.child.proc, 60)
-            targets.append(Target("gateway-bare", bare.url, bare.key, bare.child.pid))
-
-        # Measured in the order --targets names them: the first of two alike can come out a few % apart.
-        targets.sort(key=lambda target: args.targets.index(target.name))
+        targets = start_targets(bench, backend, children, checkout)
         for target in targets:
-            log(f"warming up {target.name}")
+            log(f"warming up {target.label or target.name}")
             warm_up(bench, target)
             settle(children)
-            if target.pid:
-                target.idle_rss_kb = procstat.rss_kb(target.pid)
+            for variant in VARIANTS:
+                pid = target.pid_of(variant)
+                if pid:
+                    target.idle_rss_kb[variant.name] = procstat.rss_kb(pid)
 
         plan = [
             (kind, c)
@@ -363,12 +500,11 @@ def run_canned(bench: Bench, results: dict) -> None:
             for c in levels
         ]
         for kind, connections in plan:
+            rows = measure_rounds(bench, targets, children, kind, connections)
+            if args.repeat > 1:
+                results["runs"].extend(rows)
             for target in targets:
-                settle(children)
-                results["scenarios"].append(measure(bench, target, kind, connections))
-                gone = [c.name for c in children if c.proc.poll() is not None]
-                if gone:
-                    raise RuntimeError(f"{', '.join(gone)} exited during {kind} c={connections}")
+                results["scenarios"].append(report.median_row([r for r in rows if r["target"] == target.name]))
 
         gateway_target = next((t for t in targets if t.name == "gateway"), None)
         if "leak" in args.scenarios and gateway_target:
@@ -392,15 +528,34 @@ def main(argv: list[str]) -> int:
         if shutil.which(tool) is None:
             log(f"{tool} is not installed; benchmarks/run.sh installs it")
             return 2
-    for stale in ("nginx-backend", "nginx-proxy", "python-pipe", "gateway", "vllm"):
+    if "vllm-router" in args.targets and not os.access(args.vllm_router, os.X_OK):
+        log(f"vllm-router is not installed at {args.vllm_router}; benchmarks/run.sh installs it")
+        return 2
+    for stale in ("nginx-backend", "nginx-proxy", "python-pipe", "vllm-router", "baseline", *GATEWAYS, "vllm"):
         shutil.rmtree(args.work / stale, ignore_errors=True)
+    checkout = None
+    if "baseline" in args.targets:
+        try:
+            checkout = baseline.checkout(REPO, args.baseline, args.work / BASELINE_TREE)
+        except RuntimeError as error:
+            log(str(error))
+            return 2
+        log(f"baseline: {args.baseline} is {checkout.short}, checked out in {checkout.path}")
     bench = Bench(args, write_canned(args.work / "canned"))
-    results: dict = {"meta": meta(bench), "scenarios": [], "leak": None, "vllm": None, "targets": []}
+    results: dict = {
+        "meta": meta(bench, checkout),
+        "scenarios": [],
+        "runs": [],
+        "leak": None,
+        "vllm": None,
+        "targets": [],
+        "comparison": [],
+    }
 
     status = 0
     try:
         if set(args.scenarios) - {"vllm"}:
-            run_canned(bench, results)
+            run_canned(bench, results, checkout)
         if "vllm" in args.scenarios and not vllm_available():
             log("skipping the real-vLLM part: no .venv-vllm (create it as the README says, or set VLLM_PYTHON)")
             results["vllm"] = {"skipped": "no vLLM interpreter"}
@@ -421,16 +576,20 @@ def main(argv: list[str]) -> int:
         status = 1
 
     results["targets"] = report.evaluate(results["scenarios"], results["leak"], results["vllm"])
+    comparison = report.comparison_checks(results["scenarios"])
+    results["comparison"] = [dict(zip(("target", "value", "op", "limit", "unit"), c, strict=True)) for c in comparison]
     summary = report.summary_text(results)
     # A broken run must not replace the results of the last good one.
     out = args.out if status == 0 else args.work / "failed"
     report.write_json(out / "latest.json", results)
-    (out / "latest.txt").write_text(summary + "\n")
+    (out / "latest.txt").write_text(summary + "\n" + checks_text(comparison, COMPARISON_TITLE) + "\n")
     if report.plot(out / "throughput.png", results["scenarios"]):
         log(f"plot: {out / 'throughput.png'}")
     log(f"results: {out / 'latest.json'}")
     print()
     print(summary)
+    # A failed target is a finding of a good run, not a broken run: the exit status stays the run's.
+    print_targets(comparison, COMPARISON_TITLE)
     return status
 
 

@@ -32,6 +32,7 @@ class Measured:
 
     requests: int
     seconds: float
+    bytes: int  # everything read, heads included, and what arrived of the answers cut off at the end
     errors: dict[str, int]
     latency_us: dict[str, float]
     cpu_seconds: float | None
@@ -94,6 +95,7 @@ def run_wrk(load: Load, pid: int | None) -> Measured:
     return Measured(
         requests=result["requests"],
         seconds=result["duration_us"] / 1e6,
+        bytes=result["bytes"],
         errors=result["errors"],
         latency_us=result["latency_us"],
         cpu_seconds=(cpu_after - cpu_before) if pid else None,

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-TARGET_ORDER = ("direct", "nginx", "pipe", "gateway", "gateway-bare")
+from targets import Check
+
+TARGET_ORDER = (
+    "direct",
+    "nginx",
+    "pipe",
+    "vllm-router",
+    "baseline",
+    "gateway",
+    "gateway-bare",
+    "gateway-no-metrics",
+    "gateway-no-ledger",
+    "gateway-no-admission",
+)
+FEATURES = ("metrics", "ledger", "admission")
+# What a row's CPU per request is, per kind: a whole answer, or a whole stream of 103 events.
+PER = {"json": "request", "stream": "stream", "paced": "stream"}
 KIND_TITLES = {"json": "non-streamed", "stream": "whole SSE stream", "paced": "paced SSE stream (~1 s)"}
 
 
@@ -55,15 +72,6 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
                 _check(f"CPU per relayed event vs nginx ({kind}, c={row['connections']})", ratio, "<=", 1.5, "x")
             )
 
-    # What the usage ledger and the metrics cost: CPU with them over CPU without (gateway-bare).
-    for kind, figure in (("json", "cpu_us_per_request"), ("stream", "cpu_us_per_event")):
-        for row in [r for r in rows if r["kind"] == kind and r["target"] == "gateway"]:
-            bare = _row(rows, kind, "gateway-bare", row["connections"])
-            if bare is not None:
-                ratio = _ratio(row.get(figure), bare.get(figure))
-                label = f"CPU per {'request' if kind == 'json' else 'event'}, ledger+metrics on vs off"
-                checks.append(_check(f"{label} ({kind}, c={row['connections']})", ratio, "<=", 1.05, "x"))
-
     gw, direct = _row(rows, "json", "gateway", 1), _row(rows, "json", "direct", 1)
     added = gw["latency_ms"]["p50"] - direct["latency_ms"]["p50"] if gw and direct else None
     checks.append(_check("added p50 latency at c=1 vs direct", added, "<=", 0.3, "ms"))
@@ -92,6 +100,143 @@ def evaluate(rows: list[dict], leak: dict | None, vllm: dict | None) -> list[dic
     return checks
 
 
+def median_row(rows: list[dict]) -> dict:
+    """The row of one scenario and target over its --repeat runs: each figure's median. Errors are added up
+    (one in any run is one too many) and a run with short answers marks the row."""
+    first = dict(rows[0])
+    first.pop("round", None)
+    first["repeats"] = len(rows)
+    if len(rows) == 1:
+        return first
+    for key, value in first.items():
+        if key in ("kind", "target", "label", "connections", "repeats"):
+            continue
+        values = [row[key] for row in rows]
+        if key == "errors":
+            first[key] = {name: sum(v[name] for v in values) for name in value}
+        elif key == "error_count":
+            first[key] = sum(values)
+        elif key == "short_answers":
+            first[key] = any(values)
+        elif key == "latency_ms":
+            first[key] = {name: statistics.median(v[name] for v in values) for name in value}
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            first[key] = statistics.median(values)
+        else:
+            first[key] = None  # not measured in some run: no median of it
+    return first
+
+
+def _levels(rows: list[dict], kind: str, target: str) -> list[int]:
+    return sorted({r["connections"] for r in rows if r["kind"] == kind and r["target"] == target})
+
+
+def _pair_level(rows: list[dict], kind: str, a: str, b: str, preferred: int) -> int | None:
+    """`preferred` connections when both targets ran it, else the most both ran."""
+    common = set(_levels(rows, kind, a)) & set(_levels(rows, kind, b))
+    if preferred in common:
+        return preferred
+    return max(common) if common else None
+
+
+def comparison_checks(rows: list[dict]) -> list[Check]:
+    """The targets against the gateway's previous revision (baseline), vllm-router and the gateway with its
+    features off (gateway-bare), as ratios within the run; only those whose two sides the run measured."""
+    checks: list[Check] = []
+    cpu = "cpu_us_per_request"
+
+    def add(label: str, kind: str, c: int, other: str, figure: str, op: str, limit: float) -> None:
+        mine, theirs = _row(rows, kind, "gateway", c), _row(rows, kind, other, c)
+        ratio = _ratio(mine and mine.get(figure), theirs and theirs.get(figure))
+        if ratio is not None:
+            checks.append((label, ratio, op, limit, "x"))
+
+    for kind in ("json", "stream"):
+        for c in _levels(rows, kind, "gateway"):
+            base = _row(rows, kind, "baseline", c)
+            label = f"CPU per {PER[kind]} vs {base['label'] if base else 'baseline'} ({kind}, c={c})"
+            add(label, kind, c, "baseline", cpu, "<=", 1.05)
+    for kind in ("json", "stream"):
+        c = _pair_level(rows, kind, "gateway", "vllm-router", 32)
+        if c is not None:
+            add(f"req/s vs vllm-router ({kind}, c={c})", kind, c, "vllm-router", "rps", ">=", 1.0)
+    for c in _levels(rows, "paced", "gateway"):
+        add(f"CPU per paced stream vs vllm-router (c={c})", "paced", c, "vllm-router", cpu, "<=", 1.0)
+    for kind in ("json", "stream"):
+        for c in _levels(rows, kind, "gateway"):
+            label = f"CPU per {PER[kind]}, metrics+ledger+admission on vs off ({kind}, c={c})"
+            add(label, kind, c, "gateway-bare", cpu, "<=", 1.05)
+    return checks
+
+
+def _render(head: tuple[str, ...], lines: list[tuple[str, ...]], left: int) -> str:
+    """Columns padded to their widest cell; the first `left` aligned left, the rest right."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+
+    def render(cells) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([render(head), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def _scenarios(rows: list[dict]) -> list[tuple[str, int]]:
+    """(kind, connections) in the order they ran."""
+    return list(dict.fromkeys((r["kind"], r["connections"]) for r in rows))
+
+
+def comparison_text(rows: list[dict]) -> str | None:
+    """The gateway beside its previous revision and vllm-router, per scenario, with the ratios."""
+    others = [t for t in ("baseline", "vllm-router") if any(r["target"] == t for r in rows)]
+    if not others or not any(r["target"] == "gateway" for r in rows):
+        return None
+    labels = {t: next(r["label"] for r in rows if r["target"] == t) for t in others}
+    head = ("scenario", "conc", "figure", "gateway", *(labels[t] for t in others), *(f"vs {t}" for t in others))
+    lines = []
+    for kind, c in _scenarios(rows):
+        mine = _row(rows, kind, "gateway", c)
+        if mine is None:
+            continue
+        for figure, name, digits in (("cpu_us_per_request", f"CPU us/{PER[kind]}", 1), ("rps", "req/s", 0)):
+            theirs = [_row(rows, kind, t, c) for t in others]
+            values = [r and r.get(figure) for r in theirs]
+            ratios = [_ratio(mine.get(figure), v) for v in values]
+            lines.append(
+                (
+                    kind,
+                    _fmt(c),
+                    name,
+                    _fmt(mine.get(figure), digits),
+                    *(_fmt(v, digits) for v in values),
+                    *("-" if r is None else f"{r:.3f} x" for r in ratios),
+                )
+            )
+    return _render(head, lines, left=1) if lines else None
+
+
+def features_text(rows: list[dict]) -> str | None:
+    """What each of the gateway's features costs: its CPU with everything on over its CPU without that one."""
+    without = [("gateway-no-" + f, f"without {f}") for f in FEATURES] + [("gateway-bare", "without all three")]
+    present = [(t, name) for t, name in without if any(r["target"] == t for r in rows)]
+    if not present or not any(r["target"] == "gateway" for r in rows):
+        return None
+    head = ("scenario", "conc", "figure", "gateway", *(name for _, name in present))
+    lines = []
+    for kind, c in _scenarios(rows):
+        mine = _row(rows, kind, "gateway", c)
+        if mine is None:
+            continue
+        cells = []
+        for target, _ in present:
+            other = _row(rows, kind, target, c)
+            value = other and other.get("cpu_us_per_request")
+            ratio = _ratio(mine.get("cpu_us_per_request"), value)
+            cells.append("-" if ratio is None else f"{_fmt(value)} ({ratio:.3f} x)")
+        lines.append((kind, _fmt(c), f"CPU us/{PER[kind]}", _fmt(mine.get("cpu_us_per_request")), *cells))
+    return _render(head, lines, left=1) if lines else None
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "scenario",
@@ -113,7 +258,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             (
                 row["kind"],
-                row["target"],
+                row.get("label") or row["target"],
                 _fmt(row["connections"]),
                 _fmt(row["rps"], 0),
                 _fmt(row["latency_ms"]["p50"], 2),
@@ -127,14 +272,7 @@ def table(rows: list[dict]) -> str:
                 _fmt(row.get("rss_kb_per_stream")),
             )
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
-
-    def render(cells) -> str:
-        return "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([render(head), render(["-" * w for w in widths]), *map(render, lines)])
+    return _render(head, lines, left=2)
 
 
 def leak_table(leak: dict) -> str:
@@ -193,11 +331,33 @@ def summary_text(results: dict) -> str:
     python = results.get("meta", {}).get("python")
     if python:
         parts += [f"Python of the gateway and the pipe: {python}", ""]
-    if results["scenarios"]:
+    rows = results["scenarios"]
+    if rows:
+        repeat = results.get("meta", {}).get("repeat", 1)
+        medians = f"; each figure the median of {repeat} runs" if repeat > 1 else ""
         parts += [
-            "Load through one core (req/s, latency: wrk; CPU and RSS of the proxy process from /proc)",
+            f"Load through one core (req/s, latency: wrk; CPU and RSS of the proxy process from /proc{medians})",
             "",
-            table(results["scenarios"]),
+            table(rows),
+            "",
+        ]
+    short = [f"{r['label']} ({r['kind']}, c={r['connections']})" for r in rows if r.get("short_answers")]
+    if short:
+        parts += [f"WARNING: answers shorter than the canned response from {', '.join(short)}", ""]
+    comparison = comparison_text(rows)
+    if comparison:
+        parts += [
+            "The gateway beside its baseline and vllm-router (ratios: gateway over the other)",
+            "",
+            comparison,
+            "",
+        ]
+    features = features_text(rows)
+    if features:
+        parts += [
+            "What each feature costs: CPU of the gateway, and without the feature (ratio: gateway over that)",
+            "",
+            features,
             "",
         ]
     if results.get("leak"):
@@ -235,6 +395,11 @@ def plot(path: Path, rows: list[dict]) -> bool:
         "pipe": "#ff7f0e",
         "gateway": "#1f77b4",
         "gateway-bare": "#9467bd",
+        "vllm-router": "#d62728",
+        "baseline": "#8c564b",
+        "gateway-no-metrics": "#e377c2",
+        "gateway-no-ledger": "#bcbd22",
+        "gateway-no-admission": "#17becf",
     }
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):
@@ -245,8 +410,9 @@ def plot(path: Path, rows: list[dict]) -> bool:
             if not points:
                 continue
             xs = [p["connections"] for p in points]
-            axes[0][col].plot(xs, [p["rps"] for p in points], "o-", color=colours[target], label=target)
-            axes[1][col].plot(xs, [p["latency_ms"]["p99"] for p in points], "o-", color=colours[target], label=target)
+            label = points[0].get("label") or target
+            axes[0][col].plot(xs, [p["rps"] for p in points], "o-", color=colours[target], label=label)
+            axes[1][col].plot(xs, [p["latency_ms"]["p99"] for p in points], "o-", color=colours[target], label=label)
         axes[0][col].set_title(KIND_TITLES[kind], fontsize=10)
         levels = sorted({r["connections"] for r in rows if r["kind"] == kind})
         for row in (0, 1):
@@ -263,7 +429,7 @@ def plot(path: Path, rows: list[dict]) -> bool:
     axes[0][0].set_ylabel("requests/s")
     axes[1][0].set_ylabel("p99 latency (ms)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Gateway vs nginx reverse proxy vs a bare Python pipe vs direct (proxy on one core)", fontsize=11)
+    fig.suptitle("The gateway and the alternatives, each proxy on one core (direct: no proxy)", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

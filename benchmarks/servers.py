@@ -1,5 +1,5 @@
-"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, the gateway, and the
-Python floor (python_pipe.py).
+"""The processes under test: nginx as the canned backend, nginx as a reverse proxy, the gateway (this
+revision's or another's), vllm-router, and the Python floor (python_pipe.py).
 
 Each runs as a child of the driver, pinned with taskset, on free loopback ports, and is stopped with it.
 """
@@ -319,9 +319,9 @@ def gateway_env(work: Path, port: int, model_config: Path, overrides: dict[str, 
     return env
 
 
-def create_key(python: str, env: dict[str, str]) -> str:
-    argv = [python, str(REPO / "vllm_api_server.py"), "keys", "create", "--name", "bench", "--json"]
-    done = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+def create_key(python: str, env: dict[str, str], repo: Path = REPO) -> str:
+    argv = [python, str(repo / "vllm_api_server.py"), "keys", "create", "--name", "bench", "--json"]
+    done = subprocess.run(argv, env=env, cwd=repo, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         raise RuntimeError(f"creating a gateway key failed ({' '.join(argv[1:])}):\n{done.stderr.strip()}")
     return json.loads(done.stdout)["key"]
@@ -347,8 +347,13 @@ def start_gateway(
     model_path: str = "/bench",
     overrides: dict[str, str] | None = None,
     max_num_seqs: int | None = None,
+    repo: Path = REPO,
 ) -> Gateway:
-    """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL)."""
+    """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL).
+
+    `repo` is the checkout whose gateway runs (another revision's worktree for the baseline): its
+    vllm_api_server.py, run there, imports that checkout's vllm_gateway before the installed one. Settings
+    an older revision does not know are ignored by it."""
     work.mkdir(parents=True, exist_ok=True)
     model_config = work / "models.sh"
     write_model_config(model_config, routes, model_path, max_num_seqs)
@@ -357,11 +362,72 @@ def start_gateway(
         keys.unlink()
     port = free_port()
     env = gateway_env(work, port, model_config, overrides or {})
-    key = create_key(python, env)
-    argv = [python, str(REPO / "vllm_api_server.py"), "serve"]
-    child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=REPO)
+    key = create_key(python, env, repo)
+    argv = [python, str(repo / "vllm_api_server.py"), "serve"]
+    child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=repo)
     wait_for_port(port, child.proc, "gateway", child.log_path, timeout=60)
     return Gateway(child, port, key, env)
+
+
+# ---- vllm-router -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterPerVariant:
+    """vllm-router in front of the canned backend: one router per variant, as it serves one set of workers
+    (routing on the model name is its multi-model mode, a feature the comparison leaves out)."""
+
+    children: dict[str, Child]
+    ports: dict[str, int]
+
+    def url(self, variant: Variant) -> str:
+        return f"http://127.0.0.1:{self.ports[variant.name]}"
+
+    def pid(self, variant: Variant) -> int:
+        return self.children[variant.name].pid
+
+
+def vllm_router_argv(executable: str, port: int, worker: str, metrics_port: int) -> list[str]:
+    return [
+        executable,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        worker,
+        # With one worker every policy picks it; round_robin does so without the prefix tree of the default
+        # cache_aware policy, which the gateway has no counterpart of.
+        "--policy",
+        "round_robin",
+        # It always serves Prometheus metrics (as the gateway does); each router needs a port of its own.
+        "--prometheus-port",
+        str(metrics_port),
+        # One health check at start, then none during the run: the backend is nginx and stays up.
+        "--health-check-interval-secs",
+        "86400",
+    ]
+
+
+def start_vllm_router(work: Path, executable: str, backend: PortPerVariant, cpu: int | None) -> RouterPerVariant:
+    """A vllm-router per variant, all on `cpu`, each with the backend's port of that variant as its worker."""
+    directory = work.resolve() / "vllm-router"
+    children, ports = {}, {}
+    try:
+        for variant in VARIANTS:
+            ports[variant.name] = free_port()
+            argv = vllm_router_argv(executable, ports[variant.name], backend.url(variant), free_port())
+            log_path = directory / f"{variant.name}.log"
+            children[variant.name] = spawn(
+                f"vllm-router ({variant.name})", argv, log_path, None if cpu is None else [cpu]
+            )
+        for name, child in children.items():
+            wait_for_port(ports[name], child.proc, child.name, child.log_path)
+    except BaseException:
+        for child in children.values():
+            child.stop()
+        raise
+    return RouterPerVariant(children, ports)
 
 
 # ---- checks ----------------------------------------------------------------------------------------
