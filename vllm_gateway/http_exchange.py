@@ -35,6 +35,21 @@ def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))
 
 
+class _Rendered:
+    """The server's default headers (date, server) as bytes: uvicorn replaces the list once a second,
+    and every answer in between sends the same bytes, rendered once instead of per answer."""
+
+    source: object = None
+    text = b""
+
+
+def rendered(headers: HeaderItems) -> bytes:
+    if headers is not _Rendered.source:
+        _Rendered.text = b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+        _Rendered.source = headers
+    return _Rendered.text
+
+
 def error_response(error: GatewayError, headers: HeaderItems = ()) -> bytes:
     """A whole error answer after which the connection closes: for the connection's own rejections."""
     body = error.body()
@@ -261,7 +276,7 @@ class Exchange:
         return b"".join(
             [
                 status_line(status),
-                *[name + b": " + value + b"\r\n" for name, value in self.connection.default_headers],
+                rendered(self.connection.default_headers),
                 *[name + b": " + value + b"\r\n" for name, value in headers],
                 b"\r\n",
             ]
