@@ -114,6 +114,8 @@ class Response:
         "_error",
         "_sink",
         "first_body_at",
+        "sized",
+        "encoded",
     )
 
     def __init__(self, connection: Connection) -> None:
@@ -129,6 +131,10 @@ class Response:
         self._error: UpstreamError | None = None
         self._sink: Sink | None = None
         self.first_body_at = 0.0  # perf_counter() when the first body bytes came (metrics: TTFT)
+        # From the head: the body has a Content-Length; it has a content coding (gzip, ...), which the
+        # gateway asked not to get and cannot read, so it passes such a body on unchanged.
+        self.sized = False
+        self.encoded = False
 
     def send_body_to(self, sink: Sink) -> None:
         """From now on, what each read from the backend brings goes straight to `sink`, in one write;
@@ -329,7 +335,11 @@ class Connection(asyncio.Protocol):
         assert response is not None
         response.status = self.parser.get_status_code()
         names = {name for name, _ in response.headers}
-        self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+        response.sized = b"content-length" in names
+        self.until_close = not response.sized and b"transfer-encoding" not in names
+        response.encoded = b"content-encoding" in names and any(
+            name == b"content-encoding" and value.strip().lower() != b"identity" for name, value in response.headers
+        )
         # Read here: once the message is complete the parser no longer knows.
         self.keep_alive = self.parser.should_keep_alive() and not self.until_close
         if not self.headers_ready.done():
@@ -386,7 +396,8 @@ class UpstreamPool:
                 path,
                 b" HTTP/1.1\r\nHost: ",
                 target.host_header,
-                b"\r\nContent-Length: ",
+                # Bodies the gateway may change (stream_usage.py) and count the tokens of must be readable.
+                b"\r\nAccept-Encoding: identity\r\nContent-Length: ",
                 str(len(body)).encode(),
                 b"\r\n",
                 *[name + b": " + value + b"\r\n" for name, value in headers],
@@ -456,3 +467,9 @@ def request_headers(client_headers: Headers, request_id: bytes) -> Headers:
 
 def response_headers(upstream: Response) -> Headers:
     return [(name, value) for name, value in upstream.headers if name not in DROPPED_RESPONSE_HEADERS]
+
+
+def without_length(headers: Headers) -> Headers:
+    """The headers of a body the gateway changes: its Content-Length is the backend's, no longer true, so
+    the client's side frames the body itself (chunked, or to the close for an HTTP/1.0 client)."""
+    return [(name, value) for name, value in headers if name != b"content-length"]
