@@ -76,7 +76,11 @@ class FramingBackend:
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
                     0,
                 )
                 while len(buffer) < length:

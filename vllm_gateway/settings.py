@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0)
     # Seconds without a byte from vLLM before the client gets 504; long prompts prefill for a while.
     read_timeout: float = Field(600.0, gt=0)
+    # A backend's response head, bounded as a request's is (max_head_bytes); beyond it the client gets 502.
+    max_upstream_head_bytes: int = Field(64 * 1024, ge=1024)
     health_interval: float = Field(5.0, gt=0)
     run_dir: Path = Field(REPO_DIR / "run", validation_alias=AliasChoices("VLLM_RUN_DIR", "GATEWAY_RUN_DIR"))
 
