@@ -89,6 +89,8 @@ def server_hooks(state: GatewayState) -> ServerHooks:
         max_headers=settings.max_headers,
         max_body=settings.max_body_bytes,
         max_small_body=settings.max_admin_body_bytes,
+        linger_timeout=settings.linger_timeout,
+        linger_bytes=settings.linger_bytes,
     )
     max_connections = settings.max_connections or default_max_connections(
         current_open_files_limit(), settings.concurrency_limit

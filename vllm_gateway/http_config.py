@@ -31,6 +31,8 @@ class Limits:
     max_headers: int
     max_body: int
     max_small_body: int
+    linger_timeout: float
+    linger_bytes: int
 
 
 class ConnectionCap:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # Endpoints that are not relayed (admin, health, models) take small bodies only.
     max_admin_body_bytes: int = Field(64 * 1024, ge=1024)
+    # nginx lingering_time 30 s: after an answer that closes the connection while the client is still
+    # sending (a 431, a 413, a 401 before the body...), what it sends is read and dropped for at most
+    # this long and this many bytes, so that it reads its answer rather than a reset (http_protocol.py).
+    # nginx bounds no bytes; twice the body limit lets a whole refused body in.
+    linger_timeout: float = Field(30.0, gt=0)
+    linger_bytes: int = Field(64 * 1024 * 1024, ge=0)
     # None: derived at start from the file-descriptor limit (see limits.py).
     max_connections: int | None = Field(None, ge=1)
 
