@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     metrics_allow: str = "127.0.0.0/8,::1/128"
     # A port of its own for /metrics, on the same host; None: the gateway's port.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Connections that port holds at once (per worker): a scraper needs one. They come out of the
+    # descriptors the gateway port's derived cap leaves (max_connections).
+    metrics_max_connections: int = Field(16, ge=1)
     # How often each worker writes its figures for the others to add up (several workers only).
     metrics_snapshot_seconds: float = Field(1.0, gt=0)
 
