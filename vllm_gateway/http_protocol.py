@@ -210,6 +210,8 @@ class GatewayProtocol(asyncio.Protocol):
     def fail(self, error: GatewayError) -> None:
         """The client broke the protocol (or its limits): what it sent before is answered, then this
         error, and the connection closes. A request whose body was arriving gets the error itself."""
+        if self.flow.discarding:
+            return  # the connection's last answer is out: nothing more is answered (linger)
         self.flow.stop_reading = True
         self._update_reading()
         parsing = self.reader.forget()
