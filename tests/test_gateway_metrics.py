@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import shutil
+import socket
 import subprocess
+import time
 import uuid
 
 import httpx
 import pytest
 
-from tests.support.gateway import Backend, Gateway
+from tests.support.front import read_to_eof, send_all
+from tests.support.gateway import Backend, Gateway, Reader
 from tests.support.processes import REPO_ROOT, Simulator, free_port, start_process, wait_for_http, wait_until
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
@@ -212,6 +216,80 @@ def test_metrics_on_a_port_of_their_own_leave_the_gateway_port(tmp_path, simulat
     assert own.status_code == 200
     assert total(own.text, "vllm_gateway_completion_tokens_total", model="sim", key="test-user") == 4
     assert elsewhere.status_code == 404 and elsewhere.json()["error"]["code"]
+
+
+def open_count(sockets: list[socket.socket]) -> int:
+    """How many of these connections the gateway has not closed."""
+    readable, _, _ = select.select(sockets, [], [], 0)
+    still = len(sockets) - len(readable)
+    for sock in readable:
+        try:
+            still += sock.recv(1) != b""
+        except OSError:
+            pass  # reset: closed
+    return still
+
+
+def test_idle_connections_to_the_metrics_port_neither_starve_the_gateway_port_nor_stay(tmp_path, simulator):
+    # As reported: `ulimit -n 256` and 400 idle connections to the metrics port (no key needed).
+    port = free_port()
+    env = {"GATEWAY_METRICS_PORT": str(port), "GATEWAY_HEAD_TIMEOUT": "2", "GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env, open_files=256) as gateway:
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(400):
+                try:
+                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                except OSError:
+                    break  # not even accepted into the kernel's queue: the gateway stopped accepting
+            # The gateway's port still serves a relayed request, which the ledger can still write down.
+            with gateway.http(gateway.admin_key, timeout=5) as client:
+                assert client.get("/health").status_code == 200
+                assert chat(gateway, gateway.key, "sim", 3, stream=False) == 3
+
+                def counted() -> bool:
+                    query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d"}
+                    data = client.get("/admin/usage", params=query).json()["data"]
+                    return any(result["num_model_requests"] for bucket in data for result in bucket["results"])
+
+                wait_until(counted, timeout=10, interval=0.2)
+            assert len(idle) == 400
+            # Those over the metrics port's cap closed at once, the others after GATEWAY_HEAD_TIMEOUT.
+            wait_until(lambda: open_count(idle) == 0, timeout=10, interval=0.2)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+        logs = gateway.log_text() + (tmp_path / "gateway.stdout.log").read_text()
+    assert "Too many open files" not in logs
+
+
+SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: metrics\r\n\r\n"
+
+
+def test_connections_to_the_metrics_port_beyond_its_cap_are_closed_at_once(tmp_path, simulator):
+    port = free_port()
+    env = {"GATEWAY_METRICS_PORT": str(port), "GATEWAY_METRICS_MAX_CONNECTIONS": "3"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        readers = [Reader(sock) for sock in held]
+        try:
+            for sock, reader in zip(held, readers, strict=True):
+                sock.sendall(SCRAPE)
+                status, _, body = reader.response()
+                assert status == 200 and b"vllm_gateway_requests_total" in body
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                send_all(extra, SCRAPE)
+                assert read_to_eof(extra, timeout=3) == b"", "the fourth connection got an answer"
+            for sock, reader in zip(held, readers, strict=True):  # kept alive, and served again
+                sock.sendall(SCRAPE)
+                assert reader.response()[0] == 200
+        finally:
+            for sock in held:
+                sock.close()
+        wait_until(
+            lambda: "connection limit of 3 reached (GATEWAY_METRICS_MAX_CONNECTIONS)" in gateway.log_text(), timeout=5
+        )
 
 
 def test_prometheus_scrapes_the_completion_tokens_the_answers_reported(tmp_path, gw):

@@ -30,6 +30,8 @@ class RawBackend:
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
+        self.padding = 800 * 1024  # bytes of header lines in mode padded-head
+        self.dropped = threading.Event()  # the gateway closed a connection this backend was answering on
         self.generations = 0
         self.generation_connections: set[int] = set()
         self.bytes_sent = 0
@@ -52,11 +54,16 @@ class RawBackend:
 
     def _exchange(self, conn: socket.socket) -> None:
         buffer = b""
-        answered_here = False
+        answered_here = padded_here = False
         while True:
             while b"\r\n\r\n" not in buffer:
-                data = conn.recv(65536)
+                try:
+                    data = conn.recv(65536)
+                except ConnectionResetError:
+                    data = b""  # the gateway closed with some of an answer unread
                 if not data:
+                    if padded_here:
+                        self.dropped.set()
                     return
                 buffer += data
             head, _, buffer = buffer.partition(b"\r\n\r\n")
@@ -134,6 +141,22 @@ class RawBackend:
                     conn.sendall(piece)
                 self.finished.set()
                 continue
+            if self.mode in ("padded-head", "endless-head"):
+                # Header lines by the hundred (a misconfigured server, or one turned against the
+                # gateway), then a body; or header lines that never end.
+                line = b"X-Pad: " + b"p" * 991 + b"\r\n"  # 1000 bytes with the line's CRLF
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+                    if self.mode == "padded-head":
+                        conn.sendall(line * (self.padding // len(line)))
+                        conn.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(REPLY), REPLY))
+                        padded_here = True
+                        continue
+                    for _ in range(100_000):  # 100 MB at most
+                        conn.sendall(line * 64)
+                except OSError:
+                    self.dropped.set()
+                return
             if self.mode == "dies-before-body":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
                 return
@@ -238,3 +261,39 @@ def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(r
         status, headers, received = Reader(sock).response()  # a relay that never resumes times out here
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert received == b"".join(BURST_EVENTS)
+
+
+# -- the backend's response head --
+
+
+@pytest.mark.parametrize("raw_gateway", ["padded-head", "endless-head"], indirect=True)
+def test_a_backend_response_head_over_the_limit_gives_502_and_drops_the_backend_connection(raw_gateway):
+    gw, backend = raw_gateway  # 800 KB of header lines, or lines without end, against the default 64 KiB
+    with gw.http(gw.key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "upstream_error" and "65536 bytes" in error["message"]
+    assert backend.dropped.wait(10), "the gateway kept the connection to the backend"
+
+
+@pytest.fixture
+def small_head_limit(tmp_path):
+    backend = RawBackend("padded-head")
+    env = {"GATEWAY_MAX_UPSTREAM_HEAD_BYTES": "8192"}
+    with Gateway.start(tmp_path, [Backend("raw", backend.url)], env=env) as gw:
+        yield gw, backend
+    backend.close()
+
+
+def test_a_backend_response_head_is_measured_against_gateway_max_upstream_head_bytes(small_head_limit):
+    gw, backend = small_head_limit
+    with gw.http(gw.key) as client:
+        backend.padding = 7000
+        under = client.post("/v1/chat/completions", json=CHAT)
+        backend.padding = 9000
+        over = client.post("/v1/chat/completions", json=CHAT)
+    assert under.status_code == 200 and under.content == REPLY
+    assert len(under.headers.get_list("x-pad")) == 7
+    assert over.status_code == 502 and "8192 bytes" in over.json()["error"]["message"]

@@ -43,10 +43,10 @@ class Gateway:
     """The ASGI app behind everything but the relay (http_protocol.py sends model-addressed POSTs to
     proxy.handle, which `hooks` hands it): FastAPI, with a log line and an X-Request-ID for every request."""
 
-    def __init__(self, state: GatewayState, api: FastAPI) -> None:
+    def __init__(self, state: GatewayState, api: FastAPI, hooks: ServerHooks) -> None:
         self.state = state
         self.api = api
-        self.hooks = server_hooks(state)
+        self.hooks = hooks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,9 +89,13 @@ def server_hooks(state: GatewayState) -> ServerHooks:
         max_headers=settings.max_headers,
         max_body=settings.max_body_bytes,
         max_small_body=settings.max_admin_body_bytes,
+        linger_timeout=settings.linger_timeout,
+        linger_bytes=settings.linger_bytes,
     )
+    # The metrics port's own connections (metrics_http.port_hooks) come out of the same descriptors.
+    metrics_connections = settings.metrics_max_connections if settings.metrics_port is not None else 0
     max_connections = settings.max_connections or default_max_connections(
-        current_open_files_limit(), settings.concurrency_limit
+        current_open_files_limit() - metrics_connections, settings.concurrency_limit
     )
 
     # A partial, not a wrapping coroutine: one coroutine per request, not two.
@@ -153,18 +157,19 @@ def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or load_settings()
     state = build_state(settings)
     state.log = setup_logging(settings)
+    hooks = server_hooks(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.upstream = UpstreamPool(settings.connect_timeout, settings.read_timeout)
-        probes = probe_pool()
+        state.upstream = UpstreamPool(settings.connect_timeout, settings.read_timeout, settings.max_upstream_head_bytes)
+        probes = probe_pool(settings.max_upstream_head_bytes)
         state.health = HealthChecker(
             state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir
         )
         await state.health.check_all()
         await state.admission.start()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
-        metrics_service = metrics_http.MetricsService(state)
+        metrics_service = metrics_http.MetricsService(state, hooks)
         await metrics_service.start()
         if state.ledger is not None:
             state.ledger.start()
@@ -198,7 +203,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.include_router(router)
     api.include_router(metrics_http.router)
     add_error_handlers(api)
-    return Gateway(state, api)
+    return Gateway(state, api, hooks)
 
 
 # OpenAI's errors always carry a code; Starlette's own (a wrong method, a body it cannot parse) get one here.

@@ -24,9 +24,9 @@ log = logging.getLogger("vllm_gateway.health")
 PROBE_TIMEOUT = 3.0
 
 
-def probe_pool() -> UpstreamPool:
+def probe_pool(max_head_bytes: int) -> UpstreamPool:
     """Connections for health checks, apart from the relay's and with short timeouts."""
-    return UpstreamPool(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT)
+    return UpstreamPool(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_head_bytes=max_head_bytes)
 
 
 def fleet_process_alive(run_dir: Path, backend_id: str) -> bool:

@@ -31,14 +31,18 @@ class Limits:
     max_headers: int
     max_body: int
     max_small_body: int
+    linger_timeout: float
+    linger_bytes: int
 
 
 class ConnectionCap:
-    """At most `limit` client connections per process, so that the process keeps file descriptors for
-    its upstream connections, its log and its key file; new connections beyond it are closed at once."""
+    """At most `limit` client connections per process and port, so that the process keeps file
+    descriptors for its upstream connections, its log and its key file; new connections beyond it are
+    closed at once. `setting` names the limit in the log."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, setting: str = "GATEWAY_MAX_CONNECTIONS") -> None:
         self.limit = limit
+        self.setting = setting
         self.refused = 0
         self.reported_at = float("-inf")
 
@@ -49,8 +53,9 @@ class ConnectionCap:
         now = time.monotonic()
         if now - self.reported_at >= CAP_REPORT_SECONDS:
             log.warning(
-                "connection limit of %d reached (GATEWAY_MAX_CONNECTIONS): closed %d new connection(s)",
+                "connection limit of %d reached (%s): closed %d new connection(s)",
                 self.limit,
+                self.setting,
                 self.refused,
             )
             self.reported_at = now

@@ -18,13 +18,14 @@ MAX_QUEUED = 4
 
 
 class FlowControl:
-    __slots__ = ("drain_waiter", "loop", "reading_paused", "stop_reading", "transport", "write_paused")
+    __slots__ = ("discarding", "drain_waiter", "loop", "reading_paused", "stop_reading", "transport", "write_paused")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.loop = loop
         self.reading_paused = False
         self.stop_reading = False  # for good: the client broke the protocol, or sent EOF
+        self.discarding = False  # closing: what the client still sends is read and dropped (discard_input)
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
 
@@ -53,10 +54,17 @@ class FlowControl:
 
     # -- reading --
 
+    def discard_input(self) -> None:
+        """From now on, nothing the client sends is parsed; it is read, to be dropped."""
+        self.stop_reading = self.discarding = True
+        if self.reading_paused and not self.transport.is_closing():
+            self.reading_paused = False
+            self.transport.resume_reading()
+
     def update_reading(self, queued: int) -> bool:
         """Pause or resume reading for what holds now, with `queued` requests waiting for their turn;
         True when that changed it (the read timer then watches something else)."""
-        pause = self.stop_reading or self.write_paused or queued >= MAX_QUEUED
+        pause = not self.discarding and (self.stop_reading or self.write_paused or queued >= MAX_QUEUED)
         if pause == self.reading_paused or self.transport.is_closing():
             return False
         self.reading_paused = pause

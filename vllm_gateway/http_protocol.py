@@ -13,7 +13,9 @@ relay did about 4,000 requests/s that way, with 0.32 ms added at one client, and
 
 The connection defends itself as nginx does: a deadline for each request head, a longest pause in a
 body, a longest time an answer may lie unread, bounded request lines and heads, a key checked before
-any body is read, and reading paused while answers wait to be sent.
+any body is read, and reading paused while answers wait to be sent. And it closes as nginx does: an
+answer after which the connection closes while the client is still sending is followed by a lingering
+close (linger), so that the client reads it rather than a reset.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.closing = False
         self.client_eof = False
         self.broken: GatewayError | None = None  # answered once the requests before it are
+        self.discarded = 0  # bytes read and dropped since reading stopped (linger_bytes bounds them)
         self.active: Exchange | None = None  # the request being answered
         self.queued: deque[Exchange] = deque()
         self.timers = ConnectionTimers(self)
@@ -83,6 +86,9 @@ class GatewayProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.flow.stop_reading:
+            self.discarded += len(data)
+            if self.discarded > self.limits.linger_bytes:
+                self.transport.abort()
             return
         self.reader.feed(data)
         self.timers.watch_reading()
@@ -94,7 +100,7 @@ class GatewayProtocol(asyncio.Protocol):
         if parsing is not None and not parsing.complete:
             self.reader.forget()
             parsing.gone()  # a request cut short can never be answered
-        if self.active is None and not self.queued:
+        if (self.active is None and not self.queued) or self.flow.discarding:
             self.transport.close()
             return True
         # What arrived complete is answered, then the connection closes (HTTP/1.1's half-close).
@@ -173,7 +179,13 @@ class GatewayProtocol(asyncio.Protocol):
         self.server_state.total_requests += 1
         self.timers.answer_done()
         if not exchange.keep_alive or self.closing or self.transport.is_closing():
-            self.transport.close()
+            if exchange.complete and self.reader.parsing is None and not self.queued:
+                self.transport.close()  # nothing more was coming: Connection: close, or HTTP/1.0
+            else:
+                # Its body, or more requests, may still be arriving. The exchange stays active, so
+                # that no request that arrives meanwhile is begun.
+                self.active = exchange
+                self.linger()
             return
         self.served += 1
         self._next()
@@ -188,7 +200,8 @@ class GatewayProtocol(asyncio.Protocol):
         elif self.broken is not None:
             self.hooks.log_rejection(None, self.broken.status)
             self.transport.write(error_response(self.broken))
-            self.transport.close()
+            self.broken = None
+            self.linger()
         elif self.client_eof:
             self.transport.close()
         else:
@@ -197,6 +210,8 @@ class GatewayProtocol(asyncio.Protocol):
     def fail(self, error: GatewayError) -> None:
         """The client broke the protocol (or its limits): what it sent before is answered, then this
         error, and the connection closes. A request whose body was arriving gets the error itself."""
+        if self.flow.discarding:
+            return  # the connection's last answer is out: nothing more is answered (linger)
         self.flow.stop_reading = True
         self._update_reading()
         parsing = self.reader.forget()
@@ -205,6 +220,21 @@ class GatewayProtocol(asyncio.Protocol):
         elif self.broken is None:
             self.broken = error
         self._next()
+
+    def linger(self) -> None:
+        """Close after the connection's last answer, which is written, while the client may still be
+        sending (its body, the rest of a head over the limits, more requests): closed with bytes
+        unread, the socket would reset the connection, and a reset can destroy the answer before the
+        client reads it. As nginx's lingering close: our side ends after the answer (FIN), and what the
+        client still sends is read and dropped until it closes too, for at most the linger timeout
+        and linger_bytes (data_received)."""
+        if self.client_eof or self.closing or self.transport.is_closing():
+            self.transport.close()
+            return
+        self.flow.discard_input()
+        self.timers.linger()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def _update_reading(self) -> None:
         if self.flow.update_reading(len(self.queued)):
@@ -215,7 +245,7 @@ class GatewayProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
-        if self.active is None:
+        if self.active is None or self.flow.discarding:
             self.transport.close()
 
 

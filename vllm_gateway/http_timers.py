@@ -65,11 +65,19 @@ class ConnectionTimers:
         self.unsent = 0  # bytes waiting to be sent when the send timer was last armed
         # -- a client that sent EOF --
         self.eof_timer: asyncio.TimerHandle | None = None
+        # -- a closing connection that reads what still comes (http_protocol.GatewayProtocol.linger) --
+        self.linger_timer: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
-        for timer in (self.read_timer, self.send_timer, self.eof_timer):
+        for timer in (self.read_timer, self.send_timer, self.eof_timer, self.linger_timer):
             if timer is not None:
                 timer.cancel()
+
+    def linger(self) -> None:
+        """The connection is closing: no request is awaited any more, and it is dropped after the
+        linger timeout whatever the client does."""
+        self.read_phase = None
+        self.linger_timer = self.loop.call_later(self.limits.linger_timeout, self.connection.transport.abort)
 
     # -- reading --
 

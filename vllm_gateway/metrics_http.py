@@ -4,9 +4,11 @@ snapshot task that lets one worker answer for all (metrics.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import functools
 import logging
 from ipaddress import ip_address
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -14,7 +16,9 @@ from fastapi.responses import Response
 from . import errors, metrics
 from .access import authenticate, sends_key
 from .errors import GatewayError
+from .http_config import ConnectionCap, ServerHooks
 from .http_exchange import Exchange
+from .http_listener import Listener
 from .keystore import KeyStore
 from .settings import Settings
 from .state import GatewayState
@@ -23,9 +27,6 @@ log = logging.getLogger("vllm_gateway.metrics")
 
 METRICS_PATH = "/metrics"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# The separate port's limits: a scrape's head is a few hundred bytes.
-MAX_HEAD = 16 * 1024
-HEAD_TIMEOUT = 10.0
 
 router = APIRouter()
 
@@ -70,6 +71,11 @@ def check_head(state: GatewayState, exchange: Exchange) -> GatewayError | None:
     """access.check_head's counterpart for /metrics on the gateway's port."""
     if state.settings.metrics_port is not None:
         return None  # answered 404 by the route: the metrics are on their own port
+    return access_error(state, exchange)
+
+
+def access_error(state: GatewayState, exchange: Exchange) -> GatewayError | None:
+    """Why this scrape is refused before its body, or None."""
     client = exchange.connection.client
     error = check_access(
         state.settings,
@@ -102,54 +108,41 @@ async def get_metrics(request: Request) -> Response:
 # -- a port of its own (GATEWAY_METRICS_PORT) --
 
 
-def answer(status: int, reason: str, body: bytes, content_type: str, extra: bytes = b"") -> bytes:
-    return (
-        (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n"
-        ).encode()
-        + extra
-        + b"\r\n"
-        + body
+def check_port_head(state: GatewayState, exchange: Exchange) -> GatewayError | None:
+    """The metrics port answers GET /metrics, to whom may scrape, and refuses the rest on its head."""
+    if exchange.path != METRICS_PATH:
+        return errors.not_found("Only /metrics is answered on this port.")
+    if exchange.method not in ("GET", "HEAD"):
+        return GatewayError(405, "Method Not Allowed", "invalid_request_error", "method_not_allowed")
+    return access_error(state, exchange)
+
+
+class MetricsPort:
+    """The metrics port's ASGI app, served by the gateway's own HTTP front (http_listener.py): what
+    reaches it is a scrape that check_port_head let through."""
+
+    def __init__(self, state: GatewayState, hooks: ServerHooks) -> None:
+        self.state = state
+        self.hooks = hooks  # what the front finds (http_config.find_hooks)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await scrape(self.state)
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", CONTENT_TYPE.encode())]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def port_hooks(state: GatewayState, hooks: ServerHooks) -> ServerHooks:
+    """The gateway port's hooks (its limits and timeouts, its log of refusals) for the metrics port:
+    no relay, its own head check, and a connection cap of its own, so that connections to it can
+    neither use up the descriptors nor take the gateway port's room."""
+    return dataclasses.replace(
+        hooks,
+        relay_paths=frozenset(),
+        check_head=functools.partial(check_port_head, state),
+        cap=ConnectionCap(state.settings.metrics_max_connections, "GATEWAY_METRICS_MAX_CONNECTIONS"),
     )
-
-
-def error_answer(error: GatewayError) -> bytes:
-    reasons = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request"}
-    extra = b"".join(name + b": " + value + b"\r\n" for name, value in error.headers)
-    return answer(error.status, reasons.get(error.status, "Error"), error.body(), "application/json", extra)
-
-
-async def serve_connection(state: GatewayState, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """One request per connection: GET /metrics, answered and closed."""
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        request_line, *lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = request_line.split(" ", 2)
-        path, _, query = target.partition("?")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        peer = writer.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) else None
-        if path != METRICS_PATH:
-            data = error_answer(errors.not_found("Only /metrics is answered on this port."))
-        elif method not in ("GET", "HEAD"):
-            data = error_answer(GatewayError(405, "Method Not Allowed", "invalid_request_error", "method_not_allowed"))
-        elif error := check_access(
-            state.settings, state.keys, host, headers.get("authorization", "").encode("latin-1"), query.encode()
-        ):
-            data = error_answer(error)
-        else:
-            body = await scrape(state)
-            data = answer(200, "OK", b"" if method == "HEAD" else body, CONTENT_TYPE)
-        writer.write(data)
-        await writer.drain()
-    except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        pass
-    finally:
-        writer.close()
 
 
 # -- the worker's background part --
@@ -167,12 +160,14 @@ async def write_snapshots(state: GatewayState) -> None:
 
 
 class MetricsService:
-    """What /metrics needs while the server runs: the snapshot task, and the server on its own port."""
+    """What /metrics needs while the server runs: the snapshot task, and the server on its own port
+    (with the gateway port's `hooks` made over by port_hooks)."""
 
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, hooks: ServerHooks) -> None:
         self.state = state
+        self.hooks = hooks
         self.tasks: list[asyncio.Task[None]] = []
-        self.server: asyncio.Server | None = None
+        self.listener: Listener | None = None
 
     async def start(self) -> None:
         settings = self.state.settings
@@ -181,20 +176,14 @@ class MetricsService:
         if settings.workers > 1:
             self.tasks.append(asyncio.create_task(write_snapshots(self.state)))
         if settings.metrics_port is not None:
-            self.server = await asyncio.start_server(
-                lambda reader, writer: serve_connection(self.state, reader, writer),
-                settings.host,
-                settings.metrics_port,
-                limit=MAX_HEAD,
-                reuse_port=settings.workers > 1,  # every worker listens; any one answers for all
-            )
+            self.listener = Listener(MetricsPort(self.state, port_hooks(self.state, self.hooks)))
+            # Every worker listens; any one answers for all.
+            await self.listener.start(settings.host, settings.metrics_port, reuse_port=settings.workers > 1)
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
+        if self.listener is not None:
+            await self.listener.stop()
         if self.state.settings.workers > 1:
             metrics.remove_snapshot(self.state.settings.run_dir)

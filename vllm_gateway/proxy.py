@@ -34,6 +34,7 @@ from .upstream import (
     UpstreamTimeout,
     request_headers,
     response_headers,
+    without_length,
 )
 
 PROXIED_PATHS = frozenset(
@@ -241,10 +242,12 @@ async def relay(
             tail = first
         else:
             # A stream, or a body still coming: the head at once, then every piece as it arrives.
-            exchange.start(upstream.status, head, first)
             sink: Sink = exchange
-            if streaming and exchange.path in USAGE_PATHS:
+            if streaming and exchange.path in USAGE_PATHS and not upstream.encoded:
                 sink = counted = UsageChunkFilter(exchange, strip_usage)
+                if strip_usage and upstream.sized:
+                    head = without_length(head)  # the usage chunk leaves: the body is shorter than declared
+            exchange.start(upstream.status, head, first)
             upstream.send_body_to(sink)
             try:
                 # Pieces go to the client as they arrive; this loop only wakes to pass on what queued

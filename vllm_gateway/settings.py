@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     # Endpoints that are not relayed (admin, health, models) take small bodies only.
     max_admin_body_bytes: int = Field(64 * 1024, ge=1024)
+    # nginx lingering_time 30 s: after an answer that closes the connection while the client is still
+    # sending (a 431, a 413, a 401 before the body...), what it sends is read and dropped for at most
+    # this long and this many bytes, so that it reads its answer rather than a reset (http_protocol.py).
+    # nginx bounds no bytes; twice the body limit lets a whole refused body in.
+    linger_timeout: float = Field(30.0, gt=0)
+    linger_bytes: int = Field(64 * 1024 * 1024, ge=0)
     # None: derived at start from the file-descriptor limit (see limits.py).
     max_connections: int | None = Field(None, ge=1)
 
@@ -59,6 +65,8 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0)
     # Seconds without a byte from vLLM before the client gets 504; long prompts prefill for a while.
     read_timeout: float = Field(600.0, gt=0)
+    # A backend's response head, bounded as a request's is (max_head_bytes); beyond it the client gets 502.
+    max_upstream_head_bytes: int = Field(64 * 1024, ge=1024)
     health_interval: float = Field(5.0, gt=0)
     run_dir: Path = Field(REPO_DIR / "run", validation_alias=AliasChoices("VLLM_RUN_DIR", "GATEWAY_RUN_DIR"))
 
@@ -90,6 +98,9 @@ class Settings(BaseSettings):
     metrics_allow: str = "127.0.0.0/8,::1/128"
     # A port of its own for /metrics, on the same host; None: the gateway's port.
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    # Connections that port holds at once (per worker): a scraper needs one. They come out of the
+    # descriptors the gateway port's derived cap leaves (max_connections).
+    metrics_max_connections: int = Field(16, ge=1)
     # How often each worker writes its figures for the others to add up (several workers only).
     metrics_snapshot_seconds: float = Field(1.0, gt=0)
 

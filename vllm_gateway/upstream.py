@@ -114,6 +114,8 @@ class Response:
         "_error",
         "_sink",
         "first_body_at",
+        "sized",
+        "encoded",
     )
 
     def __init__(self, connection: Connection) -> None:
@@ -129,6 +131,10 @@ class Response:
         self._error: UpstreamError | None = None
         self._sink: Sink | None = None
         self.first_body_at = 0.0  # perf_counter() when the first body bytes came (metrics: TTFT)
+        # From the head: the body has a Content-Length; it has a content coding (gzip, ...), which the
+        # gateway asked not to get and cannot read, so it passes such a body on unchanged.
+        self.sized = False
+        self.encoded = False
 
     def send_body_to(self, sink: Sink) -> None:
         """From now on, what each read from the backend brings goes straight to `sink`, in one write;
@@ -238,7 +244,10 @@ class Connection(asyncio.Protocol):
         self.headers_ready.set_result(None)
         self.closed = False
         self.reused = False
-        self.received = False
+        # Bytes of the response given to the parser while its head is incomplete; -1 once it is
+        # complete (or before the first request). The head is bounded as a request's is: the parser
+        # holds an unfinished header whole.
+        self.head_fed = -1
         self.until_close = False
         self.keep_alive = False
         self.paused = False
@@ -250,7 +259,8 @@ class Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> Response:
         self.response = Response(self)
         self.headers_ready = self.loop.create_future()
-        self.received = self.until_close = self.keep_alive = False
+        self.until_close = self.keep_alive = False
+        self.head_fed = 0
         self.last_io = self.loop.time()
         if self.timer is None:  # else a timer of an earlier request, due sooner: it re-arms
             self.timer = self.loop.call_later(self.pool.read_timeout, self._check_timeout)
@@ -292,11 +302,20 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = self.loop.time()
-        self.received = True
+        if self.head_fed >= 0:
+            # All fed before was the head: beyond the limit it is refused without waiting for its end.
+            if self.head_fed > self.pool.max_head_bytes:
+                self._fail(self._head_too_large())
+                self.close()
+                return
+            self.head_fed += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self._fail(UpstreamError(f"invalid HTTP from the backend: {error}"))
+            cause = error.__context__  # raised by a callback (on_headers_complete)
+            self._fail(
+                cause if isinstance(cause, UpstreamError) else UpstreamError(f"invalid HTTP from the backend: {error}")
+            )
             self.close()
             return
         if self.response is not None:
@@ -311,7 +330,7 @@ class Connection(asyncio.Protocol):
             return
         if self.until_close and response.status:
             response._finish()  # a body without a length ends with the connection
-        elif not self.received and self.reused:
+        elif self.head_fed == 0 and self.reused:
             self._fail(StaleConnection("the backend closed an idle connection"))
         else:
             self._fail(UpstreamError("the backend closed the connection mid-response"))
@@ -328,8 +347,17 @@ class Connection(asyncio.Protocol):
         response = self.response
         assert response is not None
         response.status = self.parser.get_status_code()
+        # What was fed holds the head and maybe some body: only when it is over the limit is the head
+        # itself measured.
+        if self.head_fed > self.pool.max_head_bytes and head_size(response.headers) > self.pool.max_head_bytes:
+            raise self._head_too_large()
+        self.head_fed = -1
         names = {name for name, _ in response.headers}
-        self.until_close = b"content-length" not in names and b"transfer-encoding" not in names
+        response.sized = b"content-length" in names
+        self.until_close = not response.sized and b"transfer-encoding" not in names
+        response.encoded = b"content-encoding" in names and any(
+            name == b"content-encoding" and value.strip().lower() != b"identity" for name, value in response.headers
+        )
         # Read here: once the message is complete the parser no longer knows.
         self.keep_alive = self.parser.should_keep_alive() and not self.until_close
         if not self.headers_ready.done():
@@ -344,6 +372,9 @@ class Connection(asyncio.Protocol):
         self.response._finish()
 
     # -- internals --
+
+    def _head_too_large(self) -> UpstreamError:
+        return UpstreamError(f"its response head is over {self.pool.max_head_bytes} bytes")
 
     def _fail(self, error: UpstreamError) -> None:
         if not self.headers_ready.done():
@@ -367,10 +398,11 @@ class Connection(asyncio.Protocol):
 class UpstreamPool:
     """Keep-alive connections per backend, reused most-recent first."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, max_head_bytes: int) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_head_bytes = max_head_bytes
         self._idle: dict[Target, list[Connection]] = {}
         self._targets: dict[str, Target] = {}
         self._tls: ssl.SSLContext | None = None
@@ -386,7 +418,8 @@ class UpstreamPool:
                 path,
                 b" HTTP/1.1\r\nHost: ",
                 target.host_header,
-                b"\r\nContent-Length: ",
+                # Bodies the gateway may change (stream_usage.py) and count the tokens of must be readable.
+                b"\r\nAccept-Encoding: identity\r\nContent-Length: ",
                 str(len(body)).encode(),
                 b"\r\n",
                 *[name + b": " + value + b"\r\n" for name, value in headers],
@@ -448,6 +481,11 @@ class UpstreamPool:
         self._idle.clear()
 
 
+def head_size(headers: Headers) -> int:
+    """The bytes of a head's header lines, as a request head's are counted (http_reader.py)."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
+
+
 def request_headers(client_headers: Headers, request_id: bytes) -> Headers:
     headers = [(name, value) for name, value in client_headers if name in FORWARDED_REQUEST_HEADERS]
     headers.append((b"x-request-id", request_id))
@@ -456,3 +494,9 @@ def request_headers(client_headers: Headers, request_id: bytes) -> Headers:
 
 def response_headers(upstream: Response) -> Headers:
     return [(name, value) for name, value in upstream.headers if name not in DROPPED_RESPONSE_HEADERS]
+
+
+def without_length(headers: Headers) -> Headers:
+    """The headers of a body the gateway changes: its Content-Length is the backend's, no longer true, so
+    the client's side frames the body itself (chunked, or to the close for an HTTP/1.0 client)."""
+    return [(name, value) for name, value in headers if name != b"content-length"]

@@ -66,7 +66,9 @@ class Gateway:
         backends: Sequence[Backend],
         env: Mapping[str, str] | None = None,
         wait_ready: bool = True,
+        open_files: int | None = None,
     ) -> Gateway:
+        """`open_files`: the gateway's descriptor limit, soft and hard (`ulimit -n`), else the tests'."""
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         full_env = gateway_env(workdir, port)
@@ -78,6 +80,7 @@ class Gateway:
             [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
             env=full_env,
             log_path=workdir / "gateway.stdout.log",
+            open_files=open_files,
         )
         gateway = cls(workdir, port, handle, full_env)
         gateway.admin_key, gateway.key = json.loads(admin)["key"], json.loads(user)["key"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -145,10 +146,12 @@ def start_process(
     env: Mapping[str, str] | None = None,
     log_path: str | Path | None = None,
     cwd: str | Path | None = None,
+    open_files: int | None = None,
 ) -> ProcessHandle:
     """Start `cmd` in a new session (its own process group), output to `log_path` (else dropped).
 
     `env` is added to the current environment; a value of "" is kept as the empty string.
+    `open_files`: the process's RLIMIT_NOFILE, soft and hard (as `ulimit -n` in a fresh shell).
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
@@ -163,6 +166,7 @@ def start_process(
             env=full_env,
             cwd=cwd or REPO_ROOT,
             start_new_session=True,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
             stdin=subprocess.DEVNULL,
             stdout=log_file or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
@@ -173,6 +177,10 @@ def start_process(
     handle = ProcessHandle(popen, path)
     _live.append(handle)
     return handle
+
+
+def _limit_open_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 @atexit.register

@@ -1,0 +1,245 @@
+"""How the relay frames what it passes on: every framing a backend may use (chunked, Content-Length,
+to the close), streamed and not, with the usage chunk kept from the client or not, reaches an HTTP/1.1
+client (whose kept-alive connection then serves another request) and an HTTP/1.0 client whole and
+validly framed. The gateway never declares a length it will not send.
+
+A raw socket server stands in for vLLM, because vLLM itself only answers chunked streams and
+Content-Length JSON; nginx serving a file, or any server that knows the length, sends an event stream
+with a Content-Length.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.http_wire import WireResponse, take_response
+
+MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
+ROLE = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
+# Enough events that the body is far longer than one read of the gateway (16 KB, as curl first got).
+TOKENS = [
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%d %s"}}]}\n\n'
+    % (n, b"x" * 200)
+    for n in range(150)
+]
+USAGE = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":150,"total_tokens":153}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+EVENTS = ROLE + b"".join(TOKENS) + USAGE + DONE
+WITHOUT_USAGE = ROLE + b"".join(TOKENS) + DONE
+REPLY = (
+    b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"'
+    + b"y" * 20000
+    + b'"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+)
+LIVENESS = 10.0
+
+
+class FramingBackend:
+    """Answers a chat request with the framing its first message names: `chunked`, `length` (a
+    Content-Length), `close` (the body ends with the connection) or `gzip` (Content-Encoding: gzip,
+    with a Content-Length). A stream (`"stream": true`) is EVENTS, usage chunk included, as vLLM sends
+    it when asked for the usage (the gateway always asks); otherwise REPLY. Each body goes in three
+    pieces a little apart, so the gateway relays it as it comes rather than all at once."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                while len(buffer) < length:
+                    buffer += conn.recv(65536)
+                body, buffer = buffer[:length], buffer[length:]
+                path = head.split(b" ")[1]
+                if path in (b"/health", b"/v1/models"):
+                    answer = MODELS if path == b"/v1/models" else b""
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                    continue
+                self.heads.append(head)
+                if not self._answer(conn, json.loads(body)):
+                    return
+
+    def _answer(self, conn: socket.socket, payload: dict) -> bool:
+        """Send one answer; False when the connection must close after it."""
+        framing = payload["messages"][0]["content"]
+        stream = payload.get("stream") is True
+        body = EVENTS if stream else REPLY
+        kind = b"text/event-stream" if stream else b"application/json"
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n" % kind
+        if framing == "gzip":
+            body = gzip.compress(body)
+            head += b"Content-Encoding: gzip\r\n"
+        third = len(body) // 3
+        pieces = [body[:third], body[third : 2 * third], body[2 * third :]]
+        if framing == "chunked":
+            conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            pieces = [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces] + [b"0\r\n\r\n"]
+        elif framing == "close":
+            conn.sendall(head + b"Connection: close\r\n\r\n")
+        else:
+            conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body))
+        for piece in pieces:
+            time.sleep(0.03)
+            conn.sendall(piece)
+        return framing != "close"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def framing(tmp_path_factory):
+    backend = FramingBackend()
+    with Gateway.start(tmp_path_factory.mktemp("gw-framing"), [Backend("raw", backend.url)]) as gw:
+        yield gw, backend
+    backend.close()
+
+
+def chat(framing: str, kind: str) -> dict:
+    """A chat request to the framing backend. `kind`: `stream` (the usage chunk not asked for, so the
+    gateway keeps it from the client), `stream-with-usage` (asked for: the body passes unchanged), `json`."""
+    body: dict = {"model": "raw", "messages": [{"role": "user", "content": framing}]}
+    if kind != "json":
+        body["stream"] = True
+    if kind == "stream-with-usage":
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def expected_body(kind: str) -> bytes:
+    return {"stream": WITHOUT_USAGE, "stream-with-usage": EVENTS, "json": REPLY}[kind]
+
+
+def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[WireResponse, bytes]:
+    """The next whole response on a kept-alive connection (and what followed it), read strictly: a
+    response whose declared length never arrives fails here instead of hanging."""
+    deadline = time.monotonic() + LIVENESS
+    while True:
+        response, used = take_response(buffer, eof=False)
+        if response is not None:
+            return response, buffer[used:]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no whole response within {LIVENESS} s: {buffer[:300]!r} ... ({len(buffer)} bytes)")
+        sock.settimeout(left)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not data:
+            take_response(buffer, eof=True)  # raises Malformed: the body was cut short
+            raise AssertionError(f"the connection closed before a response: {buffer[:300]!r}")
+        buffer += data
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    data = b""
+    deadline = time.monotonic() + LIVENESS
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"the gateway did not close an HTTP/1.0 answer within {LIVENESS} s ({len(data)} bytes)"
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
+@pytest.mark.parametrize("upstream_framing", ["chunked", "length", "close"])
+def test_an_http11_client_gets_the_whole_body_validly_framed_and_its_connection_serves_the_next_request(
+    framing, upstream_framing, kind
+):
+    gw, _ = framing
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gw.key, chat(upstream_framing, kind)))
+        first, rest = read_response(sock)
+        assert first.status == 200
+        assert first.body == expected_body(kind)
+        assert rest == b"", f"bytes after the first answer: {rest[:200]!r}"
+        # The same connection: the next answer starts where the first one said it ended.
+        sock.sendall(raw_post(gw.key, chat("chunked", "json")))
+        second, rest = read_response(sock)
+    assert second.status == 200 and second.body == REPLY
+    assert rest == b""
+
+
+@pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
+@pytest.mark.parametrize("upstream_framing", ["chunked", "length", "close"])
+def test_an_http10_client_gets_the_whole_body_without_chunked_framing(framing, upstream_framing, kind):
+    gw, _ = framing
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gw.key, chat(upstream_framing, kind), version="1.0"))
+        received = read_to_close(sock)
+    response, used = take_response(received, eof=True)
+    assert response is not None and used == len(received), f"bytes after the answer: {received[used:][:200]!r}"
+    assert response.status == 200
+    assert response.header("transfer-encoding") is None, "chunked framing sent to an HTTP/1.0 client"
+    assert response.body == expected_body(kind)
+
+
+@pytest.mark.parametrize("kind", ["stream", "json"])
+def test_a_backend_that_compresses_anyway_has_its_body_relayed_unchanged_with_its_length(framing, kind):
+    # The gateway asks for identity; a backend that compresses all the same gets its body through as
+    # it sent it: the gateway cannot read it, so it neither removes the usage chunk nor re-frames it.
+    gw, _ = framing
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gw.key, chat("gzip", kind)))
+        response, rest = read_response(sock)
+        sock.sendall(raw_post(gw.key, chat("chunked", "json")))
+        second, _ = read_response(sock)
+    assert response.status == 200 and rest == b""
+    assert response.header("content-encoding") == "gzip"
+    assert response.header("content-length") == str(len(response.body))
+    assert gzip.decompress(response.body) == (EVENTS if kind == "stream" else REPLY)
+    assert second.status == 200 and second.body == REPLY
+
+
+def test_the_gateway_asks_the_backend_for_an_unencoded_body_whatever_the_client_accepts(framing):
+    gw, backend = framing
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gw.key, chat("chunked", "json"), extra="Accept-Encoding: gzip, br\r\n"))
+        response, _ = read_response(sock)
+    assert response.status == 200 and response.header("content-encoding") is None
+    head = backend.heads[-1].lower()
+    assert b"\r\naccept-encoding: identity" in head
+    assert b"gzip" not in head
