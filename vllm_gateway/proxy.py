@@ -185,6 +185,10 @@ async def proxy(
     model = state.registry.resolve(model_name)
     if model is None or not key.may_use(model.name):
         raise errors.model_not_found(model_name)
+    if model_name not in model.served:
+        # A name its servers were not started with (an alias added to the config since): they are
+        # asked by the model's own name, which they all serve.
+        body = await state.body_parser.with_model(body, content_type, model.name)
     outcome.key_id, outcome.ledger_model = key.id, model.name
     # A stream is counted even when its client did not ask for the usage: the gateway asks, and
     # keeps the usage chunk from that client (stream_usage.py).
