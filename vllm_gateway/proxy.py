@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
-from . import errors
+from . import backend_errors, errors
 from .access_log import key_label
 from .errors import GatewayError
 from .http_exchange import Exchange
@@ -240,7 +240,11 @@ async def relay(
         head = response_headers(upstream) + outcome.headers
         streaming = b"text/event-stream" in upstream.content_type
         first = b"" if streaming else await upstream.read_chunk()
-        if upstream.at_end:
+        whole = upstream.at_end
+        if upstream.status >= 400:
+            # Every error reaches the client in OpenAI's shape, whatever shape its backend used.
+            head, first, whole = await backend_errors.in_openai_shape(upstream, head, first)
+        if whole:
             # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
             exchange.respond(upstream.status, head, first)
             tail = first
