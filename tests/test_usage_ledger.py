@@ -224,6 +224,20 @@ def test_the_ledger_survives_a_restart(tmp_path, simulator):
         assert wait_for_usage(second, sums["requests"], timeout=0) == sums
 
 
+def test_a_ledger_file_deleted_while_running_is_made_again_and_keeps_counting(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gw:
+        before = make_traffic(gw, rounds=1)
+        wait_for_usage(gw, before["requests"])
+        for name in ("usage.db", "usage.db-wal", "usage.db-shm"):  # as `rm usage.db*` does
+            (tmp_path / name).unlink(missing_ok=True)
+        assert usage_results(gw) == []  # answered (200), from a new, empty file
+        after = make_traffic(gw, rounds=2)  # counted in memory first, then written to the new file
+        assert wait_for_usage(gw, after["requests"]) == after
+        assert settled_usage(gw) == after
+    with sqlite3.connect(tmp_path / "usage.db") as connection:
+        assert connection.execute("SELECT SUM(requests) FROM usage").fetchone() == (after["requests"],)
+
+
 def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):
     env = {"GATEWAY_USAGE_FLUSH_SECONDS": "1"}
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
