@@ -113,7 +113,9 @@ class HealthChecker:
     async def _check(self, backend: Backend) -> bool:
         changed = await check_backend(self.pool, backend, self.run_dir)
         # With its state, before any request can go there: the names its server answers to now.
-        self.registry.learn_served()
+        model = self.registry.models.get(backend.spec.name)
+        if model is not None:
+            model.learn_served()
         return changed
 
     async def reload_config_if_changed(self) -> None:

@@ -110,11 +110,6 @@ class Registry:
                 by_name.setdefault(alias, model)
         self.models, self._by_name = models, by_name
 
-    def learn_served(self) -> None:
-        """After a round of health checks: the names each model's servers answer to now."""
-        for model in self.models.values():
-            model.learn_served()
-
     def changed(self) -> None:
         for listener in self.listeners:
             listener()
