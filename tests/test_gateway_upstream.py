@@ -6,6 +6,7 @@ idle keep-alive connections dropped by the server, bodies that end with the conn
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
 BURST_EVENTS = [b'data: {"n": %d, "pad": "%s"}\n\n' % (n, b"x" * 2000) for n in range(4000)]
 # An error in OpenAI's shape longer than the gateway reads of an error (vLLM quoting a long input back).
 LONG_OPENAI_ERROR = b'{"error":{"message":"%s","type":"BadRequestError","param":null,"code":400}}' % (b"y" * 200_000)
+GZIP_ERROR = gzip.compress(b'{"detail": "Internal Server Error"}')
 PROXY_PAGE = (
     b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
     b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
@@ -183,6 +185,12 @@ class RawBackend:
                 except OSError:
                     self.finished.set()
                     return
+            if self.mode == "gzip-error":
+                conn.sendall(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                    b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(GZIP_ERROR) + GZIP_ERROR
+                )
+                continue
             if self.mode == "long-openai-error":
                 conn.sendall(
                     b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
@@ -292,6 +300,16 @@ def test_an_endless_error_body_is_answered_from_its_start_and_its_connection_clo
     assert error["message"].startswith("Traceback: the engine failed. Traceback:")
     assert error["message"].endswith("...") and len(error["message"]) == 1003
     assert backend.finished.wait(10), "the gateway kept reading the backend's endless error"
+
+
+@pytest.mark.parametrize("raw_gateway", ["gzip-error"], indirect=True)
+def test_an_encoded_error_body_which_the_gateway_cannot_read_is_relayed_as_it_came(raw_gateway):
+    gw, _ = raw_gateway
+    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.status_code == 500
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == GZIP_ERROR
 
 
 @pytest.mark.parametrize("raw_gateway", ["long-openai-error"], indirect=True)

@@ -31,12 +31,15 @@ OPENAI_SHAPED_START = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"error"[ \t\r\n]*:[ \t
 HTML_TAG = re.compile(r"<[^>]*>")
 WHITESPACE = re.compile(r"\s+")
 # The body's own framing and format: a rewrapped body gets its own.
-REPLACED_HEADERS = frozenset({b"content-type", b"content-length", b"content-encoding"})
+REPLACED_HEADERS = frozenset({b"content-type", b"content-length"})
 
 
 async def in_openai_shape(upstream: Response, head: Headers, first: bytes) -> tuple[Headers, bytes, bool]:
     """An error answer's head and body, rewrapped unless already in OpenAI's shape (see foreign_error),
-    and whether that body is whole; `first` is what has been read of the body."""
+    and whether that body is whole; `first` is what has been read of the body. A body in a content
+    encoding (which the gateway does not ask for) cannot be read, and is relayed as it comes."""
+    if upstream.encoded:
+        return head, first, upstream.at_end
     parts = [first]
     size = len(first)
     while not upstream.at_end and size < MAX_ERROR_BYTES:
