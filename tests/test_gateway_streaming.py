@@ -123,6 +123,55 @@ def test_backend_error_status_is_relayed_as_is(gateway, simulator):
     assert caught.value.body["type"] == "InternalServerError"
 
 
+INJECTED = "Simulated engine failure (injected fault)."
+
+
+@pytest.mark.parametrize(
+    "shape, status, expected",
+    [
+        # uvicorn's answer for a route the server lacks
+        ("detail", 404, {"message": INJECTED, "type": "invalid_request_error", "param": None, "code": "not_found"}),
+        # the top-level shape of some vLLM versions: its fields are kept
+        ("object", 400, {"message": INJECTED, "type": "BadRequestError", "param": None, "code": 400}),
+        ("text", 500, {"message": INJECTED, "type": "server_error", "param": None, "code": "internal_server_error"}),
+        # a proxy's page: its text, without the tags
+        (
+            "html",
+            502,
+            {
+                "message": f"502 BadGatewayError 502 BadGatewayError {INJECTED}",
+                "type": "server_error",
+                "param": None,
+                "code": "bad_gateway",
+            },
+        ),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backend_error_in_another_shape_reaches_the_client_in_openais(
+    gateway, simulator, shape, status, expected, stream
+):
+    simulator.set_faults(error_status=status, error_shape=shape)
+    with gateway.http(gateway.key) as client:
+        response = client.post("/v1/chat/completions", json={**STREAM, "stream": stream})
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["content-length"] == str(len(response.content))
+    assert response.json() == {"error": expected}
+
+
+def test_the_openai_sdk_reads_the_message_of_a_rewrapped_error(gateway, simulator):
+    simulator.set_faults(error_status=404, error_shape="detail")
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.openai().chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body == {
+        "message": INJECTED,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
+
+
 def test_backend_silent_past_the_read_timeout_gives_504(slow_gateway, slow_simulator):
     slow_simulator.set_faults(slow_start=4)
     try:

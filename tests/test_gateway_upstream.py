@@ -6,6 +6,8 @@ idle keep-alive connections dropped by the server, bodies that end with the conn
 
 from __future__ import annotations
 
+import gzip
+import json
 import socket
 import threading
 import time
@@ -17,6 +19,13 @@ from tests.support.gateway import Backend, Gateway, Reader, raw_post
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
 # 8 MB of numbered events: far more than the gateway holds for a client that is not reading.
 BURST_EVENTS = [b'data: {"n": %d, "pad": "%s"}\n\n' % (n, b"x" * 2000) for n in range(4000)]
+# An error in OpenAI's shape longer than the gateway reads of an error (vLLM quoting a long input back).
+LONG_OPENAI_ERROR = b'{"error":{"message":"%s","type":"BadRequestError","param":null,"code":400}}' % (b"y" * 200_000)
+GZIP_ERROR = gzip.compress(b'{"detail": "Internal Server Error"}')
+PROXY_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 REPLY = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}'
 
 
@@ -157,6 +166,38 @@ class RawBackend:
                 except OSError:
                     self.dropped.set()
                 return
+            if self.mode == "proxy-page":
+                # An HTML error page from a proxy in between, its length told by the end of the connection.
+                conn.sendall(
+                    b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n" + PROXY_PAGE
+                )
+                return
+            if self.mode == "endless-text-error":
+                # A plain-text 500 that never ends: the gateway must answer from its start.
+                conn.sendall(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                try:
+                    while True:
+                        conn.sendall(chunk(b"Traceback: the engine failed. " * 1000))
+                        self.bytes_sent += 30_000
+                except OSError:
+                    self.finished.set()
+                    return
+            if self.mode == "gzip-error":
+                conn.sendall(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                    b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(GZIP_ERROR) + GZIP_ERROR
+                )
+                continue
+            if self.mode == "long-openai-error":
+                conn.sendall(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                    % len(LONG_OPENAI_ERROR)
+                    + LONG_OPENAI_ERROR
+                )
+                continue
             if self.mode == "dies-before-body":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
                 return
@@ -226,6 +267,58 @@ def test_backend_speaking_garbage_or_dying_before_its_body_gives_502_in_openai_s
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize("raw_gateway", ["proxy-page"], indirect=True)
+def test_a_proxys_html_error_page_reaches_the_client_as_an_openai_error(raw_gateway):
+    gw, _ = raw_gateway
+    with gw.http(gw.key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {
+        "error": {
+            "message": "502 Bad Gateway 502 Bad Gateway nginx",
+            "type": "server_error",
+            "param": None,
+            "code": "bad_gateway",
+        }
+    }
+
+
+@pytest.mark.parametrize("raw_gateway", ["endless-text-error"], indirect=True)
+def test_an_endless_error_body_is_answered_from_its_start_and_its_connection_closed(raw_gateway):
+    gw, backend = raw_gateway
+    body = b""
+    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+        for piece in response.iter_bytes():
+            body += piece
+            assert len(body) < 1_000_000, "the endless error went on to the client"
+    assert response.status_code == 500
+    error = json.loads(body)["error"]
+    assert error["code"] == "internal_server_error" and error["type"] == "server_error"
+    assert error["message"].startswith("Traceback: the engine failed. Traceback:")
+    assert error["message"].endswith("...") and len(error["message"]) == 1003
+    assert backend.finished.wait(10), "the gateway kept reading the backend's endless error"
+
+
+@pytest.mark.parametrize("raw_gateway", ["gzip-error"], indirect=True)
+def test_an_encoded_error_body_which_the_gateway_cannot_read_is_relayed_as_it_came(raw_gateway):
+    gw, _ = raw_gateway
+    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.status_code == 500
+    assert response.headers["content-encoding"] == "gzip"
+    assert raw == GZIP_ERROR
+
+
+@pytest.mark.parametrize("raw_gateway", ["long-openai-error"], indirect=True)
+def test_a_long_error_already_in_openai_shape_is_relayed_byte_for_byte(raw_gateway):
+    gw, _ = raw_gateway
+    with gw.http(gw.key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 400
+    assert response.content == LONG_OPENAI_ERROR
 
 
 @pytest.mark.parametrize("raw_gateway", ["firehose"], indirect=True)

@@ -87,6 +87,27 @@ def test_vllms_own_errors_are_relayed_to_the_sdk(real_gateway):
     assert caught.value.status_code == 400
 
 
+def test_an_alias_vllm_was_not_started_with_reaches_it_under_the_models_own_name(real_gateway):
+    # vLLM serves `tiny` only; the gateway's config adds the alias `tiny-chat`.
+    reply = real_gateway.openai().chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert reply.usage.completion_tokens == 3
+    assert reply.model == "tiny"
+
+
+def test_an_endpoint_vllm_lacks_for_this_model_answers_an_openai_error(real_gateway):
+    # vLLM registers /v1/embeddings only for embedding models: uvicorn answers {"detail": "Not Found"}.
+    with pytest.raises(openai.NotFoundError) as caught:
+        real_gateway.openai().embeddings.create(model="tiny", input="hello")
+    assert caught.value.body == {
+        "message": "Not Found",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
+
+
 def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
     # 8000 tokens take vLLM about 20 s here. On two busy cores its API server sometimes hands out
     # the first events seconds late, so a short generation could end before any abort reached it.

@@ -17,6 +17,7 @@ from vllm_gateway.request_body import (
     MAX_HEADER_PARAMETERS,
     MAX_MULTIPART_PARTS,
     MAX_PART_HEADER_BYTES,
+    body_with_model,
     model_from_body,
     model_from_multipart,
     require_model,
@@ -331,3 +332,36 @@ def test_crafted_4_mib_body_finishes_with_the_missing_model_error(unit: bytes) -
         result = call_in_child(crafted, CONTENT_TYPE)
         assert result["outcome"] == "missing_model"
         assert result["seconds"] < LIVENESS_SECONDS
+
+
+# -- naming another model: only the model's value changes (request_body.body_with_model) --
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"alias","messages":[]}',
+        b'{ "messages" : [{"model": "alias"}],\n  "model" :\t"alias" , "seed": 123456789012345678901234567890}',
+        b'{"m\\u006fdel":"alias","prompt":"the \\"model\\": \\"alias\\" inside a string"}',
+        b'{"nested":{"model":"alias"},"list":[{"model":"x"}],"model":"first","model":"alias"}',
+        b'{"prompt":"' + b"\\\\" * 1000 + b'","model":"alias"}',
+    ],
+)
+def test_a_json_body_names_another_model_with_every_other_byte_kept(body: bytes) -> None:
+    renamed = body_with_model(body, b"application/json", "canonical")
+    assert model_from_body(renamed, b"application/json")[0] == "canonical"
+    # The last `"alias"` in the body is the top-level model's value; all around it is unchanged.
+    at = body.rindex(b'"alias"')
+    assert renamed == body[:at] + b'"canonical"' + body[at + len(b'"alias"') :]
+
+
+def test_a_model_name_that_needs_escapes_is_written_as_valid_json() -> None:
+    renamed = body_with_model(b'{"model":"a"}', b"application/json", 'odd "name"\\')
+    assert json.loads(renamed) == {"model": 'odd "name"\\'}
+
+
+def test_a_form_body_names_another_model_in_its_model_field_only() -> None:
+    body = form(part("file", b'model="alias"', filename="clip.wav"), part("model", b"alias"), part("x", b"alias"))
+    renamed = body_with_model(body, CONTENT_TYPE, "canonical")
+    assert model_from_multipart(renamed, CONTENT_TYPE) == "canonical"
+    assert renamed == body.replace(b"\r\n\r\nalias\r\n", b"\r\n\r\ncanonical\r\n", 1)

@@ -235,6 +235,30 @@ def test_error_status_fault_fails_generation_until_cleared(sim: Simulator) -> No
     assert client.completions.create(model=sim.model, prompt="x", max_tokens=2).usage
 
 
+@pytest.mark.parametrize(
+    "shape, content_type, expected",
+    [
+        ("detail", "application/json", {"detail": "Simulated engine failure (injected fault)."}),
+        ("object", "application/json", {"object": "error", "code": 502}),
+        ("text", "text/plain", "Simulated engine failure (injected fault)."),
+        ("html", "text/html", "<title>502 BadGatewayError</title>"),
+    ],
+)
+def test_error_shape_fault_answers_the_injected_error_in_that_shape(
+    sim: Simulator, shape: str, content_type: str, expected: object
+) -> None:
+    assert sim.set_faults(error_status=502, error_shape=shape) == {"error_status": 502, "error_shape": shape}
+    response = httpx.post(sim.base_url + CHAT, json=chat_body(sim.model, 2))
+    assert response.status_code == 502
+    assert response.headers["content-type"].startswith(content_type)
+    if isinstance(expected, dict):
+        assert expected.items() <= response.json().items()
+    else:
+        assert str(expected) in response.text
+    bad = httpx.post(sim.base_url + "/_simulator/faults", json={"error_status": 502, "error_shape": "xml"})
+    assert bad.status_code == 400 and "error_shape" in bad.text
+
+
 def test_health_status_fault_changes_health_only(sim: Simulator) -> None:
     sim.set_faults(health_status=503)
     assert http_status(sim.base_url + "/health") == 503

@@ -9,6 +9,7 @@ import json
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -198,6 +199,15 @@ def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator
         ({"start_time": 0, "group_by": "project_id"}, "group_by"),
         ({"start_time": 0, "bucket_width": "1h", "limit": 169}, "limit"),
         ({"start_time": 0, "page": "12"}, "page"),
+        ({"start_time": 0, "page": "²"}, "page"),
+        ({"start_time": 0, "bucket_width": "1h", "limit": 0}, "limit"),
+        # numbers int() takes, or chokes on with a 500, that a unix time never is
+        *[
+            ({"start_time": bad}, "start_time")
+            for bad in ("²", "--5", "-5", "+5", "1_000", " 5", "5.0", "1e11", "nan", "inf", "٣", "1" * 5000)
+        ],
+        ({"start_time": 0, "end_time": "9" * 20}, "end_time"),
+        ({"start_time": 0, "limit": "1" * 5000}, "limit"),
     ],
 )
 def test_bad_usage_queries_get_400_in_openais_shape(gw, params, param):
@@ -206,6 +216,25 @@ def test_bad_usage_queries_get_400_in_openais_shape(gw, params, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident memory (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def test_a_query_over_centuries_builds_one_page_of_buckets_only(gw):
+    before = peak_rss_kib(gw.handle.pid)
+    with gw.http(gw.admin_key) as client:
+        response = client.get("/admin/usage", params={"start_time": 0, "end_time": 10**10, "bucket_width": "1h"})
+    grown = peak_rss_kib(gw.handle.pid) - before
+    assert response.status_code == 200
+    page = response.json()
+    assert [bucket["start_time"] for bucket in page["data"]] == [hour * 3600 for hour in range(24)]
+    assert page["has_more"] is True and page["next_page"] == str(24 * 3600)
+    # 2.8 million hours in the span: a list of them all would take some 100 MB.
+    assert grown < 30 * 1024, f"the worker's peak memory grew by {grown} KiB"
 
 
 def test_usage_api_needs_an_admin_key(gw):
@@ -222,6 +251,20 @@ def test_the_ledger_survives_a_restart(tmp_path, simulator):
         wait_for_usage(first, sums["requests"])
     with Gateway.start(tmp_path, [backend], env=FLUSH) as second:
         assert wait_for_usage(second, sums["requests"], timeout=0) == sums
+
+
+def test_a_ledger_file_deleted_while_running_is_made_again_and_keeps_counting(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gw:
+        before = make_traffic(gw, rounds=1)
+        wait_for_usage(gw, before["requests"])
+        for name in ("usage.db", "usage.db-wal", "usage.db-shm"):  # as `rm usage.db*` does
+            (tmp_path / name).unlink(missing_ok=True)
+        assert usage_results(gw) == []  # answered (200), from a new, empty file
+        after = make_traffic(gw, rounds=2)  # counted in memory first, then written to the new file
+        assert wait_for_usage(gw, after["requests"]) == after
+        assert settled_usage(gw) == after
+    with sqlite3.connect(tmp_path / "usage.db") as connection:
+        assert connection.execute("SELECT SUM(requests) FROM usage").fetchone() == (after["requests"],)
 
 
 def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):

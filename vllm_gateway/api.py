@@ -17,7 +17,7 @@ from . import errors
 from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
 from .registry import BackendState, Model
 from .state import GatewayState
-from .usage_report import UsageQuery, usage_page
+from .usage_report import MAX_BUCKETS, MAX_UNIX_TIME, UsageQuery, usage_page, whole_number
 
 router = APIRouter()
 T = TypeVar("T")
@@ -241,13 +241,9 @@ def usage(
         values = params.getlist(name) + params.getlist(name + "[]")
         return [part for value in values for part in value.split(",") if part]
 
-    def number(name: str) -> int | None:
+    def number(name: str, maximum: int = MAX_UNIX_TIME) -> int | None:
         value = params.get(name)
-        if value is None:
-            return None
-        if not value.lstrip("-").isdigit():
-            raise errors.bad_request(f"{name} must be a whole number.", param=name)
-        return int(value)
+        return None if value is None else whole_number(name, value, maximum)
 
     start_time = number("start_time")
     if start_time is None:
@@ -259,7 +255,7 @@ def usage(
         group_by=listed("group_by"),
         models=listed("models"),
         api_key_ids=listed("api_key_ids"),
-        limit=number("limit"),
+        limit=number("limit", max(MAX_BUCKETS.values())),
         page=params.get("page"),
     )
     return usage_page(state.ledger.store, query)

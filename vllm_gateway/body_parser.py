@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
 
 from . import errors
-from .request_body import json_model, model_from_body, require_model
+from .request_body import body_with_model, json_model, model_from_body, require_model
+
+T = TypeVar("T")
 
 # At most about 5 ms of parsing on the loop, even for the slowest JSON measured (75 ms per MiB).
 INLINE_BYTES = 64 * 1024
@@ -36,18 +40,28 @@ class BodyParser:
         """request_body.model_from_body's answer, and its GatewayErrors (400)."""
         if self.parses_inline(body, content_type):
             return model_from_body(body, content_type)
+        model, no_usage, problem = await self._in_helper(json_model, body)
+        if problem is not None:
+            raise errors.bad_request(problem, code="invalid_json")
+        return require_model(model), no_usage
+
+    async def with_model(self, body: bytes, content_type: bytes, model: str) -> bytes:
+        """request_body.body_with_model's answer, from the helper process for a large JSON body (finding
+        the value walks the body, at a cost like parsing it)."""
+        if self.parses_inline(body, content_type):
+            return body_with_model(body, content_type, model)
+        return await self._in_helper(body_with_model, body, content_type, model)
+
+    async def _in_helper(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
         try:
-            model, no_usage, problem = await loop.run_in_executor(self._executor(), json_model, body)
+            return await loop.run_in_executor(self._executor(), function, *args)
         except BrokenProcessPool:
             # The helper died (killed, out of memory): the next large body starts a new one.
             self.close()
             raise errors.GatewayError(
                 503, "The gateway could not parse this body now; try again.", "server_error", "body_parser_unavailable"
             ) from None
-        if problem is not None:
-            raise errors.bad_request(problem, code="invalid_json")
-        return require_model(model), no_usage
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http import HTTPStatus
 
 import orjson
 
@@ -17,7 +18,7 @@ class GatewayError(Exception):
         status: int,
         message: str,
         type: str,
-        code: str | None = None,
+        code: str | int | None = None,
         param: str | None = None,
         headers: Headers = (),
     ) -> None:
@@ -146,6 +147,25 @@ def model_unavailable(model: str, state: str, retry_after: int) -> GatewayError:
         "model",
         headers=[(b"retry-after", str(retry_after).encode())],
     )
+
+
+def backend_error(
+    status: int, message: str, type: str | None = None, param: str | None = None, code: str | int | None = None
+) -> GatewayError:
+    """An error a backend answered in another shape than OpenAI's (backend_errors.py): its status and
+    what it said, with the type and code its body gave, else ones its status implies (404 gives
+    `invalid_request_error` and `not_found`, 502 `server_error` and `bad_gateway`)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    if type is None:
+        type = {403: "permission_error", 429: "rate_limit_error"}.get(status) or (
+            "server_error" if status >= 500 else "invalid_request_error"
+        )
+    if code is None:
+        code = phrase.lower().replace(" ", "_").replace("-", "_")
+    return GatewayError(status, message or phrase, type, code, param)
 
 
 def upstream_unreachable(model: str) -> GatewayError:

@@ -47,29 +47,33 @@ async def get(pool: UpstreamPool, backend: Backend, path: bytes) -> tuple[int, b
         response.release()
 
 
-async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
+async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[BackendState, str, frozenset[str] | None]:
+    """The backend's state, why, and the names its /v1/models lists (None when it listed none)."""
     try:
         status, _ = await get(pool, backend, b"/health")
         if status != 200:
-            return BackendState.LOADING, f"/health answered {status}"
+            return BackendState.LOADING, f"/health answered {status}", None
         status, body = await get(pool, backend, b"/v1/models")
         if status != 200:
-            return BackendState.LOADING, f"/v1/models answered {status}"
-        listed = {model.get("id") for model in orjson.loads(body).get("data", [])}
+            return BackendState.LOADING, f"/v1/models answered {status}", None
+        models = orjson.loads(body).get("data", [])
+        listed = frozenset(name for model in models if isinstance(name := model.get("id"), str))
     except UpstreamError as error:
         if fleet_process_alive(run_dir, backend.spec.id):
-            return BackendState.LOADING, "process running, server not answering yet"
-        return BackendState.DOWN, str(error)
+            return BackendState.LOADING, "process running, server not answering yet", None
+        return BackendState.DOWN, str(error), None
     except (ValueError, AttributeError, TypeError):
-        return BackendState.LOADING, "/v1/models did not answer a model list"
+        return BackendState.LOADING, "/v1/models did not answer a model list", None
     if backend.spec.name not in listed:
-        return BackendState.LOADING, f"/v1/models does not list {backend.spec.name}"
-    return BackendState.READY, "ok"
+        return BackendState.LOADING, f"/v1/models does not list {backend.spec.name}", listed
+    return BackendState.READY, "ok", listed
 
 
 async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> bool:
     """Probe and mark the backend; returns whether its state changed."""
-    state, detail = await probe(pool, backend, run_dir)
+    state, detail, listed = await probe(pool, backend, run_dir)
+    if listed is not None:
+        backend.served = listed
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
         return True
@@ -102,9 +106,17 @@ class HealthChecker:
         self._wake.set()
 
     async def check_all(self) -> None:
-        changed = await asyncio.gather(*(check_backend(self.pool, b, self.run_dir) for b in self.registry.backends()))
+        changed = await asyncio.gather(*(self._check(backend) for backend in self.registry.backends()))
         if any(changed):
             self.registry.changed()  # waiting requests go to a backend that came up, or learn none is left
+
+    async def _check(self, backend: Backend) -> bool:
+        changed = await check_backend(self.pool, backend, self.run_dir)
+        # With its state, before any request can go there: the names its server answers to now.
+        model = self.registry.models.get(backend.spec.name)
+        if model is not None:
+            model.learn_served()
+        return changed
 
     async def reload_config_if_changed(self) -> None:
         stamp = self._stamp()

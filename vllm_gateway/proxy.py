@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
-from . import errors
+from . import backend_errors, errors
 from .access_log import key_label
 from .errors import GatewayError
 from .http_exchange import Exchange
@@ -185,6 +185,10 @@ async def proxy(
     model = state.registry.resolve(model_name)
     if model is None or not key.may_use(model.name):
         raise errors.model_not_found(model_name)
+    if model_name not in model.served:
+        # A name its servers were not started with (an alias added to the config since): they are
+        # asked by the model's own name, which they all serve.
+        body = await state.body_parser.with_model(body, content_type, model.name)
     outcome.key_id, outcome.ledger_model = key.id, model.name
     # A stream is counted even when its client did not ask for the usage: the gateway asks, and
     # keeps the usage chunk from that client (stream_usage.py).
@@ -236,7 +240,11 @@ async def relay(
         head = response_headers(upstream) + outcome.headers
         streaming = b"text/event-stream" in upstream.content_type
         first = b"" if streaming else await upstream.read_chunk()
-        if upstream.at_end:
+        whole = upstream.at_end
+        if upstream.status >= 400:
+            # Every error reaches the client in OpenAI's shape, whatever shape its backend used.
+            head, first, whole = await backend_errors.in_openai_shape(upstream, head, first)
+        if whole:
             # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
             exchange.respond(upstream.status, head, first)
             tail = first

@@ -24,6 +24,8 @@ class Backend:
     detail: str = "not checked yet"
     in_flight: int = 0
     checked_at: float = 0.0
+    # The names its server answered to in /v1/models at the last check that got a list (health.py).
+    served: frozenset[str] = frozenset()
 
     @property
     def base_url(self) -> str:
@@ -49,6 +51,16 @@ class Model:
     aliases: tuple[str, ...] = ()
     backends: list[Backend] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
+    # The names every server of the model answers to (learn_served): a request that names another of
+    # the model's names, such as an alias added to the config since its servers started, goes
+    # upstream under `name`, which each ready server serves.
+    served: frozenset[str] = frozenset()
+
+    def learn_served(self) -> None:
+        """Recompute `served` from the backends' last lists: until each backend has answered one,
+        only `name` counts."""
+        lists = [backend.served for backend in self.backends]
+        self.served = (frozenset.intersection(*lists) if lists else frozenset()) | {self.name}
 
     @property
     def state(self) -> BackendState:
@@ -93,6 +105,7 @@ class Registry:
             model.backends.append(backend)
         by_name = dict(models)
         for model in models.values():
+            model.learn_served()
             for alias in model.aliases:
                 by_name.setdefault(alias, model)
         self.models, self._by_name = models, by_name

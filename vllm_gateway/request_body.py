@@ -1,6 +1,9 @@
-"""Finding the model a request body addresses, without changing a byte of the body."""
+"""Finding the model a request body addresses, without changing a byte of the body; and, for the rare
+request that names a model by a name its server does not know, the body with that one value replaced."""
 
 from __future__ import annotations
+
+import re
 
 import orjson
 
@@ -97,6 +100,12 @@ def multipart_boundary(content_type: bytes) -> bytes | None:
 
 def form_field(body: bytes, boundary: bytes, name: bytes) -> bytes | None:
     """The raw value of the first part named `name`; None if the walk ends before one."""
+    span = form_field_span(body, boundary, name)
+    return None if span is None else body[span[0] : span[1]]
+
+
+def form_field_span(body: bytes, boundary: bytes, name: bytes) -> tuple[int, int] | None:
+    """Where the raw value of the first part named `name` starts and ends; None if the walk ends before one."""
     delimiter = b"\r\n--" + boundary
     # The first delimiter may open the body, without the CRLF that is part of every later one.
     if body.startswith(delimiter[2:]):
@@ -127,7 +136,7 @@ def form_field(body: bytes, boundary: bytes, name: bytes) -> bytes | None:
         except _Unparsable:
             return None
         if part_name == name:
-            return body[content_start:content_end]
+            return content_start, content_end
         position = content_end + len(delimiter)
     return None
 
@@ -204,6 +213,59 @@ def _parameters(value: bytes) -> dict[bytes, bytes]:
         params[key] = text
         position = semicolon
     return params
+
+
+# A JSON string (escapes included) or a bracket: in valid JSON nothing else opens or closes a level.
+# Possessive, so that a long string is matched in one step.
+_JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[{}\[\]]', re.DOTALL)
+# `model` spelt with an escape for each letter, and its quotes: longer tokens are never the key.
+MAX_KEY_BYTES = 5 * 6 + 2
+_STRING_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*("(?:[^"\\]++|\\.)*+")', re.DOTALL)
+
+
+def body_with_model(body: bytes, content_type: bytes, model: str) -> bytes:
+    """The body, already read by model_from_body, naming `model` instead: only the bytes of the
+    model's value change, so every other field reaches the backend exactly as the client wrote it (a
+    re-serialisation would, for one, turn an integer beyond 64 bits into a float)."""
+    if content_type.startswith(b"multipart/form-data"):
+        boundary = multipart_boundary(content_type)
+        span = form_field_span(body, boundary, b"model") if boundary is not None else None
+        value = model.encode()
+    else:
+        span = json_model_span(body)
+        value = orjson.dumps(model)
+    if span is None:  # not a body model_from_body accepted
+        return body
+    return body[: span[0]] + value + body[span[1] :]
+
+
+def json_model_span(body: bytes) -> tuple[int, int] | None:
+    """Where the string value of a JSON object's top-level `model` starts and ends (its last one,
+    which is the one JSON parsers keep), for a body orjson parsed: in valid JSON, counting brackets
+    outside strings tells the levels. Linear in the body, and one step per string or bracket; a large
+    body gets here in the body parser's helper process (body_parser.py)."""
+    found = None
+    depth = 0
+    for match in _JSON_STRING_OR_BRACKET.finditer(body):
+        start, end = match.span()
+        opening = body[start]
+        if opening == 0x22:  # '"': a key when at the top level and followed by a colon
+            if depth == 1 and end - start <= MAX_KEY_BYTES and _is_model_key(body[start:end]):
+                value = _STRING_VALUE.match(body, end)
+                if value is not None:
+                    found = value.span(1)
+        elif opening in b"{[":
+            depth += 1
+        else:
+            depth -= 1
+    return found
+
+
+def _is_model_key(token: bytes) -> bool:
+    """Whether a JSON string token says `model`, escapes such as `mod\\u0065l` included."""
+    if token == b'"model"':
+        return True
+    return b"\\" in token and orjson.loads(token) == "model"
 
 
 def require_model(model: object) -> str:

@@ -88,13 +88,25 @@ class SQLiteUsageStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._create()
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._connect()
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(SCHEMA)
         finally:
             connection.close()
+
+    def _recreated(self, error: sqlite3.OperationalError) -> bool:
+        """Whether the error was the file (or its table) gone, deleted while the gateway ran, and the
+        file is made again: SQLite answers an empty new file with `no such table`."""
+        if "no such table" not in str(error) and self.path.exists():
+            return False
+        log.warning("the usage ledger %s was gone (deleted?): it is made again and counting goes on", self.path)
+        self._create()
+        return True
 
     def _connect(self) -> sqlite3.Connection:
         # A connection per call: each is used by whichever thread flushes or reads, and opening one
@@ -105,6 +117,14 @@ class SQLiteUsageStore:
         return connection
 
     def add(self, batch: Batch) -> None:
+        try:
+            self._add(batch)
+        except sqlite3.OperationalError as error:
+            if not self._recreated(error):
+                raise
+            self._add(batch)  # the batch failed whole, so it goes whole into the new file
+
+    def _add(self, batch: Batch) -> None:
         connection = self._connect()
         try:
             connection.execute("BEGIN IMMEDIATE")
@@ -118,6 +138,14 @@ class SQLiteUsageStore:
             connection.close()
 
     def rows(self, start: int, end: int, key_ids: Sequence[str] = (), models: Sequence[str] = ()) -> list[UsageRow]:
+        try:
+            return self._rows(start, end, key_ids, models)
+        except sqlite3.OperationalError as error:
+            if not self._recreated(error):
+                raise
+            return self._rows(start, end, key_ids, models)
+
+    def _rows(self, start: int, end: int, key_ids: Sequence[str], models: Sequence[str]) -> list[UsageRow]:
         query = f"SELECT hour, key_id, model, {', '.join(FIELDS)} FROM usage WHERE hour >= ? AND hour < ?"
         parameters: list[object] = [start, end]
         for column, values in (("key_id", key_ids), ("model", models)):

@@ -16,7 +16,13 @@ BUCKET_SECONDS = {"1h": HOUR, "1d": 24 * HOUR}
 DEFAULT_BUCKETS = {"1h": 24, "1d": 7}
 MAX_BUCKETS = {"1h": 168, "1d": 31}
 GROUPS = ("api_key_id", "model")
-SPAN = re.compile(r"(\d+)([hdw])")
+# Query numbers are ASCII digits and nothing else: int() would also take a sign, spaces, underscores,
+# other scripts' digits, and raise (a 500) on a superscript or on more than 4,300 digits.
+WHOLE_NUMBER = re.compile(r"[0-9]{1,12}")
+# The last second of the year 9999: later than any query means, and a bound that keeps every figure
+# computed from a time well inside SQLite's 64-bit integers.
+MAX_UNIX_TIME = 253_402_300_799
+SPAN = re.compile(r"([0-9]{1,6})([hdw])")
 SPAN_SECONDS = {"h": HOUR, "d": 24 * HOUR, "w": 7 * 24 * HOUR}
 
 
@@ -39,7 +45,7 @@ def usage_page(store: UsageStore, query: UsageQuery, now: float | None = None) -
     for group in query.group_by:
         if group not in GROUPS:
             raise errors.bad_request(f"group_by takes {' and '.join(GROUPS)}, not {group!r}.", param="group_by")
-    limit = query.limit or DEFAULT_BUCKETS[query.bucket_width]
+    limit = query.limit if query.limit is not None else DEFAULT_BUCKETS[query.bucket_width]
     if not 1 <= limit <= MAX_BUCKETS[query.bucket_width]:
         raise errors.bad_request(
             f"limit must be 1 to {MAX_BUCKETS[query.bucket_width]} for bucket_width {query.bucket_width}.",
@@ -50,24 +56,35 @@ def usage_page(store: UsageStore, query: UsageQuery, now: float | None = None) -
         raise errors.bad_request("start_time must be before end_time, both unix seconds.", param="start_time")
     first = query.start_time // width * width
     if query.page is not None:
-        if not query.page.isdigit() or int(query.page) % width or not first <= int(query.page) < end:
+        cursor = int(query.page) if WHOLE_NUMBER.fullmatch(query.page) else None
+        if cursor is None or cursor % width or not first <= cursor < end:
             raise errors.bad_request("page is not a cursor this query gave.", param="page")
-        first = int(query.page)
-    starts = list(range(first, end, width))
-    page, rest = starts[:limit], starts[limit:]
-    rows = store.rows(page[0], page[-1] + width, query.api_key_ids, query.models)
-    buckets = []
-    for start in page:
-        in_bucket = [row for row in rows if start <= row.hour < start + width]
-        buckets.append(
-            {
-                "object": "bucket",
-                "start_time": start,
-                "end_time": start + width,
-                "results": results(in_bucket, query.group_by),
-            }
-        )
-    return {"object": "page", "data": buckets, "has_more": bool(rest), "next_page": str(rest[0]) if rest else None}
+        first = cursor
+    # This page's buckets only, however long the span: a page holds at most `limit` of them.
+    after = min(first + limit * width, end)
+    starts = range(first, after, width)
+    rows = store.rows(first, starts[-1] + width, query.api_key_ids, query.models)
+    by_bucket: dict[int, list[UsageRow]] = {}
+    for row in rows:
+        by_bucket.setdefault(row.hour // width * width, []).append(row)
+    buckets = [
+        {
+            "object": "bucket",
+            "start_time": start,
+            "end_time": start + width,
+            "results": results(by_bucket.get(start, []), query.group_by),
+        }
+        for start in starts
+    ]
+    more = after < end
+    return {"object": "page", "data": buckets, "has_more": more, "next_page": str(after) if more else None}
+
+
+def whole_number(name: str, text: str, maximum: int) -> int:
+    """A query parameter that must be a whole number from 0 to `maximum` (see WHOLE_NUMBER)."""
+    if WHOLE_NUMBER.fullmatch(text) is None or int(text) > maximum:
+        raise errors.bad_request(f"{name} must be a whole number from 0 to {maximum}.", param=name)
+    return int(text)
 
 
 def results(rows: Sequence[UsageRow], group_by: Sequence[str]) -> list[dict[str, object]]:

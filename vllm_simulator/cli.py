@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .app import create_app
 from .config import SimulatorConfig
-from .errors import ApiError
+from .errors import ERROR_SHAPES, ApiError
 from .faults import Faults
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` under /v1")
     faults = parser.add_argument_group("fault defaults (change at run time: /_simulator/faults)")
     faults.add_argument("--error-status", type=int, metavar="STATUS")
+    faults.add_argument("--error-shape", choices=ERROR_SHAPES, help="the shape of the --error-status answer")
     faults.add_argument("--slow-start", type=float, metavar="SECONDS")
     faults.add_argument("--crash-after-tokens", type=int, metavar="N")
     faults.add_argument("--exit-after-tokens", type=int, metavar="N")

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from aiohttp import web
 
-from .errors import ApiError, bad_request
+from .errors import ERROR_SHAPES, ApiError, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ class Faults:
     """Injected failures; each applies to every request it concerns until cleared."""
 
     error_status: int | None = None  # answer inference requests with this status
+    # ...in this shape (errors.ERROR_SHAPES): vLLM's OpenAI one by default, or one of those a server
+    # or a proxy in front of it answers in
+    error_shape: str | None = None
     slow_start: float | None = None  # extra seconds before the first token
     crash_after_tokens: int | None = None  # send N tokens, then close the connection
     exit_after_tokens: int | None = None  # send N tokens, then the whole process exits
@@ -45,6 +48,11 @@ class Faults:
         faults = cls()
         for name, value in data.items():
             if value is None:
+                continue
+            if name == "error_shape":
+                if value not in ERROR_SHAPES:
+                    raise bad_request(f"fault error_shape must be one of {list(ERROR_SHAPES)}", name)
+                faults.error_shape = value
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise bad_request(f"fault {name} must be a number >= 0", name)
@@ -65,7 +73,7 @@ class Faults:
 
     def raise_injected_error(self) -> None:
         if self.error_status is not None:
-            raise ApiError(self.error_status, "Simulated engine failure (injected fault).")
+            raise ApiError(self.error_status, "Simulated engine failure (injected fault).", shape=self.error_shape)
 
     def stop_after(self, n_tokens: int) -> int | None:
         """Number of tokens after which a crash or exit fault strikes, if one is set."""
