@@ -52,36 +52,61 @@ local function forget_key(m, k)
   redis.call('HDEL', q(m, 'weight'), k)
 end
 
+-- Turns of `w` each that a key with deficit `d` needs before it may send (admission.turns_to_send).
+local function turns_to_send(d, w)
+  local n = math.max(1, math.ceil((1 - d) / w))
+  if n > 1 and d + (n - 1) * w >= 1 then n = n - 1 end
+  if d + n * w < 1 then n = n + 1 end
+  return n
+end
+
+-- The keys take turns until one has a whole request to send, which becomes first; the turns are
+-- counted, not taken one by one, so no weight makes this loop (admission.ModelQueue.next_turn).
+-- Returns that key and its deficit.
+local function next_turn(m)
+  local turns, deficit, weight = q(m, 'turns'), q(m, 'deficit'), q(m, 'weight')
+  local first = redis.call('LINDEX', turns, 0)
+  local credit = tonumber(redis.call('HGET', deficit, first)) + tonumber(redis.call('HGET', weight, first))
+  if credit >= 1 then  -- the usual case: a weight of 1 or more
+    redis.call('HSET', deficit, first, credit)
+    return first, credit
+  end
+  local keys = redis.call('LRANGE', turns, 0, -1)
+  local d, w, rounds, winner = {}, {}, nil, 1
+  for i, k in ipairs(keys) do
+    d[i] = tonumber(redis.call('HGET', deficit, k))
+    w[i] = tonumber(redis.call('HGET', weight, k))
+    local n = turns_to_send(d[i], w[i])
+    if rounds == nil or n < rounds then rounds, winner = n, i end
+  end
+  for i, k in ipairs(keys) do
+    local n = rounds
+    if i > winner then n = rounds - 1 end
+    d[i] = d[i] + n * w[i]
+    redis.call('HSET', deficit, k, d[i])
+  end
+  for _ = 2, winner do redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
+  return keys[winner], d[winner]
+end
+
 -- The next ticket by deficit round robin (admission.ModelQueue.pop, step for step).
 local function pop(m)
   local turns = q(m, 'turns')
-  while true do
-    local k = redis.call('LINDEX', turns, 0)
-    if not k then return nil end
-    local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
-    local turn = true
-    if d < 1 then
-      d = d + tonumber(redis.call('HGET', q(m, 'weight'), k))
-      if d < 1 then  -- a weight below 1 adds up over several turns
-        redis.call('HSET', q(m, 'deficit'), k, d)
-        redis.call('RPUSH', turns, redis.call('LPOP', turns))
-        turn = false
-      end
-    end
-    if turn then
-      d = d - 1
-      local line = q(m, 'key:' .. k)
-      local ticket = redis.call('LPOP', line)
-      redis.call('DECR', q(m, 'size'))
-      if redis.call('LLEN', line) == 0 then
-        forget_key(m, k)  -- a key that stops waiting keeps no credit
-      else
-        redis.call('HSET', q(m, 'deficit'), k, d)
-        if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
-      end
-      return ticket
-    end
+  local k = redis.call('LINDEX', turns, 0)
+  if not k then return nil end
+  local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
+  if d < 1 then k, d = next_turn(m) end
+  d = d - 1
+  local line = q(m, 'key:' .. k)
+  local ticket = redis.call('LPOP', line)
+  redis.call('DECR', q(m, 'size'))
+  if redis.call('LLEN', line) == 0 then
+    forget_key(m, k)  -- a key that stops waiting keeps no credit
+  else
+    redis.call('HSET', q(m, 'deficit'), k, d)
+    if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
   end
+  return ticket
 end
 
 -- Room to tickets, in turn, each recorded in its worker's granted hash. The caller's own ticket
