@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -35,8 +37,10 @@ def sim(tmp_path: Path):
         yield simulator
 
 
-def start_two_workers(tmp_path: Path, sim: Simulator, redis_url: str, **capacity: str) -> Gateway:
-    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
+def start_two_workers(
+    tmp_path: Path, sim: Simulator, redis_url: str, env: dict[str, str] | None = None, **capacity: str
+) -> Gateway:
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, **(env or {})}
     return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
 
 
@@ -182,3 +186,73 @@ def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_b
     # The blocker and the two after it; none of the four that left.
     assert stats["requests"][CHAT] == 3
     assert stats["peak_running"] == 1
+
+
+def admission_figure(store: redis.Redis, suffix: str, field: str | None = None) -> int:
+    """One of admission's counts as Redis holds it (`q:sim:size`, `inflight:sim` with `total`)."""
+    total = 0
+    for name in store.scan_iter(f"vllm_gateway:admission:*:{suffix}"):
+        total += int((store.hget(name, field) if field else store.get(name)) or 0)
+    return total
+
+
+def worker_serving(gw: Gateway, client: socket.socket) -> int:
+    """The pid of the worker that accepted `client`'s connection (from /proc: the socket whose peer
+    is the client's port, and the process that holds it)."""
+    port = client.getsockname()[1]
+
+    def holder() -> int:
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if int(local[1], 16) == gw.port and int(remote[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+        for pid in gw.handle.tree():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) in inodes:
+                            return pid
+        return 0
+
+    return int(wait_until(holder, timeout=10))
+
+
+def test_a_killed_workers_slot_goes_at_once_to_a_request_waiting_on_the_other(
+    tmp_path: Path, sim: Simulator, redis_url: str
+) -> None:
+    """kill -9 of the worker relaying a long stream: once it is taken for dead (its heartbeat key
+    expires, 10 s), its slot goes to the request waiting on the other worker, without waiting for
+    another request to end (none would, here, before the queue timeout)."""
+    env = {"GATEWAY_QUEUE_TIMEOUT": "120"}
+    with start_two_workers(tmp_path, sim, redis_url, env, max_num_seqs="1") as gw:
+        store = redis.Redis.from_url(redis_url, socket_timeout=5)
+        opened: list[socket.socket] = []
+        try:
+            blocker = socket.create_connection(("127.0.0.1", gw.port))
+            opened.append(blocker)
+            blocker.sendall(raw_post(gw.key, chat(2000)))  # a stream of 100 s
+            wait_until(lambda: sim.stats()["running"] == 1)
+            doomed = worker_serving(gw, blocker)
+            # Requests on connections of their own, until one waits on the other worker.
+            waiting = None
+            for count in range(1, 21):
+                client = socket.create_connection(("127.0.0.1", gw.port))
+                opened.append(client)
+                client.sendall(raw_post(gw.key, chat(2, stream=False)))
+                wait_until(lambda count=count: admission_figure(store, "q:sim:size") == count)
+                if worker_serving(gw, client) != doomed:
+                    waiting = client
+                    break
+            assert waiting is not None, "the kernel gave every connection to one worker"
+
+            os.kill(doomed, signal.SIGKILL)
+            waiting.settimeout(40)  # the reap takes 10 s; the stream had 100 s to go, the queue 120 s
+            status, _, body = Reader(waiting).response()
+        finally:
+            for client in opened:
+                client.close()
+
+    assert status == 200
+    assert json.loads(body)["usage"]["completion_tokens"] == 2

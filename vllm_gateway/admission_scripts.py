@@ -146,32 +146,40 @@ local function answer(...)
   return reply
 end
 
--- Workers whose alive key expired: their slots go back, their grants and tickets are dropped.
-local function reap()
-  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
-    if not alive(w) then
-      for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
-        local h = P .. ':inflight:' .. backend
-        local n = tonumber(redis.call('HGET', h, w) or '0')
-        if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
-        redis.call('HDEL', h, w)
-      end
-      redis.call('DEL', P .. ':granted:' .. w)
-      redis.call('SREM', P .. ':workers', w)
-      for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
-        for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
-          local line = q(m, 'key:' .. k)
-          for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
-            if worker_of(ticket) == w then
-              redis.call('LREM', line, 1, ticket)
-              redis.call('DECR', q(m, 'size'))
-            end
-          end
-          if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+-- What Redis holds of worker `w`: its slots go back, its grants and tickets are dropped.
+local function forget(w)
+  for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
+    local h = P .. ':inflight:' .. backend
+    local n = tonumber(redis.call('HGET', h, w) or '0')
+    if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
+    redis.call('HDEL', h, w)
+  end
+  redis.call('DEL', P .. ':granted:' .. w)
+  redis.call('SREM', P .. ':workers', w)
+  for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
+    for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
+      local line = q(m, 'key:' .. k)
+      for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
+        if worker_of(ticket) == w then
+          redis.call('LREM', line, 1, ticket)
+          redis.call('DECR', q(m, 'size'))
         end
       end
+      if redis.call('LLEN', line) == 0 then forget_key(m, k) end
     end
   end
+end
+
+-- Workers whose alive key expired are forgotten; true when there was one (its slots are free now).
+local function reap()
+  local reaped = false
+  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+    if not alive(w) then
+      forget(w)
+      reaped = true
+    end
+  end
+  return reaped
 end
 """
 
@@ -233,12 +241,13 @@ dispatch(ARGV[2], 4, nil, ARGV[3])
 return answer(1)
 """,
     # ARGV: prefix, worker, seconds to live, models: this worker lives on, the dead are reaped, and
-    # the answer is each model's waiting requests over all workers.
+    # the answer is whether one was (its slots are free now: the caller hands them out), then each
+    # model's waiting requests over all workers.
     "heartbeat": """
 redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
 redis.call('SADD', P .. ':workers', ARGV[2])
-reap()
-local sizes = {}
+local sizes = {0}
+if reap() then sizes[1] = 1 end
 for i = 4, #ARGV do sizes[#sizes + 1] = tonumber(redis.call('GET', q(ARGV[i], 'size')) or '0') end
 return sizes
 """,

@@ -15,8 +15,8 @@ dropped connection is found again (on resubscribing, or when the request gives u
 `worker|sequence`.
 
 Workers announce themselves with a key that expires (HEARTBEAT_TTL). A worker that died without
-releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends and its
-tickets leave the queues.
+releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends, its tickets
+leave the queues, and the slots go at once to the requests that wait.
 
 Cost: one script (one round trip to Redis) when a request is admitted and one when it ends
 (docs/performance.md, "Admission across workers"). A release that Redis does not take (the
@@ -113,8 +113,13 @@ class SharedAdmission(Admission):
 
     async def heartbeat(self) -> None:
         models = list(self.registry.models)
-        sizes = await self.scripts.run("heartbeat", [self.prefix, self.worker, HEARTBEAT_TTL, *models])
-        self.totals = {model: int(size) for model, size in zip(models, sizes, strict=False)}
+        reply = await self.scripts.run("heartbeat", [self.prefix, self.worker, HEARTBEAT_TTL, *models])
+        self.totals = {model: int(size) for model, size in zip(models, reply[1:], strict=False)}
+        if reply[0]:
+            log.warning(
+                "admission: a worker stopped beating for %d s; its slots go to the waiting requests", HEARTBEAT_TTL
+            )
+            self.spawn(self.dispatch_all())
 
     async def listen(self, pubsub: Any) -> None:
         """Tickets other workers handed to this one's waiting requests."""
@@ -302,9 +307,13 @@ class SharedAdmission(Admission):
                 future.set_exception(errors.model_unavailable(model.name, state.value, retry_after))
             elif current is not None and current is not model:
                 self.waiters[ticket] = (current, future)
+        self.spawn(self.dispatch_all())
+
+    async def dispatch_all(self) -> None:
+        """Hand out whatever room Redis sees for every model with a ready server."""
         for model in self.registry.models.values():
             if model.pick() is not None:
-                self.spawn(self.run("dispatch", model.name, self.worker))
+                await self.run("dispatch", model.name, self.worker)
 
     async def run(self, script: str, model_name: str, *args: str) -> None:
         """A script that hands out room as it goes (cancel, dispatch), with the model's servers now."""
