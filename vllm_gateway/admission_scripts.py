@@ -251,6 +251,26 @@ if reap() then sizes[1] = 1 end
 for i = 4, #ARGV do sizes[#sizes + 1] = tonumber(redis.call('GET', q(ARGV[i], 'size')) or '0') end
 return sizes
 """,
+    # ARGV: prefix, worker, seconds to live, then (server, requests) pairs: a worker's first script on
+    # a new connection. What Redis knew of it is replaced by what it holds: Redis may have restarted
+    # empty, or been told of commands whose answers the old connection lost, or have reaped the
+    # worker while it could not beat. Its tickets leave the queues (its waiting requests were
+    # answered when the connection dropped).
+    "join": """
+forget(ARGV[2])
+for i = 4, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  if n > 0 then
+    local h = P .. ':inflight:' .. ARGV[i]
+    redis.call('HINCRBY', h, 'total', n)
+    redis.call('HSET', h, ARGV[2], n)
+    redis.call('SADD', P .. ':backends', ARGV[i])
+  end
+end
+redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
+redis.call('SADD', P .. ':workers', ARGV[2])
+return 1
+""",
     # ARGV: prefix. A worker that leaves deletes its alive key first.
     "reap": """
 reap()
