@@ -223,3 +223,15 @@ def test_without_redis_a_request_gets_503_store_unavailable_and_holds_nothing(tm
     assert (refused.status, refused.code) == (503, "store_unavailable")
     assert refused.headers == [(b"retry-after", b"1")]
     assert in_flight == 0
+
+
+def test_scripts_that_redis_forgot_are_loaded_again_without_refusing_a_request(run_with_workers) -> None:  # type: ignore[no-untyped-def]
+    run_with_workers(scripts_flushed)
+
+
+async def scripts_flushed(workers: Workers) -> None:
+    first, _ = workers
+    await first.redis.script_flush()  # as an operator's SCRIPT FLUSH, on the same connection's Redis
+    backend, waited = await asyncio.wait_for(first.acquire(model_of(first), key("A", 1)), 5)
+    assert backend is not None and waited == 0.0
+    first.release(backend)
