@@ -342,6 +342,77 @@ def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_p
         assert row[rate_limit + 2 : rate_limit + 4] == ["2.5", "7"]
 
 
+def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path, sim: Simulator) -> None:
+    with start_gateway(tmp_path, sim) as gw:
+        with gw.http(gw.admin_key) as admin:
+            tiny = admin.post("/admin/keys", json={"name": "tiny", "weight": 1e-300})
+            lowest = admin.post("/admin/keys", json={"name": "lowest", "weight": 0.01})
+            huge = admin.patch(f"/admin/keys/{lowest.json()['id']}", json={"weight": 1001})
+        cli_create = gw.cli("keys", "create", "--name", "tiny", "--weight", "0.001", check=False)
+        cli_update = gw.cli("keys", "update", "lowest", "--weight", "1e-7", check=False)
+        cli_word = gw.cli("keys", "update", "lowest", "--weight", "heavy", check=False)
+        names = [record["name"] for record in json.loads(gw.cli("keys", "list", "--json").stdout)]
+
+    assert tiny.status_code == 400
+    error = tiny.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "weight", "invalid_request")
+    assert "0.01" in error["message"]
+    assert (lowest.status_code, lowest.json()["weight"]) == (201, 0.01)
+    assert huge.status_code == 400 and "1000" in huge.json()["error"]["message"]
+    assert (cli_create.returncode, cli_create.stderr) == (
+        1,
+        "vllm_api_server: weight must be a number from 0.01 to 1000, not 0.001\n",
+    )
+    assert (cli_update.returncode, cli_update.stderr) == (
+        1,
+        "vllm_api_server: weight must be a number from 0.01 to 1000, not 1e-07\n",
+    )
+    assert (cli_word.returncode, cli_word.stderr) == (
+        1,
+        "vllm_api_server: --weight takes a number or 'default', not 'heavy'\n",
+    )
+    assert sorted(names) == ["lowest", "test-admin", "test-user"]
+
+
+def test_a_key_file_weight_below_the_minimum_counts_as_the_minimum_and_never_stalls_admission(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    """A key file written before the minimum may hold any positive weight; 1e-300 once spun the
+    worker's loop for ever as soon as that key alone waited (/health unanswered)."""
+    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+        made = gw.create_key("--name", "tiny", "--weight", "0.5")
+        key_file = Path(gw.env["GATEWAY_KEY_FILE"])
+        content = json.loads(key_file.read_text())
+        for record in content["keys"]:
+            if record["id"] == made["id"]:
+                record["weight"] = 1e-300
+        key_file.write_text(json.dumps(content))
+        wait_until(lambda: "key file reloaded" in gw.log_text(settle=0))
+        tiny = str(made["key"])
+
+        async def scenario() -> tuple[httpx.Response, dict[str, object]]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+                blocker = asyncio.create_task(stream_through(client, gw.key, 1000))  # holds the one slot
+                while in_flight(gw) < 1:
+                    await asyncio.sleep(0.05)
+                queued = asyncio.create_task(
+                    client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {tiny}"})
+                )
+                while gw.waiting() < 1:
+                    await asyncio.sleep(0.05)
+                blocker.cancel()  # the slot goes to the one key waiting, whose weight is tiny
+                answer = await queued
+                health = (await client.get("/health")).json()
+                return answer, health
+
+        answer, health = asyncio.run(scenario())
+        listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
+
+    assert answer.status_code == 200
+    assert health["status"] == "ok"
+    assert listed["tiny"]["weight"] == 0.01
+
+
 def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, sim: Simulator) -> None:
     from tests.support.gateway import Reader
     from tests.support.processes import parse_metrics

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +20,9 @@ import httpx
 import pytest
 import redis
 
-from tests.support.gateway import Backend, Gateway, raw_post
+from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until
+from tests.support.redis_server import Redis
 
 CHAT = "/v1/chat/completions"
 
@@ -35,8 +38,10 @@ def sim(tmp_path: Path):
         yield simulator
 
 
-def start_two_workers(tmp_path: Path, sim: Simulator, redis_url: str, **capacity: str) -> Gateway:
-    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
+def start_two_workers(
+    tmp_path: Path, sim: Simulator, redis_url: str, env: dict[str, str] | None = None, **capacity: str
+) -> Gateway:
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, **(env or {})}
     return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
 
 
@@ -182,3 +187,191 @@ def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_b
     # The blocker and the two after it; none of the four that left.
     assert stats["requests"][CHAT] == 3
     assert stats["peak_running"] == 1
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path):
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def admission_figure(store: redis.Redis, suffix: str, field: str | None = None) -> int:
+    """One of admission's counts as Redis holds it (`q:sim:size`, `inflight:sim` with `total`)."""
+    total = 0
+    for name in store.scan_iter(f"vllm_gateway:admission:*:{suffix}"):
+        total += int((store.hget(name, field) if field else store.get(name)) or 0)
+    return total
+
+
+async def post(gw: Gateway, body: dict[str, object], timeout: float = 60) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gw.url, timeout=timeout) as client:
+        return await client.post(CHAT, json=body, headers={"Authorization": f"Bearer {gw.key}"})
+
+
+async def until_true(check: Callable[[], bool], timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("never came true")
+
+
+def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_back_all_is_as_before(
+    tmp_path: Path, sim: Simulator, restartable_redis: Redis
+) -> None:
+    """Redis restarts empty under a running gateway: a request that waits, and any request while it is
+    away, gets 503 store_unavailable at once; once it is back, the slot of a stream that went on
+    throughout is counted again, and no request fails on a connection from before the restart."""
+    env = {"GATEWAY_QUEUE_TIMEOUT": "120"}
+    with start_two_workers(tmp_path, sim, restartable_redis.url, env, max_num_seqs="1") as gw:
+        store = redis.Redis.from_url(restartable_redis.url, socket_timeout=5)
+
+        def queued() -> int:
+            return admission_figure(store, "q:sim:size")
+
+        async def burst(count: int) -> list[httpx.Response]:
+            return await asyncio.gather(*(post(gw, chat(2, stream=False)) for _ in range(count)))
+
+        async def scenario() -> dict[str, object]:
+            before = await burst(30)  # both workers' connections to Redis, many of them
+            blocker = asyncio.create_task(stream_through(gw, gw.key, 2000))  # holds the one slot throughout
+            await until_true(lambda: sim.stats()["running"] == 1)
+            waiting = asyncio.create_task(post(gw, chat(2, stream=False), timeout=30))
+            await until_true(lambda: queued() == 1)
+
+            restartable_redis.stop()
+            dropped = await waiting  # long before the queue timeout of 120 s
+            while_away = await burst(6)
+            restartable_redis.start()  # empty: no counts, no queue, no scripts
+
+            # The blocker's worker tells the new Redis of the slot it holds.
+            await until_true(lambda: admission_figure(store, "inflight:sim", "total") == 1)
+            after = asyncio.create_task(post(gw, chat(2, stream=False)))
+            await until_true(lambda: queued() == 1)  # so it waits: the slot is taken
+            blocker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await blocker
+            return {
+                "before": before,
+                "dropped": dropped,
+                "while_away": while_away,
+                "after": await after,
+                "then": await burst(40),
+            }
+
+        result = asyncio.run(scenario())
+        stats = sim.stats()
+
+    assert [response.status_code for response in result["before"]] == [200] * 30  # type: ignore[attr-defined]
+    for refused in [result["dropped"], *result["while_away"]]:  # type: ignore[list-item]
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "store_unavailable")
+        assert "Redis" in error["message"]
+    assert "place in the queue" in result["dropped"].json()["error"]["message"]  # type: ignore[attr-defined]
+    assert result["after"].status_code == 200  # type: ignore[attr-defined]
+    assert [response.status_code for response in result["then"]] == [200] * 40  # type: ignore[attr-defined]
+    assert stats["peak_running"] == 1
+
+
+def test_a_redis_that_stops_answering_gets_503_store_unavailable_within_the_redis_timeout(
+    tmp_path: Path, sim: Simulator, restartable_redis: Redis
+) -> None:
+    """A Redis that accepts connections and answers nothing (paused here; a lost network alike):
+    requests, and one that waits, get 503 store_unavailable after GATEWAY_REDIS_TIMEOUT, not never."""
+    env = {"GATEWAY_QUEUE_TIMEOUT": "120", "GATEWAY_REDIS_TIMEOUT": "1"}
+    with start_two_workers(tmp_path, sim, restartable_redis.url, env, max_num_seqs="1") as gw:
+        store = redis.Redis.from_url(restartable_redis.url, socket_timeout=5)
+
+        async def scenario() -> tuple[httpx.Response, list[httpx.Response], list[httpx.Response]]:
+            blocker = asyncio.create_task(stream_through(gw, gw.key, 2000))  # holds the one slot
+            await until_true(lambda: sim.stats()["running"] == 1)
+            waiting = asyncio.create_task(post(gw, chat(2, stream=False), timeout=30))
+            await until_true(lambda: admission_figure(store, "q:sim:size") == 1)
+            restartable_redis.pause()
+            try:
+                dropped = await waiting
+                silent = await asyncio.gather(*(post(gw, chat(2, stream=False), timeout=30) for _ in range(4)))
+            finally:
+                restartable_redis.resume()
+            blocker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await blocker
+            await until_true(lambda: sim.stats()["running"] == 0)
+            back = await asyncio.gather(*(post(gw, chat(2, stream=False)) for _ in range(10)))
+            return dropped, silent, back
+
+        dropped, silent, back = asyncio.run(scenario())
+        stats = sim.stats()
+
+    for refused in [dropped, *silent]:
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "store_unavailable"
+    assert [response.status_code for response in back] == [200] * 10
+    assert stats["peak_running"] == 1
+
+
+def worker_serving(gw: Gateway, client: socket.socket) -> int:
+    """The pid of the worker that accepted `client`'s connection (from /proc: the socket whose peer
+    is the client's port, and the process that holds it)."""
+    port = client.getsockname()[1]
+
+    def holder() -> int:
+        inodes = set()
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1].split(":"), fields[2].split(":")
+            if int(local[1], 16) == gw.port and int(remote[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+        for pid in gw.handle.tree():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) in inodes:
+                            return pid
+        return 0
+
+    return int(wait_until(holder, timeout=10))
+
+
+def test_a_killed_workers_slot_goes_at_once_to_a_request_waiting_on_the_other(
+    tmp_path: Path, sim: Simulator, redis_url: str
+) -> None:
+    """kill -9 of the worker relaying a long stream: once it is taken for dead (its heartbeat key
+    expires, 10 s), its slot goes to the request waiting on the other worker, without waiting for
+    another request to end (none would, here, before the queue timeout)."""
+    env = {"GATEWAY_QUEUE_TIMEOUT": "120"}
+    with start_two_workers(tmp_path, sim, redis_url, env, max_num_seqs="1") as gw:
+        store = redis.Redis.from_url(redis_url, socket_timeout=5)
+        opened: list[socket.socket] = []
+        try:
+            blocker = socket.create_connection(("127.0.0.1", gw.port))
+            opened.append(blocker)
+            blocker.sendall(raw_post(gw.key, chat(2000)))  # a stream of 100 s
+            wait_until(lambda: sim.stats()["running"] == 1)
+            doomed = worker_serving(gw, blocker)
+            # Requests on connections of their own, until one waits on the other worker.
+            waiting = None
+            for count in range(1, 21):
+                client = socket.create_connection(("127.0.0.1", gw.port))
+                opened.append(client)
+                client.sendall(raw_post(gw.key, chat(2, stream=False)))
+                wait_until(lambda count=count: admission_figure(store, "q:sim:size") == count)
+                if worker_serving(gw, client) != doomed:
+                    waiting = client
+                    break
+            assert waiting is not None, "the kernel gave every connection to one worker"
+
+            os.kill(doomed, signal.SIGKILL)
+            waiting.settimeout(40)  # the reap takes 10 s; the stream had 100 s to go, the queue 120 s
+            status, _, body = Reader(waiting).response()
+        finally:
+            for client in opened:
+                client.close()
+
+    assert status == 200
+    assert json.loads(body)["usage"]["completion_tokens"] == 2

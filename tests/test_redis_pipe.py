@@ -1,10 +1,11 @@
 """The small Redis client admission's scripts use (redis_pipe.py): replies read whole however they
-arrive, matched to their commands in order, errors kept to their command, and scripts loaded again
-when Redis forgot them."""
+arrive, matched to their commands in order, errors kept to their command, scripts loaded again
+when Redis forgot them, and each new connection prepared before anything else goes over it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,29 @@ def test_after_redis_restarts_the_next_call_reconnects_and_loads_its_script_agai
     assert before == 42
     assert isinstance(down, RedisConnectionError)
     assert after == 10
+
+
+def test_each_new_connection_is_prepared_before_any_other_command_and_a_dropped_one_is_told(redis: Redis) -> None:
+    async def scenario() -> tuple[object, object, list[str], int]:
+        told: list[str] = []
+
+        async def prepare(call: Callable[..., Awaitable[object]]) -> None:
+            await call("SET", "prepared", "yes")  # what a restarted Redis lacks, before anything else
+
+        pipe = RedisPipe(redis.url, prepare=prepare, lost=lambda: told.append("lost"))
+        before = await pipe.call("GET", "prepared")
+        redis.stop()
+        for _ in range(100):
+            if told:
+                break
+            await asyncio.sleep(0.05)
+        redis.start()  # empty
+        after = await pipe.call("GET", "prepared")
+        pipe.close()  # closed on purpose: not a loss
+        await asyncio.sleep(0.1)
+        return before, after, told, pipe.generation
+
+    before, after, told, connections = asyncio.run(scenario())
+    assert before == after == b"yes"
+    assert told == ["lost"]
+    assert connections == 2

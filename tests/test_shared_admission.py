@@ -84,14 +84,23 @@ def one_workers_order(queued: list[tuple[str, float]]) -> list[str]:
     return order
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_turns_across_workers_are_one_workers_deficit_round_robin(run_with_workers, seed: int) -> None:  # type: ignore[no-untyped-def]
-    run_with_workers(lambda workers: turns_across_workers(workers, seed))
+WHOLE_WEIGHTS = (0.5, 1.0, 2.0, 3.0)
+# Weights far below one, which need many turns to send a request (counted, not taken: next_turn).
+SMALL_WEIGHTS = (0.01, 0.07, 0.3, 1.3)
 
 
-async def turns_across_workers(workers: Workers, seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "weights"), [(1, WHOLE_WEIGHTS), (2, WHOLE_WEIGHTS), (3, SMALL_WEIGHTS), (4, SMALL_WEIGHTS)]
+)
+def test_the_turns_across_workers_are_one_workers_deficit_round_robin(  # type: ignore[no-untyped-def]
+    run_with_workers, seed: int, weights: tuple[float, ...]
+) -> None:
+    run_with_workers(lambda workers: turns_across_workers(workers, seed, weights))
+
+
+async def turns_across_workers(workers: Workers, seed: int, weights: tuple[float, ...]) -> None:
     rng = random.Random(seed)
-    keys = [key(name, rng.choice([0.5, 1.0, 2.0, 3.0])) for name in "ABCD"]
+    keys = [key(name, rng.choice(weights)) for name in "ABCD"]
     queued = [(rng.choice(keys), rng.choice(workers)) for _ in range(30)]
     holder = workers[0]
     slot, _ = await holder.acquire(model_of(holder), keys[0])
@@ -114,6 +123,27 @@ async def turns_across_workers(workers: Workers, seed: int) -> None:
     await asyncio.wait_for(asyncio.gather(*tasks), 20)
 
     assert order == one_workers_order([(record.name, record.weight or 1.0) for record, _ in queued])
+
+
+def test_a_tiny_weight_never_keeps_redis_busy(redis_url: str, tmp_path: Path) -> None:
+    """A weight below the minimum (as a key file written before it may hold) admits its request
+    at once when that key alone waits; turn by turn, the script would run for ever inside Redis."""
+    import redis
+
+    async def scenario() -> None:
+        async with two_workers(redis_url, tmp_path) as (holder, waiting_on):
+            tiny = key("T", 1.0).model_copy(update={"weight": 1e-300})  # past the key record's minimum
+            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
+            assert slot is not None
+            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), tiny))
+            await until(lambda: waiting_on.waiting("m") == 1)
+            holder.release(slot)  # Redis's dispatch hands the slot to T, whose credit is 1e-300 a turn
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            assert redis.Redis.from_url(redis_url, socket_timeout=2).ping()
+            waiting_on.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))  # a Redis stuck in a script would hang the cleanup
 
 
 def test_a_dead_workers_slots_and_tickets_are_reaped(run_with_workers) -> None:  # type: ignore[no-untyped-def]
@@ -193,3 +223,15 @@ def test_without_redis_a_request_gets_503_store_unavailable_and_holds_nothing(tm
     assert (refused.status, refused.code) == (503, "store_unavailable")
     assert refused.headers == [(b"retry-after", b"1")]
     assert in_flight == 0
+
+
+def test_scripts_that_redis_forgot_are_loaded_again_without_refusing_a_request(run_with_workers) -> None:  # type: ignore[no-untyped-def]
+    run_with_workers(scripts_flushed)
+
+
+async def scripts_flushed(workers: Workers) -> None:
+    first, _ = workers
+    await first.redis.script_flush()  # as an operator's SCRIPT FLUSH, on the same connection's Redis
+    backend, waited = await asyncio.wait_for(first.acquire(model_of(first), key("A", 1)), 5)
+    assert backend is not None and waited == 0.0
+    first.release(backend)

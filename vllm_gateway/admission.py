@@ -29,6 +29,7 @@ keeps them in Redis instead, for the gateway as a whole.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -80,23 +81,41 @@ class ModelQueue:
 
     def pop(self) -> Waiter | None:
         """The next waiter by deficit round robin: a key's turn gives it `weight` more requests."""
-        while self.turns:
-            key_id = self.turns[0]
-            if self.deficit[key_id] < 1:
-                self.deficit[key_id] += self.weight[key_id]  # a new turn
-                if self.deficit[key_id] < 1:
-                    self.turns.rotate(-1)  # a weight below 1 adds up over several turns
-                    continue
-            self.deficit[key_id] -= 1
-            waiting = self.by_key[key_id]
-            waiter = waiting.popleft()
-            self.size -= 1
-            if not waiting:
-                self._drop(key_id)  # a key that stops waiting keeps no credit, as in DRR
-            elif self.deficit[key_id] < 1:
-                self.turns.rotate(-1)  # its turn is over
-            return waiter
-        return None
+        if not self.turns:
+            return None
+        key_id = self.turns[0]
+        if self.deficit[key_id] < 1:
+            key_id = self.next_turn()
+        self.deficit[key_id] -= 1
+        waiting = self.by_key[key_id]
+        waiter = waiting.popleft()
+        self.size -= 1
+        if not waiting:
+            self._drop(key_id)  # a key that stops waiting keeps no credit, as in DRR
+        elif self.deficit[key_id] < 1:
+            self.turns.rotate(-1)  # its turn is over
+        return waiter
+
+    def next_turn(self) -> str:
+        """Give the keys their turns, in order, until one has a whole request to send, and make it
+        first; returns it. A key whose credit stays below 1 passes its turn on, so weights below 1
+        add up over several turns; those turns are counted here, not taken one by one, so that no
+        weight, however small, makes this loop (1e-7 alone would take ten million turns)."""
+        first = self.turns[0]
+        credit = self.deficit[first] + self.weight[first]
+        if credit >= 1:  # the usual case: a weight of 1 or more
+            self.deficit[first] = credit
+            return first
+        keys = list(self.turns)
+        needed = [turns_to_send(self.deficit[key_id], self.weight[key_id]) for key_id in keys]
+        rounds = min(needed)
+        winner = needed.index(rounds)  # the first in turn of those that need the fewest turns
+        # Those before the winner in this round had `rounds` turns, those after it one fewer.
+        for position, key_id in enumerate(keys):
+            turns = rounds if position <= winner else rounds - 1
+            self.deficit[key_id] = self.deficit[key_id] + turns * self.weight[key_id]
+        self.turns.rotate(-winner)
+        return keys[winner]
 
     def drain(self) -> list[Waiter]:
         waiters = [waiter for waiting in self.by_key.values() for waiter in waiting]
@@ -112,6 +131,18 @@ class ModelQueue:
         self.turns.remove(key_id)
         del self.deficit[key_id]
         del self.weight[key_id]
+
+
+def turns_to_send(deficit: float, weight: float) -> int:
+    """How many turns, of `weight` each, a key with `deficit` needs before it may send a request
+    (at least one). Counted in floating point exactly as the turns add up, so that the Lua copy of
+    this (admission_scripts.py) finds the same number."""
+    turns = max(1, math.ceil((1 - deficit) / weight))
+    if turns > 1 and deficit + (turns - 1) * weight >= 1:
+        turns -= 1
+    if deficit + turns * weight < 1:
+        turns += 1
+    return turns
 
 
 class Admission:

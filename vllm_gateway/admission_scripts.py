@@ -52,36 +52,61 @@ local function forget_key(m, k)
   redis.call('HDEL', q(m, 'weight'), k)
 end
 
+-- Turns of `w` each that a key with deficit `d` needs before it may send (admission.turns_to_send).
+local function turns_to_send(d, w)
+  local n = math.max(1, math.ceil((1 - d) / w))
+  if n > 1 and d + (n - 1) * w >= 1 then n = n - 1 end
+  if d + n * w < 1 then n = n + 1 end
+  return n
+end
+
+-- The keys take turns until one has a whole request to send, which becomes first; the turns are
+-- counted, not taken one by one, so no weight makes this loop (admission.ModelQueue.next_turn).
+-- Returns that key and its deficit.
+local function next_turn(m)
+  local turns, deficit, weight = q(m, 'turns'), q(m, 'deficit'), q(m, 'weight')
+  local first = redis.call('LINDEX', turns, 0)
+  local credit = tonumber(redis.call('HGET', deficit, first)) + tonumber(redis.call('HGET', weight, first))
+  if credit >= 1 then  -- the usual case: a weight of 1 or more
+    redis.call('HSET', deficit, first, credit)
+    return first, credit
+  end
+  local keys = redis.call('LRANGE', turns, 0, -1)
+  local d, w, rounds, winner = {}, {}, nil, 1
+  for i, k in ipairs(keys) do
+    d[i] = tonumber(redis.call('HGET', deficit, k))
+    w[i] = tonumber(redis.call('HGET', weight, k))
+    local n = turns_to_send(d[i], w[i])
+    if rounds == nil or n < rounds then rounds, winner = n, i end
+  end
+  for i, k in ipairs(keys) do
+    local n = rounds
+    if i > winner then n = rounds - 1 end
+    d[i] = d[i] + n * w[i]
+    redis.call('HSET', deficit, k, d[i])
+  end
+  for _ = 2, winner do redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
+  return keys[winner], d[winner]
+end
+
 -- The next ticket by deficit round robin (admission.ModelQueue.pop, step for step).
 local function pop(m)
   local turns = q(m, 'turns')
-  while true do
-    local k = redis.call('LINDEX', turns, 0)
-    if not k then return nil end
-    local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
-    local turn = true
-    if d < 1 then
-      d = d + tonumber(redis.call('HGET', q(m, 'weight'), k))
-      if d < 1 then  -- a weight below 1 adds up over several turns
-        redis.call('HSET', q(m, 'deficit'), k, d)
-        redis.call('RPUSH', turns, redis.call('LPOP', turns))
-        turn = false
-      end
-    end
-    if turn then
-      d = d - 1
-      local line = q(m, 'key:' .. k)
-      local ticket = redis.call('LPOP', line)
-      redis.call('DECR', q(m, 'size'))
-      if redis.call('LLEN', line) == 0 then
-        forget_key(m, k)  -- a key that stops waiting keeps no credit
-      else
-        redis.call('HSET', q(m, 'deficit'), k, d)
-        if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
-      end
-      return ticket
-    end
+  local k = redis.call('LINDEX', turns, 0)
+  if not k then return nil end
+  local d = tonumber(redis.call('HGET', q(m, 'deficit'), k))
+  if d < 1 then k, d = next_turn(m) end
+  d = d - 1
+  local line = q(m, 'key:' .. k)
+  local ticket = redis.call('LPOP', line)
+  redis.call('DECR', q(m, 'size'))
+  if redis.call('LLEN', line) == 0 then
+    forget_key(m, k)  -- a key that stops waiting keeps no credit
+  else
+    redis.call('HSET', q(m, 'deficit'), k, d)
+    if d < 1 then redis.call('RPUSH', turns, redis.call('LPOP', turns)) end
   end
+  return ticket
 end
 
 -- Room to tickets, in turn, each recorded in its worker's granted hash. The caller's own ticket
@@ -121,32 +146,40 @@ local function answer(...)
   return reply
 end
 
--- Workers whose alive key expired: their slots go back, their grants and tickets are dropped.
-local function reap()
-  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
-    if not alive(w) then
-      for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
-        local h = P .. ':inflight:' .. backend
-        local n = tonumber(redis.call('HGET', h, w) or '0')
-        if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
-        redis.call('HDEL', h, w)
-      end
-      redis.call('DEL', P .. ':granted:' .. w)
-      redis.call('SREM', P .. ':workers', w)
-      for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
-        for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
-          local line = q(m, 'key:' .. k)
-          for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
-            if worker_of(ticket) == w then
-              redis.call('LREM', line, 1, ticket)
-              redis.call('DECR', q(m, 'size'))
-            end
-          end
-          if redis.call('LLEN', line) == 0 then forget_key(m, k) end
+-- What Redis holds of worker `w`: its slots go back, its grants and tickets are dropped.
+local function forget(w)
+  for _, backend in ipairs(redis.call('SMEMBERS', P .. ':backends')) do
+    local h = P .. ':inflight:' .. backend
+    local n = tonumber(redis.call('HGET', h, w) or '0')
+    if n > 0 then redis.call('HINCRBY', h, 'total', -n) end
+    redis.call('HDEL', h, w)
+  end
+  redis.call('DEL', P .. ':granted:' .. w)
+  redis.call('SREM', P .. ':workers', w)
+  for _, m in ipairs(redis.call('SMEMBERS', P .. ':models')) do
+    for _, k in ipairs(redis.call('LRANGE', q(m, 'turns'), 0, -1)) do
+      local line = q(m, 'key:' .. k)
+      for _, ticket in ipairs(redis.call('LRANGE', line, 0, -1)) do
+        if worker_of(ticket) == w then
+          redis.call('LREM', line, 1, ticket)
+          redis.call('DECR', q(m, 'size'))
         end
       end
+      if redis.call('LLEN', line) == 0 then forget_key(m, k) end
     end
   end
+end
+
+-- Workers whose alive key expired are forgotten; true when there was one (its slots are free now).
+local function reap()
+  local reaped = false
+  for _, w in ipairs(redis.call('SMEMBERS', P .. ':workers')) do
+    if not alive(w) then
+      forget(w)
+      reaped = true
+    end
+  end
+  return reaped
 end
 """
 
@@ -208,14 +241,35 @@ dispatch(ARGV[2], 4, nil, ARGV[3])
 return answer(1)
 """,
     # ARGV: prefix, worker, seconds to live, models: this worker lives on, the dead are reaped, and
-    # the answer is each model's waiting requests over all workers.
+    # the answer is whether one was (its slots are free now: the caller hands them out), then each
+    # model's waiting requests over all workers.
     "heartbeat": """
 redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
 redis.call('SADD', P .. ':workers', ARGV[2])
-reap()
-local sizes = {}
+local sizes = {0}
+if reap() then sizes[1] = 1 end
 for i = 4, #ARGV do sizes[#sizes + 1] = tonumber(redis.call('GET', q(ARGV[i], 'size')) or '0') end
 return sizes
+""",
+    # ARGV: prefix, worker, seconds to live, then (server, requests) pairs: a worker's first script on
+    # a new connection. What Redis knew of it is replaced by what it holds: Redis may have restarted
+    # empty, or been told of commands whose answers the old connection lost, or have reaped the
+    # worker while it could not beat. Its tickets leave the queues (its waiting requests were
+    # answered when the connection dropped).
+    "join": """
+forget(ARGV[2])
+for i = 4, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  if n > 0 then
+    local h = P .. ':inflight:' .. ARGV[i]
+    redis.call('HINCRBY', h, 'total', n)
+    redis.call('HSET', h, ARGV[2], n)
+    redis.call('SADD', P .. ':backends', ARGV[i])
+  end
+end
+redis.call('SET', P .. ':alive:' .. ARGV[2], '1', 'EX', tonumber(ARGV[3]))
+redis.call('SADD', P .. ':workers', ARGV[2])
+return 1
 """,
     # ARGV: prefix. A worker that leaves deletes its alive key first.
     "reap": """

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import errors
-from .keystore import KeyFileError, KeyRecord, LastAdminKeyError
+from .keystore import MAX_WEIGHT, MIN_WEIGHT, KeyFileError, KeyRecord, LastAdminKeyError
 from .registry import BackendState, Model
 from .state import GatewayState
 from .usage_report import MAX_BUCKETS, MAX_UNIX_TIME, UsageQuery, usage_page, whole_number
@@ -142,7 +142,7 @@ class NewKey(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
-    weight: float | None = None
+    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT)
     max_parallel_requests: int | None = None
 
 
@@ -153,7 +153,7 @@ class KeyChanges(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
-    weight: float | None = None
+    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT)
     max_parallel_requests: int | None = None
     disabled: bool | None = None
 

@@ -125,7 +125,12 @@ def build_state(settings: Settings) -> GatewayState:
     keys = KeyStore(settings.key_file)
     keys.load()
     registry = Registry(load_backend_specs(settings.model_config_file))
-    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage, local=not settings.shares_rate_limit_store)
+    limiter = RateLimiter(
+        settings.rate_limit,
+        settings.rate_limit_storage,
+        local=not settings.shares_rate_limit_store,
+        store_timeout=settings.redis_timeout,
+    )
     ledger = (
         UsageLedger(SQLiteUsageStore(settings.usage_db_path), settings.usage_flush_seconds)
         if settings.usage_ledger

@@ -60,7 +60,9 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--token-limit", help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)'
     )
-    create.add_argument("--weight", type=float, help="this key's share of a busy model's turns, e.g. 2 (default: 1)")
+    create.add_argument(
+        "--weight", type=float, help="this key's share of a busy model's turns, 0.01 to 1000, e.g. 2 (default: 1)"
+    )
     create.add_argument(
         "--max-parallel-requests",
         type=int,
@@ -83,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
     update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
     update.add_argument("--token-limit", help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT")
-    update.add_argument("--weight", help="e.g. 2; 'default' goes back to 1")
+    update.add_argument("--weight", help="0.01 to 1000, e.g. 2; 'default' goes back to 1")
     update.add_argument("--max-parallel-requests", help="e.g. 8; 'default' goes back to GATEWAY_MAX_PARALLEL_REQUESTS")
     update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
@@ -337,6 +339,13 @@ def describe(record: KeyRecord) -> tuple[str, ...]:
     )
 
 
+def number(option: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{option} takes a number or 'default', not {text!r}") from None
+
+
 def key_id_of(store: KeyStore, reference: str) -> str:
     """The id of the key `reference` names: its id, or a name no other key has."""
     records = store.records()
@@ -370,9 +379,9 @@ def update_key(args: argparse.Namespace) -> int:
         changes["rate_limit"] = None if args.rate_limit == "default" else args.rate_limit
     if args.token_limit is not None:
         changes["token_limit"] = None if args.token_limit == "default" else args.token_limit
-    # Numbers as given: the key record checks them (a positive weight, a whole number of requests).
+    # The key store checks the numbers (a weight in its range, a whole number of requests).
     if args.weight is not None:
-        changes["weight"] = None if args.weight == "default" else args.weight
+        changes["weight"] = None if args.weight == "default" else number("--weight", args.weight)
     if args.max_parallel_requests is not None:
         changes["max_parallel_requests"] = (
             None if args.max_parallel_requests == "default" else args.max_parallel_requests

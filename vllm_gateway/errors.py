@@ -168,6 +168,19 @@ def backend_error(
     return GatewayError(status, message or phrase, type, code, param)
 
 
+def store_unavailable(consequence: str) -> GatewayError:
+    """Redis, where several workers keep the counts they share, did not answer: no fault of the
+    request and usually over within seconds (a restart), so 503 with Retry-After, like an overloaded
+    server. `consequence` says what it cost this request."""
+    return GatewayError(
+        503,
+        f"The gateway's shared store (Redis) did not answer, so {consequence}. Try again in 1 s.",
+        "server_error",
+        "store_unavailable",
+        headers=[(b"retry-after", b"1")],
+    )
+
+
 def upstream_unreachable(model: str) -> GatewayError:
     return GatewayError(
         502, f"No server of model `{model}` accepted the request.", "server_error", "upstream_unreachable", "model"

@@ -22,6 +22,11 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 KEY_PREFIX = "sk-"
+# A key's admission weight (admission.py): a key of weight 1000 gets 100,000 turns to one of weight
+# 0.01. Below that, a weight only made turns longer to count (1e-300 once hung admission); a key file
+# written before this minimum keeps loading, its smaller weights read as the minimum.
+MIN_WEIGHT = 0.01
+MAX_WEIGHT = 1000.0
 # Last-used times reach the key file to the minute (as `keys list` shows them); a first use at once.
 LAST_USED_RESOLUTION_SECONDS = 60.0
 SHOWN_PREFIX_LENGTH = 11
@@ -46,7 +51,7 @@ class KeyRecord(BaseModel):
     token_limit: str | None = None
     # Admission (admission.py): this key's share of a busy model's turns, and its most requests in
     # flight and waiting together; None: 1, and GATEWAY_MAX_PARALLEL_REQUESTS.
-    weight: float | None = Field(None, gt=0, le=1000)
+    weight: float | None = Field(None, gt=0, le=MAX_WEIGHT)
     max_parallel_requests: int | None = Field(None, ge=1)
     created_at: float
     last_used_at: float | None = None
@@ -59,6 +64,11 @@ class KeyRecord(BaseModel):
 
         return check_limit_text(value)
 
+    @field_validator("weight")
+    @classmethod
+    def _weight_at_least_the_minimum(cls, value: float | None) -> float | None:
+        return value if value is None else max(value, MIN_WEIGHT)
+
     def may_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
 
@@ -70,6 +80,16 @@ class KeyRecord(BaseModel):
 class KeyFile(BaseModel):
     version: int = 1
     keys: list[KeyRecord] = []
+
+
+def check_weight(weight: object) -> None:
+    """For a weight given to `create` or `update`: None (the default), or from MIN_WEIGHT to MAX_WEIGHT."""
+    if weight is None:
+        return
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise ValueError(f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {weight!r}")
+    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {weight:g}")
 
 
 def hash_key(secret: str) -> str:
@@ -177,6 +197,7 @@ class KeyStore:
         max_parallel_requests: int | None = None,
     ) -> tuple[KeyRecord, str]:
         """Add a key; returns its record and the key itself, which is never stored or shown again."""
+        check_weight(weight)
         record, secret = new_record(name, admin, models, rate_limit, token_limit, weight, max_parallel_requests)
         self._change(lambda keys: keys.append(record))
         return record, secret
@@ -203,6 +224,7 @@ class KeyStore:
     def update(self, key_id: str, changes: dict[str, object]) -> KeyRecord | None:
         """Change some of name, admin, models, rate_limit, token_limit, weight, max_parallel_requests,
         disabled; returns the new record or None."""
+        check_weight(changes.get("weight"))
         updated: list[KeyRecord] = []
 
         def apply(keys: list[KeyRecord]) -> None:

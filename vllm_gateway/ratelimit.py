@@ -11,7 +11,8 @@ With one worker the counts live in this process: a dictionary entry per window, 
 per request. `limits`' own in-memory storages start a timer thread or task on every hit (22-50 us
 measured here), which is too much for the hot path. With several workers the counts must be shared to
 be exact, so they go to Redis through `limits` (the engine under slowapi), whose increments by any
-amount are atomic there.
+amount are atomic there. When Redis does not answer, the request gets 503 `store_unavailable`
+(errors.store_unavailable) rather than going uncounted.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import logging
 import math
 import time
 from functools import lru_cache
+from typing import Any
 
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
+from limits.errors import StorageError
 from limits.storage import storage_from_string
 
 from . import errors
+from .store_outage import Outage
 
 log = logging.getLogger("vllm_gateway")
 
@@ -81,17 +85,22 @@ class LocalWindows:
 
 
 class RateLimiter:
-    def __init__(self, default_limit: str, storage_uri: str, local: bool) -> None:
-        """`local`: count in this process (the storage is memory, whatever its spelling)."""
+    def __init__(self, default_limit: str, storage_uri: str, local: bool, store_timeout: float = 5.0) -> None:
+        """`local`: count in this process (the storage is memory, whatever its spelling).
+        `store_timeout`: seconds a shared store may take to connect or answer."""
         self.default_limit = default_limit
         self.local: LocalWindows | None = None
         self.shared: FixedWindowRateLimiter | None = None
+        self.outage = Outage("rate limiter")
         if local:
             self.local = LocalWindows()
         else:
+            options: dict[str, Any] = {}
             if storage_uri.startswith(("redis://", "rediss://", "unix://")):
                 storage_uri = "async+" + storage_uri
-            self.shared = FixedWindowRateLimiter(storage_from_string(storage_uri, implementation="redispy"))
+                options = redis_options(store_timeout)
+            storage = storage_from_string(storage_uri, implementation="redispy", wrap_exceptions=True, **options)
+            self.shared = FixedWindowRateLimiter(storage)
 
     async def hit(self, key_id: str, limit_text: str | None) -> Headers:
         """Count one request for this key; returns the rate-limit headers or raises a 429 error.
@@ -105,8 +114,16 @@ class RateLimiter:
         retry_after = 1
         for item in parse_limits(text):
             assert self.shared is not None
-            fits = await self.shared.hit(item, REQUESTS, key_id)
-            stats = await self.shared.get_window_stats(item, REQUESTS, key_id)
+            try:
+                fits = await self.shared.hit(item, REQUESTS, key_id)
+                stats = await self.shared.get_window_stats(item, REQUESTS, key_id)
+            except StorageError as error:
+                self.outage.failed(error.storage_error)
+                raise errors.store_unavailable(
+                    "this request could not be counted against its key's rate limit"
+                ) from None
+            if self.outage.since is not None:
+                self.outage.answered()
             reset_at, remaining = stats.reset_time, stats.remaining
             reset_in = max(1, math.ceil(reset_at - time.time()))
             if tightest is None or remaining < tightest[0]:
@@ -151,7 +168,11 @@ class RateLimiter:
                 used, reset_at = self.local.peek(TOKENS, key_id, item)
             else:
                 assert self.shared is not None
-                stats = await self.shared.get_window_stats(item, TOKENS, key_id)
+                try:
+                    stats = await self.shared.get_window_stats(item, TOKENS, key_id)
+                except StorageError as error:
+                    self.outage.failed(error.storage_error)
+                    raise errors.store_unavailable("its key's token limit could not be checked") from None
                 used = item.amount - stats.remaining
                 reset_at = stats.reset_time if used else time.time() + item.get_expiry()
             remaining = max(0, item.amount - used)
@@ -180,6 +201,22 @@ class RateLimiter:
                 await self.shared.hit(item, TOKENS, key_id, cost=tokens)
             except Exception as error:  # the store failed after the answer: the client has it, say so here
                 log.warning("could not count %d tokens of key %s in %s: %s", tokens, key_id, item, error)
+
+
+def redis_options(timeout: float) -> dict[str, Any]:
+    """redis-py's options for the limits' Redis: answers within `timeout` seconds, and a command
+    that finds its pooled connection dead (Redis restarted since) tries once more on a new one, so
+    that a restart costs no request beyond those made while Redis was down. redis-py retries
+    nothing for a pool made from a URL, so without this each stale connection failed a request."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    }
 
 
 def window_headers(kind: bytes, remaining: int, limit: int, reset_in: int) -> Headers:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -79,6 +80,7 @@ def parse(buffer: bytes | bytearray, start: int) -> tuple[Reply, int] | None:
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.on_lost: Callable[[], None] | None = None  # set once the connection is in use
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self.buffer = bytearray()
         self.outgoing: list[bytes] = []
@@ -109,6 +111,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.fail(RedisConnectionError(f"the connection to Redis was lost ({exc or 'closed'})"))
+        if self.on_lost is not None:
+            self.on_lost()
 
     def fail(self, error: Exception) -> None:
         while self.waiting:
@@ -121,7 +125,8 @@ class _Connection(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def send(self, args: tuple[object, ...]) -> asyncio.Future[Reply]:
-        assert self.transport is not None
+        if self.transport is None:
+            raise RedisConnectionError("the connection to Redis was lost")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiting.append(future)
@@ -131,20 +136,39 @@ class _Connection(asyncio.Protocol):
         self.outgoing.append(pack(args))
         return future
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def flush(self) -> None:
         data, self.outgoing = b"".join(self.outgoing), []
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
 
-class RedisPipe:
-    """Commands over one pipelined connection, made on first use and again after it drops."""
+Call = Callable[..., Awaitable[Reply]]
 
-    def __init__(self, url: str, connect_timeout: float = 5.0) -> None:
+
+class RedisPipe:
+    """Commands over one pipelined connection, made on first use and again after it drops.
+
+    `prepare` runs on each new connection before any other command goes over it (with a `call` of
+    that connection's own), and `lost` when a connection that was in use drops."""
+
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float = 5.0,
+        prepare: Callable[[Call], Awaitable[None]] | None = None,
+        lost: Callable[[], None] | None = None,
+    ) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
+        self.prepare = prepare
+        self.lost = lost
         self.connection: _Connection | None = None
         self.connecting: asyncio.Lock | None = None
+        self.generation = 0  # connections made so far: what a reply's connection was, later
 
     def send(self, *args: object) -> asyncio.Future[Reply] | None:
         """The command's reply as a future when connected; None when a connection must be made first
@@ -163,6 +187,10 @@ class RedisPipe:
                 raise RedisConnectionError("the connection to Redis closed as it opened")
         return await future
 
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None and self.connection.open
+
     async def connect(self) -> None:
         if self.connecting is None:
             self.connecting = asyncio.Lock()
@@ -171,7 +199,8 @@ class RedisPipe:
                 return
             try:
                 self.connection = await asyncio.wait_for(self._open(), self.connect_timeout)
-            except (OSError, TimeoutError) as error:
+                self.generation += 1
+            except (OSError, TimeoutError, RedisError) as error:
                 raise RedisConnectionError(f"cannot connect to Redis: {error or 'timed out'}") from None
 
     async def _open(self) -> _Connection:
@@ -186,18 +215,31 @@ class RedisPipe:
             host, port = parts.hostname or "localhost", parts.port or 6379
             _, connection = await loop.create_connection(_Connection, host, port, ssl=context)
             db = parts.path.strip("/") or query.get("db", ["0"])[0]
-        if parts.password is not None:
-            user = unquote(parts.username) if parts.username else None
-            password = unquote(parts.password)
-            await connection.send(("AUTH", user, password) if user else ("AUTH", password))
-        if db not in ("", "0"):
-            await connection.send(("SELECT", db))
+        try:
+            if parts.password is not None:
+                user = unquote(parts.username) if parts.username else None
+                password = unquote(parts.password)
+                await connection.send(("AUTH", user, password) if user else ("AUTH", password))
+            if db not in ("", "0"):
+                await connection.send(("SELECT", db))
+            if self.prepare is not None:
+                await self.prepare(lambda *args: connection.send(args))
+        except BaseException:
+            connection.abort()
+            raise
+        connection.on_lost = self.lost
         return connection
 
+    def abort(self) -> None:
+        """Drop the connection now (Redis stopped answering): every command waiting on it fails."""
+        if self.connection is not None:
+            self.connection.abort()
+
     def close(self) -> None:
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.close()
-        self.connection = None
+        connection, self.connection = self.connection, None
+        if connection is not None and connection.transport is not None:
+            connection.on_lost = None  # closed on purpose
+            connection.transport.close()
 
 
 class LuaScripts:
@@ -208,9 +250,11 @@ class LuaScripts:
         self.sources = sources
         self.sha: dict[str, str] = {}
 
-    async def load(self) -> None:
+    async def load(self, call: Call | None = None) -> None:
+        """Load every script, over `call` (a connection being prepared) or the pipe."""
+        call = call or self.pipe.call
         for name, source in self.sources.items():
-            self.sha[name] = (await self.pipe.call("SCRIPT", "LOAD", source)).decode()
+            self.sha[name] = (await call("SCRIPT", "LOAD", source)).decode()
 
     def send(self, name: str, args: list[object]) -> asyncio.Future[Reply] | None:
         """The script's reply as a future, without a task, when connected and loaded; else None."""

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # Tokens (prompt + completion) per key, for keys without a token_limit of their own; none: no limit.
     token_limit: str | None = None
     rate_limit_storage: str = "memory://"
+    # Seconds Redis (the shared store above) may take to accept a connection or answer before the
+    # gateway takes it for down: requests then get 503 store_unavailable instead of hanging.
+    redis_timeout: float = Field(3.0, gt=0)
 
     # -- admission (admission.py): each backend gets at most its capacity, the rest wait fairly --
     admission: bool = True

@@ -15,12 +15,19 @@ dropped connection is found again (on resubscribing, or when the request gives u
 `worker|sequence`.
 
 Workers announce themselves with a key that expires (HEARTBEAT_TTL). A worker that died without
-releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends and its
-tickets leave the queues.
+releasing (SIGKILL, a crash) is found by the others: its slots go back to their backends, its tickets
+leave the queues, and the slots go at once to the requests that wait.
+
+When Redis does not answer (stopped, restarting, or silent for GATEWAY_REDIS_TIMEOUT), a request gets
+503 `store_unavailable` at once, and so do the requests waiting when the connection dropped: their
+tickets are Redis's, and a Redis that restarted has none. Every new connection starts with `join`,
+before any other command: what Redis knew of this worker is replaced by the slots it holds (counted
+here, in each backend's `in_flight`), so the counts are right again whether Redis restarted empty,
+lost some answers with the old connection, or reaped this worker meanwhile. Releases that did not
+reach Redis are not sent again on a new connection for the same reason.
 
 Cost: one script (one round trip to Redis) when a request is admitted and one when it ends
-(docs/performance.md, "Admission across workers"). A release that Redis does not take (the
-connection dropped) is retried until it does, so a slot is never lost to a blip.
+(docs/performance.md, "Admission across workers").
 """
 
 from __future__ import annotations
@@ -41,15 +48,19 @@ from .admission import Admission
 from .admission_scripts import COMMON, SCRIPTS
 from .errors import GatewayError
 from .keystore import KeyRecord
-from .redis_pipe import LuaScripts, RedisPipe
+from .redis_pipe import Call, LuaScripts, RedisConnectionError, RedisError, RedisPipe
 from .registry import Backend, BackendState, Model, Registry
 from .settings import Settings
+from .store_outage import Outage
 
 log = logging.getLogger("vllm_gateway")
 
-# A worker is taken for dead this long after its last heartbeat; it beats every HEARTBEAT_SECONDS.
+# A worker is taken for dead this long after its last heartbeat; it beats every HEARTBEAT_SECONDS,
+# and tries to reconnect every RECONNECT_SECONDS while Redis is away (until it is back, it cannot
+# tell Redis which slots it holds, so the sooner the better).
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_TTL = 10
+RECONNECT_SECONDS = 0.2
 
 
 class SharedAdmission(Admission):
@@ -62,8 +73,9 @@ class SharedAdmission(Admission):
         assert settings.redis_url is not None  # cli.serve refuses several workers without Redis
         # Per request, scripts go over a pipelined connection of our own (redis_pipe.py); the
         # channel that grants arrive on is redis-py's.
-        self.redis: Any = redis.Redis.from_url(settings.redis_url)
-        self.pipe = RedisPipe(settings.redis_url)
+        self.redis: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout)
+        self.redis_timeout = settings.redis_timeout
+        self.pipe = RedisPipe(settings.redis_url, settings.redis_timeout, prepare=self.join, lost=self.store_lost)
         self.scripts = LuaScripts(self.pipe, {name: COMMON + body for name, body in SCRIPTS.items()})
         # One namespace per gateway (its key file and port), so gateways sharing a Redis never mix.
         identity = f"{settings.key_file.resolve()}:{settings.port}".encode()
@@ -74,7 +86,10 @@ class SharedAdmission(Admission):
         self.waiters: dict[str, tuple[Model, asyncio.Future[Backend]]] = {}  # ticket: who waits
         self.local_waiting: dict[str, int] = {}  # this worker's waiting requests, per model
         self.totals: dict[str, int] = {}  # every worker's, per model, as of the last heartbeat
-        self.unreleased: list[Backend] = []  # releases Redis did not take yet
+        self.unreleased: list[tuple[Backend, int]] = []  # releases Redis refused, and their connection
+        self.uncounted: dict[str, int] = {}  # requests in flight that Redis does not count (/tokenize)
+        self.outage = Outage("admission")
+        self.released_while_joining: list[Backend] | None = None  # a list while join's script runs
         self.tasks: list[asyncio.Task[None]] = []
         self.pending: set[asyncio.Task[None]] = set()
         self.delivered: set[str] = set()  # grants handed to a waiter, until Redis forgot them
@@ -82,7 +97,7 @@ class SharedAdmission(Admission):
     # -- life --
 
     async def start(self) -> None:
-        await self.scripts.load()
+        await self.pipe.connect()  # loads the scripts and joins (join)
         await self.heartbeat()
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.channel)
@@ -102,19 +117,71 @@ class SharedAdmission(Admission):
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
+    async def join(self, call: Call) -> None:
+        """A new connection's first commands: the scripts, then what this worker holds."""
+        await self.scripts.load(call)
+        held: list[str | int] = []
+        for backend in self.registry.backends():
+            count = backend.in_flight - self.uncounted.get(backend.spec.id, 0)
+            if count > 0:
+                held += [backend.spec.id, count]
+        self.released_while_joining = []  # ended after `held` was counted: given back once joined
+        try:
+            await call("EVALSHA", self.scripts.sha["join"], 0, self.prefix, self.worker, HEARTBEAT_TTL, *held)
+        finally:
+            released, self.released_while_joining = self.released_while_joining, None
+        self.unreleased.clear()  # counted in `held` already
+        if self.outage.since is not None:
+            self.outage.answered()
+        self.spawn(self.joined(released))
+
+    async def joined(self, released: list[Backend]) -> None:
+        try:
+            await self.pipe.connect()  # returns once the connection that joined is in use
+        except RedisConnectionError:
+            return  # gone again: the next join counts these releases
+        for backend in released:
+            await self.release_slot(backend, self.pipe.generation)
+        # Slots this worker no longer holds may be free now, for requests of other workers.
+        await self.dispatch_all()
+
+    def store_lost(self) -> None:
+        """The connection to Redis dropped: the tickets of this worker's waiting requests are gone
+        with it (or will be, at the next join), so those requests are answered now."""
+        dropped = 0
+        for _, future in self.waiters.values():
+            if not future.done():
+                future.set_exception(errors.store_unavailable("this request lost its place in the queue for a server"))
+                dropped += 1
+        self.outage.failed(RedisConnectionError("the connection dropped"), refused=False)
+        self.outage.refused += dropped
+
     async def beat(self) -> None:
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(HEARTBEAT_SECONDS if self.pipe.connected else RECONNECT_SECONDS)
             try:
-                await self.heartbeat()
+                async with asyncio.timeout(self.redis_timeout):
+                    await self.heartbeat()
+                if self.outage.since is not None:
+                    self.outage.answered()
                 await self.retry_releases()
+            except TimeoutError:
+                # Connected but silent (a stopped process, a lost network): the requests waiting on
+                # this connection would hang; dropping it answers them, and the next connection joins.
+                self.outage.failed(RedisConnectionError(f"no answer in {self.redis_timeout:g} s"), refused=False)
+                self.pipe.abort()
             except Exception as error:
-                log.warning("admission: Redis did not answer the heartbeat: %s", error)
+                self.outage.failed(error, refused=False)
 
     async def heartbeat(self) -> None:
         models = list(self.registry.models)
-        sizes = await self.scripts.run("heartbeat", [self.prefix, self.worker, HEARTBEAT_TTL, *models])
-        self.totals = {model: int(size) for model, size in zip(models, sizes, strict=False)}
+        reply = await self.scripts.run("heartbeat", [self.prefix, self.worker, HEARTBEAT_TTL, *models])
+        self.totals = {model: int(size) for model, size in zip(models, reply[1:], strict=False)}
+        if reply[0]:
+            log.warning(
+                "admission: a worker stopped beating for %d s; its slots go to the waiting requests", HEARTBEAT_TTL
+            )
+            self.spawn(self.dispatch_all())
 
     async def listen(self, pubsub: Any) -> None:
         """Tickets other workers handed to this one's waiting requests."""
@@ -127,14 +194,23 @@ class SharedAdmission(Admission):
                 raise
             except Exception as error:
                 log.warning("admission: lost the Redis channel (%s); subscribing again", error)
-                await asyncio.sleep(0.5)
-                with contextlib.suppress(Exception):
-                    await pubsub.subscribe(self.channel)
-                    # What was handed out while the channel was down is in the granted hash.
-                    grants = await self.redis.hgetall(f"{self.prefix}:granted:{self.worker}")
-                    for ticket, grant in grants.items():
-                        backend_id, model_name = grant.decode().split("\n", 1)
-                        self.granted(ticket.decode(), backend_id, model_name)
+                await self.subscribe_again(pubsub)
+
+    async def subscribe_again(self, pubsub: Any) -> None:
+        """Subscribe until Redis answers (quietly: the outage is logged once), then take up what was
+        handed out meanwhile, which the granted hash keeps."""
+        while True:
+            await asyncio.sleep(RECONNECT_SECONDS)
+            try:
+                await pubsub.subscribe(self.channel)
+                grants = await self.pipe.call("HGETALL", f"{self.prefix}:granted:{self.worker}")
+            except Exception:
+                continue
+            for ticket, grant in zip(grants[::2], grants[1::2], strict=True):
+                backend_id, model_name = grant.decode().split("\n", 1)
+                self.granted(ticket.decode(), backend_id, model_name)
+            log.info("admission: subscribed to the Redis channel again")
+            return
 
     # -- backends --
 
@@ -148,7 +224,10 @@ class SharedAdmission(Admission):
         self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
     ) -> tuple[Backend | None, float]:
         if not self.enabled or at_once:
-            return await super().acquire(model, key, exclude, at_once)
+            backend, waited = await super().acquire(model, key, exclude, at_once)
+            if backend is not None:  # in flight here, not in Redis: join must not count it
+                self.uncounted[backend.spec.id] = self.uncounted.get(backend.spec.id, 0) + 1
+            return backend, waited
         candidates = ready_with_capacity(model, exclude)
         if not candidates:
             return None, 0.0
@@ -160,15 +239,26 @@ class SharedAdmission(Admission):
         if call is None:  # not connected yet, or again
             call = asyncio.ensure_future(self.scripts.run("acquire", [*args, *candidates]))
         try:
-            reply = await asyncio.shield(call)
+            try:
+                reply = await asyncio.shield(call)
+            except RedisError as error:
+                if not str(error).startswith("NOSCRIPT"):
+                    raise
+                reply = await self.scripts.run("acquire", [*args, *candidates])  # loads them again
         except asyncio.CancelledError:
             # The client left while Redis decided: undo what it decided, once it has.
             del self.waiters[ticket]
-            call.add_done_callback(lambda done: self.spawn(self.undo(done, model, ticket, key)))
+            # The connection that answered is the one undo gives the slot back on (pipe.generation).
+            call.add_done_callback(lambda done: self.spawn(self.undo(done, model, ticket, key, self.pipe.generation)))
             raise
         except Exception as error:
             del self.waiters[ticket]
-            raise store_unavailable(error) from None
+            if future.done():
+                future.exception()  # failed by store_lost: nobody waits for it
+            self.outage.failed(error)
+            raise errors.store_unavailable("no server could be chosen for this request") from None
+        if self.outage.since is not None:
+            self.outage.answered()
         self.take_grants(reply, 2, model.name)
         outcome = reply[0].decode()
         if outcome == "ok":
@@ -182,7 +272,7 @@ class SharedAdmission(Admission):
             raise errors.queue_full(model.name, self.queue_limit)
         return await self.wait(model, ticket, key, future)
 
-    async def undo(self, call: asyncio.Future[Any], model: Model, ticket: str, key: KeyRecord) -> None:
+    async def undo(self, call: asyncio.Future[Any], model: Model, ticket: str, key: KeyRecord, generation: int) -> None:
         """An acquire whose request was cancelled before Redis answered: give back the slot it took,
         or take its ticket out of the queue."""
         if call.cancelled() or call.exception() is not None:
@@ -192,7 +282,7 @@ class SharedAdmission(Admission):
         if reply[0] == b"ok":
             backend = by_id(model, reply[1].decode())
             if backend is not None:
-                await self.release_slot(backend)
+                await self.release_slot(backend, generation)
         elif reply[0] == b"queued":
             await self.run("cancel", model.name, self.worker, ticket, key.id)
 
@@ -218,9 +308,13 @@ class SharedAdmission(Admission):
         """A waiting request leaves (its client went, it timed out, its model went down): out of the
         queue, and a slot granted to it meanwhile goes to the next in turn."""
         self.waiters.pop(ticket, None)  # a grant from now on finds nobody and is handed back
-        if future.done() and not future.cancelled() and future.exception() is None:
-            self.release(future.result())  # granted and delivered just before it gave up
-            return
+        if future.done() and not future.cancelled():
+            error = future.exception()
+            if error is None:
+                self.release(future.result())  # granted and delivered just before it gave up
+                return
+            if isinstance(error, GatewayError) and error.code == "store_unavailable":
+                return  # its connection dropped (store_lost): the next one's join takes its ticket out
         await asyncio.shield(self.run("cancel", model.name, self.worker, ticket, key.id))
 
     def granted(self, ticket: str, backend_id: str, model_name: str) -> None:
@@ -251,22 +345,28 @@ class SharedAdmission(Admission):
     def release(self, backend: Backend, at_once: bool = False) -> None:
         backend.in_flight -= 1
         if not self.enabled or at_once:
+            self.uncounted[backend.spec.id] -= 1
             return
         # Sent at once on the open connection, its reply checked by a callback: no task per request.
+        # Not connected: nothing to send, the next connection's join counts what this worker holds
+        # (or, for a release while join's script runs, gives it back once joined).
         future = self.scripts.send("release", self.release_args(backend))
-        if future is None:
-            self.spawn(self.release_slot(backend))
-        else:
-            future.add_done_callback(functools.partial(self.released, backend))
+        if future is not None:
+            future.add_done_callback(functools.partial(self.released, backend, self.pipe.generation))
+        elif self.released_while_joining is not None:
+            self.released_while_joining.append(backend)
 
     def release_args(self, backend: Backend) -> list[object]:
         model = self.registry.models.get(backend.spec.name)
         servers = ready_with_capacity(model) if model is not None else []
         return [self.prefix, backend.spec.name, self.worker, backend.spec.id, *servers]
 
-    def released(self, backend: Backend, future: asyncio.Future[Any]) -> None:
+    def released(self, backend: Backend, generation: int, future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
-            self.spawn(self.release_slot(backend))  # again, through the path that reconnects and reloads
+            # Redis refused it (busy, say): again from the heartbeat. Lost with the connection: the
+            # next one's join counts it.
+            if not isinstance(future.exception(), RedisConnectionError):
+                self.unreleased.append((backend, generation))
         else:
             self.take_grants(future.result(), 1, backend.spec.name)
 
@@ -276,18 +376,30 @@ class SharedAdmission(Admission):
         for index in range(start, len(reply) - 1, 2):
             self.granted(reply[index].decode(), reply[index + 1].decode(), model_name)
 
-    async def release_slot(self, backend: Backend) -> None:
+    async def release_slot(self, backend: Backend, generation: int) -> None:
+        """Give a slot back in Redis, on the connection it was counted on: after a new one's join
+        there is nothing to give back (join counted what this worker holds)."""
+        if generation != self.pipe.generation or not self.pipe.connected:
+            return
         try:
             reply = await self.scripts.run("release", self.release_args(backend))
             self.take_grants(reply, 1, backend.spec.name)
+        except RedisConnectionError:
+            pass  # the next connection's join counts it
         except Exception as error:
             log.warning("admission: Redis did not take a release of %s (%s); retrying", backend.spec.id, error)
-            self.unreleased.append(backend)
+            self.unreleased.append((backend, generation))
 
     async def retry_releases(self) -> None:
         pending, self.unreleased = self.unreleased, []
-        for backend in pending:
-            await self.release_slot(backend)
+        for backend, generation in pending:
+            await self.release_slot(backend, generation)
+
+    async def dispatch_all(self) -> None:
+        """Hand out whatever room Redis sees for every model with a ready server."""
+        for model in self.registry.models.values():
+            if model.pick() is not None:
+                await self.run("dispatch", model.name, self.worker)
 
     def backends_changed(self) -> None:
         """A backend came up or went down: hand out its room, or tell this worker's waiters of a
@@ -302,9 +414,7 @@ class SharedAdmission(Admission):
                 future.set_exception(errors.model_unavailable(model.name, state.value, retry_after))
             elif current is not None and current is not model:
                 self.waiters[ticket] = (current, future)
-        for model in self.registry.models.values():
-            if model.pick() is not None:
-                self.spawn(self.run("dispatch", model.name, self.worker))
+        self.spawn(self.dispatch_all())
 
     async def run(self, script: str, model_name: str, *args: str) -> None:
         """A script that hands out room as it goes (cancel, dispatch), with the model's servers now."""
@@ -338,14 +448,3 @@ def ready_with_capacity(model: Model, exclude: Sequence[Backend] = ()) -> list[s
 
 def by_id(model: Model, backend_id: str) -> Backend | None:
     return next((backend for backend in model.backends if backend.spec.id == backend_id), None)
-
-
-def store_unavailable(error: Exception) -> GatewayError:
-    log.warning("admission: Redis did not answer: %s", error)
-    return GatewayError(
-        503,
-        "The gateway's shared store (Redis) did not answer, so no server could be chosen. Try again shortly.",
-        "server_error",
-        "store_unavailable",
-        headers=[(b"retry-after", b"1")],
-    )

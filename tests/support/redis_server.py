@@ -1,8 +1,11 @@
-"""A redis-server of a test's own, which the test may stop and start again on the same port."""
+"""A redis-server of a test's own, which the test may stop and start again on the same port, or pause
+(a Redis that accepts connections and answers nothing, like one cut off by the network)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -34,8 +37,17 @@ class Redis:
 
     def stop(self) -> None:
         if self.handle is not None:
+            self.resume()
             self.handle.stop()
             self.handle = None
+
+    def pause(self) -> None:
+        assert self.handle is not None
+        os.kill(self.handle.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.handle is not None:
+            os.kill(self.handle.pid, signal.SIGCONT)
 
     @property
     def url(self) -> str:
