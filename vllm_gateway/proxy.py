@@ -23,11 +23,10 @@ from .http_exchange import Exchange
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
-from .stream_usage import USAGE_PATHS, UsageChunkFilter, with_usage_requested
+from .stream_usage import USAGE_PATHS, UsageMeter, with_usage_requested
 from .upstream import (
     Headers,
     Response,
-    Sink,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -35,6 +34,7 @@ from .upstream import (
     request_headers,
     response_headers,
 )
+from .usage_scan import usage_in
 
 PROXIED_PATHS = frozenset(
     {
@@ -61,8 +61,6 @@ NO_SEQUENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
-PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
-COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 @dataclass
@@ -207,7 +205,7 @@ async def proxy(
     finally:
         state.in_flight -= 1
         state.admission.leave(key)
-        # 6. The answer is out, or its client left: its tokens (of an aborted stream, those delivered)
+        # 6. The answer is out, or its client left: its tokens (of a stream cut short, those delivered)
         # count against the key's token limit, in full.
         tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
         if token_limit and tokens:
@@ -229,7 +227,7 @@ async def relay(
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
-    counted: UsageChunkFilter | None = None
+    meter: UsageMeter | None = None
     try:
         outcome.status = upstream.status
         head = response_headers(upstream) + outcome.headers
@@ -238,23 +236,24 @@ async def relay(
         if upstream.at_end:
             # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
             exchange.respond(upstream.status, head, first)
-            tail = first
+            outcome.prompt_tokens, outcome.completion_tokens = usage_in(first) or (None, None)
         else:
-            # A stream, or a body still coming: the head at once, then every piece as it arrives.
+            # A stream, or a body still coming: the head at once, then every piece as it arrives,
+            # through the meter, which finds the usage wherever the reads cut it (stream_usage.py).
             exchange.start(upstream.status, head, first)
-            sink: Sink = exchange
-            if streaming and exchange.path in USAGE_PATHS:
-                sink = counted = UsageChunkFilter(exchange, strip_usage)
-            upstream.send_body_to(sink)
+            meter = UsageMeter(exchange, strip_usage and streaming)
+            meter.feed(first)
+            if streaming:
+                meter.count_events(exchange.path)
+            upstream.send_body_to(meter)
             try:
                 # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
                 # up while the client was not reading, and at the end.
                 while chunk := await upstream.read_chunk():
-                    sink.write(chunk)
+                    meter.write(chunk)
                     if exchange.write_paused:
                         await exchange.drain()
-                if counted is not None:
-                    exchange.write(counted.rest())
+                exchange.write(meter.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
@@ -264,12 +263,13 @@ async def relay(
                     errors.sse_error_event(f"The server of model `{model.name}` failed during the stream: {error}.")
                 )
             exchange.end()
-            tail = upstream.previous + upstream.last
             if streaming:
                 outcome.first_byte_at = upstream.first_body_at
         finished = True
-        record_usage(tail, outcome)
     finally:
+        if meter is not None:
+            # The usage; without one (the client left, the backend cut the stream), what a stream delivered.
+            outcome.prompt_tokens, outcome.completion_tokens = meter.tokens()
         outcome.upstream_seconds = time.perf_counter() - waiting_from
         # In flight until the last byte: now the next may go.
         state.admission.release(backend, exchange.path in NO_SEQUENCE_PATHS)
@@ -277,10 +277,6 @@ async def relay(
             upstream.release()
         else:
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
-            if counted is not None and exchange.client_gone:
-                # No usage came: the ledger counts the events delivered, one token each (the chat
-                # stream's first event carries the role only).
-                outcome.completion_tokens = max(0, counted.events - (exchange.path == "/v1/chat/completions"))
 
 
 async def open_upstream(
@@ -345,16 +341,6 @@ def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> st
     if isinstance(error, UpstreamTimeout):
         return "timeout"
     return otherwise
-
-
-def record_usage(tail: bytes, outcome: Outcome) -> None:
-    start = tail.rfind(b'"usage"')
-    if start < 0:
-        return
-    prompt = PROMPT_TOKENS.search(tail, start)
-    completion = COMPLETION_TOKENS.search(tail, start)
-    outcome.prompt_tokens = int(prompt.group(1)) if prompt else None
-    outcome.completion_tokens = int(completion.group(1)) if completion else None
 
 
 def send_error(exchange: Exchange, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
