@@ -1,15 +1,18 @@
 """Every token counted, whatever the client sends: streams spelt as vLLM reads them, a usage request
-under an escaped key, Responses usage, and usage wherever the backend's writes cut the body. Each is
-checked in the request's log line, and in the key's token window."""
+under an escaped key, Responses usage, usage wherever the backend's writes cut the body, streams the
+backend cuts, and the prompt of requests whose client gave up. Each is checked in the request's log
+line, and the ledger, the metrics and the key's token window where they could differ."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
 
 import httpx
+import openai
 import pytest
 
 from tests.support.gateway import Backend, Gateway
@@ -39,8 +42,9 @@ def gw(tmp_path_factory, sim):
 @pytest.fixture(autouse=True)
 def _no_faults_left(request):
     yield
-    if "sim" in request.fixturenames:
-        request.getfixturevalue("sim").clear_faults()
+    for name in ("sim", "slow_sim"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).clear_faults()
 
 
 def request_id(name: str) -> str:
@@ -222,6 +226,144 @@ def test_the_usage_is_counted_wherever_the_backends_writes_cut_it(gw, sim, path,
     assert {position: tokens_of(gw, rid) for position, rid in counted.items()} == dict.fromkeys(counted, expected)
 
 
+# ---- (e) a stream the backend cuts -----------------------------------------------------------------
+
+
+def ledger(gw: Gateway) -> tuple[int, int, int]:
+    """Requests, input and output tokens in the ledger, once earlier batches are written."""
+
+    def read() -> tuple[int, int, int]:
+        query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d"}
+        with gw.http(gw.admin_key) as client:
+            data = client.get("/admin/usage", params=query).json()["data"]
+        results = [result for bucket in data for result in bucket["results"]]
+        return (
+            sum(r["num_model_requests"] for r in results),
+            sum(r["input_tokens"] for r in results),
+            sum(r["output_tokens"] for r in results),
+        )
+
+    last = read()
+    while True:
+        time.sleep(0.6)
+        now = read()
+        if now == last:
+            return now
+        last = now
+
+
+def metric(gw: Gateway, name: str) -> float:
+    with gw.http() as client:
+        text = client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_a_stream_the_backend_cuts_counts_its_prompt_and_what_it_delivered_everywhere(gw, sim):
+    key = limited_key(gw, "100000/hour")
+    before_ledger = ledger(gw)
+    before_prompt = metric(gw, "vllm_gateway_prompt_tokens_total")
+    before_completion = metric(gw, "vllm_gateway_completion_tokens_total")
+    sim.set_faults(crash_after_tokens=30)
+    rid = request_id("cut-stream")
+    answer = post(gw, CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 2000, "stream": True}, rid, key)
+    sim.clear_faults()
+    delivered = answer.text.count('"content":"') - 1  # the first event names the role
+    assert answer.status_code == 200 and "upstream_error" in answer.text and delivered == 30
+    line, counts = logged(gw, rid)
+    assert " status=502 " in line
+    assert counts == (3, 30, "tokenize")  # the simulator's /tokenize counted the prompt
+    after_ledger = ledger(gw)
+    assert (after_ledger[1] - before_ledger[1], after_ledger[2] - before_ledger[2]) == (3, 30)
+    assert metric(gw, "vllm_gateway_prompt_tokens_total") - before_prompt == 3
+    assert metric(gw, "vllm_gateway_completion_tokens_total") - before_completion == 30
+    assert remaining_tokens(gw, key) == 100000 - 33
+
+
+def test_a_stream_whose_backend_died_counts_an_estimated_prompt(tmp_path):
+    body = json.dumps(
+        {
+            "model": "sim",
+            "messages": MESSAGES,
+            "max_tokens": 2000,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    with Simulator.start(tmp_path, "--exit-after-tokens", "10") as dying:
+        with Gateway.start(tmp_path / "gw", [Backend("sim", dying.base_url)]) as gateway:
+            rid = request_id("died")
+            answer = post(gateway, CHAT, body, rid)
+            line, counts = logged(gateway, rid)
+    assert "upstream_error" in answer.text and " status=502 " in line
+    # Nobody is left to tokenize it: the body's bytes / 4, and the line says so.
+    assert counts == (math.ceil(len(body) / 4), 10, "estimate")
+
+
+# ---- (f) the prompt of a request given up on ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_sim(tmp_path_factory):
+    """Five tokens a second: a client can give up on a request in the middle of it."""
+    with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5") as simulator:
+        yield simulator
+
+
+@pytest.fixture(scope="module")
+def slow_gw(tmp_path_factory, slow_sim):
+    env = {**FLUSH, "GATEWAY_PROMPT_COUNT_TIMEOUT": "0.5"}
+    with Gateway.start(tmp_path_factory.mktemp("slow-gw"), [Backend("sim", slow_sim.base_url)], env=env) as gateway:
+        yield gateway
+
+
+def give_up(gw: Gateway, path: str, body: bytes, key: str | None = None) -> str:
+    """Send a request and leave after a second, before its answer; its request id."""
+    rid = request_id("given-up")
+    with pytest.raises(httpx.ReadTimeout):
+        post(gw, path, body, rid, key, timeout=1.0)
+    return rid
+
+
+def test_a_non_streamed_request_given_up_on_counts_its_prompt(slow_gw, slow_sim):
+    key = limited_key(slow_gw, "100000/hour")
+    prompt = " ".join(["lorem"] * 40)
+    body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": prompt}], "max_tokens": 50})
+    rid = give_up(slow_gw, CHAT, body.encode(), key)
+    line, counts = logged(slow_gw, rid)
+    assert " status=499 " in line
+    assert counts == (40, None, "tokenize")
+    assert remaining_tokens(slow_gw, key) == 100000 - 40
+
+
+def test_a_prompt_tokenize_cannot_count_in_time_is_estimated_within_the_timeout(slow_gw, slow_sim):
+    slow_sim.set_faults(slow_tokenize=10)
+    body = json.dumps({"model": "sim", "prompt": "one two three four", "max_tokens": 50}).encode()
+    rid = give_up(slow_gw, COMPLETIONS, body)
+    left = time.monotonic()
+    # GATEWAY_PROMPT_COUNT_TIMEOUT is 0.5 s: the line comes long before tokenize's ten seconds.
+    counts = tokens_of(slow_gw, rid, timeout=5)
+    assert time.monotonic() - left < 5
+    assert counts == (math.ceil(len(body) / 4), None, "estimate")
+
+
+def test_a_responses_request_given_up_on_counts_an_estimated_prompt(slow_gw):
+    # vLLM's /tokenize does not take a Responses input: the prompt is estimated at once.
+    body = json.dumps({"model": "sim", "input": "one two three", "max_output_tokens": 50}).encode()
+    rid = give_up(slow_gw, RESPONSES, body)
+    assert tokens_of(slow_gw, rid) == (math.ceil(len(body) / 4), None, "estimate")
+
+
+def test_a_prompt_being_counted_when_the_gateway_stops_reaches_the_ledger(tmp_path, slow_sim):
+    slow_sim.set_faults(slow_tokenize=1.0)
+    with Gateway.start(tmp_path, [Backend("sim", slow_sim.base_url)], env=FLUSH) as gateway:
+        prompt = " ".join(["lorem"] * 25)
+        body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": prompt}], "max_tokens": 50})
+        give_up(gateway, CHAT, body.encode())
+        gateway.stop()  # SIGTERM while the backend's /tokenize takes its second
+        rows = json.loads(gateway.cli("usage", "--by", "key,model", "--json").stdout)
+    assert [(row["requests"], row["aborted"], row["prompt_tokens"]) for row in rows] == [(1, 1, 25)]
+
+
 # ---- the token limit binds, however the request is spelt ------------------------------------------
 
 PROMPT_265 = " ".join(["lorem"] * 265)
@@ -245,3 +387,15 @@ def test_a_token_limit_binds_however_the_request_is_spelt(gw, shape):
     content = body if isinstance(body, bytes) else {"model": "sim", **body}
     statuses = [post(gw, path, content, request_id(shape), key).status_code for _ in range(10)]
     assert statuses == [200] * 4 + [429] * 6
+
+
+def test_the_openai_sdk_sees_a_cut_stream_fail_and_its_tokens_count(gw, sim):
+    sim.set_faults(crash_after_tokens=4)
+    rid = request_id("sdk-cut")
+    stream = gw.openai().chat.completions.create(
+        model="sim", messages=MESSAGES, max_tokens=50, stream=True, extra_headers={"X-Request-ID": rid}
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert tokens_of(gw, rid) == (3, 4, "tokenize")

@@ -20,6 +20,7 @@ from . import errors
 from .access_log import key_label
 from .errors import GatewayError
 from .http_exchange import Exchange
+from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
@@ -73,6 +74,8 @@ class Outcome:
     backend: str = "-"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # How the prompt tokens were counted when vLLM's usage never came: "tokenize" or "estimate".
+    prompt_from: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's type.
     upstream_seconds: float = 0.0
@@ -81,6 +84,10 @@ class Outcome:
     # For the usage ledger: set once the key may use the model it named.
     key_id: str = ""
     ledger_model: str = ""
+    # The key's token limit, which the answer's tokens count against when the request ends.
+    token_limit: str | None = None
+    # The backend that took the request and the body it got, once its tokens count (prompt_count.py).
+    sent: tuple[Backend, bytes] | None = None
     # Seconds the request waited for a free backend (admission.py); None when it went at once.
     queued: float | None = None
 
@@ -131,6 +138,15 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         task.uncancel()
         outcome.status = 499
     finally:
+        if outcome.sent is not None and outcome.prompt_tokens is None and exchange.path in COUNTED_PATHS:
+            # Rare: vLLM had the request but its usage never came (the client left, the backend cut
+            # the answer). Its prompt counts all the same; the client is not kept waiting.
+            await count_prompt(state, exchange.path, request_id, outcome)
+        # The answer is out, or its client left: its tokens (of a stream cut short, those delivered)
+        # count against the key's token limit, in full.
+        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+        if outcome.token_limit and tokens:
+            await state.limiter.count_tokens(outcome.key_id, outcome.token_limit, tokens)
         state.metrics.request(outcome, exchange.key, started)
         if outcome.ledger_model and state.ledger is not None:
             state.ledger.record(
@@ -153,6 +169,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             outcome.prompt_tokens,
             outcome.completion_tokens,
             queued=outcome.queued,
+            prompt_from=outcome.prompt_from,
         )
 
 
@@ -167,7 +184,7 @@ async def proxy(
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
     outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
     # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
-    token_limit = key.token_limit or state.settings.token_limit
+    token_limit = outcome.token_limit = key.token_limit or state.settings.token_limit
     if token_limit:
         outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
@@ -205,11 +222,6 @@ async def proxy(
     finally:
         state.in_flight -= 1
         state.admission.leave(key)
-        # 6. The answer is out, or its client left: its tokens (of a stream cut short, those delivered)
-        # count against the key's token limit, in full.
-        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
-        if token_limit and tokens:
-            await state.limiter.count_tokens(key.id, token_limit, tokens)
 
 
 async def relay(
@@ -230,6 +242,8 @@ async def relay(
     meter: UsageMeter | None = None
     try:
         outcome.status = upstream.status
+        if upstream.status < 300:
+            outcome.sent = (backend, body)  # vLLM took it: its tokens count, usage or not
         head = response_headers(upstream) + outcome.headers
         streaming = b"text/event-stream" in upstream.content_type
         first = b"" if streaming else await upstream.read_chunk()
@@ -309,6 +323,11 @@ async def open_upstream(
             headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
+        except asyncio.CancelledError:
+            state.admission.release(backend, at_once)
+            if exchange.client_gone:
+                outcome.sent = (backend, body)  # the client left while vLLM worked on it: the prompt counts
+            raise
         except UpstreamConnectError as error:
             # Nothing reached vLLM, so another replica may safely take the request.
             state.admission.release(backend, at_once)
