@@ -213,3 +213,96 @@ def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp
     assert endings == ["length"] * 16  # every stream ran to its 1000 tokens
     assert len(vllm_waiting) >= 3 and max(vllm_waiting) == 0, "vLLM queued requests the gateway let through"
     assert sum("queue_ms=" in line for line in lines) >= 8, "the gateway never held the excess"
+
+
+def ledger_and_vllm_counts(gateway, vllm, requests: int, send) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """What `send()` added to the ledger (requests, input, output tokens) and to vLLM's own counters
+    (prompt, generation tokens), once vLLM runs nothing and the ledger counts `requests` more."""
+    before_ledger = settled_ledger_tokens(gateway)
+    before = metrics(vllm)
+    send()
+    deadline = time.monotonic() + 30
+    while metrics(vllm)["vllm:num_requests_running"] != 0 or ledger_tokens(gateway)[0] < before_ledger[0] + requests:
+        assert time.monotonic() < deadline, "vLLM or the ledger never settled"
+        time.sleep(0.1)
+    after = metrics(vllm)
+    after_ledger = settled_ledger_tokens(gateway)
+    ledger = tuple(now - then for now, then in zip(after_ledger, before_ledger, strict=True))
+    vllm_counts = tuple(
+        int(after[name] - before[name]) for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    )
+    return ledger, vllm_counts  # type: ignore[return-value]
+
+
+def test_the_ledger_counts_streams_however_their_request_spells_stream_and_its_options(real_gateway, vllm):
+    contents: list[bytes] = []
+
+    def send() -> None:
+        chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 9, "ignore_eos": True}
+        escaped = (
+            b'{"model":"tiny","messages":[{"role":"user","content":"hello there"}],"max_tokens":6,"ignore_eos":true,'
+            b'"stream":"yes","stream\\u005foptions":{"include_usage":false}}'
+        )
+        with real_gateway.http(real_gateway.key, timeout=60) as client:
+            contents.append(client.post("/v1/chat/completions", json=chat | {"stream": 1}).content)
+            text = {"model": "tiny", "prompt": "the sea", "max_tokens": 7, "ignore_eos": True, "stream": "true"}
+            contents.append(client.post("/v1/completions", json=text).content)
+            headers = {"content-type": "application/json"}
+            contents.append(client.post("/v1/chat/completions", content=escaped, headers=headers).content)
+
+    ledger, vllm_counts = ledger_and_vllm_counts(real_gateway, vllm, 3, send)
+    assert all(content.endswith(b"data: [DONE]\n\n") and b'"usage"' not in content for content in contents)
+    assert vllm_counts[1] == 9 + 7 + 6
+    assert ledger == (3, *vllm_counts)
+
+
+def test_the_ledger_counts_responses_whole_and_streamed(real_gateway, vllm):
+    def send() -> None:
+        client = real_gateway.openai()
+        client.responses.create(model="tiny", input="hello there", max_output_tokens=8, extra_body={"ignore_eos": True})
+        events = list(
+            client.responses.create(
+                model="tiny", input="hello there", max_output_tokens=5, stream=True, extra_body={"ignore_eos": True}
+            )
+        )
+        assert events[-1].type in ("response.completed", "response.incomplete")
+
+    ledger, vllm_counts = ledger_and_vllm_counts(real_gateway, vllm, 2, send)
+    assert ledger == (2, *vllm_counts)
+
+
+def test_the_ledger_counts_a_chat_whose_usage_comes_before_a_long_prompts_logprobs(real_gateway, vllm):
+    sizes: list[int] = []
+
+    def send() -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hello there " * 700}],
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "prompt_logprobs": 1,
+        }
+        with real_gateway.http(real_gateway.key, timeout=120) as client:
+            sizes.append(len(client.post("/v1/chat/completions", json=body).content))
+
+    ledger, vllm_counts = ledger_and_vllm_counts(real_gateway, vllm, 1, send)
+    assert sizes[0] > 500_000  # read in many pieces, the usage in the first
+    assert vllm_counts[0] > 4000
+    assert ledger == (1, *vllm_counts[:1], 3)
+
+
+def test_a_request_given_up_on_counts_the_prompt_vllm_read(real_gateway, vllm):
+    def send() -> None:
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hello there " * 700}],
+            "max_tokens": 6000,
+            "ignore_eos": True,
+        }
+        with real_gateway.http(real_gateway.key, timeout=1.5) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json=body)
+
+    ledger, (prompt, generated) = ledger_and_vllm_counts(real_gateway, vllm, 1, send)
+    assert prompt > 4000 and 0 < generated < 6000  # vLLM read the prompt and began the answer
+    # The prompt as vLLM's /tokenize counts it, which is what its usage would have said; nothing was delivered.
+    assert ledger == (1, prompt, 0)

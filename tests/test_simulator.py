@@ -318,6 +318,83 @@ def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
     assert (status, health) == (503, 500)
 
 
+def test_responses_answer_whole_and_streamed_with_vllms_usage(sim: Simulator) -> None:
+    client = client_for(sim)
+    whole = client.responses.create(model=sim.model, instructions="be brief", input="four words of prompt")
+    events = list(
+        client.responses.create(
+            model=sim.model,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "two words"}]}],
+            max_output_tokens=3,
+            stream=True,
+        )
+    )
+    assert len(whole.output_text.split()) == 16  # the default max_output_tokens
+    assert whole.usage is not None and (whole.usage.input_tokens, whole.usage.output_tokens) == (6, 16)
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds.count("response.output_text.delta") == 3 and kinds[-1] == "response.completed"
+    assert events[0].response.usage is None
+    usage = events[-1].response.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (2, 3, 5)
+    assert events[-1].response.output_text == "lorem ipsum dolor"
+    assert_bad_request(post_json(sim, "/v1/responses", {"model": sim.model, "input": 5}), "input")
+
+
+def test_prompt_logprobs_follow_a_chats_usage_and_are_refused_for_streams(sim: Simulator) -> None:
+    body = chat_body(sim.model, 2) | {"prompt_logprobs": 1}
+    answer = post_json(sim, CHAT, body)
+    assert list(answer.json())[-2:] == ["usage", "prompt_logprobs"]  # vLLM's order
+    logprobs = answer.json()["prompt_logprobs"]
+    assert logprobs[0] is None and len(logprobs) == answer.json()["usage"]["prompt_tokens"] == 4
+    assert [next(iter(entry.values()))["decoded_token"] for entry in logprobs[1:]] == ["words", "of", "prompt"]
+    text = post_json(sim, "/v1/completions", {"model": sim.model, "prompt": "a b c", "prompt_logprobs": 0})
+    assert len(text.json()["choices"][0]["prompt_logprobs"]) == 3
+    assert_bad_request(post_json(sim, CHAT, body | {"stream": True}), "prompt_logprobs")
+    assert_bad_request(post_json(sim, CHAT, body | {"prompt_logprobs": "all"}), "prompt_logprobs")
+
+
+def read_pieces(url: str, body: dict) -> tuple[bytes, list[int]]:
+    """The answer's body and the size of each read of it (each cut is followed by a pause)."""
+
+    async def read() -> tuple[bytes, list[int]]:
+        reads: list[int] = []
+        data = b""
+        async with httpx.AsyncClient(timeout=30) as client, client.stream("POST", url, json=body) as response:
+            async for piece in response.aiter_raw():
+                reads.append(len(piece))
+                data += piece
+        return data, reads
+
+    return asyncio.run(read())
+
+
+def test_body_faults_cut_an_answer_where_asked(sim: Simulator) -> None:
+    whole, _ = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3) | {"stream": False})
+    sim.set_faults(split_body_at=100, body_piece_bytes=150)
+    cut, reads = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3) | {"stream": False})
+    assert len(cut) == len(whole) and json.loads(cut)["usage"]["completion_tokens"] == 3
+    # Every read ends at a cut (two pieces may still come in one read on a busy machine).
+    ends = {sum(reads[: index + 1]) for index in range(len(reads))}
+    assert len(reads) > 1 and ends <= {100, *range(150, len(cut), 150), len(cut)}
+    streamed, stream_reads = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3, stream=True))
+    assert streamed.endswith(b"data: [DONE]\n\n") and stream_reads[0] == 100
+    assert_bad_request(post_json(sim, "/_simulator/faults", {"body_piece_bytes": 0}), "body_piece_bytes")
+
+
+def test_slow_tokenize_fault_holds_back_tokenize_only(sim: Simulator) -> None:
+    sim.set_faults(slow_tokenize=60)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(sim.base_url + "/tokenize", json={"model": sim.model, "prompt": "a b"}, timeout=1)
+    assert post_json(sim, CHAT, chat_body(sim.model, 1)).status_code == 200
+
+
 def test_unknown_fault_is_rejected(sim: Simulator) -> None:
     response = httpx.post(sim.base_url + "/_simulator/faults", json={"explode": True})
     assert response.status_code == 400
@@ -500,11 +577,24 @@ def test_model_that_is_not_a_string_is_a_400_not_a_404(sim: Simulator) -> None:
         assert_bad_request(post_json(sim, CHAT, body), "model")
 
 
-def test_stream_given_as_a_string_is_a_400_not_a_stream(sim: Simulator) -> None:
-    response = post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": "false"})
-    assert_bad_request(response, "stream")
-    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
+def test_booleans_are_read_as_vllms_pydantic_models_read_them(sim: Simulator) -> None:
+    # Lax mode: 0 and 1 (or 0.0 and 1.0), and true/false, yes/no, on/off, t/f, y/n, 1/0 in any case.
+    for stream in (1, 1.0, "true", "Yes", "ON", "t", "1"):
+        response = post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream})
+        assert response.headers["content-type"].startswith("text/event-stream"), stream
+    for stream in (0, 0.0, "false", "No", "off", "f", "0"):
+        assert post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream}).json()["usage"], stream
+    asked = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
+    assert b'"choices":[],"usage"' in post_json(sim, CHAT, asked).content
+
+
+def test_a_boolean_spelt_in_no_way_vllm_reads_is_a_400_not_a_stream(sim: Simulator) -> None:
+    for stream in (2, 0.5, "", "maybe", " true", [True]):
+        assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream}), "stream")
+    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "sure"}}
     assert_bad_request(post_json(sim, CHAT, options), "stream_options.include_usage")
+    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"continuous_usage_stats": 5}}
+    assert_bad_request(post_json(sim, CHAT, options), "stream_options.continuous_usage_stats")
     assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream_options": [1]}), "stream_options")
 
 

@@ -123,7 +123,7 @@ def test_a_completions_stream_without_usage_is_counted_too(gw):
     assert after["output_tokens"] - before["output_tokens"] == 6
 
 
-def test_an_aborted_stream_is_counted_with_the_tokens_it_delivered_and_marked(tmp_path, simulator):
+def test_an_aborted_stream_is_counted_with_its_prompt_and_the_tokens_it_delivered_and_marked(tmp_path, simulator):
     env = {**FLUSH, "GATEWAY_TOKEN_LIMIT": "100000/hour"}
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
         body = {**CHAT, "max_tokens": 2000, "stream": True}  # ten seconds at the simulator's rate
@@ -147,7 +147,9 @@ def test_an_aborted_stream_is_counted_with_the_tokens_it_delivered_and_marked(tm
     assert row["requests"] == 1 and row["aborted"] == 1 and row["errors"] == 0
     # What the client read, and what was on its way when it left: never the 2000 it asked for.
     assert 10 <= row["completion_tokens"] == row["aborted_completion_tokens"] < 200
-    assert int(remaining) == 100000 - row["completion_tokens"]
+    # And its prompt, which vLLM read in full: the backend's /tokenize counted it ("hello there").
+    assert row["prompt_tokens"] == 2
+    assert int(remaining) == 100000 - row["completion_tokens"] - row["prompt_tokens"]
 
 
 def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator):

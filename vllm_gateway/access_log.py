@@ -63,15 +63,19 @@ class LogWriter(threading.Thread):
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         queued: float | None = None,
+        prompt_from: str | None = None,
     ) -> None:
         """One request line. `path` must not carry the query string: it may hold an api_key. A
-        request that waited for a free backend (admission.py) says how long, as queue_ms."""
+        request that waited for a free backend (admission.py) says how long, as queue_ms; one whose
+        usage never came, how its prompt was counted (prompt_count.py), as prompt_from."""
         line = self._line(escape, request_id, method, path, status, duration, key, model, backend)
         if may_hide_key(line):
             # Rarely: something in it may spell a key. Build it again, each value searched and masked.
             line = self._line(clean, request_id, method, path, status, duration, key, model, backend)
         if prompt_tokens is not None or completion_tokens is not None:
             line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
+        if prompt_from is not None:
+            line += f" prompt_from={prompt_from}"
         if queued is not None:
             line += f" queue_ms={queued * 1000:.1f}"
         self._pending.append(line)

@@ -20,14 +20,14 @@ from . import backend_errors, errors
 from .access_log import key_label
 from .errors import GatewayError
 from .http_exchange import Exchange
+from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
 from .request_body import ClientDisconnected, model_from_body
 from .state import GatewayState
-from .stream_usage import USAGE_PATHS, UsageChunkFilter, with_usage_requested
+from .stream_usage import USAGE_PATHS, UsageMeter, with_usage_requested
 from .upstream import (
     Headers,
     Response,
-    Sink,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
@@ -36,6 +36,7 @@ from .upstream import (
     response_headers,
     without_length,
 )
+from .usage_scan import usage_in
 
 PROXIED_PATHS = frozenset(
     {
@@ -62,8 +63,6 @@ NO_SEQUENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
-PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
-COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 @dataclass
@@ -76,6 +75,8 @@ class Outcome:
     backend: str = "-"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # How the prompt tokens were counted when vLLM's usage never came: "tokenize" or "estimate".
+    prompt_from: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's type.
     upstream_seconds: float = 0.0
@@ -84,6 +85,10 @@ class Outcome:
     # For the usage ledger: set once the key may use the model it named.
     key_id: str = ""
     ledger_model: str = ""
+    # The key's token limit, which the answer's tokens count against when the request ends.
+    token_limit: str | None = None
+    # The backend that took the request and the body it got, once its tokens count (prompt_count.py).
+    sent: tuple[Backend, bytes] | None = None
     # Seconds the request waited for a free backend (admission.py); None when it went at once.
     queued: float | None = None
 
@@ -134,6 +139,15 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         task.uncancel()
         outcome.status = 499
     finally:
+        if outcome.sent is not None and outcome.prompt_tokens is None and exchange.path in COUNTED_PATHS:
+            # Rare: vLLM had the request but its usage never came (the client left, the backend cut
+            # the answer). Its prompt counts all the same; the client is not kept waiting.
+            await count_prompt(state, exchange.path, request_id, outcome)
+        # The answer is out, or its client left: its tokens (of a stream cut short, those delivered)
+        # count against the key's token limit, in full.
+        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+        if outcome.token_limit and tokens:
+            await state.limiter.count_tokens(outcome.key_id, outcome.token_limit, tokens)
         state.metrics.request(outcome, exchange.key, started)
         if outcome.ledger_model and state.ledger is not None:
             state.ledger.record(
@@ -156,6 +170,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             outcome.prompt_tokens,
             outcome.completion_tokens,
             queued=outcome.queued,
+            prompt_from=outcome.prompt_from,
         )
 
 
@@ -170,7 +185,7 @@ async def proxy(
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
     outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
     # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
-    token_limit = key.token_limit or state.settings.token_limit
+    token_limit = outcome.token_limit = key.token_limit or state.settings.token_limit
     if token_limit:
         outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
@@ -212,11 +227,6 @@ async def proxy(
     finally:
         state.in_flight -= 1
         state.admission.leave(key)
-        # 6. The answer is out, or its client left: its tokens (of an aborted stream, those delivered)
-        # count against the key's token limit, in full.
-        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
-        if token_limit and tokens:
-            await state.limiter.count_tokens(key.id, token_limit, tokens)
 
 
 async def relay(
@@ -234,9 +244,11 @@ async def relay(
     upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
-    counted: UsageChunkFilter | None = None
+    meter: UsageMeter | None = None
     try:
         outcome.status = upstream.status
+        if upstream.status < 300:
+            outcome.sent = (backend, body)  # vLLM took it: its tokens count, usage or not
         head = response_headers(upstream) + outcome.headers
         streaming = b"text/event-stream" in upstream.content_type
         first = b"" if streaming else await upstream.read_chunk()
@@ -247,25 +259,26 @@ async def relay(
         if whole:
             # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
             exchange.respond(upstream.status, head, first)
-            tail = first
+            outcome.prompt_tokens, outcome.completion_tokens = usage_in(first) or (None, None)
         else:
-            # A stream, or a body still coming: the head at once, then every piece as it arrives.
-            sink: Sink = exchange
-            if streaming and exchange.path in USAGE_PATHS and not upstream.encoded:
-                sink = counted = UsageChunkFilter(exchange, strip_usage)
-                if strip_usage and upstream.sized:
-                    head = without_length(head)  # the usage chunk leaves: the body is shorter than declared
+            # A stream, or a body still coming: the head at once, then every piece as it arrives,
+            # through the meter, which finds the usage wherever the reads cut it (stream_usage.py).
+            meter = UsageMeter(exchange, strip_usage and streaming and not upstream.encoded)
+            if meter.strip and upstream.sized:
+                head = without_length(head)  # the usage chunk leaves: the body is shorter than declared
             exchange.start(upstream.status, head, first)
-            upstream.send_body_to(sink)
+            meter.feed(first)
+            if streaming:
+                meter.count_events(exchange.path)
+            upstream.send_body_to(meter)
             try:
                 # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
                 # up while the client was not reading, and at the end.
                 while chunk := await upstream.read_chunk():
-                    sink.write(chunk)
+                    meter.write(chunk)
                     if exchange.write_paused:
                         await exchange.drain()
-                if counted is not None:
-                    exchange.write(counted.rest())
+                exchange.write(meter.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
@@ -275,12 +288,13 @@ async def relay(
                     errors.sse_error_event(f"The server of model `{model.name}` failed during the stream: {error}.")
                 )
             exchange.end()
-            tail = upstream.previous + upstream.last
             if streaming:
                 outcome.first_byte_at = upstream.first_body_at
         finished = True
-        record_usage(tail, outcome)
     finally:
+        if meter is not None:
+            # The usage; without one (the client left, the backend cut the stream), what a stream delivered.
+            outcome.prompt_tokens, outcome.completion_tokens = meter.tokens()
         outcome.upstream_seconds = time.perf_counter() - waiting_from
         # In flight until the last byte: now the next may go.
         state.admission.release(backend, exchange.path in NO_SEQUENCE_PATHS)
@@ -288,10 +302,6 @@ async def relay(
             upstream.release()
         else:
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
-            if counted is not None and exchange.client_gone:
-                # No usage came: the ledger counts the events delivered, one token each (the chat
-                # stream's first event carries the role only).
-                outcome.completion_tokens = max(0, counted.events - (exchange.path == "/v1/chat/completions"))
 
 
 async def open_upstream(
@@ -324,6 +334,11 @@ async def open_upstream(
             headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
+        except asyncio.CancelledError:
+            state.admission.release(backend, at_once)
+            if exchange.client_gone:
+                outcome.sent = (backend, body)  # the client left while vLLM worked on it: the prompt counts
+            raise
         except UpstreamConnectError as error:
             # Nothing reached vLLM, so another replica may safely take the request.
             state.admission.release(backend, at_once)
@@ -356,16 +371,6 @@ def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> st
     if isinstance(error, UpstreamTimeout):
         return "timeout"
     return otherwise
-
-
-def record_usage(tail: bytes, outcome: Outcome) -> None:
-    start = tail.rfind(b'"usage"')
-    if start < 0:
-        return
-    prompt = PROMPT_TOKENS.search(tail, start)
-    completion = COMPLETION_TOKENS.search(tail, start)
-    outcome.prompt_tokens = int(prompt.group(1)) if prompt else None
-    outcome.completion_tokens = int(completion.group(1)) if completion else None
 
 
 def send_error(exchange: Exchange, error: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:

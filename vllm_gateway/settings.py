@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     rate_limit: str = "20/minute"
     # Tokens (prompt + completion) per key, for keys without a token_limit of their own; none: no limit.
     token_limit: str | None = None
+    # Seconds the backend's /tokenize gets to count the prompt of a request whose usage never came (its
+    # client left, or the backend cut the answer); past them, or failing, the prompt is estimated
+    # (prompt_count.py). The request's log line and ledger entry wait that long, never a client.
+    prompt_count_timeout: float = Field(2.0, gt=0, le=60)
     rate_limit_storage: str = "memory://"
     # Seconds Redis (the shared store above) may take to accept a connection or answer before the
     # gateway takes it for down: requests then get 503 store_unavailable instead of hanging.

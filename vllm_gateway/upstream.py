@@ -104,8 +104,6 @@ class Response:
     __slots__ = (
         "status",
         "headers",
-        "previous",
-        "last",
         "_connection",
         "_chunks",
         "_buffered",
@@ -121,8 +119,6 @@ class Response:
     def __init__(self, connection: Connection) -> None:
         self.status = 0
         self.headers: Headers = []
-        # The two newest pieces of the body, however they left: the usage chunk ends a stream.
-        self.previous = self.last = b""
         self._connection = connection
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -200,7 +196,6 @@ class Response:
     def _feed(self, data: bytes) -> None:
         if not self.first_body_at:
             self.first_body_at = perf_counter()
-        self.previous, self.last = self.last, data
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:

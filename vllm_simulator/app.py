@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import control, embeddings, generation, server_info, tokenizer, transcriptions
+from . import control, embeddings, generation, responses, server_info, tokenizer, transcriptions
 from .config import SimulatorConfig
 from .errors import ApiError, json_response
 from .faults import Faults
@@ -59,6 +59,7 @@ def create_app(config: SimulatorConfig, faults: Faults | None = None) -> web.App
     app.router.add_get("/v1/models", server_info.models)
     app.router.add_post("/v1/chat/completions", generation.chat_completions)
     app.router.add_post("/v1/completions", generation.completions)
+    app.router.add_post("/v1/responses", responses.responses)
     app.router.add_post("/v1/embeddings", embeddings.embeddings)
     app.router.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
     app.router.add_post("/tokenize", tokenizer.tokenize)

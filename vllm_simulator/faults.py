@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _FAULT_STATUS_RANGES = {"error_status": (400, 599), "health_status": (200, 599)}
 # The active faults are answered as JSON, and orjson encodes integers up to 64 bits only.
 _MAX_FAULT_TOKENS = 2**63 - 1
+_SECONDS = frozenset({"slow_start", "slow_tokenize"})
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Faults:
     crash_after_tokens: int | None = None  # send N tokens, then close the connection
     exit_after_tokens: int | None = None  # send N tokens, then the whole process exits
     health_status: int | None = None  # /health answers this status
+    slow_tokenize: float | None = None  # extra seconds before /tokenize answers
+    # Cut every answer's body (a whole JSON answer or a stream) after this many bytes, and after every
+    # body_piece_bytes, pausing at each cut so that each piece reaches the client in a read of its own.
+    split_body_at: int | None = None
+    body_piece_bytes: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> Faults:
@@ -62,7 +68,9 @@ class Faults:
                     raise bad_request(f"fault {name} must be an HTTP status from {low} to {high}", name)
             elif name.endswith("_tokens") and (value != int(value) or value > _MAX_FAULT_TOKENS):
                 raise bad_request(f"fault {name} must be a whole number of tokens up to {_MAX_FAULT_TOKENS}", name)
-            setattr(faults, name, float(value) if name == "slow_start" else int(value))
+            elif name not in _SECONDS and (value != int(value) or not 1 <= value <= _MAX_FAULT_TOKENS):
+                raise bad_request(f"fault {name} must be a whole number of bytes from 1 to {_MAX_FAULT_TOKENS}", name)
+            setattr(faults, name, float(value) if name in _SECONDS else int(value))
         return faults
 
     def active(self) -> dict[str, Any]:
@@ -74,6 +82,10 @@ class Faults:
     def raise_injected_error(self) -> None:
         if self.error_status is not None:
             raise ApiError(self.error_status, "Simulated engine failure (injected fault).", shape=self.error_shape)
+
+    @property
+    def cuts_body(self) -> bool:
+        return self.split_body_at is not None or self.body_piece_bytes is not None
 
     def stop_after(self, n_tokens: int) -> int | None:
         """Number of tokens after which a crash or exit fault strikes, if one is set."""

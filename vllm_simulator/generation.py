@@ -8,19 +8,21 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .errors import bad_request, invalid, json_response
+from .errors import bad_request, invalid
 from .faults import Faults, strike
+from .pieces import PieceWriter, json_answer
 from .state import STATE, SimulatorState
 from .validation import (
     check_context_length,
     count_input_tokens,
+    is_int,
     json_body,
     messages_texts,
     optional_bool,
@@ -28,7 +30,7 @@ from .validation import (
     requested_model,
     text_or_token_inputs,
 )
-from .vocabulary import completion_text, token_json
+from .vocabulary import completion_text, token_ids, token_json
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Generation:
     max_tokens: int
     stream: bool
     include_usage: bool
+    # The prompt's words when the request asked for prompt_logprobs (None: it did not).
+    prompt_words: list[str] | None = None
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         return {
@@ -64,20 +68,27 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
     # Validation before the injected failure: vLLM rejects a malformed request before it reaches
     # the engine, so a broken engine still answers bad input with 400.
     if chat:
-        prompt_tokens = count_input_tokens(messages_texts(body.get("messages")))
+        texts: list[str | list[int]] = list(messages_texts(body.get("messages")))
         max_tokens = requested_max_tokens(body, "max_completion_tokens", "max_tokens")
     else:
         if body.get("prompt") is None:
             raise bad_request("`prompt` is required.", "prompt")
-        prompt_tokens = count_input_tokens(text_or_token_inputs(body["prompt"], "prompt"))
+        texts = text_or_token_inputs(body["prompt"], "prompt")
         max_tokens = requested_max_tokens(body, "max_tokens")
+    prompt_tokens = count_input_tokens(texts)
     stream = optional_bool(body, "stream")
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None and not (is_int(prompt_logprobs) and prompt_logprobs >= -1):
+        raise invalid("prompt_logprobs", "an integer >= -1")
+    if prompt_logprobs is not None and stream:
+        raise bad_request("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
     stream_options = body.get("stream_options")
     if stream_options is None:
         stream_options = {}
     elif not isinstance(stream_options, dict):
         raise invalid("stream_options", "an object")
     include_usage = optional_bool(stream_options, "include_usage", "stream_options.include_usage")
+    optional_bool(stream_options, "continuous_usage_stats", "stream_options.continuous_usage_stats")
     state.faults.raise_injected_error()
     check_context_length(state.config.max_model_len, prompt_tokens, max_tokens)
     # Like vLLM, a client's X-Request-Id becomes part of the completion id.
@@ -90,9 +101,31 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         max_tokens=max_tokens,
         stream=stream,
         include_usage=include_usage,
+        prompt_words=None if prompt_logprobs is None else prompt_words(texts),
     )
-    faults = state.faults.copy()  # a request keeps the faults it started with
 
+    async def answer(faults: Faults) -> web.StreamResponse:
+        if job.stream:
+            return await stream_generation(request, state, job, faults)
+        return await whole_generation(request, state, job, faults)
+
+    return await in_slot(request, state, prompt_tokens, answer)
+
+
+def prompt_words(texts: list[str | list[int]]) -> list[str]:
+    """The prompt's tokens as words (a token id stands for itself)."""
+    return [word for text in texts for word in (text.split() if isinstance(text, str) else map(str, text))]
+
+
+async def in_slot(
+    request: web.Request,
+    state: SimulatorState,
+    prompt_tokens: int,
+    answer: Callable[[Faults], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Run `answer` once one of the engine's slots is free, counted as running; aborted or crashed
+    if it does not finish."""
+    faults = state.faults.copy()  # a request keeps the faults it started with
     try:
         await acquire_slot(state)
     except asyncio.CancelledError:  # the client gave up while queued
@@ -103,10 +136,7 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state.prompt_tokens += prompt_tokens
     finished = False
     try:
-        if job.stream:
-            response = await stream_generation(request, state, job, faults)
-        else:
-            response = await whole_generation(request, state, job, faults)
+        response = await answer(faults)
         finished = True
         return response
     finally:
@@ -150,7 +180,7 @@ async def paced_tokens(state: SimulatorState, n_tokens: int, faults: Faults) -> 
 
 async def whole_generation(
     request: web.Request, state: SimulatorState, job: Generation, faults: Faults
-) -> web.Response:
+) -> web.StreamResponse:
     stop_at = faults.stop_after(job.max_tokens)
     produced = 0
     async for _ in paced_tokens(state, stop_at if stop_at is not None else job.max_tokens, faults):
@@ -169,16 +199,30 @@ async def whole_generation(
         }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
-    return json_response(
-        {
-            "id": job.request_id,
-            "object": "chat.completion" if job.chat else "text_completion",
-            "created": int(time.time()),
-            "model": job.model,
-            "choices": [choice],
-            "usage": job.usage(produced),
-        }
-    )
+    answer: dict[str, Any] = {
+        "id": job.request_id,
+        "object": "chat.completion" if job.chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [choice],
+        "usage": job.usage(produced),
+    }
+    if job.prompt_words is not None:
+        # Where vLLM puts them: a chat answer's after its usage (a long prompt's make the usage the
+        # first bytes of a megabyte or more), a text completion's in its choice.
+        (answer if job.chat else choice)["prompt_logprobs"] = prompt_logprobs(job.prompt_words)
+    return await json_answer(request, answer, faults)
+
+
+def prompt_logprobs(words: list[str]) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs: nothing for the first token, then each token's id, log-probability and text."""
+    ids = token_ids(" ".join(words))
+    entries: list[dict[str, dict[str, Any]] | None] = [None]
+    for position in range(1, len(words)):
+        entries.append(
+            {str(ids[position]): {"logprob": -1.0 - position % 7 / 8, "rank": 1, "decoded_token": words[position]}}
+        )
+    return entries
 
 
 async def stream_generation(
@@ -188,6 +232,7 @@ async def stream_generation(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    writer = PieceWriter(response, faults)
     created = int(time.time())
     # Every chunk is the same bytes around its token, so they are built once per stream.
     head = (
@@ -206,15 +251,13 @@ async def stream_generation(
     tail_more = b'"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
     tail_last = b'"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
     if job.chat:  # vLLM opens a chat stream with the role
-        await response.write(head + b'"delta":{"role":"assistant","content":""},' + tail_more)
+        await writer.write(head + b'"delta":{"role":"assistant","content":""},' + tail_more)
 
     stop_at = faults.stop_after(job.max_tokens)
     n_tokens = stop_at if stop_at is not None else job.max_tokens
     async for position in paced_tokens(state, n_tokens, faults):
         last = stop_at is None and position == n_tokens - 1
-        await response.write(
-            head + token_open + token_json(position) + token_close + (tail_last if last else tail_more)
-        )
+        await writer.write(head + token_open + token_json(position) + token_close + (tail_last if last else tail_more))
     if stop_at is not None:
         strike(request, faults)
     if job.include_usage:
@@ -226,7 +269,7 @@ async def stream_generation(
             "choices": [],
             "usage": job.usage(n_tokens),
         }
-        await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
+        await writer.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+    await writer.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response

@@ -5,6 +5,8 @@ The text form takes `prompt`, the chat form `messages`; ids come from vocabulary
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .errors import bad_request, invalid, json_response
@@ -17,6 +19,8 @@ async def tokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await json_body(request)
     requested_model(body, state.config)
+    if state.faults.slow_tokenize:
+        await asyncio.sleep(state.faults.slow_tokenize)
     # vLLM tells the chat form from the text form by which of the two fields is there.
     if body.get("messages") is not None:
         text = " ".join(messages_texts(body["messages"]))

@@ -15,6 +15,10 @@ from .config import SimulatorConfig
 from .errors import ApiError, bad_request, invalid
 
 DEFAULT_MAX_TOKENS = 16
+# vLLM's request models are pydantic models read in lax mode: a boolean may also come as 0 or 1 (int
+# or float) or as one of these words, in any case. Anything else is a 400.
+TRUE_WORDS = frozenset({"1", "t", "true", "y", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -55,13 +59,18 @@ def is_token_id(value: Any) -> bool:
 
 
 def optional_bool(body: dict[str, Any], name: str, param: str | None = None) -> bool:
+    """The field as vLLM reads a `bool | None` (pydantic's lax mode); absent or null is False."""
     value = body.get(name)
     if value is None:
         return False
-    if not isinstance(value, bool):
-        # A truthy string such as "false" must not quietly turn streaming on.
-        raise invalid(param or name, "a boolean")
-    return value
+    if value is True or value is False:
+        return value
+    if type(value) in (int, float) and value in (0, 1):
+        return bool(value == 1)
+    if isinstance(value, str) and value.lower() in TRUE_WORDS | FALSE_WORDS:
+        # "false" is false: a truthy string must not quietly turn streaming on.
+        return value.lower() in TRUE_WORDS
+    raise invalid(param or name, "a boolean")
 
 
 def content_text(content: Any, param: str) -> str:
