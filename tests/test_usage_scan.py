@@ -147,3 +147,64 @@ def test_the_usage_request_goes_last_so_it_wins_over_any_spelling_of_the_clients
     sent = orjson.loads(with_usage_requested(body))
     assert sent == {"model": "m", "stream": 1, "stream_options": {"include_usage": True}}
     assert with_usage_requested(body).startswith(body.rstrip()[:-1])  # the client's bytes, unchanged
+
+
+# ---- the meter between a stream's backend and its client ----------------------------------------
+
+
+class Collected:
+    """A client's side of the relay: what the meter passes on."""
+
+    write_paused = False
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+
+
+def chat_stream(tokens: int, padding: int) -> bytes:
+    """A chat stream as vLLM writes it: a role event, a token event each, the usage chunk, [DONE]."""
+    events = [{"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    events += [{"id": "c", "choices": [{"index": 0, "delta": {"content": " w" + "x" * padding}}]}] * tokens
+    events.append({"id": "c", "choices": [], "usage": CHAT_USAGE | {"completion_tokens": tokens}})
+    return b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["usage-asked-for", "usage-removed"])
+@pytest.mark.parametrize(("tokens", "padding"), [(30, 0), (300, 200)], ids=["short", "beyond-the-tail"])
+def test_a_stream_cut_anywhere_reaches_the_client_whole_and_counted(strip, tokens, padding):
+    import random
+
+    from vllm_gateway.stream_usage import UsageMeter
+
+    stream = chat_stream(tokens, padding)
+    usage_event = stream.rindex(b"data: {")
+    expected = stream[:usage_event] + stream[stream.index(b"\n\n", usage_event) + 2 :] if strip else stream
+    chooser = random.Random(tokens + strip)
+    for _ in range(200):
+        cuts = sorted(chooser.sample(range(1, len(stream)), chooser.randint(1, 40)))
+        client = Collected()
+        meter = UsageMeter(client, strip)
+        meter.count_events("/v1/chat/completions")
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            meter.write(stream[start:end])
+        client.write(meter.rest())
+        assert b"".join(client.parts) == expected, cuts
+        assert meter.tokens() == (12, tokens), cuts
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["usage-asked-for", "usage-removed"])
+def test_a_stream_without_its_usage_counts_the_token_events_it_delivered(strip):
+    from vllm_gateway.stream_usage import UsageMeter
+
+    stream = chat_stream(300, 200)
+    cut = stream.rindex(b"data: {")  # the usage never came: the client left, or the backend died
+    for piece_size in (1, 7, 250, 4096, len(stream)):
+        meter = UsageMeter(Collected(), strip)
+        meter.count_events("/v1/chat/completions")
+        for start in range(0, cut, piece_size):
+            meter.write(stream[start : min(cut, start + piece_size)])
+        meter.rest()
+        assert meter.tokens() == (None, 300), piece_size

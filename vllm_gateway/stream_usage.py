@@ -14,8 +14,10 @@ it uncounted.
 
 from __future__ import annotations
 
+from collections import deque
+
 from .upstream import Sink
-from .usage_scan import KEY_START_ENDS, USAGE_KEY, UsageScanner
+from .usage_scan import MAX_USAGE_BYTES, Counts, UsageScanner, usage_in
 
 # The paths whose streams carry usage on request (vLLM's OpenAI server: chat and text completions).
 USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -32,6 +34,16 @@ TOKEN_EVENTS = {
 # What sets vLLM's usage chunk apart (vLLM and the simulator write JSON without spaces).
 USAGE_CHUNK = b'"choices":[],'
 EVENT_END = b"\n\n"
+# How far from the end of what is passed on the usage chunk can begin: it is the stream's last event
+# but `data: [DONE]`, a few hundred bytes, and never more than a usage object's bound and its event.
+USAGE_CHUNK_WITHIN = MAX_USAGE_BYTES + 4096
+# What a meter keeps of an answer's end (references to its last pieces), to find the usage there: more
+# than any usage object and its event. A stream of 100 events (about 23 KiB) that comes in one or two
+# reads is then never searched through on its way; one that comes event by event has its older events
+# counted as they leave, a few hundred bytes at a time.
+TAIL_BYTES = USAGE_CHUNK_WITHIN
+# Where the usage of an answer that has one nearly always is: its last event or two.
+NEAR_END_BYTES = 4096
 
 # pydantic's lax mode (vLLM's request models): these strings, in any case, and 0, 1, 0.0 and 1.0.
 TRUE_WORDS = frozenset({"1", "t", "true", "y", "yes", "on"})
@@ -80,24 +92,47 @@ def with_usage_requested(body: bytes) -> bytes:
     return body[:end] + b',"stream_options":{"include_usage":true}}'
 
 
-class UsageMeter(UsageScanner):
+class UsageMeter:
     """Between an answer's upstream and its client, for an answer that comes in pieces (a stream, a
-    long body): finds the usage in every piece that passes (UsageScanner), counts a stream's token
-    events (the tokens delivered, should the usage never come) and, when the gateway asked for the
-    usage, holds back the usage chunk. Only whole events are passed on then, so that the chunk is
-    always seen whole; vLLM writes whole events, so nothing waits in practice. The usage is then in
-    that chunk and nowhere else (the gateway's stream_options turned continuous usage off), so the
-    chunk is all that is scanned."""
+    long body): finds its usage, counts a stream's token events (the tokens delivered, should the
+    usage never come) and, when the gateway asked for the usage, holds back the usage chunk.
 
-    __slots__ = ("sink", "strip", "marker", "opening_events", "events", "pending")
+    It does the least per piece that it can, because a stream costs it something per piece and per
+    byte: a relayed byte is cheap, and a search through every byte (bytes.find or count, about 0.4 us
+    per KiB) cost a whole stream of 100 events about 20 us, as much as the rest of its relay. So the
+    newest TAIL_BYTES of the answer are only kept (references to the pieces, no copies), and at the end
+    the usage is searched for from the end backwards, where it is (usage_scan.usage_in): one short
+    rfind. Only a piece that leaves that tail is looked through: for a long body's usage that was not
+    at its end (a chat's usage sits before its `prompt_logprobs`, a megabyte or more), and for a
+    stream's token events; and the tail's own events are counted only when no usage came.
+
+    When the gateway asked for the usage, only whole events are passed on, so that the usage chunk is
+    always seen whole; vLLM writes whole events, so nothing waits in practice. That chunk is a stream's
+    last event but `data: [DONE]`, so only the last bytes of what is passed on are searched for it."""
+
+    __slots__ = (
+        "sink",
+        "strip",
+        "scanner",
+        "tail",
+        "tail_size",
+        "marker",
+        "opening_events",
+        "events",
+        "counted_end",
+        "pending",
+    )
 
     def __init__(self, sink: Sink, strip: bool) -> None:
-        super().__init__()
         self.sink = sink
         self.strip = strip
+        self.scanner = UsageScanner()  # the pieces that left the tail, in order; and a removed usage chunk
+        self.tail: deque[bytes] = deque()
+        self.tail_size = 0
         self.marker = b""  # a stream's token event, once count_events() knows it
         self.opening_events = 0
-        self.events = 0
+        self.events = 0  # token events in the pieces counted so far (those that left the tail)
+        self.counted_end = b""  # the last bytes counted, for an event marker cut between two pieces
         self.pending = b""
 
     def count_events(self, path: str) -> None:
@@ -106,49 +141,115 @@ class UsageMeter(UsageScanner):
 
     def tokens(self) -> tuple[int | None, int | None]:
         """Prompt and completion tokens: the usage's; without one, the token events a stream delivered."""
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens, self.completion_tokens
+        scanner = self.scanner
+        if not self.strip:
+            counts = self._usage_at_end()
+            if counts is not None:
+                return counts
+            # Not in the tail: a usage that began before it, or one that went by earlier.
+            for piece in self.tail:
+                scanner.feed(piece)
+        if scanner.prompt_tokens is not None:
+            return scanner.prompt_tokens, scanner.completion_tokens
         if self.marker:
+            for piece in self.tail:
+                self._count_events(piece)
             return None, max(0, self.events - self.opening_events)
         return None, None
+
+    def _usage_at_end(self) -> Counts | None:
+        """The last usage in the tail: nearly always in its last KiB or so, which alone is joined and
+        searched first (a stream that came event by event has a hundred pieces there)."""
+        tail = self.tail
+        near: list[bytes] = []
+        size = 0
+        for piece in reversed(tail):
+            near.append(piece)
+            size += len(piece)
+            if size >= NEAR_END_BYTES:
+                break
+        counts = usage_in(near[0] if len(near) == 1 else b"".join(reversed(near)))
+        if counts is None and len(near) < len(tail):
+            counts = usage_in(b"".join(tail))
+        return counts
 
     @property
     def write_paused(self) -> bool:
         return self.sink.write_paused
 
+    def feed(self, piece: bytes) -> None:
+        """A piece of the answer that went to the client some other way (with its head)."""
+        if piece:
+            self._keep(piece)
+
     def write(self, chunk: bytes) -> None:
-        if self.marker:
-            self.events += chunk.count(self.marker)
         if self.strip:
+            # The usage comes in the chunk taken out, and that search looks at every piece anyway:
+            # events are counted as they pass, which costs less than keeping them.
             chunk = self._without_usage(chunk)
-        elif self.held:
-            self.feed(chunk)
-        else:
-            # UsageScanner.feed, inlined: this runs for every piece of every stream.
-            at = chunk.find(USAGE_KEY)
-            if at >= 0 or (chunk and chunk[-1] in KEY_START_ENDS):
-                self._scan(chunk, at)
+            if self.marker and chunk:
+                self._count_events(chunk)
+            self.sink.write(chunk)
+            return
+        # _keep, inlined: this runs for every piece of every stream.
+        tail = self.tail
+        tail.append(chunk)
+        self.tail_size += len(chunk)
+        if self.tail_size - len(tail[0]) >= TAIL_BYTES:
+            self._trim()
         self.sink.write(chunk)
 
     def rest(self) -> bytes:
         """What is still held at the end of the stream (an unfinished event): it goes on as it is."""
         rest, self.pending = self.pending, b""
+        if rest and self.marker:
+            self._count_events(rest)
         return rest
 
+    def _keep(self, piece: bytes) -> None:
+        self.tail.append(piece)
+        self.tail_size += len(piece)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Pieces leave the tail while the newer ones still make TAIL_BYTES."""
+        tail = self.tail
+        while self.tail_size - len(tail[0]) >= TAIL_BYTES:
+            old = tail.popleft()
+            self.tail_size -= len(old)
+            if self.marker:
+                self._count_events(old)
+            else:
+                self.scanner.feed(old)  # a stream's usage is at its end: only a long body's is looked for here
+
+    def _count_events(self, data: bytes) -> None:
+        """Count the token events in `data`, the next bytes of the stream, one cut between the last
+        bytes counted and these included (a marker is shorter than twice what is looked at there)."""
+        marker = self.marker
+        edge = len(marker) - 1
+        self.events += data.count(marker)
+        if self.counted_end:
+            self.events += (self.counted_end + data[:edge]).count(marker)
+        self.counted_end = (self.counted_end + data)[-edge:] if len(data) < edge else data[-edge:]
+
     def _without_usage(self, chunk: bytes) -> bytes:
-        data = self.pending + chunk if self.pending else chunk
-        cut = data.rfind(EVENT_END) + len(EVENT_END)
-        if cut < len(EVENT_END):
-            self.pending = data
-            return b""
-        if cut < len(data):
-            data, self.pending = data[:cut], data[cut:]
+        if self.pending:
+            data, self.pending = self.pending + chunk, b""
         else:
-            self.pending = b""
-        at = data.find(USAGE_CHUNK)
+            data = chunk
+        if not data.endswith(EVENT_END):  # vLLM writes whole events: rarely
+            cut = data.rfind(EVENT_END) + len(EVENT_END)
+            if cut < len(EVENT_END):  # not one whole event yet
+                self.pending = data
+                return b""
+            data, self.pending = data[:cut], data[cut:]
+        if len(data) <= USAGE_CHUNK_WITHIN:
+            at = data.find(USAGE_CHUNK) if USAGE_CHUNK in data else -1
+        else:
+            at = data.find(USAGE_CHUNK, len(data) - USAGE_CHUNK_WITHIN)
         if at < 0:
             return data
         start = data.rfind(b"data: ", 0, at)
         end = data.find(EVENT_END, at) + len(EVENT_END)
-        self.feed(data[start:end])
+        self.scanner.feed(data[start:end])
         return data[:start] + data[end:]
