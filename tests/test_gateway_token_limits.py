@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.support.gateway import Backend, Gateway
+from tests.support.processes import wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # The simulator answers max_tokens tokens with ignore_eos; "hi" is one prompt token: 21 in all.
@@ -179,7 +180,18 @@ def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, si
     # 50 tokens: two answers of 21 leave 8, a third is admitted and goes over, and every later one is
     # refused, whichever worker takes it. Counted per worker, each worker would admit three.
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_TOKEN_LIMIT": "50/minute"}
+    log = tmp_path / "gateway.stdout.log"
+
+    def worker_pids() -> set[int]:
+        return {
+            int(line.split("Started server process [")[1].split("]")[0])
+            for line in log.read_text().splitlines()
+            if "Started server process" in line
+        }
+
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+        # The gateway answers once one worker listens; the counts are shared only if both do.
+        pids = wait_until(lambda: worker_pids() if len(worker_pids()) == 2 else None, timeout=60)
         statuses = []
         remaining = []
         for _ in range(12):
@@ -191,11 +203,6 @@ def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, si
                 )
             statuses.append(response.status_code)
             remaining.append(response.headers["x-ratelimit-remaining-tokens"])
-        pids = {
-            int(line.split("Started server process [")[1].split("]")[0])
-            for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
-            if "Started server process" in line
-        }
+        assert worker_pids() == pids  # both still serve: neither worker died and was replaced
     assert statuses == [200] * 3 + [429] * 9
     assert remaining == ["50", "29", "8"] + ["0"] * 9
-    assert len(pids) == 2

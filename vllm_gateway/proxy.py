@@ -158,9 +158,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
                 error=outcome.status >= 400 and outcome.status != 499,
                 aborted=outcome.status == 499,
             )
-        state.log.request(
+        state.log.relayed(
             request_id.decode(),
-            "POST",
             exchange.path,
             outcome.status,
             time.perf_counter() - started,
@@ -169,8 +168,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             outcome.backend,
             outcome.prompt_tokens,
             outcome.completion_tokens,
-            queued=outcome.queued,
-            prompt_from=outcome.prompt_from,
+            outcome.queued,
+            outcome.prompt_from,
         )
 
 
