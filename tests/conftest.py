@@ -65,3 +65,14 @@ def redis_url(tmp_path):
             time.sleep(0.05)
     yield f"redis://127.0.0.1:{port}/0"
     handle.stop()
+
+
+@pytest.fixture
+def redis(tmp_path):
+    """A real redis-server that the test may stop, pause and start again (tests/support/redis_server.py)."""
+    from tests.support.redis_server import Redis
+
+    server = Redis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -13,13 +13,13 @@ from __future__ import annotations
 import gzip
 import json
 import socket
-import threading
 import time
 
 import pytest
 
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.http_wire import WireResponse, take_response
+from tests.support.raw_backend import ThreadedBackend
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
 ROLE = b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
@@ -44,7 +44,7 @@ REPLY = (
 LIVENESS = 10.0
 
 
-class FramingBackend:
+class FramingBackend(ThreadedBackend):
     """Answers a chat request with the framing its first message names: `chunked`, `length` (a
     Content-Length), `close` (the body ends with the connection) or `gzip` (Content-Encoding: gzip,
     with a Content-Length). A stream (`"stream": true`) is EVENTS, usage chunk included, as vLLM sends
@@ -53,19 +53,9 @@ class FramingBackend:
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
+    def connection(self, conn: socket.socket) -> None:
         with conn:
             buffer = b""
             while True:
@@ -118,9 +108,6 @@ class FramingBackend:
             time.sleep(0.03)
             conn.sendall(piece)
         return framing != "close"
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")

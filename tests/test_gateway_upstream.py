@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
+from tests.support.raw_backend import ThreadedBackend
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
 # 8 MB of numbered events: far more than the gateway holds for a client that is not reading.
@@ -34,7 +35,7 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class RawBackend:
+class RawBackend(ThreadedBackend):
     """Answers /health and /v1/models normally; generation requests as `mode` says."""
 
     def __init__(self, mode: str) -> None:
@@ -45,19 +46,9 @@ class RawBackend:
         self.generation_connections: set[int] = set()
         self.bytes_sent = 0
         self.finished = threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
-
-    def _connection(self, conn: socket.socket) -> None:
+    def connection(self, conn: socket.socket) -> None:
         with conn:
             self._exchange(conn)
 
@@ -206,9 +197,6 @@ class RawBackend:
                 return
             conn.sendall(b"this is not HTTP\r\n\r\n")
             return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

@@ -5,21 +5,10 @@ back no count fails on a connection made before it went."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-
-import pytest
 
 from tests.support.redis_server import Redis
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.ratelimit import RateLimiter
-
-
-@pytest.fixture
-def redis(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = Redis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def refusal(outcome: object) -> tuple[int, str | None, list[tuple[bytes, bytes]]]:

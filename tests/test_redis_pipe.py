@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-
-import pytest
 
 from tests.support.redis_server import Redis
 from vllm_gateway.redis_pipe import LuaScripts, RedisConnectionError, RedisError, RedisPipe, _Connection, pack
@@ -36,14 +33,6 @@ def test_replies_cut_anywhere_are_read_whole_and_in_order() -> None:
     assert first == [b"ok", -7, [None, b"PONG"]]
     assert isinstance(second, RedisError) and str(second) == "ERR no such thing"
     assert third == b""
-
-
-@pytest.fixture
-def redis(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = Redis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_pipelined_commands_each_get_their_own_reply_and_an_error_stays_with_its_command(redis: Redis) -> None:
