@@ -4,7 +4,7 @@
 
 Runs `--requests` acquire/release pairs from `--clients` concurrent callers in this process, against a
 real redis-server it starts, for: one worker's admission (admission.Admission) and the shared one
-(shared_admission.SharedAdmission), first with room for every caller (no one waits), then with half
+(admission.shared.SharedAdmission), first with room for every caller (no one waits), then with half
 the room (half of them wait and are handed a slot by a release). Printed: the CPU this process spends
 per request, Redis's own CPU per request, and the wall time an acquire takes (p50, p99); for scale,
 the same for the rate-limit check that several workers make through Redis already.
@@ -22,13 +22,13 @@ from pathlib import Path
 
 from servers import Child, free_port, log, spawn, wait_for_port
 
-from vllm_gateway.admission import Admission
+from vllm_gateway.admission.local import Admission
+from vllm_gateway.admission.shared import SharedAdmission
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.ratelimit import RateLimiter
 from vllm_gateway.registry import BackendState, Registry
 from vllm_gateway.settings import Settings
-from vllm_gateway.shared_admission import SharedAdmission
 
 
 def cpu_seconds(pid: int) -> float:

@@ -7,7 +7,7 @@ keeps 64 streams open; keys B, C and D each send one stream at a time. Printed: 
 token (p50, p99) of B, C and D alone and beside A, with admission on and off; then, with four greedy
 keys (16 streams each), each key's share of the completed tokens (Jain's fairness index) and the
 total tokens per second, admission on and off. Figures and ratios come from this one run. With
---workers N the gateway runs N workers sharing a redis-server the script starts (shared_admission.py).
+--workers N the gateway runs N workers sharing a redis-server the script starts (admission/shared.py).
 """
 
 from __future__ import annotations

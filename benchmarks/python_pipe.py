@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vllm_gateway.event_loop import BatchAcceptLoop
+from vllm_gateway.server.event_loop import BatchAcceptLoop
 
 
 class Half(asyncio.Protocol):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vllm_gateway.admission import ModelQueue, Waiter
+from vllm_gateway.admission.local import ModelQueue, Waiter
 from vllm_gateway.registry import Model
 
 

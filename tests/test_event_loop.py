@@ -10,7 +10,7 @@ import time
 import pytest
 import uvloop
 
-from vllm_gateway.event_loop import BatchAcceptLoop
+from vllm_gateway.server.event_loop import BatchAcceptLoop
 
 BURST = 200
 

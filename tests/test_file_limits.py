@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests.support.processes import REPO_ROOT
-from vllm_gateway.file_limits import RESERVED_DESCRIPTORS, default_max_connections
+from vllm_gateway.server.file_limits import RESERVED_DESCRIPTORS, default_max_connections
 
 
 def test_clients_get_what_the_relayed_requests_leave():
@@ -28,7 +28,7 @@ def test_the_default_never_drops_below_one():
 def test_raising_the_soft_limit_reaches_the_hard_one():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     code = (
-        "import resource, sys; from vllm_gateway.file_limits import raise_open_files_limit; "
+        "import resource, sys; from vllm_gateway.server.file_limits import raise_open_files_limit; "
         "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
     lowered = min(soft, 256)

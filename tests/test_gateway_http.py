@@ -1,4 +1,4 @@
-"""The gateway's own HTTP/1.1 server (http_protocol.py), spoken to over raw sockets: keep-alive,
+"""The gateway's own HTTP/1.1 server (server/protocol.py), spoken to over raw sockets: keep-alive,
 pipelining, 100-continue, HTTP/1.0, bad requests, idle and graceful closes."""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ stands (at the top, in a TYPE_CHECKING block, in a function).
 from __future__ import annotations
 
 import ast
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -18,41 +19,53 @@ from tests.conftest import REPO_ROOT
 PACKAGES = ("vllm_gateway", "vllm_simulator", "vllm_fleet")
 
 
-def module_names(package: str) -> dict[str, Path]:
-    return {path.stem if path.stem != "__init__" else package: path for path in (REPO_ROOT / package).glob("*.py")}
+def module_names(package: str, root: Path = REPO_ROOT) -> dict[str, Path]:
+    """Every module of `package`, its sub-packages' too, by dotted name (a package by its own name)."""
+    modules = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
 
 
-def imported_modules(package: str, tree: ast.Module, modules: dict[str, Path]) -> set[str]:
-    """The modules of `package` that `tree` imports (`from . import x` names module x when there is one)."""
+def imported_modules(module: str, is_package: bool, tree: ast.Module, modules: Collection[str]) -> set[str]:
+    """The modules of `modules` that `tree`, the source of `module`, imports, wherever the import stands.
+
+    `from .x import y` names module x.y when there is one, else x; an import of a sub-package's module
+    counts as one of that module, not of the package above it."""
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    here = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == package:
-                    found.add(parts[1] if len(parts) > 1 else package)
+            targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level > 1:
-                continue  # above the package: not one of its modules
-            if node.level == 1:
-                target = node.module
-            elif node.module is not None and node.module.split(".")[0] == package:
-                target = node.module.partition(".")[2] or None
+            if node.level:
+                base = here.split(".")
+                if node.level - 1 >= len(base):
+                    continue  # above the packages: none of their modules
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join([*base, node.module] if node.module else base)
             else:
-                continue
-            if target is None:  # `from . import x`: module x, or a name of the package's __init__
-                found.update(alias.name if alias.name in modules else package for alias in node.names)
-            else:
-                found.add(target.split(".")[0])
+                source = node.module or ""
+            targets = [f"{source}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(target for target in map(known, targets) if target is not None)
     return found
 
 
-def import_graph(package: str) -> dict[str, set[str]]:
-    modules = module_names(package)
+def import_graph(package: str, root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    modules = module_names(package, root)
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        graph[name] = imported_modules(package, tree, modules) - {name}
+        graph[name] = imported_modules(name, path.stem == "__init__", tree, modules) - {name}
     return graph
 
 
@@ -92,6 +105,26 @@ def test_no_module_of_a_package_imports_itself_back(package: str) -> None:
 
 def test_the_circle_finder_finds_a_type_checking_import() -> None:
     source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import A\n"
-    modules = {"a": Path("a.py"), "b": Path("b.py")}
-    graph = {"a": {"b"}, "b": imported_modules("pkg", ast.parse(source), modules)}
-    assert find_cycle(graph) == ["a", "b", "a"]
+    modules = {"pkg.a", "pkg.b"}
+    graph = {"pkg.a": {"pkg.b"}, "pkg.b": imported_modules("pkg.b", False, ast.parse(source), modules)}
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+def test_the_circle_finder_walks_sub_packages(tmp_path: Path) -> None:
+    """A circle through a sub-package's module, written in each of the ways an import can name it."""
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "top.py").write_text("from .sub.inner import thing\n")
+    (package / "sub" / "inner.py").write_text("def f():\n    from .. import top\n")
+    (package / "sub" / "other.py").write_text("import pkg.sub.inner\nfrom . import inner\n")
+    graph = import_graph("pkg", tmp_path)
+    assert graph["pkg.sub.other"] == {"pkg.sub.inner"}
+    assert find_cycle(graph) == ["pkg.sub.inner", "pkg.top", "pkg.sub.inner"]
+
+
+def test_the_layout_covers_the_gateway_sub_packages() -> None:
+    graph = import_graph("vllm_gateway")
+    assert {"vllm_gateway.server.protocol", "vllm_gateway.admission.shared"} <= graph.keys()
+    assert "vllm_gateway.server.exchange" in graph["vllm_gateway.server.protocol"]

@@ -1,4 +1,4 @@
-"""The small Redis client admission's scripts use (redis_pipe.py): replies read whole however they
+"""The small Redis client admission's scripts use (admission/redis_pipe.py): replies read whole however they
 arrive, matched to their commands in order, errors kept to their command, scripts loaded again
 when Redis forgot them, and each new connection prepared before anything else goes over it."""
 
@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from tests.support.redis_server import Redis
-from vllm_gateway.redis_pipe import LuaScripts, RedisConnectionError, RedisError, RedisPipe, _Connection, pack
+from vllm_gateway.admission.redis_pipe import LuaScripts, RedisConnectionError, RedisError, RedisPipe, _Connection, pack
 
 
 def test_a_command_is_an_array_of_bulk_strings() -> None:

@@ -1,4 +1,4 @@
-"""Admission's Redis side (shared_admission.py), two workers in one process against a real Redis:
+"""Admission's Redis side (admission/shared.py), two workers in one process against a real Redis:
 the turns it keeps are one worker's deficit round robin step for step, and a worker that dies gives
 back what it held."""
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway.admission import ModelQueue, Waiter
+from vllm_gateway.admission.local import ModelQueue, Waiter
+from vllm_gateway.admission.shared import SharedAdmission
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.registry import BackendState, Model, Registry
 from vllm_gateway.settings import Settings
-from vllm_gateway.shared_admission import SharedAdmission
 
 SPEC = BackendSpec(id="m-1", name="m", aliases=(), path="", base_url="http://127.0.0.1:9", api_key=None, max_num_seqs=1)
 

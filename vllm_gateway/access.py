@@ -7,8 +7,8 @@ from urllib.parse import parse_qsl
 
 from . import errors
 from .errors import GatewayError
-from .http_exchange import Exchange
 from .keystore import KeyRecord, KeyStore
+from .server.exchange import Exchange
 
 # Answered without a key (a key, when sent, is still checked: /health then shows details).
 PUBLIC_PATHS = frozenset({"/health"})

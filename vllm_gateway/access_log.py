@@ -66,7 +66,7 @@ class LogWriter(threading.Thread):
         prompt_from: str | None = None,
     ) -> None:
         """One request line. `path` must not carry the query string: it may hold an api_key. A
-        request that waited for a free backend (admission.py) says how long, as queue_ms; one whose
+        request that waited for a free backend (admission/local.py) says how long, as queue_ms; one whose
         usage never came, how its prompt was counted (prompt_count.py), as prompt_from."""
         line = self._line(escape, request_id, method, path, status, duration, key, model, backend)
         if may_hide_key(line):

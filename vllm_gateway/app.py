@@ -21,14 +21,14 @@ from .access import check_head
 from .access_log import key_label, setup_logging
 from .api import router
 from .errors import GatewayError
-from .file_limits import current_open_files_limit, default_max_connections
 from .health import HealthChecker, probe_pool
-from .http_config import ConnectionCap, Limits, ServerHooks
-from .http_exchange import Exchange
 from .keystore import KeyFileError, KeyStore
 from .model_config import load_backend_specs
 from .ratelimit import RateLimiter
 from .registry import Registry
+from .server.exchange import Exchange
+from .server.file_limits import current_open_files_limit, default_max_connections
+from .server.hooks import ConnectionCap, Limits, ServerHooks
 from .settings import Settings, load_settings
 from .state import GatewayState
 from .upstream import UpstreamPool
@@ -40,7 +40,7 @@ KEY_FILE_POLL_SECONDS = 0.5
 
 
 class Gateway:
-    """The ASGI app behind everything but the relay (http_protocol.py sends model-addressed POSTs to
+    """The ASGI app behind everything but the relay (server/protocol.py sends model-addressed POSTs to
     proxy.handle, which `hooks` hands it): FastAPI, with a log line and an X-Request-ID for every request."""
 
     def __init__(self, state: GatewayState, api: FastAPI, hooks: ServerHooks) -> None:

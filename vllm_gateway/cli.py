@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .file_limits import raise_open_files_limit
 from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
 from .model_config import ModelConfigError, load_backend_specs
+from .server.file_limits import raise_open_files_limit
 from .settings import Settings, load_settings
 
 
@@ -103,8 +103,8 @@ def parser() -> argparse.ArgumentParser:
 
 # -- serve --
 
-# "uvloop" means uvloop with the gateway's batch accept (see event_loop.py).
-UVICORN_LOOPS = {"uvloop": "vllm_gateway.event_loop:BatchAcceptLoop"}
+# "uvloop" means uvloop with the gateway's batch accept (see server/event_loop.py).
+UVICORN_LOOPS = {"uvloop": "vllm_gateway.server.event_loop:BatchAcceptLoop"}
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -147,7 +147,7 @@ def serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
-        http="vllm_gateway.http_protocol:GatewayProtocol",
+        http="vllm_gateway.server.protocol:GatewayProtocol",
         loop=UVICORN_LOOPS.get(settings.loop, settings.loop),
         timeout_keep_alive=settings.keepalive_timeout,
         server_header=False,

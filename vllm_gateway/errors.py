@@ -197,7 +197,7 @@ def upstream_timeout(model: str, seconds: float) -> GatewayError:
     )
 
 
-# -- admission (admission.py) --
+# -- admission (admission/local.py) --
 
 
 def too_many_parallel_requests(limit: int) -> GatewayError:

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 KEY_PREFIX = "sk-"
-# A key's admission weight (admission.py): a key of weight 1000 gets 100,000 turns to one of weight
+# A key's admission weight (admission/local.py): a key of weight 1000 gets 100,000 turns to one of weight
 # 0.01. Below that, a weight only made turns longer to count (1e-300 once hung admission); a key file
 # written before this minimum keeps loading, its smaller weights read as the minimum.
 MIN_WEIGHT = 0.01
@@ -49,7 +49,7 @@ class KeyRecord(BaseModel):
     models: list[str] | None = None
     rate_limit: str | None = None
     token_limit: str | None = None
-    # Admission (admission.py): this key's share of a busy model's turns, and its most requests in
+    # Admission (admission/local.py): this key's share of a busy model's turns, and its most requests in
     # flight and waiting together; None: 1, and GATEWAY_MAX_PARALLEL_REQUESTS.
     weight: float | None = Field(None, gt=0, le=MAX_WEIGHT)
     max_parallel_requests: int | None = Field(None, ge=1)

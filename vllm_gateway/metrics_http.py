@@ -16,10 +16,10 @@ from fastapi.responses import Response
 from . import errors, metrics
 from .access import authenticate, sends_key
 from .errors import GatewayError
-from .http_config import ConnectionCap, ServerHooks
-from .http_exchange import Exchange
-from .http_listener import Listener
 from .keystore import KeyStore
+from .server.exchange import Exchange
+from .server.hooks import ConnectionCap, ServerHooks
+from .server.listener import Listener
 from .settings import Settings
 from .state import GatewayState
 
@@ -118,12 +118,12 @@ def check_port_head(state: GatewayState, exchange: Exchange) -> GatewayError | N
 
 
 class MetricsPort:
-    """The metrics port's ASGI app, served by the gateway's own HTTP front (http_listener.py): what
+    """The metrics port's ASGI app, served by the gateway's own HTTP front (server/listener.py): what
     reaches it is a scrape that check_port_head let through."""
 
     def __init__(self, state: GatewayState, hooks: ServerHooks) -> None:
         self.state = state
-        self.hooks = hooks  # what the front finds (http_config.find_hooks)
+        self.hooks = hooks  # what the front finds (server.hooks.find_hooks)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = await scrape(self.state)

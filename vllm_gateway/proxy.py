@@ -3,7 +3,7 @@ rate-limit the key (checked with the head, access.py), read the body, find the m
 relay, count the answer's tokens, log.
 
 It runs for every request and every token, so it talks to the client's connection directly
-(http_exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
+(server.exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
 never parsed or re-serialised, and a whole answer leaves in one write with its head.
 """
 
@@ -19,10 +19,10 @@ from urllib.parse import parse_qsl, urlencode
 from . import backend_errors, errors
 from .access_log import key_label
 from .errors import GatewayError
-from .http_exchange import Exchange
 from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
-from .request_body import ClientDisconnected, model_from_body
+from .request_body import model_from_body
+from .server.exchange import ClientDisconnected, Exchange
 from .state import GatewayState
 from .stream_usage import USAGE_PATHS, UsageMeter, with_usage_requested
 from .upstream import (
@@ -89,7 +89,7 @@ class Outcome:
     token_limit: str | None = None
     # The backend that took the request and the body it got, once its tokens count (prompt_count.py).
     sent: tuple[Backend, bytes] | None = None
-    # Seconds the request waited for a free backend (admission.py); None when it went at once.
+    # Seconds the request waited for a free backend (admission/local.py); None when it went at once.
     queued: float | None = None
 
 
@@ -110,7 +110,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         await proxy(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
-        # The metrics tell a key's cap of parallel requests (admission.py) from its rate limit.
+        # The metrics tell a key's cap of parallel requests (admission/local.py) from its rate limit.
         outcome.error_type = error.code if error.code == "parallel_requests_exceeded" else error.type
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
@@ -211,7 +211,7 @@ async def proxy(
         body = with_usage_requested(body)
 
     # 4. The gateway's concurrency (requests waiting for a backend count too), then this key's
-    # requests in flight and waiting (admission.py).
+    # requests in flight and waiting (admission/local.py).
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
     state.admission.enter(key)
@@ -307,7 +307,7 @@ async def open_upstream(
     state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
 ) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend with room (waiting for one when all are
-    full, admission.py), moving on to the next one that refuses."""
+    full, admission/local.py), moving on to the next one that refuses."""
     query = exchange.query_string
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()

@@ -89,7 +89,7 @@ class Registry:
     def __init__(self, specs: Iterable[BackendSpec] = ()) -> None:
         self.models: dict[str, Model] = {}
         self._by_name: dict[str, Model] = {}
-        # Called when a backend's state changed or a new config came (admission.py listens).
+        # Called when a backend's state changed or a new config came (admission/local.py listens).
         self.listeners: list[Callable[[], None]] = []
         self.replace(specs)
 

@@ -29,10 +29,6 @@ MAX_HEADER_PARAMETERS = 16
 _WHITESPACE = b" \t"
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its request was complete."""
-
-
 def model_from_body(body: bytes, content_type: bytes) -> tuple[str, bool]:
     """The model the body names, and whether it is a stream whose client did not ask for its usage
     (stream_usage.lacks_usage)."""

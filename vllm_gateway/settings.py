@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     max_admin_body_bytes: int = Field(64 * 1024, ge=1024)
     # nginx lingering_time 30 s: after an answer that closes the connection while the client is still
     # sending (a 431, a 413, a 401 before the body...), what it sends is read and dropped for at most
-    # this long and this many bytes, so that it reads its answer rather than a reset (http_protocol.py).
+    # this long and this many bytes, so that it reads its answer rather than a reset (server/protocol.py).
     # nginx bounds no bytes; twice the body limit lets a whole refused body in.
     linger_timeout: float = Field(30.0, gt=0)
     linger_bytes: int = Field(64 * 1024 * 1024, ge=0)
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # gateway takes it for down: requests then get 503 store_unavailable instead of hanging.
     redis_timeout: float = Field(3.0, gt=0)
 
-    # -- admission (admission.py): each backend gets at most its capacity, the rest wait fairly --
+    # -- admission (admission/local.py): each backend gets at most its capacity, the rest wait fairly --
     admission: bool = True
     # A key's requests in flight and waiting together, for keys without max_parallel_requests.
     max_parallel_requests: int = Field(64, ge=1)

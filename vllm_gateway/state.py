@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from .access_log import LogWriter
-from .admission import Admission
+from .admission.local import Admission
+from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
@@ -14,7 +15,6 @@ from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings
-from .shared_admission import SharedAdmission
 from .upstream import UpstreamPool
 from .usage_ledger import UsageLedger
 
@@ -38,7 +38,7 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.registry, self.settings.metrics)
-        # Several workers share their counts and queues through Redis (shared_admission.py).
+        # Several workers share their counts and queues through Redis (admission/shared.py).
         shared = self.settings.workers > 1 and self.settings.admission
         self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
         # A scrape reads the queues and each key's requests (by name, never by key) from admission.

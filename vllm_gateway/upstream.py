@@ -85,7 +85,7 @@ class Target:
 
 
 class Sink(Protocol):
-    """Where a relayed body goes: the client's side of the gateway (http_exchange.Exchange)."""
+    """Where a relayed body goes: the client's side of the gateway (server.exchange.Exchange)."""
 
     @property
     def write_paused(self) -> bool: ...
@@ -477,7 +477,7 @@ class UpstreamPool:
 
 
 def head_size(headers: Headers) -> int:
-    """The bytes of a head's header lines, as a request head's are counted (http_reader.py)."""
+    """The bytes of a head's header lines, as a request head's are counted (server/reader.py)."""
     return sum(len(name) + len(value) + 4 for name, value in headers)
 
 

@@ -1,7 +1,7 @@
 """The gateway's HTTP/1.1 server: one asyncio protocol per client connection, parsed by httptools.
 
 Model-addressed POSTs go to the relay the application hands over (ServerHooks.relay), which writes
-the response straight to the socket through an http_exchange.Exchange. Everything else (health, the
+the response straight to the socket through an server.exchange.Exchange. Everything else (health, the
 model list, admin) goes to the FastAPI application through asgi_bridge. uvicorn still runs the
 process (sockets, workers, signals, lifespan, graceful shutdown); this class is the `http` protocol
 it is given.
@@ -24,21 +24,21 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from ..errors import GatewayError
 from .asgi_bridge import serve_asgi
-from .errors import GatewayError
-from .http_config import ServerHooks, find_hooks
-from .http_exchange import Exchange, error_response
-from .http_flow import FlowControl
-from .http_reader import RequestReader
-from .http_timers import ConnectionTimers
+from .exchange import Exchange, error_response
+from .flow import FlowControl
+from .hooks import ServerHooks, find_hooks
+from .reader import RequestReader
+from .timers import ConnectionTimers
 
 
 class GatewayProtocol(asyncio.Protocol):
-    """uvicorn's `http` protocol class: `http="vllm_gateway.http_protocol:GatewayProtocol"`.
+    """uvicorn's `http` protocol class: `http="vllm_gateway.server.protocol:GatewayProtocol"`.
 
-    The connection's lifetime: it reads requests with its RequestReader (http_reader.py), answers them
-    one after the other in their order, and keeps its FlowControl (http_flow.py) and its clocks
-    (http_timers.py) told of what it waits for."""
+    The connection's lifetime: it reads requests with its RequestReader (server/reader.py), answers them
+    one after the other in their order, and keeps its FlowControl (server/flow.py) and its clocks
+    (server/timers.py) told of what it waits for."""
 
     def __init__(
         self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: asyncio.AbstractEventLoop | None = None

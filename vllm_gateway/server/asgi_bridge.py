@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import GatewayError
-from .http_exchange import Exchange
-from .request_body import ClientDisconnected
+from ..errors import GatewayError
+from .exchange import ClientDisconnected, Exchange
 
 Scope = dict[str, Any]
 

@@ -1,4 +1,4 @@
-"""Admission's decisions as Lua scripts, which Redis runs atomically (shared_admission.py calls them).
+"""Admission's decisions as Lua scripts, which Redis runs atomically (admission/shared.py calls them).
 
 The data, under the gateway's prefix P:
 - P:inflight:<server>   hash: `total`, and each worker's share of it, so a dead worker's can be taken back

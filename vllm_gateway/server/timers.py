@@ -13,12 +13,12 @@ import socket
 from collections import deque
 from typing import Protocol
 
-from . import errors
-from .errors import GatewayError
-from .http_config import Limits
-from .http_exchange import CONTINUE, Exchange
-from .http_flow import FlowControl
-from .http_reader import RequestReader
+from .. import errors
+from ..errors import GatewayError
+from .exchange import CONTINUE, Exchange
+from .flow import FlowControl
+from .hooks import Limits
+from .reader import RequestReader
 
 log = logging.getLogger("vllm_gateway")
 

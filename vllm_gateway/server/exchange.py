@@ -2,7 +2,7 @@
 arrives, and the writer of the answer (whole, or a head and then pieces).
 
 The connection (http_protocol.GatewayProtocol, through http_reader.RequestReader) feeds it and is
-told when the response is done; the relay (proxy.py) and the ASGI bridge (asgi_bridge.py) read from it
+told when the response is done; the relay (proxy.py) and the ASGI bridge (server/asgi_bridge.py) read from it
 and answer through it. What it needs of the connection is the Connection protocol below, and the
 connection's flow control (http_flow.FlowControl) for its writes.
 """
@@ -15,12 +15,11 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from . import errors
-from .access_log import clean
-from .errors import GatewayError
-from .http_flow import FlowControl
-from .keystore import KeyRecord
-from .request_body import ClientDisconnected
+from .. import errors
+from ..access_log import clean
+from ..errors import GatewayError
+from ..keystore import KeyRecord
+from .flow import FlowControl
 
 log = logging.getLogger("vllm_gateway")
 
@@ -33,6 +32,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b""))
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was complete."""
 
 
 class _Rendered:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from .http_protocol import GatewayProtocol
+from .protocol import GatewayProtocol
 
 # How long stop() waits for answers in progress before the loop closes what is left.
 STOP_SECONDS = 2.0
@@ -39,7 +39,7 @@ class ListenerState:
 
 
 class Listener:
-    """`app` (an ASGI app with `hooks`, as http_config.find_hooks finds them) on a port of its own."""
+    """`app` (an ASGI app with `hooks`, as server.hooks.find_hooks finds them) on a port of its own."""
 
     def __init__(self, app: Any) -> None:
         self.config = ListenerConfig(app)

@@ -1,4 +1,4 @@
-"""Reading requests off one client connection: bytes in, exchanges (http_exchange.Exchange) out.
+"""Reading requests off one client connection: bytes in, exchanges (server.exchange.Exchange) out.
 
 httptools calls back the object it parses for, so this reader is that object: it builds each
 request's head within the connection's limits (the request line, the head's size, its number of
@@ -7,7 +7,7 @@ serves a request that asks for a protocol upgrade as plain HTTP/1.1. A complete 
 connection (Receiver.head_received), which decides when it is answered; a head over a limit, or bytes
 that are not HTTP, go to Receiver.fail.
 
-Its own object, apart from the connection's lifetime (http_protocol.py) and from each exchange's, because
+Its own object, apart from the connection's lifetime (server/protocol.py) and from each exchange's, because
 its state (the head so far, the bytes fed) lasts from one head's first byte to its last.
 """
 
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import httptools
 
-from . import errors
-from .errors import GatewayError
-from .http_config import Limits
-from .http_exchange import Connection, Exchange
+from .. import errors
+from ..errors import GatewayError
+from .exchange import Connection, Exchange
+from .hooks import Limits
 
 log = logging.getLogger("vllm_gateway")
 

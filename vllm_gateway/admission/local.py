@@ -22,7 +22,7 @@ A request whose client goes away while it waits is cancelled (http_protocol.conn
 leaves the queue at once; it never reaches vLLM. /tokenize and /detokenize take no sequence in vLLM,
 so they never wait (they count in flight while they last, a few milliseconds).
 
-The counts live in this worker's memory; with several workers, shared_admission.SharedAdmission
+The counts live in this worker's memory; with several workers, admission.shared.SharedAdmission
 keeps them in Redis instead, for the gateway as a whole.
 """
 
@@ -34,10 +34,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from . import errors
-from .keystore import KeyRecord
-from .registry import Backend, BackendState, Model, Registry
-from .settings import Settings
+from .. import errors
+from ..keystore import KeyRecord
+from ..registry import Backend, BackendState, Model, Registry
+from ..settings import Settings
 
 
 class Waiter:
@@ -136,7 +136,7 @@ class ModelQueue:
 def turns_to_send(deficit: float, weight: float) -> int:
     """How many turns, of `weight` each, a key with `deficit` needs before it may send a request
     (at least one). Counted in floating point exactly as the turns add up, so that the Lua copy of
-    this (admission_scripts.py) finds the same number."""
+    this (admission/scripts.py) finds the same number."""
     turns = max(1, math.ceil((1 - deficit) / weight))
     if turns > 1 and deficit + (turns - 1) * weight >= 1:
         turns -= 1

@@ -1,4 +1,4 @@
-"""What the application hands the HTTP server (http_protocol.py): the relay, the check of each head,
+"""What the application hands the HTTP server (server/protocol.py): the relay, the check of each head,
 the log of the server's own answers, and the limits, so the server imports none of the request path."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GatewayError
-from .http_exchange import Exchange
+from ..errors import GatewayError
+from .exchange import Exchange
 
 log = logging.getLogger("vllm_gateway")
 

@@ -1,7 +1,7 @@
 """Admission for several workers: the counts and the queues live in Redis, so capacity and fairness
 hold for the gateway as a whole (N workers never send N x a backend's capacity).
 
-Each decision is one Lua script (admission_scripts.py), which Redis runs atomically:
+Each decision is one Lua script (admission/scripts.py), which Redis runs atomically:
 - acquire: a backend with room, when nobody waits for the model; else the request's ticket joins its
   key's line in the model's queue, and the script hands out what room there is, in turn;
 - release: one request ended; the freed slot goes to the next ticket in turn, whichever worker holds it;
@@ -43,15 +43,15 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from . import errors
-from .admission import Admission
-from .admission_scripts import COMMON, SCRIPTS
-from .errors import GatewayError
-from .keystore import KeyRecord
+from .. import errors
+from ..errors import GatewayError
+from ..keystore import KeyRecord
+from ..registry import Backend, BackendState, Model, Registry
+from ..settings import Settings
+from ..store_outage import Outage
+from .local import Admission
 from .redis_pipe import Call, LuaScripts, RedisConnectionError, RedisError, RedisPipe
-from .registry import Backend, BackendState, Model, Registry
-from .settings import Settings
-from .store_outage import Outage
+from .scripts import COMMON, SCRIPTS
 
 log = logging.getLogger("vllm_gateway")
 
@@ -71,7 +71,7 @@ class SharedAdmission(Admission):
         import redis.asyncio as redis
 
         assert settings.redis_url is not None  # cli.serve refuses several workers without Redis
-        # Per request, scripts go over a pipelined connection of our own (redis_pipe.py); the
+        # Per request, scripts go over a pipelined connection of our own (admission/redis_pipe.py); the
         # channel that grants arrive on is redis-py's.
         self.redis: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout)
         self.redis_timeout = settings.redis_timeout

@@ -109,7 +109,7 @@ class BatchAcceptServer(asyncio.AbstractServer):
 class BatchAcceptLoop(uvloop.Loop):
     """uvloop for everything, except plain TCP listening sockets (TLS and options go to uvloop).
 
-    uvicorn takes the class as its loop factory: `loop="vllm_gateway.event_loop:BatchAcceptLoop"`.
+    uvicorn takes the class as its loop factory: `loop="vllm_gateway.server.event_loop:BatchAcceptLoop"`.
     """
 
     async def create_server(  # type: ignore[override]
