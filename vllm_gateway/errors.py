@@ -9,6 +9,10 @@ import orjson
 
 Headers = Sequence[tuple[bytes, bytes]]
 
+# The reason phrase of each status, as bytes: the status line of every answer takes it as it is
+# (server/exchange.py), and a backend's error without a type or code is named after it (backend_error).
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
 
 class GatewayError(Exception):
     """An error the client should see, with its HTTP status and OpenAI error fields."""
@@ -155,10 +159,7 @@ def backend_error(
     """An error a backend answered in another shape than OpenAI's (backend_errors.py): its status and
     what it said, with the type and code its body gave, else ones its status implies (404 gives
     `invalid_request_error` and `not_found`, 502 `server_error` and `bad_gateway`)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
+    phrase = REASONS.get(status, b"Error").decode()
     if type is None:
         type = {403: "permission_error", 429: "rate_limit_error"}.get(status) or (
             "server_error" if status >= 500 else "invalid_request_error"

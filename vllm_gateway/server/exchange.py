@@ -10,14 +10,13 @@ connection's flow control (http_flow.FlowControl) for its writes.
 from __future__ import annotations
 
 import asyncio
-import http
 import logging
 from collections.abc import Sequence
 from typing import Protocol
 
 from .. import errors
 from ..access_log import clean
-from ..errors import GatewayError
+from ..errors import REASONS, GatewayError
 from ..keystore import KeyRecord
 from .flow import FlowControl
 
@@ -26,7 +25,6 @@ log = logging.getLogger("vllm_gateway")
 Headers = list[tuple[bytes, bytes]]
 HeaderItems = Sequence[tuple[bytes, bytes]]
 
-REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
