@@ -235,3 +235,29 @@ async def scripts_flushed(workers: Workers) -> None:
     backend, waited = await asyncio.wait_for(first.acquire(model_of(first), key("A", 1)), 5)
     assert backend is not None and waited == 0.0
     first.release(backend)
+
+
+def test_a_request_waiting_on_another_worker_gets_model_not_ready_when_its_server_starts_loading(  # type: ignore[no-untyped-def]
+    run_with_workers,
+) -> None:
+    run_with_workers(server_starts_loading)
+
+
+async def server_starts_loading(workers: Workers) -> None:
+    from vllm_gateway.errors import GatewayError
+
+    first, second = workers
+    slot, _ = await first.acquire(model_of(first), key("A", 1))
+    assert slot is not None
+    waiting = asyncio.create_task(second.acquire(model_of(second), key("B", 1)))
+    await until(lambda: second.waiting("m") == 1)
+
+    model_of(second).backends[0].mark(BackendState.LOADING, "restarting")
+    second.backends_changed()
+
+    with pytest.raises(GatewayError) as refused:
+        await asyncio.wait_for(waiting, 5)
+    assert (refused.value.status, refused.value.code) == (503, "model_not_ready")
+    assert refused.value.message == "The model `m` has no ready server right now (loading). Try again in 10 s."
+    assert refused.value.headers == [(b"retry-after", b"10")]
+    first.release(slot)

@@ -14,6 +14,15 @@ Headers = Sequence[tuple[bytes, bytes]]
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
+def retry_after_header(seconds: int) -> tuple[bytes, bytes]:
+    return (b"retry-after", str(seconds).encode())
+
+
+# For refusals that usually clear within a second: a saturated gateway or model, a key at its
+# parallel cap, a store that is away.
+RETRY_SOON = retry_after_header(1)
+
+
 class GatewayError(Exception):
     """An error the client should see, with its HTTP status and OpenAI error fields."""
 
@@ -117,7 +126,7 @@ def rate_limited(limit: str, retry_after: int, headers: Headers) -> GatewayError
         f"Rate limit reached for this API key ({limit}). Try again in {retry_after} s.",
         "rate_limit_error",
         "rate_limit_exceeded",
-        headers=[*headers, (b"retry-after", str(retry_after).encode())],
+        headers=[*headers, retry_after_header(retry_after)],
     )
 
 
@@ -128,7 +137,7 @@ def tokens_limited(limit: str, retry_after: int, headers: Headers) -> GatewayErr
         f"Token limit reached for this API key ({limit} tokens). Try again in {retry_after} s.",
         "tokens",
         "rate_limit_exceeded",
-        headers=[*headers, (b"retry-after", str(retry_after).encode())],
+        headers=[*headers, retry_after_header(retry_after)],
     )
 
 
@@ -138,18 +147,23 @@ def overloaded(limit: int) -> GatewayError:
         f"The gateway is at its limit of {limit} concurrent requests. Try again shortly.",
         "server_error",
         "gateway_overloaded",
-        headers=[(b"retry-after", b"1")],
+        headers=[RETRY_SOON],
     )
 
 
-def model_unavailable(model: str, state: str, retry_after: int) -> GatewayError:
+def model_unavailable(model: str, state: str) -> GatewayError:
+    """No server of `model` is ready. `state` is the model's registry.BackendState, taken as the str
+    it is: importing the registry would pull the settings into every importer of errors.py, the body
+    parser's helper process included. A client waits longer while a server loads its weights than
+    when the servers are down, which the next health check may find back."""
+    retry_after = 10 if state == "loading" else 5
     return GatewayError(
         503,
         f"The model `{model}` has no ready server right now ({state}). Try again in {retry_after} s.",
         "server_error",
         "model_not_ready",
         "model",
-        headers=[(b"retry-after", str(retry_after).encode())],
+        headers=[retry_after_header(retry_after)],
     )
 
 
@@ -178,7 +192,7 @@ def store_unavailable(consequence: str) -> GatewayError:
         f"The gateway's shared store (Redis) did not answer, so {consequence}. Try again in 1 s.",
         "server_error",
         "store_unavailable",
-        headers=[(b"retry-after", b"1")],
+        headers=[RETRY_SOON],
     )
 
 
@@ -208,7 +222,7 @@ def too_many_parallel_requests(limit: int) -> GatewayError:
         f"This API key has {limit} requests in flight or waiting, its limit. Wait for one to finish.",
         "rate_limit_error",
         "parallel_requests_exceeded",
-        headers=[(b"retry-after", b"1")],
+        headers=[RETRY_SOON],
     )
 
 
@@ -221,7 +235,7 @@ def queue_full(model: str, limit: int) -> GatewayError:
         "server_error",
         "queue_full",
         "model",
-        headers=[(b"retry-after", b"1")],
+        headers=[RETRY_SOON],
     )
 
 
@@ -232,5 +246,5 @@ def queue_timeout(model: str, seconds: float) -> GatewayError:
         "server_error",
         "queue_timeout",
         "model",
-        headers=[(b"retry-after", b"1")],
+        headers=[RETRY_SOON],
     )

@@ -326,8 +326,7 @@ async def open_upstream(
                 raise errors.upstream_timeout(model.name, state.settings.connect_timeout)
             if tried:
                 raise errors.upstream_unreachable(model.name)
-            retry_after = 10 if model.state is BackendState.LOADING else 5
-            raise errors.model_unavailable(model.name, model.state.value, retry_after)
+            raise errors.model_unavailable(model.name, model.state)
         headers = upstream_headers
         if backend.spec.api_key:
             headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]

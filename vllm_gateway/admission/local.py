@@ -272,10 +272,9 @@ class Admission:
                 self.dispatch(queue)
                 continue
             state = model.state if model is not None else BackendState.DOWN
-            retry_after = 10 if state is BackendState.LOADING else 5
             for waiter in queue.drain():
                 if not waiter.future.done():
-                    waiter.future.set_exception(errors.model_unavailable(name, state.value, retry_after))
+                    waiter.future.set_exception(errors.model_unavailable(name, state))
             del self.queues[name]
 
     def _expire(self, queue: ModelQueue, waiter: Waiter) -> None:

@@ -410,8 +410,7 @@ class SharedAdmission(Admission):
             current = self.registry.models.get(model.name)
             if (current is None or current.pick() is None) and not future.done():
                 state = current.state if current is not None else BackendState.DOWN
-                retry_after = 10 if state is BackendState.LOADING else 5
-                future.set_exception(errors.model_unavailable(model.name, state.value, retry_after))
+                future.set_exception(errors.model_unavailable(model.name, state))
             elif current is not None and current is not model:
                 self.waiters[ticket] = (current, future)
         self.spawn(self.dispatch_all())
