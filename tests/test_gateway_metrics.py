@@ -218,6 +218,32 @@ def test_metrics_on_a_port_of_their_own_leave_the_gateway_port(tmp_path, simulat
     assert elsewhere.status_code == 404 and elsewhere.json()["error"]["code"]
 
 
+def test_the_metrics_port_refuses_other_methods_and_bodies_declared_too_large_on_their_head(tmp_path, simulator):
+    port = free_port()
+    env = {"GATEWAY_METRICS_PORT": str(port)}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env):
+        answers = []
+        for head in (
+            b"POST /metrics HTTP/1.1\r\nHost: metrics\r\nContent-Length: 2\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nContent-Length: 1000000000\r\n\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                send_all(sock, head)  # the body never comes: the answer must not wait for it
+                answers.append(read_to_eof(sock, timeout=5))
+    not_allowed, too_large = answers
+    assert not_allowed.startswith(b"HTTP/1.1 405 ")
+    assert json.loads(not_allowed.partition(b"\r\n\r\n")[2]) == {
+        "error": {
+            "message": "Method Not Allowed",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "method_not_allowed",
+        }
+    }
+    assert too_large.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(too_large.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+
+
 def open_count(sockets: list[socket.socket]) -> int:
     """How many of these connections the gateway has not closed."""
     readable, _, _ = select.select(sockets, [], [], 0)

@@ -43,6 +43,4 @@ def check_head(keys: KeyStore, exchange: Exchange) -> GatewayError | None:
             return error
         if exchange.path.startswith("/admin/") and not exchange.key.admin:
             return errors.admin_required()
-    if exchange.declared_too_large():
-        return errors.body_too_large(exchange.body_limit)
-    return None
+    return exchange.declared_size_error()

@@ -84,9 +84,7 @@ def access_error(state: GatewayState, exchange: Exchange) -> GatewayError | None
         exchange.header(b"authorization") if sends_key(exchange) else b"",
         exchange.query_string,
     )
-    if error is None and exchange.declared_too_large():
-        return errors.body_too_large(exchange.body_limit)
-    return error
+    return exchange.declared_size_error() if error is None else error
 
 
 async def scrape(state: GatewayState) -> bytes:

@@ -174,9 +174,13 @@ class Exchange:
         parts = self.body_parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def declared_too_large(self) -> bool:
+    def declared_size_error(self) -> GatewayError | None:
+        """The 413 of a body whose Content-Length is over the limit, or None: such a body is refused
+        with its head (access.py, metrics_http.py), before a byte of it is read or kept."""
         value = self.header(b"content-length")
-        return value.isdigit() and int(value) > self.body_limit
+        if value.isdigit() and int(value) > self.body_limit:
+            return errors.body_too_large(self.body_limit)
+        return None
 
     def take_body(self, data: bytes) -> None:
         """A piece of the body from the parser: kept within the limit, dropped once it cannot be used."""
