@@ -108,6 +108,23 @@ def test_garbage_is_400_in_openai_shape_and_the_connection_closes(gateway):
         assert reader.closed(timeout=10)
 
 
+def test_a_wrong_method_on_an_api_route_is_405_in_openai_shape_and_the_connection_stays(gateway):
+    sock, reader = connect(gateway)
+    with sock:
+        for _ in range(2):
+            sock.sendall(f"PUT /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {gateway.key}\r\n\r\n".encode())
+            status, headers, body = reader.response()
+            assert status == 405 and "connection" not in headers
+            assert json.loads(body) == {
+                "error": {
+                    "message": "Method Not Allowed",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "method_not_allowed",
+                }
+            }
+
+
 def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(short_keep_alive_gateway):
     sock, reader = connect(short_keep_alive_gateway)
     with sock:

@@ -189,6 +189,12 @@ def test_scrapes_from_outside_the_allowed_networks_need_an_admin_key(tmp_path, s
     assert keyless.status_code == 403 and user.status_code == 403 and wrong.status_code == 401
     for refused in (keyless, user, wrong):
         assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+    assert keyless.json()["error"] == {
+        "message": "Metrics are answered to the networks in GATEWAY_METRICS_ALLOW and to admin keys.",
+        "type": "permission_error",
+        "param": None,
+        "code": "metrics_forbidden",
+    }
     assert in_query.status_code == 200
     assert "vllm_gateway_requests_total" in admin
 

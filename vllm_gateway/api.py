@@ -163,9 +163,9 @@ def key_file_guard(action: Callable[[], T]) -> T:
     try:
         return action()
     except LastAdminKeyError as error:
-        raise errors.GatewayError(409, str(error), "invalid_request_error", "last_admin_key") from None
+        raise errors.last_admin_key(str(error)) from None
     except KeyFileError as error:
-        raise errors.GatewayError(503, str(error), "server_error", "key_file_invalid") from None
+        raise errors.key_file_invalid(str(error)) from None
     except ValueError as error:
         raise errors.bad_request(str(error)) from None
 
@@ -232,9 +232,7 @@ def usage(
     `group_by=a&group_by=b`, `group_by[]=a` or `group_by=a,b`; the figures are up to a second old
     (each worker's last batch)."""
     if state.ledger is None:
-        raise errors.GatewayError(
-            404, "The usage ledger is off (GATEWAY_USAGE_LEDGER).", "invalid_request_error", "usage_ledger_off"
-        )
+        raise errors.usage_ledger_off()
     params = request.query_params
 
     def listed(name: str) -> list[str]:

@@ -211,10 +211,6 @@ def create_app(settings: Settings | None = None) -> Gateway:
     return Gateway(state, api, hooks)
 
 
-# OpenAI's errors always carry a code; Starlette's own (a wrong method, a body it cannot parse) get one here.
-HTTP_ERROR_CODES = {400: "invalid_request", 405: "method_not_allowed", 413: "body_too_large"}
-
-
 def add_error_handlers(api: FastAPI) -> None:
     def respond(error: GatewayError) -> JSONResponse:
         return JSONResponse(
@@ -237,5 +233,4 @@ def add_error_handlers(api: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         if error.status_code == 404:
             return respond(errors.not_found("No such endpoint. See the README for the gateway's endpoints."))
-        code = HTTP_ERROR_CODES.get(error.status_code, "invalid_request")
-        return respond(GatewayError(error.status_code, str(error.detail), "invalid_request_error", code))
+        return respond(errors.framework_error(error.status_code, str(error.detail)))

@@ -59,9 +59,7 @@ class BodyParser:
         except BrokenProcessPool:
             # The helper died (killed, out of memory): the next large body starts a new one.
             self.close()
-            raise errors.GatewayError(
-                503, "The gateway could not parse this body now; try again.", "server_error", "body_parser_unavailable"
-            ) from None
+            raise errors.body_parser_unavailable() from None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -1,4 +1,6 @@
-"""OpenAI-shaped errors: the one place that knows `{"error": {"message", "type", "param", "code"}}`."""
+"""OpenAI-shaped errors: the one place that knows `{"error": {"message", "type", "param", "code"}}`,
+what each situation the gateway reports answers (the constructors below), how long a client should
+wait before it retries, and the reason phrase of each status."""
 
 from __future__ import annotations
 
@@ -73,6 +75,16 @@ def key_disabled() -> GatewayError:
 
 def admin_required() -> GatewayError:
     return GatewayError(403, "This endpoint needs an admin API key.", "permission_error", "admin_required")
+
+
+def missing_model() -> GatewayError:
+    return GatewayError(
+        400,
+        "You must provide a model parameter naming one of the models from GET /v1/models.",
+        "invalid_request_error",
+        "missing_model",
+        "model",
+    )
 
 
 def model_not_found(model: str) -> GatewayError:
@@ -167,6 +179,18 @@ def model_unavailable(model: str, state: str) -> GatewayError:
     )
 
 
+def body_parser_unavailable() -> GatewayError:
+    """The helper process that parses large bodies died under this one (body_parser.py)."""
+    return GatewayError(
+        503, "The gateway could not parse this body now; try again.", "server_error", "body_parser_unavailable"
+    )
+
+
+def internal_error() -> GatewayError:
+    """A bug: the request's handler ended without an answer (server/exchange.py)."""
+    return GatewayError(500, "The gateway failed on this request; its log has the details.", "server_error")
+
+
 def backend_error(
     status: int, message: str, type: str | None = None, param: str | None = None, code: str | int | None = None
 ) -> GatewayError:
@@ -199,6 +223,13 @@ def store_unavailable(consequence: str) -> GatewayError:
 def upstream_unreachable(model: str) -> GatewayError:
     return GatewayError(
         502, f"No server of model `{model}` accepted the request.", "server_error", "upstream_unreachable", "model"
+    )
+
+
+def upstream_failed(model: str, error: Exception) -> GatewayError:
+    """The backend broke off the exchange: it closed the connection, or sent what is not HTTP."""
+    return GatewayError(
+        502, f"The server of model `{model}` failed: {error}.", "server_error", "upstream_error", "model"
     )
 
 
@@ -248,3 +279,43 @@ def queue_timeout(model: str, seconds: float) -> GatewayError:
         "model",
         headers=[RETRY_SOON],
     )
+
+
+# -- the admin API (api.py) and the metrics (metrics_http.py) --
+
+
+def last_admin_key(message: str) -> GatewayError:
+    return GatewayError(409, message, "invalid_request_error", "last_admin_key")
+
+
+def key_file_invalid(message: str) -> GatewayError:
+    return GatewayError(503, message, "server_error", "key_file_invalid")
+
+
+def usage_ledger_off() -> GatewayError:
+    return GatewayError(
+        404, "The usage ledger is off (GATEWAY_USAGE_LEDGER).", "invalid_request_error", "usage_ledger_off"
+    )
+
+
+def metrics_forbidden() -> GatewayError:
+    return GatewayError(
+        403,
+        "Metrics are answered to the networks in GATEWAY_METRICS_ALLOW and to admin keys.",
+        "permission_error",
+        "metrics_forbidden",
+    )
+
+
+# -- refusals of the web framework (app.py): a wrong method, a body it cannot parse --
+
+# OpenAI's errors always carry a code; the framework's own get one here.
+FRAMEWORK_ERROR_CODES = {400: "invalid_request", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def framework_error(status: int, detail: str) -> GatewayError:
+    return GatewayError(status, detail, "invalid_request_error", FRAMEWORK_ERROR_CODES.get(status, "invalid_request"))
+
+
+def method_not_allowed() -> GatewayError:
+    return framework_error(405, "Method Not Allowed")

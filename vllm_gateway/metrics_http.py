@@ -43,15 +43,6 @@ def allowed_client(settings: Settings, host: str | None) -> bool:
     return any(address in network for network in settings.metrics_networks)
 
 
-def forbidden() -> GatewayError:
-    return GatewayError(
-        403,
-        "Metrics are answered to the networks in GATEWAY_METRICS_ALLOW and to admin keys.",
-        "permission_error",
-        "metrics_forbidden",
-    )
-
-
 def check_access(
     settings: Settings, keys: KeyStore, host: str | None, authorization: bytes, query: bytes
 ) -> GatewayError | None:
@@ -63,8 +54,8 @@ def check_access(
             key = authenticate(keys, authorization, query)
         except GatewayError as error:
             return error
-        return None if key.admin or allowed else forbidden()
-    return None if allowed else forbidden()
+        return None if key.admin or allowed else errors.metrics_forbidden()
+    return None if allowed else errors.metrics_forbidden()
 
 
 def check_head(state: GatewayState, exchange: Exchange) -> GatewayError | None:
@@ -111,7 +102,7 @@ def check_port_head(state: GatewayState, exchange: Exchange) -> GatewayError | N
     if exchange.path != METRICS_PATH:
         return errors.not_found("Only /metrics is answered on this port.")
     if exchange.method not in ("GET", "HEAD"):
-        return GatewayError(405, "Method Not Allowed", "invalid_request_error", "method_not_allowed")
+        return errors.method_not_allowed()
     return access_error(state, exchange)
 
 

@@ -120,17 +120,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         # dropped connection can say so (send_error does either).
         outcome.status = 502
         state.metrics.upstream_error(outcome.model, outcome.backend, upstream_error_kind(error, "mid_body"))
-        send_error(
-            exchange,
-            GatewayError(
-                502,
-                f"The server of model `{outcome.model}` failed: {error}.",
-                "server_error",
-                "upstream_error",
-                "model",
-            ),
-            outcome.headers,
-        )
+        send_error(exchange, errors.upstream_failed(outcome.model, error), outcome.headers)
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
@@ -353,9 +343,7 @@ async def open_upstream(
         except UpstreamError as error:
             state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
-            raise GatewayError(
-                502, f"The server of model `{model.name}` failed: {error}.", "server_error", "upstream_error", "model"
-            ) from None
+            raise errors.upstream_failed(model.name, error) from None
         except BaseException:
             state.admission.release(backend, at_once)
             raise

@@ -8,7 +8,6 @@ import re
 import orjson
 
 from . import errors
-from .errors import GatewayError
 from .stream_usage import lacks_usage
 
 # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters, and these are the ones it may use.
@@ -266,11 +265,5 @@ def _is_model_key(token: bytes) -> bool:
 
 def require_model(model: object) -> str:
     if not isinstance(model, str) or not model:
-        raise GatewayError(
-            400,
-            "You must provide a model parameter naming one of the models from GET /v1/models.",
-            "invalid_request_error",
-            "missing_model",
-            "model",
-        )
+        raise errors.missing_model()
     return model

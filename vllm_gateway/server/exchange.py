@@ -258,9 +258,7 @@ class Exchange:
         if self.head_sent or self.client_gone:
             self.abort()
         else:
-            self.respond_error(
-                GatewayError(500, "The gateway failed on this request; its log has the details.", "server_error")
-            )
+            self.respond_error(errors.internal_error())
 
     @property
     def write_paused(self) -> bool:
