@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
-from .settings import Settings, load_settings
+from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,22 +115,14 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("host", "port", "workers") if getattr(args, name)}
     for name, value in overrides.items():
         os.environ[f"GATEWAY_{name.upper()}"] = str(value)  # worker processes read settings afresh
-    settings = load_settings()
-    if settings.workers > 1 and not settings.shares_rate_limit_store:
-        print(
-            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
-            f"{settings.rate_limit_storage}: each worker would count requests on its own, so every key could "
-            "make workers x its limit. Set GATEWAY_RATE_LIMIT_STORAGE=redis://HOST:6379 or use one worker.",
-            file=sys.stderr,
-        )
-        return 2
-    if settings.workers > 1 and settings.admission and settings.redis_url is None:
-        print(
-            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
-            f"{settings.rate_limit_storage}: the workers share admission's counts and queues through Redis. "
-            "Use redis://HOST:6379, or set GATEWAY_ADMISSION=false.",
-            file=sys.stderr,
-        )
+    try:
+        settings = load_settings(ServeSettings)
+    except ValidationError as error:
+        reasons = cannot_serve_reasons(error)
+        if not reasons:
+            raise  # a setting wrong alone: main says which, as for every command
+        for reason in reasons:
+            print(f"vllm_api_server: {reason}", file=sys.stderr)
         return 2
     raise_open_files_limit()
     store = KeyStore(settings.key_file)
