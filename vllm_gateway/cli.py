@@ -300,17 +300,12 @@ def list_keys(args: argparse.Namespace) -> int:
 def recent_usage_by_key(settings: Settings, days: int = 30) -> dict[str, tuple[int, int, int]]:
     """Requests, prompt and completion tokens per key id over the last `days`, from the usage ledger
     (the source of truth for what a key used; empty when there is no ledger yet)."""
-    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
+    from .usage_ledger import HOUR, SQLiteUsageStore
+    from .usage_report import key_totals
 
     if not settings.usage_db_path.exists():
         return {}
-    since = (int(time.time()) - days * 24 * HOUR) // HOUR * HOUR
-    groups = totals(SQLiteUsageStore(settings.usage_db_path).rows(since, 2**62), ["key"])
-    at = {name: FIELDS.index(name) for name in ("requests", "prompt_tokens", "completion_tokens")}
-    return {
-        key_id: (counts[at["requests"]], counts[at["prompt_tokens"]], counts[at["completion_tokens"]])
-        for (key_id,), counts in groups.items()
-    }
+    return key_totals(SQLiteUsageStore(settings.usage_db_path), int(time.time()) - days * 24 * HOUR)
 
 
 def describe(record: KeyRecord) -> tuple[str, ...]:
@@ -397,8 +392,8 @@ def update_key(args: argparse.Namespace) -> int:
 
 
 def show_usage(args: argparse.Namespace) -> int:
-    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
-    from .usage_report import parse_span
+    from .usage_ledger import SQLiteUsageStore
+    from .usage_report import parse_span, usage_table
 
     settings = load_settings()
     by = [part.strip() for part in args.by.split(",") if part.strip()]
@@ -409,21 +404,8 @@ def show_usage(args: argparse.Namespace) -> int:
         print(f"no usage recorded yet: the gateway writes {shown_path(settings.usage_db_path)} as it serves")
         return 0
     since = int(time.time()) - parse_span(args.since)
-    rows = SQLiteUsageStore(settings.usage_db_path).rows(since // HOUR * HOUR, 2**62)
     names = {record.id: record.name for record in key_store().records()} if "key" in by else {}
-    groups = totals(rows, by)
-    entries = []
-    for group, counts in sorted(groups.items()):
-        entry: dict[str, object] = {}
-        for name, value in zip(by, group, strict=True):
-            if name == "key":
-                entry["key_id"], entry["key_name"] = value, names.get(value, "(revoked)")
-            elif name == "hour":
-                entry["hour"] = time.strftime("%Y-%m-%d %H:00", time.localtime(int(value)))
-            else:
-                entry[name] = value
-        entry.update(zip(FIELDS, counts, strict=True))
-        entries.append(entry)
+    entries = usage_table(SQLiteUsageStore(settings.usage_db_path), since, by, names)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
