@@ -12,7 +12,7 @@ import timeit
 from time import perf_counter
 
 from vllm_gateway.keystore import KeyRecord
-from vllm_gateway.metrics import Metrics
+from vllm_gateway.metrics.recording import Metrics
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.proxy import Outcome
 from vllm_gateway.registry import Registry

@@ -1,4 +1,4 @@
-"""A seeded fuzz of the gateway's HTTP front (the spec: /tmp/spec/front-spec.md, "hardened HTTP front").
+"""A seeded fuzz of the gateway's HTTP front: malformed bytes get a well-formed answer or a close, never a 5xx.
 
 Thousands of malformed or mutated requests go over raw sockets to the real gateway process in front of
 the vLLM simulator: broken request heads, bodies cut short or too long, crafted multipart bodies, JSON of
@@ -53,8 +53,8 @@ LIVENESS = 10.0  # a complete request's answer (or close) arrives by then
 FUZZ_BUDGET = 60.0  # seconds for sending all cases; beyond it no new case starts
 CHECK_TIMEOUT = 5.0  # for each check after the fuzz
 PARKED_MAX = 600  # connections waiting for the gateway to close them
-LOOP_BOUND = 1.0  # a concurrent GET /health answers within this (the spec's bound)
-# The spec types the error shape: {"message": str, "type": str, "param": null|str, "code": str}. A null
+LOOP_BOUND = 1.0  # a concurrent GET /health answers within this: the fuzz never stalls the event loop
+# OpenAI's error shape, typed: {"message": str, "type": str, "param": null|str, "code": str}. A null
 # code (FastAPI's own 405 and body-parsing 400 today) fails the test; False would only ask for the keys.
 ERROR_CODE_IS_A_STRING = True
 RSS_GROWTH_MB = 64

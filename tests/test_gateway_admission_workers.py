@@ -103,6 +103,42 @@ def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
     assert 4 <= sum("queue_ms=" not in line for line in lines) < 24
 
 
+@pytest.mark.parametrize("rate_limits_apart", [False, True], ids=["one-redis", "rate-limits-apart"])
+def test_gateway_redis_url_is_the_redis_two_workers_share_admission_through(
+    tmp_path: Path, sim: Simulator, redis_url: str, rate_limits_apart: bool
+) -> None:
+    """GATEWAY_REDIS_URL alone is enough for two workers: admission's counts and queues go there, and
+    the rate limits' too unless GATEWAY_RATE_LIMIT_STORAGE names a store of its own. Each setting names
+    a database of its own here, so that each count shows where it went."""
+    server = redis_url.rpartition("/")[0]
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": f"{server}/2"}
+    if rate_limits_apart:
+        env["GATEWAY_RATE_LIMIT_STORAGE"] = f"{server}/1"
+    backend = Backend("sim", sim.base_url, path="/models/sim", max_num_seqs="2")
+    with Gateway.start(tmp_path / "gw", [backend], env=env) as gw:
+
+        async def twelve_streams() -> list[int]:
+            streams = []
+            for _ in range(12):  # a little apart, so that both workers take some
+                streams.append(asyncio.create_task(stream_through(gw, gw.key, 20)))
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(*streams)
+
+        statuses = asyncio.run(twelve_streams())
+        stats = sim.stats()
+        served_by = workers_that_answered(gw)
+        keys = {db: [name.decode() for name in redis.Redis.from_url(f"{server}/{db}").scan_iter()] for db in (0, 1, 2)}
+
+    assert statuses == [200] * 12
+    assert stats["peak_running"] == 2  # one worker alone would have sent 2, two 4
+    assert served_by == 2, "the kernel gave every connection to one worker; the test proves nothing"
+    admission = {db for db, names in keys.items() if any(n.startswith("vllm_gateway:admission:") for n in names)}
+    rate_limits = {db for db, names in keys.items() if any(n.startswith("LIMITS:") for n in names)}
+    assert admission == {2}
+    assert rate_limits == ({1} if rate_limits_apart else {2})
+    assert keys[0] == []
+
+
 def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: Simulator, redis_url: str) -> None:
     with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="1") as gw:
         light = str(gw.create_key("--name", "light")["key"])

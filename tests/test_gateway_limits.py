@@ -72,6 +72,22 @@ def test_several_workers_on_per_process_memory_are_refused(tmp_path):
     assert "GATEWAY_RATE_LIMIT_STORAGE" in result.stderr and "4 workers" in result.stderr
 
 
+def test_several_workers_with_admission_and_no_redis_are_refused_naming_gateway_redis_url(tmp_path):
+    env = gateway_env(tmp_path, free_port())
+    env.update({"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": "memcached://127.0.0.1:11211"})
+    result = subprocess.run(
+        [sys.executable, "vllm_api_server.py", "serve"],
+        env={**os.environ, **env},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("vllm_api_server: refusing to start 2 workers"), result.stderr
+    assert "admission's counts and queues" in result.stderr and "GATEWAY_REDIS_URL" in result.stderr
+
+
 def test_counts_are_exact_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):
     env = {"GATEWAY_WORKERS": "3", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_RATE_LIMIT": "10/minute"}
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:

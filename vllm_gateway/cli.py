@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
-from .settings import Settings, load_settings
+from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,22 +115,14 @@ def serve(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("host", "port", "workers") if getattr(args, name)}
     for name, value in overrides.items():
         os.environ[f"GATEWAY_{name.upper()}"] = str(value)  # worker processes read settings afresh
-    settings = load_settings()
-    if settings.workers > 1 and not settings.shares_rate_limit_store:
-        print(
-            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
-            f"{settings.rate_limit_storage}: each worker would count requests on its own, so every key could "
-            "make workers x its limit. Set GATEWAY_RATE_LIMIT_STORAGE=redis://HOST:6379 or use one worker.",
-            file=sys.stderr,
-        )
-        return 2
-    if settings.workers > 1 and settings.admission and settings.redis_url is None:
-        print(
-            f"vllm_api_server: refusing to start {settings.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
-            f"{settings.rate_limit_storage}: the workers share admission's counts and queues through Redis. "
-            "Use redis://HOST:6379, or set GATEWAY_ADMISSION=false.",
-            file=sys.stderr,
-        )
+    try:
+        settings = load_settings(ServeSettings)
+    except ValidationError as error:
+        reasons = cannot_serve_reasons(error)
+        if not reasons:
+            raise  # a setting wrong alone: main says which, as for every command
+        for reason in reasons:
+            print(f"vllm_api_server: {reason}", file=sys.stderr)
         return 2
     raise_open_files_limit()
     store = KeyStore(settings.key_file)
@@ -306,17 +300,12 @@ def list_keys(args: argparse.Namespace) -> int:
 def recent_usage_by_key(settings: Settings, days: int = 30) -> dict[str, tuple[int, int, int]]:
     """Requests, prompt and completion tokens per key id over the last `days`, from the usage ledger
     (the source of truth for what a key used; empty when there is no ledger yet)."""
-    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
+    from .usage_ledger import HOUR, SQLiteUsageStore
+    from .usage_report import key_totals
 
     if not settings.usage_db_path.exists():
         return {}
-    since = (int(time.time()) - days * 24 * HOUR) // HOUR * HOUR
-    groups = totals(SQLiteUsageStore(settings.usage_db_path).rows(since, 2**62), ["key"])
-    at = {name: FIELDS.index(name) for name in ("requests", "prompt_tokens", "completion_tokens")}
-    return {
-        key_id: (counts[at["requests"]], counts[at["prompt_tokens"]], counts[at["completion_tokens"]])
-        for (key_id,), counts in groups.items()
-    }
+    return key_totals(SQLiteUsageStore(settings.usage_db_path), int(time.time()) - days * 24 * HOUR)
 
 
 def describe(record: KeyRecord) -> tuple[str, ...]:
@@ -403,8 +392,8 @@ def update_key(args: argparse.Namespace) -> int:
 
 
 def show_usage(args: argparse.Namespace) -> int:
-    from .usage_ledger import FIELDS, HOUR, SQLiteUsageStore, totals
-    from .usage_report import parse_span
+    from .usage_ledger import SQLiteUsageStore
+    from .usage_report import parse_span, usage_table
 
     settings = load_settings()
     by = [part.strip() for part in args.by.split(",") if part.strip()]
@@ -415,21 +404,8 @@ def show_usage(args: argparse.Namespace) -> int:
         print(f"no usage recorded yet: the gateway writes {shown_path(settings.usage_db_path)} as it serves")
         return 0
     since = int(time.time()) - parse_span(args.since)
-    rows = SQLiteUsageStore(settings.usage_db_path).rows(since // HOUR * HOUR, 2**62)
     names = {record.id: record.name for record in key_store().records()} if "key" in by else {}
-    groups = totals(rows, by)
-    entries = []
-    for group, counts in sorted(groups.items()):
-        entry: dict[str, object] = {}
-        for name, value in zip(by, group, strict=True):
-            if name == "key":
-                entry["key_id"], entry["key_name"] = value, names.get(value, "(revoked)")
-            elif name == "hour":
-                entry["hour"] = time.strftime("%Y-%m-%d %H:00", time.localtime(int(value)))
-            else:
-                entry[name] = value
-        entry.update(zip(FIELDS, counts, strict=True))
-        entries.append(entry)
+    entries = usage_table(SQLiteUsageStore(settings.usage_db_path), since, by, names)
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0

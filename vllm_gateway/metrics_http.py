@@ -1,5 +1,5 @@
 """GET /metrics: who may scrape, the route on the gateway's port or a port of its own, and the
-snapshot task that lets one worker answer for all (metrics.py)."""
+snapshot task that lets one worker answer for all (the figures: the metrics package)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import errors, metrics
+from . import errors
 from .access import authenticate, sends_key
 from .errors import GatewayError
 from .keystore import KeyStore
+from .metrics import workers
+from .metrics.exposition import exposition
 from .server.exchange import Exchange
 from .server.hooks import ConnectionCap, ServerHooks
 from .server.listener import Listener
@@ -79,9 +81,9 @@ def access_error(state: GatewayState, exchange: Exchange) -> GatewayError | None
 
 
 async def scrape(state: GatewayState) -> bytes:
-    figures = state.metrics.figures()  # copied on the loop, where the figures change
+    figures = workers.figures_of(state.metrics)  # copied on the loop, where the figures change
     run_dir = state.settings.run_dir if state.settings.workers > 1 else None
-    return await asyncio.to_thread(metrics.exposition, figures, state.metrics.backend_states(), run_dir)
+    return await asyncio.to_thread(exposition, figures, workers.backend_up(state.registry), run_dir)
 
 
 @router.get(METRICS_PATH)
@@ -143,7 +145,7 @@ async def write_snapshots(state: GatewayState) -> None:
     while True:
         await asyncio.sleep(state.settings.metrics_snapshot_seconds)
         try:
-            await asyncio.to_thread(metrics.write_snapshot, run_dir, state.metrics.figures())
+            await asyncio.to_thread(workers.write_snapshot, run_dir, workers.figures_of(state.metrics))
         except OSError as error:
             log.warning("cannot write the metrics snapshot: %s", error)
 
@@ -175,4 +177,4 @@ class MetricsService:
         if self.listener is not None:
             await self.listener.stop()
         if self.state.settings.workers > 1:
-            metrics.remove_snapshot(self.state.settings.run_dir)
+            workers.remove_snapshot(self.state.settings.run_dir)

@@ -78,7 +78,7 @@ class Outcome:
     # How the prompt tokens were counted when vLLM's usage never came: "tokenize" or "estimate".
     prompt_from: str | None = None
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # For the metrics (metrics.py): time waiting on the backend, a stream's first bytes, the error's type.
+    # For the metrics (metrics/recording.py): time waiting on the backend, a stream's first bytes, the error's type.
     upstream_seconds: float = 0.0
     first_byte_at: float = 0.0
     error_type: str | None = None

@@ -1,7 +1,11 @@
-"""Every gateway setting, declared once, with the spec's defaults.
+"""Every gateway setting, declared once, with its default and the checks it must pass.
 
 Values come from the environment (prefix GATEWAY_) or from an env file named by GATEWAY_ENV_FILE
 (default gateway.env in the working directory, when present). Nothing else reads os.environ.
+
+Settings checks each value alone, and finds the one Redis the workers share; ServeSettings adds what
+`serve` needs of them together (several workers count and queue in one place), so that the other
+commands (keys, models, usage) still run under a configuration that cannot serve.
 """
 
 from __future__ import annotations
@@ -12,20 +16,25 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_DIR = Path(__file__).resolve().parent.parent
+# The schemes of a Redis URL, as redis-py reads them (a `limits` storage may add `async+`).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# The type of the errors ServeSettings raises: settings valid one by one that cannot serve together.
+CANNOT_SERVE = "cannot_serve"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
 
-    # -- server (the spec: port 1024, concurrency 100, keep-alive 300 s, httptools) --
+    # -- server: where clients connect, how many requests a worker holds, how long idle connections stay --
     host: str = "0.0.0.0"
     port: int = 1024
-    # One worker process serves hundreds of streams on its event loop; more workers need a shared
-    # rate-limit store (rate_limit_storage) so that the counts stay exact.
+    # One worker process serves hundreds of streams on its event loop; more workers need Redis
+    # (redis_url) so that the counts stay exact and admission sees every worker's requests.
     workers: int = Field(1, ge=1)
     concurrency_limit: int = Field(100, ge=1)
     keepalive_timeout: int = Field(300, ge=1)
@@ -54,7 +63,7 @@ class Settings(BaseSettings):
     # nginx bounds no bytes; twice the body limit lets a whole refused body in.
     linger_timeout: float = Field(30.0, gt=0)
     linger_bytes: int = Field(64 * 1024 * 1024, ge=0)
-    # None: derived at start from the file-descriptor limit (see limits.py).
+    # None: derived at start from the file-descriptor limit (see server/file_limits.py).
     max_connections: int | None = Field(None, ge=1)
 
     # -- upstream vLLM servers --
@@ -82,7 +91,12 @@ class Settings(BaseSettings):
     # client left, or the backend cut the answer); past them, or failing, the prompt is estimated
     # (prompt_count.py). The request's log line and ledger entry wait that long, never a client.
     prompt_count_timeout: float = Field(2.0, gt=0, le=60)
+    # Where the rate limits count (a `limits` storage URL). Unset: redis_url when that is set, else
+    # this worker's memory.
     rate_limit_storage: str = "memory://"
+    # The Redis the workers share: admission's counts and queues, and the rate limits' counts unless
+    # rate_limit_storage names a store of its own. Unset: rate_limit_storage, when that is Redis.
+    redis_url: str | None = None
     # Seconds Redis (the shared store above) may take to accept a connection or answer before the
     # gateway takes it for down: requests then get 503 store_unavailable instead of hanging.
     redis_timeout: float = Field(3.0, gt=0)
@@ -152,6 +166,25 @@ class Settings(BaseSettings):
         parse_many(value)
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_redis(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().removeprefix("async+")
+        if urlsplit(value).scheme.lower() not in REDIS_SCHEMES:
+            raise ValueError("GATEWAY_REDIS_URL takes a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_redis_for_the_workers(self) -> Settings:
+        """The precedence of the two settings that name a shared store (docs/settings.md)."""
+        if self.redis_url is None and self.rate_limit_scheme in REDIS_SCHEMES:
+            self.redis_url = self.rate_limit_storage.removeprefix("async+")
+        elif self.redis_url is not None and "rate_limit_storage" not in self.model_fields_set:
+            self.rate_limit_storage = self.redis_url
+        return self
+
     @property
     def usage_db_path(self) -> Path:
         return self.usage_db or self.key_file.parent / "usage.db"
@@ -170,18 +203,48 @@ class Settings(BaseSettings):
     def shares_rate_limit_store(self) -> bool:
         return self.rate_limit_scheme != "memory"
 
-    @property
-    def redis_url(self) -> str | None:
-        """The shared store as a Redis URL, for what only Redis can share (admission); else None."""
-        if self.rate_limit_scheme not in ("redis", "rediss", "unix"):
-            return None
-        return self.rate_limit_storage.removeprefix("async+")
+
+class ServeSettings(Settings):
+    """The settings `serve` starts the gateway with: what Settings checks, and that several workers
+    count and queue in one place. Each worker counting alone would let a key make workers x its limit
+    and send a model workers x its capacity."""
+
+    @model_validator(mode="after")
+    def _workers_share_the_rate_limits(self) -> ServeSettings:
+        if self.workers > 1 and not self.shares_rate_limit_store:
+            raise cannot_serve(
+                f"refusing to start {self.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
+                f"{self.rate_limit_storage}: each worker would count requests on its own, so every key could "
+                "make workers x its limit. Set GATEWAY_RATE_LIMIT_STORAGE=redis://HOST:6379 or use one worker."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_share_admission(self) -> ServeSettings:
+        if self.workers > 1 and self.admission and self.redis_url is None:
+            raise cannot_serve(
+                f"refusing to start {self.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
+                f"{self.rate_limit_storage}: the workers share admission's counts and queues through Redis. "
+                "Set GATEWAY_REDIS_URL=redis://HOST:6379, or GATEWAY_ADMISSION=false."
+            )
+        return self
+
+
+def cannot_serve(reason: str) -> PydanticCustomError:
+    # The reason goes in as a value, not as the template, where braces would be read as fields.
+    return PydanticCustomError(CANNOT_SERVE, "{reason}", {"reason": reason})
+
+
+def cannot_serve_reasons(error: ValidationError) -> list[str]:
+    """Why ServeSettings refused settings that Settings takes; empty when a setting was wrong alone."""
+    return [detail["msg"] for detail in error.errors() if detail["type"] == CANNOT_SERVE]
 
 
 def networks_of(text: str) -> list[IPv4Network | IPv6Network]:
     return [ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()]
 
 
-def load_settings(**overrides: Any) -> Settings:
+def load_settings(kind: type[Settings] = Settings, **overrides: Any) -> Settings:
+    """`kind`: Settings, or ServeSettings for the settings a gateway serves with."""
     env_file = os.environ.get("GATEWAY_ENV_FILE", "gateway.env")
-    return Settings(_env_file=env_file if Path(env_file).is_file() else None, **overrides)
+    return kind(_env_file=env_file if Path(env_file).is_file() else None, **overrides)

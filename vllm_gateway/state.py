@@ -11,7 +11,7 @@ from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
 from .health import HealthChecker
 from .keystore import KeyStore
-from .metrics import Metrics
+from .metrics.recording import Metrics
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .settings import Settings

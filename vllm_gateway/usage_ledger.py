@@ -19,7 +19,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -220,14 +220,3 @@ class UsageLedger:
             except asyncio.CancelledError:
                 pass
         await self.flush()
-
-
-def totals(rows: Iterable[UsageRow], by: Sequence[str]) -> dict[tuple[str, ...], list[int]]:
-    """Sum rows over everything but `by` (a subset of "key", "model", "hour"): {group: counts}."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for row in rows:
-        group = tuple(str({"key": row.key_id, "model": row.model, "hour": row.hour}[name]) for name in by)
-        counts = groups.setdefault(group, [0] * len(FIELDS))
-        for index, name in enumerate(FIELDS):
-            counts[index] += getattr(row, name)
-    return groups

@@ -1,15 +1,16 @@
 """Reading the usage ledger: pages in the shape of OpenAI's organization usage API
-(`/v1/organization/usage/completions`) for `GET /admin/usage`, and totals for the `usage` command."""
+(`/v1/organization/usage/completions`) for `GET /admin/usage`, and the totals the `usage` and `keys
+list` commands print. Every sum of the ledger's rows is totals() here."""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import errors
-from .usage_ledger import HOUR, UsageRow, UsageStore
+from .usage_ledger import FIELDS, HOUR, UsageRow, UsageStore
 
 BUCKET_SECONDS = {"1h": HOUR, "1d": 24 * HOUR}
 # OpenAI's defaults and maxima for the number of buckets on a page.
@@ -24,6 +25,9 @@ WHOLE_NUMBER = re.compile(r"[0-9]{1,12}")
 MAX_UNIX_TIME = 253_402_300_799
 SPAN = re.compile(r"([0-9]{1,6})([hdw])")
 SPAN_SECONDS = {"h": HOUR, "d": 24 * HOUR, "w": 7 * 24 * HOUR}
+# The end of a span that has none (the commands' "since"): later than any hour, within SQLite's integers.
+NO_END = 2**62
+REQUESTS, PROMPT, COMPLETION = (FIELDS.index(name) for name in ("requests", "prompt_tokens", "completion_tokens"))
 
 
 @dataclass(frozen=True)
@@ -88,26 +92,59 @@ def whole_number(name: str, text: str, maximum: int) -> int:
 
 
 def results(rows: Sequence[UsageRow], group_by: Sequence[str]) -> list[dict[str, object]]:
+    by = [name for name, group in (("key", "api_key_id"), ("model", "model")) if group in group_by]
     groups: dict[tuple[str | None, str | None], list[int]] = {}
-    for row in rows:
-        group = (row.key_id if "api_key_id" in group_by else None, row.model if "model" in group_by else None)
-        sums = groups.setdefault(group, [0, 0, 0])
-        sums[0] += row.prompt_tokens
-        sums[1] += row.completion_tokens
-        sums[2] += row.requests
+    for group, counts in totals(rows, by).items():
+        named = dict(zip(by, group, strict=True))
+        groups[named.get("key"), named.get("model")] = counts
     return [
         {
             "object": "organization.usage.completions.result",
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "num_model_requests": requests,
+            "input_tokens": counts[PROMPT],
+            "output_tokens": counts[COMPLETION],
+            "num_model_requests": counts[REQUESTS],
             "api_key_id": key_id,
             "model": model,
         }
-        for (key_id, model), (input_tokens, output_tokens, requests) in sorted(
-            groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or "")
-        )
+        for (key_id, model), counts in sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or ""))
     ]
+
+
+def totals(rows: Iterable[UsageRow], by: Sequence[str]) -> dict[tuple[str, ...], list[int]]:
+    """Sum rows over everything but `by` (a subset of "key", "model", "hour"): {group: counts in FIELDS' order}."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for row in rows:
+        group = tuple(str({"key": row.key_id, "model": row.model, "hour": row.hour}[name]) for name in by)
+        counts = groups.setdefault(group, [0] * len(FIELDS))
+        for index, name in enumerate(FIELDS):
+            counts[index] += getattr(row, name)
+    return groups
+
+
+def key_totals(store: UsageStore, since: int) -> dict[str, tuple[int, int, int]]:
+    """Requests, prompt and completion tokens of each key id in the hours from that of `since` on."""
+    groups = totals(store.rows(since // HOUR * HOUR, NO_END), ["key"])
+    return {key_id: (counts[REQUESTS], counts[PROMPT], counts[COMPLETION]) for (key_id,), counts in groups.items()}
+
+
+def usage_table(
+    store: UsageStore, since: int, by: Sequence[str], key_names: Mapping[str, str]
+) -> list[dict[str, object]]:
+    """The `usage` command's rows: each group's totals in the hours from that of `since` on, in the order
+    of its groups; a key by its id and its name in `key_names` (`(revoked)` when gone), an hour in local time."""
+    entries = []
+    for group, counts in sorted(totals(store.rows(since // HOUR * HOUR, NO_END), by).items()):
+        entry: dict[str, object] = {}
+        for name, value in zip(by, group, strict=True):
+            if name == "key":
+                entry["key_id"], entry["key_name"] = value, key_names.get(value, "(revoked)")
+            elif name == "hour":
+                entry["hour"] = time.strftime("%Y-%m-%d %H:00", time.localtime(int(value)))
+            else:
+                entry[name] = value
+        entry.update(zip(FIELDS, counts, strict=True))
+        entries.append(entry)
+    return entries
 
 
 def parse_span(text: str) -> int:

@@ -70,7 +70,7 @@ class SharedAdmission(Admission):
         super().__init__(settings, registry)
         import redis.asyncio as redis
 
-        assert settings.redis_url is not None  # cli.serve refuses several workers without Redis
+        assert settings.redis_url is not None  # ServeSettings refuses several workers without Redis
         # Per request, scripts go over a pipelined connection of our own (admission/redis_pipe.py); the
         # channel that grants arrive on is redis-py's.
         self.redis: Any = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=settings.redis_timeout)

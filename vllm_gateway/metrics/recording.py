@@ -1,0 +1,151 @@
+"""Recording, on the request path: one relayed request's figures added to plain counters.
+
+It runs for every relayed request, so it is a dictionary lookup by a tuple of labels and a few
+additions on a flat list of numbers (histograms are per-bucket counts found by bisect, made
+cumulative when rendered); prometheus_client's objects, with a lock and a label lookup per family,
+would cost several times that. The layout of those lists is declared here, for the copies and
+snapshots (workers.py) and the text (exposition.py) to read.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from time import perf_counter
+from typing import Protocol
+
+from ..keystore import KeyRecord
+from ..registry import Registry
+
+# What stands for a model the registry does not know: client input never becomes a label value.
+UNKNOWN = "unknown"
+
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# A series' figures, one flat list: the counts and sums below, then each histogram's bucket counts
+# (one more than its bounds: the last counts what is above every bound).
+REQUESTS, PROMPT, COMPLETION, DURATION_SUM, TTFT_SUM, TTFT_COUNT, OVERHEAD_SUM, OVERHEAD_COUNT = range(8)
+DURATION_AT = 8
+TTFT_AT = DURATION_AT + len(DURATION_BUCKETS) + 1
+OVERHEAD_AT = TTFT_AT + len(TTFT_BUCKETS) + 1
+SERIES_SIZE = OVERHEAD_AT + len(OVERHEAD_BUCKETS) + 1
+
+# The gateway's 429s, by their error's type (errors.rate_limited, errors.tokens_limited).
+RATE_LIMIT_KINDS = {"rate_limit_error": "requests", "tokens": "tokens", "parallel_requests_exceeded": "parallel"}
+
+STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+# (model, backend, key name, status class)
+Labels = tuple[str, ...]
+
+
+# What the figures are read from, declared here so that this module imports neither the request path
+# (proxy.Outcome) nor admission (admission.local.Admission), both of which reach it through state.py.
+
+
+class Outcome(Protocol):
+    """One request as it ended (proxy.Outcome)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def prompt_tokens(self) -> int | None: ...
+    @property
+    def completion_tokens(self) -> int | None: ...
+    @property
+    def upstream_seconds(self) -> float: ...
+    @property
+    def first_byte_at(self) -> float: ...
+    @property
+    def error_type(self) -> str | None: ...
+    @property
+    def queued(self) -> float | None: ...
+
+
+class Admission(Protocol):
+    """What admission holds now (admission.local.Admission): the requests waiting, and those of each key."""
+
+    @property
+    def per_key(self) -> dict[str, int]: ...
+    def waiting(self, model_name: str) -> int: ...
+
+
+class Metrics:
+    """One worker's figures."""
+
+    def __init__(self, registry: Registry, enabled: bool = True) -> None:
+        self.registry = registry
+        self.enabled = enabled
+        self.series: dict[Labels, list[float]] = {}
+        self.rate_limited: dict[Labels, float] = {}  # (key name, kind)
+        self.upstream_errors: dict[Labels, float] = {}  # (model, backend, kind)
+        # (model,) -> [seconds waited, requests that waited, bucket counts...]: admission's queue
+        self.queue_waits: dict[Labels, list[float]] = {}
+        # What admission holds now (read at a scrape, workers.figures_of): set by GatewayState once both exist.
+        self.admission: Admission | None = None
+        self.key_names: Callable[[], dict[str, str]] = dict
+
+    # -- recording: the request path --
+
+    def model_label(self, name: str) -> str:
+        if name == "-":
+            return name
+        model = self.registry.resolve(name)
+        return model.name if model is not None else UNKNOWN
+
+    def request(self, outcome: Outcome, key: KeyRecord | None, started: float) -> None:
+        """Count one relayed request as it ends (proxy.handle)."""
+        if not self.enabled:
+            return
+        elapsed = perf_counter() - started
+        status = outcome.status // 100
+        labels = (
+            self.model_label(outcome.model),
+            outcome.backend,
+            key.name if key is not None else "-",
+            STATUS_CLASSES[status] if 0 <= status < 6 else "5xx",
+        )
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0.0] * SERIES_SIZE
+        series[REQUESTS] += 1
+        if outcome.prompt_tokens:
+            series[PROMPT] += outcome.prompt_tokens
+        if outcome.completion_tokens:
+            series[COMPLETION] += outcome.completion_tokens
+        series[DURATION_SUM] += elapsed
+        series[DURATION_AT + bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        if outcome.upstream_seconds:
+            overhead = max(0.0, elapsed - outcome.upstream_seconds)
+            series[OVERHEAD_SUM] += overhead
+            series[OVERHEAD_COUNT] += 1
+            series[OVERHEAD_AT + bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+            if outcome.first_byte_at:
+                ttft = outcome.first_byte_at - started
+                series[TTFT_SUM] += ttft
+                series[TTFT_COUNT] += 1
+                series[TTFT_AT + bisect_left(TTFT_BUCKETS, ttft)] += 1
+        if outcome.queued:
+            waits = self.queue_waits.get(labels[:1])
+            if waits is None:
+                waits = self.queue_waits[labels[:1]] = [0.0] * (len(QUEUE_BUCKETS) + 3)
+            waits[0] += outcome.queued
+            waits[1] += 1
+            waits[2 + bisect_left(QUEUE_BUCKETS, outcome.queued)] += 1
+        if outcome.status == 429 and outcome.error_type in RATE_LIMIT_KINDS:
+            limited = (labels[2], RATE_LIMIT_KINDS[outcome.error_type])
+            self.rate_limited[limited] = self.rate_limited.get(limited, 0.0) + 1
+
+    def upstream_error(self, model: str, backend: str, kind: str) -> None:
+        """A backend failed: kind is connect, connect_timeout, timeout, protocol or mid_stream."""
+        if not self.enabled:
+            return
+        labels = (self.model_label(model), backend, kind)
+        self.upstream_errors[labels] = self.upstream_errors.get(labels, 0.0) + 1
