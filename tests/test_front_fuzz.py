@@ -86,11 +86,11 @@ def fuzz_gateway(tmp_path_factory):
         "/models/sim",
         "--token-rate",
         "0",
-    ) as sim:
-        backend = Backend("sim", sim.base_url, path="/models/sim", aliases="sim-alias")
+    ) as simulator:
+        backend = Backend("sim", simulator.base_url, path="/models/sim", aliases="sim-alias")
         env = {"GATEWAY_HEAD_TIMEOUT": str(HEAD_TIMEOUT), "GATEWAY_BODY_TIMEOUT": str(BODY_TIMEOUT)}
-        with Gateway.start(tmp_path_factory.mktemp("fuzz-gw"), [backend], env=env) as gw:
-            yield gw
+        with Gateway.start(tmp_path_factory.mktemp("fuzz-gw"), [backend], env=env) as gateway:
+            yield gateway
 
 
 @dataclass
@@ -1899,37 +1899,37 @@ class LoopProbe:
         return held + [("concurrent GET /health failed", problem) for problem in self.problems]
 
 
-def checks_after(gw: Gateway) -> list[tuple[str, str]]:
+def checks_after(gateway: Gateway) -> list[tuple[str, str]]:
     """(what, why) for each way the gateway is not fine after the fuzz: it still lives, answers /health,
     relays a chat completion, honours the admin key, and its key file is whole."""
 
     def health():
         answers = exchange(
-            gw.port, b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", timeout=CHECK_TIMEOUT
+            gateway.port, b"GET /health HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n", timeout=CHECK_TIMEOUT
         )
         return None if [r.status for r in answers] == [200] else f"answers: {[r.summary() for r in answers]}"
 
     def chat():
-        with gw.http(gw.key, timeout=CHECK_TIMEOUT) as client:
+        with gateway.http(gateway.key, timeout=CHECK_TIMEOUT) as client:
             reply = client.post("/v1/chat/completions", json=CHAT)
         ok = reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
         return None if ok else f"{reply.status_code} {reply.text[:200]}"
 
     def admin():
-        with gw.http(gw.admin_key, timeout=CHECK_TIMEOUT) as client:
+        with gateway.http(gateway.admin_key, timeout=CHECK_TIMEOUT) as client:
             reply = client.get("/admin/keys")
         names = {entry["name"] for entry in reply.json().get("data", [])} if reply.status_code == 200 else set()
         return None if {"test-admin", "test-user"} <= names else f"{reply.status_code} {reply.text[:200]}"
 
     def key_file():
-        content = json.loads(Path(gw.env["GATEWAY_KEY_FILE"]).read_text())
+        content = json.loads(Path(gateway.env["GATEWAY_KEY_FILE"]).read_text())
         names = {entry["name"] for entry in content["keys"]}
         return None if {"test-admin", "test-user"} <= names else f"keys left: {sorted(names)[:10]}"
 
     problems = []
 
     def alive():
-        return None if gw.handle.alive() else f"exited with {gw.handle.returncode}"
+        return None if gateway.handle.alive() else f"exited with {gateway.handle.returncode}"
 
     for what, check in [
         ("the gateway process is alive", alive),
@@ -2002,15 +2002,15 @@ def report(failures: list[Failure], lines: list[str], shown: int = REPORTED) -> 
 
 
 def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
-    gw = fuzz_gateway
-    port = gw.port
-    with gw.http(gw.admin_key, timeout=LIVENESS) as admin:
+    gateway = fuzz_gateway
+    port = gateway.port
+    with gateway.http(gateway.admin_key, timeout=LIVENESS) as admin:
         victim = admin.post("/admin/keys", json={"name": "victim"}).json()
-    t = Target(port, gw.key.encode(), gw.admin_key.encode(), victim["id"].encode())
+    t = Target(port, gateway.key.encode(), gateway.admin_key.encode(), victim["id"].encode())
 
     warm_up(port, t)
     time.sleep(0.5)
-    rss_before = rss_kb(gw.handle.pid)
+    rss_before = rss_kb(gateway.handle.pid)
 
     failures: list[Failure] = []
     lock = threading.Lock()
@@ -2117,9 +2117,9 @@ def test_front_survives_seeded_fuzz(fuzz_gateway, tmp_path):
     failures += [Failure(cause, probe_case, detail) for cause, detail in probe.failures()]
 
     end_case = Case("after", [], COMPLETE, "checks after the fuzz", index=-1)
-    failures += [Failure(f"after the fuzz: {cause}", end_case, detail) for cause, detail in checks_after(gw)]
+    failures += [Failure(f"after the fuzz: {cause}", end_case, detail) for cause, detail in checks_after(gateway)]
     time.sleep(0.5)
-    rss_after = rss_kb(gw.handle.pid) if gw.handle.alive() else 0
+    rss_after = rss_kb(gateway.handle.pid) if gateway.handle.alive() else 0
     growth_mb = (rss_after - rss_before) / 1024
     lines.append(
         f"gateway RSS {rss_before / 1024:.0f} MB after warm-up, {rss_after / 1024:.0f} MB at the end "

@@ -88,7 +88,10 @@ def test_invalid_admin_requests_get_400_in_openai_shape(gateway):
 
 
 def test_the_last_admin_key_cannot_be_revoked(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw, gw.http(gw.admin_key) as admin:
+    with (
+        Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway,
+        gateway.http(gateway.admin_key) as admin,
+    ):
         admin_id = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["admin"])
         refused = admin.delete(f"/admin/keys/{admin_id}")
         assert refused.status_code == 409
@@ -170,18 +173,18 @@ def test_corrupt_key_file_stops_the_gateway_and_is_left_untouched(tmp_path, cont
 
 
 def test_key_file_broken_while_running_keeps_the_last_good_keys(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
         key_file = tmp_path / "api_keys.json"
         key_file.write_text("{broken")
         import time
 
         time.sleep(1.2)
-        with gw.http(gw.key) as client:
+        with gateway.http(gateway.key) as client:
             assert client.get("/v1/models").status_code == 200
-        with gw.http(gw.admin_key) as admin:
+        with gateway.http(gateway.admin_key) as admin:
             assert admin.post("/admin/keys", json={"name": "x"}).status_code == 503
         assert key_file.read_text() == "{broken"
-        assert "still using the last good copy" in gw.log_text()
+        assert "still using the last good copy" in gateway.log_text()
 
 
 def test_keys_list_shows_a_key_used_seconds_ago(gateway):

@@ -29,8 +29,10 @@ def test_missing_model_is_400_naming_the_param(gateway):
 def test_huge_body_is_413_without_reaching_the_backend(tmp_path, simulator):
     from tests.support.gateway import Backend, Gateway
 
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_MAX_BODY_BYTES": "4096"}) as gw:
-        with gw.http(gw.key) as client:
+    with Gateway.start(
+        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_MAX_BODY_BYTES": "4096"}
+    ) as gateway:
+        with gateway.http(gateway.key) as client:
             declared = client.post("/v1/completions", json={"model": "sim", "prompt": "x" * 10_000})
 
             def chunked():

@@ -25,15 +25,15 @@ STREAM = {
 @pytest.fixture(scope="module")
 def slow_simulator(tmp_path_factory):
     """Five tokens a second: slow enough to watch a stream arrive and to leave in the middle of it."""
-    with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5", model="slow") as sim:
-        yield sim
+    with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5", model="slow") as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
 def slow_gateway(tmp_path_factory, slow_simulator):
     backends = [Backend("slow", slow_simulator.base_url)]
-    with Gateway.start(tmp_path_factory.mktemp("gw"), backends, env={"GATEWAY_READ_TIMEOUT": "2"}) as gw:
-        yield gw
+    with Gateway.start(tmp_path_factory.mktemp("gw"), backends, env={"GATEWAY_READ_TIMEOUT": "2"}) as gateway:
+        yield gateway
 
 
 def without_timestamps(data: bytes) -> bytes:
@@ -186,12 +186,15 @@ def test_backend_silent_past_the_read_timeout_gives_504(slow_gateway, slow_simul
 
 
 def test_dead_backend_is_marked_down_and_requests_get_503_with_retry_after(tmp_path):
-    with Simulator.start(tmp_path) as sim, Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gw:
-        sim.set_faults(exit_after_tokens=1)
-        with gw.http(gw.key) as client:
+    with (
+        Simulator.start(tmp_path) as simulator,
+        Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url)]) as gateway,
+    ):
+        simulator.set_faults(exit_after_tokens=1)
+        with gateway.http(gateway.key) as client:
             client.post("/v1/chat/completions", json={**STREAM, "stream": False})
-            wait_for(lambda: not sim.alive())
-            gw.wait_until(lambda health: health["models"][0]["status"] == "down")
+            wait_for(lambda: not simulator.alive())
+            gateway.wait_until(lambda health: health["models"][0]["status"] == "down")
             response = client.post("/v1/chat/completions", json={**STREAM, "stream": False})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_not_ready"

@@ -102,12 +102,12 @@ def test_keys_without_a_token_limit_get_no_token_headers(gateway):
 
 def test_gateway_token_limit_applies_to_keys_without_their_own(tmp_path, simulator):
     env = {"GATEWAY_TOKEN_LIMIT": "25/minute"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
-        own = gw.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
-        gw.wait_for_key(own)
-        defaulted = gw.openai()
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        own = gateway.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
+        gateway.wait_for_key(own)
+        defaulted = gateway.openai()
         answers = [chat(defaulted) for _ in range(3)]
-        with_own = chat(gw.openai(own))
+        with_own = chat(gateway.openai(own))
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[0].headers["x-ratelimit-limit-tokens"] == "25"
     assert answers[2].json()["error"]["type"] == "tokens"
@@ -189,14 +189,16 @@ def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, si
             if "Started server process" in line
         }
 
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         # The gateway answers once one worker listens; the counts are shared only if both do.
         pids = wait_until(lambda: worker_pids() if len(worker_pids()) == 2 else None, timeout=60)
         statuses = []
         remaining = []
         for _ in range(12):
             # A new connection each time, so the kernel spreads them over the workers.
-            with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}, timeout=30) as client:
+            with httpx.Client(
+                base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=30
+            ) as client:
                 response = client.post(
                     "/v1/chat/completions",
                     json={"model": "sim", "messages": MESSAGES, "max_tokens": 20, "ignore_eos": True},
