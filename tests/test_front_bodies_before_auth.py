@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     assert_rejected,
@@ -24,7 +25,7 @@ from tests.support.front import (
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import wait_until
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("sim", max_tokens=2)
 JUST_UNDER_32_MIB = 33554431  # within the relay's body limit: only the key can refuse it early
 TEN_BYTES = b'{"name": "'
 WRONG_KEY = "sk-" + "x" * 43

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway
 from tests.support.http_wire import Malformed, WireResponse, take_response
 from tests.support.processes import Simulator
@@ -250,11 +251,7 @@ def credentials(rng: random.Random, t: Target, role: str = "user") -> tuple[list
 # -- JSON of the wrong types --
 
 RELAY_TEMPLATES = {
-    b"/v1/chat/completions": lambda rng: {
-        "model": "sim",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": rng.randint(1, 8),
-    },
+    b"/v1/chat/completions": lambda rng: chat_body("sim", max_tokens=rng.randint(1, 8)),
     b"/v1/completions": lambda rng: {"model": "sim", "prompt": "hi there", "max_tokens": rng.randint(1, 8)},
     b"/v1/embeddings": lambda rng: {"model": "sim", "input": "hi"},
     b"/tokenize": lambda rng: {"model": "sim", "prompt": "hi there"},
@@ -1498,7 +1495,7 @@ GENERATORS = [
 
 # -- controls: well-formed requests mixed in, which must keep working whatever came before --
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("sim", max_tokens=3)
 
 
 def control(rng: random.Random, t: Target) -> Case:

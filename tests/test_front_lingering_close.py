@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     assert_rejected,
@@ -26,7 +27,7 @@ from tests.support.gateway import Backend, Gateway, Reader, raw_post
 
 MIB = 1024 * 1024
 WRONG_KEY = "sk-" + "x" * 43
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("sim", max_tokens=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     assert_rejected,
@@ -20,7 +21,7 @@ from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("sim", max_tokens=3)
 STREAM = {**CHAT, "max_tokens": 5, "stream": True}
 GARBAGE = b"\x00\x01garbage\r\n\r\n"
 H2C_UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"

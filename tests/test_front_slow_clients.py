@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     SlowReader,
@@ -28,7 +29,7 @@ from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
-CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("fast", max_tokens=3)
 # How long to wait for what the one-second timeouts should bring about: a liveness bound, not a speed.
 BOUND = 5.0
 TIMEOUTS = {

@@ -17,11 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import LIVENESS, connect, read_to_eof, response_or_none, send_all
 from tests.support.gateway import Backend, Gateway, gateway_env, raw_post, run_cli, write_model_config
 from tests.support.processes import REPO_ROOT, free_port, start_process, wait_until
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("sim", max_tokens=2)
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 # The gateway writes keys' last-used times to the key file this often (GATEWAY_KEY_USAGE_FLUSH_SECONDS,
 # 30 s by default): a deleted key file must still be absent after a flush.

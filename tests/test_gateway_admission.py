@@ -16,19 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
-def chat(max_tokens: int, stream: bool = True, content: str = "hello") -> dict[str, object]:
-    return {
-        "model": "sim",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
+def chat(max_tokens: int, stream: bool = True) -> dict[str, object]:
+    return chat_body("sim", max_tokens=max_tokens, stream=stream)
 
 
 async def stream_through(client: httpx.AsyncClient, key: str, max_tokens: int) -> int:

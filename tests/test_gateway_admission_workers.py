@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until
 from tests.support.redis_server import Redis
@@ -28,7 +29,7 @@ CHAT = "/v1/chat/completions"
 
 
 def chat(max_tokens: int, stream: bool = True) -> dict[str, object]:
-    return {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+    return chat_body("sim", max_tokens=max_tokens, stream=stream)
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+from tests.support.chat import chat_body
+
+CHAT = chat_body("sim", max_tokens=2)
 
 
 def test_key_is_accepted_in_the_query_string(gateway):

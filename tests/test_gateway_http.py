@@ -10,9 +10,10 @@ import time
 
 import pytest
 
+from tests.support.chat import CHAT_BYTES, chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("sim", max_tokens=3)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_pipelined_requests_are_answered_in_order(gateway):
 
 
 def test_expect_100_continue_gets_continue_before_the_body_is_sent(gateway):
-    data = json.dumps(CHAT).encode()
+    data = CHAT_BYTES
     sock, reader = connect(gateway)
     with sock:
         sock.sendall(raw_post(gateway.key, data, extra="Expect: 100-continue\r\n")[: -len(data)])

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, gateway_env, run_cli
 from tests.support.processes import REPO_ROOT, free_port, start_process
 
@@ -58,10 +59,7 @@ def test_key_created_over_the_api_is_shown_once_and_works(gateway):
         shown_again = admin.get(f"/admin/keys/{created.json()['id']}").json()
     assert "key" not in shown_again and shown_again["rate_limit"] == "5/minute"
     with gateway.http(key) as client:
-        reply = client.post(
-            "/v1/chat/completions",
-            json={"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
-        )
+        reply = client.post("/v1/chat/completions", json=chat_body("sim", max_tokens=1))
     assert reply.status_code == 200
     assert reply.headers["x-ratelimit-limit-requests"] == "5"
 

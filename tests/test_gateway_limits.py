@@ -9,10 +9,11 @@ import threading
 
 import httpx
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, gateway_env
 from tests.support.processes import REPO_ROOT, free_port
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+CHAT = chat_body("sim", max_tokens=1)
 
 
 def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulator):

@@ -6,11 +6,12 @@ import json
 import threading
 import time
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, write_model_config
 from tests.support.processes import Simulator, free_port
 
 JSON = {"content-type": "application/json"}
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("m", max_tokens=2)
 
 
 def test_replicas_share_the_load_by_requests_in_flight(tmp_path):
@@ -94,11 +95,11 @@ def test_an_alias_added_to_the_config_works_before_its_server_is_restarted(tmp_p
             gateway.wait_until(lambda health: health["models"][0].get("aliases") == ["mm"])
             client = gateway.openai()
             assert client.models.list().data[0].model_extra["aliases"] == ["mm"]
-            reply = client.chat.completions.create(model="mm", messages=CHAT["messages"], max_tokens=3)
+            reply = client.chat.completions.create(**chat_body("mm", max_tokens=3))
             forwarded = simulator.stats()["last_request"]
-            stream = list(client.chat.completions.create(model="mm", messages=CHAT["messages"], stream=True))
+            stream = list(client.chat.completions.create(**chat_body("mm", stream=True)))
             # A body over 64 KiB is renamed in the body parser's helper process.
-            large = client.chat.completions.create(model="mm", messages=CHAT["messages"], user="u" * 100_000)
+            large = client.chat.completions.create(**chat_body("mm", user="u" * 100_000))
             large_forwarded = simulator.stats()["last_request"]["body"]
             with gateway.http(gateway.key) as http:
                 transcribed = http.post(
@@ -108,7 +109,7 @@ def test_an_alias_added_to_the_config_works_before_its_server_is_restarted(tmp_p
                 )
             form = simulator.stats()["last_request"]["body"]
     assert reply.usage.completion_tokens == 3
-    assert forwarded["body"] == {"model": "m", "messages": CHAT["messages"], "max_tokens": 3}
+    assert forwarded["body"] == chat_body("m", max_tokens=3)
     assert any(chunk.choices and chunk.choices[0].delta.content for chunk in stream)
     assert large.choices and large_forwarded["model"] == "m" and large_forwarded["user"] == "u" * 100_000
     assert transcribed.status_code == 200, transcribed.text

@@ -10,16 +10,11 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator
 
-STREAM = {
-    "model": "sim",
-    "messages": [{"role": "user", "content": "go"}],
-    "max_tokens": 10,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-}
+STREAM = chat_body("sim", max_tokens=10, stream=True, stream_options={"include_usage": True})
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +100,7 @@ def test_backend_crash_mid_stream_ends_with_an_error_event(gateway, simulator):
 
 def test_backend_crash_mid_stream_raises_in_the_openai_sdk(gateway, simulator):
     simulator.set_faults(crash_after_tokens=2)
-    stream = gateway.openai().chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
-    )
+    stream = gateway.openai().chat.completions.create(**chat_body("sim", max_tokens=10, stream=True))
     received = []
     with pytest.raises(openai.APIError):
         for chunk in stream:
@@ -118,7 +111,7 @@ def test_backend_crash_mid_stream_raises_in_the_openai_sdk(gateway, simulator):
 def test_backend_error_status_is_relayed_as_is(gateway, simulator):
     simulator.set_faults(error_status=500)
     with pytest.raises(openai.InternalServerError) as caught:
-        gateway.openai().chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        gateway.openai().chat.completions.create(**chat_body("sim"))
     assert caught.value.status_code == 500
     assert caught.value.body["type"] == "InternalServerError"
 
@@ -163,7 +156,7 @@ def test_a_backend_error_in_another_shape_reaches_the_client_in_openais(
 def test_the_openai_sdk_reads_the_message_of_a_rewrapped_error(gateway, simulator):
     simulator.set_faults(error_status=404, error_shape="detail")
     with pytest.raises(openai.NotFoundError) as caught:
-        gateway.openai().chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        gateway.openai().chat.completions.create(**chat_body("sim"))
     assert caught.value.body == {
         "message": INJECTED,
         "type": "invalid_request_error",

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.raw_backend import ThreadedBackend
 
@@ -207,7 +208,7 @@ def raw_gateway(tmp_path, request):
     backend.close()
 
 
-CHAT = {"model": "raw", "messages": [{"role": "user", "content": "x"}]}
+CHAT = chat_body("raw")
 
 
 def ask_for_a_stream_with_a_small_window(gateway: Gateway) -> socket.socket:

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_metrics, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -28,7 +29,8 @@ def client_for(simulator: Simulator, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=simulator.base_url + "/v1", api_key=api_key, max_retries=0)
 
 
-def chat_body(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
+def four_token_chat(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
+    """A chat whose prompt is four words: four tokens to the simulator."""
     return {
         "model": model,
         "messages": [{"role": "user", "content": "four words of prompt"}],
@@ -66,7 +68,7 @@ def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(simulator: Si
 
 
 def test_stream_ends_with_done_marker(simulator: Simulator) -> None:
-    with httpx.stream("POST", simulator.base_url + CHAT, json=chat_body(simulator.model, 3, stream=True)) as r:
+    with httpx.stream("POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 3, stream=True)) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(list(r.iter_lines()))
     assert events[-1] == "[DONE]"
@@ -96,9 +98,7 @@ def test_models_lists_every_served_name_as_the_simulator(tmp_path: Path) -> None
         tmp_path, "--served-model-name", "main", "alias", "--model", "models/main", "--max-model-len", "1024"
     ) as simulator:
         response = httpx.get(simulator.base_url + "/v1/models")
-        chat = client_for(simulator).chat.completions.create(
-            model="alias", messages=[{"role": "user", "content": "hi"}], max_tokens=1
-        )
+        chat = client_for(simulator).chat.completions.create(**chat_body("alias", max_tokens=1))
 
     assert response.headers["x-vllm-simulator"] == "1"
     cards = response.json()["data"]
@@ -127,7 +127,7 @@ def test_embeddings_are_deterministic_vectors_per_input(simulator: Simulator) ->
 
 def test_unknown_model_is_a_404_not_found_error(simulator: Simulator) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        client_for(simulator).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        client_for(simulator).chat.completions.create(**chat_body("nope"))
     assert caught.value.body == {
         "message": "The model `nope` does not exist.",
         "type": "NotFoundError",
@@ -153,7 +153,7 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
 
             async def stream_forever() -> None:
-                body = chat_body(simulator.model, 400, stream=True)
+                body = four_token_chat(simulator.model, 400, stream=True)
                 async with client.stream("POST", CHAT, json=body) as response:
                     async for _ in response.aiter_bytes():
                         pass
@@ -192,7 +192,8 @@ def test_stats_keep_the_most_requests_that_ran_at_once_until_reset(tmp_path: Pat
         async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
 
             async def stream() -> None:
-                async with client.stream("POST", CHAT, json=chat_body(simulator.model, 20, stream=True)) as response:
+                body = four_token_chat(simulator.model, 20, stream=True)
+                async with client.stream("POST", CHAT, json=body) as response:
                     async for _ in response.aiter_bytes():
                         pass
 
@@ -211,7 +212,7 @@ def test_stats_keep_the_most_requests_that_ran_at_once_until_reset(tmp_path: Pat
 def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--token-rate", "20") as simulator:
         with httpx.stream(
-            "POST", simulator.base_url + CHAT, json=chat_body(simulator.model, 1000, stream=True)
+            "POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 1000, stream=True)
         ) as response:
             lines = response.iter_lines()
             next(lines), next(lines)
@@ -228,7 +229,7 @@ def test_error_status_fault_fails_generation_until_cleared(simulator: Simulator)
     client = client_for(simulator)
     assert simulator.set_faults(error_status=500) == {"error_status": 500}
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=simulator.model, messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(**chat_body(simulator.model))
     assert caught.value.body["type"] == "InternalServerError"
     assert httpx.get(simulator.base_url + "/v1/models").status_code == 200
 
@@ -250,7 +251,7 @@ def test_error_shape_fault_answers_the_injected_error_in_that_shape(
     simulator: Simulator, shape: str, content_type: str, expected: object
 ) -> None:
     assert simulator.set_faults(error_status=502, error_shape=shape) == {"error_status": 502, "error_shape": shape}
-    response = httpx.post(simulator.base_url + CHAT, json=chat_body(simulator.model, 2))
+    response = httpx.post(simulator.base_url + CHAT, json=four_token_chat(simulator.model, 2))
     assert response.status_code == 502
     assert response.headers["content-type"].startswith(content_type)
     if isinstance(expected, dict):
@@ -271,7 +272,7 @@ def test_health_status_fault_changes_health_only(simulator: Simulator) -> None:
 
 def test_slow_start_fault_holds_back_the_first_token(simulator: Simulator) -> None:
     simulator.set_faults(slow_start=60)
-    with httpx.stream("POST", simulator.base_url + CHAT, json=chat_body(simulator.model, 5, stream=True)) as r:
+    with httpx.stream("POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 5, stream=True)) as r:
         lines = r.iter_lines()  # kept: a dropped line iterator closes the response
         role_chunk = next(lines)
         metrics = simulator.metrics()
@@ -283,7 +284,7 @@ def test_slow_start_fault_holds_back_the_first_token(simulator: Simulator) -> No
 def stream_until_cut_off(simulator: Simulator, max_tokens: int) -> list[str]:
     """The lines of a streamed chat that must end in a transport error, not a clean end."""
     received: list[str] = []
-    body = chat_body(simulator.model, max_tokens, stream=True)
+    body = four_token_chat(simulator.model, max_tokens, stream=True)
     with pytest.raises(httpx.TransportError), httpx.stream("POST", simulator.base_url + CHAT, json=body) as response:
         for line in response.iter_lines():
             received.append(line)
@@ -297,7 +298,7 @@ def test_crash_fault_sends_some_tokens_then_drops_the_connection(simulator: Simu
     assert all(json.loads(event)["choices"][0]["finish_reason"] is None for event in events)
 
     with pytest.raises(httpx.TransportError):  # non-streamed: no response at all
-        httpx.post(simulator.base_url + CHAT, json=chat_body(simulator.model, 10))
+        httpx.post(simulator.base_url + CHAT, json=four_token_chat(simulator.model, 10))
     assert simulator.alive()
     assert simulator.stats()["crashed"] == 2
 
@@ -350,7 +351,7 @@ def test_responses_answer_whole_and_streamed_with_vllms_usage(simulator: Simulat
 
 
 def test_prompt_logprobs_follow_a_chats_usage_and_are_refused_for_streams(simulator: Simulator) -> None:
-    body = chat_body(simulator.model, 2) | {"prompt_logprobs": 1}
+    body = four_token_chat(simulator.model, 2) | {"prompt_logprobs": 1}
     answer = post_json(simulator, CHAT, body)
     assert list(answer.json())[-2:] == ["usage", "prompt_logprobs"]  # vLLM's order
     logprobs = answer.json()["prompt_logprobs"]
@@ -378,14 +379,14 @@ def read_pieces(url: str, body: dict) -> tuple[bytes, list[int]]:
 
 
 def test_body_faults_cut_an_answer_where_asked(simulator: Simulator) -> None:
-    whole, _ = read_pieces(simulator.base_url + CHAT, chat_body(simulator.model, 3) | {"stream": False})
+    whole, _ = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3) | {"stream": False})
     simulator.set_faults(split_body_at=100, body_piece_bytes=150)
-    cut, reads = read_pieces(simulator.base_url + CHAT, chat_body(simulator.model, 3) | {"stream": False})
+    cut, reads = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3) | {"stream": False})
     assert len(cut) == len(whole) and json.loads(cut)["usage"]["completion_tokens"] == 3
     # Every read ends at a cut (two pieces may still come in one read on a busy machine).
     ends = {sum(reads[: index + 1]) for index in range(len(reads))}
     assert len(reads) > 1 and ends <= {100, *range(150, len(cut), 150), len(cut)}
-    streamed, stream_reads = read_pieces(simulator.base_url + CHAT, chat_body(simulator.model, 3, stream=True))
+    streamed, stream_reads = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3, stream=True))
     assert streamed.endswith(b"data: [DONE]\n\n") and stream_reads[0] == 100
     assert_bad_request(post_json(simulator, "/_simulator/faults", {"body_piece_bytes": 0}), "body_piece_bytes")
 
@@ -394,7 +395,7 @@ def test_slow_tokenize_fault_holds_back_tokenize_only(simulator: Simulator) -> N
     simulator.set_faults(slow_tokenize=60)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(simulator.base_url + "/tokenize", json={"model": simulator.model, "prompt": "a b"}, timeout=1)
-    assert post_json(simulator, CHAT, chat_body(simulator.model, 1)).status_code == 200
+    assert post_json(simulator, CHAT, four_token_chat(simulator.model, 1)).status_code == 200
 
 
 def test_unknown_fault_is_rejected(simulator: Simulator) -> None:
@@ -418,7 +419,7 @@ def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
 
 
 def test_stats_show_what_the_last_api_request_carried(simulator: Simulator) -> None:
-    body = chat_body(simulator.model, 2)
+    body = four_token_chat(simulator.model, 2)
     response = httpx.post(
         simulator.base_url + CHAT, json=body, headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"}
     )
@@ -567,12 +568,12 @@ def test_completion_prompt_that_is_a_number_null_or_nested_garbage_is_a_400(simu
 
 def test_max_tokens_that_is_a_string_a_float_or_negative_is_a_400(simulator: Simulator) -> None:
     for value in ("5", 2.5, -1, 0, True, 2**64):  # 2**64 no longer fits JSON's integers: a float
-        body = chat_body(simulator.model, 1) | {"max_tokens": value}
+        body = four_token_chat(simulator.model, 1) | {"max_tokens": value}
         assert_bad_request(post_json(simulator, CHAT, body), "max_tokens")
 
 
 def test_max_tokens_is_checked_even_when_max_completion_tokens_decides(simulator: Simulator) -> None:
-    body = chat_body(simulator.model, 1) | {"max_tokens": "many", "max_completion_tokens": 2}
+    body = four_token_chat(simulator.model, 1) | {"max_tokens": "many", "max_completion_tokens": 2}
     assert_bad_request(post_json(simulator, CHAT, body), "max_tokens")
 
 
@@ -584,30 +585,32 @@ def test_huge_max_tokens_is_a_400_about_the_context_length(simulator: Simulator)
 
 def test_model_that_is_not_a_string_is_a_400_not_a_404(simulator: Simulator) -> None:
     for model in (5, ["sim"], {"name": "sim"}, True):
-        body = chat_body(simulator.model, 1) | {"model": model}
+        body = four_token_chat(simulator.model, 1) | {"model": model}
         assert_bad_request(post_json(simulator, CHAT, body), "model")
 
 
 def test_booleans_are_read_as_vllms_pydantic_models_read_them(simulator: Simulator) -> None:
     # Lax mode: 0 and 1 (or 0.0 and 1.0), and true/false, yes/no, on/off, t/f, y/n, 1/0 in any case.
     for stream in (1, 1.0, "true", "Yes", "ON", "t", "1"):
-        response = post_json(simulator, CHAT, chat_body(simulator.model, 1) | {"stream": stream})
+        response = post_json(simulator, CHAT, four_token_chat(simulator.model, 1) | {"stream": stream})
         assert response.headers["content-type"].startswith("text/event-stream"), stream
     for stream in (0, 0.0, "false", "No", "off", "f", "0"):
-        assert post_json(simulator, CHAT, chat_body(simulator.model, 1) | {"stream": stream}).json()["usage"], stream
-    asked = chat_body(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
+        body = four_token_chat(simulator.model, 1) | {"stream": stream}
+        assert post_json(simulator, CHAT, body).json()["usage"], stream
+    asked = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
     assert b'"choices":[],"usage"' in post_json(simulator, CHAT, asked).content
 
 
 def test_a_boolean_spelt_in_no_way_vllm_reads_is_a_400_not_a_stream(simulator: Simulator) -> None:
     for stream in (2, 0.5, "", "maybe", " true", [True]):
-        assert_bad_request(post_json(simulator, CHAT, chat_body(simulator.model, 1) | {"stream": stream}), "stream")
-    options = chat_body(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "sure"}}
+        body = four_token_chat(simulator.model, 1) | {"stream": stream}
+        assert_bad_request(post_json(simulator, CHAT, body), "stream")
+    options = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "sure"}}
     assert_bad_request(post_json(simulator, CHAT, options), "stream_options.include_usage")
-    options = chat_body(simulator.model, 1, stream=True) | {"stream_options": {"continuous_usage_stats": 5}}
+    options = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"continuous_usage_stats": 5}}
     assert_bad_request(post_json(simulator, CHAT, options), "stream_options.continuous_usage_stats")
     assert_bad_request(
-        post_json(simulator, CHAT, chat_body(simulator.model, 1) | {"stream_options": [1]}), "stream_options"
+        post_json(simulator, CHAT, four_token_chat(simulator.model, 1) | {"stream_options": [1]}), "stream_options"
     )
 
 
@@ -681,7 +684,7 @@ def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(simulator: 
 def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(simulator: Simulator) -> None:
     simulator.set_faults(error_status=503)
     malformed = post_json(simulator, CHAT, {"model": simulator.model, "messages": True})
-    well_formed = post_json(simulator, CHAT, chat_body(simulator.model, 1))
+    well_formed = post_json(simulator, CHAT, four_token_chat(simulator.model, 1))
     assert_bad_request(malformed, "messages")
     assert well_formed.status_code == 503
 
