@@ -19,25 +19,25 @@ def simulator(tmp_path_factory):
     """A fast simulated vLLM server serving the model `sim` (alias `sim-alias`)."""
     with Simulator.start(
         tmp_path_factory.mktemp("sim"), "--served-model-name", "sim", "sim-alias", "--model", "/models/sim"
-    ) as sim:
-        yield sim
+    ) as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, simulator):
     """The gateway in front of `simulator`, with an admin key and a user key."""
     backend = Backend("sim", simulator.base_url, path="/models/sim", aliases="sim-alias")
-    with Gateway.start(tmp_path_factory.mktemp("gateway"), [backend]) as gw:
-        yield gw
+    with Gateway.start(tmp_path_factory.mktemp("gateway"), [backend]) as gateway:
+        yield gateway
 
 
 @pytest.fixture(autouse=True)
 def _fresh_simulator_state(request):
     """Tests sharing the module's simulator start with no faults and empty stats."""
     if "simulator" in request.fixturenames:
-        sim = request.getfixturevalue("simulator")
-        sim.clear_faults()
-        sim.reset_stats()
+        simulator = request.getfixturevalue("simulator")
+        simulator.clear_faults()
+        simulator.reset_stats()
     yield
 
 

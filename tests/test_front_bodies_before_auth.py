@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     assert_rejected,
@@ -24,7 +25,7 @@ from tests.support.front import (
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import wait_until
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("sim", max_tokens=2)
 JUST_UNDER_32_MIB = 33554431  # within the relay's body limit: only the key can refuse it early
 TEN_BYTES = b'{"name": "'
 WRONG_KEY = "sk-" + "x" * 43
@@ -34,7 +35,7 @@ AT_ONCE = 3.0
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator):
+def gateway(tmp_path_factory, simulator):
     with Gateway.start(
         tmp_path_factory.mktemp("gw-auth"), [Backend("sim", simulator.base_url)], env={"GATEWAY_BODY_TIMEOUT": "30"}
     ) as gateway:
@@ -42,27 +43,27 @@ def gw(tmp_path_factory, simulator):
 
 
 @pytest.fixture(scope="module")
-def disabled_key(gw):
-    created = gw.create_key("--name", "disabled")
-    gw.wait_for_key(created["key"])
-    gw.cli("keys", "update", created["id"], "--disabled")
-    with gw.http(created["key"]) as client:
+def disabled_key(gateway):
+    created = gateway.create_key("--name", "disabled")
+    gateway.wait_for_key(created["key"])
+    gateway.cli("keys", "update", created["id"], "--disabled")
+    with gateway.http(created["key"]) as client:
         wait_until(lambda: client.get("/v1/models").status_code == 401, timeout=LIVENESS)
     return created["key"]
 
 
 @pytest.fixture(scope="module")
-def limited_key(gw):
-    created = gw.create_key("--name", "one-a-minute", "--rate-limit", "1/minute")
+def limited_key(gateway):
+    created = gateway.create_key("--name", "one-a-minute", "--rate-limit", "1/minute")
     # wait_for_key asks GET /v1/models, which is not rate-limited: only relayed requests count.
-    gw.wait_for_key(created["key"])
+    gateway.wait_for_key(created["key"])
     return created["key"]
 
 
-def use_up(gw: Gateway, key: str) -> None:
+def use_up(gateway: Gateway, key: str) -> None:
     """Send complete requests with `key` until the gateway answers 429 (its limit is 1/minute)."""
     for _ in range(3):
-        sock, reader = connect(gw)
+        sock, reader = connect(gateway)
         with sock:
             sock.sendall(raw_post(key, CHAT))
             status, _, _ = reader.response()
@@ -72,9 +73,9 @@ def use_up(gw: Gateway, key: str) -> None:
     raise AssertionError("a key limited to 1/minute was never refused")
 
 
-def refused_on_the_head(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
+def refused_on_the_head(gateway: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send a head (and maybe a little body), never the rest; the answer must come and then EOF."""
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(data)
         response = response_or_none(reader, AT_ONCE)
@@ -91,14 +92,16 @@ def refused_on_the_head(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], 
 
 @pytest.mark.parametrize("path", ["/admin/keys", "/v1/chat/completions"])
 @pytest.mark.parametrize("which", ["no key", "wrong key", "disabled key"])
-def test_request_without_a_valid_key_gets_401_before_its_body_and_then_eof(gw, disabled_key, path, which):
+def test_request_without_a_valid_key_gets_401_before_its_body_and_then_eof(gateway, disabled_key, path, which):
     key = {"no key": None, "wrong key": WRONG_KEY, "disabled key": disabled_key}[which]
-    response = refused_on_the_head(gw, request("POST", path, key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB))
+    response = refused_on_the_head(
+        gateway, request("POST", path, key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
+    )
     assert_rejected(response, 401, "invalid_api_key", "invalid_request_error")
 
 
-def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gw):
-    pid = gw.handle.pid
+def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gateway):
+    pid = gateway.handle.pid
     wait_until_idle(pid)
     before = rss_kib(pid)
     pushed = [0] * 20
@@ -107,7 +110,7 @@ def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gw):
 
     def upload(slot: int) -> None:
         try:
-            with connect(gw, timeout=3)[0] as sock:
+            with connect(gateway, timeout=3)[0] as sock:
                 if send_all(sock, request("POST", "/admin/keys", body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)):
                     for _ in range(32):  # up to 2 MB more of the declared 32 MiB, as fast as it is taken
                         if not send_all(sock, b"z" * 65536):
@@ -138,23 +141,23 @@ def test_twenty_unauthenticated_uploads_held_open_do_not_grow_the_gateway(gw):
 # -- 403 and 413 on the admin API --
 
 
-def test_user_key_on_admin_keys_gets_403_before_its_body_and_then_eof(gw):
+def test_user_key_on_admin_keys_gets_403_before_its_body_and_then_eof(gateway):
     response = refused_on_the_head(
-        gw, request("POST", "/admin/keys", gw.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
+        gateway, request("POST", "/admin/keys", gateway.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
     )
     assert_rejected(response, 403, "admin_required", "permission_error")
 
 
-def test_admin_key_declaring_70000_bytes_on_admin_keys_gets_413_at_once_and_then_eof(gw):
-    response = refused_on_the_head(gw, request("POST", "/admin/keys", gw.admin_key, content_length=70000))
+def test_admin_key_declaring_70000_bytes_on_admin_keys_gets_413_at_once_and_then_eof(gateway):
+    response = refused_on_the_head(gateway, request("POST", "/admin/keys", gateway.admin_key, content_length=70000))
     assert_rejected(response, 413, "body_too_large", "invalid_request_error")
 
 
-def test_admin_key_with_a_normal_body_still_creates_a_key(gw):
+def test_admin_key_with_a_normal_body_still_creates_a_key(gateway):
     body = json.dumps({"name": "made-over-http"}).encode()
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
-        sock.sendall(request("POST", "/admin/keys", gw.admin_key, body=body))
+        sock.sendall(request("POST", "/admin/keys", gateway.admin_key, body=body))
         status, _, answer = reader.response()
     assert status == 201
     created = json.loads(answer)
@@ -164,10 +167,10 @@ def test_admin_key_with_a_normal_body_still_creates_a_key(gw):
 # -- 429 --
 
 
-def test_key_at_its_rate_limit_gets_429_before_its_body_and_then_eof(gw, limited_key):
-    use_up(gw, limited_key)
+def test_key_at_its_rate_limit_gets_429_before_its_body_and_then_eof(gateway, limited_key):
+    use_up(gateway, limited_key)
     response = refused_on_the_head(
-        gw, request("POST", "/v1/chat/completions", limited_key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
+        gateway, request("POST", "/v1/chat/completions", limited_key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB)
     )
     assert_rejected(response, 429, "rate_limit_exceeded", "rate_limit_error")
     assert int(response[1]["retry-after"]) > 0
@@ -176,23 +179,23 @@ def test_key_at_its_rate_limit_gets_429_before_its_body_and_then_eof(gw, limited
 # -- the log --
 
 
-def test_refusals_on_the_head_appear_in_the_access_log(gw, limited_key):
-    use_up(gw, limited_key)
-    before = gw.log_text()  # settled: earlier tests' lines are in
+def test_refusals_on_the_head_appear_in_the_access_log(gateway, limited_key):
+    use_up(gateway, limited_key)
+    before = gateway.log_text()  # settled: earlier tests' lines are in
     heads = {
         401: request("POST", "/admin/keys", body=TEN_BYTES, content_length=JUST_UNDER_32_MIB),
-        403: request("POST", "/admin/keys", gw.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB),
-        413: request("POST", "/admin/keys", gw.admin_key, content_length=70000),
+        403: request("POST", "/admin/keys", gateway.key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB),
+        413: request("POST", "/admin/keys", gateway.admin_key, content_length=70000),
         429: request("POST", "/v1/chat/completions", limited_key, body=TEN_BYTES, content_length=JUST_UNDER_32_MIB),
     }
     for data in heads.values():
-        sock, reader = connect(gw)
+        sock, reader = connect(gateway)
         with sock:
             sock.sendall(data)
             response_or_none(reader, AT_ONCE)
 
     def missing() -> list[int]:
-        text = gw.log_text(settle=0)
+        text = gateway.log_text(settle=0)
         return [status for status in heads if text.count(f"status={status}") <= before.count(f"status={status}")]
 
     try:

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     assert_rejected,
@@ -20,7 +21,7 @@ from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("sim", max_tokens=3)
 STREAM = {**CHAT, "max_tokens": 5, "stream": True}
 GARBAGE = b"\x00\x01garbage\r\n\r\n"
 H2C_UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
@@ -28,12 +29,12 @@ H2C_UPGRADE = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Sett
 
 @pytest.fixture(scope="module")
 def slow_simulator(tmp_path_factory):
-    with Simulator.start(tmp_path_factory.mktemp("slow-sim"), "--token-rate", "5", model="slow") as sim:
-        yield sim
+    with Simulator.start(tmp_path_factory.mktemp("slow-sim"), "--token-rate", "5", model="slow") as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator, slow_simulator):
+def gateway(tmp_path_factory, simulator, slow_simulator):
     backends = [Backend("sim", simulator.base_url), Backend("slow", slow_simulator.base_url)]
     with Gateway.start(tmp_path_factory.mktemp("gw-answers"), backends) as gateway:
         yield gateway
@@ -65,10 +66,10 @@ def check_stream(response) -> None:
 
 
 @pytest.mark.parametrize("first, check", [(HEALTH, check_health), (None, check_chat)], ids=["health", "relayed chat"])
-def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gw, first, check):
-    sock, reader = connect(gw)
+def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gateway, first, check):
+    sock, reader = connect(gateway)
     with sock:
-        sock.sendall((first or raw_post(gw.key, CHAT)) + GARBAGE)  # in one send
+        sock.sendall((first or raw_post(gateway.key, CHAT)) + GARBAGE)  # in one send
         check(next_response(reader, "the answer to the complete request"))
         rejection = next_response(reader, "the 400 for the garbage")
         assert_rejected(rejection, 400, "invalid_http", "invalid_request_error")
@@ -88,22 +89,22 @@ def test_complete_request_then_garbage_gets_the_answer_then_400_then_eof(gw, fir
     ],
     ids=["health", "relayed chat", "relayed stream", "three pipelined"],
 )
-def test_client_that_half_closes_after_its_requests_gets_every_answer_then_eof(gw, requests, checks):
-    sock, reader = connect(gw)
+def test_client_that_half_closes_after_its_requests_gets_every_answer_then_eof(gateway, requests, checks):
+    sock, reader = connect(gateway)
     with sock:
-        sock.sendall(requests(gw.key))
+        sock.sendall(requests(gateway.key))
         sock.shutdown(socket.SHUT_WR)
         for number, check in enumerate(checks, 1):
             check(next_response(reader, f"answer {number} of {len(checks)} (sent before the half-close)"))
         assert read_to_eof(sock, already=reader.buffer) == b""
 
 
-def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(gw, slow_simulator):
+def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(gateway, slow_simulator):
     aborted_before = slow_simulator.stats()["aborted"]
     body = {"model": "slow", "prompt": "x", "max_tokens": 50}  # ten seconds at five tokens a second
-    sock, _ = connect(gw)
+    sock, _ = connect(gateway)
     with sock:
-        sock.sendall(raw_post(gw.key, body, path="/v1/completions"))
+        sock.sendall(raw_post(gateway.key, body, path="/v1/completions"))
         wait_until(lambda: slow_simulator.metrics()["vllm:num_requests_running"] == 1, timeout=LIVENESS)
     # closed altogether, mid-generation
     wait_until(lambda: slow_simulator.stats()["aborted"] == aborted_before + 1, timeout=5)
@@ -113,15 +114,15 @@ def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(
 # -- curl --http2 on http:// --
 
 
-def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw):
-    sock, reader = connect(gw)
+def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gateway):
+    sock, reader = connect(gateway)
     with sock:
-        sock.sendall(raw_post(gw.key, CHAT, extra=H2C_UPGRADE))
+        sock.sendall(raw_post(gateway.key, CHAT, extra=H2C_UPGRADE))
         status, headers, body = next_response(reader, "the answer to the upgrade POST")
         assert status == 200, body[:300]
         assert json.loads(body)["usage"]["completion_tokens"] == 3  # its body reached the backend intact
         assert headers.get("connection", "").lower() != "close"
-        sock.sendall(raw_post(gw.key, {**CHAT, "max_tokens": 2}))
+        sock.sendall(raw_post(gateway.key, {**CHAT, "max_tokens": 2}))
         status, _, body = next_response(reader, "the answer to the request after the upgrade POST")
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
 
@@ -129,14 +130,14 @@ def test_h2c_upgrade_post_is_answered_as_http_1_1_and_the_connection_goes_on(gw)
 # -- the log --
 
 
-def test_invalid_http_is_logged_as_400(gw):
-    before = gw.log_text().count("status=400")
+def test_invalid_http_is_logged_as_400(gateway):
+    before = gateway.log_text().count("status=400")
     for data in (b"NOT HTTP AT ALL\r\n\r\n", HEALTH + GARBAGE):
-        sock, _ = connect(gw)
+        sock, _ = connect(gateway)
         with sock:
             sock.sendall(data)
             read_to_eof(sock, timeout=LIVENESS)
     try:
-        wait_until(lambda: gw.log_text(settle=0).count("status=400") >= before + 2, timeout=5)
+        wait_until(lambda: gateway.log_text(settle=0).count("status=400") >= before + 2, timeout=5)
     except TimeoutError:
         pytest.fail("invalid HTTP was answered 400 without an access-log line with status=400")

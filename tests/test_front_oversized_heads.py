@@ -28,7 +28,7 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator):
+def gateway(tmp_path_factory, simulator):
     with Gateway.start(
         tmp_path_factory.mktemp("gw-heads"), [Backend("sim", simulator.base_url)], env={"GATEWAY_HEAD_TIMEOUT": "5"}
     ) as gateway:
@@ -39,9 +39,9 @@ def get_health(headers: list[str], path: str = "/health") -> bytes:
     return ("\r\n".join([f"GET {path} HTTP/1.1", "Host: gw", *headers]) + "\r\n\r\n").encode()
 
 
-def ask(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
+def ask(gateway: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send one request, return its answer; assert the gateway answered at all."""
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
         send_all(sock, data)  # a gateway that refuses early may close before all of it is sent
         response = response_or_none(reader, LIVENESS)
@@ -54,43 +54,43 @@ def ask(gw: Gateway, data: bytes) -> tuple[int, dict[str, str], bytes]:
 # -- the request line --
 
 
-def test_request_line_of_9_kib_gets_414(gw):
-    response = ask(gw, get_health([], path="/health?pad=" + "a" * 9 * 1024))
+def test_request_line_of_9_kib_gets_414(gateway):
+    response = ask(gateway, get_health([], path="/health?pad=" + "a" * 9 * 1024))
     assert_rejected(response, 414, "request_line_too_long", "invalid_request_error")
 
 
-def test_request_line_just_under_the_limit_is_served(gw):
+def test_request_line_just_under_the_limit_is_served(gateway):
     path = "/health?pad=" + "a" * (8192 - 200)
-    status, _, _ = ask(gw, get_health([], path=path))
+    status, _, _ = ask(gateway, get_health([], path=path))
     assert status == 200
 
 
 # -- the headers --
 
 
-def test_header_value_of_70_kib_gets_431(gw):
-    response = ask(gw, get_health(["X-Big: " + "b" * 70 * 1024]))
+def test_header_value_of_70_kib_gets_431(gateway):
+    response = ask(gateway, get_health(["X-Big: " + "b" * 70 * 1024]))
     assert_rejected(response, 431, "request_header_too_large", "invalid_request_error")
 
 
-def test_101_headers_get_431(gw):
-    response = ask(gw, get_health([f"X-Header-{i}: {i}" for i in range(100)]))  # and Host: 101
+def test_101_headers_get_431(gateway):
+    response = ask(gateway, get_health([f"X-Header-{i}: {i}" for i in range(100)]))  # and Host: 101
     assert_rejected(response, 431, "request_header_too_large", "invalid_request_error")
 
 
-def test_exactly_100_headers_are_served(gw):
-    status, _, body = ask(gw, get_health([f"X-Header-{i}: {i}" for i in range(99)]))  # and Host: 100
+def test_exactly_100_headers_are_served(gateway):
+    status, _, body = ask(gateway, get_health([f"X-Header-{i}: {i}" for i in range(99)]))  # and Host: 100
     assert status == 200 and b'"models_total"' in body
 
 
-def test_10_mb_header_value_sent_in_pieces_is_cut_off_with_431_without_the_gateway_growing(gw):
-    pid = gw.handle.pid
-    ask(gw, get_health([]))  # warm: the measurement is of this request, not of a first one
+def test_10_mb_header_value_sent_in_pieces_is_cut_off_with_431_without_the_gateway_growing(gateway):
+    pid = gateway.handle.pid
+    ask(gateway, get_health([]))  # warm: the measurement is of this request, not of a first one
     wait_until_idle(pid)
     before = peak = rss_kib(pid)
     piece = b"v" * 65536
     sent = 0
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
         send_all(sock, b"GET /health HTTP/1.1\r\nHost: gw\r\nX-Huge: ")
         while sent < 10 * MIB and not readable(sock):
@@ -108,7 +108,7 @@ def test_10_mb_header_value_sent_in_pieces_is_cut_off_with_431_without_the_gatew
         assert sent < 10 * MIB, "the gateway read all 10 MB of a header before answering"
 
 
-def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
+def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gateway):
     flood = get_health([f"X-{i}: y" for i in range(100_000)])
     stop = threading.Event()
     rounds = [0, 0]
@@ -116,7 +116,7 @@ def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
     def abuse(slot: int) -> None:
         while not stop.is_set():
             try:
-                sock, reader = connect(gw, timeout=5)
+                sock, reader = connect(gateway, timeout=5)
             except OSError:
                 continue
             with sock:
@@ -131,7 +131,7 @@ def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
         wait_until(lambda: min(rounds) >= 1, timeout=30)
         for _ in range(10):
             # A liveness probe's bound: the gateway answers /health within 2 s under the flood.
-            sock, reader = connect(gw, timeout=2)
+            sock, reader = connect(gateway, timeout=2)
             with sock:
                 sock.sendall(get_health([]))
                 try:
@@ -150,20 +150,20 @@ def test_health_answers_while_two_clients_loop_requests_of_100000_headers(gw):
 # -- the log --
 
 
-def test_oversized_heads_appear_in_the_access_log_as_414_and_431(gw):
-    before = gw.log_text()  # settled: earlier tests' lines are in
+def test_oversized_heads_appear_in_the_access_log_as_414_and_431(gateway):
+    before = gateway.log_text()  # settled: earlier tests' lines are in
     for data in (
         get_health([], path="/health?pad=" + "a" * 9 * 1024),
         get_health(["X-Big: " + "b" * 70 * 1024]),
         get_health([f"X-Header-{i}: {i}" for i in range(100)]),
     ):
-        sock, reader = connect(gw)
+        sock, reader = connect(gateway)
         with sock:
             send_all(sock, data)
             response_or_none(reader, LIVENESS)
 
     def logged() -> bool:
-        text = gw.log_text(settle=0)
+        text = gateway.log_text(settle=0)
         return (
             text.count("status=414") >= before.count("status=414") + 1
             and text.count("status=431") >= before.count("status=431") + 2
@@ -172,5 +172,5 @@ def test_oversized_heads_appear_in_the_access_log_as_414_and_431(gw):
     try:
         wait_until(logged, timeout=5)
     except TimeoutError:
-        new = gw.log_text()[len(before) :].splitlines()
+        new = gateway.log_text()[len(before) :].splitlines()
         pytest.fail(f"no status=414 / status=431 access-log lines; new log lines: {new[-5:]}")

@@ -24,12 +24,14 @@ MISSING = b"GET /no-such-page HTTP/1.1\r\nHost: gw\r\n\r\n"
 
 @pytest.fixture(scope="module")
 def many_models_simulator(tmp_path_factory):
-    with Simulator.start(tmp_path_factory.mktemp("sim-many"), "--served-model-name", *MODELS, model=MODELS[0]) as sim:
-        yield sim
+    with Simulator.start(
+        tmp_path_factory.mktemp("sim-many"), "--served-model-name", *MODELS, model=MODELS[0]
+    ) as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, many_models_simulator):
+def gateway(tmp_path_factory, many_models_simulator):
     backends = [Backend(name, many_models_simulator.base_url) for name in MODELS]
     # Health checks every minute, not twice a second, so that the gateway is idle when nobody asks.
     with Gateway.start(tmp_path_factory.mktemp("gw-pipe"), backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
@@ -92,12 +94,12 @@ def read_answers(reader: Reader, sender: Sender) -> list[int]:
     return statuses
 
 
-def test_30000_pipelined_requests_unread_do_not_grow_the_gateway_and_are_all_answered_in_order(gw):
+def test_30000_pipelined_requests_unread_do_not_grow_the_gateway_and_are_all_answered_in_order(gateway):
     requests, expected = pipelined(30_030, every=1001)  # 30,000 GET /health and 30 refused GETs
-    pid = gw.handle.pid
+    pid = gateway.handle.pid
     wait_until_idle(pid)
     before = rss_kib(pid)
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
         sender = Sender(sock, requests)
         sender.start()
@@ -112,10 +114,10 @@ def test_30000_pipelined_requests_unread_do_not_grow_the_gateway_and_are_all_ans
     assert statuses == expected
 
 
-def test_every_pipelined_request_has_its_access_log_line(gw):
+def test_every_pipelined_request_has_its_access_log_line(gateway):
     requests, expected = pipelined(2_000, every=100)
-    before = gw.log_text()
-    sock, reader = connect(gw)
+    before = gateway.log_text()
+    sock, reader = connect(gateway)
     with sock:
         sender = Sender(sock, requests)
         sender.start()
@@ -124,7 +126,7 @@ def test_every_pipelined_request_has_its_access_log_line(gw):
     assert statuses == expected
 
     def counts() -> tuple[int, int]:
-        new = gw.log_text(settle=0)[len(before) :]
+        new = gateway.log_text(settle=0)[len(before) :]
         return new.count("GET /health status=200"), new.count("GET /no-such-page status=401")
 
     try:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import (
     LIVENESS,
     SlowReader,
@@ -28,7 +29,7 @@ from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
-CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("fast", max_tokens=3)
 # How long to wait for what the one-second timeouts should bring about: a liveness bound, not a speed.
 BOUND = 5.0
 TIMEOUTS = {
@@ -44,12 +45,12 @@ def fast_simulator(tmp_path_factory):
     """Tokens as fast as it can make them, and room for a million of them in one answer."""
     with Simulator.start(
         tmp_path_factory.mktemp("fast-sim"), "--token-rate", "0", "--max-model-len", "10000000", model="fast"
-    ) as sim:
-        yield sim
+    ) as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, fast_simulator):
+def gateway(tmp_path_factory, fast_simulator):
     with Gateway.start(
         tmp_path_factory.mktemp("gw-slow"), [Backend("fast", fast_simulator.base_url)], env=TIMEOUTS
     ) as gateway:
@@ -59,14 +60,14 @@ def gw(tmp_path_factory, fast_simulator):
 # -- the head --
 
 
-def test_idle_connection_is_closed_after_the_head_timeout_without_a_byte(gw):
-    sock, _ = connect(gw)
+def test_idle_connection_is_closed_after_the_head_timeout_without_a_byte(gateway):
+    sock, _ = connect(gateway)
     with sock:
         assert closed_without_bytes(sock, timeout=BOUND) == b""
 
 
-def test_head_trickled_one_byte_at_a_time_gets_408_and_the_connection_closes(gw):
-    sock, reader = connect(gw)
+def test_head_trickled_one_byte_at_a_time_gets_408_and_the_connection_closes(gateway):
+    sock, reader = connect(gateway)
     with sock:
         for byte in HEALTH:  # 0.2 s a byte: 7 s for the whole head, far past the 1 s head timeout
             if readable(sock, 0.2) or not send_all(sock, bytes([byte])):
@@ -77,8 +78,8 @@ def test_head_trickled_one_byte_at_a_time_gets_408_and_the_connection_closes(gw)
         assert read_to_eof(sock, already=reader.buffer) == b""
 
 
-def test_keep_alive_connection_stays_open_past_the_head_timeout_until_the_keep_alive_timeout(gw):
-    sock, reader = connect(gw)
+def test_keep_alive_connection_stays_open_past_the_head_timeout_until_the_keep_alive_timeout(gateway):
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(HEALTH)
         assert reader.response()[0] == 200
@@ -90,8 +91,8 @@ def test_keep_alive_connection_stays_open_past_the_head_timeout_until_the_keep_a
         assert closed_without_bytes(sock, timeout=LIVENESS) == b""
 
 
-def test_next_head_started_and_stalled_on_a_keep_alive_connection_gets_408(gw):
-    sock, reader = connect(gw)
+def test_next_head_started_and_stalled_on_a_keep_alive_connection_gets_408(gateway):
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(HEALTH)
         assert reader.response()[0] == 200
@@ -106,9 +107,9 @@ def test_next_head_started_and_stalled_on_a_keep_alive_connection_gets_408(gw):
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/keys"])
-def test_declared_body_that_never_arrives_gets_408_after_the_body_timeout(gw, path):
-    key = gw.admin_key  # authenticated (and allowed on both paths), so the gateway waits for the body
-    sock, reader = connect(gw)
+def test_declared_body_that_never_arrives_gets_408_after_the_body_timeout(gateway, path):
+    key = gateway.admin_key  # authenticated (and allowed on both paths), so the gateway waits for the body
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(request("POST", path, key, body=b'{"model": ', content_length=1000))
         response = response_or_none(reader, BOUND)
@@ -117,11 +118,11 @@ def test_declared_body_that_never_arrives_gets_408_after_the_body_timeout(gw, pa
         assert read_to_eof(sock, already=reader.buffer) == b""
 
 
-def test_body_sent_slowly_with_pauses_shorter_than_the_body_timeout_is_served(gw):
+def test_body_sent_slowly_with_pauses_shorter_than_the_body_timeout_is_served(gateway):
     data = json.dumps(CHAT).encode()
-    sock, reader = connect(gw)
+    sock, reader = connect(gateway)
     with sock:
-        sock.sendall(raw_post(gw.key, data)[: -len(data)])
+        sock.sendall(raw_post(gateway.key, data)[: -len(data)])
         for start in range(0, len(data), 8):  # 8 bytes every 0.2 s: slow, never idle for the timeout
             time.sleep(0.2)
             sock.sendall(data[start : start + 8])
@@ -132,12 +133,12 @@ def test_body_sent_slowly_with_pauses_shorter_than_the_body_timeout_is_served(gw
 # -- the response --
 
 
-def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborted(gw, fast_simulator):
+def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborted(gateway, fast_simulator):
     aborted_before = fast_simulator.stats()["aborted"]
     body = {**CHAT, "max_tokens": 1_000_000, "stream": True}
-    sock, _ = connect(gw, rcvbuf=4096)
+    sock, _ = connect(gateway, rcvbuf=4096)
     with sock:
-        sock.sendall(raw_post(gw.key, body))
+        sock.sendall(raw_post(gateway.key, body))
         wait_until(lambda: fast_simulator.metrics()["vllm:num_requests_running"] == 1, timeout=LIVENESS)
         # The client reads nothing from here on. Past the send timeout the gateway gives up on it.
         try:
@@ -153,12 +154,12 @@ def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborte
     assert b"data: [DONE]" not in received and not received.endswith(b"0\r\n\r\n")
 
 
-def test_slow_but_steady_reader_of_a_stream_is_not_dropped(gw, fast_simulator):
+def test_slow_but_steady_reader_of_a_stream_is_not_dropped(gateway, fast_simulator):
     max_tokens = 4000  # about 0.9 MB of events, read at about 200 KB/s: over four send timeouts
     body = {**CHAT, "max_tokens": max_tokens, "stream": True}
-    sock, _ = connect(gw, rcvbuf=16384)
+    sock, _ = connect(gateway, rcvbuf=16384)
     with sock:
-        sock.sendall(raw_post(gw.key, body))
+        sock.sendall(raw_post(gateway.key, body))
         reader = SlowReader(sock, size=4096, pause=0.02)
         try:
             status, _, data = reader.response()
@@ -173,19 +174,19 @@ def test_slow_but_steady_reader_of_a_stream_is_not_dropped(gw, fast_simulator):
 # -- the log --
 
 
-def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gw):
+def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gateway):
     def stall(data: bytes) -> None:
-        sock, reader = connect(gw)
+        sock, reader = connect(gateway)
         with sock:
             sock.sendall(data)
             response_or_none(reader, BOUND)
 
-    before = gw.log_text().count("status=408")  # settled: earlier tests' lines are in
+    before = gateway.log_text().count("status=408")  # settled: earlier tests' lines are in
     threads = [
         threading.Thread(target=stall, args=(data,), daemon=True)
         for data in (
             b"GET /health HTTP/1.1\r\nHost: gw\r\n",  # a head that stalls
-            request("POST", "/v1/chat/completions", gw.key, body=b"{", content_length=50),  # a body that stalls
+            request("POST", "/v1/chat/completions", gateway.key, body=b"{", content_length=50),  # a body that stalls
         )
     ]
     for thread in threads:
@@ -193,7 +194,7 @@ def test_timeouts_that_are_answered_appear_in_the_access_log_as_408(gw):
     for thread in threads:
         thread.join(BOUND + 5)
     try:
-        wait_until(lambda: gw.log_text(settle=0).count("status=408") >= before + 2, timeout=5)
+        wait_until(lambda: gateway.log_text(settle=0).count("status=408") >= before + 2, timeout=5)
     except TimeoutError:
-        lines = [line for line in gw.log_text().splitlines() if re.search(r"status=4\d\d", line)]
+        lines = [line for line in gateway.log_text().splitlines() if re.search(r"status=4\d\d", line)]
         pytest.fail(f"no status=408 access-log lines for a stalled head and a stalled body; 4xx lines: {lines[-5:]}")

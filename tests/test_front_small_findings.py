@@ -17,11 +17,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import LIVENESS, connect, read_to_eof, response_or_none, send_all
 from tests.support.gateway import Backend, Gateway, gateway_env, raw_post, run_cli, write_model_config
 from tests.support.processes import REPO_ROOT, free_port, start_process, wait_until
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("sim", max_tokens=2)
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 # The gateway writes keys' last-used times to the key file this often (GATEWAY_KEY_USAGE_FLUSH_SECONDS,
 # 30 s by default): a deleted key file must still be absent after a flush.
@@ -29,7 +30,7 @@ USAGE_FLUSH_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator):
+def gateway(tmp_path_factory, simulator):
     with Gateway.start(tmp_path_factory.mktemp("gw-small"), [Backend("sim", simulator.base_url)]) as gateway:
         yield gateway
 
@@ -60,11 +61,12 @@ def test_two_workers_with_an_in_memory_rate_limit_store_refuse_to_start(tmp_path
 # -- trailing slash --
 
 
-def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(gw):
-    sock, reader = connect(gw)
+def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(gateway):
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(
-            f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\nAuthorization: Bearer {gw.admin_key}\r\n\r\n".encode()
+            f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\n"
+            f"Authorization: Bearer {gateway.admin_key}\r\n\r\n".encode()
         )
         status, headers, body = reader.response()
     assert "location" not in headers, headers
@@ -89,15 +91,15 @@ def key_requests(key: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("where", list(key_requests("sk-x")))
-def test_a_key_never_reaches_the_access_log(gw, where):
-    key = str(gw.create_key("--name", "leaky")["key"])  # a key of its own: no other test's lines hold it
-    gw.wait_for_key(key)
-    before = gw.log_text()
-    sock, reader = connect(gw)
+def test_a_key_never_reaches_the_access_log(gateway, where):
+    key = str(gateway.create_key("--name", "leaky")["key"])  # a key of its own: no other test's lines hold it
+    gateway.wait_for_key(key)
+    before = gateway.log_text()
+    sock, reader = connect(gateway)
     with sock:
         sock.sendall(key_requests(key)[where])
         status, _, _ = reader.response()
-    text = gw.log_text()
+    text = gateway.log_text()
     secret = key[3:]  # what follows "sk-": its first characters may be shown as the key's prefix
     assert secret not in text, [line for line in text.splitlines() if secret in line]
     new = text[len(before) :].splitlines()
@@ -109,18 +111,18 @@ def test_a_key_never_reaches_the_access_log(gw, where):
 
 def test_deleting_the_key_file_revokes_every_key_until_keys_init(tmp_path, simulator):
     env = {"GATEWAY_KEY_USAGE_FLUSH_SECONDS": str(USAGE_FLUSH_SECONDS)}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
-        key_file = Path(gw.env["GATEWAY_KEY_FILE"])
-        for key in (gw.admin_key, gw.key):
-            with gw.http(key) as client:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        key_file = Path(gateway.env["GATEWAY_KEY_FILE"])
+        for key in (gateway.admin_key, gateway.key):
+            with gateway.http(key) as client:
                 assert client.get("/v1/models").status_code == 200  # used: a last-used time to flush
 
         key_file.unlink()
 
         def statuses() -> list[int]:
             codes = []
-            for key in (gw.admin_key, gw.key):
-                with gw.http(key) as client:
+            for key in (gateway.admin_key, gateway.key):
+                with gateway.http(key) as client:
                     codes.append(client.get("/v1/models").status_code)
             return codes
 
@@ -133,18 +135,18 @@ def test_deleting_the_key_file_revokes_every_key_until_keys_init(tmp_path, simul
         time.sleep(3 * USAGE_FLUSH_SECONDS + 1)
         assert not key_file.exists(), "the gateway recreated the deleted key file"
         assert statuses() == [401, 401]
-        log = gw.log_text()
+        log = gateway.log_text()
         errors = [line for line in log.splitlines() if " ERROR " in line and str(key_file) in line]
         assert any(
             re.search(r"missing|not found|does not exist|no such file|deleted", line, re.I) for line in errors
         ), errors
         assert "status=401" in log
 
-        init = gw.cli("keys", "init")
+        init = gateway.cli("keys", "init")
         new_admin = re.search(r"sk-[A-Za-z0-9_-]{20,}", init.stdout)
         assert new_admin, init.stdout
-        gw.wait_for_key(new_admin.group(0), timeout=3)
-        with gw.http(new_admin.group(0)) as client:
+        gateway.wait_for_key(new_admin.group(0), timeout=3)
+        with gateway.http(new_admin.group(0)) as client:
             assert client.get("/admin/keys").status_code == 200
         assert statuses() == [401, 401]
 
@@ -189,7 +191,7 @@ def open_file_soft_limit(soft: int):
 
 
 @pytest.fixture(scope="module")
-def capped_gw(tmp_path_factory, simulator):
+def capped_gateway(tmp_path_factory, simulator):
     with open_file_soft_limit(1024):
         gateway = Gateway.start(
             tmp_path_factory.mktemp("gw-capped"),
@@ -200,31 +202,31 @@ def capped_gw(tmp_path_factory, simulator):
         yield gateway
 
 
-def served(gw: Gateway, sock: socket.socket, reader) -> bool:
+def served(gateway: Gateway, sock: socket.socket, reader) -> bool:
     if not send_all(sock, HEALTH):
         return False
     response = response_or_none(reader, LIVENESS)
     return response is not None and response[0] == 200
 
 
-def test_connection_beyond_max_connections_is_closed_at_once_and_the_others_keep_working(capped_gw):
-    gw = capped_gw
-    first = [connect(gw) for _ in range(20)]
+def test_connection_beyond_max_connections_is_closed_at_once_and_the_others_keep_working(capped_gateway):
+    gateway = capped_gateway
+    first = [connect(gateway) for _ in range(20)]
     try:
-        assert all(served(gw, sock, reader) for sock, reader in first)
-        extra, _ = connect(gw)
+        assert all(served(gateway, sock, reader) for sock, reader in first)
+        extra, _ = connect(gateway)
         with extra:
             send_all(extra, HEALTH)
             assert read_to_eof(extra, timeout=3) == b"", "the 21st connection got an answer"
-        assert all(served(gw, sock, reader) for sock, reader in first)
+        assert all(served(gateway, sock, reader) for sock, reader in first)
 
         for sock, _ in first[:5]:
             sock.close()
 
         def new_one_served() -> bool:
-            sock, reader = connect(gw)
+            sock, reader = connect(gateway)
             with sock:
-                return served(gw, sock, reader)
+                return served(gateway, sock, reader)
 
         wait_until(new_one_served, timeout=5, interval=0.1)
     finally:
@@ -232,23 +234,23 @@ def test_connection_beyond_max_connections_is_closed_at_once_and_the_others_keep
             sock.close()
 
 
-def test_hitting_the_connection_limit_is_logged(capped_gw):
-    gw = capped_gw
-    held = [connect(gw)[0] for _ in range(21)]
+def test_hitting_the_connection_limit_is_logged(capped_gateway):
+    gateway = capped_gateway
+    held = [connect(gateway)[0] for _ in range(21)]
     try:
         time.sleep(0.5)
     finally:
         for sock in held:
             sock.close()
     try:
-        wait_until(lambda: "connection limit" in gw.log_text(settle=0), timeout=5)
+        wait_until(lambda: "connection limit" in gateway.log_text(settle=0), timeout=5)
     except TimeoutError:
         pytest.fail("no log line about the connection limit after 21 connections with GATEWAY_MAX_CONNECTIONS=20")
 
 
-def test_gateway_raises_its_open_file_soft_limit_to_the_hard_limit(capped_gw):
+def test_gateway_raises_its_open_file_soft_limit_to_the_hard_limit(capped_gateway):
     soft, hard = None, None
-    for line in Path(f"/proc/{capped_gw.handle.pid}/limits").read_text().splitlines():
+    for line in Path(f"/proc/{capped_gateway.handle.pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
             soft, hard = line.split()[3:5]
     if hard is not None and hard != "unlimited" and int(hard) <= 1024:

@@ -16,19 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
-def chat(max_tokens: int, stream: bool = True, content: str = "hello") -> dict[str, object]:
-    return {
-        "model": "sim",
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
+def chat(max_tokens: int, stream: bool = True) -> dict[str, object]:
+    return chat_body("sim", max_tokens=max_tokens, stream=stream)
 
 
 async def stream_through(client: httpx.AsyncClient, key: str, max_tokens: int) -> int:
@@ -39,23 +35,23 @@ async def stream_through(client: httpx.AsyncClient, key: str, max_tokens: int) -
         return response.status_code
 
 
-def in_flight(gw: Gateway) -> int:
-    return int(gw.health(gw.admin_key)["in_flight"])  # type: ignore[arg-type]
+def in_flight(gateway: Gateway) -> int:
+    return int(gateway.health(gateway.admin_key)["in_flight"])  # type: ignore[arg-type]
 
 
-def chat_requests(sim: Simulator) -> int:
-    return int(sim.stats()["requests"].get(CHAT, 0))
+def chat_requests(simulator: Simulator) -> int:
+    return int(simulator.stats()["requests"].get(CHAT, 0))
 
 
 @pytest.fixture
-def sim(tmp_path: Path):
+def simulator(tmp_path: Path):
     # A big engine, generating 20 tokens a second: whatever the gateway sends runs at once.
     with Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as simulator:
         yield simulator
 
 
-def start_gateway(tmp_path: Path, sim: Simulator, env: dict[str, str] | None = None, **capacity: str) -> Gateway:
-    return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
+def start_gateway(tmp_path: Path, simulator: Simulator, env: dict[str, str] | None = None, **capacity: str) -> Gateway:
+    return Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url, path="/models/sim", **capacity)], env=env)
 
 
 @pytest.mark.parametrize(
@@ -64,18 +60,18 @@ def start_gateway(tmp_path: Path, sim: Simulator, env: dict[str, str] | None = N
     ids=["max_num_seqs", "max_concurrency"],
 )
 def test_a_backend_never_has_more_than_its_capacity_in_flight(
-    tmp_path: Path, sim: Simulator, capacity: dict[str, str]
+    tmp_path: Path, simulator: Simulator, capacity: dict[str, str]
 ) -> None:
-    with start_gateway(tmp_path, sim, **capacity) as gw:
-        assert gw.health(gw.admin_key)["models"][0]["backends"][0]["capacity"] == 4  # type: ignore[index]
+    with start_gateway(tmp_path, simulator, **capacity) as gateway:
+        assert gateway.health(gateway.admin_key)["models"][0]["backends"][0]["capacity"] == 4  # type: ignore[index]
 
         async def twenty_streams() -> list[int]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                return await asyncio.gather(*(stream_through(client, gw.key, 6) for _ in range(20)))
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                return await asyncio.gather(*(stream_through(client, gateway.key, 6) for _ in range(20)))
 
         statuses = asyncio.run(twenty_streams())
-        stats = sim.stats()
-        log = gw.log_text()
+        stats = simulator.stats()
+        log = gateway.log_text()
 
     assert statuses == [200] * 20
     assert stats["completed"] == 20
@@ -86,40 +82,42 @@ def test_a_backend_never_has_more_than_its_capacity_in_flight(
     assert 4 <= sum("queue_ms=" not in line for line in lines) < 20
 
 
-def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
-        with gw.http(gw.key) as client:
+def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        with gateway.http(gateway.key) as client:
             with client.stream("POST", CHAT, json=chat(60)) as blocker:
                 assert blocker.status_code == 200
-                wait_until(lambda: sim.stats()["running"] == 1)
-                with socket.create_connection(("127.0.0.1", gw.port)) as queued:
-                    queued.sendall(raw_post(gw.key, chat(5)))
-                    wait_until(lambda: gw.waiting() == 1)
-                wait_until(lambda: gw.waiting() == 0 and in_flight(gw) == 1)
+                wait_until(lambda: simulator.stats()["running"] == 1)
+                with socket.create_connection(("127.0.0.1", gateway.port)) as queued:
+                    queued.sendall(raw_post(gateway.key, chat(5)))
+                    wait_until(lambda: gateway.waiting() == 1)
+                wait_until(lambda: gateway.waiting() == 0 and in_flight(gateway) == 1)
             # The slot is free again: the next request goes through, the one that left never went.
             assert client.post(CHAT, json=chat(2, stream=False)).status_code == 200
-        assert chat_requests(sim) == 2
-        assert " status=499 " in gw.log_text()
+        assert chat_requests(simulator) == 2
+        assert " status=499 " in gateway.log_text()
 
 
-def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
-        capped = str(gw.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
-        gw.wait_for_key(capped)
+def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        capped = str(gateway.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
+        gateway.wait_for_key(capped)
 
         async def scenario() -> tuple[list[int], httpx.Response, httpx.Response]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
                 two = [asyncio.create_task(stream_through(client, capped, 20)) for _ in range(2)]
-                while in_flight(gw) < 2:  # one relayed, one waiting
+                while in_flight(gateway) < 2:  # one relayed, one waiting
                     await asyncio.sleep(0.05)
                 third = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {capped}"})
                 other_key = await client.post(
-                    CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gw.key}"}
+                    CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gateway.key}"}
                 )
                 return await asyncio.gather(*two), third, other_key
 
         statuses, refused, other = asyncio.run(scenario())
-        with gw.http() as client:
+        with gateway.http() as client:
             metrics = client.get("/metrics").text
 
     assert statuses == [200, 200]
@@ -137,12 +135,12 @@ def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, sim: Si
     assert 'vllm_gateway_rate_limited_total{key="capped",kind="parallel"} 1' in metrics
 
 
-def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
-        light = str(gw.create_key("--name", "light")["key"])
-        heavy = str(gw.create_key("--name", "heavy", "--weight", "2")["key"])
-        gw.wait_for_key(light)
-        gw.wait_for_key(heavy)
+def test_admission_across_keys_follows_their_weights(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        light = str(gateway.create_key("--name", "light")["key"])
+        heavy = str(gateway.create_key("--name", "heavy", "--weight", "2")["key"])
+        gateway.wait_for_key(light)
+        gateway.wait_for_key(heavy)
         order: list[str] = []
 
         async def one(client: httpx.AsyncClient, name: str, key: str) -> int:
@@ -151,15 +149,15 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simula
             return response.status_code
 
         async def scenario() -> list[int]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                blocker = asyncio.create_task(stream_through(client, gw.key, 20))
-                while in_flight(gw) < 1:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gateway.key, 20))
+                while in_flight(gateway) < 1:
                     await asyncio.sleep(0.05)
                 tasks = [asyncio.create_task(one(client, "A", light)) for _ in range(6)]
-                while gw.waiting() < 6:
+                while gateway.waiting() < 6:
                     await asyncio.sleep(0.05)
                 tasks += [asyncio.create_task(one(client, "B", heavy)) for _ in range(6)]
-                while gw.waiting() < 12:
+                while gateway.waiting() < 12:
                     await asyncio.sleep(0.05)
                 return await asyncio.gather(blocker, *tasks)
 
@@ -170,28 +168,28 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, sim: Simula
     assert "".join(order) == "ABBABBABBAAA"
 
 
-def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "5"}, max_num_seqs="1") as gw:
-        with gw.http(gw.key) as client:
+def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_TIMEOUT": "5"}, max_num_seqs="1") as gateway:
+        with gateway.http(gateway.key) as client:
             with client.stream("POST", CHAT, json=chat(100)) as blocker:
                 assert blocker.status_code == 200
-                wait_until(lambda: in_flight(gw) == 1)
+                wait_until(lambda: in_flight(gateway) == 1)
                 tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
-                assert gw.waiting() == 0
-                assert sim.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
+                assert gateway.waiting() == 0
+                assert simulator.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
 
     assert tokenized.status_code == 200
 
 
-def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_TIMEOUT": "0.5"}, max_num_seqs="1") as gw:
-        with gw.http(gw.key) as client:
+def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_TIMEOUT": "0.5"}, max_num_seqs="1") as gateway:
+        with gateway.http(gateway.key) as client:
             with client.stream("POST", CHAT, json=chat(100)) as blocker:
                 assert blocker.status_code == 200
                 started = time.monotonic()
                 refused = client.post(CHAT, json=chat(2, stream=False))
                 assert time.monotonic() - started < 30  # liveness only
-        assert chat_requests(sim) == 1
+        assert chat_requests(simulator) == 1
 
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "1"
@@ -200,22 +198,22 @@ def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: P
     assert refused.json()["error"]["param"] == "model"
 
 
-def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, {"GATEWAY_QUEUE_LIMIT": "1"}, max_num_seqs="1") as gw:
+def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_LIMIT": "1"}, max_num_seqs="1") as gateway:
 
         async def scenario() -> tuple[int, int, httpx.Response]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                blocker = asyncio.create_task(stream_through(client, gw.key, 20))
-                while in_flight(gw) < 1:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gateway.key, 20))
+                while in_flight(gateway) < 1:
                     await asyncio.sleep(0.05)
-                queued = asyncio.create_task(stream_through(client, gw.key, 2))
-                while gw.waiting() < 1:
+                queued = asyncio.create_task(stream_through(client, gateway.key, 2))
+                while gateway.waiting() < 1:
                     await asyncio.sleep(0.05)
-                refused = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {gw.key}"})
+                refused = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {gateway.key}"})
                 return await blocker, await queued, refused
 
         first, second, refused = asyncio.run(scenario())
-        assert chat_requests(sim) == 2
+        assert chat_requests(simulator) == 2
 
     assert (first, second) == (200, 200)
     assert refused.status_code == 503
@@ -223,28 +221,30 @@ def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, sim: 
     assert refused.json()["error"]["code"] == "queue_full"
 
 
-def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
+def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
 
         async def scenario() -> tuple[httpx.Response, int]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                blocker = asyncio.create_task(stream_through(client, gw.key, 60))
-                while in_flight(gw) < 1:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                blocker = asyncio.create_task(stream_through(client, gateway.key, 60))
+                while in_flight(gateway) < 1:
                     await asyncio.sleep(0.05)
                 queued = asyncio.create_task(
-                    client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gw.key}"})
+                    client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gateway.key}"})
                 )
-                while gw.waiting() < 1:
+                while gateway.waiting() < 1:
                     await asyncio.sleep(0.05)
                 # The server stops being ready (its /health fails) while its stream goes on.
-                sim.set_faults(health_status=503)
+                simulator.set_faults(health_status=503)
                 refused = await queued
                 assert not blocker.done()  # at once: before the stream in flight ended
                 return refused, await blocker
 
         refused, streamed = asyncio.run(scenario())
 
-        assert chat_requests(sim) == 1
+        assert chat_requests(simulator) == 1
 
     assert streamed == 200
     assert refused.status_code == 503
@@ -261,18 +261,18 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
             Backend("sim", one.base_url, path="/models/sim", id="one", max_num_seqs="1"),
             Backend("sim", two.base_url, path="/models/sim", id="two", max_num_seqs="1"),
         ]
-        with Gateway.start(tmp_path / "gw", backends) as gw:
+        with Gateway.start(tmp_path / "gw", backends) as gateway:
 
             async def scenario() -> list[int]:
-                async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                    long = asyncio.create_task(stream_through(client, gw.key, 200))
-                    while in_flight(gw) < 1:
+                async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                    long = asyncio.create_task(stream_through(client, gateway.key, 200))
+                    while in_flight(gateway) < 1:
                         await asyncio.sleep(0.05)
-                    short = asyncio.create_task(stream_through(client, gw.key, 10))
-                    while in_flight(gw) < 2:
+                    short = asyncio.create_task(stream_through(client, gateway.key, 10))
+                    while in_flight(gateway) < 2:
                         await asyncio.sleep(0.05)
-                    queued = asyncio.create_task(stream_through(client, gw.key, 2))
-                    while gw.waiting() < 1:
+                    queued = asyncio.create_task(stream_through(client, gateway.key, 2))
+                    while gateway.waiting() < 1:
                         await asyncio.sleep(0.05)
                     statuses = list(await asyncio.gather(short, queued))
                     long.cancel()
@@ -288,25 +288,27 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
     assert peaks == [1, 1]
 
 
-def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim, {"GATEWAY_ADMISSION": "false"}, max_num_seqs="2") as gw:
+def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    with start_gateway(tmp_path, simulator, {"GATEWAY_ADMISSION": "false"}, max_num_seqs="2") as gateway:
 
         async def six_streams() -> list[int]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
-                return await asyncio.gather(*(stream_through(client, gw.key, 40) for _ in range(6)))
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+                return await asyncio.gather(*(stream_through(client, gateway.key, 40) for _ in range(6)))
 
         statuses = asyncio.run(six_streams())
-        assert sim.stats()["peak_running"] == 6
-        assert "queue_ms=" not in gw.log_text()
+        assert simulator.stats()["peak_running"] == 6
+        assert "queue_ms=" not in gateway.log_text()
 
         # The key's own cap still holds: it bounds what one key may have at once, queued or not.
-        capped = str(gw.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
-        gw.wait_for_key(capped)
+        capped = str(gateway.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
+        gateway.wait_for_key(capped)
 
         async def three_of_a_capped_key() -> list[int]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
                 two = [asyncio.create_task(stream_through(client, capped, 40)) for _ in range(2)]
-                while sim.stats()["running"] < 2:
+                while simulator.stats()["running"] < 2:
                     await asyncio.sleep(0.05)
                 third = await stream_through(client, capped, 2)
                 return [*await asyncio.gather(*two), third]
@@ -317,9 +319,11 @@ def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(t
     assert capped_statuses == [200, 200, 429]
 
 
-def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim) as gw:
-        with gw.http(gw.admin_key) as admin:
+def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    with start_gateway(tmp_path, simulator) as gateway:
+        with gateway.http(gateway.admin_key) as admin:
             created = admin.post("/admin/keys", json={"name": "w", "weight": 2.5, "max_parallel_requests": 3})
             assert created.status_code == 201
             assert (created.json()["weight"], created.json()["max_parallel_requests"]) == (2.5, 3)
@@ -328,30 +332,30 @@ def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(tmp_p
             assert admin.patch(f"/admin/keys/{key_id}", json={"max_parallel_requests": 0}).status_code == 400
             changed = admin.patch(f"/admin/keys/{key_id}", json={"weight": None, "max_parallel_requests": 8})
             assert (changed.json()["weight"], changed.json()["max_parallel_requests"]) == (None, 8)
-        made = gw.create_key("--name", "c", "--weight", "3", "--max-parallel-requests", "5")
+        made = gateway.create_key("--name", "c", "--weight", "3", "--max-parallel-requests", "5")
         assert (made["weight"], made["max_parallel_requests"]) == (3.0, 5)
-        gw.cli("keys", "update", "c", "--weight", "default", "--max-parallel-requests", "7")
-        assert gw.cli("keys", "update", "c", "--weight", "-1", check=False).returncode == 1
-        listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
+        gateway.cli("keys", "update", "c", "--weight", "default", "--max-parallel-requests", "7")
+        assert gateway.cli("keys", "update", "c", "--weight", "-1", check=False).returncode == 1
+        listed = {record["name"]: record for record in json.loads(gateway.cli("keys", "list", "--json").stdout)}
         assert (listed["c"]["weight"], listed["c"]["max_parallel_requests"]) == (None, 7)
-        gw.cli("keys", "update", "c", "--weight", "2.5")
-        table = gw.cli("keys", "list").stdout.splitlines()
+        gateway.cli("keys", "update", "c", "--weight", "2.5")
+        table = gateway.cli("keys", "list").stdout.splitlines()
         assert "WEIGHT" in table[0] and "PARALLEL" in table[0]
         row = next(line for line in table if f" {made['name']} " in f" {line} ").split()
         rate_limit = row.index("default")  # then the token limit, the weight and the cap
         assert row[rate_limit + 2 : rate_limit + 4] == ["2.5", "7"]
 
 
-def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path, sim: Simulator) -> None:
-    with start_gateway(tmp_path, sim) as gw:
-        with gw.http(gw.admin_key) as admin:
+def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path, simulator: Simulator) -> None:
+    with start_gateway(tmp_path, simulator) as gateway:
+        with gateway.http(gateway.admin_key) as admin:
             tiny = admin.post("/admin/keys", json={"name": "tiny", "weight": 1e-300})
             lowest = admin.post("/admin/keys", json={"name": "lowest", "weight": 0.01})
             huge = admin.patch(f"/admin/keys/{lowest.json()['id']}", json={"weight": 1001})
-        cli_create = gw.cli("keys", "create", "--name", "tiny", "--weight", "0.001", check=False)
-        cli_update = gw.cli("keys", "update", "lowest", "--weight", "1e-7", check=False)
-        cli_word = gw.cli("keys", "update", "lowest", "--weight", "heavy", check=False)
-        names = [record["name"] for record in json.loads(gw.cli("keys", "list", "--json").stdout)]
+        cli_create = gateway.cli("keys", "create", "--name", "tiny", "--weight", "0.001", check=False)
+        cli_update = gateway.cli("keys", "update", "lowest", "--weight", "1e-7", check=False)
+        cli_word = gateway.cli("keys", "update", "lowest", "--weight", "heavy", check=False)
+        names = [record["name"] for record in json.loads(gateway.cli("keys", "list", "--json").stdout)]
 
     assert tiny.status_code == 400
     error = tiny.json()["error"]
@@ -375,30 +379,30 @@ def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path
 
 
 def test_a_key_file_weight_below_the_minimum_counts_as_the_minimum_and_never_stalls_admission(
-    tmp_path: Path, sim: Simulator
+    tmp_path: Path, simulator: Simulator
 ) -> None:
     """A key file written before the minimum may hold any positive weight; 1e-300 once spun the
     worker's loop for ever as soon as that key alone waited (/health unanswered)."""
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
-        made = gw.create_key("--name", "tiny", "--weight", "0.5")
-        key_file = Path(gw.env["GATEWAY_KEY_FILE"])
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        made = gateway.create_key("--name", "tiny", "--weight", "0.5")
+        key_file = Path(gateway.env["GATEWAY_KEY_FILE"])
         content = json.loads(key_file.read_text())
         for record in content["keys"]:
             if record["id"] == made["id"]:
                 record["weight"] = 1e-300
         key_file.write_text(json.dumps(content))
-        wait_until(lambda: "key file reloaded" in gw.log_text(settle=0))
+        wait_until(lambda: "key file reloaded" in gateway.log_text(settle=0))
         tiny = str(made["key"])
 
         async def scenario() -> tuple[httpx.Response, dict[str, object]]:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-                blocker = asyncio.create_task(stream_through(client, gw.key, 1000))  # holds the one slot
-                while in_flight(gw) < 1:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=20) as client:
+                blocker = asyncio.create_task(stream_through(client, gateway.key, 1000))  # holds the one slot
+                while in_flight(gateway) < 1:
                     await asyncio.sleep(0.05)
                 queued = asyncio.create_task(
                     client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {tiny}"})
                 )
-                while gw.waiting() < 1:
+                while gateway.waiting() < 1:
                     await asyncio.sleep(0.05)
                 blocker.cancel()  # the slot goes to the one key waiting, whose weight is tiny
                 answer = await queued
@@ -406,36 +410,36 @@ def test_a_key_file_weight_below_the_minimum_counts_as_the_minimum_and_never_sta
                 return answer, health
 
         answer, health = asyncio.run(scenario())
-        listed = {record["name"]: record for record in json.loads(gw.cli("keys", "list", "--json").stdout)}
+        listed = {record["name"]: record for record in json.loads(gateway.cli("keys", "list", "--json").stdout)}
 
     assert answer.status_code == 200
     assert health["status"] == "ok"
     assert listed["tiny"]["weight"] == 0.01
 
 
-def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, sim: Simulator) -> None:
+def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, simulator: Simulator) -> None:
     from tests.support.gateway import Reader
     from tests.support.processes import parse_metrics
 
-    def scrape(gw: Gateway) -> str:
-        with gw.http() as client:
+    def scrape(gateway: Gateway) -> str:
+        with gateway.http() as client:
             return client.get("/metrics").text
 
-    with start_gateway(tmp_path, sim, max_num_seqs="1") as gw:
-        with gw.http(gw.key) as client:
+    with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        with gateway.http(gateway.key) as client:
             with client.stream("POST", CHAT, json=chat(40)) as blocker:
                 assert blocker.status_code == 200
-                wait_until(lambda: sim.stats()["running"] == 1)
-                with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as queued:
-                    queued.sendall(raw_post(gw.key, chat(2, stream=False)))
-                    wait_until(lambda: gw.waiting() == 1)
-                    text = scrape(gw)
+                wait_until(lambda: simulator.stats()["running"] == 1)
+                with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as queued:
+                    queued.sendall(raw_post(gateway.key, chat(2, stream=False)))
+                    wait_until(lambda: gateway.waiting() == 1)
+                    text = scrape(gateway)
                     assert 'vllm_gateway_queue_length{model="sim"} 1' in text
                     assert 'vllm_gateway_key_requests_in_flight{key="test-user"} 2' in text
                     for _ in blocker.iter_bytes():
                         pass  # the first stream ends: the waiting request goes
                     assert Reader(queued).response()[0] == 200
-        wait_until(lambda: parse_metrics(scrape(gw)).get("vllm_gateway_queue_seconds_count") == 1.0)
-        text = scrape(gw)
+        wait_until(lambda: parse_metrics(scrape(gateway)).get("vllm_gateway_queue_seconds_count") == 1.0)
+        text = scrape(gateway)
     assert 'vllm_gateway_queue_length{model="sim"} 0' in text
-    assert gw.key not in text
+    assert gateway.key not in text

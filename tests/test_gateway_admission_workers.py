@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until
 from tests.support.redis_server import Redis
@@ -28,30 +29,30 @@ CHAT = "/v1/chat/completions"
 
 
 def chat(max_tokens: int, stream: bool = True) -> dict[str, object]:
-    return {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "stream": stream}
+    return chat_body("sim", max_tokens=max_tokens, stream=stream)
 
 
 @pytest.fixture
-def sim(tmp_path: Path):
+def simulator(tmp_path: Path):
     # A big engine, generating 20 tokens a second: whatever the gateway sends runs at once.
     with Simulator.start(tmp_path, "--max-num-seqs", "64", "--token-rate", "20") as simulator:
         yield simulator
 
 
 def start_two_workers(
-    tmp_path: Path, sim: Simulator, redis_url: str, env: dict[str, str] | None = None, **capacity: str
+    tmp_path: Path, simulator: Simulator, redis_url: str, env: dict[str, str] | None = None, **capacity: str
 ) -> Gateway:
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, **(env or {})}
-    return Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url, path="/models/sim", **capacity)], env=env)
+    return Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url, path="/models/sim", **capacity)], env=env)
 
 
-def fresh_client(gw: Gateway) -> httpx.AsyncClient:
+def fresh_client(gateway: Gateway) -> httpx.AsyncClient:
     # No keep-alive: every request is a new connection, which either worker may accept.
-    return httpx.AsyncClient(base_url=gw.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+    return httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
 
 
-async def stream_through(gw: Gateway, key: str, max_tokens: int) -> int:
-    async with fresh_client(gw) as client:
+async def stream_through(gateway: Gateway, key: str, max_tokens: int) -> int:
+    async with fresh_client(gateway) as client:
         headers = {"Authorization": f"Bearer {key}"}
         async with client.stream("POST", CHAT, json=chat(max_tokens), headers=headers) as response:
             async for _ in response.aiter_bytes():
@@ -59,12 +60,12 @@ async def stream_through(gw: Gateway, key: str, max_tokens: int) -> int:
             return response.status_code
 
 
-def workers_that_answered(gw: Gateway) -> int:
+def workers_that_answered(gateway: Gateway) -> int:
     """Workers whose metrics snapshot (written each second) counts a chat request."""
 
     def served() -> int:
         count = 0
-        for path in (gw.workdir / "run" / "metrics").glob("*.json"):
+        for path in (gateway.workdir / "run" / "metrics").glob("*.json"):
             series = json.loads(path.read_text())["series"]
             count += any(labels[0] == "sim" for labels, _ in series)  # (model, backend, key, status)
         return count
@@ -76,23 +77,23 @@ def workers_that_answered(gw: Gateway) -> int:
 
 
 def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
-    tmp_path: Path, sim: Simulator, redis_url: str
+    tmp_path: Path, simulator: Simulator, redis_url: str
 ) -> None:
-    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="4") as gw:
+    with start_two_workers(tmp_path, simulator, redis_url, max_num_seqs="4") as gateway:
 
         async def twenty_four_streams() -> list[int]:
             # A little apart, so that both workers take some (a burst goes to one, whose loop
             # accepts the whole backlog); each stream lasts a second, so most run at once.
             streams = []
             for _ in range(24):
-                streams.append(asyncio.create_task(stream_through(gw, gw.key, 20)))
+                streams.append(asyncio.create_task(stream_through(gateway, gateway.key, 20)))
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*streams)
 
         statuses = asyncio.run(twenty_four_streams())
-        stats = sim.stats()
-        log = gw.log_text()
-        served_by = workers_that_answered(gw)
+        stats = simulator.stats()
+        log = gateway.log_text()
+        served_by = workers_that_answered(gateway)
 
     assert statuses == [200] * 24
     assert stats["completed"] == 24
@@ -105,7 +106,7 @@ def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
 
 @pytest.mark.parametrize("rate_limits_apart", [False, True], ids=["one-redis", "rate-limits-apart"])
 def test_gateway_redis_url_is_the_redis_two_workers_share_admission_through(
-    tmp_path: Path, sim: Simulator, redis_url: str, rate_limits_apart: bool
+    tmp_path: Path, simulator: Simulator, redis_url: str, rate_limits_apart: bool
 ) -> None:
     """GATEWAY_REDIS_URL alone is enough for two workers: admission's counts and queues go there, and
     the rate limits' too unless GATEWAY_RATE_LIMIT_STORAGE names a store of its own. Each setting names
@@ -114,19 +115,19 @@ def test_gateway_redis_url_is_the_redis_two_workers_share_admission_through(
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": f"{server}/2"}
     if rate_limits_apart:
         env["GATEWAY_RATE_LIMIT_STORAGE"] = f"{server}/1"
-    backend = Backend("sim", sim.base_url, path="/models/sim", max_num_seqs="2")
-    with Gateway.start(tmp_path / "gw", [backend], env=env) as gw:
+    backend = Backend("simulator", simulator.base_url, path="/models/simulator", max_num_seqs="2")
+    with Gateway.start(tmp_path / "gw", [backend], env=env) as gateway:
 
         async def twelve_streams() -> list[int]:
             streams = []
             for _ in range(12):  # a little apart, so that both workers take some
-                streams.append(asyncio.create_task(stream_through(gw, gw.key, 20)))
+                streams.append(asyncio.create_task(stream_through(gateway, gateway.key, 20)))
                 await asyncio.sleep(0.05)
             return await asyncio.gather(*streams)
 
         statuses = asyncio.run(twelve_streams())
-        stats = sim.stats()
-        served_by = workers_that_answered(gw)
+        stats = simulator.stats()
+        served_by = workers_that_answered(gateway)
         keys = {db: [name.decode() for name in redis.Redis.from_url(f"{server}/{db}").scan_iter()] for db in (0, 1, 2)}
 
     assert statuses == [200] * 12
@@ -139,16 +140,18 @@ def test_gateway_redis_url_is_the_redis_two_workers_share_admission_through(
     assert keys[0] == []
 
 
-def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: Simulator, redis_url: str) -> None:
-    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="1") as gw:
-        light = str(gw.create_key("--name", "light")["key"])
-        heavy = str(gw.create_key("--name", "heavy", "--weight", "2")["key"])
-        gw.wait_for_key(light)
-        gw.wait_for_key(heavy)
+def test_across_workers_admission_follows_the_keys_weights(
+    tmp_path: Path, simulator: Simulator, redis_url: str
+) -> None:
+    with start_two_workers(tmp_path, simulator, redis_url, max_num_seqs="1") as gateway:
+        light = str(gateway.create_key("--name", "light")["key"])
+        heavy = str(gateway.create_key("--name", "heavy", "--weight", "2")["key"])
+        gateway.wait_for_key(light)
+        gateway.wait_for_key(heavy)
         order: list[str] = []
 
         async def one(name: str, key: str) -> int:
-            async with fresh_client(gw) as client:
+            async with fresh_client(gateway) as client:
                 headers = {"Authorization": f"Bearer {key}"}
                 response = await client.post(CHAT, json=chat(2, stream=False), headers=headers)
                 order.append(name)
@@ -156,14 +159,14 @@ def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: 
 
         async def until_waiting(count: int) -> None:
             for _ in range(100):
-                if gw.waiting() >= count:
+                if gateway.waiting() >= count:
                     return
                 await asyncio.sleep(0.1)
             raise TimeoutError(f"{count} requests never waited at once")
 
         async def scenario() -> list[int]:
-            blocker = asyncio.create_task(stream_through(gw, gw.key, 1000))  # holds the one slot
-            while sim.stats()["running"] < 1:
+            blocker = asyncio.create_task(stream_through(gateway, gateway.key, 1000))  # holds the one slot
+            while simulator.stats()["running"] < 1:
                 await asyncio.sleep(0.05)
             # One connection at a time, so that both workers get some (a burst goes to one, whose
             # loop accepts the whole backlog).
@@ -175,7 +178,7 @@ def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: 
             return await asyncio.gather(*tasks)
 
         statuses = asyncio.run(scenario())
-        served_by = workers_that_answered(gw)
+        served_by = workers_that_answered(gateway)
 
     assert statuses == [200] * 12
     assert served_by == 2
@@ -184,9 +187,9 @@ def test_across_workers_admission_follows_the_keys_weights(tmp_path: Path, sim: 
 
 
 def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_backend(
-    tmp_path: Path, sim: Simulator, redis_url: str
+    tmp_path: Path, simulator: Simulator, redis_url: str
 ) -> None:
-    with start_two_workers(tmp_path, sim, redis_url, max_num_seqs="1") as gw:
+    with start_two_workers(tmp_path, simulator, redis_url, max_num_seqs="1") as gateway:
 
         async def until(check: Callable[[], bool]) -> None:
             for _ in range(300):
@@ -202,22 +205,22 @@ def test_across_workers_a_queued_request_whose_client_leaves_never_reaches_the_b
             return sum(int(store.get(name) or 0) for name in store.scan_iter("vllm_gateway:admission:*:q:sim:size"))
 
         async def scenario() -> list[int]:
-            blocker = asyncio.create_task(stream_through(gw, gw.key, 1000))  # holds the one slot
-            await until(lambda: sim.stats()["running"] == 1)
+            blocker = asyncio.create_task(stream_through(gateway, gateway.key, 1000))  # holds the one slot
+            await until(lambda: simulator.stats()["running"] == 1)
             # Four clients wait, on whichever workers took their connections, then leave.
             for _ in range(4):
-                with socket.create_connection(("127.0.0.1", gw.port)) as queued:
-                    queued.sendall(raw_post(gw.key, chat(5)))
+                with socket.create_connection(("127.0.0.1", gateway.port)) as queued:
+                    queued.sendall(raw_post(gateway.key, chat(5)))
                     await until(lambda: queued_in_redis() == 1)
                 await until(lambda: queued_in_redis() == 0)
             blocker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await blocker
-            await until(lambda: sim.stats()["running"] == 0)
-            return [await stream_through(gw, gw.key, 2) for _ in range(2)]
+            await until(lambda: simulator.stats()["running"] == 0)
+            return [await stream_through(gateway, gateway.key, 2) for _ in range(2)]
 
         after = asyncio.run(scenario())
-        stats = sim.stats()
+        stats = simulator.stats()
 
     assert after == [200, 200]
     # The blocker and the two after it; none of the four that left.
@@ -241,9 +244,9 @@ def admission_figure(store: redis.Redis, suffix: str, field: str | None = None) 
     return total
 
 
-async def post(gw: Gateway, body: dict[str, object], timeout: float = 60) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gw.url, timeout=timeout) as client:
-        return await client.post(CHAT, json=body, headers={"Authorization": f"Bearer {gw.key}"})
+async def post(gateway: Gateway, body: dict[str, object], timeout: float = 60) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=timeout) as client:
+        return await client.post(CHAT, json=body, headers={"Authorization": f"Bearer {gateway.key}"})
 
 
 async def until_true(check: Callable[[], bool], timeout: float = 20) -> None:
@@ -255,26 +258,26 @@ async def until_true(check: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_back_all_is_as_before(
-    tmp_path: Path, sim: Simulator, restartable_redis: Redis
+    tmp_path: Path, simulator: Simulator, restartable_redis: Redis
 ) -> None:
     """Redis restarts empty under a running gateway: a request that waits, and any request while it is
     away, gets 503 store_unavailable at once; once it is back, the slot of a stream that went on
     throughout is counted again, and no request fails on a connection from before the restart."""
     env = {"GATEWAY_QUEUE_TIMEOUT": "120"}
-    with start_two_workers(tmp_path, sim, restartable_redis.url, env, max_num_seqs="1") as gw:
+    with start_two_workers(tmp_path, simulator, restartable_redis.url, env, max_num_seqs="1") as gateway:
         store = redis.Redis.from_url(restartable_redis.url, socket_timeout=5)
 
         def queued() -> int:
             return admission_figure(store, "q:sim:size")
 
         async def burst(count: int) -> list[httpx.Response]:
-            return await asyncio.gather(*(post(gw, chat(2, stream=False)) for _ in range(count)))
+            return await asyncio.gather(*(post(gateway, chat(2, stream=False)) for _ in range(count)))
 
         async def scenario() -> dict[str, object]:
             before = await burst(30)  # both workers' connections to Redis, many of them
-            blocker = asyncio.create_task(stream_through(gw, gw.key, 2000))  # holds the one slot throughout
-            await until_true(lambda: sim.stats()["running"] == 1)
-            waiting = asyncio.create_task(post(gw, chat(2, stream=False), timeout=30))
+            blocker = asyncio.create_task(stream_through(gateway, gateway.key, 2000))  # holds the one slot throughout
+            await until_true(lambda: simulator.stats()["running"] == 1)
+            waiting = asyncio.create_task(post(gateway, chat(2, stream=False), timeout=30))
             await until_true(lambda: queued() == 1)
 
             restartable_redis.stop()
@@ -284,7 +287,7 @@ def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_b
 
             # The blocker's worker tells the new Redis of the slot it holds.
             await until_true(lambda: admission_figure(store, "inflight:sim", "total") == 1)
-            after = asyncio.create_task(post(gw, chat(2, stream=False)))
+            after = asyncio.create_task(post(gateway, chat(2, stream=False)))
             await until_true(lambda: queued() == 1)  # so it waits: the slot is taken
             blocker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -298,7 +301,7 @@ def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_b
             }
 
         result = asyncio.run(scenario())
-        stats = sim.stats()
+        stats = simulator.stats()
 
     assert [response.status_code for response in result["before"]] == [200] * 30  # type: ignore[attr-defined]
     for refused in [result["dropped"], *result["while_away"]]:  # type: ignore[list-item]
@@ -314,34 +317,34 @@ def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_b
 
 
 def test_a_redis_that_stops_answering_gets_503_store_unavailable_within_the_redis_timeout(
-    tmp_path: Path, sim: Simulator, restartable_redis: Redis
+    tmp_path: Path, simulator: Simulator, restartable_redis: Redis
 ) -> None:
     """A Redis that accepts connections and answers nothing (paused here; a lost network alike):
     requests, and one that waits, get 503 store_unavailable after GATEWAY_REDIS_TIMEOUT, not never."""
     env = {"GATEWAY_QUEUE_TIMEOUT": "120", "GATEWAY_REDIS_TIMEOUT": "1"}
-    with start_two_workers(tmp_path, sim, restartable_redis.url, env, max_num_seqs="1") as gw:
+    with start_two_workers(tmp_path, simulator, restartable_redis.url, env, max_num_seqs="1") as gateway:
         store = redis.Redis.from_url(restartable_redis.url, socket_timeout=5)
 
         async def scenario() -> tuple[httpx.Response, list[httpx.Response], list[httpx.Response]]:
-            blocker = asyncio.create_task(stream_through(gw, gw.key, 2000))  # holds the one slot
-            await until_true(lambda: sim.stats()["running"] == 1)
-            waiting = asyncio.create_task(post(gw, chat(2, stream=False), timeout=30))
+            blocker = asyncio.create_task(stream_through(gateway, gateway.key, 2000))  # holds the one slot
+            await until_true(lambda: simulator.stats()["running"] == 1)
+            waiting = asyncio.create_task(post(gateway, chat(2, stream=False), timeout=30))
             await until_true(lambda: admission_figure(store, "q:sim:size") == 1)
             restartable_redis.pause()
             try:
                 dropped = await waiting
-                silent = await asyncio.gather(*(post(gw, chat(2, stream=False), timeout=30) for _ in range(4)))
+                silent = await asyncio.gather(*(post(gateway, chat(2, stream=False), timeout=30) for _ in range(4)))
             finally:
                 restartable_redis.resume()
             blocker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await blocker
-            await until_true(lambda: sim.stats()["running"] == 0)
-            back = await asyncio.gather(*(post(gw, chat(2, stream=False)) for _ in range(10)))
+            await until_true(lambda: simulator.stats()["running"] == 0)
+            back = await asyncio.gather(*(post(gateway, chat(2, stream=False)) for _ in range(10)))
             return dropped, silent, back
 
         dropped, silent, back = asyncio.run(scenario())
-        stats = sim.stats()
+        stats = simulator.stats()
 
     for refused in [dropped, *silent]:
         assert refused.status_code == 503
@@ -351,7 +354,7 @@ def test_a_redis_that_stops_answering_gets_503_store_unavailable_within_the_redi
     assert stats["peak_running"] == 1
 
 
-def worker_serving(gw: Gateway, client: socket.socket) -> int:
+def worker_serving(gateway: Gateway, client: socket.socket) -> int:
     """The pid of the worker that accepted `client`'s connection (from /proc: the socket whose peer
     is the client's port, and the process that holds it)."""
     port = client.getsockname()[1]
@@ -361,9 +364,9 @@ def worker_serving(gw: Gateway, client: socket.socket) -> int:
         for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
             fields = line.split()
             local, remote = fields[1].split(":"), fields[2].split(":")
-            if int(local[1], 16) == gw.port and int(remote[1], 16) == port:
+            if int(local[1], 16) == gateway.port and int(remote[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
-        for pid in gw.handle.tree():
+        for pid in gateway.handle.tree():
             with contextlib.suppress(OSError):
                 for fd in Path(f"/proc/{pid}/fd").iterdir():
                     with contextlib.suppress(OSError):
@@ -375,29 +378,29 @@ def worker_serving(gw: Gateway, client: socket.socket) -> int:
 
 
 def test_a_killed_workers_slot_goes_at_once_to_a_request_waiting_on_the_other(
-    tmp_path: Path, sim: Simulator, redis_url: str
+    tmp_path: Path, simulator: Simulator, redis_url: str
 ) -> None:
     """kill -9 of the worker relaying a long stream: once it is taken for dead (its heartbeat key
     expires, 10 s), its slot goes to the request waiting on the other worker, without waiting for
     another request to end (none would, here, before the queue timeout)."""
     env = {"GATEWAY_QUEUE_TIMEOUT": "120"}
-    with start_two_workers(tmp_path, sim, redis_url, env, max_num_seqs="1") as gw:
+    with start_two_workers(tmp_path, simulator, redis_url, env, max_num_seqs="1") as gateway:
         store = redis.Redis.from_url(redis_url, socket_timeout=5)
         opened: list[socket.socket] = []
         try:
-            blocker = socket.create_connection(("127.0.0.1", gw.port))
+            blocker = socket.create_connection(("127.0.0.1", gateway.port))
             opened.append(blocker)
-            blocker.sendall(raw_post(gw.key, chat(2000)))  # a stream of 100 s
-            wait_until(lambda: sim.stats()["running"] == 1)
-            doomed = worker_serving(gw, blocker)
+            blocker.sendall(raw_post(gateway.key, chat(2000)))  # a stream of 100 s
+            wait_until(lambda: simulator.stats()["running"] == 1)
+            doomed = worker_serving(gateway, blocker)
             # Requests on connections of their own, until one waits on the other worker.
             waiting = None
             for count in range(1, 21):
-                client = socket.create_connection(("127.0.0.1", gw.port))
+                client = socket.create_connection(("127.0.0.1", gateway.port))
                 opened.append(client)
-                client.sendall(raw_post(gw.key, chat(2, stream=False)))
+                client.sendall(raw_post(gateway.key, chat(2, stream=False)))
                 wait_until(lambda count=count: admission_figure(store, "q:sim:size") == count)
-                if worker_serving(gw, client) != doomed:
+                if worker_serving(gateway, client) != doomed:
                     waiting = client
                     break
             assert waiting is not None, "the kernel gave every connection to one worker"

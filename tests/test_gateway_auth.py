@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+from tests.support.chat import chat_body
+
+CHAT = chat_body("sim", max_tokens=2)
 
 
 def test_key_is_accepted_in_the_query_string(gateway):
@@ -73,12 +75,12 @@ def test_backend_key_from_the_config_is_sent_upstream(tmp_path):
     from tests.support.gateway import Backend, Gateway
     from tests.support.processes import Simulator
 
-    with Simulator.start(tmp_path, "--api-key", "backend-secret") as sim:
-        backend = Backend("sim", sim.base_url, api_key="backend-secret")
-        with Gateway.start(tmp_path / "gw", [backend]) as gw:
-            with gw.http(gw.key) as client:
+    with Simulator.start(tmp_path, "--api-key", "backend-secret") as simulator:
+        backend = Backend("sim", simulator.base_url, api_key="backend-secret")
+        with Gateway.start(tmp_path / "gw", [backend]) as gateway:
+            with gateway.http(gateway.key) as client:
                 assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
-            assert sim.stats()["last_request"]["headers"]["authorization"] == "Bearer backend-secret"
+            assert simulator.stats()["last_request"]["headers"]["authorization"] == "Bearer backend-secret"
 
 
 def test_health_without_a_key_reveals_no_paths_or_urls(gateway, simulator):

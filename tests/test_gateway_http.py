@@ -10,16 +10,17 @@ import time
 
 import pytest
 
+from tests.support.chat import CHAT_BYTES, chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+CHAT = chat_body("sim", max_tokens=3)
 
 
 @pytest.fixture(scope="module")
 def short_keep_alive_gateway(tmp_path_factory, simulator):
     backend = Backend("sim", simulator.base_url)
-    with Gateway.start(tmp_path_factory.mktemp("gw-ka"), [backend], env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"}) as gw:
-        yield gw
+    with Gateway.start(tmp_path_factory.mktemp("gw-ka"), [backend], env={"GATEWAY_KEEPALIVE_TIMEOUT": "1"}) as gateway:
+        yield gateway
 
 
 def connect(gateway: Gateway) -> tuple[socket.socket, Reader]:
@@ -65,7 +66,7 @@ def test_pipelined_requests_are_answered_in_order(gateway):
 
 
 def test_expect_100_continue_gets_continue_before_the_body_is_sent(gateway):
-    data = json.dumps(CHAT).encode()
+    data = CHAT_BYTES
     sock, reader = connect(gateway)
     with sock:
         sock.sendall(raw_post(gateway.key, data, extra="Expect: 100-continue\r\n")[: -len(data)])
@@ -158,17 +159,17 @@ def test_an_active_stream_keeps_its_connection_past_the_keep_alive_timeout(short
 
 def test_graceful_shutdown_finishes_the_stream_in_flight(tmp_path, simulator):
     long_stream = {**CHAT, "max_tokens": 200, "stream": True}  # a second at the simulator's 200 tokens/s
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
-        sock, reader = connect(gw)
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
+        sock, reader = connect(gateway)
         with sock:
-            sock.sendall(raw_post(gw.key, long_stream))
+            sock.sendall(raw_post(gateway.key, long_stream))
             while b"data: {" not in reader.buffer:
                 assert reader._fill()
-            gw.handle.popen.send_signal(signal.SIGTERM)
+            gateway.handle.popen.send_signal(signal.SIGTERM)
             status, _, body = reader.response()
             assert status == 200 and body.endswith(b"data: [DONE]\n\n")
             assert body.count(b"data: {") >= 200
             assert reader.closed(timeout=30)  # and then the connection is closed, not kept alive
         # uvicorn exits through the signal it caught, once the shutdown is done
-        assert gw.handle.popen.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert "Finished server process" in gw.handle.log()
+        assert gateway.handle.popen.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Finished server process" in gateway.handle.log()

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, gateway_env, run_cli
 from tests.support.processes import REPO_ROOT, free_port, start_process
 
@@ -58,10 +59,7 @@ def test_key_created_over_the_api_is_shown_once_and_works(gateway):
         shown_again = admin.get(f"/admin/keys/{created.json()['id']}").json()
     assert "key" not in shown_again and shown_again["rate_limit"] == "5/minute"
     with gateway.http(key) as client:
-        reply = client.post(
-            "/v1/chat/completions",
-            json={"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
-        )
+        reply = client.post("/v1/chat/completions", json=chat_body("sim", max_tokens=1))
     assert reply.status_code == 200
     assert reply.headers["x-ratelimit-limit-requests"] == "5"
 
@@ -88,7 +86,10 @@ def test_invalid_admin_requests_get_400_in_openai_shape(gateway):
 
 
 def test_the_last_admin_key_cannot_be_revoked(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw, gw.http(gw.admin_key) as admin:
+    with (
+        Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway,
+        gateway.http(gateway.admin_key) as admin,
+    ):
         admin_id = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["admin"])
         refused = admin.delete(f"/admin/keys/{admin_id}")
         assert refused.status_code == 409
@@ -170,18 +171,18 @@ def test_corrupt_key_file_stops_the_gateway_and_is_left_untouched(tmp_path, cont
 
 
 def test_key_file_broken_while_running_keeps_the_last_good_keys(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
         key_file = tmp_path / "api_keys.json"
         key_file.write_text("{broken")
         import time
 
         time.sleep(1.2)
-        with gw.http(gw.key) as client:
+        with gateway.http(gateway.key) as client:
             assert client.get("/v1/models").status_code == 200
-        with gw.http(gw.admin_key) as admin:
+        with gateway.http(gateway.admin_key) as admin:
             assert admin.post("/admin/keys", json={"name": "x"}).status_code == 503
         assert key_file.read_text() == "{broken"
-        assert "still using the last good copy" in gw.log_text()
+        assert "still using the last good copy" in gateway.log_text()
 
 
 def test_keys_list_shows_a_key_used_seconds_ago(gateway):

@@ -9,21 +9,24 @@ import threading
 
 import httpx
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, gateway_env
 from tests.support.processes import REPO_ROOT, free_port
 
-CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+CHAT = chat_body("sim", max_tokens=1)
 
 
 def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_RATE_LIMIT": "3/minute"}) as gw:
-        with gw.http(gw.key) as client:
+    with Gateway.start(
+        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_RATE_LIMIT": "3/minute"}
+    ) as gateway:
+        with gateway.http(gateway.key) as client:
             remaining = [
                 client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-requests"]
                 for _ in range(3)
             ]
             refused = client.post("/v1/chat/completions", json=CHAT)
-        with gw.http(gw.admin_key) as other_key:
+        with gateway.http(gateway.admin_key) as other_key:
             assert other_key.post("/v1/chat/completions", json=CHAT).status_code == 200
     assert remaining == ["2", "1", "0"]
     assert refused.status_code == 429
@@ -42,11 +45,13 @@ def test_per_key_limit_overrides_the_default(gateway):
 
 def test_requests_beyond_the_concurrency_limit_get_503(tmp_path, simulator):
     simulator.set_faults(slow_start=1.5)
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_CONCURRENCY_LIMIT": "2"}) as gw:
+    with Gateway.start(
+        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_CONCURRENCY_LIMIT": "2"}
+    ) as gateway:
         statuses: list[int] = []
 
         def call() -> None:
-            with gw.http(gw.key) as client:
+            with gateway.http(gateway.key) as client:
                 statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
 
         threads = [threading.Thread(target=call) for _ in range(4)]
@@ -90,11 +95,11 @@ def test_several_workers_with_admission_and_no_redis_are_refused_naming_gateway_
 
 def test_counts_are_exact_across_workers_with_a_shared_store(tmp_path, simulator, redis_url):
     env = {"GATEWAY_WORKERS": "3", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_RATE_LIMIT": "10/minute"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         statuses = []
         # New connections each time, so the kernel spreads them over the workers.
         for _ in range(16):
-            with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}) as client:
+            with httpx.Client(base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.key}"}) as client:
                 statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
         pids = {
             int(line.split("Started server process [")[1].split("]")[0])

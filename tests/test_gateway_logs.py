@@ -60,15 +60,15 @@ def test_log_lines_cannot_be_forged_through_the_model_name(gateway):
 
 def test_log_rotates_at_its_size_limit_and_keeps_writing(tmp_path, simulator):
     env = {"GATEWAY_LOG_MAX_BYTES": "2000", "GATEWAY_LOG_BACKUPS": "2"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
-        with gw.http(gw.key) as client:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        with gateway.http(gateway.key) as client:
             for index in range(40):
                 client.post(
                     "/v1/chat/completions",
                     json={"model": "sim", "messages": [], "max_tokens": 1},
                     headers={"X-Request-ID": f"rot-{index}"},
                 )
-        text = gw.log_text()
+        text = gateway.log_text()
     rotated = tmp_path / "logs" / "vllm_api_server.log.1"
     assert rotated.exists()
     assert "rid=rot-39 " in text

@@ -43,17 +43,17 @@ def total(text: str, name: str, **labels: str) -> float:
     )
 
 
-def scrape(gw: Gateway, key: str | None = None) -> str:
-    with gw.http(key) as client:
+def scrape(gateway: Gateway, key: str | None = None) -> str:
+    with gateway.http(key) as client:
         response = client.get("/metrics")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return response.text
 
 
-def chat(gw: Gateway, key: str, model: str, max_tokens: int, stream: bool) -> int:
+def chat(gateway: Gateway, key: str, model: str, max_tokens: int, stream: bool) -> int:
     """One chat request; returns the completion tokens its `usage` reported."""
-    client = gw.openai(key)
+    client = gateway.openai(key)
     messages = [{"role": "user", "content": "hi"}]
     if not stream:
         reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
@@ -68,17 +68,17 @@ def chat(gw: Gateway, key: str, model: str, max_tokens: int, stream: bool) -> in
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator):
+def gateway(tmp_path_factory, simulator):
     backend = Backend("sim", simulator.base_url, path="/models/sim", aliases="sim-alias")
     with Gateway.start(tmp_path_factory.mktemp("metrics"), [backend]) as gateway:
         yield gateway
 
 
-def test_requests_and_completion_tokens_per_model_and_key_equal_what_the_answers_said(gw):
-    before = scrape(gw)
-    user_tokens = [chat(gw, gw.key, "sim", n, stream=n % 2 == 0) for n in (3, 4, 5, 6)]
-    admin_tokens = [chat(gw, gw.admin_key, "sim-alias", n, stream=True) for n in (2, 7)]
-    after = scrape(gw)
+def test_requests_and_completion_tokens_per_model_and_key_equal_what_the_answers_said(gateway):
+    before = scrape(gateway)
+    user_tokens = [chat(gateway, gateway.key, "sim", n, stream=n % 2 == 0) for n in (3, 4, 5, 6)]
+    admin_tokens = [chat(gateway, gateway.admin_key, "sim-alias", n, stream=True) for n in (2, 7)]
+    after = scrape(gateway)
 
     def grew(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -97,36 +97,36 @@ def test_requests_and_completion_tokens_per_model_and_key_equal_what_the_answers
     assert total(after, "process_open_fds") > 0
 
 
-def test_model_names_the_gateway_does_not_know_never_become_label_values(gw):
+def test_model_names_the_gateway_does_not_know_never_become_label_values(gateway):
     made_up = f"made-up-{uuid.uuid4().hex}"
-    before = scrape(gw)
-    with gw.http(gw.key) as client:
+    before = scrape(gateway)
+    with gateway.http(gateway.key) as client:
         answer = client.post("/v1/chat/completions", json={"model": made_up, "messages": []})
     assert answer.status_code == 404
-    after = scrape(gw)
+    after = scrape(gateway)
     assert made_up not in after
     labels = {"model": "unknown", "key": "test-user", "status": "4xx"}
     name = "vllm_gateway_requests_total"
     assert total(after, name, **labels) - total(before, name, **labels) == 1
 
 
-def test_no_key_secret_appears_in_the_exposition(gw):
-    chat(gw, gw.key, "sim", 2, stream=False)
-    chat(gw, gw.admin_key, "sim", 2, stream=True)
-    text = scrape(gw, gw.admin_key)
-    for secret in (gw.key, gw.admin_key):
+def test_no_key_secret_appears_in_the_exposition(gateway):
+    chat(gateway, gateway.key, "sim", 2, stream=False)
+    chat(gateway, gateway.admin_key, "sim", 2, stream=True)
+    text = scrape(gateway, gateway.admin_key)
+    for secret in (gateway.key, gateway.admin_key):
         assert secret not in text
         assert secret[:12] not in text
     assert "sk-" not in text
-    for record in json.loads((gw.workdir / "api_keys.json").read_text())["keys"]:
+    for record in json.loads((gateway.workdir / "api_keys.json").read_text())["keys"]:
         assert record["hash"].split(":")[-1] not in text
 
 
-def test_exposition_passes_promtool_check_metrics(gw):
+def test_exposition_passes_promtool_check_metrics(gateway):
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: scripts/install_test_deps.sh installs the prometheus package"
-    chat(gw, gw.key, "sim", 3, stream=True)
-    text = scrape(gw)
+    chat(gateway, gateway.key, "sim", 3, stream=True)
+    text = scrape(gateway)
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -161,8 +161,8 @@ def test_requests_refused_by_a_token_limit_are_counted_as_kind_tokens(tmp_path, 
 
 
 def test_a_stream_the_backend_drops_counts_as_a_mid_stream_upstream_error(tmp_path):
-    with Simulator.start(tmp_path, "--crash-after-tokens", "2") as sim:
-        with Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gateway:
+    with Simulator.start(tmp_path, "--crash-after-tokens", "2") as simulator:
+        with Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url)]) as gateway:
             with gateway.http(gateway.key) as client:
                 answer = client.post(
                     "/v1/chat/completions",
@@ -324,18 +324,18 @@ def test_connections_to_the_metrics_port_beyond_its_cap_are_closed_at_once(tmp_p
         )
 
 
-def test_prometheus_scrapes_the_completion_tokens_the_answers_reported(tmp_path, gw):
+def test_prometheus_scrapes_the_completion_tokens_the_answers_reported(tmp_path, gateway):
     prometheus = shutil.which("prometheus")
     assert prometheus, "prometheus is missing: scripts/install_test_deps.sh installs it"
     for n in (3, 5, 8):
-        chat(gw, gw.key, "sim", n, stream=n % 2 == 1)
-    expected = total(scrape(gw), "vllm_gateway_completion_tokens_total", model="sim")
+        chat(gateway, gateway.key, "sim", n, stream=n % 2 == 1)
+    expected = total(scrape(gateway), "vllm_gateway_completion_tokens_total", model="sim")
     assert expected > 0
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n  - job_name: gateway\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{gw.port}']\n"
+        f"      - targets: ['127.0.0.1:{gateway.port}']\n"
     )
     port = free_port()
     handle = start_process(
@@ -397,9 +397,9 @@ def dashboard_expressions() -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
 
 
-def test_dashboard_queries_only_metrics_the_gateway_exposes(gw):
-    chat(gw, gw.key, "sim", 2, stream=True)
-    text = scrape(gw)
+def test_dashboard_queries_only_metrics_the_gateway_exposes(gateway):
+    chat(gateway, gateway.key, "sim", 2, stream=True)
+    text = scrape(gateway)
     families = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
     sample_names = {name for name, _, _ in samples(text)}
     expressions = dashboard_expressions()

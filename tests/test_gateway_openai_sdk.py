@@ -5,6 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
+from tests.support.chat import chat_body
+
 
 def test_models_lists_each_model_with_its_path_and_status(gateway):
     models = gateway.openai().models.list().data
@@ -26,7 +28,7 @@ def test_unknown_model_is_not_found(gateway):
         client.models.retrieve("nope")
     assert caught.value.body["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(**chat_body("nope"))
 
 
 def test_chat_completion_returns_the_backends_answer_and_usage(gateway):
@@ -40,11 +42,7 @@ def test_chat_completion_returns_the_backends_answer_and_usage(gateway):
 
 def test_chat_stream_delivers_every_token_and_the_usage_chunk(gateway):
     stream = gateway.openai().chat.completions.create(
-        model="sim-alias",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=12,
-        stream=True,
-        stream_options={"include_usage": True},
+        **chat_body("sim-alias", max_tokens=12, stream=True, stream_options={"include_usage": True})
     )
     chunks = list(stream)
     text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
@@ -86,9 +84,9 @@ def test_exceeding_the_rate_limit_raises_rate_limit_error(gateway):
     gateway.wait_for_key(key)
     client = gateway.openai(key=key)
     for _ in range(2):
-        client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        client.chat.completions.create(**chat_body("sim", max_tokens=1))
     with pytest.raises(openai.RateLimitError) as caught:
-        client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+        client.chat.completions.create(**chat_body("sim", max_tokens=1))
     headers = caught.value.response.headers
     assert headers["x-ratelimit-limit-requests"] == "2"
     assert headers["x-ratelimit-remaining-requests"] == "0"

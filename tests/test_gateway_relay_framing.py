@@ -113,8 +113,8 @@ class FramingBackend(ThreadedBackend):
 @pytest.fixture(scope="module")
 def framing(tmp_path_factory):
     backend = FramingBackend()
-    with Gateway.start(tmp_path_factory.mktemp("gw-framing"), [Backend("raw", backend.url)]) as gw:
-        yield gw, backend
+    with Gateway.start(tmp_path_factory.mktemp("gw-framing"), [Backend("raw", backend.url)]) as gateway:
+        yield gateway, backend
     backend.close()
 
 
@@ -176,15 +176,15 @@ def read_to_close(sock: socket.socket) -> bytes:
 def test_an_http11_client_gets_the_whole_body_validly_framed_and_its_connection_serves_the_next_request(
     framing, upstream_framing, kind
 ):
-    gw, _ = framing
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gw.key, chat(upstream_framing, kind)))
+    gateway, _ = framing
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gateway.key, chat(upstream_framing, kind)))
         first, rest = read_response(sock)
         assert first.status == 200
         assert first.body == expected_body(kind)
         assert rest == b"", f"bytes after the first answer: {rest[:200]!r}"
         # The same connection: the next answer starts where the first one said it ended.
-        sock.sendall(raw_post(gw.key, chat("chunked", "json")))
+        sock.sendall(raw_post(gateway.key, chat("chunked", "json")))
         second, rest = read_response(sock)
     assert second.status == 200 and second.body == REPLY
     assert rest == b""
@@ -193,9 +193,9 @@ def test_an_http11_client_gets_the_whole_body_validly_framed_and_its_connection_
 @pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
 @pytest.mark.parametrize("upstream_framing", ["chunked", "length", "close"])
 def test_an_http10_client_gets_the_whole_body_without_chunked_framing(framing, upstream_framing, kind):
-    gw, _ = framing
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gw.key, chat(upstream_framing, kind), version="1.0"))
+    gateway, _ = framing
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gateway.key, chat(upstream_framing, kind), version="1.0"))
         received = read_to_close(sock)
     response, used = take_response(received, eof=True)
     assert response is not None and used == len(received), f"bytes after the answer: {received[used:][:200]!r}"
@@ -208,11 +208,11 @@ def test_an_http10_client_gets_the_whole_body_without_chunked_framing(framing, u
 def test_a_backend_that_compresses_anyway_has_its_body_relayed_unchanged_with_its_length(framing, kind):
     # The gateway asks for identity; a backend that compresses all the same gets its body through as
     # it sent it: the gateway cannot read it, so it neither removes the usage chunk nor re-frames it.
-    gw, _ = framing
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gw.key, chat("gzip", kind)))
+    gateway, _ = framing
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gateway.key, chat("gzip", kind)))
         response, rest = read_response(sock)
-        sock.sendall(raw_post(gw.key, chat("chunked", "json")))
+        sock.sendall(raw_post(gateway.key, chat("chunked", "json")))
         second, _ = read_response(sock)
     assert response.status == 200 and rest == b""
     assert response.header("content-encoding") == "gzip"
@@ -222,9 +222,9 @@ def test_a_backend_that_compresses_anyway_has_its_body_relayed_unchanged_with_it
 
 
 def test_the_gateway_asks_the_backend_for_an_unencoded_body_whatever_the_client_accepts(framing):
-    gw, backend = framing
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gw.key, chat("chunked", "json"), extra="Accept-Encoding: gzip, br\r\n"))
+    gateway, backend = framing
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
+        sock.sendall(raw_post(gateway.key, chat("chunked", "json"), extra="Accept-Encoding: gzip, br\r\n"))
         response, _ = read_response(sock)
     assert response.status == 200 and response.header("content-encoding") is None
     head = backend.heads[-1].lower()

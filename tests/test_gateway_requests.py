@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+from tests.support.chat import CHAT_BYTES
+
 
 def test_bad_json_is_400_invalid_json(gateway):
     with gateway.http(gateway.key) as client:
@@ -29,8 +31,10 @@ def test_missing_model_is_400_naming_the_param(gateway):
 def test_huge_body_is_413_without_reaching_the_backend(tmp_path, simulator):
     from tests.support.gateway import Backend, Gateway
 
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_MAX_BODY_BYTES": "4096"}) as gw:
-        with gw.http(gw.key) as client:
+    with Gateway.start(
+        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_MAX_BODY_BYTES": "4096"}
+    ) as gateway:
+        with gateway.http(gateway.key) as client:
             declared = client.post("/v1/completions", json={"model": "sim", "prompt": "x" * 10_000})
 
             def chunked():
@@ -75,7 +79,7 @@ def test_audio_transcription_multipart_is_routed_by_its_model_field(gateway, sim
 
 def test_injected_header_lines_do_not_reach_the_backend(gateway, simulator):
     # Only an allow-list of headers travels upstream, and a request id must look like one.
-    body = b'{"model": "sim", "messages": [{"role": "user", "content": "h"}]}'
+    body = CHAT_BYTES
     head = (
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
         f"Authorization: Bearer {gateway.key}\r\nContent-Type: application/json\r\n"

@@ -10,30 +10,25 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.processes import Simulator
 
-STREAM = {
-    "model": "sim",
-    "messages": [{"role": "user", "content": "go"}],
-    "max_tokens": 10,
-    "stream": True,
-    "stream_options": {"include_usage": True},
-}
+STREAM = chat_body("sim", max_tokens=10, stream=True, stream_options={"include_usage": True})
 
 
 @pytest.fixture(scope="module")
 def slow_simulator(tmp_path_factory):
     """Five tokens a second: slow enough to watch a stream arrive and to leave in the middle of it."""
-    with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5", model="slow") as sim:
-        yield sim
+    with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5", model="slow") as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="module")
 def slow_gateway(tmp_path_factory, slow_simulator):
     backends = [Backend("slow", slow_simulator.base_url)]
-    with Gateway.start(tmp_path_factory.mktemp("gw"), backends, env={"GATEWAY_READ_TIMEOUT": "2"}) as gw:
-        yield gw
+    with Gateway.start(tmp_path_factory.mktemp("gw"), backends, env={"GATEWAY_READ_TIMEOUT": "2"}) as gateway:
+        yield gateway
 
 
 def without_timestamps(data: bytes) -> bytes:
@@ -105,9 +100,7 @@ def test_backend_crash_mid_stream_ends_with_an_error_event(gateway, simulator):
 
 def test_backend_crash_mid_stream_raises_in_the_openai_sdk(gateway, simulator):
     simulator.set_faults(crash_after_tokens=2)
-    stream = gateway.openai().chat.completions.create(
-        model="sim", messages=[{"role": "user", "content": "x"}], max_tokens=10, stream=True
-    )
+    stream = gateway.openai().chat.completions.create(**chat_body("sim", max_tokens=10, stream=True))
     received = []
     with pytest.raises(openai.APIError):
         for chunk in stream:
@@ -118,7 +111,7 @@ def test_backend_crash_mid_stream_raises_in_the_openai_sdk(gateway, simulator):
 def test_backend_error_status_is_relayed_as_is(gateway, simulator):
     simulator.set_faults(error_status=500)
     with pytest.raises(openai.InternalServerError) as caught:
-        gateway.openai().chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        gateway.openai().chat.completions.create(**chat_body("sim"))
     assert caught.value.status_code == 500
     assert caught.value.body["type"] == "InternalServerError"
 
@@ -163,7 +156,7 @@ def test_a_backend_error_in_another_shape_reaches_the_client_in_openais(
 def test_the_openai_sdk_reads_the_message_of_a_rewrapped_error(gateway, simulator):
     simulator.set_faults(error_status=404, error_shape="detail")
     with pytest.raises(openai.NotFoundError) as caught:
-        gateway.openai().chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        gateway.openai().chat.completions.create(**chat_body("sim"))
     assert caught.value.body == {
         "message": INJECTED,
         "type": "invalid_request_error",
@@ -186,12 +179,15 @@ def test_backend_silent_past_the_read_timeout_gives_504(slow_gateway, slow_simul
 
 
 def test_dead_backend_is_marked_down_and_requests_get_503_with_retry_after(tmp_path):
-    with Simulator.start(tmp_path) as sim, Gateway.start(tmp_path / "gw", [Backend("sim", sim.base_url)]) as gw:
-        sim.set_faults(exit_after_tokens=1)
-        with gw.http(gw.key) as client:
+    with (
+        Simulator.start(tmp_path) as simulator,
+        Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url)]) as gateway,
+    ):
+        simulator.set_faults(exit_after_tokens=1)
+        with gateway.http(gateway.key) as client:
             client.post("/v1/chat/completions", json={**STREAM, "stream": False})
-            wait_for(lambda: not sim.alive())
-            gw.wait_until(lambda health: health["models"][0]["status"] == "down")
+            wait_for(lambda: not simulator.alive())
+            gateway.wait_until(lambda health: health["models"][0]["status"] == "down")
             response = client.post("/v1/chat/completions", json={**STREAM, "stream": False})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_not_ready"

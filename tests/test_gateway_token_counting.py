@@ -27,22 +27,22 @@ LOGGED = re.compile(r" prompt_tokens=(\S+) completion_tokens=(\S+)(?: prompt_fro
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def simulator(tmp_path_factory):
     """A fast simulator with room for a prompt of tens of thousands of tokens."""
     with Simulator.start(tmp_path_factory.mktemp("sim"), "--max-model-len", "65536") as simulator:
         yield simulator
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, sim):
-    with Gateway.start(tmp_path_factory.mktemp("gw"), [Backend("sim", sim.base_url)], env=FLUSH) as gateway:
+def gateway(tmp_path_factory, simulator):
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [Backend("sim", simulator.base_url)], env=FLUSH) as gateway:
         yield gateway
 
 
 @pytest.fixture(autouse=True)
 def _no_faults_left(request):
     yield
-    for name in ("sim", "slow_sim"):
+    for name in ("simulator", "slow_simulator"):
         if name in request.fixturenames:
             request.getfixturevalue(name).clear_faults()
 
@@ -51,19 +51,19 @@ def request_id(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:12]}"
 
 
-def post(gw: Gateway, path: str, body: dict | bytes, rid: str, key: str | None = None, timeout: float = 30):
+def post(gateway: Gateway, path: str, body: dict | bytes, rid: str, key: str | None = None, timeout: float = 30):
     """The body as given (bytes go byte for byte), under the request id `rid`."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Authorization": f"Bearer {key or gw.key}", "X-Request-ID": rid, "Content-Type": "application/json"}
-    return httpx.post(gw.url + path, content=content, headers=headers, timeout=timeout)
+    headers = {"Authorization": f"Bearer {key or gateway.key}", "X-Request-ID": rid, "Content-Type": "application/json"}
+    return httpx.post(gateway.url + path, content=content, headers=headers, timeout=timeout)
 
 
-def logged(gw: Gateway, rid: str, timeout: float = 10.0) -> tuple[str, tuple[int | None, int | None, str | None]]:
+def logged(gateway: Gateway, rid: str, timeout: float = 10.0) -> tuple[str, tuple[int | None, int | None, str | None]]:
     """The request's log line, and the prompt tokens, completion tokens and prompt source it states
     (None for each it does not)."""
     deadline = time.monotonic() + timeout
     while True:
-        text = gw.log_path.read_text() if gw.log_path.exists() else ""
+        text = gateway.log_path.read_text() if gateway.log_path.exists() else ""
         line = next((row for row in text.splitlines() if f" rid={rid} " in row), None)
         if line is not None:
             break
@@ -77,19 +77,19 @@ def logged(gw: Gateway, rid: str, timeout: float = 10.0) -> tuple[str, tuple[int
     return line, (number(prompt), number(completion), source)
 
 
-def tokens_of(gw: Gateway, rid: str, timeout: float = 10.0) -> tuple[int | None, int | None, str | None]:
-    return logged(gw, rid, timeout)[1]
+def tokens_of(gateway: Gateway, rid: str, timeout: float = 10.0) -> tuple[int | None, int | None, str | None]:
+    return logged(gateway, rid, timeout)[1]
 
 
-def remaining_tokens(gw: Gateway, key: str) -> int:
+def remaining_tokens(gateway: Gateway, key: str) -> int:
     """The key's token window as the next request finds it."""
-    answer = post(gw, CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 1}, request_id("probe"), key)
+    answer = post(gateway, CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 1}, request_id("probe"), key)
     return int(answer.headers["x-ratelimit-remaining-tokens"])
 
 
-def limited_key(gw: Gateway, limit: str) -> str:
-    key = gw.create_key("--name", request_id("limited"), "--token-limit", limit)["key"]
-    gw.wait_for_key(key)
+def limited_key(gateway: Gateway, limit: str) -> str:
+    key = gateway.create_key("--name", request_id("limited"), "--token-limit", limit)["key"]
+    gateway.wait_for_key(key)
     return key
 
 
@@ -101,32 +101,34 @@ def limited_key(gw: Gateway, limit: str) -> str:
     [(CHAT, 1), (CHAT, "true"), (CHAT, "Yes"), (CHAT, 1.0), (COMPLETIONS, "on")],
     ids=["chat-1", "chat-true", "chat-Yes", "chat-1.0", "completions-on"],
 )
-def test_a_stream_spelt_as_vllm_reads_a_boolean_is_counted_and_its_client_sees_no_usage_chunk(gw, sim, path, stream):
+def test_a_stream_spelt_as_vllm_reads_a_boolean_is_counted_and_its_client_sees_no_usage_chunk(
+    gateway, simulator, path, stream
+):
     rid = request_id("lax-stream")
     body = {"model": "sim", "max_tokens": 5, "stream": stream}
     body |= {"messages": MESSAGES} if path == CHAT else {"prompt": "one two three"}
-    answer = post(gw, path, body, rid)
+    answer = post(gateway, path, body, rid)
     assert answer.status_code == 200 and answer.content.endswith(b"data: [DONE]\n\n")
     assert b'"usage"' not in answer.content  # the client did not ask for it
-    assert sim.stats()["last_request"]["body"]["stream_options"] == {"include_usage": True}
-    assert tokens_of(gw, rid) == (3, 5, None)
+    assert simulator.stats()["last_request"]["body"]["stream_options"] == {"include_usage": True}
+    assert tokens_of(gateway, rid) == (3, 5, None)
 
 
 @pytest.mark.parametrize("include_usage", ["yes", 1, "TRUE"])
-def test_a_client_asking_for_usage_with_a_lax_boolean_gets_its_usage_chunk(gw, include_usage):
+def test_a_client_asking_for_usage_with_a_lax_boolean_gets_its_usage_chunk(gateway, include_usage):
     rid = request_id("lax-usage")
     body = {"model": "sim", "messages": MESSAGES, "max_tokens": 4, "stream": True}
-    answer = post(gw, CHAT, body | {"stream_options": {"include_usage": include_usage}}, rid)
+    answer = post(gateway, CHAT, body | {"stream_options": {"include_usage": include_usage}}, rid)
     assert answer.content.count(b'"choices":[],') == 1
-    assert tokens_of(gw, rid) == (3, 4, None)
+    assert tokens_of(gateway, rid) == (3, 4, None)
 
 
 @pytest.mark.parametrize("options", [{"include_usage": "maybe"}, {"include_usage": False, "continuous_usage_stats": 7}])
-def test_stream_options_vllm_refuses_reach_it_unchanged_and_are_refused(gw, sim, options):
+def test_stream_options_vllm_refuses_reach_it_unchanged_and_are_refused(gateway, simulator, options):
     body = {"model": "sim", "messages": MESSAGES, "max_tokens": 4, "stream": True, "stream_options": options}
-    answer = post(gw, CHAT, body, request_id("refused-options"))
+    answer = post(gateway, CHAT, body, request_id("refused-options"))
     assert answer.status_code == 400, answer.text
-    assert sim.stats()["last_request"]["body"]["stream_options"] == options
+    assert simulator.stats()["last_request"]["body"]["stream_options"] == options
 
 
 # ---- (b) the key decided from the parsed body, not from its bytes ---------------------------------
@@ -141,21 +143,21 @@ def test_stream_options_vllm_refuses_reach_it_unchanged_and_are_refused(gw, sim,
     ],
     ids=["escaped", "given-twice", "escaped-first-letter"],
 )
-def test_include_usage_false_under_any_spelling_of_its_key_is_counted_all_the_same(gw, sim, options):
+def test_include_usage_false_under_any_spelling_of_its_key_is_counted_all_the_same(gateway, simulator, options):
     rid = request_id("escaped")
     body = b'{"model":"sim","messages":[{"role":"user","content":"one two three"}],"max_tokens":5,"stream":true,'
-    answer = post(gw, CHAT, body + options + b"}", rid)
+    answer = post(gateway, CHAT, body + options + b"}", rid)
     assert answer.status_code == 200
     assert b'"usage"' not in answer.content
-    assert sim.stats()["last_request"]["body"]["stream_options"] == {"include_usage": True}
-    assert tokens_of(gw, rid) == (3, 5, None)
+    assert simulator.stats()["last_request"]["body"]["stream_options"] == {"include_usage": True}
+    assert tokens_of(gateway, rid) == (3, 5, None)
 
 
 # ---- (c) the Responses API ----------------------------------------------------------------------
 
 
-def test_responses_usage_is_counted_whole_and_streamed(gw):
-    client = gw.openai()
+def test_responses_usage_is_counted_whole_and_streamed(gateway):
+    client = gateway.openai()
     whole_id, stream_id = request_id("responses"), request_id("responses-stream")
     whole = client.responses.create(
         model="sim", input="one two three", max_output_tokens=4, extra_headers={"X-Request-ID": whole_id}
@@ -172,22 +174,22 @@ def test_responses_usage_is_counted_whole_and_streamed(gw):
     )
     assert whole.usage is not None and (whole.usage.input_tokens, whole.usage.output_tokens) == (3, 4)
     assert events[-1].type == "response.completed"
-    assert tokens_of(gw, whole_id) == (3, 4, None)
-    assert tokens_of(gw, stream_id) == (5, 6, None)
+    assert tokens_of(gateway, whole_id) == (3, 4, None)
+    assert tokens_of(gateway, stream_id) == (5, 6, None)
 
 
 # ---- (d) usage wherever the reads cut the body ----------------------------------------------------
 
 
-def test_the_usage_before_megabytes_of_prompt_logprobs_is_counted(gw):
+def test_the_usage_before_megabytes_of_prompt_logprobs_is_counted(gateway):
     rid = request_id("prompt-logprobs")
     words = 30_000
     body = {"model": "sim", "messages": [{"role": "user", "content": "lorem " * words}], "max_tokens": 3}
-    answer = post(gw, CHAT, body | {"prompt_logprobs": 1}, rid, timeout=60)
+    answer = post(gateway, CHAT, body | {"prompt_logprobs": 1}, rid, timeout=60)
     assert answer.status_code == 200
     assert len(answer.content) > 1_000_000
     assert answer.content.index(b'"usage"') < 1000  # before the log-probabilities, as vLLM writes it
-    assert tokens_of(gw, rid) == (words, 3, None)
+    assert tokens_of(gateway, rid) == (words, 3, None)
 
 
 def usage_span(content: bytes) -> range:
@@ -206,35 +208,35 @@ def usage_span(content: bytes) -> range:
     ],
     ids=["chat-stream", "chat", "responses-stream"],
 )
-def test_the_usage_is_counted_wherever_the_backends_writes_cut_it(gw, sim, path, body):
+def test_the_usage_is_counted_wherever_the_backends_writes_cut_it(gateway, simulator, path, body):
     # The answer's bytes, as the gateway will get them (an id of the same length gives the same offsets).
     probe = body | ({"stream_options": {"include_usage": True}} if path == CHAT and body.get("stream") else {})
-    direct = httpx.post(sim.base_url + path, json=probe, headers={"X-Request-ID": "cut-00000"}, timeout=30)
+    direct = httpx.post(simulator.base_url + path, json=probe, headers={"X-Request-ID": "cut-00000"}, timeout=30)
     span = usage_span(direct.content)
     counted = {}
     for position in span:
-        sim.set_faults(split_body_at=position)
+        simulator.set_faults(split_body_at=position)
         rid = f"cut-{position:05d}"
-        answer = post(gw, path, body, rid)
+        answer = post(gateway, path, body, rid)
         assert answer.status_code == 200
         counted[position] = rid
     for pieces in (1, 5, 16):
-        sim.set_faults(body_piece_bytes=pieces)
+        simulator.set_faults(body_piece_bytes=pieces)
         counted[-pieces] = rid = request_id(f"pieces-{pieces}")
-        assert post(gw, path, body, rid).status_code == 200
+        assert post(gateway, path, body, rid).status_code == 200
     expected = (3, 3, None)
-    assert {position: tokens_of(gw, rid) for position, rid in counted.items()} == dict.fromkeys(counted, expected)
+    assert {position: tokens_of(gateway, rid) for position, rid in counted.items()} == dict.fromkeys(counted, expected)
 
 
 # ---- (e) a stream the backend cuts -----------------------------------------------------------------
 
 
-def ledger(gw: Gateway) -> tuple[int, int, int]:
+def ledger(gateway: Gateway) -> tuple[int, int, int]:
     """Requests, input and output tokens in the ledger, once earlier batches are written."""
 
     def read() -> tuple[int, int, int]:
         query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d"}
-        with gw.http(gw.admin_key) as client:
+        with gateway.http(gateway.admin_key) as client:
             data = client.get("/admin/usage", params=query).json()["data"]
         results = [result for bucket in data for result in bucket["results"]]
         return (
@@ -252,31 +254,31 @@ def ledger(gw: Gateway) -> tuple[int, int, int]:
         last = now
 
 
-def metric(gw: Gateway, name: str) -> float:
-    with gw.http() as client:
+def metric(gateway: Gateway, name: str) -> float:
+    with gateway.http() as client:
         text = client.get("/metrics").text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
-def test_a_stream_the_backend_cuts_counts_its_prompt_and_what_it_delivered_everywhere(gw, sim):
-    key = limited_key(gw, "100000/hour")
-    before_ledger = ledger(gw)
-    before_prompt = metric(gw, "vllm_gateway_prompt_tokens_total")
-    before_completion = metric(gw, "vllm_gateway_completion_tokens_total")
-    sim.set_faults(crash_after_tokens=30)
+def test_a_stream_the_backend_cuts_counts_its_prompt_and_what_it_delivered_everywhere(gateway, simulator):
+    key = limited_key(gateway, "100000/hour")
+    before_ledger = ledger(gateway)
+    before_prompt = metric(gateway, "vllm_gateway_prompt_tokens_total")
+    before_completion = metric(gateway, "vllm_gateway_completion_tokens_total")
+    simulator.set_faults(crash_after_tokens=30)
     rid = request_id("cut-stream")
-    answer = post(gw, CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 2000, "stream": True}, rid, key)
-    sim.clear_faults()
+    answer = post(gateway, CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 2000, "stream": True}, rid, key)
+    simulator.clear_faults()
     delivered = answer.text.count('"content":"') - 1  # the first event names the role
     assert answer.status_code == 200 and "upstream_error" in answer.text and delivered == 30
-    line, counts = logged(gw, rid)
+    line, counts = logged(gateway, rid)
     assert " status=502 " in line
     assert counts == (3, 30, "tokenize")  # the simulator's /tokenize counted the prompt
-    after_ledger = ledger(gw)
+    after_ledger = ledger(gateway)
     assert (after_ledger[1] - before_ledger[1], after_ledger[2] - before_ledger[2]) == (3, 30)
-    assert metric(gw, "vllm_gateway_prompt_tokens_total") - before_prompt == 3
-    assert metric(gw, "vllm_gateway_completion_tokens_total") - before_completion == 30
-    assert remaining_tokens(gw, key) == 100000 - 33
+    assert metric(gateway, "vllm_gateway_prompt_tokens_total") - before_prompt == 3
+    assert metric(gateway, "vllm_gateway_completion_tokens_total") - before_completion == 30
+    assert remaining_tokens(gateway, key) == 100000 - 33
 
 
 def test_a_stream_whose_backend_died_counts_an_estimated_prompt(tmp_path):
@@ -303,59 +305,61 @@ def test_a_stream_whose_backend_died_counts_an_estimated_prompt(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slow_sim(tmp_path_factory):
+def slow_simulator(tmp_path_factory):
     """Five tokens a second: a client can give up on a request in the middle of it."""
     with Simulator.start(tmp_path_factory.mktemp("slow"), "--token-rate", "5") as simulator:
         yield simulator
 
 
 @pytest.fixture(scope="module")
-def slow_gw(tmp_path_factory, slow_sim):
+def slow_gateway(tmp_path_factory, slow_simulator):
     env = {**FLUSH, "GATEWAY_PROMPT_COUNT_TIMEOUT": "0.5"}
-    with Gateway.start(tmp_path_factory.mktemp("slow-gw"), [Backend("sim", slow_sim.base_url)], env=env) as gateway:
+    with Gateway.start(
+        tmp_path_factory.mktemp("slow-gw"), [Backend("sim", slow_simulator.base_url)], env=env
+    ) as gateway:
         yield gateway
 
 
-def give_up(gw: Gateway, path: str, body: bytes, key: str | None = None) -> str:
+def give_up(gateway: Gateway, path: str, body: bytes, key: str | None = None) -> str:
     """Send a request and leave after a second, before its answer; its request id."""
     rid = request_id("given-up")
     with pytest.raises(httpx.ReadTimeout):
-        post(gw, path, body, rid, key, timeout=1.0)
+        post(gateway, path, body, rid, key, timeout=1.0)
     return rid
 
 
-def test_a_non_streamed_request_given_up_on_counts_its_prompt(slow_gw, slow_sim):
-    key = limited_key(slow_gw, "100000/hour")
+def test_a_non_streamed_request_given_up_on_counts_its_prompt(slow_gateway, slow_simulator):
+    key = limited_key(slow_gateway, "100000/hour")
     prompt = " ".join(["lorem"] * 40)
     body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": prompt}], "max_tokens": 50})
-    rid = give_up(slow_gw, CHAT, body.encode(), key)
-    line, counts = logged(slow_gw, rid)
+    rid = give_up(slow_gateway, CHAT, body.encode(), key)
+    line, counts = logged(slow_gateway, rid)
     assert " status=499 " in line
     assert counts == (40, None, "tokenize")
-    assert remaining_tokens(slow_gw, key) == 100000 - 40
+    assert remaining_tokens(slow_gateway, key) == 100000 - 40
 
 
-def test_a_prompt_tokenize_cannot_count_in_time_is_estimated_within_the_timeout(slow_gw, slow_sim):
-    slow_sim.set_faults(slow_tokenize=10)
+def test_a_prompt_tokenize_cannot_count_in_time_is_estimated_within_the_timeout(slow_gateway, slow_simulator):
+    slow_simulator.set_faults(slow_tokenize=10)
     body = json.dumps({"model": "sim", "prompt": "one two three four", "max_tokens": 50}).encode()
-    rid = give_up(slow_gw, COMPLETIONS, body)
+    rid = give_up(slow_gateway, COMPLETIONS, body)
     left = time.monotonic()
     # GATEWAY_PROMPT_COUNT_TIMEOUT is 0.5 s: the line comes long before tokenize's ten seconds.
-    counts = tokens_of(slow_gw, rid, timeout=5)
+    counts = tokens_of(slow_gateway, rid, timeout=5)
     assert time.monotonic() - left < 5
     assert counts == (math.ceil(len(body) / 4), None, "estimate")
 
 
-def test_a_responses_request_given_up_on_counts_an_estimated_prompt(slow_gw):
+def test_a_responses_request_given_up_on_counts_an_estimated_prompt(slow_gateway):
     # vLLM's /tokenize does not take a Responses input: the prompt is estimated at once.
     body = json.dumps({"model": "sim", "input": "one two three", "max_output_tokens": 50}).encode()
-    rid = give_up(slow_gw, RESPONSES, body)
-    assert tokens_of(slow_gw, rid) == (math.ceil(len(body) / 4), None, "estimate")
+    rid = give_up(slow_gateway, RESPONSES, body)
+    assert tokens_of(slow_gateway, rid) == (math.ceil(len(body) / 4), None, "estimate")
 
 
-def test_a_prompt_being_counted_when_the_gateway_stops_reaches_the_ledger(tmp_path, slow_sim):
-    slow_sim.set_faults(slow_tokenize=1.0)
-    with Gateway.start(tmp_path, [Backend("sim", slow_sim.base_url)], env=FLUSH) as gateway:
+def test_a_prompt_being_counted_when_the_gateway_stops_reaches_the_ledger(tmp_path, slow_simulator):
+    slow_simulator.set_faults(slow_tokenize=1.0)
+    with Gateway.start(tmp_path, [Backend("sim", slow_simulator.base_url)], env=FLUSH) as gateway:
         prompt = " ".join(["lorem"] * 25)
         body = json.dumps({"model": "sim", "messages": [{"role": "user", "content": prompt}], "max_tokens": 50})
         give_up(gateway, CHAT, body.encode())
@@ -380,22 +384,22 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_a_token_limit_binds_however_the_request_is_spelt(gw, shape):
+def test_a_token_limit_binds_however_the_request_is_spelt(gateway, shape):
     # 305 tokens a request: 1000 tokens admit four (the fourth with 85 left), and refuse the rest.
-    key = limited_key(gw, "1000/minute")
+    key = limited_key(gateway, "1000/minute")
     path, body = SHAPES[shape]
     content = body if isinstance(body, bytes) else {"model": "sim", **body}
-    statuses = [post(gw, path, content, request_id(shape), key).status_code for _ in range(10)]
+    statuses = [post(gateway, path, content, request_id(shape), key).status_code for _ in range(10)]
     assert statuses == [200] * 4 + [429] * 6
 
 
-def test_the_openai_sdk_sees_a_cut_stream_fail_and_its_tokens_count(gw, sim):
-    sim.set_faults(crash_after_tokens=4)
+def test_the_openai_sdk_sees_a_cut_stream_fail_and_its_tokens_count(gateway, simulator):
+    simulator.set_faults(crash_after_tokens=4)
     rid = request_id("sdk-cut")
-    stream = gw.openai().chat.completions.create(
+    stream = gateway.openai().chat.completions.create(
         model="sim", messages=MESSAGES, max_tokens=50, stream=True, extra_headers={"X-Request-ID": rid}
     )
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
-    assert tokens_of(gw, rid) == (3, 4, "tokenize")
+    assert tokens_of(gateway, rid) == (3, 4, "tokenize")

@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import wait_until
 
-MESSAGES = [{"role": "user", "content": "hi"}]
-# The simulator answers max_tokens tokens with ignore_eos; "hi" is one prompt token: 21 in all.
+# The simulator answers max_tokens tokens with ignore_eos; chat_body's "hi" is one prompt token: 21 in all.
 ANSWER = {"max_tokens": 20, "extra_body": {"ignore_eos": True}}
 ANSWER_TOKENS = 21
 TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
@@ -24,7 +24,7 @@ TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-
 def chat(client: openai.OpenAI) -> httpx.Response:
     """One chat completion; the raw answer, whatever its status."""
     try:
-        raw = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
+        raw = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
     except openai.APIStatusError as error:
         return error.response
     return raw.http_response
@@ -32,7 +32,7 @@ def chat(client: openai.OpenAI) -> httpx.Response:
 
 def streamed_chat_usage(client: openai.OpenAI) -> tuple[httpx.Response, int]:
     with client.chat.completions.with_streaming_response.create(
-        model="sim", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **ANSWER
+        **chat_body("sim", stream=True, stream_options={"include_usage": True}, **ANSWER)
     ) as raw:
         usage = [chunk.usage for chunk in raw.parse() if chunk.usage]
         return raw.http_response, usage[-1].total_tokens
@@ -83,8 +83,8 @@ def test_token_headers_on_answers_count_down_by_each_answers_usage(gateway):
     key = gateway.create_key("--name", "counted", "--token-limit", "100000/minute;2000000/day")["key"]
     gateway.wait_for_key(key)
     client = gateway.openai(key)
-    first = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
-    second = client.chat.completions.with_raw_response.create(model="sim", messages=MESSAGES, **ANSWER)
+    first = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
+    second = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
     usage = first.parse().usage
     assert usage is not None
     used = usage.prompt_tokens + usage.completion_tokens
@@ -102,12 +102,12 @@ def test_keys_without_a_token_limit_get_no_token_headers(gateway):
 
 def test_gateway_token_limit_applies_to_keys_without_their_own(tmp_path, simulator):
     env = {"GATEWAY_TOKEN_LIMIT": "25/minute"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
-        own = gw.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
-        gw.wait_for_key(own)
-        defaulted = gw.openai()
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        own = gateway.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
+        gateway.wait_for_key(own)
+        defaulted = gateway.openai()
         answers = [chat(defaulted) for _ in range(3)]
-        with_own = chat(gw.openai(own))
+        with_own = chat(gateway.openai(own))
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[0].headers["x-ratelimit-limit-tokens"] == "25"
     assert answers[2].json()["error"]["type"] == "tokens"
@@ -189,17 +189,19 @@ def test_token_counts_are_shared_across_workers_with_a_shared_store(tmp_path, si
             if "Started server process" in line
         }
 
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         # The gateway answers once one worker listens; the counts are shared only if both do.
         pids = wait_until(lambda: worker_pids() if len(worker_pids()) == 2 else None, timeout=60)
         statuses = []
         remaining = []
         for _ in range(12):
             # A new connection each time, so the kernel spreads them over the workers.
-            with httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.key}"}, timeout=30) as client:
+            with httpx.Client(
+                base_url=gateway.url, headers={"Authorization": f"Bearer {gateway.key}"}, timeout=30
+            ) as client:
                 response = client.post(
                     "/v1/chat/completions",
-                    json={"model": "sim", "messages": MESSAGES, "max_tokens": 20, "ignore_eos": True},
+                    json=chat_body("sim", max_tokens=20, ignore_eos=True),
                 )
             statuses.append(response.status_code)
             remaining.append(response.headers["x-ratelimit-remaining-tokens"])

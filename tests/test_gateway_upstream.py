@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.raw_backend import ThreadedBackend
 
@@ -202,27 +203,27 @@ class RawBackend(ThreadedBackend):
 @pytest.fixture
 def raw_gateway(tmp_path, request):
     backend = RawBackend(request.param)
-    with Gateway.start(tmp_path, [Backend("raw", backend.url)]) as gw:
-        yield gw, backend
+    with Gateway.start(tmp_path, [Backend("raw", backend.url)]) as gateway:
+        yield gateway, backend
     backend.close()
 
 
-CHAT = {"model": "raw", "messages": [{"role": "user", "content": "x"}]}
+CHAT = chat_body("raw")
 
 
-def ask_for_a_stream_with_a_small_window(gw: Gateway) -> socket.socket:
+def ask_for_a_stream_with_a_small_window(gateway: Gateway) -> socket.socket:
     """A raw client that has asked for a stream and reads through a 64 KB receive buffer, so that
     not reading soon pushes back on the gateway."""
-    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(raw_post(gw.key, {**CHAT, "stream": True}))
+    sock.sendall(raw_post(gateway.key, {**CHAT, "stream": True}))
     return sock
 
 
 @pytest.mark.parametrize("raw_gateway", ["keep-alive"], indirect=True)
 def test_sequential_requests_reuse_one_upstream_connection(raw_gateway):
-    gw, backend = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, backend = raw_gateway
+    with gateway.http(gateway.key) as client:
         statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(5)]
     assert statuses == [200] * 5
     assert len(backend.generation_connections) == 1
@@ -230,8 +231,8 @@ def test_sequential_requests_reuse_one_upstream_connection(raw_gateway):
 
 @pytest.mark.parametrize("raw_gateway", ["close-idle"], indirect=True)
 def test_idle_connections_closed_by_the_backend_are_retried_transparently(raw_gateway):
-    gw, backend = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, backend = raw_gateway
+    with gateway.http(gateway.key) as client:
         statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(5)]
     assert statuses == [200] * 5
     assert backend.generations == 5
@@ -239,19 +240,19 @@ def test_idle_connections_closed_by_the_backend_are_retried_transparently(raw_ga
 
 @pytest.mark.parametrize("raw_gateway", ["until-close"], indirect=True)
 def test_body_that_ends_with_the_connection_is_relayed_whole(raw_gateway):
-    gw, _ = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, _ = raw_gateway
+    with gateway.http(gateway.key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 200
     assert response.content == REPLY
-    line = next(row for row in gw.log_text().splitlines() if "model=raw" in row)
+    line = next(row for row in gateway.log_text().splitlines() if "model=raw" in row)
     assert line.endswith("prompt_tokens=1 completion_tokens=2")
 
 
 @pytest.mark.parametrize("raw_gateway", ["garbage", "dies-before-body"], indirect=True)
 def test_backend_speaking_garbage_or_dying_before_its_body_gives_502_in_openai_shape(raw_gateway):
-    gw, _ = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, _ = raw_gateway
+    with gateway.http(gateway.key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
@@ -259,8 +260,8 @@ def test_backend_speaking_garbage_or_dying_before_its_body_gives_502_in_openai_s
 
 @pytest.mark.parametrize("raw_gateway", ["proxy-page"], indirect=True)
 def test_a_proxys_html_error_page_reaches_the_client_as_an_openai_error(raw_gateway):
-    gw, _ = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, _ = raw_gateway
+    with gateway.http(gateway.key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/json"
@@ -276,9 +277,9 @@ def test_a_proxys_html_error_page_reaches_the_client_as_an_openai_error(raw_gate
 
 @pytest.mark.parametrize("raw_gateway", ["endless-text-error"], indirect=True)
 def test_an_endless_error_body_is_answered_from_its_start_and_its_connection_closed(raw_gateway):
-    gw, backend = raw_gateway
+    gateway, backend = raw_gateway
     body = b""
-    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+    with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
         for piece in response.iter_bytes():
             body += piece
             assert len(body) < 1_000_000, "the endless error went on to the client"
@@ -292,8 +293,8 @@ def test_an_endless_error_body_is_answered_from_its_start_and_its_connection_clo
 
 @pytest.mark.parametrize("raw_gateway", ["gzip-error"], indirect=True)
 def test_an_encoded_error_body_which_the_gateway_cannot_read_is_relayed_as_it_came(raw_gateway):
-    gw, _ = raw_gateway
-    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+    gateway, _ = raw_gateway
+    with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
         raw = b"".join(response.iter_raw())
     assert response.status_code == 500
     assert response.headers["content-encoding"] == "gzip"
@@ -302,8 +303,8 @@ def test_an_encoded_error_body_which_the_gateway_cannot_read_is_relayed_as_it_ca
 
 @pytest.mark.parametrize("raw_gateway", ["long-openai-error"], indirect=True)
 def test_a_long_error_already_in_openai_shape_is_relayed_byte_for_byte(raw_gateway):
-    gw, _ = raw_gateway
-    with gw.http(gw.key) as client:
+    gateway, _ = raw_gateway
+    with gateway.http(gateway.key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 400
     assert response.content == LONG_OPENAI_ERROR
@@ -311,8 +312,8 @@ def test_a_long_error_already_in_openai_shape_is_relayed_byte_for_byte(raw_gatew
 
 @pytest.mark.parametrize("raw_gateway", ["firehose"], indirect=True)
 def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
-    gw, backend = raw_gateway
-    with ask_for_a_stream_with_a_small_window(gw) as sock:
+    gateway, backend = raw_gateway
+    with ask_for_a_stream_with_a_small_window(gateway) as sock:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         time.sleep(3)  # read nothing more: the gateway must stop reading from the backend
         sent = backend.bytes_sent
@@ -324,8 +325,8 @@ def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
 
 @pytest.mark.parametrize("raw_gateway", ["slow-events", "slow-json"], indirect=True)
 def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gateway):
-    gw, backend = raw_gateway
-    with gw.http(gw.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
+    gateway, backend = raw_gateway
+    with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
         pieces = response.iter_raw()
         first = next(pieces)
         assert first.startswith(b"data: {")
@@ -336,8 +337,8 @@ def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gatewa
 
 @pytest.mark.parametrize("raw_gateway", ["burst"], indirect=True)
 def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(raw_gateway):
-    gw, _ = raw_gateway
-    with ask_for_a_stream_with_a_small_window(gw) as sock:
+    gateway, _ = raw_gateway
+    with ask_for_a_stream_with_a_small_window(gateway) as sock:
         time.sleep(1.5)  # read nothing: the gateway queues what the backend sends, then stops reading it
         status, headers, received = Reader(sock).response()  # a relay that never resumes times out here
     assert status == 200 and headers["transfer-encoding"] == "chunked"
@@ -349,8 +350,8 @@ def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(r
 
 @pytest.mark.parametrize("raw_gateway", ["padded-head", "endless-head"], indirect=True)
 def test_a_backend_response_head_over_the_limit_gives_502_and_drops_the_backend_connection(raw_gateway):
-    gw, backend = raw_gateway  # 800 KB of header lines, or lines without end, against the default 64 KiB
-    with gw.http(gw.key) as client:
+    gateway, backend = raw_gateway  # 800 KB of header lines, or lines without end, against the default 64 KiB
+    with gateway.http(gateway.key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 502
     error = response.json()["error"]
@@ -363,14 +364,14 @@ def test_a_backend_response_head_over_the_limit_gives_502_and_drops_the_backend_
 def small_head_limit(tmp_path):
     backend = RawBackend("padded-head")
     env = {"GATEWAY_MAX_UPSTREAM_HEAD_BYTES": "8192"}
-    with Gateway.start(tmp_path, [Backend("raw", backend.url)], env=env) as gw:
-        yield gw, backend
+    with Gateway.start(tmp_path, [Backend("raw", backend.url)], env=env) as gateway:
+        yield gateway, backend
     backend.close()
 
 
 def test_a_backend_response_head_is_measured_against_gateway_max_upstream_head_bytes(small_head_limit):
-    gw, backend = small_head_limit
-    with gw.http(gw.key) as client:
+    gateway, backend = small_head_limit
+    with gateway.http(gateway.key) as client:
         backend.padding = 7000
         under = client.post("/v1/chat/completions", json=CHAT)
         backend.padding = 9000

@@ -26,8 +26,8 @@ def vllm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_gateway(tmp_path_factory, vllm):
     backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), aliases="tiny-chat")
-    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend], env={"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}) as gw:
-        yield gw
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend], env={"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}) as gateway:
+        yield gateway
 
 
 def metrics(vllm) -> dict[str, float]:

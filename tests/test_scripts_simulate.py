@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.fleet import Fleet, live
 from tests.support.processes import free_port, http_status, process_tree
 
@@ -45,7 +46,7 @@ def chat(port: int, key: str, model: str) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         method="POST",
-        data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode(),
+        data=json.dumps(chat_body(model, max_tokens=3)).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fleet import FAKE_LAUNCH, Fleet, cpus_allowed, live
-from tests.support.processes import free_port, http_status
+from tests.support.processes import REPO_ROOT, free_port, http_status
 
 
 @pytest.fixture
@@ -101,6 +101,23 @@ def test_a_tree_that_ignores_sigterm_is_killed_after_the_timeout(fleet: Fleet) -
     assert "did not exit within 1s of SIGTERM: sending SIGKILL" in result.stderr
     assert live(tree) == set()
     assert not port_open(port)
+
+
+def test_wait_while_polls_until_its_condition_fails_or_its_half_seconds_run_out() -> None:
+    # The poll of stop (scripts/lib_processes.sh): every half second while the condition holds, at most
+    # the half seconds given; it fails when they ran out, and WAITED says how many it slept.
+    script = """
+        set -euo pipefail
+        source scripts/lib.sh
+        calls=0
+        holds_three_times() { calls=$((calls + 1)); ((calls <= 3)); }
+        wait_while 10 holds_three_times && echo "ended: slept $WAITED, asked $calls"
+        wait_while 2 true || echo "gave up: slept $WAITED"
+        wait_while 0 false && echo "never held: slept $WAITED"
+    """
+    result = subprocess.run(["bash", "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["ended: slept 3, asked 4", "gave up: slept 2", "never held: slept 0"]
 
 
 def test_stop_leaves_an_unrelated_process_that_reused_the_pid_alone(fleet: Fleet) -> None:

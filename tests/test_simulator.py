@@ -13,13 +13,14 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_metrics, wait_until
 
 CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Simulator]:
+def simulator(tmp_path: Path) -> Iterator[Simulator]:
     with Simulator.start(tmp_path, "--max-model-len", "512") as simulator:
         yield simulator
 
@@ -28,7 +29,8 @@ def client_for(simulator: Simulator, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=simulator.base_url + "/v1", api_key=api_key, max_retries=0)
 
 
-def chat_body(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
+def four_token_chat(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
+    """A chat whose prompt is four words: four tokens to the simulator."""
     return {
         "model": model,
         "messages": [{"role": "user", "content": "four words of prompt"}],
@@ -42,10 +44,10 @@ def sse_events(lines: list[str]) -> list[str]:
     return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
 
 
-def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(sim: Simulator) -> None:
+def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(simulator: Simulator) -> None:
     chunks = list(
-        client_for(sim).chat.completions.create(
-            model=sim.model,
+        client_for(simulator).chat.completions.create(
+            model=simulator.model,
             messages=[{"role": "user", "content": "four words of prompt"}],
             max_tokens=7,
             stream=True,
@@ -65,20 +67,20 @@ def test_chat_stream_sends_one_token_per_chunk_then_usage_and_done(sim: Simulato
     )
 
 
-def test_stream_ends_with_done_marker(sim: Simulator) -> None:
-    with httpx.stream("POST", sim.base_url + CHAT, json=chat_body(sim.model, 3, stream=True)) as r:
+def test_stream_ends_with_done_marker(simulator: Simulator) -> None:
+    with httpx.stream("POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 3, stream=True)) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(list(r.iter_lines()))
     assert events[-1] == "[DONE]"
     assert len(events) == 1 + 3 + 1  # role chunk, tokens, [DONE]; no usage chunk unless asked
 
 
-def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(sim: Simulator) -> None:
-    client = client_for(sim)
+def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(simulator: Simulator) -> None:
+    client = client_for(simulator)
     chat = client.chat.completions.create(
-        model=sim.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5
+        model=simulator.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5
     )
-    text = client.completions.create(model=sim.model, prompt="a b", max_tokens=9)
+    text = client.completions.create(model=simulator.model, prompt="a b", max_tokens=9)
 
     assert chat.object == "chat.completion"
     assert len(chat.choices[0].message.content.split()) == 5
@@ -86,7 +88,7 @@ def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(sim: Si
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 5)
     assert len(text.choices[0].text.split()) == 9
     assert (text.usage.prompt_tokens, text.usage.completion_tokens, text.usage.total_tokens) == (2, 9, 11)
-    metrics = sim.metrics()
+    metrics = simulator.metrics()
     assert metrics["vllm:prompt_tokens_total"] == 5
     assert metrics["vllm:generation_tokens_total"] == 14
 
@@ -96,9 +98,7 @@ def test_models_lists_every_served_name_as_the_simulator(tmp_path: Path) -> None
         tmp_path, "--served-model-name", "main", "alias", "--model", "models/main", "--max-model-len", "1024"
     ) as simulator:
         response = httpx.get(simulator.base_url + "/v1/models")
-        chat = client_for(simulator).chat.completions.create(
-            model="alias", messages=[{"role": "user", "content": "hi"}], max_tokens=1
-        )
+        chat = client_for(simulator).chat.completions.create(**chat_body("alias", max_tokens=1))
 
     assert response.headers["x-vllm-simulator"] == "1"
     cards = response.json()["data"]
@@ -109,11 +109,13 @@ def test_models_lists_every_served_name_as_the_simulator(tmp_path: Path) -> None
     assert chat.model == "alias"
 
 
-def test_embeddings_are_deterministic_vectors_per_input(sim: Simulator) -> None:
-    client = client_for(sim)
-    first = client.embeddings.create(model=sim.model, input=["same text", "other text"])
-    again = client.embeddings.create(model=sim.model, input="same text")
-    as_floats = httpx.post(sim.base_url + "/v1/embeddings", json={"model": sim.model, "input": "same text"}).json()
+def test_embeddings_are_deterministic_vectors_per_input(simulator: Simulator) -> None:
+    client = client_for(simulator)
+    first = client.embeddings.create(model=simulator.model, input=["same text", "other text"])
+    again = client.embeddings.create(model=simulator.model, input="same text")
+    as_floats = httpx.post(
+        simulator.base_url + "/v1/embeddings", json={"model": simulator.model, "input": "same text"}
+    ).json()
 
     vectors = [item.embedding for item in first.data]
     assert len(vectors) == 2 and len(vectors[0]) == 16
@@ -123,9 +125,9 @@ def test_embeddings_are_deterministic_vectors_per_input(sim: Simulator) -> None:
     assert first.usage.prompt_tokens == 4
 
 
-def test_unknown_model_is_a_404_not_found_error(sim: Simulator) -> None:
+def test_unknown_model_is_a_404_not_found_error(simulator: Simulator) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        client_for(sim).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        client_for(simulator).chat.completions.create(**chat_body("nope"))
     assert caught.value.body == {
         "message": "The model `nope` does not exist.",
         "type": "NotFoundError",
@@ -134,16 +136,16 @@ def test_unknown_model_is_a_404_not_found_error(sim: Simulator) -> None:
     }
 
 
-def test_bad_json_is_a_400_bad_request_error(sim: Simulator) -> None:
-    response = httpx.post(sim.base_url + CHAT, content=b"{not json", headers={"content-type": "application/json"})
+def test_bad_json_is_a_400_bad_request_error(simulator: Simulator) -> None:
+    response = httpx.post(simulator.base_url + CHAT, content=b"{not json", headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "BadRequestError"
     assert response.json()["error"]["code"] == 400
 
 
-def test_prompt_plus_max_tokens_beyond_max_model_len_is_rejected(sim: Simulator) -> None:
+def test_prompt_plus_max_tokens_beyond_max_model_len_is_rejected(simulator: Simulator) -> None:
     with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
-        client_for(sim).completions.create(model=sim.model, prompt="a b c", max_tokens=510)
+        client_for(simulator).completions.create(model=simulator.model, prompt="a b c", max_tokens=510)
 
 
 def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
@@ -151,7 +153,7 @@ def test_requests_beyond_max_num_seqs_wait_in_the_queue(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
 
             async def stream_forever() -> None:
-                body = chat_body(simulator.model, 400, stream=True)
+                body = four_token_chat(simulator.model, 400, stream=True)
                 async with client.stream("POST", CHAT, json=body) as response:
                     async for _ in response.aiter_bytes():
                         pass
@@ -190,7 +192,8 @@ def test_stats_keep_the_most_requests_that_ran_at_once_until_reset(tmp_path: Pat
         async with httpx.AsyncClient(base_url=simulator.base_url, timeout=60) as client:
 
             async def stream() -> None:
-                async with client.stream("POST", CHAT, json=chat_body(simulator.model, 20, stream=True)) as response:
+                body = four_token_chat(simulator.model, 20, stream=True)
+                async with client.stream("POST", CHAT, json=body) as response:
                     async for _ in response.aiter_bytes():
                         pass
 
@@ -209,7 +212,7 @@ def test_stats_keep_the_most_requests_that_ran_at_once_until_reset(tmp_path: Pat
 def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--token-rate", "20") as simulator:
         with httpx.stream(
-            "POST", simulator.base_url + CHAT, json=chat_body(simulator.model, 1000, stream=True)
+            "POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 1000, stream=True)
         ) as response:
             lines = response.iter_lines()
             next(lines), next(lines)
@@ -222,17 +225,17 @@ def test_client_disconnect_aborts_the_request_at_once(tmp_path: Path) -> None:
     assert generated < 1000
 
 
-def test_error_status_fault_fails_generation_until_cleared(sim: Simulator) -> None:
-    client = client_for(sim)
-    assert sim.set_faults(error_status=500) == {"error_status": 500}
+def test_error_status_fault_fails_generation_until_cleared(simulator: Simulator) -> None:
+    client = client_for(simulator)
+    assert simulator.set_faults(error_status=500) == {"error_status": 500}
     with pytest.raises(openai.InternalServerError) as caught:
-        client.chat.completions.create(model=sim.model, messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(**chat_body(simulator.model))
     assert caught.value.body["type"] == "InternalServerError"
-    assert httpx.get(sim.base_url + "/v1/models").status_code == 200
+    assert httpx.get(simulator.base_url + "/v1/models").status_code == 200
 
-    sim.clear_faults()
-    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
-    assert client.completions.create(model=sim.model, prompt="x", max_tokens=2).usage
+    simulator.clear_faults()
+    assert httpx.get(simulator.base_url + "/_simulator/faults").json() == {}
+    assert client.completions.create(model=simulator.model, prompt="x", max_tokens=2).usage
 
 
 @pytest.mark.parametrize(
@@ -245,66 +248,66 @@ def test_error_status_fault_fails_generation_until_cleared(sim: Simulator) -> No
     ],
 )
 def test_error_shape_fault_answers_the_injected_error_in_that_shape(
-    sim: Simulator, shape: str, content_type: str, expected: object
+    simulator: Simulator, shape: str, content_type: str, expected: object
 ) -> None:
-    assert sim.set_faults(error_status=502, error_shape=shape) == {"error_status": 502, "error_shape": shape}
-    response = httpx.post(sim.base_url + CHAT, json=chat_body(sim.model, 2))
+    assert simulator.set_faults(error_status=502, error_shape=shape) == {"error_status": 502, "error_shape": shape}
+    response = httpx.post(simulator.base_url + CHAT, json=four_token_chat(simulator.model, 2))
     assert response.status_code == 502
     assert response.headers["content-type"].startswith(content_type)
     if isinstance(expected, dict):
         assert expected.items() <= response.json().items()
     else:
         assert str(expected) in response.text
-    bad = httpx.post(sim.base_url + "/_simulator/faults", json={"error_status": 502, "error_shape": "xml"})
+    bad = httpx.post(simulator.base_url + "/_simulator/faults", json={"error_status": 502, "error_shape": "xml"})
     assert bad.status_code == 400 and "error_shape" in bad.text
 
 
-def test_health_status_fault_changes_health_only(sim: Simulator) -> None:
-    sim.set_faults(health_status=503)
-    assert http_status(sim.base_url + "/health") == 503
-    assert http_status(sim.base_url + "/v1/models") == 200
-    sim.clear_faults()
-    assert http_status(sim.base_url + "/health") == 200
+def test_health_status_fault_changes_health_only(simulator: Simulator) -> None:
+    simulator.set_faults(health_status=503)
+    assert http_status(simulator.base_url + "/health") == 503
+    assert http_status(simulator.base_url + "/v1/models") == 200
+    simulator.clear_faults()
+    assert http_status(simulator.base_url + "/health") == 200
 
 
-def test_slow_start_fault_holds_back_the_first_token(sim: Simulator) -> None:
-    sim.set_faults(slow_start=60)
-    with httpx.stream("POST", sim.base_url + CHAT, json=chat_body(sim.model, 5, stream=True)) as r:
+def test_slow_start_fault_holds_back_the_first_token(simulator: Simulator) -> None:
+    simulator.set_faults(slow_start=60)
+    with httpx.stream("POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 5, stream=True)) as r:
         lines = r.iter_lines()  # kept: a dropped line iterator closes the response
         role_chunk = next(lines)
-        metrics = sim.metrics()
+        metrics = simulator.metrics()
     assert '"role":"assistant"' in role_chunk
     assert metrics["vllm:num_requests_running"] == 1
     assert metrics["vllm:generation_tokens_total"] == 0
 
 
-def stream_until_cut_off(sim: Simulator, max_tokens: int) -> list[str]:
+def stream_until_cut_off(simulator: Simulator, max_tokens: int) -> list[str]:
     """The lines of a streamed chat that must end in a transport error, not a clean end."""
     received: list[str] = []
-    body = chat_body(sim.model, max_tokens, stream=True)
-    with pytest.raises(httpx.TransportError), httpx.stream("POST", sim.base_url + CHAT, json=body) as response:
+    body = four_token_chat(simulator.model, max_tokens, stream=True)
+    with pytest.raises(httpx.TransportError), httpx.stream("POST", simulator.base_url + CHAT, json=body) as response:
         for line in response.iter_lines():
             received.append(line)
     return received
 
 
-def test_crash_fault_sends_some_tokens_then_drops_the_connection(sim: Simulator) -> None:
-    sim.set_faults(crash_after_tokens=3)
-    events = sse_events(stream_until_cut_off(sim, 10))
+def test_crash_fault_sends_some_tokens_then_drops_the_connection(simulator: Simulator) -> None:
+    simulator.set_faults(crash_after_tokens=3)
+    events = sse_events(stream_until_cut_off(simulator, 10))
     assert len(events) == 1 + 3 and "[DONE]" not in events
     assert all(json.loads(event)["choices"][0]["finish_reason"] is None for event in events)
 
     with pytest.raises(httpx.TransportError):  # non-streamed: no response at all
-        httpx.post(sim.base_url + CHAT, json=chat_body(sim.model, 10))
-    assert sim.alive()
-    assert sim.stats()["crashed"] == 2
+        httpx.post(simulator.base_url + CHAT, json=four_token_chat(simulator.model, 10))
+    assert simulator.alive()
+    assert simulator.stats()["crashed"] == 2
 
 
-def test_exit_fault_ends_the_whole_process_mid_stream(sim: Simulator) -> None:
-    sim.set_faults(exit_after_tokens=2)
-    assert len(sse_events(stream_until_cut_off(sim, 10))) == 1 + 2
-    assert sim.handle.popen.wait(timeout=10) == 1
-    assert http_status(sim.base_url + "/health") is None
+def test_exit_fault_ends_the_whole_process_mid_stream(simulator: Simulator) -> None:
+    simulator.set_faults(exit_after_tokens=2)
+    assert len(sse_events(stream_until_cut_off(simulator, 10))) == 1 + 2
+    assert simulator.handle.popen.wait(timeout=10) == 1
+    assert http_status(simulator.base_url + "/health") is None
 
 
 def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
@@ -318,12 +321,12 @@ def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
     assert (status, health) == (503, 500)
 
 
-def test_responses_answer_whole_and_streamed_with_vllms_usage(sim: Simulator) -> None:
-    client = client_for(sim)
-    whole = client.responses.create(model=sim.model, instructions="be brief", input="four words of prompt")
+def test_responses_answer_whole_and_streamed_with_vllms_usage(simulator: Simulator) -> None:
+    client = client_for(simulator)
+    whole = client.responses.create(model=simulator.model, instructions="be brief", input="four words of prompt")
     events = list(
         client.responses.create(
-            model=sim.model,
+            model=simulator.model,
             input=[{"role": "user", "content": [{"type": "input_text", "text": "two words"}]}],
             max_output_tokens=3,
             stream=True,
@@ -344,20 +347,20 @@ def test_responses_answer_whole_and_streamed_with_vllms_usage(sim: Simulator) ->
     usage = events[-1].response.usage
     assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (2, 3, 5)
     assert events[-1].response.output_text == "lorem ipsum dolor"
-    assert_bad_request(post_json(sim, "/v1/responses", {"model": sim.model, "input": 5}), "input")
+    assert_bad_request(post_json(simulator, "/v1/responses", {"model": simulator.model, "input": 5}), "input")
 
 
-def test_prompt_logprobs_follow_a_chats_usage_and_are_refused_for_streams(sim: Simulator) -> None:
-    body = chat_body(sim.model, 2) | {"prompt_logprobs": 1}
-    answer = post_json(sim, CHAT, body)
+def test_prompt_logprobs_follow_a_chats_usage_and_are_refused_for_streams(simulator: Simulator) -> None:
+    body = four_token_chat(simulator.model, 2) | {"prompt_logprobs": 1}
+    answer = post_json(simulator, CHAT, body)
     assert list(answer.json())[-2:] == ["usage", "prompt_logprobs"]  # vLLM's order
     logprobs = answer.json()["prompt_logprobs"]
     assert logprobs[0] is None and len(logprobs) == answer.json()["usage"]["prompt_tokens"] == 4
     assert [next(iter(entry.values()))["decoded_token"] for entry in logprobs[1:]] == ["words", "of", "prompt"]
-    text = post_json(sim, "/v1/completions", {"model": sim.model, "prompt": "a b c", "prompt_logprobs": 0})
+    text = post_json(simulator, "/v1/completions", {"model": simulator.model, "prompt": "a b c", "prompt_logprobs": 0})
     assert len(text.json()["choices"][0]["prompt_logprobs"]) == 3
-    assert_bad_request(post_json(sim, CHAT, body | {"stream": True}), "prompt_logprobs")
-    assert_bad_request(post_json(sim, CHAT, body | {"prompt_logprobs": "all"}), "prompt_logprobs")
+    assert_bad_request(post_json(simulator, CHAT, body | {"stream": True}), "prompt_logprobs")
+    assert_bad_request(post_json(simulator, CHAT, body | {"prompt_logprobs": "all"}), "prompt_logprobs")
 
 
 def read_pieces(url: str, body: dict) -> tuple[bytes, list[int]]:
@@ -375,30 +378,30 @@ def read_pieces(url: str, body: dict) -> tuple[bytes, list[int]]:
     return asyncio.run(read())
 
 
-def test_body_faults_cut_an_answer_where_asked(sim: Simulator) -> None:
-    whole, _ = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3) | {"stream": False})
-    sim.set_faults(split_body_at=100, body_piece_bytes=150)
-    cut, reads = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3) | {"stream": False})
+def test_body_faults_cut_an_answer_where_asked(simulator: Simulator) -> None:
+    whole, _ = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3) | {"stream": False})
+    simulator.set_faults(split_body_at=100, body_piece_bytes=150)
+    cut, reads = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3) | {"stream": False})
     assert len(cut) == len(whole) and json.loads(cut)["usage"]["completion_tokens"] == 3
     # Every read ends at a cut (two pieces may still come in one read on a busy machine).
     ends = {sum(reads[: index + 1]) for index in range(len(reads))}
     assert len(reads) > 1 and ends <= {100, *range(150, len(cut), 150), len(cut)}
-    streamed, stream_reads = read_pieces(sim.base_url + CHAT, chat_body(sim.model, 3, stream=True))
+    streamed, stream_reads = read_pieces(simulator.base_url + CHAT, four_token_chat(simulator.model, 3, stream=True))
     assert streamed.endswith(b"data: [DONE]\n\n") and stream_reads[0] == 100
-    assert_bad_request(post_json(sim, "/_simulator/faults", {"body_piece_bytes": 0}), "body_piece_bytes")
+    assert_bad_request(post_json(simulator, "/_simulator/faults", {"body_piece_bytes": 0}), "body_piece_bytes")
 
 
-def test_slow_tokenize_fault_holds_back_tokenize_only(sim: Simulator) -> None:
-    sim.set_faults(slow_tokenize=60)
+def test_slow_tokenize_fault_holds_back_tokenize_only(simulator: Simulator) -> None:
+    simulator.set_faults(slow_tokenize=60)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(sim.base_url + "/tokenize", json={"model": sim.model, "prompt": "a b"}, timeout=1)
-    assert post_json(sim, CHAT, chat_body(sim.model, 1)).status_code == 200
+        httpx.post(simulator.base_url + "/tokenize", json={"model": simulator.model, "prompt": "a b"}, timeout=1)
+    assert post_json(simulator, CHAT, four_token_chat(simulator.model, 1)).status_code == 200
 
 
-def test_unknown_fault_is_rejected(sim: Simulator) -> None:
-    response = httpx.post(sim.base_url + "/_simulator/faults", json={"explode": True})
+def test_unknown_fault_is_rejected(simulator: Simulator) -> None:
+    response = httpx.post(simulator.base_url + "/_simulator/faults", json={"explode": True})
     assert response.status_code == 400
-    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+    assert httpx.get(simulator.base_url + "/_simulator/faults").json() == {}
 
 
 def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
@@ -415,13 +418,13 @@ def test_api_key_is_required_under_v1_only(tmp_path: Path) -> None:
     assert health == 200
 
 
-def test_stats_show_what_the_last_api_request_carried(sim: Simulator) -> None:
-    body = chat_body(sim.model, 2)
+def test_stats_show_what_the_last_api_request_carried(simulator: Simulator) -> None:
+    body = four_token_chat(simulator.model, 2)
     response = httpx.post(
-        sim.base_url + CHAT, json=body, headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"}
+        simulator.base_url + CHAT, json=body, headers={"X-Request-ID": "req-42", "Authorization": "Bearer upstream"}
     )
-    httpx.get(sim.base_url + "/health")  # a health poll must not hide the API request
-    stats = sim.stats()
+    httpx.get(simulator.base_url + "/health")  # a health poll must not hide the API request
+    stats = simulator.stats()
 
     assert response.json()["id"] == "chatcmpl-req-42"
     last = stats["last_request"]
@@ -430,28 +433,34 @@ def test_stats_show_what_the_last_api_request_carried(sim: Simulator) -> None:
     assert last["headers"]["authorization"] == "Bearer upstream"
     assert stats["requests"][CHAT] == 1 and stats["requests"]["/health"] == 1
 
-    sim.reset_stats()
-    assert sim.stats()["requests"] == {}
+    simulator.reset_stats()
+    assert simulator.stats()["requests"] == {}
 
 
-def test_tokenize_and_detokenize_round_trip_known_words(sim: Simulator) -> None:
-    tokens = httpx.post(sim.base_url + "/tokenize", json={"model": sim.model, "prompt": "lorem ipsum dolor"}).json()
-    text = httpx.post(sim.base_url + "/detokenize", json={"model": sim.model, "tokens": tokens["tokens"]}).json()
+def test_tokenize_and_detokenize_round_trip_known_words(simulator: Simulator) -> None:
+    tokens = httpx.post(
+        simulator.base_url + "/tokenize", json={"model": simulator.model, "prompt": "lorem ipsum dolor"}
+    ).json()
+    text = httpx.post(
+        simulator.base_url + "/detokenize", json={"model": simulator.model, "tokens": tokens["tokens"]}
+    ).json()
     assert tokens["count"] == 3 and tokens["max_model_len"] == 512
     assert text == {"prompt": "lorem ipsum dolor"}
 
 
-def test_transcription_returns_text_for_an_uploaded_file(sim: Simulator) -> None:
-    result = client_for(sim).audio.transcriptions.create(model=sim.model, file=("clip.wav", b"\0" * 5000, "audio/wav"))
+def test_transcription_returns_text_for_an_uploaded_file(simulator: Simulator) -> None:
+    result = client_for(simulator).audio.transcriptions.create(
+        model=simulator.model, file=("clip.wav", b"\0" * 5000, "audio/wav")
+    )
     assert len(result.text.split()) == 5
-    assert sim.stats()["last_request"]["body"]["file"] == {"filename": "clip.wav", "size": 5000}
+    assert simulator.stats()["last_request"]["body"]["file"] == {"filename": "clip.wav", "size": 5000}
 
 
-def test_version_and_metrics_name_the_model(sim: Simulator) -> None:
-    version = httpx.get(sim.base_url + "/version").json()["version"]
-    metrics_text = httpx.get(sim.base_url + "/metrics").text
+def test_version_and_metrics_name_the_model(simulator: Simulator) -> None:
+    version = httpx.get(simulator.base_url + "/version").json()["version"]
+    metrics_text = httpx.get(simulator.base_url + "/metrics").text
     assert version.endswith("+simulator")
-    assert f'vllm:num_requests_running{{model_name="{sim.model}"}} 0.0' in metrics_text
+    assert f'vllm:num_requests_running{{model_name="{simulator.model}"}} 0.0' in metrics_text
 
 
 def test_startup_delay_keeps_the_port_closed_while_loading(tmp_path: Path) -> None:
@@ -516,106 +525,113 @@ def post_json(simulator: Simulator, path: str, body: object, client: httpx.Clien
     )
 
 
-def test_tokenize_with_messages_of_the_wrong_type_is_a_400(sim: Simulator) -> None:
+def test_tokenize_with_messages_of_the_wrong_type_is_a_400(simulator: Simulator) -> None:
     for messages in (True, 5, "hi", {"role": "user"}, [], [["nested"]]):
-        response = post_json(sim, "/tokenize", {"model": sim.model, "messages": messages})
+        response = post_json(simulator, "/tokenize", {"model": simulator.model, "messages": messages})
         error = assert_bad_request(response)
         assert error["param"].startswith("messages"), error
 
 
-def test_tokenize_with_a_prompt_that_is_not_a_string_is_a_400(sim: Simulator) -> None:
-    assert_bad_request(post_json(sim, "/tokenize", {"model": sim.model, "prompt": 5}), "prompt")
-    assert_bad_request(post_json(sim, "/tokenize", {"model": sim.model}), "prompt")
+def test_tokenize_with_a_prompt_that_is_not_a_string_is_a_400(simulator: Simulator) -> None:
+    assert_bad_request(post_json(simulator, "/tokenize", {"model": simulator.model, "prompt": 5}), "prompt")
+    assert_bad_request(post_json(simulator, "/tokenize", {"model": simulator.model}), "prompt")
 
 
-def test_chat_message_whose_content_is_a_dict_or_a_number_is_a_400(sim: Simulator) -> None:
+def test_chat_message_whose_content_is_a_dict_or_a_number_is_a_400(simulator: Simulator) -> None:
     for content in ({"text": "hi"}, 5, True):
-        body = {"model": sim.model, "messages": [{"role": "user", "content": content}]}
-        error = assert_bad_request(post_json(sim, CHAT, body), "messages[0].content")
+        body = {"model": simulator.model, "messages": [{"role": "user", "content": content}]}
+        error = assert_bad_request(post_json(simulator, CHAT, body), "messages[0].content")
         assert "`messages[0].content`" in error["message"]
 
 
-def test_chat_content_part_with_text_that_is_not_a_string_is_a_400(sim: Simulator) -> None:
+def test_chat_content_part_with_text_that_is_not_a_string_is_a_400(simulator: Simulator) -> None:
     parts = [{"type": "text", "text": "ok"}, {"type": "text", "text": {}}]
-    body = {"model": sim.model, "messages": [{"role": "user", "content": "fine"}, {"role": "user", "content": parts}]}
-    assert_bad_request(post_json(sim, CHAT, body), "messages[1].content[1].text")
+    body = {
+        "model": simulator.model,
+        "messages": [{"role": "user", "content": "fine"}, {"role": "user", "content": parts}],
+    }
+    assert_bad_request(post_json(simulator, CHAT, body), "messages[1].content[1].text")
 
 
-def test_chat_message_that_is_not_an_object_or_has_no_role_is_a_400(sim: Simulator) -> None:
-    no_role = {"model": sim.model, "messages": [{"content": "hi"}]}
-    not_object = {"model": sim.model, "messages": ["hi"]}
-    assert_bad_request(post_json(sim, CHAT, no_role), "messages[0].role")
-    assert_bad_request(post_json(sim, CHAT, not_object), "messages[0]")
+def test_chat_message_that_is_not_an_object_or_has_no_role_is_a_400(simulator: Simulator) -> None:
+    no_role = {"model": simulator.model, "messages": [{"content": "hi"}]}
+    not_object = {"model": simulator.model, "messages": ["hi"]}
+    assert_bad_request(post_json(simulator, CHAT, no_role), "messages[0].role")
+    assert_bad_request(post_json(simulator, CHAT, not_object), "messages[0]")
 
 
-def test_completion_prompt_that_is_a_number_null_or_nested_garbage_is_a_400(sim: Simulator) -> None:
+def test_completion_prompt_that_is_a_number_null_or_nested_garbage_is_a_400(simulator: Simulator) -> None:
     for prompt in (5, None, [{"a": 1}], [True], [[1, "two"]], [[]], [-3]):
-        body = {"model": sim.model, "prompt": prompt}
-        assert_bad_request(post_json(sim, "/v1/completions", body), "prompt")
+        body = {"model": simulator.model, "prompt": prompt}
+        assert_bad_request(post_json(simulator, "/v1/completions", body), "prompt")
 
 
-def test_max_tokens_that_is_a_string_a_float_or_negative_is_a_400(sim: Simulator) -> None:
+def test_max_tokens_that_is_a_string_a_float_or_negative_is_a_400(simulator: Simulator) -> None:
     for value in ("5", 2.5, -1, 0, True, 2**64):  # 2**64 no longer fits JSON's integers: a float
-        body = chat_body(sim.model, 1) | {"max_tokens": value}
-        assert_bad_request(post_json(sim, CHAT, body), "max_tokens")
+        body = four_token_chat(simulator.model, 1) | {"max_tokens": value}
+        assert_bad_request(post_json(simulator, CHAT, body), "max_tokens")
 
 
-def test_max_tokens_is_checked_even_when_max_completion_tokens_decides(sim: Simulator) -> None:
-    body = chat_body(sim.model, 1) | {"max_tokens": "many", "max_completion_tokens": 2}
-    assert_bad_request(post_json(sim, CHAT, body), "max_tokens")
+def test_max_tokens_is_checked_even_when_max_completion_tokens_decides(simulator: Simulator) -> None:
+    body = four_token_chat(simulator.model, 1) | {"max_tokens": "many", "max_completion_tokens": 2}
+    assert_bad_request(post_json(simulator, CHAT, body), "max_tokens")
 
 
-def test_huge_max_tokens_is_a_400_about_the_context_length(sim: Simulator) -> None:
-    body = {"model": sim.model, "prompt": "x", "max_tokens": 2**64 - 1}
-    error = assert_bad_request(post_json(sim, "/v1/completions", body))
+def test_huge_max_tokens_is_a_400_about_the_context_length(simulator: Simulator) -> None:
+    body = {"model": simulator.model, "prompt": "x", "max_tokens": 2**64 - 1}
+    error = assert_bad_request(post_json(simulator, "/v1/completions", body))
     assert "maximum context length is 512" in error["message"]
 
 
-def test_model_that_is_not_a_string_is_a_400_not_a_404(sim: Simulator) -> None:
+def test_model_that_is_not_a_string_is_a_400_not_a_404(simulator: Simulator) -> None:
     for model in (5, ["sim"], {"name": "sim"}, True):
-        body = chat_body(sim.model, 1) | {"model": model}
-        assert_bad_request(post_json(sim, CHAT, body), "model")
+        body = four_token_chat(simulator.model, 1) | {"model": model}
+        assert_bad_request(post_json(simulator, CHAT, body), "model")
 
 
-def test_booleans_are_read_as_vllms_pydantic_models_read_them(sim: Simulator) -> None:
+def test_booleans_are_read_as_vllms_pydantic_models_read_them(simulator: Simulator) -> None:
     # Lax mode: 0 and 1 (or 0.0 and 1.0), and true/false, yes/no, on/off, t/f, y/n, 1/0 in any case.
     for stream in (1, 1.0, "true", "Yes", "ON", "t", "1"):
-        response = post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream})
+        response = post_json(simulator, CHAT, four_token_chat(simulator.model, 1) | {"stream": stream})
         assert response.headers["content-type"].startswith("text/event-stream"), stream
     for stream in (0, 0.0, "false", "No", "off", "f", "0"):
-        assert post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream}).json()["usage"], stream
-    asked = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
-    assert b'"choices":[],"usage"' in post_json(sim, CHAT, asked).content
+        body = four_token_chat(simulator.model, 1) | {"stream": stream}
+        assert post_json(simulator, CHAT, body).json()["usage"], stream
+    asked = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "yes"}}
+    assert b'"choices":[],"usage"' in post_json(simulator, CHAT, asked).content
 
 
-def test_a_boolean_spelt_in_no_way_vllm_reads_is_a_400_not_a_stream(sim: Simulator) -> None:
+def test_a_boolean_spelt_in_no_way_vllm_reads_is_a_400_not_a_stream(simulator: Simulator) -> None:
     for stream in (2, 0.5, "", "maybe", " true", [True]):
-        assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream": stream}), "stream")
-    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"include_usage": "sure"}}
-    assert_bad_request(post_json(sim, CHAT, options), "stream_options.include_usage")
-    options = chat_body(sim.model, 1, stream=True) | {"stream_options": {"continuous_usage_stats": 5}}
-    assert_bad_request(post_json(sim, CHAT, options), "stream_options.continuous_usage_stats")
-    assert_bad_request(post_json(sim, CHAT, chat_body(sim.model, 1) | {"stream_options": [1]}), "stream_options")
+        body = four_token_chat(simulator.model, 1) | {"stream": stream}
+        assert_bad_request(post_json(simulator, CHAT, body), "stream")
+    options = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"include_usage": "sure"}}
+    assert_bad_request(post_json(simulator, CHAT, options), "stream_options.include_usage")
+    options = four_token_chat(simulator.model, 1, stream=True) | {"stream_options": {"continuous_usage_stats": 5}}
+    assert_bad_request(post_json(simulator, CHAT, options), "stream_options.continuous_usage_stats")
+    assert_bad_request(
+        post_json(simulator, CHAT, four_token_chat(simulator.model, 1) | {"stream_options": [1]}), "stream_options"
+    )
 
 
-def test_embeddings_input_of_nested_garbage_or_unknown_encoding_is_a_400(sim: Simulator) -> None:
+def test_embeddings_input_of_nested_garbage_or_unknown_encoding_is_a_400(simulator: Simulator) -> None:
     for value in (5, None, [], [{"a": 1}], [[{}]], [True]):
-        body = {"model": sim.model, "input": value}
-        assert_bad_request(post_json(sim, "/v1/embeddings", body), "input")
-    body = {"model": sim.model, "input": "x", "encoding_format": "int8"}
-    assert_bad_request(post_json(sim, "/v1/embeddings", body), "encoding_format")
+        body = {"model": simulator.model, "input": value}
+        assert_bad_request(post_json(simulator, "/v1/embeddings", body), "input")
+    body = {"model": simulator.model, "input": "x", "encoding_format": "int8"}
+    assert_bad_request(post_json(simulator, "/v1/embeddings", body), "encoding_format")
 
 
-def test_detokenize_with_booleans_or_negative_ids_is_a_400(sim: Simulator) -> None:
+def test_detokenize_with_booleans_or_negative_ids_is_a_400(simulator: Simulator) -> None:
     for tokens in ([True], [-1], [1, "2"], None, {"0": 1}):
-        body = {"model": sim.model, "tokens": tokens}
-        assert_bad_request(post_json(sim, "/detokenize", body), "tokens")
+        body = {"model": simulator.model, "tokens": tokens}
+        assert_bad_request(post_json(simulator, "/detokenize", body), "tokens")
 
 
-def test_transcription_with_the_model_sent_as_a_file_is_a_400(sim: Simulator) -> None:
+def test_transcription_with_the_model_sent_as_a_file_is_a_400(simulator: Simulator) -> None:
     response = httpx.post(
-        sim.base_url + "/v1/audio/transcriptions",
-        files={"model": ("m.txt", sim.model.encode()), "file": ("clip.wav", b"\0" * 1000, "audio/wav")},
+        simulator.base_url + "/v1/audio/transcriptions",
+        files={"model": ("m.txt", simulator.model.encode()), "file": ("clip.wav", b"\0" * 1000, "audio/wav")},
     )
     assert_bad_request(response, "model")
 
@@ -626,7 +642,7 @@ def form_part(boundary: str, name: str, value: bytes, filename: str | None = Non
     return head.encode() + value + b"\r\n"
 
 
-def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
+def test_broken_multipart_transcription_is_a_400(simulator: Simulator) -> None:
     boundary = "b0undary"
     audio = form_part(boundary, "file", b"\0" * 100, "clip.wav")
     end = f"--{boundary}--\r\n".encode()
@@ -635,7 +651,7 @@ def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
         "no closing boundary": (None, audio[:-10]),
         "model not UTF-8": (None, form_part(boundary, "model", b"\xff\xfe") + audio + end),
         "response_format as a file": (None, form_part(boundary, "response_format", b"text", "f.txt") + audio + end),
-        "no file": (None, form_part(boundary, "model", sim.model.encode()) + end),
+        "no file": (None, form_part(boundary, "model", simulator.model.encode()) + end),
         # aiohttp's reader raises BadHttpMessage here, which is no ValueError.
         "too many part headers": (
             None,
@@ -645,7 +661,7 @@ def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
     }
     for label, (content_type, body) in bodies.items():
         response = httpx.post(
-            sim.base_url + "/v1/audio/transcriptions",
+            simulator.base_url + "/v1/audio/transcriptions",
             content=body,
             headers={"content-type": content_type or f"multipart/form-data; boundary={boundary}"},
         )
@@ -653,9 +669,9 @@ def test_broken_multipart_transcription_is_a_400(sim: Simulator) -> None:
         assert_bad_request(response)
 
 
-def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(sim: Simulator) -> None:
+def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(simulator: Simulator) -> None:
     response = httpx.post(
-        sim.base_url + "/v1/completions",
+        simulator.base_url + "/v1/completions",
         content=b" " * (65 * 2**20),
         headers={"content-type": "application/json"},
         timeout=60,
@@ -665,15 +681,15 @@ def test_body_over_the_size_limit_is_a_413_in_the_openai_error_shape(sim: Simula
     assert (error["code"], error["type"]) == (413, "RequestEntityTooLargeError")
 
 
-def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(sim: Simulator) -> None:
-    sim.set_faults(error_status=503)
-    malformed = post_json(sim, CHAT, {"model": sim.model, "messages": True})
-    well_formed = post_json(sim, CHAT, chat_body(sim.model, 1))
+def test_malformed_body_is_a_400_even_while_an_error_fault_is_set(simulator: Simulator) -> None:
+    simulator.set_faults(error_status=503)
+    malformed = post_json(simulator, CHAT, {"model": simulator.model, "messages": True})
+    well_formed = post_json(simulator, CHAT, four_token_chat(simulator.model, 1))
     assert_bad_request(malformed, "messages")
     assert well_formed.status_code == 503
 
 
-def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(sim: Simulator) -> None:
+def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_are_a_400(simulator: Simulator) -> None:
     for faults in (
         {"error_status": 101},
         {"error_status": 200},
@@ -684,22 +700,22 @@ def test_faults_with_a_status_that_cannot_end_a_response_or_fractional_tokens_ar
         {"slow_start": -1},
     ):
         name = next(iter(faults))
-        assert_bad_request(post_json(sim, "/_simulator/faults", faults), name)
-    assert httpx.get(sim.base_url + "/_simulator/faults").json() == {}
+        assert_bad_request(post_json(simulator, "/_simulator/faults", faults), name)
+    assert httpx.get(simulator.base_url + "/_simulator/faults").json() == {}
 
 
-def test_stats_still_answer_after_a_body_nested_too_deeply_to_encode_again(sim: Simulator) -> None:
+def test_stats_still_answer_after_a_body_nested_too_deeply_to_encode_again(simulator: Simulator) -> None:
     deep = b'{"model": "sim", "tokens": ' + b"[" * 1000 + b"]" * 1000 + b"}"
-    assert_bad_request(post_json(sim, "/detokenize", deep), "tokens")
-    stats = httpx.get(sim.base_url + "/_simulator/stats")
+    assert_bad_request(post_json(simulator, "/detokenize", deep), "tokens")
+    stats = httpx.get(simulator.base_url + "/_simulator/stats")
     assert stats.status_code == 200
     assert stats.json()["last_request"]["body"].startswith("<not recorded")
 
 
-def test_every_input_shape_openai_allows_is_still_accepted(sim: Simulator) -> None:
+def test_every_input_shape_openai_allows_is_still_accepted(simulator: Simulator) -> None:
     """The checks above must not turn away what the OpenAI API and vLLM take."""
     parts = {
-        "model": sim.model,
+        "model": simulator.model,
         "messages": [
             {"role": "system", "content": None},
             {
@@ -713,18 +729,18 @@ def test_every_input_shape_openai_allows_is_still_accepted(sim: Simulator) -> No
         ],
         "max_tokens": 1,
     }
-    token_prompts = {"model": sim.model, "prompt": [[1, 2, 3], [4]], "max_tokens": 1}
-    id_prompt = {"model": sim.model, "prompt": [5, 6], "max_tokens": 1}
-    string_prompts = {"model": sim.model, "prompt": ["a b", "c"], "max_tokens": 1}
-    embed_ids = {"model": sim.model, "input": [[1, 2], [3]], "encoding_format": "float"}
-    tokenize_chat = {"model": sim.model, "messages": [{"role": "user", "content": "lorem ipsum"}]}
+    token_prompts = {"model": simulator.model, "prompt": [[1, 2, 3], [4]], "max_tokens": 1}
+    id_prompt = {"model": simulator.model, "prompt": [5, 6], "max_tokens": 1}
+    string_prompts = {"model": simulator.model, "prompt": ["a b", "c"], "max_tokens": 1}
+    embed_ids = {"model": simulator.model, "input": [[1, 2], [3]], "encoding_format": "float"}
+    tokenize_chat = {"model": simulator.model, "messages": [{"role": "user", "content": "lorem ipsum"}]}
 
-    assert post_json(sim, CHAT, parts).json()["usage"]["prompt_tokens"] == 2
-    assert post_json(sim, "/v1/completions", token_prompts).json()["usage"]["prompt_tokens"] == 4
-    assert post_json(sim, "/v1/completions", id_prompt).json()["usage"]["prompt_tokens"] == 2
-    assert post_json(sim, "/v1/completions", string_prompts).json()["usage"]["prompt_tokens"] == 3
-    assert len(post_json(sim, "/v1/embeddings", embed_ids).json()["data"]) == 2
-    assert post_json(sim, "/tokenize", tokenize_chat).json()["count"] == 2
+    assert post_json(simulator, CHAT, parts).json()["usage"]["prompt_tokens"] == 2
+    assert post_json(simulator, "/v1/completions", token_prompts).json()["usage"]["prompt_tokens"] == 4
+    assert post_json(simulator, "/v1/completions", id_prompt).json()["usage"]["prompt_tokens"] == 2
+    assert post_json(simulator, "/v1/completions", string_prompts).json()["usage"]["prompt_tokens"] == 3
+    assert len(post_json(simulator, "/v1/embeddings", embed_ids).json()["data"]) == 2
+    assert post_json(simulator, "/tokenize", tokenize_chat).json()["count"] == 2
 
 
 # Every endpoint that reads a body gets each of these in place of the whole body, and each wrong

@@ -20,19 +20,19 @@ CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}]
 FLUSH = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
 
 
-def usage_results(gw: Gateway, **params: object) -> list[dict]:
+def usage_results(gateway: Gateway, **params: object) -> list[dict]:
     query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d", **params}
-    with gw.http(gw.admin_key) as client:
+    with gateway.http(gateway.admin_key) as client:
         response = client.get("/admin/usage", params=query)
     assert response.status_code == 200, response.text
     return [result for bucket in response.json()["data"] for result in bucket["results"]]
 
 
-def wait_for_usage(gw: Gateway, requests: int, timeout: float = 10.0, **params: object) -> dict:
+def wait_for_usage(gateway: Gateway, requests: int, timeout: float = 10.0, **params: object) -> dict:
     """The ledger's sums once it counts `requests` requests (each worker writes its batches within a second)."""
     deadline = time.monotonic() + timeout
     while True:
-        results = usage_results(gw, **params)
+        results = usage_results(gateway, **params)
         counted = sum(result["num_model_requests"] for result in results)
         if counted >= requests or time.monotonic() > deadline:
             return {
@@ -43,20 +43,20 @@ def wait_for_usage(gw: Gateway, requests: int, timeout: float = 10.0, **params: 
         time.sleep(0.1)
 
 
-def settled_usage(gw: Gateway) -> dict:
+def settled_usage(gateway: Gateway) -> dict:
     """The ledger's sums once earlier requests' batches are all written (two reads a few batches apart agree)."""
-    last = wait_for_usage(gw, 0, timeout=0)
+    last = wait_for_usage(gateway, 0, timeout=0)
     while True:
         time.sleep(3 * float(FLUSH["GATEWAY_USAGE_FLUSH_SECONDS"]))
-        now = wait_for_usage(gw, 0, timeout=0)
+        now = wait_for_usage(gateway, 0, timeout=0)
         if now == last:
             return now
         last = now
 
 
-def make_traffic(gw: Gateway, rounds: int = 3) -> dict:
+def make_traffic(gateway: Gateway, rounds: int = 3) -> dict:
     """Non-streamed and streamed chats with the SDK; the sums of the usage the answers reported."""
-    client = gw.openai()
+    client = gateway.openai()
     sums = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
     for number in range(rounds):
         answer = client.chat.completions.create(**CHAT)
@@ -73,32 +73,32 @@ def make_traffic(gw: Gateway, rounds: int = 3) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, simulator):
+def gateway(tmp_path_factory, simulator):
     with Gateway.start(tmp_path_factory.mktemp("gw"), [Backend("sim", simulator.base_url)], env=FLUSH) as gateway:
         yield gateway
 
 
-def test_ledger_totals_equal_the_usage_in_the_answers(gw):
-    before = settled_usage(gw)
-    sums = make_traffic(gw)
-    after = wait_for_usage(gw, before["requests"] + sums["requests"])
+def test_ledger_totals_equal_the_usage_in_the_answers(gateway):
+    before = settled_usage(gateway)
+    sums = make_traffic(gateway)
+    after = wait_for_usage(gateway, before["requests"] + sums["requests"])
     assert {name: after[name] - before[name] for name in sums} == sums
 
 
-def test_a_stream_without_include_usage_is_counted_and_its_client_sees_no_usage_chunk(gw, simulator):
-    before = settled_usage(gw)
-    chunks = list(gw.openai().chat.completions.create(**{**CHAT, "max_tokens": 7}, stream=True))
+def test_a_stream_without_include_usage_is_counted_and_its_client_sees_no_usage_chunk(gateway, simulator):
+    before = settled_usage(gateway)
+    chunks = list(gateway.openai().chat.completions.create(**{**CHAT, "max_tokens": 7}, stream=True))
     assert chunks and all(chunk.choices for chunk in chunks), "a chunk with empty choices reached the client"
     assert all(chunk.usage is None for chunk in chunks)
     sent = simulator.stats()["last_request"]["body"]
     assert sent["stream_options"] == {"include_usage": True}  # the gateway asked vLLM on the client's behalf
-    after = wait_for_usage(gw, before["requests"] + 1)
+    after = wait_for_usage(gateway, before["requests"] + 1)
     assert after["output_tokens"] - before["output_tokens"] == 7
 
 
-def test_raw_sse_without_include_usage_has_every_event_but_the_usage_chunk(gw):
+def test_raw_sse_without_include_usage_has_every_event_but_the_usage_chunk(gateway):
     body = {**CHAT, "max_tokens": 4, "stream": True}
-    with gw.http(gw.key) as client:
+    with gateway.http(gateway.key) as client:
         raw = client.post("/v1/chat/completions", json=body).content
     events = [event for event in raw.split(b"\n\n") if event]
     assert events[-1] == b"data: [DONE]"
@@ -108,40 +108,40 @@ def test_raw_sse_without_include_usage_has_every_event_but_the_usage_chunk(gw):
     assert b'"usage"' not in raw
 
 
-def test_a_client_that_asked_for_usage_gets_exactly_one_usage_chunk(gw):
+def test_a_client_that_asked_for_usage_gets_exactly_one_usage_chunk(gateway):
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
-    with gw.http(gw.key) as client:
+    with gateway.http(gateway.key) as client:
         raw = client.post("/v1/chat/completions", json=body).content
     assert raw.count(b'"choices":[]') == 1 and raw.count(b'"usage"') == 1
 
 
-def test_a_completions_stream_without_usage_is_counted_too(gw):
-    before = settled_usage(gw)
-    chunks = list(gw.openai().completions.create(model="sim", prompt="the", max_tokens=6, stream=True))
+def test_a_completions_stream_without_usage_is_counted_too(gateway):
+    before = settled_usage(gateway)
+    chunks = list(gateway.openai().completions.create(model="sim", prompt="the", max_tokens=6, stream=True))
     assert all(chunk.choices for chunk in chunks)
-    after = wait_for_usage(gw, before["requests"] + 1)
+    after = wait_for_usage(gateway, before["requests"] + 1)
     assert after["output_tokens"] - before["output_tokens"] == 6
 
 
 def test_an_aborted_stream_is_counted_with_its_prompt_and_the_tokens_it_delivered_and_marked(tmp_path, simulator):
     env = {**FLUSH, "GATEWAY_TOKEN_LIMIT": "100000/hour"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         body = {**CHAT, "max_tokens": 2000, "stream": True}  # ten seconds at the simulator's rate
         delivered = 0
-        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {gw.key}"}) as client:
-            with client.stream("POST", gw.url + "/v1/chat/completions", json=body) as response:
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {gateway.key}"}) as client:
+            with client.stream("POST", gateway.url + "/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
                     delivered += line.startswith('data: {"id"') and '"content":""' not in line
                     if delivered == 10:
                         break
         deadline = time.monotonic() + 10
         while True:
-            rows = json.loads(gw.cli("usage", "--by", "key,model", "--json").stdout)
+            rows = json.loads(gateway.cli("usage", "--by", "key,model", "--json").stdout)
             if rows or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         # The same tokens count against the key's token limit.
-        with gw.http(gw.key) as client:
+        with gateway.http(gateway.key) as client:
             remaining = client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-tokens"]
     (row,) = rows
     assert row["requests"] == 1 and row["aborted"] == 1 and row["errors"] == 0
@@ -153,22 +153,22 @@ def test_an_aborted_stream_is_counted_with_its_prompt_and_the_tokens_it_delivere
 
 
 def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gw:
-        other = gw.create_key("--name", "other")
-        gw.wait_for_key(other["key"])
-        gw.openai().chat.completions.create(**CHAT)
-        gw.openai(key=other["key"]).chat.completions.create(**{**CHAT, "max_tokens": 2})
-        wait_for_usage(gw, 2)
-        grouped = usage_results(gw, group_by="api_key_id,model")
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gateway:
+        other = gateway.create_key("--name", "other")
+        gateway.wait_for_key(other["key"])
+        gateway.openai().chat.completions.create(**CHAT)
+        gateway.openai(key=other["key"]).chat.completions.create(**{**CHAT, "max_tokens": 2})
+        wait_for_usage(gateway, 2)
+        grouped = usage_results(gateway, group_by="api_key_id,model")
         by_key = {result["api_key_id"]: result for result in grouped}
         assert by_key[other["id"]]["output_tokens"] == 2 and by_key[other["id"]]["model"] == "sim"
         assert len(by_key) == 2
         assert {result["object"] for result in grouped} == {"organization.usage.completions.result"}
-        mine = usage_results(gw, **{"api_key_ids[]": other["id"]})
+        mine = usage_results(gateway, **{"api_key_ids[]": other["id"]})
         assert [(result["api_key_id"], result["num_model_requests"]) for result in mine] == [(None, 1)]
 
         now = int(time.time())
-        with gw.http(gw.admin_key) as client:
+        with gateway.http(gateway.admin_key) as client:
             first = client.get(
                 "/admin/usage", params={"start_time": now - 5 * 3600, "bucket_width": "1h", "limit": 3}
             ).json()
@@ -182,13 +182,13 @@ def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator
             assert second["data"][0]["start_time"] == starts[-1] + 3600 and second["has_more"] is False
             counted = sum(r["num_model_requests"] for b in first["data"] + second["data"] for r in b["results"])
             assert counted == 2
-        table = gw.cli("usage", "--since", "1d", "--by", "key,model").stdout
+        table = gateway.cli("usage", "--since", "1d", "--by", "key,model").stdout
         assert "other" in table and "completion_tokens" in table
         # `keys list` shows each key's use from the ledger.
-        listing = {key["id"]: key for key in json.loads(gw.cli("keys", "list", "--json").stdout)}
+        listing = {key["id"]: key for key in json.loads(gateway.cli("keys", "list", "--json").stdout)}
         assert listing[other["id"]]["usage_30d"]["completion_tokens"] == 2
         assert listing[other["id"]]["usage_30d"]["requests"] == 1
-        header = gw.cli("keys", "list").stdout.splitlines()[0]
+        header = gateway.cli("keys", "list").stdout.splitlines()[0]
         assert header.split()[-4:] == ["REQUESTS", "30D", "TOKENS", "30D"]
 
 
@@ -212,8 +212,8 @@ def test_usage_api_groups_by_key_and_model_and_pages_by_hour(tmp_path, simulator
         ({"start_time": 0, "limit": "1" * 5000}, "limit"),
     ],
 )
-def test_bad_usage_queries_get_400_in_openais_shape(gw, params, param):
-    with gw.http(gw.admin_key) as client:
+def test_bad_usage_queries_get_400_in_openais_shape(gateway, params, param):
+    with gateway.http(gateway.admin_key) as client:
         response = client.get("/admin/usage", params=params)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -226,11 +226,11 @@ def peak_rss_kib(pid: int) -> int:
     return int(status.split("VmHWM:")[1].split()[0])
 
 
-def test_a_query_over_centuries_builds_one_page_of_buckets_only(gw):
-    before = peak_rss_kib(gw.handle.pid)
-    with gw.http(gw.admin_key) as client:
+def test_a_query_over_centuries_builds_one_page_of_buckets_only(gateway):
+    before = peak_rss_kib(gateway.handle.pid)
+    with gateway.http(gateway.admin_key) as client:
         response = client.get("/admin/usage", params={"start_time": 0, "end_time": 10**10, "bucket_width": "1h"})
-    grown = peak_rss_kib(gw.handle.pid) - before
+    grown = peak_rss_kib(gateway.handle.pid) - before
     assert response.status_code == 200
     page = response.json()
     assert [bucket["start_time"] for bucket in page["data"]] == [hour * 3600 for hour in range(24)]
@@ -239,10 +239,10 @@ def test_a_query_over_centuries_builds_one_page_of_buckets_only(gw):
     assert grown < 30 * 1024, f"the worker's peak memory grew by {grown} KiB"
 
 
-def test_usage_api_needs_an_admin_key(gw):
-    with gw.http(gw.key) as client:
+def test_usage_api_needs_an_admin_key(gateway):
+    with gateway.http(gateway.key) as client:
         assert client.get("/admin/usage", params={"start_time": 0}).status_code == 403
-    with gw.http() as client:
+    with gateway.http() as client:
         assert client.get("/admin/usage", params={"start_time": 0}).status_code == 401
 
 
@@ -256,29 +256,29 @@ def test_the_ledger_survives_a_restart(tmp_path, simulator):
 
 
 def test_a_ledger_file_deleted_while_running_is_made_again_and_keeps_counting(tmp_path, simulator):
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gw:
-        before = make_traffic(gw, rounds=1)
-        wait_for_usage(gw, before["requests"])
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=FLUSH) as gateway:
+        before = make_traffic(gateway, rounds=1)
+        wait_for_usage(gateway, before["requests"])
         for name in ("usage.db", "usage.db-wal", "usage.db-shm"):  # as `rm usage.db*` does
             (tmp_path / name).unlink(missing_ok=True)
-        assert usage_results(gw) == []  # answered (200), from a new, empty file
-        after = make_traffic(gw, rounds=2)  # counted in memory first, then written to the new file
-        assert wait_for_usage(gw, after["requests"]) == after
-        assert settled_usage(gw) == after
+        assert usage_results(gateway) == []  # answered (200), from a new, empty file
+        after = make_traffic(gateway, rounds=2)  # counted in memory first, then written to the new file
+        assert wait_for_usage(gateway, after["requests"]) == after
+        assert settled_usage(gateway) == after
     with sqlite3.connect(tmp_path / "usage.db") as connection:
         assert connection.execute("SELECT SUM(requests) FROM usage").fetchone() == (after["requests"],)
 
 
 def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):
     env = {"GATEWAY_USAGE_FLUSH_SECONDS": "1"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
-        sums = make_traffic(gw, rounds=3)
-        assert wait_for_usage(gw, sums["requests"]) == sums  # all written
-        client = gw.openai()
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        sums = make_traffic(gateway, rounds=3)
+        assert wait_for_usage(gateway, sums["requests"]) == sums  # all written
+        client = gateway.openai()
         for _ in range(4):  # counted in memory, in the batch not written yet
             client.chat.completions.create(**CHAT)
-        gw.handle.popen.send_signal(signal.SIGKILL)
-        gw.handle.popen.wait(10)
+        gateway.handle.popen.send_signal(signal.SIGKILL)
+        gateway.handle.popen.wait(10)
     database = tmp_path / "usage.db"
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -289,16 +289,16 @@ def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_p
 
 def test_two_workers_write_one_ledger_exactly(tmp_path, simulator, redis_url):
     env = {**FLUSH, "GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gw:
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         sums = {"requests": 0, "input_tokens": 0, "output_tokens": 0}
         for number in range(12):
             # A new connection each time, so the kernel spreads them over the workers.
-            with gw.http(gw.key) as client:
+            with gateway.http(gateway.key) as client:
                 usage = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1 + number % 4}).json()["usage"]
             sums["requests"] += 1
             sums["input_tokens"] += usage["prompt_tokens"]
             sums["output_tokens"] += usage["completion_tokens"]
-        assert wait_for_usage(gw, sums["requests"]) == sums
+        assert wait_for_usage(gateway, sums["requests"]) == sums
         pids = {
             line.split("Started server process [")[1].split("]")[0]
             for line in (tmp_path / "gateway.stdout.log").read_text().splitlines()
@@ -307,6 +307,6 @@ def test_two_workers_write_one_ledger_exactly(tmp_path, simulator, redis_url):
     assert len(pids) == 2
 
 
-def test_usage_command_rejects_unknown_groupings(gw):
+def test_usage_command_rejects_unknown_groupings(gateway):
     with pytest.raises(RuntimeError, match="--by takes key, model and hour"):
-        run_cli(gw.env, "usage", "--by", "colour")
+        run_cli(gateway.env, "usage", "--by", "colour")

@@ -1,12 +1,12 @@
 """Helpers for the tests of the gateway's HTTP front (tests/test_front_*.py): raw sockets that never
 wait without a bound, what a process holds in memory (/proc/PID/status) and whether it is busy.
 
-    sock, reader = connect(gw)                     # every recv on it times out after 10 s
+    sock, reader = connect(gateway)                     # every recv on it times out after 10 s
     sock.sendall(request(b"GET", "/health"))
     status, headers, body = reader.response()
     assert_rejected((status, headers, body), 408, "request_timeout")
     assert closed_without_bytes(sock, timeout=5)
-    rss_kib(gw.handle.pid); wait_until_idle(gw.handle.pid)
+    rss_kib(gateway.handle.pid); wait_until_idle(gateway.handle.pid)
 """
 
 from __future__ import annotations

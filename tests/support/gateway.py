@@ -1,9 +1,9 @@
 """The gateway as a real process for tests: a model config, a key file, keys, a free port.
 
-gw = Gateway.start(tmp_path, [Backend("sim", sim.base_url, path="/models/sim")])
-client = gw.openai()                 # the official SDK, with an ordinary user key
-gw.log_text()                        # vllm_api_server.log
-gw.stop()
+gateway = Gateway.start(tmp_path, [Backend("sim", simulator.base_url, path="/models/sim")])
+client = gateway.openai()            # the official SDK, with an ordinary user key
+gateway.log_text()                   # vllm_api_server.log
+gateway.stop()
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@
     wait_for_http(f"http://127.0.0.1:{port}/", timeout=10, process=proc)
     proc.stop()                          # the whole process group, SIGTERM then SIGKILL
 
-    with Simulator.start(tmp_path, "--max-num-seqs", "2") as sim:
-        sim.set_faults(error_status=500)
-        httpx.post(sim.base_url + "/v1/completions", json={"model": sim.model, "prompt": "hi"})
-        sim.stats()["last_request"]["headers"], sim.metrics()["vllm:num_requests_running"]
+    with Simulator.start(tmp_path, "--max-num-seqs", "2") as simulator:
+        simulator.set_faults(error_status=500)
+        httpx.post(simulator.base_url + "/v1/completions", json={"model": simulator.model, "prompt": "hi"})
+        simulator.stats()["last_request"]["headers"], simulator.metrics()["vllm:num_requests_running"]
 
 Every started process is also killed at interpreter exit, in case a test forgot to.
 """
