@@ -115,7 +115,7 @@ def test_gateway_redis_url_is_the_redis_two_workers_share_admission_through(
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": f"{server}/2"}
     if rate_limits_apart:
         env["GATEWAY_RATE_LIMIT_STORAGE"] = f"{server}/1"
-    backend = Backend("simulator", simulator.base_url, path="/models/simulator", max_num_seqs="2")
+    backend = Backend("sim", simulator.base_url, path="/models/sim", max_num_seqs="2")
     with Gateway.start(tmp_path / "gw", [backend], env=env) as gateway:
 
         async def twelve_streams() -> list[int]:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from . import errors
-from .keystore import MAX_WEIGHT, MIN_WEIGHT, KeyFileError, KeyRecord, LastAdminKeyError
+from .keystore import Editable, KeyFileError, KeyRecord, LastAdminKeyError, marked
 from .registry import BackendState, Model
 from .state import GatewayState
 from .usage_report import MAX_BUCKETS, MAX_UNIX_TIME, UsageQuery, usage_page, whole_number
@@ -135,27 +136,32 @@ def get_model(
 # -- key administration --
 
 
-class NewKey(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    admin: bool = False
-    models: list[str] | None = None
-    rate_limit: str | None = None
-    token_limit: str | None = None
-    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT)
-    max_parallel_requests: int | None = None
+def key_body(name: str, at_creation: bool) -> type[BaseModel]:
+    """The body of `POST` (`at_creation`) or `PATCH /admin/keys`: the key's editable fields, each with
+    its type, default and field checks (the record's own validators run when the store saves it); in a
+    change every field is optional and None where not given."""
+    fields: dict[str, Any] = {}
+    for field_name, field, editable in marked(Editable):
+        annotation: Any = field.annotation
+        if not at_creation:
+            fields[field_name] = (Annotated[(annotation | None, *field.metadata)], None)
+        elif editable.at_creation:
+            fields[field_name] = (Annotated[(annotation, *field.metadata)], field.default)
+    model: type[BaseModel] = create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+    return model
 
 
-class KeyChanges(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200)
-    admin: bool | None = None
-    models: list[str] | None = None
-    rate_limit: str | None = None
-    token_limit: str | None = None
-    weight: float | None = Field(None, ge=MIN_WEIGHT, le=MAX_WEIGHT)
-    max_parallel_requests: int | None = None
-    disabled: bool | None = None
+NewKey = key_body("NewKey", at_creation=True)
+KeyChanges = key_body("KeyChanges", at_creation=False)
+
+
+def checked(body_model: type[BaseModel], body: Any) -> dict[str, Any]:
+    """The fields a request's body gives, checked against `body_model` as FastAPI checks a body it
+    knows the model of (the app's handler answers a RequestValidationError with a 400)."""
+    try:
+        return body_model.model_validate(body, from_attributes=True).model_dump(exclude_unset=True)
+    except ValidationError as error:
+        raise RequestValidationError([{**line, "loc": ("body", *line["loc"])} for line in error.errors()]) from None
 
 
 def key_file_guard(action: Callable[[], T]) -> T:
@@ -179,13 +185,12 @@ def list_keys(
 
 @router.post("/admin/keys", status_code=201)
 def create_key(
-    new: NewKey, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+    body: Annotated[Any, Body()],
+    state: Annotated[GatewayState, Depends(gateway)],
+    _: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
-    record, secret = key_file_guard(
-        lambda: state.keys.create(
-            new.name, new.admin, new.models, new.rate_limit, new.token_limit, new.weight, new.max_parallel_requests
-        )
-    )
+    fields = checked(NewKey, body)
+    record, secret = key_file_guard(lambda: state.keys.create(**fields))
     return {**record.public(), "key": secret}
 
 
@@ -202,11 +207,12 @@ def get_key(
 @router.patch("/admin/keys/{key_id}")
 def update_key(
     key_id: str,
-    changes: Annotated[KeyChanges, Body()],
+    body: Annotated[Any, Body()],
     state: Annotated[GatewayState, Depends(gateway)],
     _: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
-    record = key_file_guard(lambda: state.keys.update(key_id, changes.model_dump(exclude_unset=True)))
+    changes = checked(KeyChanges, body)
+    record = key_file_guard(lambda: state.keys.update(key_id, changes))
     if record is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
     return record.public()

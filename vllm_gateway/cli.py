@@ -11,11 +11,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import NoneType
+from typing import Any, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from .keystore import KeyFileError, KeyRecord, KeyStore, LastAdminKeyError
+from .keystore import Editable, KeyFileError, KeyRecord, KeyStore, LastAdminKeyError, Shown, marked
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
 from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
@@ -55,21 +57,7 @@ def parser() -> argparse.ArgumentParser:
     keys_init.set_defaults(run=init_keys)
 
     create = keys.add_parser("create", help="create a key; it is printed once and never stored")
-    create.add_argument("--name", required=True)
-    create.add_argument("--admin", action="store_true", help="may use /admin/keys")
-    create.add_argument("--models", help="comma-separated models this key may use (default: all)")
-    create.add_argument("--rate-limit", help='this key\'s limit, e.g. "100/minute" (default: GATEWAY_RATE_LIMIT)')
-    create.add_argument(
-        "--token-limit", help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)'
-    )
-    create.add_argument(
-        "--weight", type=float, help="this key's share of a busy model's turns, 0.01 to 1000, e.g. 2 (default: 1)"
-    )
-    create.add_argument(
-        "--max-parallel-requests",
-        type=int,
-        help="requests in flight and waiting at once (default: GATEWAY_MAX_PARALLEL_REQUESTS)",
-    )
+    add_key_options(create, at_creation=True)
     create.add_argument("--json", action="store_true", help="print the new key as JSON")
     create.set_defaults(run=create_key)
 
@@ -83,14 +71,7 @@ def parser() -> argparse.ArgumentParser:
 
     update = keys.add_parser("update", help="change a key's name, models, limits, admin flag or disabled flag")
     update.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
-    update.add_argument("--name")
-    update.add_argument("--models", help="comma-separated models; 'all' lifts the restriction")
-    update.add_argument("--rate-limit", help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT")
-    update.add_argument("--token-limit", help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT")
-    update.add_argument("--weight", help="0.01 to 1000, e.g. 2; 'default' goes back to 1")
-    update.add_argument("--max-parallel-requests", help="e.g. 8; 'default' goes back to GATEWAY_MAX_PARALLEL_REQUESTS")
-    update.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
-    update.add_argument("--disabled", action=argparse.BooleanOptionalAction, default=None)
+    add_key_options(update, at_creation=False)
     update.set_defaults(run=update_key)
 
     usage_cmd = commands.add_parser("usage", help="print requests and tokens from the usage ledger")
@@ -249,10 +230,12 @@ def shown_path(path: Path) -> str:
 
 
 def create_key(args: argparse.Namespace) -> int:
-    models = [m for m in args.models.split(",") if m] if args.models else None
-    record, secret = key_store().create(
-        args.name, args.admin, models, args.rate_limit, args.token_limit, args.weight, args.max_parallel_requests
-    )
+    fields = {
+        name: given_at_creation(field, getattr(args, name))
+        for name, field, editable in marked(Editable)
+        if editable.at_creation
+    }
+    record, secret = key_store().create(**fields)
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
     else:
@@ -275,25 +258,11 @@ def list_keys(args: argparse.Namespace) -> int:
             )
         print(json.dumps(listing, indent=2))
         return 0
-    header = (
-        "ID",
-        "NAME",
-        "PREFIX",
-        "ADMIN",
-        "MODELS",
-        "RATE LIMIT",
-        "TOKEN LIMIT",
-        "WEIGHT",
-        "PARALLEL",
-        "CREATED",
-        "LAST USED",
-        "STATE",
-    )
     rows = []
     for record in records:
         requests, prompt, completion = usage.get(record.id, (0, 0, 0))
         rows.append((*describe(record), str(requests), str(prompt + completion)))
-    print_table([(*header, "REQUESTS 30D", "TOKENS 30D"), *rows])
+    print_table([(*headings(), "REQUESTS 30D", "TOKENS 30D"), *rows])
     return 0
 
 
@@ -309,30 +278,68 @@ def recent_usage_by_key(settings: Settings, days: int = 30) -> dict[str, tuple[i
 
 
 def describe(record: KeyRecord) -> tuple[str, ...]:
-    def when(stamp: float | None) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "never"
-
-    return (
-        record.id,
-        record.name,
-        record.prefix + "...",
-        "yes" if record.admin else "no",
-        ",".join(record.models) if record.models is not None else "all",
-        record.rate_limit or "default",
-        record.token_limit or "default",
-        f"{record.weight:g}" if record.weight else "default",
-        str(record.max_parallel_requests) if record.max_parallel_requests else "default",
-        when(record.created_at),
-        when(record.last_used_at),
-        "disabled" if record.disabled else "active",
-    )
+    """A key as a row of `keys list`: its shown fields, in their order (keystore.Shown)."""
+    return tuple(shown.show(getattr(record, name)) for name, _, shown in marked(Shown))
 
 
-def number(option: str, text: str) -> float:
+def headings() -> tuple[str, ...]:
+    return tuple(shown.heading or name.upper().replace("_", " ") for name, _, shown in marked(Shown))
+
+
+def add_key_options(command: argparse.ArgumentParser, at_creation: bool) -> None:
+    """An option for each editable key field (keystore.Editable). `keys create` takes its value (a
+    flag: on); `keys update` its value or the word that unsets it (a flag: --x and --no-x)."""
+    for name, field, editable in marked(Editable):
+        kind = value_type(field)
+        if not at_creation and kind is bool:
+            command.add_argument(
+                option_of(name), action=argparse.BooleanOptionalAction, default=None, help=editable.update_help
+            )
+        elif not at_creation:
+            command.add_argument(option_of(name), help=editable.update_help)
+        elif editable.at_creation and kind is bool:
+            command.add_argument(option_of(name), action="store_true", help=editable.create_help)
+        elif editable.at_creation:
+            parse = kind if kind in (int, float) else str
+            command.add_argument(option_of(name), type=parse, required=field.is_required(), help=editable.create_help)
+
+
+def option_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def value_type(field: FieldInfo) -> Any:
+    """The type of a key field's values, None aside: bool, str, int, float or list."""
+    kinds = [kind for kind in get_args(field.annotation) if kind is not NoneType] or [field.annotation]
+    return get_origin(kinds[0]) or kinds[0]
+
+
+def given_at_creation(field: FieldInfo, value: Any) -> Any:
+    """The value `keys create` sets from its option (a list: comma-separated; none or empty: None)."""
+    if value_type(field) is not list:
+        return value
+    return [item for item in value.split(",") if item] if value else None
+
+
+def changed_to(name: str, field: FieldInfo, editable: Editable, value: Any) -> Any:
+    """The value `keys update` sets from its option's text (a flag's: True or False)."""
+    kind = value_type(field)
+    if kind is bool:
+        return value
+    if field.default is None and value == editable.unset:
+        return None
+    if kind is list:
+        return [item for item in value.split(",") if item]
+    if kind is float:  # a number for the store's range check and its message
+        return number(option_of(name), value, editable.unset)
+    return value  # the store checks the rest (a whole number of requests, a limit's syntax)
+
+
+def number(option: str, text: str, unset: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"{option} takes a number or 'default', not {text!r}") from None
+        raise ValueError(f"{option} takes a number or '{unset}', not {text!r}") from None
 
 
 def key_id_of(store: KeyStore, reference: str) -> str:
@@ -359,25 +366,11 @@ def revoke_key(args: argparse.Namespace) -> int:
 
 
 def update_key(args: argparse.Namespace) -> int:
-    changes: dict[str, object] = {}
-    if args.name is not None:
-        changes["name"] = args.name
-    if args.models is not None:
-        changes["models"] = None if args.models == "all" else [m for m in args.models.split(",") if m]
-    if args.rate_limit is not None:
-        changes["rate_limit"] = None if args.rate_limit == "default" else args.rate_limit
-    if args.token_limit is not None:
-        changes["token_limit"] = None if args.token_limit == "default" else args.token_limit
-    # The key store checks the numbers (a weight in its range, a whole number of requests).
-    if args.weight is not None:
-        changes["weight"] = None if args.weight == "default" else number("--weight", args.weight)
-    if args.max_parallel_requests is not None:
-        changes["max_parallel_requests"] = (
-            None if args.max_parallel_requests == "default" else args.max_parallel_requests
-        )
-    for flag in ("admin", "disabled"):
-        if getattr(args, flag) is not None:
-            changes[flag] = getattr(args, flag)
+    changes = {
+        name: changed_to(name, field, editable, getattr(args, name))
+        for name, field, editable in marked(Editable)
+        if getattr(args, name) is not None
+    }
     store = key_store()
     key_id = key_id_of(store, args.key)
     record = store.update(key_id, changes)

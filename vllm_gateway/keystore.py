@@ -17,9 +17,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 KEY_PREFIX = "sk-"
 # A key's admission weight (admission/local.py): a key of weight 1000 gets 100,000 turns to one of weight
@@ -30,6 +33,7 @@ MAX_WEIGHT = 1000.0
 # Last-used times reach the key file to the minute (as `keys list` shows them); a first use at once.
 LAST_USED_RESOLUTION_SECONDS = 60.0
 SHOWN_PREFIX_LENGTH = 11
+M = TypeVar("M", bound="Shown")
 
 
 class KeyFileError(Exception):
@@ -40,22 +44,100 @@ class LastAdminKeyError(Exception):
     """A change would leave no enabled admin key, and with it no way to manage keys over the API."""
 
 
+def when(stamp: float | None) -> str:
+    """A time as `keys list` shows it: to the minute, local time."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "never"
+
+
+@dataclass(frozen=True)
+class Shown:
+    """Marks a key field `keys list` shows (and `keys update` prints): a column in field order."""
+
+    heading: str = ""  # default: the field's name in capitals
+    text: Callable[[Any], str] | None = None  # default: `show`'s rule
+    unset: str = "default"  # the text for None: the setting that applies instead
+
+    def show(self, value: Any) -> str:
+        if self.text is not None:
+            return self.text(value)
+        if value is None:
+            return self.unset
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list):
+            return ",".join(value)
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Editable(Shown):
+    """Marks a key field admins set: the bodies of `POST`/`PATCH /admin/keys` and the options of `keys
+    create`/`keys update` are made from these fields, with their types, defaults and checks. `keys
+    update` takes the `unset` word to set it back to None (fields whose default is None)."""
+
+    create_help: str | None = None
+    update_help: str | None = None
+    at_creation: bool = True  # False: only a change sets it
+
+
 class KeyRecord(BaseModel):
-    id: str
-    name: str = Field(min_length=1, max_length=200)
-    prefix: str
+    """A key in the key file, and the one declaration of a key's fields: the Editable ones are what an
+    admin sets (over the API and the CLI), the others the store keeps; the Shown ones are the columns of
+    `keys list`, in this order. A new field is declared here once."""
+
+    id: Annotated[str, Shown()]
+    name: Annotated[str, Field(min_length=1, max_length=200), Editable()]
+    prefix: Annotated[str, Shown(text=lambda prefix: prefix + "...")]
     hash: str
-    admin: bool = False
-    models: list[str] | None = None
-    rate_limit: str | None = None
-    token_limit: str | None = None
+    admin: Annotated[bool, Editable(create_help="may use /admin/keys")] = False
+    models: Annotated[
+        list[str] | None,
+        Editable(
+            unset="all",
+            create_help="comma-separated models this key may use (default: all)",
+            update_help="comma-separated models; 'all' lifts the restriction",
+        ),
+    ] = None
+    rate_limit: Annotated[
+        str | None,
+        Editable(
+            create_help='this key\'s limit, e.g. "100/minute" (default: GATEWAY_RATE_LIMIT)',
+            update_help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT",
+        ),
+    ] = None
+    token_limit: Annotated[
+        str | None,
+        Editable(
+            create_help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)',
+            update_help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT",
+        ),
+    ] = None
     # Admission (admission/local.py): this key's share of a busy model's turns, and its most requests in
     # flight and waiting together; None: 1, and GATEWAY_MAX_PARALLEL_REQUESTS.
-    weight: float | None = Field(None, gt=0, le=MAX_WEIGHT)
-    max_parallel_requests: int | None = Field(None, ge=1)
-    created_at: float
-    last_used_at: float | None = None
-    disabled: bool = False
+    weight: Annotated[
+        float | None,
+        Field(ge=MIN_WEIGHT, le=MAX_WEIGHT),
+        Editable(
+            create_help="this key's share of a busy model's turns, 0.01 to 1000, e.g. 2 (default: 1)",
+            update_help="0.01 to 1000, e.g. 2; 'default' goes back to 1",
+        ),
+    ] = None
+    max_parallel_requests: Annotated[
+        int | None,
+        Field(ge=1),
+        Editable(
+            heading="PARALLEL",
+            create_help="requests in flight and waiting at once (default: GATEWAY_MAX_PARALLEL_REQUESTS)",
+            update_help="e.g. 8; 'default' goes back to GATEWAY_MAX_PARALLEL_REQUESTS",
+        ),
+    ] = None
+    created_at: Annotated[float, Shown("CREATED", when)]
+    last_used_at: Annotated[float | None, Shown("LAST USED", when)] = None
+    disabled: Annotated[
+        bool, Editable(heading="STATE", text=lambda disabled: "disabled" if disabled else "active", at_creation=False)
+    ] = False
 
     @field_validator("rate_limit", "token_limit")
     @classmethod
@@ -64,10 +146,14 @@ class KeyRecord(BaseModel):
 
         return check_limit_text(value)
 
-    @field_validator("weight")
+    @field_validator("weight", mode="before")
     @classmethod
-    def _weight_at_least_the_minimum(cls, value: float | None) -> float | None:
-        return value if value is None else max(value, MIN_WEIGHT)
+    def _weight_at_least_the_minimum(cls, value: Any) -> Any:
+        """A key file written before the minimum keeps loading: its smaller positive weights read as the
+        minimum. (A weight given to `create` or `update` is checked before: `check_weight`.)"""
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < MIN_WEIGHT:
+            return MIN_WEIGHT
+        return value
 
     def may_use(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -75,6 +161,16 @@ class KeyRecord(BaseModel):
     def public(self) -> dict[str, object]:
         """What admins may see: everything but the hash."""
         return self.model_dump(exclude={"hash"})
+
+
+def marked(kind: type[M]) -> list[tuple[str, FieldInfo, M]]:
+    """The key fields marked `kind` (Shown, or Editable), in declaration order, with their field info."""
+    return [
+        (name, field, mark)
+        for name, field in KeyRecord.model_fields.items()
+        for mark in field.metadata
+        if isinstance(mark, kind)
+    ]
 
 
 class KeyFile(BaseModel):
@@ -100,29 +196,19 @@ def new_secret() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def new_record(
-    name: str,
-    admin: bool = False,
-    models: list[str] | None = None,
-    rate_limit: str | None = None,
-    token_limit: str | None = None,
-    weight: float | None = None,
-    max_parallel_requests: int | None = None,
-) -> tuple[KeyRecord, str]:
-    """A fresh key and its record; the record holds only the key's hash and first characters."""
+def new_record(name: str, **fields: Any) -> tuple[KeyRecord, str]:
+    """A fresh key and its record, with `fields` (editable ones: admin, models, ...); the record holds
+    only the key's hash and first characters."""
     secret = new_secret()
-    record = KeyRecord(
-        id="key_" + secrets.token_hex(6),
-        name=name,
-        prefix=secret[:SHOWN_PREFIX_LENGTH],
-        hash=hash_key(secret),
-        admin=admin,
-        models=models,
-        rate_limit=rate_limit,
-        token_limit=token_limit,
-        weight=weight,
-        max_parallel_requests=max_parallel_requests,
-        created_at=time.time(),
+    record = KeyRecord.model_validate(
+        {
+            **fields,
+            "id": "key_" + secrets.token_hex(6),
+            "name": name,
+            "prefix": secret[:SHOWN_PREFIX_LENGTH],
+            "hash": hash_key(secret),
+            "created_at": time.time(),
+        }
     )
     return record, secret
 
@@ -186,19 +272,11 @@ class KeyStore:
 
     # -- changing --
 
-    def create(
-        self,
-        name: str,
-        admin: bool = False,
-        models: list[str] | None = None,
-        rate_limit: str | None = None,
-        token_limit: str | None = None,
-        weight: float | None = None,
-        max_parallel_requests: int | None = None,
-    ) -> tuple[KeyRecord, str]:
-        """Add a key; returns its record and the key itself, which is never stored or shown again."""
-        check_weight(weight)
-        record, secret = new_record(name, admin, models, rate_limit, token_limit, weight, max_parallel_requests)
+    def create(self, name: str, **fields: Any) -> tuple[KeyRecord, str]:
+        """Add a key with the editable `fields` given (the others take their defaults); returns its record
+        and the key itself, which is never stored or shown again."""
+        check_weight(fields.get("weight"))
+        record, secret = new_record(name, **fields)
         self._change(lambda keys: keys.append(record))
         return record, secret
 
@@ -222,8 +300,7 @@ class KeyStore:
         return bool(found)
 
     def update(self, key_id: str, changes: dict[str, object]) -> KeyRecord | None:
-        """Change some of name, admin, models, rate_limit, token_limit, weight, max_parallel_requests,
-        disabled; returns the new record or None."""
+        """Change some of the key's editable fields; returns the new record or None."""
         check_weight(changes.get("weight"))
         updated: list[KeyRecord] = []
 
