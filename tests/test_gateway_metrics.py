@@ -15,12 +15,12 @@ import uuid
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.front import read_to_eof, send_all
 from tests.support.gateway import Backend, Gateway, Reader
 from tests.support.processes import REPO_ROOT, Simulator, free_port, start_process, wait_for_http, wait_until
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-HI = [{"role": "user", "content": "hi"}]
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -54,13 +54,12 @@ def scrape(gateway: Gateway, key: str | None = None) -> str:
 def chat(gateway: Gateway, key: str, model: str, max_tokens: int, stream: bool) -> int:
     """One chat request; returns the completion tokens its `usage` reported."""
     client = gateway.openai(key)
-    messages = [{"role": "user", "content": "hi"}]
     if not stream:
-        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
+        reply = client.chat.completions.create(**chat_body(model, max_tokens=max_tokens))
         return reply.usage.completion_tokens
     usage = None
     for chunk in client.chat.completions.create(
-        model=model, messages=messages, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}
+        **chat_body(model, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
     ):
         usage = chunk.usage or usage
     assert usage is not None
@@ -136,8 +135,7 @@ def test_rate_limited_requests_are_counted_by_key_name(tmp_path, simulator):
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         with gateway.http(gateway.key) as client:
             statuses = [
-                client.post("/v1/chat/completions", json={"model": "sim", "messages": HI, "max_tokens": 1}).status_code
-                for _ in range(3)
+                client.post("/v1/chat/completions", json=chat_body("sim", max_tokens=1)).status_code for _ in range(3)
             ]
         text = scrape(gateway)
     assert statuses == [200, 200, 429]
@@ -149,10 +147,7 @@ def test_requests_refused_by_a_token_limit_are_counted_as_kind_tokens(tmp_path, 
     env = {"GATEWAY_TOKEN_LIMIT": "10/minute"}
     with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         with gateway.http(gateway.key) as client:
-            answers = [
-                client.post("/v1/chat/completions", json={"model": "sim", "messages": HI, "max_tokens": 5})
-                for _ in range(4)
-            ]
+            answers = [client.post("/v1/chat/completions", json=chat_body("sim", max_tokens=5)) for _ in range(4)]
         text = scrape(gateway)
     refused = [answer for answer in answers if answer.status_code == 429]
     assert refused and all(answer.json()["error"]["type"] == "tokens" for answer in refused)
@@ -166,7 +161,7 @@ def test_a_stream_the_backend_drops_counts_as_a_mid_stream_upstream_error(tmp_pa
             with gateway.http(gateway.key) as client:
                 answer = client.post(
                     "/v1/chat/completions",
-                    json={"model": "sim", "messages": HI, "max_tokens": 20, "stream": True},
+                    json=chat_body("sim", max_tokens=20, stream=True),
                 )
             text = scrape(gateway)
     assert answer.status_code == 200 and "upstream_error" in answer.text

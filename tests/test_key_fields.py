@@ -41,9 +41,9 @@ def test_every_key_field_is_editable_or_kept_by_the_store():
 
 
 def test_each_editable_field_is_set_over_the_api_and_the_cli_and_shown_by_keys_list(tmp_path):
-    with Gateway.start(tmp_path, []) as gw:
+    with Gateway.start(tmp_path, []) as gateway:
         creatable = [name for name in SAMPLES if name != "disabled"]  # a key is created enabled
-        with gw.http(gw.admin_key) as admin:
+        with gateway.http(gateway.admin_key) as admin:
             created = admin.post("/admin/keys", json={name: SAMPLES[name][0] for name in creatable})
             plain = admin.post("/admin/keys", json={"name": "plain"}).json()
             changed = admin.patch(
@@ -63,10 +63,10 @@ def test_each_editable_field_is_set_over_the_api_and_the_cli_and_shown_by_keys_l
             refused += [
                 admin.patch(f"/admin/keys/{plain['id']}", json={name: value}) for name, value in out_of_range.items()
             ]
-        made = gw.create_key(*cli_options(creatable))
-        plain_too = gw.create_key("--name", "plain-too")
-        updated = gw.cli("keys", "update", str(plain_too["id"]), *cli_options(list(SAMPLES))).stdout
-        table = gw.cli("keys", "list").stdout.splitlines()
+        made = gateway.create_key(*cli_options(creatable))
+        plain_too = gateway.create_key("--name", "plain-too")
+        updated = gateway.cli("keys", "update", str(plain_too["id"]), *cli_options(list(SAMPLES))).stdout
+        table = gateway.cli("keys", "list").stdout.splitlines()
 
     assert created.status_code == 201 and changed.status_code == 200
     for name in creatable:
