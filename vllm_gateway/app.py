@@ -126,7 +126,6 @@ def build_state(settings: Settings) -> GatewayState:
     keys.load()
     registry = Registry(load_backend_specs(settings.model_config_file))
     limiter = RateLimiter(
-        settings.rate_limit,
         settings.rate_limit_storage,
         local=not settings.shares_rate_limit_store,
         store_timeout=settings.redis_timeout,

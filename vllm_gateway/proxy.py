@@ -170,11 +170,12 @@ async def proxy(
     key = exchange.key
     assert key is not None
     outcome.key = key_label(key.id, key.name)
+    limits = state.key_limits.of(key)  # its own limits, else the settings' (key_limits.py)
 
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
-    outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    outcome.headers += await state.limiter.hit(key.id, limits.rate)
     # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
-    token_limit = outcome.token_limit = key.token_limit or state.settings.token_limit
+    token_limit = outcome.token_limit = limits.tokens
     if token_limit:
         outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
@@ -204,7 +205,7 @@ async def proxy(
     # requests in flight and waiting (admission/local.py).
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
-    state.admission.enter(key)
+    state.admission.enter(limits)
 
     # 5. Relay, once admission gave a backend with room (open_upstream). When the client goes away,
     # its connection cancels this task: a waiting request leaves the queue, and a relayed one's
@@ -215,7 +216,7 @@ async def proxy(
         await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
-        state.admission.leave(key)
+        state.admission.leave(limits)
 
 
 async def relay(
@@ -304,8 +305,8 @@ async def open_upstream(
     path = exchange.raw_path + (b"?" + query if query else b"")
     tried: list[Backend] = []
     timed_out = False
-    key = exchange.key
-    assert key is not None
+    assert exchange.key is not None
+    key = state.key_limits.of(exchange.key)
     at_once = exchange.path in NO_SEQUENCE_PATHS
     while True:
         backend, waited = await state.admission.acquire(model, key, tried, at_once)

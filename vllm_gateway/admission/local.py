@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .. import errors
-from ..keystore import KeyRecord
+from ..key_limits import KeyLimits
 from ..registry import Backend, BackendState, Model, Registry
 from ..settings import Settings
 
@@ -151,7 +151,6 @@ class Admission:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.enabled = settings.admission
-        self.max_parallel_requests = settings.max_parallel_requests
         self.queue_timeout = settings.queue_timeout
         self.queue_limit = settings.queue_limit
         self.registry = registry
@@ -161,16 +160,15 @@ class Admission:
 
     # -- the key's own cap --
 
-    def enter(self, key: KeyRecord) -> None:
+    def enter(self, key: KeyLimits) -> None:
         """Count one more request of `key`, or refuse it (429) when the key is at its cap (with
         admission off too: the cap bounds what one key holds, waiting or not)."""
-        limit = key.max_parallel_requests or self.max_parallel_requests
         count = self.per_key.get(key.id, 0)
-        if count >= limit:
-            raise errors.too_many_parallel_requests(limit)
+        if count >= key.parallel:
+            raise errors.too_many_parallel_requests(key.parallel)
         self.per_key[key.id] = count + 1
 
-    def leave(self, key: KeyRecord) -> None:
+    def leave(self, key: KeyLimits) -> None:
         count = self.per_key.get(key.id, 0) - 1
         if count > 0:
             self.per_key[key.id] = count
@@ -195,7 +193,7 @@ class Admission:
     # -- backends --
 
     async def acquire(
-        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
+        self, model: Model, key: KeyLimits, exclude: Sequence[Backend] = (), at_once: bool = False
     ) -> tuple[Backend | None, float]:
         """A ready backend of `model` for one request, counted in its `in_flight`, and the seconds the
         request waited for it; None when no ready backend (but those in `exclude`) is left. With
@@ -220,7 +218,7 @@ class Admission:
         queue.model = model
         loop = asyncio.get_running_loop()
         waiter = Waiter(key.id, loop.create_future())
-        queue.push(waiter, key.weight or 1.0)
+        queue.push(waiter, key.weight)
         timer = loop.call_later(self.queue_timeout, self._expire, queue, waiter)
         started = time.perf_counter()
         try:
