@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from . import backend_errors, errors
 from .access_log import key_label
+from .admission.local import Slot
 from .errors import GatewayError
 from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
@@ -202,10 +203,11 @@ async def proxy(
         body = with_usage_requested(body)
 
     # 4. The gateway's concurrency (requests waiting for a backend count too), then this key's
-    # requests in flight and waiting (admission/local.py).
+    # requests in flight and waiting (admission/local.py): its slot holds the key's count, and the
+    # backend once one is chosen, and this `finally` alone gives them back.
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
-    state.admission.enter(limits)
+    slot = Slot(state.admission, limits, exchange.path in NO_SEQUENCE_PATHS)
 
     # 5. Relay, once admission gave a backend with room (open_upstream). When the client goes away,
     # its connection cancels this task: a waiting request leaves the queue, and a relayed one's
@@ -213,15 +215,16 @@ async def proxy(
     state.in_flight += 1
     try:
         upstream_headers = request_headers(list(headers.items()), request_id)
-        await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
+        await relay(state, exchange, slot, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
-        state.admission.leave(limits)
+        slot.close()  # in flight until the last byte: now the next request may go
 
 
 async def relay(
     state: GatewayState,
     exchange: Exchange,
+    slot: Slot,
     upstream_headers: Headers,
     body: bytes,
     model: Model,
@@ -231,7 +234,7 @@ async def relay(
     # From here the metrics count the backend's time, admission's wait for one included, so that the
     # gateway's overhead is its own work only (the wait is in the log line, queue_ms).
     waiting_from = time.perf_counter()
-    upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
+    upstream, backend = await open_upstream(state, exchange, slot, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
     meter: UsageMeter | None = None
@@ -286,8 +289,6 @@ async def relay(
             # The usage; without one (the client left, the backend cut the stream), what a stream delivered.
             outcome.prompt_tokens, outcome.completion_tokens = meter.tokens()
         outcome.upstream_seconds = time.perf_counter() - waiting_from
-        # In flight until the last byte: now the next may go.
-        state.admission.release(backend, exchange.path in NO_SEQUENCE_PATHS)
         if finished:
             upstream.release()
         else:
@@ -295,21 +296,26 @@ async def relay(
 
 
 async def open_upstream(
-    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
+    state: GatewayState,
+    exchange: Exchange,
+    slot: Slot,
+    upstream_headers: Headers,
+    body: bytes,
+    model: Model,
+    outcome: Outcome,
 ) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend with room (waiting for one when all are
-    full, admission/local.py), moving on to the next one that refuses."""
+    full, admission/local.py), moving on to the next one that refuses. The backend is the slot's
+    from here: whatever fails, the slot's owner gives it back."""
     query = exchange.query_string
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
     path = exchange.raw_path + (b"?" + query if query else b"")
     tried: list[Backend] = []
     timed_out = False
-    assert exchange.key is not None
-    key = state.key_limits.of(exchange.key)
-    at_once = exchange.path in NO_SEQUENCE_PATHS
     while True:
-        backend, waited = await state.admission.acquire(model, key, tried, at_once)
+        backend, waited = await state.admission.acquire(model, slot.key, tried, slot.at_once)
+        slot.backend = backend  # the slot's from here, and given back by its owner whatever happens next
         if waited:
             outcome.queued = (outcome.queued or 0.0) + waited
         if backend is None:
@@ -324,13 +330,13 @@ async def open_upstream(
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
         except asyncio.CancelledError:
-            state.admission.release(backend, at_once)
             if exchange.client_gone:
                 outcome.sent = (backend, body)  # the client left while vLLM worked on it: the prompt counts
             raise
         except UpstreamConnectError as error:
-            # Nothing reached vLLM, so another replica may safely take the request.
-            state.admission.release(backend, at_once)
+            # Nothing reached vLLM, so another replica may safely take the request; this one's room
+            # goes back first, as a slot holds one backend.
+            slot.release()
             timed_out = isinstance(error, UpstreamConnectTimeout)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             if backend.mark(BackendState.DOWN, str(error)):
@@ -338,16 +344,11 @@ async def open_upstream(
             state.health.check_soon()
             tried.append(backend)
         except UpstreamTimeout as error:
-            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
-            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_failed(model.name, error) from None
-        except BaseException:
-            state.admission.release(backend, at_once)
-            raise
 
 
 def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> str:
