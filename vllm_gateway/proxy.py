@@ -263,14 +263,10 @@ async def relay(
             meter.feed(first)
             if streaming:
                 meter.count_events(exchange.path)
-            upstream.send_body_to(meter)
             try:
-                # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
-                # up while the client was not reading, and at the end.
-                while chunk := await upstream.read_chunk():
-                    meter.write(chunk)
-                    if exchange.write_paused:
-                        await exchange.drain()
+                # Every piece goes to the client as it arrives, written by the response alone
+                # (upstream.Response.send_body_to), which returns once the body has all gone.
+                await upstream.send_body_to(meter)
                 exchange.write(meter.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
