@@ -1,6 +1,7 @@
-"""The request path for every model-addressed endpoint, top to bottom:
-rate-limit the key (checked with the head, access.py), read the body, find the model, pick a backend,
-relay, count the answer's tokens, log.
+"""The request path for every model-addressed endpoint, top to bottom: what the HTTP server calls
+(server_hooks: the check of each head, which finds the key, access.py; handle; the log of the answers
+the server gives itself), then the key's limits, the body, the model, admission and a backend, the
+relay, the answer's tokens, the log.
 
 It runs for every request and every token, so it talks to the client's connection directly
 (server.exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
@@ -10,13 +11,15 @@ never parsed or re-serialised, and a whole answer leaves in one write with its h
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
-from . import backend_errors, errors
+from . import backend_errors, errors, metrics_http
+from .access import check_head
 from .access_log import key_label
 from .admission.local import Slot
 from .errors import GatewayError
@@ -24,6 +27,7 @@ from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
 from .request_body import model_from_body
 from .server.exchange import ClientDisconnected, Exchange
+from .server.hooks import ConnectionCap, Limits, ServerHooks
 from .state import GatewayState
 from .stream_usage import USAGE_PATHS, UsageMeter, with_usage_requested
 from .upstream import (
@@ -99,6 +103,31 @@ def new_request_id() -> bytes:
     return b"%032x" % random.getrandbits(128)
 
 
+def server_hooks(state: GatewayState, limits: Limits, cap: ConnectionCap) -> ServerHooks:
+    """What the HTTP server (server/protocol.py) calls: `check` when a request's head is complete,
+    `handle` below for a model-addressed request that passed it, and `log_rejection` for a request the
+    connection itself answered."""
+
+    def check(exchange: Exchange) -> GatewayError | None:
+        if exchange.path == metrics_http.METRICS_PATH:
+            return metrics_http.check_head(state, exchange)
+        return check_head(state.keys, exchange)
+
+    def log_rejection(exchange: Exchange | None, status: int) -> None:
+        key = exchange.key if exchange is not None else None
+        state.log.request(
+            new_request_id().decode(),
+            exchange.method if exchange else "-",
+            exchange.path if exchange else "-",
+            status,
+            0.0,
+            key_label(key.id, key.name) if key is not None else "-",
+        )
+
+    # Closures and a partial, not wrapping coroutines: one call per head, one coroutine per request.
+    return ServerHooks(PROXIED_PATHS, functools.partial(handle, state), check, log_rejection, limits, cap)
+
+
 async def handle(state: GatewayState, exchange: Exchange) -> None:
     started = time.perf_counter()
     headers = dict(exchange.headers)
@@ -108,7 +137,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         request_id = new_request_id()
     outcome = Outcome(headers=[(b"x-request-id", request_id)])
     try:
-        await proxy(state, exchange, headers, request_id, outcome)
+        await admit_and_relay(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
         # The metrics tell a key's cap of parallel requests (admission/local.py) from its rate limit.
@@ -164,7 +193,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         )
 
 
-async def proxy(
+async def admit_and_relay(
     state: GatewayState, exchange: Exchange, headers: dict[bytes, bytes], request_id: bytes, outcome: Outcome
 ) -> None:
     # 1. Who is asking: the key was checked with the head (access.check_head), before any body.
