@@ -24,6 +24,7 @@ from servers import Child, free_port, log, spawn, wait_for_port
 
 from vllm_gateway.admission.local import Admission
 from vllm_gateway.admission.shared import SharedAdmission
+from vllm_gateway.key_limits import limits_of
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.ratelimit import RateLimiter
@@ -51,7 +52,8 @@ def build(kind: str, redis_url: str, work: Path, capacity: int) -> Admission:
 async def measure(admission: Admission, requests: int, clients: int) -> tuple[float, list[float]]:
     """CPU seconds of this process over `requests` acquire/release pairs, and each acquire's wall time."""
     model = admission.registry.models["m"]
-    keys = [KeyRecord(id=f"key_{n}", name=f"k{n}", prefix="sk-", hash="-", created_at=0.0) for n in range(4)]
+    records = [KeyRecord(id=f"key_{n}", name=f"k{n}", prefix="sk-", hash="-", created_at=0.0) for n in range(4)]
+    keys = [limits_of(record, Settings()) for record in records]
     waits: list[float] = []
     left = requests
 
@@ -103,11 +105,11 @@ async def run(redis: Child, redis_url: str, work: Path, args: argparse.Namespace
 async def rate_limit_row(redis: Child, redis_url: str, args: argparse.Namespace) -> str:
     """For scale: what a request's rate-limit check costs with the same Redis (ratelimit.py, through
     the `limits` library and redis-py), which several workers pay already."""
-    limiter = RateLimiter("1000000000/minute", redis_url, local=False)
+    limiter = RateLimiter(redis_url, local=False)
 
     async def caller(number: int, count: int) -> None:
         for _ in range(count):
-            await limiter.hit(f"key_{number % 4}", None)
+            await limiter.hit(f"key_{number % 4}", "1000000000/minute")
 
     await asyncio.gather(*(caller(n, 25) for n in range(args.clients)))
     redis_cpu, cpu = cpu_seconds(redis.pid), time.process_time()

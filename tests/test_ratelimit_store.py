@@ -18,11 +18,11 @@ def refusal(outcome: object) -> tuple[int, str | None, list[tuple[bytes, bytes]]
 
 def test_without_redis_a_request_and_a_token_check_get_503_store_unavailable(redis: Redis) -> None:
     async def scenario() -> tuple[object, object]:
-        limiter = RateLimiter("100/minute", redis.url, local=False)
-        await limiter.hit("key_a", None)
+        limiter = RateLimiter(redis.url, local=False)
+        await limiter.hit("key_a", "100/minute")
         redis.stop()
         outcomes = []
-        for check in (limiter.hit("key_a", None), limiter.check_tokens("key_a", "1000/minute")):
+        for check in (limiter.hit("key_a", "100/minute"), limiter.check_tokens("key_a", "1000/minute")):
             try:
                 await check
             except Exception as error:
@@ -37,11 +37,12 @@ def test_without_redis_a_request_and_a_token_check_get_503_store_unavailable(red
 
 def test_after_redis_restarts_no_count_fails_on_a_connection_from_before(redis: Redis) -> None:
     async def scenario() -> list[object]:
-        limiter = RateLimiter("100000/minute", redis.url, local=False)
-        await asyncio.gather(*(limiter.hit(f"key_{n}", None) for n in range(40)))  # 40 pooled connections
+        limiter = RateLimiter(redis.url, local=False)
+        limit = "100000/minute"
+        await asyncio.gather(*(limiter.hit(f"key_{n}", limit) for n in range(40)))  # 40 pooled connections
         redis.stop()
         redis.start()
-        return await asyncio.gather(*(limiter.hit(f"key_{n}", None) for n in range(40)), return_exceptions=True)
+        return await asyncio.gather(*(limiter.hit(f"key_{n}", limit) for n in range(40)), return_exceptions=True)
 
     after = asyncio.run(scenario())
     assert [item for item in after if isinstance(item, BaseException)] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 
 from vllm_gateway.admission.local import ModelQueue, Waiter
 from vllm_gateway.admission.shared import SharedAdmission
+from vllm_gateway.key_limits import KeyLimits, limits_of
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.registry import BackendState, Model, Registry
@@ -23,8 +25,10 @@ from vllm_gateway.settings import Settings
 SPEC = BackendSpec(id="m-1", name="m", aliases=(), path="", base_url="http://127.0.0.1:9", api_key=None, max_num_seqs=1)
 
 
-def key(name: str, weight: float) -> KeyRecord:
-    return KeyRecord(id=f"key_{name}", name=name, prefix="sk-", hash="-", weight=weight, created_at=time.time())
+def key(name: str, weight: float) -> KeyLimits:
+    """Key `name` as admission sees it (key_limits.py)."""
+    record = KeyRecord(id=f"key_{name}", name=name, prefix="sk-", hash="-", weight=weight, created_at=time.time())
+    return limits_of(record, Settings())
 
 
 def worker(redis_url: str, tmp_path: Path) -> SharedAdmission:
@@ -107,10 +111,10 @@ async def turns_across_workers(workers: Workers, seed: int, weights: tuple[float
     assert slot is not None
     order: list[str] = []
 
-    async def request(record: KeyRecord, admission: SharedAdmission) -> None:
+    async def request(record: KeyLimits, admission: SharedAdmission) -> None:
         backend, waited = await admission.acquire(model_of(admission), record)
         assert backend is not None and waited > 0
-        order.append(record.name)
+        order.append(record.id)
         admission.release(backend)  # the next in turn goes, on whichever worker it waits
 
     tasks = []
@@ -122,7 +126,7 @@ async def turns_across_workers(workers: Workers, seed: int, weights: tuple[float
     holder.release(slot)
     await asyncio.wait_for(asyncio.gather(*tasks), 20)
 
-    assert order == one_workers_order([(record.name, record.weight or 1.0) for record, _ in queued])
+    assert order == one_workers_order([(record.id, record.weight) for record, _ in queued])
 
 
 def test_a_tiny_weight_never_keeps_redis_busy(redis_url: str, tmp_path: Path) -> None:
@@ -132,7 +136,7 @@ def test_a_tiny_weight_never_keeps_redis_busy(redis_url: str, tmp_path: Path) ->
 
     async def scenario() -> None:
         async with two_workers(redis_url, tmp_path) as (holder, waiting_on):
-            tiny = key("T", 1.0).model_copy(update={"weight": 1e-300})  # past the key record's minimum
+            tiny = dataclasses.replace(key("T", 1.0), weight=1e-300)  # past the key record's minimum
             slot, _ = await holder.acquire(model_of(holder), key("A", 1))
             assert slot is not None
             waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), tiny))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from . import errors, metrics_http, proxy
-from .access import check_head
 from .access_log import key_label, setup_logging
 from .api import router
 from .errors import GatewayError
@@ -26,7 +24,6 @@ from .keystore import KeyFileError, KeyStore
 from .model_config import load_backend_specs
 from .ratelimit import RateLimiter
 from .registry import Registry
-from .server.exchange import Exchange
 from .server.file_limits import current_open_files_limit, default_max_connections
 from .server.hooks import ConnectionCap, Limits, ServerHooks
 from .settings import Settings, load_settings
@@ -76,10 +73,9 @@ class Gateway:
             )
 
 
-def server_hooks(state: GatewayState) -> ServerHooks:
-    """What the HTTP server calls: the relay, the check of each head, and the log of its own answers."""
-    settings = state.settings
-    limits = Limits(
+def connection_limits(settings: Settings) -> Limits:
+    """The HTTP server's limits and timeouts for each connection, from the settings."""
+    return Limits(
         head_timeout=settings.head_timeout,
         body_timeout=settings.body_timeout,
         send_timeout=settings.send_timeout,
@@ -92,32 +88,15 @@ def server_hooks(state: GatewayState) -> ServerHooks:
         linger_timeout=settings.linger_timeout,
         linger_bytes=settings.linger_bytes,
     )
+
+
+def connection_cap(settings: Settings) -> ConnectionCap:
     # The metrics port's own connections (metrics_http.port_hooks) come out of the same descriptors.
     metrics_connections = settings.metrics_max_connections if settings.metrics_port is not None else 0
     max_connections = settings.max_connections or default_max_connections(
         current_open_files_limit() - metrics_connections, settings.concurrency_limit
     )
-
-    # A partial, not a wrapping coroutine: one coroutine per request, not two.
-    relay = functools.partial(proxy.handle, state)
-
-    def check(exchange: Exchange) -> GatewayError | None:
-        if exchange.path == metrics_http.METRICS_PATH:
-            return metrics_http.check_head(state, exchange)
-        return check_head(state.keys, exchange)
-
-    def log_rejection(exchange: Exchange | None, status: int) -> None:
-        key = exchange.key if exchange is not None else None
-        state.log.request(
-            proxy.new_request_id().decode(),
-            exchange.method if exchange else "-",
-            exchange.path if exchange else "-",
-            status,
-            0.0,
-            key_label(key.id, key.name) if key is not None else "-",
-        )
-
-    return ServerHooks(proxy.PROXIED_PATHS, relay, check, log_rejection, limits, ConnectionCap(max_connections))
+    return ConnectionCap(max_connections)
 
 
 def build_state(settings: Settings) -> GatewayState:
@@ -126,7 +105,6 @@ def build_state(settings: Settings) -> GatewayState:
     keys.load()
     registry = Registry(load_backend_specs(settings.model_config_file))
     limiter = RateLimiter(
-        settings.rate_limit,
         settings.rate_limit_storage,
         local=not settings.shares_rate_limit_store,
         store_timeout=settings.redis_timeout,
@@ -162,7 +140,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or load_settings()
     state = build_state(settings)
     state.log = setup_logging(settings)
-    hooks = server_hooks(state)
+    hooks = proxy.server_hooks(state, connection_limits(settings), connection_cap(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,6 +1,7 @@
-"""The request path for every model-addressed endpoint, top to bottom:
-rate-limit the key (checked with the head, access.py), read the body, find the model, pick a backend,
-relay, count the answer's tokens, log.
+"""The request path for every model-addressed endpoint, top to bottom: what the HTTP server calls
+(server_hooks: the check of each head, which finds the key, access.py; handle; the log of the answers
+the server gives itself), then the key's limits, the body, the model, admission and a backend, the
+relay, the answer's tokens, the log.
 
 It runs for every request and every token, so it talks to the client's connection directly
 (server.exchange.Exchange) rather than through ASGI: bytes from vLLM go to the client as they arrive,
@@ -10,19 +11,23 @@ never parsed or re-serialised, and a whole answer leaves in one write with its h
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import re
 import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
-from . import backend_errors, errors
+from . import backend_errors, errors, metrics_http
+from .access import check_head
 from .access_log import key_label
+from .admission.local import Slot
 from .errors import GatewayError
 from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
 from .request_body import model_from_body
 from .server.exchange import ClientDisconnected, Exchange
+from .server.hooks import ConnectionCap, Limits, ServerHooks
 from .state import GatewayState
 from .stream_usage import USAGE_PATHS, UsageMeter, with_usage_requested
 from .upstream import (
@@ -98,6 +103,31 @@ def new_request_id() -> bytes:
     return b"%032x" % random.getrandbits(128)
 
 
+def server_hooks(state: GatewayState, limits: Limits, cap: ConnectionCap) -> ServerHooks:
+    """What the HTTP server (server/protocol.py) calls: `check` when a request's head is complete,
+    `handle` below for a model-addressed request that passed it, and `log_rejection` for a request the
+    connection itself answered."""
+
+    def check(exchange: Exchange) -> GatewayError | None:
+        if exchange.path == metrics_http.METRICS_PATH:
+            return metrics_http.check_head(state, exchange)
+        return check_head(state.keys, exchange)
+
+    def log_rejection(exchange: Exchange | None, status: int) -> None:
+        key = exchange.key if exchange is not None else None
+        state.log.request(
+            new_request_id().decode(),
+            exchange.method if exchange else "-",
+            exchange.path if exchange else "-",
+            status,
+            0.0,
+            key_label(key.id, key.name) if key is not None else "-",
+        )
+
+    # Closures and a partial, not wrapping coroutines: one call per head, one coroutine per request.
+    return ServerHooks(PROXIED_PATHS, functools.partial(handle, state), check, log_rejection, limits, cap)
+
+
 async def handle(state: GatewayState, exchange: Exchange) -> None:
     started = time.perf_counter()
     headers = dict(exchange.headers)
@@ -107,7 +137,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         request_id = new_request_id()
     outcome = Outcome(headers=[(b"x-request-id", request_id)])
     try:
-        await proxy(state, exchange, headers, request_id, outcome)
+        await admit_and_relay(state, exchange, headers, request_id, outcome)
     except GatewayError as error:
         outcome.status = error.status
         # The metrics tell a key's cap of parallel requests (admission/local.py) from its rate limit.
@@ -163,18 +193,19 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         )
 
 
-async def proxy(
+async def admit_and_relay(
     state: GatewayState, exchange: Exchange, headers: dict[bytes, bytes], request_id: bytes, outcome: Outcome
 ) -> None:
     # 1. Who is asking: the key was checked with the head (access.check_head), before any body.
     key = exchange.key
     assert key is not None
     outcome.key = key_label(key.id, key.name)
+    limits = state.key_limits.of(key)  # its own limits, else the settings' (key_limits.py)
 
     # 2. This key's rate, before its body is read: a key at its limit cannot make the gateway parse.
-    outcome.headers += await state.limiter.hit(key.id, key.rate_limit)
+    outcome.headers += await state.limiter.hit(key.id, limits.rate)
     # 2b. Its tokens: a key whose token window is used up is refused before anything goes upstream.
-    token_limit = outcome.token_limit = key.token_limit or state.settings.token_limit
+    token_limit = outcome.token_limit = limits.tokens
     if token_limit:
         outcome.headers += await state.limiter.check_tokens(key.id, token_limit)
 
@@ -201,10 +232,11 @@ async def proxy(
         body = with_usage_requested(body)
 
     # 4. The gateway's concurrency (requests waiting for a backend count too), then this key's
-    # requests in flight and waiting (admission/local.py).
+    # requests in flight and waiting (admission/local.py): its slot holds the key's count, and the
+    # backend once one is chosen, and this `finally` alone gives them back.
     if state.in_flight >= state.settings.concurrency_limit:
         raise errors.overloaded(state.settings.concurrency_limit)
-    state.admission.enter(key)
+    slot = Slot(state.admission, limits, exchange.path in NO_SEQUENCE_PATHS)
 
     # 5. Relay, once admission gave a backend with room (open_upstream). When the client goes away,
     # its connection cancels this task: a waiting request leaves the queue, and a relayed one's
@@ -212,15 +244,16 @@ async def proxy(
     state.in_flight += 1
     try:
         upstream_headers = request_headers(list(headers.items()), request_id)
-        await relay(state, exchange, upstream_headers, body, model, outcome, strip_usage)
+        await relay(state, exchange, slot, upstream_headers, body, model, outcome, strip_usage)
     finally:
         state.in_flight -= 1
-        state.admission.leave(key)
+        slot.close()  # in flight until the last byte: now the next request may go
 
 
 async def relay(
     state: GatewayState,
     exchange: Exchange,
+    slot: Slot,
     upstream_headers: Headers,
     body: bytes,
     model: Model,
@@ -230,7 +263,7 @@ async def relay(
     # From here the metrics count the backend's time, admission's wait for one included, so that the
     # gateway's overhead is its own work only (the wait is in the log line, queue_ms).
     waiting_from = time.perf_counter()
-    upstream, backend = await open_upstream(state, exchange, upstream_headers, body, model, outcome)
+    upstream, backend = await open_upstream(state, exchange, slot, upstream_headers, body, model, outcome)
     outcome.backend = backend.spec.id
     finished = False
     meter: UsageMeter | None = None
@@ -259,14 +292,10 @@ async def relay(
             meter.feed(first)
             if streaming:
                 meter.count_events(exchange.path)
-            upstream.send_body_to(meter)
             try:
-                # Pieces go to the client as they arrive; this loop only wakes to pass on what queued
-                # up while the client was not reading, and at the end.
-                while chunk := await upstream.read_chunk():
-                    meter.write(chunk)
-                    if exchange.write_paused:
-                        await exchange.drain()
+                # Every piece goes to the client as it arrives, written by the response alone
+                # (upstream.Response.send_body_to), which returns once the body has all gone.
+                await upstream.send_body_to(meter)
                 exchange.write(meter.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
@@ -285,8 +314,6 @@ async def relay(
             # The usage; without one (the client left, the backend cut the stream), what a stream delivered.
             outcome.prompt_tokens, outcome.completion_tokens = meter.tokens()
         outcome.upstream_seconds = time.perf_counter() - waiting_from
-        # In flight until the last byte: now the next may go.
-        state.admission.release(backend, exchange.path in NO_SEQUENCE_PATHS)
         if finished:
             upstream.release()
         else:
@@ -294,21 +321,26 @@ async def relay(
 
 
 async def open_upstream(
-    state: GatewayState, exchange: Exchange, upstream_headers: Headers, body: bytes, model: Model, outcome: Outcome
+    state: GatewayState,
+    exchange: Exchange,
+    slot: Slot,
+    upstream_headers: Headers,
+    body: bytes,
+    model: Model,
+    outcome: Outcome,
 ) -> tuple[Response, Backend]:
     """Send the request to the least busy ready backend with room (waiting for one when all are
-    full, admission/local.py), moving on to the next one that refuses."""
+    full, admission/local.py), moving on to the next one that refuses. The backend is the slot's
+    from here: whatever fails, the slot's owner gives it back."""
     query = exchange.query_string
     if b"api_key=" in query:
         query = urlencode([(k, v) for k, v in parse_qsl(query.decode("latin-1")) if k != "api_key"]).encode()
     path = exchange.raw_path + (b"?" + query if query else b"")
     tried: list[Backend] = []
     timed_out = False
-    key = exchange.key
-    assert key is not None
-    at_once = exchange.path in NO_SEQUENCE_PATHS
     while True:
-        backend, waited = await state.admission.acquire(model, key, tried, at_once)
+        backend, waited = await state.admission.acquire(model, slot.key, tried, slot.at_once)
+        slot.backend = backend  # the slot's from here, and given back by its owner whatever happens next
         if waited:
             outcome.queued = (outcome.queued or 0.0) + waited
         if backend is None:
@@ -323,13 +355,13 @@ async def open_upstream(
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
         except asyncio.CancelledError:
-            state.admission.release(backend, at_once)
             if exchange.client_gone:
                 outcome.sent = (backend, body)  # the client left while vLLM worked on it: the prompt counts
             raise
         except UpstreamConnectError as error:
-            # Nothing reached vLLM, so another replica may safely take the request.
-            state.admission.release(backend, at_once)
+            # Nothing reached vLLM, so another replica may safely take the request; this one's room
+            # goes back first, as a slot holds one backend.
+            slot.release()
             timed_out = isinstance(error, UpstreamConnectTimeout)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             if backend.mark(BackendState.DOWN, str(error)):
@@ -337,16 +369,11 @@ async def open_upstream(
             state.health.check_soon()
             tried.append(backend)
         except UpstreamTimeout as error:
-            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
         except UpstreamError as error:
-            state.admission.release(backend, at_once)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             raise errors.upstream_failed(model.name, error) from None
-        except BaseException:
-            state.admission.release(backend, at_once)
-            raise
 
 
 def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> str:

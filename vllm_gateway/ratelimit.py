@@ -85,10 +85,9 @@ class LocalWindows:
 
 
 class RateLimiter:
-    def __init__(self, default_limit: str, storage_uri: str, local: bool, store_timeout: float = 5.0) -> None:
+    def __init__(self, storage_uri: str, local: bool, store_timeout: float = 5.0) -> None:
         """`local`: count in this process (the storage is memory, whatever its spelling).
         `store_timeout`: seconds a shared store may take to connect or answer."""
-        self.default_limit = default_limit
         self.local: LocalWindows | None = None
         self.shared: FixedWindowRateLimiter | None = None
         self.outage = Outage("rate limiter")
@@ -102,11 +101,11 @@ class RateLimiter:
             storage = storage_from_string(storage_uri, implementation="redispy", wrap_exceptions=True, **options)
             self.shared = FixedWindowRateLimiter(storage)
 
-    async def hit(self, key_id: str, limit_text: str | None) -> Headers:
-        """Count one request for this key; returns the rate-limit headers or raises a 429 error.
+    async def hit(self, key_id: str, text: str) -> Headers:
+        """Count one request for this key against `text`, its rate limit in force (key_limits.py);
+        returns the rate-limit headers or raises a 429 error.
 
         The headers tell the window with the fewest requests left; Retry-After the last one to reopen."""
-        text = limit_text or self.default_limit
         if self.local is not None:
             return self._hit_local(key_id, text)
         allowed = True

@@ -10,6 +10,7 @@ from .admission.local import Admission
 from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
 from .health import HealthChecker
+from .key_limits import KeyLimitsCache
 from .keystore import KeyStore
 from .metrics.recording import Metrics
 from .ratelimit import RateLimiter
@@ -35,8 +36,10 @@ class GatewayState:
     started_at: float = field(default_factory=time.time)
     metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
+    key_limits: KeyLimitsCache = field(init=False)  # each key's limits in force, from its record and the settings
 
     def __post_init__(self) -> None:
+        self.key_limits = KeyLimitsCache(self.settings)
         self.metrics = Metrics(self.registry, self.settings.metrics)
         # Several workers share their counts and queues through Redis (admission/shared.py).
         shared = self.settings.workers > 1 and self.settings.admission

@@ -177,6 +177,9 @@ class UsageMeter:
     def write_paused(self) -> bool:
         return self.sink.write_paused
 
+    async def drain(self) -> None:
+        await self.sink.drain()
+
     def feed(self, piece: bytes) -> None:
         """A piece of the answer that went to the client some other way (with its head)."""
         if piece:

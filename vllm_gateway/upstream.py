@@ -92,13 +92,16 @@ class Sink(Protocol):
 
     def write(self, chunk: bytes) -> None: ...
 
+    async def drain(self) -> None: ...
+
 
 class Response:
     """A response being received: status and headers first, then the body chunk by chunk.
 
-    Pieces are queued for read_chunk(), or, once a sink is given (send_body_to), written to it after
-    each read from the backend, all that read brought in one write, while the sink keeps up: a token
-    stream then costs no task wake-up per event, and a burst of events stays one write.
+    Pieces are queued for read_chunk(), or, once a sink is given (send_body_to), written to it, by
+    the response alone: after each read from the backend, all that read brought in one write, while
+    the sink keeps up (a token stream then costs no task wake-up per event, and a burst of events
+    stays one write); by the task in send_body_to while the sink is paused.
     """
 
     __slots__ = (
@@ -132,10 +135,28 @@ class Response:
         self.sized = False
         self.encoded = False
 
-    def send_body_to(self, sink: Sink) -> None:
-        """From now on, what each read from the backend brings goes straight to `sink`, in one write;
-        read_chunk() then returns only what queued up while the sink was paused, and b"" at the end."""
+    async def send_body_to(self, sink: Sink) -> None:
+        """Write the rest of the body to `sink` as it arrives; returns once all of it went, raises
+        UpstreamError when the backend failed first. What each read from the backend brings goes in
+        one write from the read itself (_flush) while the sink keeps up; this task wakes only to
+        write what queued up while the sink was paused, then waits for it to drain, and at the end."""
         self._sink = sink
+        # read_chunk()'s loop, inlined: this coroutine is a stream's only one however often it wakes.
+        while True:
+            if self._chunks:
+                sink.write(self._take())
+                if sink.write_paused:
+                    await sink.drain()
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     @property
     def content_type(self) -> bytes:
@@ -204,8 +225,8 @@ class Response:
             self._wake()  # with a sink, _flush() decides after the read
 
     def _flush(self) -> None:
-        """After each read from the backend: what it brought goes to the sink in one write, or to
-        the relay task while the sink is paused (the task waits for the client to drain)."""
+        """After each read from the backend: what it brought goes to the sink in one write, or, while
+        the sink is paused, is left for send_body_to's task (which waits for the client to drain)."""
         sink = self._sink
         if sink is None or not self._chunks:
             return

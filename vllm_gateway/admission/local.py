@@ -2,7 +2,8 @@
 
 A backend's capacity is its `max_concurrency` from the model config, else its `max_num_seqs`, else
 none (model_config.BackendSpec.capacity). A request is in flight from the moment a backend is chosen
-for it until its last byte went to the client (proxy.relay counts `Backend.in_flight` down then).
+for it until its last byte went to the client. Its Slot holds both its key's count and the backend,
+and gives each back once, when the request ends however it ends.
 
 A request that finds every ready replica of its model full waits in the model's queue. When a slot
 frees (a request ends, a replica comes up), the next request is chosen by deficit round robin over
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from .. import errors
-from ..keystore import KeyRecord
+from ..key_limits import KeyLimits
 from ..registry import Backend, BackendState, Model, Registry
 from ..settings import Settings
 
@@ -151,31 +152,12 @@ class Admission:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.enabled = settings.admission
-        self.max_parallel_requests = settings.max_parallel_requests
         self.queue_timeout = settings.queue_timeout
         self.queue_limit = settings.queue_limit
         self.registry = registry
         self.queues: dict[str, ModelQueue] = {}
-        self.per_key: dict[str, int] = {}  # requests in flight or waiting, per key id
+        self.per_key: dict[str, int] = {}  # requests in flight or waiting, per key id (counted by their Slot)
         registry.listeners.append(self.backends_changed)
-
-    # -- the key's own cap --
-
-    def enter(self, key: KeyRecord) -> None:
-        """Count one more request of `key`, or refuse it (429) when the key is at its cap (with
-        admission off too: the cap bounds what one key holds, waiting or not)."""
-        limit = key.max_parallel_requests or self.max_parallel_requests
-        count = self.per_key.get(key.id, 0)
-        if count >= limit:
-            raise errors.too_many_parallel_requests(limit)
-        self.per_key[key.id] = count + 1
-
-    def leave(self, key: KeyRecord) -> None:
-        count = self.per_key.get(key.id, 0) - 1
-        if count > 0:
-            self.per_key[key.id] = count
-        else:
-            self.per_key.pop(key.id, None)
 
     def waiting(self, model_name: str) -> int:
         """Requests of this worker waiting for `model_name` (the metrics add the workers up)."""
@@ -195,7 +177,7 @@ class Admission:
     # -- backends --
 
     async def acquire(
-        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
+        self, model: Model, key: KeyLimits, exclude: Sequence[Backend] = (), at_once: bool = False
     ) -> tuple[Backend | None, float]:
         """A ready backend of `model` for one request, counted in its `in_flight`, and the seconds the
         request waited for it; None when no ready backend (but those in `exclude`) is left. With
@@ -220,7 +202,7 @@ class Admission:
         queue.model = model
         loop = asyncio.get_running_loop()
         waiter = Waiter(key.id, loop.create_future())
-        queue.push(waiter, key.weight or 1.0)
+        queue.push(waiter, key.weight)
         timer = loop.call_later(self.queue_timeout, self._expire, queue, waiter)
         started = time.perf_counter()
         try:
@@ -281,3 +263,50 @@ class Admission:
         if not waiter.future.done():
             queue.remove(waiter)
             waiter.future.set_exception(errors.queue_timeout(queue.model.name, self.queue_timeout))
+
+
+class Slot:
+    """One request's hold on admission, from its start until it closes: its key's count, and the
+    backend that acquire() gave it, which its owner (proxy.open_upstream) records here at once. The
+    owner closes it in one `finally` (proxy.admit_and_relay), however the request ends (answered,
+    refused, failed, cancelled, its client gone), and each hold goes back once: release() and close()
+    do nothing the second time."""
+
+    __slots__ = ("admission", "key", "at_once", "backend", "counted")
+
+    def __init__(self, admission: Admission, key: KeyLimits, at_once: bool) -> None:
+        """Count one more request of `key`, or refuse it (429) when the key is at its cap (with
+        admission off too: the cap bounds what one key holds, waiting or not). `at_once`: a request
+        that takes no sequence in vLLM (Admission.acquire)."""
+        count = admission.per_key.get(key.id, 0)
+        if count >= key.parallel:
+            raise errors.too_many_parallel_requests(key.parallel)
+        admission.per_key[key.id] = count + 1
+        self.admission = admission
+        self.key = key
+        self.at_once = at_once
+        self.backend: Backend | None = None
+        self.counted = True  # the key's count, until close()
+
+    def release(self) -> None:
+        """The backend goes back (the next request may go to it), the key's count stays: for a request
+        that tries another backend."""
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            self.admission.release(backend, self.at_once)
+
+    def close(self) -> None:
+        """The request ended: its backend and its key's count go back."""
+        backend = self.backend  # release(), inlined: this runs for every request
+        if backend is not None:
+            self.backend = None
+            self.admission.release(backend, self.at_once)
+        if self.counted:
+            self.counted = False
+            per_key, key_id = self.admission.per_key, self.key.id
+            count = per_key.get(key_id, 0) - 1
+            if count > 0:
+                per_key[key_id] = count
+            else:
+                per_key.pop(key_id, None)

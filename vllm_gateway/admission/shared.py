@@ -45,7 +45,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import GatewayError
-from ..keystore import KeyRecord
+from ..key_limits import KeyLimits
 from ..registry import Backend, BackendState, Model, Registry
 from ..settings import Settings
 from ..store_outage import Outage
@@ -221,7 +221,7 @@ class SharedAdmission(Admission):
         return max(self.totals.get(model_name, 0), self.waiting(model_name))
 
     async def acquire(
-        self, model: Model, key: KeyRecord, exclude: Sequence[Backend] = (), at_once: bool = False
+        self, model: Model, key: KeyLimits, exclude: Sequence[Backend] = (), at_once: bool = False
     ) -> tuple[Backend | None, float]:
         if not self.enabled or at_once:
             backend, waited = await super().acquire(model, key, exclude, at_once)
@@ -234,7 +234,7 @@ class SharedAdmission(Admission):
         ticket = f"{self.worker}|{next(self.tickets)}"
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self.waiters[ticket] = (model, future)  # before the script: a grant may come before its answer
-        args = [self.prefix, model.name, self.worker, ticket, key.id, key.weight or 1.0, self.queue_limit]
+        args = [self.prefix, model.name, self.worker, ticket, key.id, key.weight, self.queue_limit]
         call = self.scripts.send("acquire", [*args, *candidates])
         if call is None:  # not connected yet, or again
             call = asyncio.ensure_future(self.scripts.run("acquire", [*args, *candidates]))
@@ -272,7 +272,7 @@ class SharedAdmission(Admission):
             raise errors.queue_full(model.name, self.queue_limit)
         return await self.wait(model, ticket, key, future)
 
-    async def undo(self, call: asyncio.Future[Any], model: Model, ticket: str, key: KeyRecord, generation: int) -> None:
+    async def undo(self, call: asyncio.Future[Any], model: Model, ticket: str, key: KeyLimits, generation: int) -> None:
         """An acquire whose request was cancelled before Redis answered: give back the slot it took,
         or take its ticket out of the queue."""
         if call.cancelled() or call.exception() is not None:
@@ -287,7 +287,7 @@ class SharedAdmission(Admission):
             await self.run("cancel", model.name, self.worker, ticket, key.id)
 
     async def wait(
-        self, model: Model, ticket: str, key: KeyRecord, future: asyncio.Future[Backend]
+        self, model: Model, ticket: str, key: KeyLimits, future: asyncio.Future[Backend]
     ) -> tuple[Backend | None, float]:
         started = time.perf_counter()
         self.local_waiting[model.name] = self.local_waiting.get(model.name, 0) + 1
@@ -304,7 +304,7 @@ class SharedAdmission(Admission):
             self.local_waiting[model.name] -= 1
         return backend, time.perf_counter() - started
 
-    async def give_up(self, model: Model, ticket: str, key: KeyRecord, future: asyncio.Future[Backend]) -> None:
+    async def give_up(self, model: Model, ticket: str, key: KeyLimits, future: asyncio.Future[Backend]) -> None:
         """A waiting request leaves (its client went, it timed out, its model went down): out of the
         queue, and a slot granted to it meanwhile goes to the next in turn."""
         self.waiters.pop(ticket, None)  # a grant from now on finds nobody and is handed back
