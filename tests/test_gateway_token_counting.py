@@ -5,6 +5,7 @@ line, and the ledger, the metrics and the key's token window where they could di
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -17,6 +18,8 @@ import pytest
 
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import Simulator
+from vllm_gateway.stream_usage import USAGE_PATHS, UsageMeter, lacks_usage, with_usage_requested
+from vllm_gateway.usage_scan import usage_in
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -192,38 +195,133 @@ def test_the_usage_before_megabytes_of_prompt_logprobs_is_counted(gateway):
     assert tokens_of(gateway, rid) == (words, 3, None)
 
 
-def usage_span(content: bytes) -> range:
-    """Byte offsets from a little before the last usage object to a little after it."""
+def usage_span(content: bytes) -> tuple[int, int]:
+    """Where the last usage object of an answer starts (its key) and ends (after its closing brace)."""
     start = content.rindex(b'"usage":{')
-    end = content.index(b"}", content.index(b"}", start) + 1) + 1
-    return range(start - 2, end + 2)
+    return start, content.index(b"}", content.index(b"}", start) + 1) + 1
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        (CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 3, "stream": True}),
-        (CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 3}),
-        (RESPONSES, {"model": "sim", "input": "one two three", "max_output_tokens": 3, "stream": True}),
-    ],
-    ids=["chat-stream", "chat", "responses-stream"],
-)
-def test_the_usage_is_counted_wherever_the_backends_writes_cut_it(gateway, simulator, path, body):
-    # The answer's bytes, as the gateway will get them (an id of the same length gives the same offsets).
-    probe = body | ({"stream_options": {"include_usage": True}} if path == CHAT and body.get("stream") else {})
-    direct = httpx.post(simulator.base_url + path, json=probe, headers={"X-Request-ID": "cut-00000"}, timeout=30)
-    span = usage_span(direct.content)
+# The answers whose usage the cuts move around, as the gateway's tests send them: the simulator
+# counts three prompt tokens and writes three.
+CUT_ANSWERS = {
+    "chat": (CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 3}),
+    "chat-stream": (CHAT, {"model": "sim", "messages": MESSAGES, "max_tokens": 3, "stream": True}),
+    "chat-stream-with-usage": (
+        CHAT,
+        {
+            "model": "sim",
+            "messages": MESSAGES,
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    "responses": (RESPONSES, {"model": "sim", "input": "one two three", "max_output_tokens": 3}),
+    "responses-stream": (RESPONSES, {"model": "sim", "input": "one two three", "max_output_tokens": 3, "stream": True}),
+}
+
+
+def backend_answer(simulator: Simulator, path: str, body: dict) -> tuple[bytes, bool, bool]:
+    """The answer's bytes as the gateway gets them (it asks for a chat stream's usage on its client's
+    behalf; an id of the same length gives the same offsets), whether it is a stream, and whether the
+    gateway keeps its usage chunk from the client (the client did not ask for it)."""
+    strip = path in USAGE_PATHS and lacks_usage(body)
+    probe = with_usage_requested(json.dumps(body).encode()) if strip else json.dumps(body).encode()
+    headers = {"X-Request-ID": "cut-00000", "Content-Type": "application/json"}
+    direct = httpx.post(simulator.base_url + path, content=probe, headers=headers, timeout=30)
+    assert direct.status_code == 200, direct.text
+    return direct.content, "text/event-stream" in direct.headers["content-type"], strip
+
+
+class Client:
+    """The client's side of the relay: what reaches it."""
+
+    write_paused = False
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+
+
+def relayed(path: str, reads: list[bytes], streaming: bool, strip: bool) -> tuple[bytes, tuple[int | None, int | None]]:
+    """What proxy.relay makes of an answer whose body reaches it in `reads`: the bytes its client
+    gets, and the tokens counted. As the relay does it: a body that is not a stream is read once
+    before its head goes out, and when that read holds it whole it is looked through then (usage_in);
+    anything else goes to the client through a UsageMeter, the first read with the head (`feed`),
+    each later one as it comes (`write`), what the meter held back at the end (`rest`), and the
+    meter's count once the body is done (`tokens`)."""
+    client = Client()
+    first, later = (b"", reads) if streaming else (reads[0], reads[1:])
+    if not streaming and not later:
+        client.write(first)
+        return first, usage_in(first) or (None, None)
+    meter = UsageMeter(client, strip and streaming)
+    client.write(first)
+    meter.feed(first)
+    if streaming:
+        meter.count_events(path)
+    for piece in later:
+        meter.write(piece)
+    client.write(meter.rest())
+    return b"".join(client.parts), meter.tokens()
+
+
+def written_in_events(content: bytes) -> list[int]:
+    """The offsets where the backend's writes end: a stream's events, each written on its own."""
+    ends, at = [], content.find(b"\n\n")
+    while at >= 0:
+        ends.append(at + 2)
+        at = content.find(b"\n\n", at + 2)
+    return ends
+
+
+@pytest.mark.parametrize("shape", CUT_ANSWERS)
+def test_the_relay_counts_the_usage_and_passes_the_body_on_whichever_bytes_its_reads_end_at(simulator, shape):
+    """Every cut of the answer, as function calls: in two reads; as the backend writes it (event by
+    event) with the cut among its writes; and in pieces of a few bytes. The usage is counted, and the
+    client gets the body byte for byte (without the usage chunk the gateway asked for on its behalf)."""
+    path, body = CUT_ANSWERS[shape]
+    content, streaming, strip = backend_answer(simulator, path, body)
+    expected = content
+    if strip:
+        usage_event = content.rindex(b"data: ", 0, content.index(b'"choices":[],'))
+        expected = content[:usage_event] + content[content.index(b"\n\n", usage_event) + 2 :]
+    assert relayed(path, [content], streaming, strip) == (expected, (3, 3))  # in one read
+
+    def cut_at(offsets: list[int]) -> list[bytes]:
+        edges = [0, *sorted(set(offsets) - {0, len(content)}), len(content)]
+        return [content[start:end] for start, end in itertools.pairwise(edges)]
+
+    layouts: dict[str, list[bytes]] = {}
+    writes = written_in_events(content) if streaming else []
+    for position in range(1, len(content)):
+        layouts[f"two reads, cut at {position}"] = cut_at([position])
+        if streaming:
+            layouts[f"events, cut at {position}"] = cut_at([*writes, position])
+    for size in (1, 2, 3, 5, 7, 16, 100):
+        layouts[f"pieces of {size}"] = cut_at(list(range(size, len(content), size)))
+    outcomes = {name: relayed(path, reads, streaming, strip) for name, reads in layouts.items()}
+    assert {name: outcome for name, outcome in outcomes.items() if outcome != (expected, (3, 3))} == {}
+
+
+@pytest.mark.parametrize("shape", CUT_ANSWERS)
+def test_the_usage_is_counted_wherever_the_backends_writes_cut_it(gateway, simulator, shape):
+    """The relay's wiring, for a few of the cuts the test above makes: the backend's writes end just
+    before the usage, inside its key, inside the object, right after it, after the first byte and
+    before the last, and in sixteen pieces."""
+    path, body = CUT_ANSWERS[shape]
+    content, _, _ = backend_answer(simulator, path, body)
+    start, end = usage_span(content)
     counted = {}
-    for position in span:
+    for position in (start, start + 4, (start + end) // 2, end, 1, len(content) - 1):
         simulator.set_faults(split_body_at=position)
-        rid = f"cut-{position:05d}"
-        answer = post(gateway, path, body, rid)
-        assert answer.status_code == 200
-        counted[position] = rid
-    for pieces in (1, 5, 16):
-        simulator.set_faults(body_piece_bytes=pieces)
-        counted[-pieces] = rid = request_id(f"pieces-{pieces}")
+        counted[position] = rid = f"cut-{position:05d}"
         assert post(gateway, path, body, rid).status_code == 200
+    simulator.set_faults(body_piece_bytes=len(content) // 16 + 1)
+    counted[-16] = rid = request_id("pieces")
+    assert post(gateway, path, body, rid).status_code == 200
     expected = (3, 3, None)
     assert {position: tokens_of(gateway, rid) for position, rid in counted.items()} == dict.fromkeys(counted, expected)
 
