@@ -1,6 +1,7 @@
 """Admission's Redis side (admission/shared.py), two workers in one process against a real Redis:
-the turns it keeps are one worker's deficit round robin step for step, and a worker that dies gives
-back what it held."""
+the turns it keeps are one worker's deficit round robin step for step, a worker that dies gives
+back what it held, and no slot is lost or counted twice when Redis fails under the workers (refuses,
+pauses, stops, drops a connection) at any step of a request."""
 
 from __future__ import annotations
 
@@ -265,3 +266,319 @@ async def server_starts_loading(workers: Workers) -> None:
     assert refused.value.message == "The model `m` has no ready server right now (loading). Try again in 10 s."
     assert refused.value.headers == [(b"retry-after", b"10")]
     first.release(slot)
+
+
+# ---- Redis failing under running workers --------------------------------------------------------
+
+
+def one_worker(redis_url: str, tmp_path: Path, spec: BackendSpec = SPEC, **settings: object) -> SharedAdmission:
+    """A worker of `spec`'s model with settings of the test's own (worker() has the defaults)."""
+    config = Settings(workers=2, rate_limit_storage=redis_url, key_file=tmp_path / "api_keys.json", port=1, **settings)
+    registry = Registry([spec])
+    for backend in registry.backends():
+        backend.state = BackendState.READY
+    return SharedAdmission(config, registry)
+
+
+@contextlib.asynccontextmanager
+async def started(*workers: SharedAdmission) -> AsyncIterator[None]:
+    for admission in workers:
+        await admission.start()
+    try:
+        yield
+    finally:
+        for admission in workers:
+            await admission.stop()
+
+
+def in_redis(redis_url: str, name: str, field: str | None = None) -> int:
+    """One of admission's figures as Redis holds it now (`inflight:m-1` with a field, `q:m:size`),
+    read on a connection of its own (Redis may have restarted since the workers connected)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        names = list(client.scan_iter(f"vllm_gateway:admission:*:{name}"))
+        return sum(int((client.hget(n, field) if field else client.get(n)) or 0) for n in names)
+    finally:
+        client.close()
+
+
+async def until_redis(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """until(), for a check that asks Redis (a blocking call): polled without holding up the loop for long."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "Redis never got there"
+        await asyncio.sleep(0.05)
+
+
+def test_a_release_redis_refuses_is_sent_again_once_it_answers(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Redis refuses the release of a slot with an error (out of memory here): the slot is not lost,
+    the worker sends the release again after a heartbeat Redis answers, and the request waiting on
+    the other worker gets it."""
+    import redis as redis_py
+
+    from vllm_gateway.errors import GatewayError
+
+    async def scenario() -> None:
+        holder, waiting_on = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
+        async with started(holder, waiting_on):
+            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
+            assert slot is not None
+            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
+            await until(lambda: waiting_on.waiting("m") == 1)
+            admin = redis_py.asyncio.Redis.from_url(redis.url)
+            await admin.config_set("maxmemory", 1)  # every script that writes is refused: OOM
+            try:
+                holder.release(slot)
+                await until(lambda: holder.unreleased != [])  # refused, and kept to send again
+                with pytest.raises(GatewayError) as refused:  # and a new request is refused at once
+                    await waiting_on.acquire(model_of(waiting_on), key("C", 1))
+                assert (refused.value.status, refused.value.code) == (503, "store_unavailable")
+                assert waiting_on.waiting("m") == 1 and model_of(waiting_on).backends[0].in_flight == 0
+                await asyncio.sleep(1.5)  # heartbeats come and are refused too
+                assert not waiting.done()
+                assert in_redis(redis.url, "inflight:m-1", "total") == 1
+            finally:
+                await admin.config_set("maxmemory", 0)
+                await admin.aclose()
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            assert holder.unreleased == []
+            assert holder.outage.since is None  # the heartbeat that got through ended the outage
+            assert in_redis(redis.url, "inflight:m-1", "total") == 1  # B's; A's given back once
+            waiting_on.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("slot_free", [True, False], ids=["redis-admits-it", "redis-queues-it"])
+def test_a_request_cancelled_while_redis_decides_gives_back_what_redis_decided(  # type: ignore[no-untyped-def]
+    redis, tmp_path: Path, slot_free: bool
+) -> None:
+    """The client leaves while Redis (paused here) has not answered the request's acquire: once it
+    answers, the slot it gave is given back, or the ticket it queued leaves the queue."""
+
+    async def scenario() -> None:
+        first, second = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
+        async with started(first, second):
+            held = None
+            if not slot_free:
+                held, _ = await first.acquire(model_of(first), key("A", 1))
+                assert held is not None
+            redis.pause()
+            try:
+                deciding = asyncio.create_task(second.acquire(model_of(second), key("B", 1)))
+                await asyncio.sleep(0.1)  # its script is on its way; Redis says nothing
+                deciding.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await deciding
+            finally:
+                redis.resume()
+            await second.pipe.call("PING")  # after the acquire's answer: what undoes it has started
+            await asyncio.gather(*second.pending)
+            assert in_redis(redis.url, "q:m:size") == 0
+            assert in_redis(redis.url, "inflight:m-1", "total") == (0 if slot_free else 1)
+            assert model_of(second).backends[0].in_flight == 0
+            if held is not None:
+                first.release(held)  # to nobody: the ticket left
+            backend, waited = await asyncio.wait_for(first.acquire(model_of(first), key("C", 1)), 5)
+            assert backend is not None and waited == 0.0  # the slot is free at once
+            first.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_that_ends_while_its_worker_joins_is_given_back_once_joined(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A worker's connection drops and its next one joins (counting the slot it holds); the request
+    ends while Redis runs the join (held up by CLIENT PAUSE): its slot is given back once joined,
+    and goes to the request waiting on the other worker."""
+    import redis as redis_py
+
+    async def scenario() -> None:
+        holder, waiting_on = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
+        async with started(holder, waiting_on):
+            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
+            assert slot is not None
+            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
+            await until(lambda: waiting_on.waiting("m") == 1)
+            admin = redis_py.asyncio.Redis.from_url(redis.url)
+            await admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # scripts wait; SCRIPT LOAD does not
+            try:
+                holder.pipe.abort()  # a network blip: the heartbeat connects again, and joins
+                await until(lambda: holder.released_while_joining is not None)
+                holder.release(slot)
+            finally:
+                await admin.execute_command("CLIENT", "UNPAUSE")
+                await admin.aclose()
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            assert in_redis(redis.url, "inflight:m-1", holder.worker) == 0
+            assert in_redis(redis.url, "inflight:m-1", "total") == 1  # B's
+            waiting_on.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_redis_going_again_as_a_worker_joins_leaves_the_next_join_counting_what_it_holds_then(  # type: ignore[no-untyped-def]
+    redis, tmp_path: Path
+) -> None:
+    """A worker holding two slots joins again after its connection dropped; one of its requests ends
+    while Redis runs the join, and Redis stops as it answers. The Redis that comes back (empty) is
+    told of the one slot still held: the one given back is counted neither twice nor never."""
+    import redis as redis_py
+
+    two = dataclasses.replace(SPEC, max_num_seqs=2)
+
+    async def scenario() -> None:
+        holder = one_worker(redis.url, tmp_path, two)
+        async with started(holder):
+            ending, staying = [(await holder.acquire(model_of(holder), key(name, 1)))[0] for name in "AB"]
+            assert ending is not None and staying is not None
+            admin = redis_py.Redis.from_url(redis.url)  # blocking: the worker reads nothing meanwhile
+            admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+            holder.pipe.abort()
+            await until(lambda: holder.released_while_joining is not None)
+            holder.release(ending)
+            # Redis answers the join and stops before the worker reads the answer (the loop is held).
+            admin.execute_command("CLIENT", "UNPAUSE")
+            admin.close()
+            time.sleep(0.1)
+            redis.stop()
+            await asyncio.sleep(0.5)  # the worker finds it gone, and tries again meanwhile
+            redis.start()
+            await until_redis(lambda: in_redis(redis.url, "inflight:m-1", "total") == 1)
+            await asyncio.sleep(1.2)  # a heartbeat, and any release that would still come
+            assert in_redis(redis.url, "inflight:m-1", "total") == 1
+            assert in_redis(redis.url, "inflight:m-1", holder.worker) == 1
+            holder.release(staying)
+            await until_redis(lambda: in_redis(redis.url, "inflight:m-1", "total") == 0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_waiting_past_the_queue_timeout_gets_503_and_leaves_the_redis_queue(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from vllm_gateway.errors import GatewayError
+
+    async def scenario() -> None:
+        first, second = one_worker(redis_url, tmp_path), one_worker(redis_url, tmp_path, queue_timeout=0.3)
+        async with started(first, second):
+            held, _ = await first.acquire(model_of(first), key("A", 1))
+            assert held is not None
+            with pytest.raises(GatewayError) as refused:
+                await asyncio.wait_for(second.acquire(model_of(second), key("B", 1)), 5)
+            assert (refused.value.status, refused.value.code) == (503, "queue_timeout")
+            assert in_redis(redis_url, "q:m:size") == 0
+            first.release(held)
+            backend, waited = await asyncio.wait_for(first.acquire(model_of(first), key("C", 1)), 5)
+            assert backend is not None and waited == 0.0  # the slot went to nobody who left
+            first.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_past_the_queue_limit_of_the_whole_gateway_gets_503_queue_full(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """GATEWAY_QUEUE_LIMIT counts the requests waiting on every worker: one waits on the first, so the
+    second worker refuses the next."""
+    from vllm_gateway.errors import GatewayError
+
+    async def scenario() -> None:
+        first, second = (one_worker(redis_url, tmp_path, queue_limit=1) for _ in range(2))
+        async with started(first, second):
+            held, _ = await first.acquire(model_of(first), key("A", 1))
+            assert held is not None
+            waiting = asyncio.create_task(first.acquire(model_of(first), key("B", 1)))
+            await until(lambda: first.waiting("m") == 1)
+            with pytest.raises(GatewayError) as refused:
+                await asyncio.wait_for(second.acquire(model_of(second), key("C", 1)), 5)
+            assert (refused.value.status, refused.value.code) == (503, "queue_full")
+            assert second.waiting("m") == 0 and in_redis(redis_url, "q:m:size") == 1
+            first.release(held)
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            first.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_that_comes_while_its_worker_is_not_connected_connects_joins_and_is_admitted(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The first request after a dropped connection makes the new one itself (joining first, with the
+    slot the worker still holds), rather than being refused."""
+    two = dataclasses.replace(SPEC, max_num_seqs=2)
+
+    async def scenario() -> None:
+        admission = one_worker(redis_url, tmp_path, two)
+        async with started(admission):
+            held, _ = await admission.acquire(model_of(admission), key("A", 1))
+            assert held is not None
+            admission.pipe.abort()
+            await until(lambda: not admission.pipe.connected)
+            backend, waited = await asyncio.wait_for(admission.acquire(model_of(admission), key("B", 1)), 5)
+            assert backend is not None and waited == 0.0
+            assert in_redis(redis_url, "inflight:m-1", "total") == 2  # the one held, counted once, and B's
+            admission.release(held)
+            admission.release(backend)
+            await until_redis(lambda: in_redis(redis_url, "inflight:m-1", "total") == 0)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_that_takes_no_sequence_is_counted_neither_in_redis_nor_by_a_join(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """/tokenize and /detokenize go at once, full server or not (proxy.NO_SEQUENCE_PATHS): Redis does
+    not count them, and a new connection's join, which tells Redis what the worker holds, leaves
+    them out too, or a server's slot would stay taken by them."""
+
+    async def scenario() -> None:
+        admission = one_worker(redis_url, tmp_path)
+        async with started(admission):
+            model = model_of(admission)
+            tokenizing, waited = await admission.acquire(model, key("A", 1), at_once=True)
+            assert tokenizing is not None and waited == 0.0 and tokenizing.in_flight == 1
+            assert in_redis(redis_url, "inflight:m-1", "total") == 0
+            generation = admission.pipe.generation
+            admission.pipe.abort()
+            await until(lambda: admission.pipe.generation > generation and admission.pipe.connected)
+            await admission.heartbeat()  # after the join
+            assert in_redis(redis_url, "inflight:m-1", "total") == 0
+            backend, waited = await asyncio.wait_for(admission.acquire(model, key("B", 1)), 5)
+            assert backend is not None and waited == 0.0  # the one slot was free
+            admission.release(tokenizing, at_once=True)
+            admission.release(backend)
+            assert tokenizing.in_flight == 0 and admission.uncounted == {"m-1": 0}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_slot_granted_while_a_workers_channel_was_lost_is_taken_up_when_it_subscribes_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The grant is published while the waiting request's worker is not subscribed (its channel's
+    connection was killed): the granted hash keeps it, and the worker reads it on subscribing again."""
+    import redis as redis_py
+
+    async def scenario() -> None:
+        holder, waiting_on = one_worker(redis_url, tmp_path), one_worker(redis_url, tmp_path)
+        async with started(holder, waiting_on):
+            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
+            assert slot is not None
+            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
+            await until(lambda: waiting_on.waiting("m") == 1)
+            admin = redis_py.asyncio.Redis.from_url(redis_url)
+            try:
+                assert await admin.client_kill_filter(_type="pubsub") == 2  # both workers' channels
+                holder.release(slot)  # published to nobody: it waits in the granted hash
+            finally:
+                await admin.aclose()
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            waiting_on.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
