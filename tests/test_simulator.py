@@ -19,9 +19,21 @@ from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_met
 CHAT = "/v1/chat/completions"
 
 
+SIMULATOR_ARGS = ("--max-model-len", "512")
+
+
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """One simulator for the tests that leave it as they found it: each starts with no faults and
+    empty stats (conftest's _fresh_simulator_state)."""
+    with Simulator.start(tmp_path_factory.mktemp("simulator"), *SIMULATOR_ARGS) as simulator:
+        yield simulator
+
+
 @pytest.fixture
-def simulator(tmp_path: Path) -> Iterator[Simulator]:
-    with Simulator.start(tmp_path, "--max-model-len", "512") as simulator:
+def fresh_simulator(tmp_path: Path) -> Iterator[Simulator]:
+    """A simulator of the test's own: for counters that only grow (/metrics), or a fault that ends it."""
+    with Simulator.start(tmp_path, *SIMULATOR_ARGS) as simulator:
         yield simulator
 
 
@@ -75,12 +87,12 @@ def test_stream_ends_with_done_marker(simulator: Simulator) -> None:
     assert len(events) == 1 + 3 + 1  # role chunk, tokens, [DONE]; no usage chunk unless asked
 
 
-def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(simulator: Simulator) -> None:
-    client = client_for(simulator)
+def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(fresh_simulator: Simulator) -> None:
+    client = client_for(fresh_simulator)
     chat = client.chat.completions.create(
-        model=simulator.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5
+        model=fresh_simulator.model, messages=[{"role": "user", "content": "one two three"}], max_tokens=5
     )
-    text = client.completions.create(model=simulator.model, prompt="a b", max_tokens=9)
+    text = client.completions.create(model=fresh_simulator.model, prompt="a b", max_tokens=9)
 
     assert chat.object == "chat.completion"
     assert len(chat.choices[0].message.content.split()) == 5
@@ -88,7 +100,7 @@ def test_non_stream_chat_and_completion_carry_usage_and_count_in_metrics(simulat
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 5)
     assert len(text.choices[0].text.split()) == 9
     assert (text.usage.prompt_tokens, text.usage.completion_tokens, text.usage.total_tokens) == (2, 9, 11)
-    metrics = simulator.metrics()
+    metrics = fresh_simulator.metrics()
     assert metrics["vllm:prompt_tokens_total"] == 5
     assert metrics["vllm:generation_tokens_total"] == 14
 
@@ -270,12 +282,14 @@ def test_health_status_fault_changes_health_only(simulator: Simulator) -> None:
     assert http_status(simulator.base_url + "/health") == 200
 
 
-def test_slow_start_fault_holds_back_the_first_token(simulator: Simulator) -> None:
-    simulator.set_faults(slow_start=60)
-    with httpx.stream("POST", simulator.base_url + CHAT, json=four_token_chat(simulator.model, 5, stream=True)) as r:
+def test_slow_start_fault_holds_back_the_first_token(fresh_simulator: Simulator) -> None:
+    fresh_simulator.set_faults(slow_start=60)
+    with httpx.stream(
+        "POST", fresh_simulator.base_url + CHAT, json=four_token_chat(fresh_simulator.model, 5, stream=True)
+    ) as r:
         lines = r.iter_lines()  # kept: a dropped line iterator closes the response
         role_chunk = next(lines)
-        metrics = simulator.metrics()
+        metrics = fresh_simulator.metrics()
     assert '"role":"assistant"' in role_chunk
     assert metrics["vllm:num_requests_running"] == 1
     assert metrics["vllm:generation_tokens_total"] == 0
@@ -303,11 +317,11 @@ def test_crash_fault_sends_some_tokens_then_drops_the_connection(simulator: Simu
     assert simulator.stats()["crashed"] == 2
 
 
-def test_exit_fault_ends_the_whole_process_mid_stream(simulator: Simulator) -> None:
-    simulator.set_faults(exit_after_tokens=2)
-    assert len(sse_events(stream_until_cut_off(simulator, 10))) == 1 + 2
-    assert simulator.handle.popen.wait(timeout=10) == 1
-    assert http_status(simulator.base_url + "/health") is None
+def test_exit_fault_ends_the_whole_process_mid_stream(fresh_simulator: Simulator) -> None:
+    fresh_simulator.set_faults(exit_after_tokens=2)
+    assert len(sse_events(stream_until_cut_off(fresh_simulator, 10))) == 1 + 2
+    assert fresh_simulator.handle.popen.wait(timeout=10) == 1
+    assert http_status(fresh_simulator.base_url + "/health") is None
 
 
 def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
