@@ -8,7 +8,9 @@
 # with any of them the coverage floor is not applied, since a part of the suite covers less.
 # The whole suite runs on TEST_WORKERS pytest-xdist workers (default 2), one test file per worker at a
 # time (--dist loadfile), so that a file's gateway and simulator are started once; most tests wait on
-# processes rather than compute, so two workers on two cores halve the wait.
+# processes rather than compute, so two workers on two cores halve the wait. Tests marked `alone` (real
+# vLLM, which answers its health checks late when another test computes beside it) run after them,
+# one at a time.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -36,7 +38,8 @@ main() {
     if (($# > 0)); then
         "$PYTHON" -m coverage run -m pytest "$@"
     else
-        "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile
+        "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile -m "not alone"
+        "$PYTHON" -m coverage run -m pytest -m alone
     fi
     "$PYTHON" -m coverage combine -q
     step "coverage"

@@ -13,6 +13,9 @@ from tests.support.gateway import Backend, Gateway
 from tests.support.processes import free_port, parse_metrics
 from tests.support.real_vllm import start_real_vllm, tiny_model_dir
 
+# Real vLLM answers its health checks and metrics late when another test computes beside it.
+pytestmark = pytest.mark.alone
+
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 

@@ -18,6 +18,9 @@ from tests.support.fleet import Fleet, cpus_allowed, live
 from tests.support.processes import free_port, http_status, process_tree
 from tests.support.real_vllm import VLLM_ENV, tiny_model_dir, vllm_python
 
+# Real vLLM answers its health checks and metrics late when another test computes beside it.
+pytestmark = pytest.mark.alone
+
 START_TIMEOUT = 600
 
 
