@@ -5,11 +5,15 @@
 # own process group, bound to its CPUs with numactl, logging to VLLM_LOG_DIR. Everything is checked
 # first (ports, model paths, GPUs, memory fractions, tensor parallel sizes); on any problem nothing
 # starts. A model already running is left alone; models with url= run elsewhere and are skipped.
+# The supervisor (started here when none runs) launches the servers and restarts one that exits or
+# hangs, with a backoff (VLLM_RESTART_* settings, docs/fleet.md). A model named here that last ran
+# simulated starts simulated again, unless --no-simulate.
 #
 # Options:
 #   -c, --config FILE     model config (default: $VLLM_MODEL_CONFIG, else vllm_model_configs.sh)
 #   -n, --dry-run         check, then print each command and its environment instead of running it
 #   -s, --simulate        run the vLLM simulator in place of vLLM (no GPU, no weights); also VLLM_SIMULATE=1
+#       --no-simulate     run vLLM even for models that last ran simulated
 #   -w, --wait            wait until every model answers /health, showing progress
 #   -i, --interval SECS   pause between two launches (default: $VLLM_START_INTERVAL, else 15; with
 #                         --simulate 0 unless this option or VLLM_START_INTERVAL in the environment asks)
@@ -33,6 +37,7 @@ main() {
             -c | --config) config="${2:?--config needs a file}"; shift ;;
             -n | --dry-run) dry_run=1 ;;
             -s | --simulate) simulate=1 ;;
+            --no-simulate) simulate=no ;;
             -w | --wait) wait=1 ;;
             -i | --interval) interval="${2:?--interval needs seconds}"; shift ;;
             -t | --timeout) timeout="${2:?--timeout needs seconds}"; shift ;;
@@ -42,6 +47,8 @@ main() {
         esac
         shift
     done
+    local keep_mode=1
+    [[ "$simulate" != no ]] || keep_mode=0
     [[ "$simulate" == 1 ]] || simulate=0
 
     init_dirs
@@ -80,6 +87,10 @@ main() {
         esac
     done
 
+    if ((!simulate && keep_mode && ${#names[@]} > 0 && ${#to_start[@]} > 0)) && last_ran_simulated "${to_start[@]}"; then
+        info "$(ids_of "${to_start[@]}") last ran simulated: started simulated again (--no-simulate for vLLM)"
+        simulate=1
+    fi
     plan_start "$dry_run" "$simulate" "${to_start[@]}"
     if ((dry_run)); then
         return 0
@@ -94,6 +105,8 @@ main() {
         start_model "$i" "$simulate" || failed=1
         n=$((n + 1))
     done
+    # Models that ran on while no supervisor did (it died) are adopted by a new one.
+    ((${#running[@]} == 0)) || ensure_supervisor
     unlock
     if ((wait)); then
         ALREADY_RUNNING=" ${running[*]} "
@@ -115,15 +128,48 @@ start_model() {
     rotate_log "$log"
     printf '==== %s: %s starts %s (%s) ====\n%s\n' "$(date '+%F %T')" "$LOG_PREFIX" "$id" "$mode" \
         "${LOGGED_COMMAND[i]}" >>"$log"
-    launch "$log" "$pid_file" "$mode" "${PLAN[@]:ARGV_FROM[i]:ARGV_LEN[i]}"
+    rm -f "$pid_file"
+    request_start "$id"
+    ensure_supervisor
+    if ! wait_for_pid_file "$id"; then
+        printf '%s: error: the supervisor did not start %s\n' "$LOG_PREFIX" "$id" >&2
+        log_tail "$LOG_DIR/supervisor.log" 10
+        return 1
+    fi
     info "started $id (PID $LAUNCHED_PID, port $(m "$i" port), GPUs $(or_none "$(m "$i" gpus)"), ${PLACE_TEXT[i]}), log $(display_path "$log")"
     sleep 1
     if [[ -z "$(group_members "$LAUNCHED_PID")" ]]; then
-        rm -f "$pid_file"
-        printf '%s: error: %s exited at once\n' "$LOG_PREFIX" "$id" >&2
+        # Gone within a second: a wrong command or flag, which no retry mends.
+        request_stop "$id"
+        let_supervisor_look
+        stop_services "${VLLM_STOP_TIMEOUT:-60}" "$id|$pid_file|$VLLM_HOST|$(m "$i" port)" >/dev/null 2>&1 || true
+        printf '%s: error: %s exited at once; not restarted (fix it, then start it again)\n' "$LOG_PREFIX" "$id" >&2
         log_tail "$log"
         return 1
     fi
+}
+
+# died_since_start ID: the supervisor saw ID exit since this start asked for it.
+died_since_start() {
+    vllm_fleet status --run-dir "$RUN_DIR" "$1" |
+        awk -F '\t' '$2 == "restarting" || $2 == "failed" || $3 + 0 > 0 { found = 1 } END { exit !found }'
+}
+
+# last_ran_simulated INDEX...: every one of these models' last launch ran the simulator.
+last_ran_simulated() {
+    local -a ids=()
+    read -ra ids <<<"$(ids_of "$@")"
+    vllm_fleet status --run-dir "$RUN_DIR" "${ids[@]}" | awk -F '\t' '$5 != "simulated" { no = 1 } END { exit no }'
+}
+
+# ids_of INDEX...: the models' ids, space separated (an id has no space).
+ids_of() {
+    local i
+    local -a ids=()
+    for i in "$@"; do
+        ids+=("$(m "$i" id)")
+    done
+    printf '%s' "${ids[*]}"
 }
 
 # Indices (" 0 2 ") of the models that ran before this start: healthy, they were not just started.
@@ -147,10 +193,10 @@ wait_until_healthy() {
                 info "$id was already running and is healthy (up $(uptime_of "$pid"), port $(m "$i" port))"
             elif [[ "$code" == 200 ]]; then
                 info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"
-            elif [[ "$state" != running ]]; then
-                printf '%s: error: %s died while loading\n' "$LOG_PREFIX" "$id" >&2
+            elif [[ "$state" != running ]] || died_since_start "$id"; then
+                printf '%s: error: %s died while loading (the supervisor restarts it after a backoff)\n' \
+                    "$LOG_PREFIX" "$id" >&2
                 log_tail "$(m "$i" log_path)"
-                rm -f "$(pid_file_of "$id")"
                 failed=1
             else
                 still+=("$i")

@@ -2,6 +2,8 @@
 # Usage: start_api_server.sh [OPTIONS]
 #
 # Start the gateway (`python vllm_api_server.py serve`) in the background, in its own process group.
+# The supervisor (started here when none runs) launches it and restarts it if it dies or hangs, as it
+# does the models (docs/fleet.md).
 # Its settings come from the environment and from GATEWAY_ENV_FILE (default gateway.env in the repo,
 # when present), read with `set -a`. First `python vllm_api_server.py keys init` runs here in the
 # foreground, so an admin key made on the first start is printed on this terminal.
@@ -84,15 +86,26 @@ print_gateway_commands() {
     vllm_fleet print-command --log "$GATEWAY_STDOUT_LOG" -- "$@"
 }
 
+# start_gateway ARGV...: the supervisor starts it (and restarts it as it does a model).
 start_gateway() {
     rotate_log "$GATEWAY_STDOUT_LOG"
     printf '==== %s: %s starts the gateway ====\n' "$(date '+%F %T')" "$LOG_PREFIX" >>"$GATEWAY_STDOUT_LOG"
-    launch "$GATEWAY_STDOUT_LOG" "$GATEWAY_PID_FILE" gateway "$@"
+    vllm_fleet record --run-dir "$RUN_DIR" --id api_server --log "$GATEWAY_STDOUT_LOG" --mode gateway \
+        --health-url "$GATEWAY_HEALTH_URL" -- "$@"
+    rm -f "$GATEWAY_PID_FILE"
+    request_start api_server
+    ensure_supervisor
+    wait_for_pid_file api_server || {
+        log_tail "$LOG_DIR/supervisor.log" 10
+        die "the supervisor did not start the gateway"
+    }
     info "started the gateway (PID $LAUNCHED_PID, port $GATEWAY_LISTEN_PORT), output $(display_path "$GATEWAY_STDOUT_LOG")"
     sleep 1
     if [[ -z "$(group_members "$LAUNCHED_PID")" ]]; then
-        rm -f "$GATEWAY_PID_FILE"
-        printf '%s: error: the gateway exited at once\n' "$LOG_PREFIX" >&2
+        request_stop api_server  # gone within a second: a setting or an install to fix, not to retry
+        let_supervisor_look
+        stop_services "${VLLM_STOP_TIMEOUT:-60}" "gateway|$GATEWAY_PID_FILE||" >/dev/null 2>&1 || true
+        printf '%s: error: the gateway exited at once; not restarted\n' "$LOG_PREFIX" >&2
         log_tail "$GATEWAY_STDOUT_LOG"
         return 1
     fi
@@ -108,9 +121,9 @@ wait_for_gateway() {
         fi
         read -r state pid <<<"$(service_state "$GATEWAY_PID_FILE")"
         if [[ "$state" != running ]]; then
-            printf '%s: error: the gateway died while starting\n' "$LOG_PREFIX" >&2
+            printf '%s: error: the gateway died while starting (the supervisor restarts it after a backoff)\n' \
+                "$LOG_PREFIX" >&2
             log_tail "$GATEWAY_STDOUT_LOG"
-            rm -f "$GATEWAY_PID_FILE"
             return 1
         fi
         if ((SECONDS - started >= timeout)); then

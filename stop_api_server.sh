@@ -29,7 +29,12 @@ main() {
     load_gateway_env
     gateway_settings
     lock gateway
-    stop_services "$timeout" "gateway|$GATEWAY_PID_FILE|$GATEWAY_LISTEN_HOST|$GATEWAY_LISTEN_PORT"
+    request_stop api_server  # the supervisor must not start it again
+    let_supervisor_look
+    local status=0
+    stop_services "$timeout" "gateway|$GATEWAY_PID_FILE|$GATEWAY_LISTEN_HOST|$GATEWAY_LISTEN_PORT" || status=1
+    stop_supervisor_if_idle "$timeout" || status=1
+    return "$status"
 }
 
 main "$@"

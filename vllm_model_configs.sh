@@ -26,6 +26,7 @@
 #   log                     log file name inside VLLM_LOG_DIR; default: <id>_vllm.log
 #   extra_args              more `vllm serve` arguments, as one string split on spaces (no quoting:
 #                           write JSON values without spaces)
+#   simulate_args           the simulator's own flags, used with --simulate only (python -m vllm_simulator --help)
 #   env                     more environment for this model, space separated KEY=VALUE words; they
 #                           override the tuning the scripts set (OMP_NUM_THREADS=<CPUs of the model>, ...)
 #   api_key                 key the vLLM server requires (--api-key); the gateway sends it upstream

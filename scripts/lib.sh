@@ -112,6 +112,10 @@ m() {
 # made, for a model's tuning may come from one (vllm_fleet sees the exported ones in its
 # environment). On any static problem vllm_fleet prints one line each and we exit 2.
 # Needs bash 4.4 (mapfile -d, ${var@a}, wait for a process substitution).
+# With CONFIG_MAY_FAIL=1 (stop and status, which work from what runs) a broken config sets
+# CONFIG_BROKEN=1 and leaves no model, instead of exiting; its problems are said all the same.
+CONFIG_MAY_FAIL=0
+CONFIG_BROKEN=0
 load_config() {
     local _config_file="$1" _name="" _k=0
     local -A _known=()
@@ -121,7 +125,8 @@ load_config() {
     GPU_CPU_BINDING=()
     if [[ ! -f "$_config_file" ]]; then
         printf '%s: %s: no such file\n' "$CONFIG_PREFIX" "$_config_file" >&2
-        exit 2
+        config_failed 2
+        return 0
     fi
     CONFIG_FILE="$(absolute_path "$_config_file")"
     CONFIG_DOCUMENT=(file "$CONFIG_FILE")
@@ -139,7 +144,10 @@ load_config() {
         fi
     done
     mapfile -d '' -t _fields < <(config_document | vllm_fleet models --log-dir "${LOG_DIR:-$VLLM_REPO_DIR/logs}")
-    wait "$!" || exit "$?"
+    wait "$!" || {
+        config_failed "$?"
+        return 0
+    }
     for ((_k = 0; _k + 1 < ${#_fields[@]}; _k += 2)); do
         case "${_fields[_k]}" in
             models) MODEL_COUNT="${_fields[_k + 1]}" ;;
@@ -148,6 +156,15 @@ load_config() {
             *) MODEL["${_fields[_k]}"]="${_fields[_k + 1]}" ;;
         esac
     done
+}
+
+# config_failed STATUS: exit with STATUS, or with CONFIG_MAY_FAIL=1 go on with no model.
+config_failed() {
+    ((CONFIG_MAY_FAIL)) || exit "$1"
+    CONFIG_BROKEN=1
+    MODEL=()
+    MODEL_COUNT=0
+    VLLM_HOST="${VLLM_HOST:-127.0.0.1}"
 }
 
 # config_document: what load_config collected, as NUL-terminated fields for vllm_fleet.
@@ -184,7 +201,7 @@ orphan_ids() {
     for file in "$RUN_DIR"/*.pid; do
         [[ -e "$file" ]] || continue
         id="$(basename "$file" .pid)"
-        [[ "$id" != api_server ]] || continue
+        [[ "$id" != api_server && "$id" != "$SUPERVISOR_ID" ]] || continue
         known=0
         for ((i = 0; i < MODEL_COUNT; i++)); do
             [[ "$(m "$i" id)" != "$id" ]] || known=1
@@ -228,7 +245,8 @@ gateway_python() {
 
 # plan_start DRY_RUN SIMULATE INDEX...: vllm_fleet places the models on CPUs and checks the machine
 # (ports, paths, GPUs, memory fractions, numactl); on any problem it says which and we exit 2, with
-# nothing started. A dry run then prints the commands. Otherwise, per model: PLACE_TEXT (its
+# nothing started. A dry run then prints the commands. Otherwise vllm_fleet writes each model's
+# launch record in RUN_DIR (the supervisor starts it from there), and per model: PLACE_TEXT (its
 # binding in words), START_WARNING (said when it starts), LOGGED_COMMAND (its command for the log,
 # keys hidden) and its argv, "${PLAN[@]:ARGV_FROM[i]:ARGV_LEN[i]}".
 plan_start() {
@@ -240,6 +258,7 @@ plan_start() {
         config_document | vllm_fleet plan --dry-run "${options[@]}" "$@" || exit "$?"
         return 0
     fi
+    options+=(--run-dir "$RUN_DIR")  # each model's launch record, for the supervisor
     PLAN=()
     PLACE_TEXT=()
     START_WARNING=()

@@ -217,3 +217,70 @@ uptime_of() {
         printf '%dm%02ds' $((seconds / 60)) $((seconds % 60))
     fi
 }
+
+# ---- the supervisor (vllm_fleet/supervisor.py) ---------------------------------------------------
+# It owns the model servers: the scripts say what they want in RUN_DIR/<id>.want and it starts,
+# restarts and watches. See vllm_fleet/run_dir.py for the files.
+
+SUPERVISOR_ID=supervisor
+
+# request_start ID: ask for a new start of ID (a new token: a failed model runs again).
+request_start() {
+    printf 'run %s-%s\n' "$(date +%s%N)" "$$" >"$RUN_DIR/$1.want"
+}
+
+# request_stop ID: the supervisor leaves ID alone from its next look on.
+request_stop() {
+    mkdir -p "$RUN_DIR"
+    printf 'stop\n' >"$RUN_DIR/$1.want"
+}
+
+supervisor_running() {
+    [[ "$(service_state "$(pid_file_of "$SUPERVISOR_ID")")" == running* ]]
+}
+
+# ensure_supervisor: start the supervisor unless one runs, with this script's environment (its
+# VLLM_RESTART_* settings, docs/fleet.md), and wait until it has taken its lock.
+ensure_supervisor() {
+    ! supervisor_running || return 0
+    mkdir -p "$LOG_DIR" "$RUN_DIR"
+    command -v python3 >/dev/null || die "python3 is needed to supervise the models"
+    (
+        cd "$VLLM_REPO_DIR" || exit 1
+        exec 9>&-
+        exec setsid python3 "$VLLM_REPO_DIR/vllm_fleet" supervise --run-dir "$RUN_DIR" --log-dir "$LOG_DIR" \
+            >>"$LOG_DIR/supervisor.log" 2>&1 </dev/null
+    ) &
+    wait_while 20 negate supervisor_running || {
+        log_tail "$LOG_DIR/supervisor.log" 10
+        die "the supervisor did not start"
+    }
+}
+
+# let_supervisor_look: after want files changed, give a running supervisor one look (it looks
+# every half second), so that a start it was making when we wrote is in its PID file by now.
+let_supervisor_look() {
+    ! supervisor_running || sleep 1
+}
+
+# stop_supervisor_if_idle TIMEOUT: stop the supervisor once no model is wanted.
+stop_supervisor_if_idle() {
+    local file
+    for file in "$RUN_DIR"/*.want; do
+        [[ -e "$file" ]] || continue
+        [[ "$(head -c 3 "$file")" != run ]] || return 0
+    done
+    stop_services "$1" "supervisor|$(pid_file_of "$SUPERVISOR_ID")||" 2>/dev/null
+}
+
+negate() {
+    ! "$@"
+}
+
+# wait_for_pid_file ID: wait (10 s at most) until the supervisor has started ID; LAUNCHED_PID.
+wait_for_pid_file() {
+    local file
+    file="$(pid_file_of "$1")"
+    wait_while 20 negate test -s "$file" || return 1
+    read -r LAUNCHED_PID _ <"$file"
+}

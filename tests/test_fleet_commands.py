@@ -205,6 +205,14 @@ def test_the_simulator_gets_only_the_options_it_knows() -> None:
     ]
 
 
+def test_simulate_args_reach_the_simulator_and_never_vllm() -> None:
+    spec = model(extra_args="--dtype half", simulate_args="--exit-after 5 --exit-code 3")
+    simulated = model_argv(spec, fleet_of(spec), True, "python3")
+    assert simulated[-4:] == ["--exit-after", "5", "--exit-code", "3"] and "--dtype" not in simulated
+    real = model_argv(spec, fleet_of(spec), False, "python3")
+    assert real[-2:] == ["--dtype", "half"] and "--exit-after" not in real
+
+
 def command(
     spec: ModelSpec,
     place: Place,

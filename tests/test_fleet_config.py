@@ -47,6 +47,7 @@ def test_the_keys_are_listed_in_the_order_the_hint_shows_them() -> None:
         "load_workers",
         "log",
         "extra_args",
+        "simulate_args",
         "env",
         "api_key",
         "launch_command",

@@ -1,21 +1,24 @@
 """End to end with real vLLM (its CPU build): start_all_services.sh starts two tiny models on two
 ports, each bound to one CPU by real numactl, and the gateway; requests go through; stop_all_services.sh
-leaves nothing behind.
+leaves nothing behind; a server killed mid-stream comes back by itself.
 
 Slow: vLLM needs 70-90 s to come up on two cores, and each server holds about 3 GB of RAM.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
 from tests.support.fleet import Fleet, cpus_allowed, live
-from tests.support.processes import free_port, http_status, process_tree
+from tests.support.processes import free_port, http_status, process_tree, wait_until
 from tests.support.real_vllm import VLLM_ENV, tiny_model_dir, vllm_python
 
 # Real vLLM answers its health checks and metrics late when another test computes beside it.
@@ -107,10 +110,72 @@ def test_status_shows_both_models_and_the_gateway_healthy(fleet: Fleet, admin_ke
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
     for name, port in fleet.ports.items():
-        assert rows[name][1:5] == ["running", str(fleet.pid(name)), str(port), "ok"]
+        assert rows[name][1:5] == ["ready", str(fleet.pid(name)), str(port), "ok"]
         assert rows[name][6] == fleet.cpus[name]
-        assert rows[name][8] == str(fleet.log_dir / f"{name}_vllm.log")
+        assert rows[name][8:10] == ["0", str(fleet.log_dir / f"{name}_vllm.log")]
+    assert rows["supervisor"][1] == "running"
     assert rows["gateway"][1] == "running" and rows["gateway"][4] == "ok"
+
+
+def test_a_killed_vllm_server_ends_its_stream_with_an_error_and_comes_back_by_itself(
+    fleet: Fleet, admin_key: str
+) -> None:
+    gateway = f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}"
+    killed = fleet.pid("tiny-b")
+    old_tree = process_tree(killed)
+    body = {
+        "model": "tiny-b",
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    events = []
+    with httpx.stream(
+        "POST",
+        f"{gateway}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {admin_key}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 3:
+                os.kill(killed, signal.SIGKILL)  # mid-stream, as a segfault or the OOM killer would
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]", events[-3:]
+
+    # The supervisor takes the rest of the group down and starts the server again, bound as before.
+    wait_until(lambda: live(old_tree) == set(), timeout=60)
+    port = fleet.ports["tiny-b"]
+
+    def restarted_and_healthy() -> bool:
+        pid_file = fleet.run_dir / "tiny-b.pid"  # absent between the exit and the restart
+        restarted = pid_file.exists() and int(pid_file.read_text().split()[0]) != killed
+        return restarted and http_status(f"http://127.0.0.1:{port}/health") == 200
+
+    wait_until(restarted_and_healthy, timeout=START_TIMEOUT, interval=1)
+    assert {cpus_allowed(pid) for pid in process_tree(fleet.pid("tiny-b"))} == {fleet.cpus["tiny-b"]}
+    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=admin_key, max_retries=0)
+
+    def chat_answers() -> int:
+        try:
+            answer = client.chat.completions.create(
+                model="tb",
+                messages=[{"role": "user", "content": "hello"}],
+                max_tokens=4,
+                extra_body={"ignore_eos": True},
+            )
+        except openai.APIStatusError:
+            return 0  # the gateway has not seen it ready yet
+        return answer.usage.completion_tokens
+
+    assert wait_until(chat_answers, timeout=60, interval=1) == 4
+    lines = (fleet.log_dir / "fleet_events.jsonl").read_text().splitlines()
+    exits = [line for line in lines if '"event": "exit"' in line and '"tiny-b"' in line]
+    assert len(exits) == 1 and '"signal": "SIGKILL"' in exits[0]
 
 
 def test_stop_all_services_leaves_no_process_and_free_ports(fleet: Fleet, admin_key: str) -> None:
@@ -131,7 +196,8 @@ def test_stop_all_services_leaves_no_process_and_free_ports(fleet: Fleet, admin_
     # --shutdown-timeout 0 aborts the engine at once, and its output task sometimes logs that as
     # an EngineDeadError traceback during the shutdown itself; that one is vLLM's, not a crash.)
     for name in fleet.ports:
-        log = Path(fleet.log_dir / f"{name}_vllm.log").read_text()
+        # the run since the last restart (tiny-b's killed run may have logged its engine's death)
+        log = Path(fleet.log_dir / f"{name}_vllm.log").read_text().rpartition("supervisor restarts")[2]
         before, triggered, after = log.partition("[shutdown] API server: shutdown triggered")
         assert triggered, log[-2000:]
         assert "Traceback" not in before

@@ -64,7 +64,7 @@ def test_simulated_models_start_and_stop_without_gpu_or_weights(fleet: Fleet) ->
     trees = {pid for name in ("DeepSeek-R1-0528-Qwen3-14B", "Qwen3-14B") for pid in process_tree(fleet.pid(name))}
     status = fleet.run("status_all_services.sh")
     assert re.search(
-        r"^Qwen3-14B\s+running\(simulated\)\s+\d+\s+%d\s+ok\s+0,1,2,3" % fleet.ports[1], status.stdout, re.MULTILINE
+        r"^Qwen3-14B\s+ready\(simulated\)\s+\d+\s+%d\s+ok\s+0,1,2,3" % fleet.ports[1], status.stdout, re.MULTILINE
     ), status.stdout
     result = fleet.run("stop_all_models.sh")
     assert result.returncode == 0, result.stderr

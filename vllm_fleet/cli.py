@@ -2,6 +2,9 @@
 
     models          check the config document on stdin; its models, for lib.sh's load_config
     plan            place, check and build the commands of a start, for start_all_models.sh
+    supervise       own the model servers: start, restart, detect hangs (supervisor.py)
+    status          what the supervisor says of each model, for status_all_services.sh
+    record          write a launch record for the supervisor, for start_api_server.sh
     print-command   one command as the dry runs print it, for start_api_server.sh
     placement       this host's GPU -> CPU table
 
@@ -15,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from .commands import command_text, server_command, shell_word, without_api_keys
@@ -22,6 +26,9 @@ from .config import MODEL_KEYS, Fleet, load_fleet
 from .document import DocumentError, encode_fields, read_document
 from .machine import binding_notice, look_at_host, machine_problems
 from .placement import Place, survey, table_lines
+from .restart_policy import RestartPolicy, SettingError
+from .run_dir import LaunchRecord, RunDir
+from .supervisor import supervise
 
 CONFIG_PREFIX = "vllm_model_configs"  # what the config's problems are prefixed with, for every script
 
@@ -109,6 +116,18 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
                 f"# {model.id}: {model.name} on port {model.port}, GPUs {model.gpus or 'none'},"
                 f" {command.place_text}\n{text}"
             )
+            if args.run_dir:
+                RunDir(Path(args.run_dir)).write_launch_record(
+                    LaunchRecord(
+                        id=model.id,
+                        argv=command.argv,
+                        log=fleet.log_path(model),
+                        mode="simulated" if args.simulate else "vllm",
+                        health_url=f"{fleet.base_url(model)}/health",
+                        logged_command=without_api_keys(text).rstrip("\n"),
+                        env=dict(environ),
+                    )
+                )
             records += [
                 str(index),
                 command.place_text,
@@ -121,6 +140,51 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
         say(sys.stdout, "".join(script))
     else:
         sys.stdout.buffer.write(encode_fields(records))
+
+
+def command_supervise(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    try:
+        policy = RestartPolicy.from_environment(environ)
+    except SettingError as error:
+        say(sys.stderr, f"supervisor: {error}\n")
+        raise Exit(2) from error
+    raise Exit(supervise(Path(args.run_dir), Path(args.log_dir), policy))
+
+
+def command_status(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    run_dir = RunDir(Path(args.run_dir))
+    lines = []
+    for model_id in args.ids:
+        status = run_dir.supervised_status(model_id)
+        record = run_dir.launch_record(model_id)
+        mode = record.mode if record else ""
+        if args.failures:
+            if status is not None and status.state in ("failed", "restarting"):
+                lines.append(f"{model_id}: {status.state}: {status.reason}\n")
+                lines += [f"    {line}\n" for line in status.log_tail]
+            continue
+        url = record.health_url if record else ""
+        if status is None:
+            values = [model_id, "", "", "", mode, url]
+        else:
+            values = [model_id, status.state, str(status.restarts), status.last_exit, mode, url]
+        # "-" for empty: bash's read takes runs of tabs as one
+        lines.append("\t".join(value or "-" for value in values) + "\n")
+    say(sys.stdout, "".join(lines))
+
+
+def command_record(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    RunDir(Path(args.run_dir)).write_launch_record(
+        LaunchRecord(
+            id=args.id,
+            argv=args.words,
+            log=args.log,
+            mode=args.mode,
+            health_url=args.health_url,
+            logged_command=" ".join(shell_word(word) for word in args.words),
+            env=dict(environ),
+        )
+    )
 
 
 def command_print(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
@@ -162,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where relative log= names live (lib.sh's LOG_DIR; default: %(default)s)",
     )
 
+    run_dir = argparse.ArgumentParser(add_help=False)
+    run_dir.add_argument("--run-dir", required=True, metavar="DIR", help="the run directory (VLLM_RUN_DIR)")
+
     models = commands.add_parser(
         "models",
         parents=[log_dir],
@@ -189,7 +256,44 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--prog", default="start_all_models", help="prefix of the messages (default: %(default)s)")
     plan.add_argument("--python", default="python3", help="python of the simulator (default: %(default)s)")
     plan.add_argument("--repo", default=".", metavar="DIR", help="where the servers start (default: %(default)s)")
+    plan.add_argument("--run-dir", metavar="DIR", help="write each model's launch record there (run_dir.py)")
     plan.set_defaults(run=command_plan)
+
+    supervisor = commands.add_parser(
+        "supervise",
+        parents=[log_dir, run_dir],
+        help="own the model servers: start, restart, detect hangs",
+        description="Run until no model is wanted: start the models whose want file asks for it, restart "
+        "those that exit or hang, with the backoff of VLLM_RESTART_* (docs/fleet.md). One at a time.",
+    )
+    supervisor.set_defaults(run=command_supervise)
+
+    status = commands.add_parser(
+        "status",
+        parents=[run_dir],
+        help="what the supervisor says of each model",
+        description="Print a tab-separated line per ID: ID, STATE, RESTARTS, LAST_EXIT, MODE, HEALTH_URL (the "
+        "last two of its last launch), - for an empty one; STATE, RESTARTS and LAST_EXIT are empty when no "
+        "supervisor follows the model's current start. With --failures, instead, the reason "
+        "of each failed or restarting model and a failed model's last log lines.",
+    )
+    status.add_argument("--failures", action="store_true", help="print the failed and restarting models' reasons")
+    status.add_argument("ids", nargs="*", metavar="ID")
+    status.set_defaults(run=command_status)
+
+    record = commands.add_parser(
+        "record",
+        parents=[run_dir],
+        help="write a launch record for the supervisor",
+        description="Write RUN_DIR/ID.launch.json: WORD... run with this environment, output appended to LOG, "
+        "/health at HEALTH_URL (run_dir.py).",
+    )
+    record.add_argument("--id", required=True, help="the service's id (its PID file's name)")
+    record.add_argument("--log", required=True, metavar="FILE", help="the file its output is appended to")
+    record.add_argument("--mode", required=True, help="the mode its PID file records")
+    record.add_argument("--health-url", required=True, metavar="URL", help="what the supervisor checks")
+    record.add_argument("words", nargs="+", metavar="WORD")
+    record.set_defaults(run=command_record)
 
     printer = commands.add_parser(
         "print-command",

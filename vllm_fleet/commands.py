@@ -43,6 +43,13 @@ FLEET_VARIABLES = (
     "VLLM_NUMACTL",
     "VLLM_LOG_KEEP",
     "VLLM_PROGRESS_INTERVAL",
+    "VLLM_RESTART_DELAY",
+    "VLLM_RESTART_DELAY_MAX",
+    "VLLM_RESTART_RESET_AFTER",
+    "VLLM_CRASH_LOOP_EXITS",
+    "VLLM_CRASH_LOOP_WINDOW",
+    "VLLM_HANG_CHECKS",
+    "VLLM_HEALTH_CHECK_INTERVAL",
 )
 
 SIMULATOR_MODULE = "vllm_simulator"
@@ -95,7 +102,7 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
         argv += option("--max-num-seqs", model.max_num_seqs)
         argv += option("--max-model-len", model.max_model_len)
         argv += option("--api-key", model.api_key)
-        return argv
+        return argv + split_words(model.simulate_args)  # vLLM's extra_args would be unknown to it
     # The words of its first line, as bash's `read -a` split it.
     launch = split_words((model.launch_command or fleet.settings.launch_command).partition("\n")[0])
     # `vllm serve MODEL`, or `python -m vllm.entrypoints.openai.api_server --model MODEL`

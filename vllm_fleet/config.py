@@ -58,6 +58,7 @@ class ModelSpec:
     load_workers: str = ""
     log: str = ""
     extra_args: str = ""
+    simulate_args: str = ""  # the simulator's own flags (--exit-after ...), for --simulate only
     env: str = ""
     api_key: str = ""
     launch_command: str = ""

@@ -67,6 +67,7 @@ def create_app(config: SimulatorConfig, faults: Faults | None = None) -> web.App
     app.router.add_get("/_simulator/faults", control.get_faults)
     app.router.add_post("/_simulator/faults", control.set_faults)
     app.router.add_delete("/_simulator/faults", control.clear_faults)
+    app.router.add_post("/_simulator/exit", control.exit_process)
     app.router.add_get("/_simulator/stats", control.get_stats)
     app.router.add_delete("/_simulator/stats", control.reset_stats)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from dataclasses import fields
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sleep this long before opening the port, like loading weights",
     )
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` under /v1")
+    parser.add_argument(
+        "--exit-after",
+        type=float,
+        metavar="SECONDS",
+        help="exit this long after serving starts, as a server that crashes (with --exit-code)",
+    )
+    parser.add_argument("--exit-code", type=int, default=1, metavar="N", help="the --exit-after exit code (default 1)")
     faults = parser.add_argument_group("fault defaults (change at run time: /_simulator/faults)")
     faults.add_argument("--error-status", type=int, metavar="STATUS")
     faults.add_argument("--error-shape", choices=ERROR_SHAPES, help="the shape of the --error-status answer")
@@ -113,6 +121,15 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def _exit_later(seconds: float, code: int) -> None:
+    def end() -> None:
+        log.error("SIMULATOR: exiting with code %d after %g s (--exit-after)", code, seconds)
+        logging.shutdown()
+        os._exit(code)
+
+    asyncio.get_running_loop().call_later(seconds, end)
+
+
 def main(argv: list[str] | None = None) -> None:
     config, faults, args = parse_config(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
@@ -130,8 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         config.token_rate,
         faults.active(),
     )
+    app = create_app(config, faults)
+    if args.exit_after is not None:
+        app.on_startup.append(lambda _app: _exit_later(args.exit_after, args.exit_code))
     web.run_app(
-        create_app(config, faults),
+        app,
         host=args.host,
         port=args.port,
         print=None,

@@ -1,17 +1,21 @@
-"""The simulator's own endpoints under /_simulator/: set or clear faults, read or reset the stats.
+"""The simulator's own endpoints under /_simulator/: set or clear faults, read or reset the stats,
+end the process as a crash would.
 
 Not part of vLLM's API; tests and demos use them to make the engine fail and to see what it got.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .errors import json_response
+from .errors import bad_request, json_response
 from .faults import Faults
 from .state import STATE, SimulatorState
 from .validation import json_body
@@ -34,6 +38,28 @@ async def set_faults(request: web.Request) -> web.Response:
 async def clear_faults(request: web.Request) -> web.Response:
     request.app[STATE].faults = Faults()
     return json_response({})
+
+
+async def exit_process(request: web.Request) -> web.Response:
+    """Answer, then end the whole process: {"code": N} exits with N, {"signal": "SIGKILL"} dies of it,
+    as a server crashing on its own would (a supervisor's tests)."""
+    body = await json_body(request)
+    if not isinstance(body, dict) or set(body) - {"code", "signal"} or len(body) != 1:
+        raise bad_request('post {"code": N} or {"signal": "NAME"}')
+    code, name = body.get("code"), body.get("signal")
+    if name is not None and (not isinstance(name, str) or name not in signal.Signals.__members__):
+        raise bad_request(f"signal must be a name such as SIGKILL, not {name!r}", "signal")
+    if name is None and (isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255):
+        raise bad_request("code must be a whole number from 0 to 255", "code")
+
+    def end() -> None:
+        if name is not None:
+            os.kill(os.getpid(), signal.Signals[name])
+        os._exit(int(code or 0))
+
+    log.error("SIMULATOR: ending the process (%s), as asked", f"signal {name}" if name else f"exit code {code}")
+    asyncio.get_running_loop().call_later(0.1, end)  # after the answer has left
+    return json_response({"exiting": body}, status=202)
 
 
 async def get_stats(request: web.Request) -> web.Response:

@@ -109,12 +109,18 @@ class Fleet:
     def pid_files(self) -> list[Path]:
         return sorted(self.run_dir.glob("*.pid")) if self.run_dir.exists() else []
 
+    def model_pid_files(self) -> list[str]:
+        """The names of the model servers' PID files (not the supervisor's, nor the gateway's)."""
+        return [path.name for path in self.pid_files() if path.name not in ("supervisor.pid", "api_server.pid")]
+
     def log(self, name: str) -> str:
         return (self.log_dir / name).read_text()
 
     def stop_everything(self) -> None:
-        """Teardown: kill every process group a PID file names, whatever the scripts did."""
-        for pid_file in self.pid_files():
+        """Teardown: kill every process group a PID file names, whatever the scripts did; the
+        supervisor first, so that it restarts none of the others."""
+        files = self.pid_files()
+        for pid_file in sorted(files, key=lambda path: path.name != "supervisor.pid"):
             try:
                 pid = int(pid_file.read_text().split()[0])
             except (OSError, ValueError, IndexError):

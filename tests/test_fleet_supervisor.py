@@ -1,0 +1,281 @@
+"""The supervisor behind start_all_models.sh: crashed, crash-looping and hung model servers, its own
+death, and stops that leave nothing. Real scripts, a real supervisor process, simulated models."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.support.fleet import Fleet, live
+from tests.support.processes import free_port, http_status, process_tree, wait_until
+
+CONFIG = """
+vllm_model name=alpha path=/data/models/none-here port={p1} log=alpha.log
+vllm_model name=beta path=/data/models/none-either port={p2} log=beta.log {beta_args}
+"""
+
+FAST = {
+    "VLLM_RESTART_DELAY": "0.5",
+    "VLLM_HEALTH_CHECK_INTERVAL": "0.3",
+    "VLLM_HANG_CHECKS": "2",
+    "VLLM_STOP_TIMEOUT": "5",
+}
+
+
+def make_fleet(tmp_path: Path, beta_args: str = "") -> Fleet:
+    fleet = Fleet(tmp_path)
+    fleet.ports = free_port(), free_port()
+    fleet.write_config(CONFIG.format(p1=fleet.ports[0], p2=fleet.ports[1], beta_args=beta_args))
+    fleet.env.update(FAST)
+    return fleet
+
+
+@pytest.fixture
+def fleet(tmp_path: Path):
+    fleet = make_fleet(tmp_path)
+    yield fleet
+    fleet.stop_everything()
+
+
+def events(fleet: Fleet, model: str | None = None) -> list[dict]:
+    path = fleet.log_dir / "fleet_events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [event for event in map(json.loads, lines) if model is None or event["model"] == model]
+
+
+def moment(event: dict) -> float:
+    return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
+
+
+def healthy_with_new_pid(fleet: Fleet, model: str, old_pid: int, port: int) -> int | None:
+    try:
+        pid = fleet.pid(model)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid != old_pid and http_status(f"http://127.0.0.1:{port}/health") == 200 else None
+
+
+def test_a_killed_model_server_comes_back_after_its_backoff_and_answers_again(fleet: Fleet) -> None:
+    started = fleet.run("start_all_models.sh", "--simulate", "--wait")
+    assert started.returncode == 0, started.stderr
+    old = fleet.pid("alpha")
+    tree = process_tree(old) | {old}
+    os.kill(old, signal.SIGKILL)
+
+    new = wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=20)
+    assert live(tree) == set()
+    exit_event, restart = [e for e in events(fleet, "alpha") if e["event"] in ("exit", "restart")]
+    assert exit_event["signal"] == "SIGKILL" and exit_event["pid"] == old
+    assert exit_event["delay"] == 0.5
+    assert moment(restart) - moment(exit_event) >= 0.5
+    assert restart["pid"] == new and restart["restarts"] == 1
+    # the same command as the first start: simulated, on the same port, appended to the same log
+    log = fleet.log("alpha.log")
+    assert "supervisor restarts alpha (simulated)" in log
+    status = fleet.run("status_all_services.sh")
+    assert re.search(rf"^alpha\s+ready\(simulated\)\s+{new}\s+{fleet.ports[0]}\s+ok\s.*\s1\s+", status.stdout, re.M)
+    assert http_status(f"http://127.0.0.1:{fleet.ports[1]}/health") == 200  # beta never noticed
+
+
+def test_a_model_that_exits_on_its_own_is_restarted_and_its_exit_code_recorded(fleet: Fleet) -> None:
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait", "beta").returncode == 0
+    old = fleet.pid("beta")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{fleet.ports[1]}/_simulator/exit", data=b'{"code": 7}', method="POST"
+    )
+    assert urllib.request.urlopen(request, timeout=5).status == 202
+    wait_until(lambda: healthy_with_new_pid(fleet, "beta", old, fleet.ports[1]), timeout=20)
+    exit_event = next(e for e in events(fleet, "beta") if e["event"] == "exit")
+    assert exit_event["exit_code"] == 7 and exit_event["detail"] == "exit code 7"
+
+
+def test_a_crash_loop_ends_in_failed_with_the_exit_code_and_the_log_until_started_again(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, beta_args="simulate_args='--exit-after 1.5 --exit-code 3'")
+    fleet.env.update({"VLLM_RESTART_DELAY": "0.2", "VLLM_CRASH_LOOP_EXITS": "3", "VLLM_CRASH_LOOP_WINDOW": "60"})
+    try:
+        fleet.run("start_all_models.sh", "--simulate", "beta")
+        wait_until(lambda: any(e["event"] == "failed" for e in events(fleet, "beta")), timeout=30)
+        seen = events(fleet, "beta")
+        exits = [e for e in seen if e["event"] == "exit"]
+        assert [e["exit_code"] for e in exits] == [3, 3, 3]
+        assert [e.get("delay") for e in exits] == [0.2, 0.4, None]  # doubling; none after the third
+        assert [e["event"] for e in seen].count("restart") == 2
+        assert not (fleet.run_dir / "beta.pid").exists()
+
+        status = fleet.run("status_all_services.sh")
+        assert status.returncode == 1
+        assert re.search(r"^beta\s+failed\(simulated\)\s+-\s", status.stdout, re.M), status.stdout
+        assert "beta: failed: 3 exits within 60s, the last: exit code 3" in status.stdout
+        assert "exiting with code 3 after 1.5 s (--exit-after)" in status.stdout  # its log's last lines
+
+        # Failed stays failed (no restart while we look) until someone starts it: then it runs again,
+        # simulated as before without --simulate being repeated.
+        count = len(events(fleet, "beta"))
+        time.sleep(1)  # two ticks of the supervisor and more: it would have restarted it by now
+        again = fleet.run("start_all_models.sh", "beta")
+        assert "beta last ran simulated: started simulated again" in again.stderr
+        assert len([e for e in events(fleet, "beta")[count:] if e["event"] == "start"]) == 1
+        assert fleet.log("beta.log").startswith("==== ") and "starts beta (simulated) ====" in fleet.log("beta.log")
+        assert fleet.log("beta.log.1").count("supervisor restarts beta (simulated)") == 2  # the failed run's log
+    finally:
+        fleet.stop_everything()
+
+
+def test_a_hung_model_is_stopped_and_started_again(fleet: Fleet) -> None:
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait", "alpha").returncode == 0
+    old = fleet.pid("alpha")
+    faults = urllib.request.Request(
+        f"http://127.0.0.1:{fleet.ports[0]}/_simulator/faults", data=b'{"health_status": 503}', method="POST"
+    )
+    urllib.request.urlopen(faults, timeout=5)
+    assert live({old}) == {old}  # alive, but /health fails
+    wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=30)
+    kinds = [e["event"] for e in events(fleet, "alpha")]
+    assert kinds[kinds.index("hang") :][:3] == ["hang", "exit", "restart"]
+    hang = next(e for e in events(fleet, "alpha") if e["event"] == "hang")
+    assert hang["detail"] == "/health failed 2 checks in a row"
+    exit_event = next(e for e in events(fleet, "alpha") if e["event"] == "exit")
+    assert "stopped as hung" in exit_event["detail"]
+
+
+def test_a_killed_supervisor_leaves_the_models_serving_and_a_new_one_adopts_them(fleet: Fleet) -> None:
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait").returncode == 0
+    pids = {model: fleet.pid(model) for model in ("alpha", "beta")}
+    supervisor = int((fleet.run_dir / "supervisor.pid").read_text().split()[0])
+    os.kill(supervisor, signal.SIGKILL)
+    wait_until(lambda: not live({supervisor}), timeout=5)
+    assert all(http_status(f"http://127.0.0.1:{port}/health") == 200 for port in fleet.ports)
+
+    again = fleet.run("start_all_models.sh", "--simulate", "--wait")
+    assert again.returncode == 0, again.stderr
+    assert "alpha is already running" in again.stderr
+    assert {model: fleet.pid(model) for model in pids} == pids  # no duplicate started
+    adopted = [e for e in events(fleet) if e["event"] == "adopted"]
+    assert sorted((e["model"], e["pid"]) for e in adopted) == sorted(pids.items())
+
+    os.kill(pids["beta"], signal.SIGKILL)  # the new supervisor restarts what it adopted
+    wait_until(lambda: healthy_with_new_pid(fleet, "beta", pids["beta"], fleet.ports[1]), timeout=20)
+    exit_event = [e for e in events(fleet, "beta") if e["event"] == "exit"][-1]
+    assert "status unknown" in exit_event["detail"]  # not its child: the kernel tells only the parent
+
+
+def test_stop_leaves_no_process_and_stops_the_supervisor_once_nothing_is_wanted(fleet: Fleet) -> None:
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait").returncode == 0
+    supervisor = int((fleet.run_dir / "supervisor.pid").read_text().split()[0])
+    trees = process_tree(fleet.pid("alpha")) | process_tree(fleet.pid("beta"))
+
+    one = fleet.run("stop_all_models.sh", "alpha")
+    assert one.returncode == 0, one.stderr
+    assert live({supervisor}) == {supervisor}  # beta is still wanted
+    time.sleep(1.5)  # three looks of the supervisor
+    assert not (fleet.run_dir / "alpha.pid").exists()  # and alpha was not restarted
+
+    rest = fleet.run("stop_all_models.sh")
+    assert rest.returncode == 0, rest.stderr
+    assert live(trees | {supervisor}) == set()
+    assert fleet.pid_files() == []
+    assert {e["model"] for e in events(fleet) if e["event"] == "stopped"} == {"alpha", "beta"}
+
+
+def test_after_a_ready_spell_of_reset_after_the_backoff_starts_over(fleet: Fleet) -> None:
+    fleet.env["VLLM_RESTART_RESET_AFTER"] = "1"
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait", "alpha").returncode == 0
+    port = fleet.ports[0]
+    for _ in range(2):
+        old = fleet.pid("alpha")
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda old=old: healthy_with_new_pid(fleet, "alpha", old, port), timeout=20)
+        time.sleep(1.5)  # ready past VLLM_RESTART_RESET_AFTER
+    delays = [e["delay"] for e in events(fleet, "alpha") if e["event"] == "exit"]
+    assert delays == [0.5, 0.5]  # not 0.5 then 1.0
+
+
+def test_a_server_never_ready_within_the_start_timeout_is_restarted(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, beta_args="simulate_args='--startup-delay 30'")
+    fleet.env["VLLM_START_TIMEOUT"] = "2"
+    try:
+        assert fleet.run("start_all_models.sh", "--simulate", "beta").returncode == 0
+        hang = wait_until(lambda: [e for e in events(fleet, "beta") if e["event"] == "hang"], timeout=20)[0]
+        assert hang["detail"] == "not ready 2s after its start"
+        wait_until(lambda: [e for e in events(fleet, "beta") if e["event"] == "restart"], timeout=20)
+    finally:
+        fleet.stop_everything()
+
+
+def test_stop_and_status_work_from_what_runs_when_the_config_is_broken(fleet: Fleet) -> None:
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait").returncode == 0
+    pids = {model: fleet.pid(model) for model in ("alpha", "beta")}
+    trees = {model: process_tree(pid) for model, pid in pids.items()}
+    fleet.config.write_text(
+        fleet.config.read_text().replace("log=alpha.log", "log=alpha.log gpu_memory_utilization=O.55")
+    )
+
+    status = fleet.run("status_all_services.sh")
+    assert status.returncode == 2
+    assert "vllm_model_configs: model #1 (alpha): gpu_memory_utilization=O.55" in status.stderr
+    for model, port in zip(("alpha", "beta"), fleet.ports, strict=True):
+        assert re.search(rf"^{model}\s+ready\(simulated\)\s+{pids[model]}\s+{port}\s+ok\s", status.stdout, re.M)
+
+    one = fleet.run("stop_all_models.sh", "beta")
+    assert one.returncode == 0, one.stderr
+    assert "gpu_memory_utilization=O.55" in one.stderr
+    assert live(trees["beta"]) == set() and live(trees["alpha"])
+
+    everything = fleet.run("stop_all_services.sh")
+    assert everything.returncode == 0, everything.stderr
+    assert live(trees["alpha"]) == set()
+    assert fleet.pid_files() == []
+
+
+def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -> None:
+    gateway_port = free_port()
+    (fleet.root / "gateway.env").write_text("")
+    fleet.env.update(
+        {
+            "GATEWAY_PORT": str(gateway_port),
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_KEY_FILE": str(fleet.root / "api_keys.json"),
+            "GATEWAY_ENV_FILE": str(fleet.root / "gateway.env"),
+            "GATEWAY_HEALTH_INTERVAL": "0.5",
+        }
+    )
+    started = fleet.run("start_all_services.sh", "--simulate", "--wait")
+    assert started.returncode == 0, started.stderr
+    key = re.search(r"^\s+(sk-\S+)$", started.stdout, re.M).group(1)
+    models = {model: fleet.pid(model) for model in ("alpha", "beta")}
+    gateway = fleet.pid("api_server")
+    os.kill(gateway, signal.SIGKILL)
+
+    wait_until(lambda: healthy_with_new_pid(fleet, "api_server", gateway, gateway_port), timeout=30)
+    assert {model: fleet.pid(model) for model in models} == models
+
+    def chat() -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+            data=json.dumps(
+                {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+            ).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.loads(answer.read())["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError:
+            return ""  # models not seen ready yet by the new gateway
+
+    assert wait_until(chat, timeout=20, interval=0.2)
+    exit_event = next(e for e in events(fleet, "api_server") if e["event"] == "exit")
+    assert exit_event["signal"] == "SIGKILL"
+
+    stopped = fleet.run("stop_all_services.sh")
+    assert stopped.returncode == 0, stopped.stderr
+    assert fleet.pid_files() == []

@@ -1,0 +1,321 @@
+"""The one owner of the model server processes: starts what the scripts ask for, restarts what dies.
+
+`python3 vllm_fleet supervise` runs in the background (start_all_models.sh starts it when none runs;
+one at a time, through a lock). Every half second it reads the run directory (run_dir.py): a model
+whose want file says "run" and which has no live process is started from its launch record; one that
+exits without being asked is started again after a backoff, or marked failed after a crash loop; one
+whose /health fails after it was ready is stopped and restarted, as a crash. "stop" in the want file
+means hands off: stop_all_models.sh does the stopping. The supervisor holds no state that matters
+across its own death: a new one adopts the running servers by their PID files instead of starting
+duplicates, and a failed model stays failed (its status file says so) until a new start asks again.
+It runs until stop_all_models.sh stops it, once no model is wanted (a supervisor that left by itself
+when idle could miss a start asked for in that instant).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from .events import EVENT_FILE, EventLog, exit_words
+from .restart_policy import RestartPolicy
+from .run_dir import SUPERVISOR_ID, LaunchRecord, ModelStatus, RunDir, group_members, leader_alive, signal_group
+
+TICK = 0.5  # seconds between two looks at the run directory
+LOG_TAIL_LINES = 20
+
+
+def health_ok(url: str, timeout: float) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as answer:
+            return bool(answer.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(file.tell() - 16384, 0))
+            text = file.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+class Watch:
+    """One model as the supervisor follows it, from the start a want file asked for."""
+
+    def __init__(self, supervisor: Supervisor, model_id: str) -> None:
+        self.supervisor = supervisor
+        self.id = model_id
+        self.token: str | None = None
+        self.status = ModelStatus()
+        self.pid = 0
+        self.exit_times: list[float] = []
+        self.exits_since_reset = 0
+        self.started_at = 0.0
+        self.ready_since = 0.0
+        self.failed_checks = 0
+        self.next_check = 0.0
+        self.kill_at = 0.0  # a hung server gets SIGKILL then
+        self.hang_reason = ""
+
+    # ---- the state ----
+
+    def set_state(self, state: str, **changes: object) -> None:
+        self.status.state = state
+        self.status.since = self.supervisor.clock()
+        for name, value in changes.items():
+            setattr(self.status, name, value)
+        self.supervisor.run_dir.write_status(self.id, self.status)
+
+    def event(self, name: str, **fields: object) -> None:
+        self.supervisor.events.record(name, self.id, **fields)
+
+    # ---- one look ----
+
+    def step(self, now: float) -> None:
+        run_dir = self.supervisor.run_dir
+        want, token = run_dir.want(self.id)
+        if want != "run":
+            if self.token is not None and not self.pid_alive():  # hands off once stop_all_models.sh is done
+                self.event("stopped", pid=self.pid or None)
+                self.set_state("stopped", pid=0, reason="stopped by request")
+                self.token = None
+                self.pid = 0
+            return
+        if token != self.token:
+            self.begin(token, now)
+        if self.status.state == "failed":
+            return
+        if self.pid:
+            self.follow(now)
+        elif now >= self.status.next_start:
+            self.launch(now)
+
+    def begin(self, token: str, now: float) -> None:
+        """A start asked for (or one seen for the first time by this supervisor): adopt or launch."""
+        run_dir = self.supervisor.run_dir
+        previous = run_dir.status(self.id)
+        self.token = token
+        self.exit_times = []
+        self.exits_since_reset = 0
+        self.status = ModelStatus(token=token)
+        running = run_dir.running_pid(self.id)
+        if previous is not None and previous.token == token:
+            self.status = previous  # the same start, seen by a new supervisor: keep its count
+            if previous.state == "failed" and not running:
+                return
+        if running:
+            self.pid = running
+            self.started_at = now
+            self.ready_since = 0.0
+            self.event("adopted", pid=running)
+            self.set_state("loading", pid=running, reason="")
+        else:
+            self.pid = 0
+            self.status.next_start = 0.0
+
+    def pid_alive(self) -> bool:
+        return bool(self.pid) and (leader_alive(self.pid) or bool(group_members(self.pid)))
+
+    def follow(self, now: float) -> None:
+        """A server we know of: dead, being killed, or up (then maybe its health is due)."""
+        if not leader_alive(self.pid):
+            if group_members(self.pid):
+                signal_group(self.pid, signal.SIGKILL)  # the leader died: its engine and workers too
+                return
+            self.exited(now)
+            return
+        if self.kill_at:
+            if now >= self.kill_at:
+                signal_group(self.pid, signal.SIGKILL)
+            return
+        if now >= self.next_check:
+            self.check_health(now)
+
+    def check_health(self, now: float) -> None:
+        policy = self.supervisor.policy
+        record = self.supervisor.run_dir.launch_record(self.id)
+        loading = self.status.state != "ready"
+        # While it loads, look each second so that ready is seen soon; then every health_interval.
+        self.next_check = now + (min(policy.health_interval, 1.0) if loading else policy.health_interval)
+        if record is None:
+            return
+        if health_ok(record.health_url, min(policy.health_interval, 5.0)):
+            self.failed_checks = 0
+            if loading:
+                self.ready_since = now
+                self.event("ready", pid=self.pid, seconds=round(now - self.started_at, 3))
+                self.set_state("ready", reason="")
+            elif self.exits_since_reset and now - self.ready_since >= policy.reset_after:
+                self.exits_since_reset = 0  # healthy long enough: the next exit waits the first delay again
+            return
+        if not loading:
+            self.failed_checks += 1
+            if self.failed_checks >= policy.hang_checks:
+                self.hang(now, f"/health failed {self.failed_checks} checks in a row")
+        elif now - self.started_at >= policy.start_timeout:
+            self.hang(now, f"not ready {policy.start_timeout:g}s after its start")
+
+    def hang(self, now: float, why: str) -> None:
+        self.event("hang", pid=self.pid, detail=why)
+        self.hang_reason = why
+        self.kill_at = now + self.supervisor.policy.stop_timeout
+        try:
+            os.kill(self.pid, signal.SIGTERM)  # the API server first: it stops its engine in order
+        except ProcessLookupError:
+            pass
+        self.set_state("restarting", reason=f"hung: {why}")
+
+    def exited(self, now: float) -> None:
+        policy = self.supervisor.policy
+        status_word = self.supervisor.exit_status(self.pid)
+        fields, words = exit_words(status_word)
+        if self.hang_reason:
+            words = f"{words}, stopped as hung ({self.hang_reason})"
+        self.supervisor.run_dir.remove_pid(self.id, self.pid)
+        if self.ready_since and now - self.ready_since >= policy.reset_after:
+            self.exits_since_reset = 0
+        self.exits_since_reset += 1
+        self.exit_times = [moment for moment in self.exit_times if now - moment <= policy.crash_loop_window]
+        self.exit_times.append(now)
+        pid, self.pid, self.kill_at, self.hang_reason, self.ready_since = self.pid, 0, 0.0, "", 0.0
+        record = self.supervisor.run_dir.launch_record(self.id)
+        if policy.in_crash_loop(self.exit_times, now):
+            reason = (
+                f"{len(self.exit_times)} exits within {policy.crash_loop_window:g}s, the last: {words};"
+                " not restarted until started again"
+            )
+            self.event("exit", pid=pid, **fields, detail=words)
+            self.event("failed", detail=reason)
+            tail = log_tail(record.log) if record else []
+            self.set_state("failed", pid=0, last_exit=words, reason=reason, log_tail=tail)
+            return
+        delay = policy.delay(self.exits_since_reset)
+        self.event("exit", pid=pid, **fields, delay=delay, detail=words)
+        self.set_state(
+            "restarting", pid=0, last_exit=words, next_start=now + delay, reason=f"{words}; restarts in {delay:g}s"
+        )
+
+    def launch(self, now: float) -> None:
+        record = self.supervisor.run_dir.launch_record(self.id)
+        if record is None:
+            self.set_state("failed", reason="no launch record: start it with start_all_models.sh")
+            return
+        again = self.status.state == "restarting"
+        try:
+            pid = self.supervisor.spawn(record, "restarts" if again else "starts")
+        except OSError as error:
+            self.exit_times.append(now)
+            self.set_state("failed", reason=f"could not run {record.argv[0]}: {error.strerror}")
+            self.event("failed", detail=self.status.reason)
+            return
+        self.pid = pid
+        self.started_at = now
+        self.ready_since = 0.0
+        self.failed_checks = 0
+        self.next_check = now + min(self.supervisor.policy.health_interval, 1.0)
+        if again:
+            self.status.restarts += 1
+        self.event("restart" if again else "start", pid=pid, restarts=self.status.restarts, mode=record.mode)
+        self.set_state("loading", pid=pid, reason="", next_start=0.0)
+
+
+class Supervisor:
+    def __init__(
+        self, run_dir: RunDir, events: EventLog, policy: RestartPolicy, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.run_dir = run_dir
+        self.events = events
+        self.policy = policy
+        self.clock = clock
+        self.watches: dict[str, Watch] = {}
+        self.children: set[int] = set()  # the servers this supervisor started, until their exit is read
+        self.exit_statuses: dict[int, int] = {}  # wait statuses of our children, until their watch reads them
+
+    def spawn(self, record: LaunchRecord, verb: str) -> int:
+        """Start the server as the launch record says, its output appended to its log."""
+        if verb == "restarts":  # a first start's header is the start script's
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(record.log, "a") as log:
+                log.write(f"==== {stamp}: supervisor restarts {record.id} ({record.mode}) ====\n")
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, record.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        pid = os.posix_spawnp(record.argv[0], record.argv, record.env, file_actions=actions)
+        self.children.add(pid)
+        self.run_dir.write_pid(record.id, pid, record.mode)
+        return pid
+
+    def exit_status(self, pid: int) -> int | None:
+        """How our child pid ended; None for a server we adopted (only its parent could know)."""
+        if pid in self.children and pid not in self.exit_statuses:
+            # It died after this tick's reap: a zombie now, so this wait does not block.
+            try:
+                _, self.exit_statuses[pid] = os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self.children.discard(pid)
+        return self.exit_statuses.pop(pid, None)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.exit_statuses[pid] = status
+
+    def tick(self) -> None:
+        """One look at every model."""
+        self.reap()
+        now = self.clock()
+        for model_id in self.run_dir.launched_ids():
+            self.watches.setdefault(model_id, Watch(self, model_id)).step(now)
+
+    def run(self) -> int:
+        lock = self.run_dir.path / f".{SUPERVISOR_ID}.lock"
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        handle = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return 0  # another supervisor runs: it does the work
+            raise
+        self.run_dir.write_pid(SUPERVISOR_ID, os.getpid(), SUPERVISOR_ID)
+        stopping = False
+
+        def leave(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, leave)
+        signal.signal(signal.SIGINT, leave)
+        try:
+            while not stopping:
+                self.tick()
+                time.sleep(TICK)
+            self.tick()  # the models stopped just before us: their stop events
+        finally:
+            self.run_dir.remove_pid(SUPERVISOR_ID, os.getpid())
+        return 0
+
+
+def supervise(run_dir: Path, log_dir: Path, policy: RestartPolicy) -> int:
+    return Supervisor(RunDir(run_dir), EventLog(log_dir / EVENT_FILE), policy).run()
