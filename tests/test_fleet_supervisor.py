@@ -275,6 +275,15 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
     assert wait_until(chat, timeout=20, interval=0.2)
     exit_event = next(e for e in events(fleet, "api_server") if e["event"] == "exit")
     assert exit_event["signal"] == "SIGKILL"
+    # ... and the new gateway serves the event log the supervisor wrote about its predecessor
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway_port}/admin/events?model=api_server&event=exit,restart",
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        served = json.loads(answer.read())["data"]
+    assert [(e["event"], e["pid"]) for e in served][:1] == [("exit", gateway)]
+    assert [e["event"] for e in served] == ["exit", "restart"]
 
     stopped = fleet.run("stop_all_services.sh")
     assert stopped.returncode == 0, stopped.stderr

@@ -324,6 +324,30 @@ def test_exit_fault_ends_the_whole_process_mid_stream(fresh_simulator: Simulator
     assert http_status(fresh_simulator.base_url + "/health") is None
 
 
+@pytest.mark.parametrize(("body", "ends"), [({"code": 7}, 7), ({"signal": "SIGKILL"}, -9)])
+def test_exit_asked_for_ends_the_process_with_that_code_or_signal(fresh_simulator: Simulator, body, ends) -> None:
+    response = httpx.post(fresh_simulator.base_url + "/_simulator/exit", json=body)
+    assert response.status_code == 202
+    assert fresh_simulator.handle.popen.wait(timeout=10) == ends
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"code": 7, "signal": "SIGKILL"}, {"code": 256}, {"code": True}, {"signal": "SIGNOPE"}, {"why": 1}]
+)
+def test_a_malformed_exit_is_refused_and_the_simulator_lives_on(simulator: Simulator, body) -> None:
+    response = httpx.post(simulator.base_url + "/_simulator/exit", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"]
+    assert http_status(simulator.base_url + "/health") == 200
+
+
+def test_exit_after_ends_the_process_with_the_exit_code_once_it_served(tmp_path: Path) -> None:
+    with Simulator.start(tmp_path, "--exit-after", "0.5", "--exit-code", "3", wait=False) as simulator:
+        assert simulator.handle.popen.wait(timeout=30) == 3
+    log = (tmp_path / f"simulator-{simulator.port}.log").read_text()
+    assert log.index("serving ['sim']") < log.index("exiting with code 3 after 0.5 s (--exit-after)")
+
+
 def test_fault_defaults_come_from_the_command_line(tmp_path: Path) -> None:
     with Simulator.start(tmp_path, "--error-status", "503", "--health-status", "500") as simulator:
         faults = httpx.get(simulator.base_url + "/_simulator/faults").json()

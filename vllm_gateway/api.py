@@ -1,4 +1,4 @@
-"""The gateway's own endpoints: health, the model list, and key administration.
+"""The gateway's own endpoints: health, the model list, key administration, usage and the fleet's events.
 
 These are not on the token path, so they use FastAPI for its validation and readability.
 """
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from . import errors
+from .fleet_events import DEFAULT_LIMIT, MAX_LIMIT, EventQuery, find_events, moment
 from .keystore import Editable, KeyFileError, KeyRecord, LastAdminKeyError, marked
 from .registry import BackendState, Model
 from .state import GatewayState
@@ -242,8 +243,7 @@ def usage(
     params = request.query_params
 
     def listed(name: str) -> list[str]:
-        values = params.getlist(name) + params.getlist(name + "[]")
-        return [part for value in values for part in value.split(",") if part]
+        return listed_param(request, name)
 
     def number(name: str, maximum: int = MAX_UNIX_TIME) -> int | None:
         value = params.get(name)
@@ -263,3 +263,33 @@ def usage(
         page=params.get("page"),
     )
     return usage_page(state.ledger.store, query)
+
+
+def listed_param(request: Request, name: str) -> list[str]:
+    """A list in the query, as `name=a&name=b`, `name[]=a` or `name=a,b`."""
+    params = request.query_params
+    values = params.getlist(name) + params.getlist(name + "[]")
+    return [part for value in values for part in value.split(",") if part]
+
+
+# -- the fleet's events --
+
+
+@router.get("/admin/events")
+def fleet_events(
+    request: Request, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    """What the supervisor saw (vllm_gateway/fleet_events.py): `model` and `event` (lists), `since` and
+    `until` (unix seconds or ISO 8601), `limit` (the newest so many, oldest first)."""
+    params = request.query_params
+    since, until, limit = params.get("since"), params.get("until"), params.get("limit", str(DEFAULT_LIMIT))
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LIMIT):
+        raise errors.bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit")
+    query = EventQuery(
+        models=listed_param(request, "model"),
+        events=listed_param(request, "event"),
+        since=None if since is None else moment("since", since),
+        until=None if until is None else moment("until", until),
+        limit=int(limit),
+    )
+    return find_events(state.settings.fleet_log_dir, query)

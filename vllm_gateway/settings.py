@@ -134,6 +134,8 @@ class Settings(BaseSettings):
 
     # -- logs --
     log_dir: Path = Field(REPO_DIR / "logs", validation_alias=AliasChoices("GATEWAY_LOG_DIR", "VLLM_LOG_DIR"))
+    # The fleet scripts' logs, where the supervisor writes fleet_events.jsonl (GET /admin/events).
+    fleet_log_dir: Path = Field(REPO_DIR / "logs", validation_alias=AliasChoices("VLLM_LOG_DIR"))
     log_file_name: str = "vllm_api_server.log"
     log_max_bytes: int = 50 * 1024 * 1024
     log_backups: int = 5
