@@ -236,7 +236,8 @@ def test_stop_and_status_work_from_what_runs_when_the_config_is_broken(fleet: Fl
     assert fleet.pid_files() == []
 
 
-def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -> None:
+def start_with_gateway(fleet: Fleet) -> tuple[int, str]:
+    """start_all_services.sh --simulate --wait: the gateway's port and the admin key it printed."""
     gateway_port = free_port()
     (fleet.root / "gateway.env").write_text("")
     fleet.env.update(
@@ -245,12 +246,58 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_KEY_FILE": str(fleet.root / "api_keys.json"),
             "GATEWAY_ENV_FILE": str(fleet.root / "gateway.env"),
-            "GATEWAY_HEALTH_INTERVAL": "0.5",
+            "GATEWAY_HEALTH_INTERVAL": "0.3",
         }
     )
     started = fleet.run("start_all_services.sh", "--simulate", "--wait")
     assert started.returncode == 0, started.stderr
-    key = re.search(r"^\s+(sk-\S+)$", started.stdout, re.M).group(1)
+    return gateway_port, re.search(r"^\s+(sk-\S+)$", started.stdout, re.M).group(1)
+
+
+def gateway_get(port: int, key: str, path: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def test_the_gateway_shows_a_restarting_model_and_answers_503_until_it_is_back(fleet: Fleet) -> None:
+    fleet.env["VLLM_RESTART_DELAY"] = "4"
+    gateway_port, key = start_with_gateway(fleet)
+    killed = fleet.pid("beta")
+    os.kill(killed, signal.SIGKILL)
+
+    def beta() -> dict:
+        return next(m for m in gateway_get(gateway_port, key, "/health")["models"] if m["id"] == "beta")
+
+    seen = wait_until(lambda: beta() if beta()["status"] == "restarting" else None, timeout=10)
+    assert seen["backends"][0]["detail"] == "killed by SIGKILL; restarts in 4s"
+    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="restarting"} 1' in metrics(gateway_port)
+    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="ready"} 0' in metrics(gateway_port)
+    listed = {m["id"]: m["status"] for m in gateway_get(gateway_port, key, "/v1/models")["data"]}
+    assert listed["beta"] == "restarting" and listed["alpha"] == "ready"
+    chat = urllib.request.Request(
+        f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+        data=json.dumps({"model": "beta", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(chat, timeout=10)
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "10"
+    assert "has no ready server right now (restarting)" in json.loads(refused.value.read())["error"]["message"]
+
+    back = wait_until(lambda: beta() if beta()["status"] == "ready" else None, timeout=30)
+    assert back["backends"][0]["restarts"] == 1
+    assert 'vllm_gateway_backend_restarts{model="beta",backend="beta"} 1' in metrics(gateway_port)
+    assert 'vllm_gateway_backend_restarts{model="alpha",backend="alpha"} 0' in metrics(gateway_port)
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -> None:
+    gateway_port, key = start_with_gateway(fleet)
     models = {model: fleet.pid(model) for model in ("alpha", "beta")}
     gateway = fleet.pid("api_server")
     os.kill(gateway, signal.SIGKILL)

@@ -93,6 +93,7 @@ def health_of(model: Model, detailed: bool, waiting: int = 0) -> dict[str, objec
                 "detail": backend.detail,
                 "in_flight": backend.in_flight,
                 "capacity": backend.spec.capacity,
+                "restarts": backend.restarts,
                 "checked_at": backend.checked_at or None,
             }
             for backend in model.backends

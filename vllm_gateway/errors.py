@@ -168,7 +168,7 @@ def model_unavailable(model: str, state: str) -> GatewayError:
     it is: importing the registry would pull the settings into every importer of errors.py, the body
     parser's helper process included. A client waits longer while a server loads its weights than
     when the servers are down, which the next health check may find back."""
-    retry_after = 10 if state == "loading" else 5
+    retry_after = 10 if state in ("loading", "restarting") else 5
     return GatewayError(
         503,
         f"The model `{model}` has no ready server right now ({state}). Try again in {retry_after} s.",

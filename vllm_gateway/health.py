@@ -2,7 +2,8 @@
 
 A backend is ready when /health answers 200 and /v1/models lists its model. A server whose port is
 still closed counts as loading while the fleet scripts' PID file shows its process alive (weights can
-take minutes to load), and as down otherwise.
+take minutes to load); otherwise as the fleet's supervisor says (restarting after a backoff, or
+failed after a crash loop), else down.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def fleet_process_alive(run_dir: Path, backend_id: str) -> bool:
     return True
 
 
+def supervisor_view(run_dir: Path, backend_id: str) -> dict[str, object] | None:
+    """What the fleet's supervisor says of the server's current start: run/<id>.status.json, when it
+    belongs to the start run/<id>.want asks for (the files of vllm_fleet/run_dir.py)."""
+    try:
+        want = (run_dir / f"{backend_id}.want").read_text().split()
+        status = orjson.loads((run_dir / f"{backend_id}.status.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    if want[:1] != ["run"] or not isinstance(status, dict) or status.get("token") != " ".join(want[1:]):
+        return None
+    return status
+
+
 async def get(pool: UpstreamPool, backend: Backend, path: bytes) -> tuple[int, bytes]:
     headers = [(b"authorization", b"Bearer " + backend.spec.api_key.encode())] if backend.spec.api_key else []
     response = await pool.request(b"GET", backend.base_url, path, headers)
@@ -61,6 +75,9 @@ async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[Ba
     except UpstreamError as error:
         if fleet_process_alive(run_dir, backend.spec.id):
             return BackendState.LOADING, "process running, server not answering yet", None
+        view = supervisor_view(run_dir, backend.spec.id) or {}
+        if view.get("state") in (BackendState.RESTARTING, BackendState.FAILED):
+            return BackendState(str(view["state"])), str(view.get("reason", "")), None
         return BackendState.DOWN, str(error), None
     except (ValueError, AttributeError, TypeError):
         return BackendState.LOADING, "/v1/models did not answer a model list", None
@@ -74,6 +91,8 @@ async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> 
     state, detail, listed = await probe(pool, backend, run_dir)
     if listed is not None:
         backend.served = listed
+    restarts = (supervisor_view(run_dir, backend.spec.id) or {}).get("restarts")
+    backend.restarts = restarts if isinstance(restarts, int) else 0
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
         return True

@@ -13,6 +13,8 @@ from .model_config import BackendSpec
 class BackendState(StrEnum):
     READY = "ready"
     LOADING = "loading"
+    RESTARTING = "restarting"  # exited or hung; the fleet's supervisor starts it after a backoff
+    FAILED = "failed"  # the supervisor gave up (a crash loop) until someone starts it
     DOWN = "down"
     UNKNOWN = "unknown"
 
@@ -26,6 +28,7 @@ class Backend:
     checked_at: float = 0.0
     # The names its server answered to in /v1/models at the last check that got a list (health.py).
     served: frozenset[str] = frozenset()
+    restarts: int = 0  # by the fleet's supervisor, since the server's last start by the scripts
 
     @property
     def base_url(self) -> str:
@@ -65,10 +68,11 @@ class Model:
     @property
     def state(self) -> BackendState:
         states = {backend.state for backend in self.backends}
-        for state in (BackendState.READY, BackendState.LOADING, BackendState.UNKNOWN):
+        # The state of the replica closest to serving.
+        for state in (BackendState.READY, BackendState.LOADING, BackendState.RESTARTING, BackendState.UNKNOWN):
             if state in states:
                 return state
-        return BackendState.DOWN
+        return BackendState.FAILED if BackendState.FAILED in states else BackendState.DOWN
 
     def pick(self, exclude: Sequence[Backend] = (), with_room: bool = False) -> Backend | None:
         """The ready backend with the fewest requests in flight (replicas share the load); with

@@ -23,7 +23,7 @@ from .recording import (
     TTFT_SUM,
     Labels,
 )
-from .workers import Figures, process_figures, sibling_figures
+from .workers import BackendFigures, Figures, process_figures, sibling_figures
 
 PREFIX = "vllm_gateway_"
 
@@ -88,7 +88,7 @@ def summed(
     return out
 
 
-def render(figures: Figures, backend_up: dict[Labels, float]) -> bytes:
+def render(figures: Figures, backends: BackendFigures) -> bytes:
     out = Exposition()
     series = figures.series
     model_backend_key_status = ("model", "backend", "key", "status")
@@ -158,7 +158,15 @@ def render(figures: Figures, backend_up: dict[Labels, float]) -> bytes:
 
     name = PREFIX + "backend_up"
     out.family(name, "gauge", "1 when the backend's last health check found it ready, else 0.")
-    out.samples(name, ("model", "backend"), backend_up)
+    out.samples(name, ("model", "backend"), backends.up)
+
+    name = PREFIX + "backend_state"
+    out.family(name, "gauge", "1 for the backend's state at its last health check, 0 for the other states.")
+    out.samples(name, ("model", "backend", "state"), backends.state)
+
+    name = PREFIX + "backend_restarts"
+    out.family(name, "gauge", "Restarts of the backend's server by the fleet's supervisor since its last start.")
+    out.samples(name, ("model", "backend"), backends.restarts)
 
     name = PREFIX + "rate_limited_total"
     out.family(name, "counter", "Requests refused with 429 by a key's rate limit, by key name and kind.")
@@ -181,10 +189,10 @@ def render(figures: Figures, backend_up: dict[Labels, float]) -> bytes:
     return out.text()
 
 
-def exposition(figures: Figures, backend_up: dict[Labels, float], run_dir: Path | None) -> bytes:
+def exposition(figures: Figures, backends: BackendFigures, run_dir: Path | None) -> bytes:
     """The whole gateway's figures as Prometheus text: `figures` (this worker's copy) plus, when
     `run_dir` is given, the other live workers' snapshots. Reads files: run it off the event loop."""
     if run_dir is not None:
         for other in sibling_figures(run_dir):
             figures.add(other)
-    return render(figures, backend_up)
+    return render(figures, backends)

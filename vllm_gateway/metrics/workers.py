@@ -44,13 +44,21 @@ def figures_of(metrics: Metrics) -> Figures:
     return figures
 
 
-def backend_up(registry: Registry) -> dict[Labels, float]:
-    """1 for each backend whose last health check found it ready, else 0."""
-    return {
-        (model.name, backend.spec.id): 1.0 if backend.state is BackendState.READY else 0.0
-        for model in registry.models.values()
-        for backend in model.backends
-    }
+class BackendFigures:
+    """Each backend as its last health check found it: up (ready), its state, the supervisor's restarts."""
+
+    def __init__(self, registry: Registry) -> None:
+        backends = [(model.name, backend) for model in registry.models.values() for backend in model.backends]
+        self.up: dict[Labels, float] = {
+            (name, b.spec.id): 1.0 if b.state is BackendState.READY else 0.0 for name, b in backends
+        }
+        # every state, 1 for the current one: a state's series exists before the first time it holds
+        self.state: dict[Labels, float] = {
+            (name, b.spec.id, state.value): 1.0 if b.state is state else 0.0
+            for name, b in backends
+            for state in BackendState
+        }
+        self.restarts: dict[Labels, float] = {(name, b.spec.id): float(b.restarts) for name, b in backends}
 
 
 class Figures:
