@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fleet import Fleet, live
-from tests.support.processes import free_port, http_status, process_tree, wait_until
+from tests.support.processes import REPO_ROOT, free_port, http_status, process_tree, wait_until
 
 CONFIG = """
 vllm_model name=alpha path=/data/models/none-here port={p1} log=alpha.log
@@ -335,3 +337,66 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
     stopped = fleet.run("stop_all_services.sh")
     assert stopped.returncode == 0, stopped.stderr
     assert fleet.pid_files() == []
+
+
+def test_admins_start_stop_and_restart_one_server_over_the_api_and_the_cli(fleet: Fleet) -> None:
+    gateway_port, key = start_with_gateway(fleet)
+
+    def post(path: str, with_key: str = key) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{gateway_port}{path}", method="POST", headers={"Authorization": f"Bearer {with_key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as refused:
+            return refused.code, json.loads(refused.read())
+
+    status, stopped = post("/admin/models/beta/stop")
+    assert status == 200 and "stop_all_models: beta stopped" in stopped["output"], stopped
+    assert not (fleet.run_dir / "beta.pid").exists()
+    status, again = post("/admin/models/beta/stop")
+    assert (status, again["error"]["code"]) == (409, "model_not_running")
+
+    status, started = post("/admin/models/beta/start")
+    assert status == 200, started
+    assert any("beta last ran simulated: started simulated again" in line for line in started["output"])
+    wait_until(lambda: http_status(f"http://127.0.0.1:{fleet.ports[1]}/health") == 200, timeout=20)
+    status, twice = post("/admin/models/beta/start")
+    assert (status, twice["error"]["code"]) == (409, "model_running")
+    assert "already running: restart it instead" in twice["error"]["message"]
+
+    before = fleet.pid("beta")
+    status, restarted = post("/admin/models/beta/restart")
+    assert status == 200 and fleet.pid("beta") != before, restarted
+
+    assert post("/admin/models/nope/start")[0] == 404
+    status, unknown = post("/admin/models/beta/explode")
+    assert status == 404 and "start, stop, restart" in unknown["error"]["message"]
+    created = urllib.request.Request(
+        f"http://127.0.0.1:{gateway_port}/admin/keys",
+        data=b'{"name": "user"}',
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(created, timeout=10) as answer:
+        user = json.loads(answer.read())["key"]
+    assert post("/admin/models/beta/stop", with_key=user)[0] == 403
+
+    alpha = fleet.pid("alpha")
+    cli = subprocess_run(fleet, "models", "restart", "alpha")
+    assert cli.returncode == 0, cli.stderr
+    assert "start_all_models: started alpha" in cli.stdout and fleet.pid("alpha") != alpha
+    missing = subprocess_run(fleet, "models", "stop", "nope")
+    assert missing.returncode == 2 and "No model server with id `nope`" in missing.stderr
+
+
+def subprocess_run(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """vllm_api_server.py ARGS with the fleet's environment."""
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
+        env={**os.environ, **fleet.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from . import errors
+from .fleet_control import ACTIONS, act
 from .fleet_events import DEFAULT_LIMIT, MAX_LIMIT, EventQuery, find_events, moment
 from .keystore import Editable, KeyFileError, KeyRecord, LastAdminKeyError, marked
 from .registry import BackendState, Model
@@ -294,3 +295,23 @@ def fleet_events(
         limit=int(limit),
     )
     return find_events(state.settings.fleet_log_dir, query)
+
+
+# -- the fleet's servers --
+
+
+@router.post("/admin/models/{model_id}/{action}")
+async def model_action(
+    model_id: str,
+    action: str,
+    state: Annotated[GatewayState, Depends(gateway)],
+    _: Annotated[KeyRecord, Depends(admin_key)],
+) -> dict[str, object]:
+    """Start, stop or restart one server of the fleet by its id, through the fleet scripts
+    (fleet_control.py); the answer holds what they printed."""
+    if action not in ACTIONS:
+        raise errors.not_found(f"No action `{action}` for a model: {', '.join(ACTIONS)}.")
+    spec = next((backend.spec for backend in state.registry.backends() if backend.spec.id == model_id), None)
+    outcome = await act(action, spec, model_id, state.settings.run_dir)
+    state.health.check_soon()  # the new state in /health within a round, not an interval
+    return {"object": "model.action", "id": outcome.id, "action": outcome.action, "output": outcome.output}

@@ -17,6 +17,8 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from .errors import GatewayError
+from .fleet_control import ACTIONS, act
 from .keystore import Editable, KeyFileError, KeyRecord, KeyStore, LastAdminKeyError, Shown, marked
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
@@ -48,8 +50,15 @@ def parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
     serve_cmd.set_defaults(run=serve)
 
-    models_cmd = commands.add_parser("models", help="print the models and backends as the gateway sees them")
+    models_cmd = commands.add_parser(
+        "models",
+        help="print the models and backends as the gateway sees them, or start, stop or restart one server",
+        description="Without ACTION, the models and their servers. `models ACTION ID` starts, stops or restarts "
+        "the server with that id through the fleet scripts, as POST /admin/models/ID/ACTION does.",
+    )
     models_cmd.add_argument("--json", action="store_true", help="print JSON")
+    models_cmd.add_argument("action", nargs="?", choices=ACTIONS, help="what to do with one server")
+    models_cmd.add_argument("id", nargs="?", help="the server's id (vllm_model_configs.sh)")
     models_cmd.set_defaults(run=show_models)
 
     keys = commands.add_parser("keys", help="manage API keys in the key file").add_subparsers(dest="action")
@@ -152,6 +161,8 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
 
 def show_models(args: argparse.Namespace) -> int:
     settings = load_settings()
+    if args.action is not None:
+        return model_action(settings, args.action, args.id)
     rows = asyncio.run(probe_all(settings))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -163,6 +174,25 @@ def show_models(args: argparse.Namespace) -> int:
             for r in rows
         ]
     )
+    return 0
+
+
+def model_action(settings: Settings, action: str, model_id: str | None) -> int:
+    if not model_id:
+        print(f"models {action}: give the server's id", file=sys.stderr)
+        return 2
+    try:
+        specs = load_backend_specs(settings.model_config_file)
+    except ModelConfigError as error:
+        print(f"models {action}: {error}", file=sys.stderr)
+        return 2
+    spec = next((spec for spec in specs if spec.id == model_id), None)
+    try:
+        outcome = asyncio.run(act(action, spec, model_id, settings.run_dir))
+    except GatewayError as error:
+        print(f"models {action}: {error}", file=sys.stderr)
+        return 1 if error.status >= 500 else 2
+    print("\n".join(outcome.output))
     return 0
 
 

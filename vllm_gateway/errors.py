@@ -284,6 +284,15 @@ def queue_timeout(model: str, seconds: float) -> GatewayError:
 # -- the admin API (api.py) and the metrics (metrics_http.py) --
 
 
+def conflict(message: str, code: str) -> GatewayError:
+    """An action that makes no sense in the current state (a model already running, ...)."""
+    return GatewayError(409, message, "invalid_request_error", code)
+
+
+def fleet_script_failed(message: str) -> GatewayError:
+    return GatewayError(500, message, "server_error", "fleet_script_failed")
+
+
 def last_admin_key(message: str) -> GatewayError:
     return GatewayError(409, message, "invalid_request_error", "last_admin_key")
 

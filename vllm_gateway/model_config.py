@@ -30,6 +30,7 @@ class BackendSpec:
     api_key: str | None
     max_num_seqs: int | None
     max_concurrency: int | None = None
+    remote: bool = False  # url= in the config: a server of another host, which the fleet scripts leave alone
 
     @property
     def capacity(self) -> int | None:
@@ -62,4 +63,5 @@ def parse_line(line: str) -> BackendSpec:
         api_key=fields.get("api_key") or None,
         max_num_seqs=int(max_num_seqs) if max_num_seqs.isdigit() else None,
         max_concurrency=int(max_concurrency) if max_concurrency.isdigit() else None,
+        remote=not fields.get("port"),
     )
