@@ -1,0 +1,69 @@
+"""How the gateway names a server that does not answer: loading, restarting or failed as the fleet's
+supervisor says in the run directory, else down; and a model's state from its replicas'."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import free_port
+from vllm_gateway.health import probe, probe_pool
+from vllm_gateway.model_config import BackendSpec
+from vllm_gateway.registry import Backend, BackendState, Model
+
+
+def closed_backend(backend_id: str = "beta") -> Backend:
+    """A backend whose port nothing listens on: every probe is refused."""
+    url = f"http://127.0.0.1:{free_port()}"
+    return Backend(BackendSpec(backend_id, "beta", (), "/m", url, None, None))
+
+
+def supervised(run_dir: Path, want: str, status: dict) -> None:
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "beta.want").write_text(want + "\n")
+    (run_dir / "beta.status.json").write_text(json.dumps(status) + "\n")
+
+
+def probed(backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
+    async def run() -> tuple[BackendState, str]:
+        pool = probe_pool(65536)
+        try:
+            state, detail, _ = await probe(pool, backend, run_dir)
+        finally:
+            pool.close()
+        return state, detail
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("state", ["restarting", "failed"])
+def test_a_server_the_supervisor_restarts_or_gave_up_on_shows_its_state_and_reason(tmp_path: Path, state) -> None:
+    supervised(tmp_path, "run T1", {"state": state, "token": "T1", "reason": "exit code 3; restarts in 4s"})
+    assert probed(closed_backend(), tmp_path) == (BackendState(state), "exit code 3; restarts in 4s")
+
+
+def test_a_status_of_an_older_start_or_of_a_stopped_model_is_not_believed(tmp_path: Path) -> None:
+    supervised(tmp_path, "run T2", {"state": "failed", "token": "T1", "reason": "old"})
+    assert probed(closed_backend(), tmp_path)[0] is BackendState.DOWN
+    supervised(tmp_path, "stop", {"state": "restarting", "token": "T1", "reason": "old"})
+    assert probed(closed_backend(), tmp_path)[0] is BackendState.DOWN
+    assert probed(closed_backend(), tmp_path / "no-run-dir")[0] is BackendState.DOWN
+
+
+def test_a_model_shows_the_state_of_its_replica_closest_to_serving() -> None:
+    def model_of(*states: BackendState) -> Model:
+        model = Model("m", "/m")
+        for number, state in enumerate(states):
+            backend = closed_backend(f"b{number}")
+            backend.state = state
+            model.backends.append(backend)
+        return model
+
+    assert model_of(BackendState.FAILED, BackendState.READY).state is BackendState.READY
+    assert model_of(BackendState.RESTARTING, BackendState.LOADING).state is BackendState.LOADING
+    assert model_of(BackendState.DOWN, BackendState.RESTARTING).state is BackendState.RESTARTING
+    assert model_of(BackendState.DOWN, BackendState.FAILED).state is BackendState.FAILED
+    assert model_of(BackendState.DOWN).state is BackendState.DOWN
