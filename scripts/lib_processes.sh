@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # the globals set here are read by the scripts
-# scripts/lib_processes.sh: the process control of lib.sh (PID files, process groups, launch, stop,
-# health); sourced by lib.sh, never run.
+# scripts/lib_processes.sh: the process control of lib.sh (PID files, process groups, the
+# supervisor, stop, health); sourced by lib.sh, never run.
 #
 # A PID file holds "PID STARTTIME MODE": STARTTIME (from /proc) tells our process from a later one
 # that got the same PID. Every service leads its own process group (setsid), so stopping it
@@ -50,22 +50,6 @@ service_state() {
     else
         printf 'stale %s\n' "$pid"
     fi
-}
-
-# launch LOG PIDFILE MODE ARGV...: start ARGV in the background in the repo, output to LOG.
-# setsid makes it the leader of a new session and process group, with the PID we record.
-launch() {
-    local log="$1" pid_file="$2" mode="$3" pid
-    shift 3
-    mkdir -p "$(dirname "$pid_file")"
-    (
-        cd "$VLLM_REPO_DIR" || exit 1
-        exec 9>&- # the lock stays with us, not with the servers
-        exec "$@" >>"$log" 2>&1 </dev/null
-    ) &
-    pid=$!
-    printf '%s %s %s\n' "$pid" "$(proc_starttime "$pid")" "$mode" >"$pid_file"
-    LAUNCHED_PID="$pid"
 }
 
 # lock NAME: one start or stop of NAME at a time.

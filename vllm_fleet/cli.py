@@ -263,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "supervise",
         parents=[log_dir, run_dir],
         help="own the model servers: start, restart, detect hangs",
-        description="Run until no model is wanted: start the models whose want file asks for it, restart "
-        "those that exit or hang, with the backoff of VLLM_RESTART_* (docs/fleet.md). One at a time.",
+        description="Run until SIGTERM (stop_all_models.sh sends it once no model is wanted): start the models "
+        "whose want file asks for it, restart those that exit or hang, with the backoff of VLLM_RESTART_* "
+        "(docs/fleet.md). One supervisor per run directory: a second one exits at once.",
     )
     supervisor.set_defaults(run=command_supervise)
 
