@@ -149,6 +149,20 @@ def test_a_hung_model_is_stopped_and_started_again(fleet: Fleet) -> None:
     assert "stopped as hung" in exit_event["detail"]
 
 
+def test_a_server_whose_health_never_answers_is_stopped_and_started_again(fleet: Fleet) -> None:
+    # The usual hang of a stuck engine: the port takes the connection, /health never answers.
+    fleet.env["VLLM_HEALTH_CHECK_INTERVAL"] = "0.5"
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait", "alpha").returncode == 0
+    old = fleet.pid("alpha")
+    faults = urllib.request.Request(
+        f"http://127.0.0.1:{fleet.ports[0]}/_simulator/faults", data=b'{"slow_health": 3600}', method="POST"
+    )
+    urllib.request.urlopen(faults, timeout=5)
+    wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=30)
+    hang = next(e for e in events(fleet, "alpha") if e["event"] == "hang")
+    assert hang["detail"] == "/health failed 2 checks in a row" and hang["pid"] == old
+
+
 def test_a_killed_supervisor_leaves_the_models_serving_and_a_new_one_adopts_them(fleet: Fleet) -> None:
     assert fleet.run("start_all_models.sh", "--simulate", "--wait").returncode == 0
     pids = {model: fleet.pid(model) for model in ("alpha", "beta")}

@@ -282,6 +282,14 @@ def test_health_status_fault_changes_health_only(simulator: Simulator) -> None:
     assert http_status(simulator.base_url + "/health") == 200
 
 
+def test_slow_health_fault_holds_back_health_only(simulator: Simulator) -> None:
+    simulator.set_faults(slow_health=30)
+    assert http_status(simulator.base_url + "/health", timeout=0.5) is None  # no answer in time
+    assert http_status(simulator.base_url + "/v1/models") == 200
+    simulator.clear_faults()
+    assert http_status(simulator.base_url + "/health") == 200
+
+
 def test_slow_start_fault_holds_back_the_first_token(fresh_simulator: Simulator) -> None:
     fresh_simulator.set_faults(slow_start=60)
     with httpx.stream(

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--exit-after-tokens", type=int, metavar="N")
     faults.add_argument("--health-status", type=int, metavar="STATUS")
     faults.add_argument("--slow-tokenize", type=float, metavar="SECONDS")
+    faults.add_argument("--slow-health", type=float, metavar="SECONDS")
     faults.add_argument("--split-body-at", type=int, metavar="BYTES")
     faults.add_argument("--body-piece-bytes", type=int, metavar="BYTES")
     # The fleet scripts launch the simulator with the command line they would give `vllm serve`.

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _FAULT_STATUS_RANGES = {"error_status": (400, 599), "health_status": (200, 599)}
 # The active faults are answered as JSON, and orjson encodes integers up to 64 bits only.
 _MAX_FAULT_TOKENS = 2**63 - 1
-_SECONDS = frozenset({"slow_start", "slow_tokenize"})
+_SECONDS = frozenset({"slow_start", "slow_tokenize", "slow_health"})
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Faults:
     exit_after_tokens: int | None = None  # send N tokens, then the whole process exits
     health_status: int | None = None  # /health answers this status
     slow_tokenize: float | None = None  # extra seconds before /tokenize answers
+    slow_health: float | None = None  # extra seconds before /health answers: a hung engine's server
     # Cut every answer's body (a whole JSON answer or a stream) after this many bytes, and after every
     # body_piece_bytes, pausing at each cut so that each piece reaches the client in a read of its own.
     split_body_at: int | None = None

@@ -5,6 +5,7 @@ Shapes and metric names are vLLM's, so the gateway's health checks and metric re
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 
@@ -18,8 +19,10 @@ OWNED_BY = "vllm-simulator"
 
 
 async def health(request: web.Request) -> web.Response:
-    status = request.app[STATE].faults.health_status
-    return web.Response(status=status or 200)
+    faults = request.app[STATE].faults
+    if faults.slow_health:
+        await asyncio.sleep(faults.slow_health)
+    return web.Response(status=faults.health_status or 200)
 
 
 async def models(request: web.Request) -> web.Response:
