@@ -149,6 +149,13 @@ start_model() {
     fi
 }
 
+# supervisor_not_yet_ready ID: the supervisor follows ID's start and has not seen it ready yet.
+supervisor_not_yet_ready() {
+    local state
+    state="$(vllm_fleet status --run-dir "$RUN_DIR" "$1" | cut -f2)"
+    [[ "$state" != - && "$state" != ready ]]
+}
+
 # died_since_start ID: the supervisor saw ID exit since this start asked for it.
 died_since_start() {
     vllm_fleet status --run-dir "$RUN_DIR" "$1" |
@@ -189,6 +196,10 @@ wait_until_healthy() {
             id="$(m "$i" id)"
             read -r state pid <<<"$(service_state "$(pid_file_of "$id")")"
             code="$(http_status "$(m "$i" base_url)/health")"
+            # Healthy once the supervisor has seen it too: status then shows it ready, not loading.
+            if [[ "$code" == 200 ]] && supervisor_not_yet_ready "$id"; then
+                code=unseen
+            fi
             if [[ "$code" == 200 && "$ALREADY_RUNNING" == *" $i "* ]]; then
                 info "$id was already running and is healthy (up $(uptime_of "$pid"), port $(m "$i" port))"
             elif [[ "$code" == 200 ]]; then
@@ -204,6 +215,8 @@ wait_until_healthy() {
                     report+=("$id loading, port open ($(uptime_of "$pid"))")
                 elif [[ "$code" == 000 ]]; then
                     report+=("$id loading ($(uptime_of "$pid"))")
+                elif [[ "$code" == unseen ]]; then
+                    report+=("$id answers, its supervisor has yet to see it ($(uptime_of "$pid"))")
                 else
                     report+=("$id answers HTTP $code ($(uptime_of "$pid"))")
                 fi

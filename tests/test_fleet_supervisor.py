@@ -54,6 +54,14 @@ def events(fleet: Fleet, model: str | None = None) -> list[dict]:
     return [event for event in map(json.loads, lines) if model is None or event["model"] == model]
 
 
+def supervised_state(fleet: Fleet, model: str) -> str:
+    """The state the supervisor last wrote for the model."""
+    try:
+        return str(json.loads((fleet.run_dir / f"{model}.status.json").read_text())["state"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def moment(event: dict) -> float:
     return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
 
@@ -83,6 +91,7 @@ def test_a_killed_model_server_comes_back_after_its_backoff_and_answers_again(fl
     # the same command as the first start: simulated, on the same port, appended to the same log
     log = fleet.log("alpha.log")
     assert "supervisor restarts alpha (simulated)" in log
+    wait_until(lambda: supervised_state(fleet, "alpha") == "ready", timeout=10)  # its next check saw it
     status = fleet.run("status_all_services.sh")
     assert re.search(rf"^alpha\s+ready\(simulated\)\s+{new}\s+{fleet.ports[0]}\s+ok\s.*\s1\s+", status.stdout, re.M)
     assert http_status(f"http://127.0.0.1:{fleet.ports[1]}/health") == 200  # beta never noticed
@@ -161,6 +170,28 @@ def test_a_server_whose_health_never_answers_is_stopped_and_started_again(fleet:
     wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=30)
     hang = next(e for e in events(fleet, "alpha") if e["event"] == "hang")
     assert hang["detail"] == "/health failed 2 checks in a row" and hang["pid"] == old
+
+
+def test_a_crash_is_seen_at_once_while_another_servers_health_check_hangs(fleet: Fleet) -> None:
+    # alpha's check waits out its 5 s timeout; the supervisor must not wait with it to see beta die.
+    fleet.env.update({"VLLM_HEALTH_CHECK_INTERVAL": "5", "VLLM_HANG_CHECKS": "1"})
+    assert fleet.run("start_all_models.sh", "--simulate", "--wait").returncode == 0
+    alpha, beta = fleet.pid("alpha"), fleet.pid("beta")
+    simulator = f"http://127.0.0.1:{fleet.ports[0]}/_simulator"
+    faults = urllib.request.Request(f"{simulator}/faults", data=b'{"slow_health": 3600}', method="POST")
+    urllib.request.urlopen(faults, timeout=5)
+
+    def health_checks() -> int:
+        with urllib.request.urlopen(f"{simulator}/stats", timeout=5) as answer:
+            return int(json.loads(answer.read())["requests"].get("/health", 0))
+
+    before = health_checks()
+    wait_until(lambda: health_checks() > before, timeout=10)  # alpha's next check has begun, and hangs
+    os.kill(beta, signal.SIGKILL)
+    wait_until(lambda: healthy_with_new_pid(fleet, "alpha", alpha, fleet.ports[0]), timeout=60)
+    seen = [(e["model"], e["event"]) for e in events(fleet) if e["event"] in ("exit", "hang")]
+    assert seen.index(("beta", "exit")) < seen.index(("alpha", "hang")), seen
+    assert healthy_with_new_pid(fleet, "beta", beta, fleet.ports[1])
 
 
 def test_a_killed_supervisor_leaves_the_models_serving_and_a_new_one_adopts_them(fleet: Fleet) -> None:

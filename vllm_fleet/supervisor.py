@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .events import EVENT_FILE, EventLog, exit_words
@@ -29,6 +30,7 @@ from .restart_policy import RestartPolicy
 from .run_dir import SUPERVISOR_ID, LaunchRecord, ModelStatus, RunDir, group_members, leader_alive, signal_group
 
 TICK = 0.5  # seconds between two looks at the run directory
+CHECK_THREADS = 16  # /health checks under way at once: one a server, for a host's few servers
 LOG_TAIL_LINES = 20
 
 
@@ -69,6 +71,10 @@ class Watch:
         self.next_check = 0.0
         self.kill_at = 0.0  # a hung server gets SIGKILL then
         self.hang_reason = ""
+        # The /health check under way, on the supervisor's threads: a hung server's check waits out
+        # its timeout there, not in the loop that watches every other server.
+        self.probe: Future[bool] | None = None
+        self.probed_pid = 0
 
     # ---- the state ----
 
@@ -141,7 +147,12 @@ class Watch:
             if now >= self.kill_at:
                 signal_group(self.pid, signal.SIGKILL)
             return
-        if now >= self.next_check:
+        if self.probe is not None:
+            if self.probe.done():
+                answered, self.probe = self.probe.result(), None
+                if self.probed_pid == self.pid:  # not a check of a server that has been replaced since
+                    self.health_answered(answered, now)
+        elif now >= self.next_check:
             self.check_health(now)
 
     def check_health(self, now: float) -> None:
@@ -152,7 +163,13 @@ class Watch:
         self.next_check = now + (min(policy.health_interval, 1.0) if loading else policy.health_interval)
         if record is None:
             return
-        if health_ok(record.health_url, min(policy.health_interval, 5.0)):
+        self.probed_pid = self.pid
+        self.probe = self.supervisor.checks.submit(health_ok, record.health_url, min(policy.health_interval, 5.0))
+
+    def health_answered(self, answered: bool, now: float) -> None:
+        policy = self.supervisor.policy
+        loading = self.status.state != "ready"
+        if answered:
             self.failed_checks = 0
             if loading:
                 self.ready_since = now
@@ -191,6 +208,7 @@ class Watch:
         self.exit_times = [moment for moment in self.exit_times if now - moment <= policy.crash_loop_window]
         self.exit_times.append(now)
         pid, self.pid, self.kill_at, self.hang_reason, self.ready_since = self.pid, 0, 0.0, "", 0.0
+        self.probe = None  # a check still under way was of the server that is gone
         record = self.supervisor.run_dir.launch_record(self.id)
         if policy.in_crash_loop(self.exit_times, now):
             reason = (
@@ -241,6 +259,7 @@ class Supervisor:
         self.policy = policy
         self.clock = clock
         self.watches: dict[str, Watch] = {}
+        self.checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="health")
         self.children: set[int] = set()  # the servers this supervisor started, until their exit is read
         self.exit_statuses: dict[int, int] = {}  # wait statuses of our children, until their watch reads them
 
@@ -313,6 +332,7 @@ class Supervisor:
                 time.sleep(TICK)
             self.tick()  # the models stopped just before us: their stop events
         finally:
+            self.checks.shutdown(wait=False, cancel_futures=True)
             self.run_dir.remove_pid(SUPERVISOR_ID, os.getpid())
         return 0
 
