@@ -149,24 +149,15 @@ start_model() {
     fi
 }
 
-# supervisor_not_yet_ready ID: the supervisor follows ID's start and has not seen it ready yet.
-supervisor_not_yet_ready() {
-    local state
-    state="$(vllm_fleet status --run-dir "$RUN_DIR" "$1" | cut -f2)"
-    [[ "$state" != - && "$state" != ready ]]
-}
-
-# died_since_start ID: the supervisor saw ID exit since this start asked for it.
-died_since_start() {
-    vllm_fleet status --run-dir "$RUN_DIR" "$1" |
-        awk -F '\t' '$2 == "restarting" || $2 == "failed" || $3 + 0 > 0 { found = 1 } END { exit !found }'
-}
-
 # last_ran_simulated INDEX...: every one of these models' last launch ran the simulator.
 last_ran_simulated() {
+    local id
     local -a ids=()
     read -ra ids <<<"$(ids_of "$@")"
-    vllm_fleet status --run-dir "$RUN_DIR" "${ids[@]}" | awk -F '\t' '$5 != "simulated" { no = 1 } END { exit no }'
+    read_supervisor_view "${ids[@]}"
+    for id in "${ids[@]}"; do
+        [[ "${SUPERVISED_MODE[$id]-}" == simulated ]] || return 1
+    done
 }
 
 # ids_of INDEX...: the models' ids, space separated (an id has no space).
@@ -186,25 +177,28 @@ ALREADY_RUNNING=" "
 wait_until_healthy() {
     local timeout="$1" i id pid code state started last_report=0 failed=0 progress="${VLLM_PROGRESS_INTERVAL:-10}"
     shift
-    local -a pending=("$@") still=() report=()
+    local -a pending=("$@") still=() report=() ids=()
     started="$SECONDS"
     info "waiting for ${#pending[@]} model(s) to answer /health (timeout ${timeout}s)"
     while ((${#pending[@]} > 0)); do
         still=()
         report=()
+        read -ra ids <<<"$(ids_of "${pending[@]}")"
+        read_supervisor_view "${ids[@]}"
         for i in "${pending[@]}"; do
             id="$(m "$i" id)"
             read -r state pid <<<"$(service_state "$(pid_file_of "$id")")"
             code="$(http_status "$(m "$i" base_url)/health")"
             # Healthy once the supervisor has seen it too: status then shows it ready, not loading.
-            if [[ "$code" == 200 ]] && supervisor_not_yet_ready "$id"; then
+            if [[ "$code" == 200 && -n "${SUPERVISED[$id]-}" && "${SUPERVISED[$id]-}" != ready ]]; then
                 code=unseen
             fi
             if [[ "$code" == 200 && "$ALREADY_RUNNING" == *" $i "* ]]; then
                 info "$id was already running and is healthy (up $(uptime_of "$pid"), port $(m "$i" port))"
             elif [[ "$code" == 200 ]]; then
                 info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"
-            elif [[ "$state" != running ]] || died_since_start "$id"; then
+            elif [[ "$state" != running || "${SUPERVISED[$id]-}" =~ ^(restarting|failed)$ ||
+                "${RESTARTS[$id]-}" =~ ^[1-9] ]]; then  # it died since this start asked for it
                 printf '%s: error: %s died while loading (the supervisor restarts it after a backoff)\n' \
                     "$LOG_PREFIX" "$id" >&2
                 log_tail "$(m "$i" log_path)"

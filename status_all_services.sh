@@ -19,7 +19,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 ROWS=()
 ALL_WELL=1
-declare -A SUPERVISED=() RESTARTS=() SUPERVISED_MODE=() HEALTH_URL=()
 
 main() {
     local config=""
@@ -70,19 +69,6 @@ main() {
         return 2
     fi
     ((ALL_WELL)) || return 1
-}
-
-# read_supervisor_view ID...: SUPERVISED[id] (the supervisor's state of the current start, empty
-# when it follows none), RESTARTS[id], SUPERVISED_MODE[id] and HEALTH_URL[id] (of its last launch).
-read_supervisor_view() {
-    local id state restarts mode url
-    (($# > 0)) || return 0
-    while IFS=$'\t' read -r id state restarts _ mode url; do
-        SUPERVISED["$id"]="${state#-}"
-        RESTARTS["$id"]="$restarts"
-        SUPERVISED_MODE["$id"]="$mode"
-        HEALTH_URL["$id"]="$url"
-    done < <(vllm_fleet status --run-dir "$RUN_DIR" "$@")
 }
 
 # port_of_url URL: "http://127.0.0.1:8001/health" -> 8001; "-" -> "-".

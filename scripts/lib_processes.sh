@@ -257,6 +257,21 @@ stop_supervisor_if_idle() {
     stop_services "$1" "supervisor|$(pid_file_of "$SUPERVISOR_ID")||" 2>/dev/null
 }
 
+# read_supervisor_view ID...: what the supervisor says of each ID (vllm_fleet status), in
+# SUPERVISED[id] (its state of the current start, empty when it follows none), RESTARTS[id],
+# SUPERVISED_MODE[id] and HEALTH_URL[id] (of its last launch).
+declare -gA SUPERVISED=() RESTARTS=() SUPERVISED_MODE=() HEALTH_URL=()
+read_supervisor_view() {
+    local id state restarts mode url
+    (($# > 0)) || return 0
+    while IFS=$'\t' read -r id state restarts _ mode url; do
+        SUPERVISED["$id"]="${state#-}"
+        RESTARTS["$id"]="$restarts"
+        SUPERVISED_MODE["$id"]="$mode"
+        HEALTH_URL["$id"]="$url"
+    done < <(vllm_fleet status --run-dir "$RUN_DIR" "$@")
+}
+
 negate() {
     ! "$@"
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import free_port
-from vllm_gateway.health import probe, probe_pool
+from vllm_gateway.health import probe, probe_pool, supervisor_view
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.registry import Backend, BackendState, Model
 
@@ -31,7 +31,7 @@ def probed(backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
     async def run() -> tuple[BackendState, str]:
         pool = probe_pool(65536)
         try:
-            state, detail, _ = await probe(pool, backend, run_dir)
+            state, detail, _ = await probe(pool, backend, run_dir, supervisor_view(run_dir, backend.spec.id) or {})
         finally:
             pool.close()
         return state, detail

@@ -20,7 +20,7 @@ from vllm_gateway.admission.shared import SharedAdmission
 from vllm_gateway.key_limits import KeyLimits, limits_of
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.model_config import BackendSpec
-from vllm_gateway.registry import BackendState, Model, Registry
+from vllm_gateway.registry import Backend, BackendState, Model, Registry
 from vllm_gateway.settings import Settings
 
 SPEC = BackendSpec(id="m-1", name="m", aliases=(), path="", base_url="http://127.0.0.1:9", api_key=None, max_num_seqs=1)
@@ -280,6 +280,17 @@ def one_worker(redis_url: str, tmp_path: Path, spec: BackendSpec = SPEC, **setti
     return SharedAdmission(config, registry)
 
 
+async def hold_the_slot_with_one_waiting(
+    holder: SharedAdmission, waiting_on: SharedAdmission
+) -> tuple[Backend, asyncio.Task[tuple[Backend | None, float]]]:
+    """`holder` takes the model's one slot; a request on `waiting_on` queues for it."""
+    slot, _ = await holder.acquire(model_of(holder), key("A", 1))
+    assert slot is not None
+    waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
+    await until(lambda: waiting_on.waiting("m") == 1)
+    return slot, waiting
+
+
 @contextlib.asynccontextmanager
 async def started(*workers: SharedAdmission) -> AsyncIterator[None]:
     for admission in workers:
@@ -323,10 +334,7 @@ def test_a_release_redis_refuses_is_sent_again_once_it_answers(redis, tmp_path: 
     async def scenario() -> None:
         holder, waiting_on = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
         async with started(holder, waiting_on):
-            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
-            assert slot is not None
-            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
-            await until(lambda: waiting_on.waiting("m") == 1)
+            slot, waiting = await hold_the_slot_with_one_waiting(holder, waiting_on)
             admin = redis_py.asyncio.Redis.from_url(redis.url)
             await admin.config_set("maxmemory", 1)  # every script that writes is refused: OOM
             try:
@@ -398,10 +406,7 @@ def test_a_request_that_ends_while_its_worker_joins_is_given_back_once_joined(re
     async def scenario() -> None:
         holder, waiting_on = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
         async with started(holder, waiting_on):
-            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
-            assert slot is not None
-            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
-            await until(lambda: waiting_on.waiting("m") == 1)
+            slot, waiting = await hold_the_slot_with_one_waiting(holder, waiting_on)
             admin = redis_py.asyncio.Redis.from_url(redis.url)
             await admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")  # scripts wait; SCRIPT LOAD does not
             try:
@@ -567,10 +572,7 @@ def test_a_slot_granted_while_a_workers_channel_was_lost_is_taken_up_when_it_sub
     async def scenario() -> None:
         holder, waiting_on = one_worker(redis_url, tmp_path), one_worker(redis_url, tmp_path)
         async with started(holder, waiting_on):
-            slot, _ = await holder.acquire(model_of(holder), key("A", 1))
-            assert slot is not None
-            waiting = asyncio.create_task(waiting_on.acquire(model_of(waiting_on), key("B", 1)))
-            await until(lambda: waiting_on.waiting("m") == 1)
+            slot, waiting = await hold_the_slot_with_one_waiting(holder, waiting_on)
             admin = redis_py.asyncio.Redis.from_url(redis_url)
             try:
                 assert await admin.client_kill_filter(_type="pubsub") == 2  # both workers' channels

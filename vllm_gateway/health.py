@@ -61,8 +61,11 @@ async def get(pool: UpstreamPool, backend: Backend, path: bytes) -> tuple[int, b
         response.release()
 
 
-async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[BackendState, str, frozenset[str] | None]:
-    """The backend's state, why, and the names its /v1/models lists (None when it listed none)."""
+async def probe(
+    pool: UpstreamPool, backend: Backend, run_dir: Path, view: dict[str, object]
+) -> tuple[BackendState, str, frozenset[str] | None]:
+    """The backend's state, why, and the names its /v1/models lists (None when it listed none);
+    `view` is what the supervisor says of it (supervisor_view, {} for nothing)."""
     try:
         status, _ = await get(pool, backend, b"/health")
         if status != 200:
@@ -75,7 +78,6 @@ async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[Ba
     except UpstreamError as error:
         if fleet_process_alive(run_dir, backend.spec.id):
             return BackendState.LOADING, "process running, server not answering yet", None
-        view = supervisor_view(run_dir, backend.spec.id) or {}
         if view.get("state") in (BackendState.RESTARTING, BackendState.FAILED):
             return BackendState(str(view["state"])), str(view.get("reason", "")), None
         return BackendState.DOWN, str(error), None
@@ -88,10 +90,11 @@ async def probe(pool: UpstreamPool, backend: Backend, run_dir: Path) -> tuple[Ba
 
 async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> bool:
     """Probe and mark the backend; returns whether its state changed."""
-    state, detail, listed = await probe(pool, backend, run_dir)
+    view = supervisor_view(run_dir, backend.spec.id) or {}
+    state, detail, listed = await probe(pool, backend, run_dir, view)
     if listed is not None:
         backend.served = listed
-    restarts = (supervisor_view(run_dir, backend.spec.id) or {}).get("restarts")
+    restarts = view.get("restarts")
     backend.restarts = restarts if isinstance(restarts, int) else 0
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
