@@ -241,6 +241,8 @@ def test_after_a_ready_spell_of_reset_after_the_backoff_starts_over(fleet: Fleet
         old = fleet.pid("alpha")
         os.kill(old, signal.SIGKILL)
         wait_until(lambda old=old: healthy_with_new_pid(fleet, "alpha", old, port), timeout=20)
+        # The spell counts from when the supervisor saw it ready, which under load lags our own look.
+        wait_until(lambda: supervised_state(fleet, "alpha") == "ready", timeout=20)
         time.sleep(1.5)  # ready past VLLM_RESTART_RESET_AFTER
     delays = [e["delay"] for e in events(fleet, "alpha") if e["event"] == "exit"]
     assert delays == [0.5, 0.5]  # not 0.5 then 1.0
