@@ -193,7 +193,9 @@ wait_until_healthy() {
             if [[ "$code" == 200 && -n "${SUPERVISED[$id]-}" && "${SUPERVISED[$id]-}" != ready ]]; then
                 code=unseen
             fi
-            if [[ "$code" == 200 && "$ALREADY_RUNNING" == *" $i "* ]]; then
+            if [[ "${SUPERVISED[$id]-}" =~ ^(sleeping|waking|stopped)$ ]]; then  # ready, then idle already
+                info "$id was ready and is ${SUPERVISED[$id]} now, idle (port $(m "$i" port))"
+            elif [[ "$code" == 200 && "$ALREADY_RUNNING" == *" $i "* ]]; then
                 info "$id was already running and is healthy (up $(uptime_of "$pid"), port $(m "$i" port))"
             elif [[ "$code" == 200 ]]; then
                 info "$id is healthy after $(uptime_of "$pid") (port $(m "$i" port))"

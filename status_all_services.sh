@@ -3,15 +3,16 @@
 #
 # One line per model, one for the supervisor and one for the gateway: state, PID, port, /health,
 # GPUs, the CPUs the process is bound to (from /proc), uptime, restarts and log file. A supervised
-# model's state is the supervisor's: loading, ready, restarting, failed (docs/fleet.md); under the
-# table, why each failed or restarting model is so, and a failed model's last log lines.
+# model's state is the supervisor's: loading, ready, sleeping, waking, stopped (idle: it starts on
+# the next request), restarting, failed (docs/fleet.md); under the table, why each failed or
+# restarting model is so, and a failed model's last log lines.
 #
 # Options:
 #   -c, --config FILE     model config (default: $VLLM_MODEL_CONFIG, else vllm_model_configs.sh)
 #   -h, --help            show this help
 #
-# Exit status: 0 everything runs and answers /health with 200, 1 something does not, 2 bad config
-# (the table is shown all the same, from the PID files).
+# Exit status: 0 everything runs (or is stopped as idle) and answers /health with 200, 1 something
+# does not, 2 bad config (the table is shown all the same, from the PID files).
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -84,9 +85,9 @@ add_row() {
     local supervised="${SUPERVISED[$label]-}" restarts="${RESTARTS[$label]:--}"
     read -r state pid <<<"$(service_state "$file")"
     if [[ -n "$supervised" && "$state" != running ]]; then
-        state="$supervised"  # restarting or failed: no process, the supervisor says why below
+        state="$supervised"  # restarting or failed (the supervisor says why below), or stopped as idle
         pid="-"
-        ALL_WELL=0
+        [[ "$state" == stopped ]] || ALL_WELL=0
         [[ "${SUPERVISED_MODE[$label]-}" != simulated ]] || state="$state(simulated)"
         ROWS+=("$label|$state|$pid|$port|-|$gpus|-|-|$restarts|$(display_path "$log")")
         return 0

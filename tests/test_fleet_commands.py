@@ -213,6 +213,16 @@ def test_simulate_args_reach_the_simulator_and_never_vllm() -> None:
     assert real[-2:] == ["--dtype", "half"] and "--exit-after" not in real
 
 
+def test_a_model_that_sleeps_when_idle_runs_with_vllms_sleep_mode_and_its_endpoints() -> None:
+    spec = model(idle="sleep", idle_after="10m")
+    for simulate in (False, True):
+        assert "--enable-sleep-mode" in model_argv(spec, fleet_of(spec), simulate, "python3")
+    assert "VLLM_SERVER_DEV_MODE=1" in model_env(spec, "8", "", {})
+    for other in (model(idle="stop", idle_after="10m"), model()):
+        assert "--enable-sleep-mode" not in model_argv(other, fleet_of(other), False, "python3")
+        assert not [word for word in model_env(other, "8", "", {}) if word.startswith("VLLM_SERVER_DEV_MODE")]
+
+
 def command(
     spec: ModelSpec,
     place: Place,

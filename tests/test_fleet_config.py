@@ -6,7 +6,16 @@ import shlex
 
 import pytest
 
-from vllm_fleet.config import MODEL_KEYS, Fleet, FleetSettings, ModelSpec, key_hint, load_fleet, parse_call
+from vllm_fleet.config import (
+    MODEL_KEYS,
+    Fleet,
+    FleetSettings,
+    ModelSpec,
+    duration_seconds,
+    key_hint,
+    load_fleet,
+    parse_call,
+)
 from vllm_fleet.document import ConfigDocument
 
 
@@ -48,6 +57,8 @@ def test_the_keys_are_listed_in_the_order_the_hint_shows_them() -> None:
         "log",
         "extra_args",
         "simulate_args",
+        "idle",
+        "idle_after",
         "env",
         "api_key",
         "launch_command",
@@ -166,6 +177,21 @@ def test_given_values_win_over_the_defaults() -> None:
         ("name=a path=/m port=9001 enforce_eager=yes", "model #1 (a): enforce_eager=yes is neither true nor false"),
         ("name=a path=/m port=9001 aliases=x,,y", "model #1 (a): aliases=x,,y is not a comma separated list of names"),
         ("name=a path=/m port=9001 env='A=1 NOEQUALS'", "model #1 (a): env= word 'NOEQUALS' is not KEY=VALUE"),
+        ("name=a path=/m port=9001 idle=nap", "model #1 (a): idle=nap is none, sleep or stop"),
+        ("name=a url=http://h:1 idle=stop", "model #1 (a): idle= is for servers this host runs, not for url="),
+        (
+            "name=a path=/m port=9001 device=cpu idle=sleep",
+            "model #1 (a): idle=sleep needs a GPU (vLLM's sleep mode is for CUDA, ROCm and XPU): use idle=stop",
+        ),
+        (
+            "name=a path=/m port=9001 idle=stop idle_after=soon",
+            "model #1 (a): idle_after=soon is not a duration such as 900, 90s, 15m or 1h",
+        ),
+        (
+            "name=a path=/m port=9001 idle=stop idle_after=0m",
+            "model #1 (a): idle_after=0m is not a duration such as 900, 90s, 15m or 1h",
+        ),
+        ("name=a path=/m port=9001 idle_after=10m", "model #1 (a): idle_after= needs idle=sleep or idle=stop"),
     ],
 )
 def test_each_static_problem_is_one_line_naming_the_model(call: str, expected: str) -> None:
@@ -180,6 +206,9 @@ def test_each_static_problem_is_one_line_naming_the_model(call: str, expected: s
         "name=a path=/m port=65535 enforce_eager=false",
         "name=a url=https://gpu2.example:8443",
         "name=a path=/m port=9001 device=cpu cpus=0-3,8,10-11",
+        "name=a path=/m port=9001 idle=sleep idle_after=1.5h",
+        "name=a path=/m port=9001 device=cpu idle=stop idle_after=90s",
+        "name=a path=/m port=9001 idle=none",
     ],
 )
 def test_good_values_pass(call: str) -> None:
@@ -250,3 +279,21 @@ def test_a_log_name_is_inside_the_log_directory_unless_absolute() -> None:
 
 def test_a_model_with_a_url_is_remote() -> None:
     assert ModelSpec(url="http://h:1").is_remote and not ModelSpec(path="/m").is_remote
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("900", 900.0), ("90s", 90.0), ("15m", 900.0), ("1.5h", 5400.0), ("2h", 7200.0)]
+)
+def test_a_duration_is_seconds_or_a_number_of_seconds_minutes_or_hours(text: str, seconds: float) -> None:
+    assert duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "15 m", "15min", "-5", "1d", "m"])
+def test_anything_else_is_no_duration(text: str) -> None:
+    assert duration_seconds(text) is None
+
+
+def test_a_model_idles_for_fifteen_minutes_unless_told_and_never_without_idle() -> None:
+    fleet, found = load("name=a path=/m port=9001 idle=stop", "name=b path=/m port=9002")
+    assert found == []
+    assert [(model.idle, model.idle_after) for model in fleet.models] == [("stop", "15m"), ("none", "")]

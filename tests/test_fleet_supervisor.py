@@ -7,8 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,28 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fleet import Fleet, live
-from tests.support.processes import REPO_ROOT, free_port, http_status, process_tree, wait_until
-
-CONFIG = """
-vllm_model name=alpha path=/data/models/none-here port={p1} log=alpha.log
-vllm_model name=beta path=/data/models/none-either port={p2} log=beta.log {beta_args}
-"""
-
-FAST = {
-    "VLLM_RESTART_DELAY": "0.5",
-    "VLLM_HEALTH_CHECK_INTERVAL": "0.3",
-    "VLLM_HANG_CHECKS": "2",
-    "VLLM_STOP_TIMEOUT": "5",
-}
+from tests.support.fleet import Fleet, gateway_get, gateway_metrics, live, two_simulated_models
+from tests.support.processes import http_status, process_tree, wait_until
 
 
 def make_fleet(tmp_path: Path, beta_args: str = "") -> Fleet:
-    fleet = Fleet(tmp_path)
-    fleet.ports = free_port(), free_port()
-    fleet.write_config(CONFIG.format(p1=fleet.ports[0], p2=fleet.ports[1], beta_args=beta_args))
-    fleet.env.update(FAST)
-    return fleet
+    return two_simulated_models(tmp_path, beta_args)
 
 
 @pytest.fixture
@@ -46,20 +28,6 @@ def fleet(tmp_path: Path):
     fleet = make_fleet(tmp_path)
     yield fleet
     fleet.stop_everything()
-
-
-def events(fleet: Fleet, model: str | None = None) -> list[dict]:
-    path = fleet.log_dir / "fleet_events.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [event for event in map(json.loads, lines) if model is None or event["model"] == model]
-
-
-def supervised_state(fleet: Fleet, model: str) -> str:
-    """The state the supervisor last wrote for the model."""
-    try:
-        return str(json.loads((fleet.run_dir / f"{model}.status.json").read_text())["state"])
-    except (OSError, ValueError, KeyError):
-        return ""
 
 
 def moment(event: dict) -> float:
@@ -83,7 +51,7 @@ def test_a_killed_model_server_comes_back_after_its_backoff_and_answers_again(fl
 
     new = wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=20)
     assert live(tree) == set()
-    exit_event, restart = [e for e in events(fleet, "alpha") if e["event"] in ("exit", "restart")]
+    exit_event, restart = [e for e in fleet.events("alpha") if e["event"] in ("exit", "restart")]
     assert exit_event["signal"] == "SIGKILL" and exit_event["pid"] == old
     assert exit_event["delay"] == 0.5
     assert moment(restart) - moment(exit_event) >= 0.5
@@ -91,7 +59,7 @@ def test_a_killed_model_server_comes_back_after_its_backoff_and_answers_again(fl
     # the same command as the first start: simulated, on the same port, appended to the same log
     log = fleet.log("alpha.log")
     assert "supervisor restarts alpha (simulated)" in log
-    wait_until(lambda: supervised_state(fleet, "alpha") == "ready", timeout=10)  # its next check saw it
+    wait_until(lambda: fleet.supervised_state("alpha") == "ready", timeout=10)  # its next check saw it
     status = fleet.run("status_all_services.sh")
     assert re.search(rf"^alpha\s+ready\(simulated\)\s+{new}\s+{fleet.ports[0]}\s+ok\s.*\s1\s+", status.stdout, re.M)
     assert http_status(f"http://127.0.0.1:{fleet.ports[1]}/health") == 200  # beta never noticed
@@ -105,7 +73,7 @@ def test_a_model_that_exits_on_its_own_is_restarted_and_its_exit_code_recorded(f
     )
     assert urllib.request.urlopen(request, timeout=5).status == 202
     wait_until(lambda: healthy_with_new_pid(fleet, "beta", old, fleet.ports[1]), timeout=20)
-    exit_event = next(e for e in events(fleet, "beta") if e["event"] == "exit")
+    exit_event = next(e for e in fleet.events("beta") if e["event"] == "exit")
     assert exit_event["exit_code"] == 7 and exit_event["detail"] == "exit code 7"
 
 
@@ -114,8 +82,8 @@ def test_a_crash_loop_ends_in_failed_with_the_exit_code_and_the_log_until_starte
     fleet.env.update({"VLLM_RESTART_DELAY": "0.2", "VLLM_CRASH_LOOP_EXITS": "3", "VLLM_CRASH_LOOP_WINDOW": "60"})
     try:
         fleet.run("start_all_models.sh", "--simulate", "beta")
-        wait_until(lambda: any(e["event"] == "failed" for e in events(fleet, "beta")), timeout=30)
-        seen = events(fleet, "beta")
+        wait_until(lambda: any(e["event"] == "failed" for e in fleet.events("beta")), timeout=30)
+        seen = fleet.events("beta")
         exits = [e for e in seen if e["event"] == "exit"]
         assert [e["exit_code"] for e in exits] == [3, 3, 3]
         assert [e.get("delay") for e in exits] == [0.2, 0.4, None]  # doubling; none after the third
@@ -130,11 +98,11 @@ def test_a_crash_loop_ends_in_failed_with_the_exit_code_and_the_log_until_starte
 
         # Failed stays failed (no restart while we look) until someone starts it: then it runs again,
         # simulated as before without --simulate being repeated.
-        count = len(events(fleet, "beta"))
+        count = len(fleet.events("beta"))
         time.sleep(1)  # two ticks of the supervisor and more: it would have restarted it by now
         again = fleet.run("start_all_models.sh", "beta")
         assert "beta last ran simulated: started simulated again" in again.stderr
-        assert len([e for e in events(fleet, "beta")[count:] if e["event"] == "start"]) == 1
+        assert len([e for e in fleet.events("beta")[count:] if e["event"] == "start"]) == 1
         assert fleet.log("beta.log").startswith("==== ") and "starts beta (simulated) ====" in fleet.log("beta.log")
         assert fleet.log("beta.log.1").count("supervisor restarts beta (simulated)") == 2  # the failed run's log
     finally:
@@ -150,11 +118,11 @@ def test_a_hung_model_is_stopped_and_started_again(fleet: Fleet) -> None:
     urllib.request.urlopen(faults, timeout=5)
     assert live({old}) == {old}  # alive, but /health fails
     wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=30)
-    kinds = [e["event"] for e in events(fleet, "alpha")]
+    kinds = [e["event"] for e in fleet.events("alpha")]
     assert kinds[kinds.index("hang") :][:3] == ["hang", "exit", "restart"]
-    hang = next(e for e in events(fleet, "alpha") if e["event"] == "hang")
+    hang = next(e for e in fleet.events("alpha") if e["event"] == "hang")
     assert hang["detail"] == "/health failed 2 checks in a row"
-    exit_event = next(e for e in events(fleet, "alpha") if e["event"] == "exit")
+    exit_event = next(e for e in fleet.events("alpha") if e["event"] == "exit")
     assert "stopped as hung" in exit_event["detail"]
 
 
@@ -168,7 +136,7 @@ def test_a_server_whose_health_never_answers_is_stopped_and_started_again(fleet:
     )
     urllib.request.urlopen(faults, timeout=5)
     wait_until(lambda: healthy_with_new_pid(fleet, "alpha", old, fleet.ports[0]), timeout=30)
-    hang = next(e for e in events(fleet, "alpha") if e["event"] == "hang")
+    hang = next(e for e in fleet.events("alpha") if e["event"] == "hang")
     assert hang["detail"] == "/health failed 2 checks in a row" and hang["pid"] == old
 
 
@@ -189,7 +157,7 @@ def test_a_crash_is_seen_at_once_while_another_servers_health_check_hangs(fleet:
     wait_until(lambda: health_checks() > before, timeout=10)  # alpha's next check has begun, and hangs
     os.kill(beta, signal.SIGKILL)
     wait_until(lambda: healthy_with_new_pid(fleet, "alpha", alpha, fleet.ports[0]), timeout=60)
-    seen = [(e["model"], e["event"]) for e in events(fleet) if e["event"] in ("exit", "hang")]
+    seen = [(e["model"], e["event"]) for e in fleet.events() if e["event"] in ("exit", "hang")]
     assert seen.index(("beta", "exit")) < seen.index(("alpha", "hang")), seen
     assert healthy_with_new_pid(fleet, "beta", beta, fleet.ports[1])
 
@@ -206,12 +174,12 @@ def test_a_killed_supervisor_leaves_the_models_serving_and_a_new_one_adopts_them
     assert again.returncode == 0, again.stderr
     assert "alpha is already running" in again.stderr
     assert {model: fleet.pid(model) for model in pids} == pids  # no duplicate started
-    adopted = [e for e in events(fleet) if e["event"] == "adopted"]
+    adopted = [e for e in fleet.events() if e["event"] == "adopted"]
     assert sorted((e["model"], e["pid"]) for e in adopted) == sorted(pids.items())
 
     os.kill(pids["beta"], signal.SIGKILL)  # the new supervisor restarts what it adopted
     wait_until(lambda: healthy_with_new_pid(fleet, "beta", pids["beta"], fleet.ports[1]), timeout=20)
-    exit_event = [e for e in events(fleet, "beta") if e["event"] == "exit"][-1]
+    exit_event = [e for e in fleet.events("beta") if e["event"] == "exit"][-1]
     assert "status unknown" in exit_event["detail"]  # not its child: the kernel tells only the parent
 
 
@@ -230,7 +198,7 @@ def test_stop_leaves_no_process_and_stops_the_supervisor_once_nothing_is_wanted(
     assert rest.returncode == 0, rest.stderr
     assert live(trees | {supervisor}) == set()
     assert fleet.pid_files() == []
-    assert {e["model"] for e in events(fleet) if e["event"] == "stopped"} == {"alpha", "beta"}
+    assert {e["model"] for e in fleet.events() if e["event"] == "stopped"} == {"alpha", "beta"}
 
 
 def test_after_a_ready_spell_of_reset_after_the_backoff_starts_over(fleet: Fleet) -> None:
@@ -242,9 +210,9 @@ def test_after_a_ready_spell_of_reset_after_the_backoff_starts_over(fleet: Fleet
         os.kill(old, signal.SIGKILL)
         wait_until(lambda old=old: healthy_with_new_pid(fleet, "alpha", old, port), timeout=20)
         # The spell counts from when the supervisor saw it ready, which under load lags our own look.
-        wait_until(lambda: supervised_state(fleet, "alpha") == "ready", timeout=20)
+        wait_until(lambda: fleet.supervised_state("alpha") == "ready", timeout=20)
         time.sleep(1.5)  # ready past VLLM_RESTART_RESET_AFTER
-    delays = [e["delay"] for e in events(fleet, "alpha") if e["event"] == "exit"]
+    delays = [e["delay"] for e in fleet.events("alpha") if e["event"] == "exit"]
     assert delays == [0.5, 0.5]  # not 0.5 then 1.0
 
 
@@ -253,9 +221,9 @@ def test_a_server_never_ready_within_the_start_timeout_is_restarted(tmp_path: Pa
     fleet.env["VLLM_START_TIMEOUT"] = "2"
     try:
         assert fleet.run("start_all_models.sh", "--simulate", "beta").returncode == 0
-        hang = wait_until(lambda: [e for e in events(fleet, "beta") if e["event"] == "hang"], timeout=20)[0]
+        hang = wait_until(lambda: [e for e in fleet.events("beta") if e["event"] == "hang"], timeout=20)[0]
         assert hang["detail"] == "not ready 2s after its start"
-        wait_until(lambda: [e for e in events(fleet, "beta") if e["event"] == "restart"], timeout=20)
+        wait_until(lambda: [e for e in fleet.events("beta") if e["event"] == "restart"], timeout=20)
     finally:
         fleet.stop_everything()
 
@@ -285,33 +253,9 @@ def test_stop_and_status_work_from_what_runs_when_the_config_is_broken(fleet: Fl
     assert fleet.pid_files() == []
 
 
-def start_with_gateway(fleet: Fleet) -> tuple[int, str]:
-    """start_all_services.sh --simulate --wait: the gateway's port and the admin key it printed."""
-    gateway_port = free_port()
-    (fleet.root / "gateway.env").write_text("")
-    fleet.env.update(
-        {
-            "GATEWAY_PORT": str(gateway_port),
-            "GATEWAY_HOST": "127.0.0.1",
-            "GATEWAY_KEY_FILE": str(fleet.root / "api_keys.json"),
-            "GATEWAY_ENV_FILE": str(fleet.root / "gateway.env"),
-            "GATEWAY_HEALTH_INTERVAL": "0.3",
-        }
-    )
-    started = fleet.run("start_all_services.sh", "--simulate", "--wait")
-    assert started.returncode == 0, started.stderr
-    return gateway_port, re.search(r"^\s+(sk-\S+)$", started.stdout, re.M).group(1)
-
-
-def gateway_get(port: int, key: str, path: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.loads(answer.read())
-
-
 def test_the_gateway_shows_a_restarting_model_and_answers_503_until_it_is_back(fleet: Fleet) -> None:
     fleet.env["VLLM_RESTART_DELAY"] = "4"
-    gateway_port, key = start_with_gateway(fleet)
+    gateway_port, key = fleet.start_with_gateway()
     killed = fleet.pid("beta")
     os.kill(killed, signal.SIGKILL)
 
@@ -320,8 +264,9 @@ def test_the_gateway_shows_a_restarting_model_and_answers_503_until_it_is_back(f
 
     seen = wait_until(lambda: beta() if beta()["status"] == "restarting" else None, timeout=10)
     assert seen["backends"][0]["detail"] == "killed by SIGKILL; restarts in 4s"
-    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="restarting"} 1' in metrics(gateway_port)
-    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="ready"} 0' in metrics(gateway_port)
+    scraped = gateway_metrics(gateway_port)
+    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="restarting"} 1' in scraped
+    assert 'vllm_gateway_backend_state{model="beta",backend="beta",state="ready"} 0' in scraped
     listed = {m["id"]: m["status"] for m in gateway_get(gateway_port, key, "/v1/models")["data"]}
     assert listed["beta"] == "restarting" and listed["alpha"] == "ready"
     chat = urllib.request.Request(
@@ -336,17 +281,12 @@ def test_the_gateway_shows_a_restarting_model_and_answers_503_until_it_is_back(f
 
     back = wait_until(lambda: beta() if beta()["status"] == "ready" else None, timeout=30)
     assert back["backends"][0]["restarts"] == 1
-    assert 'vllm_gateway_backend_restarts{model="beta",backend="beta"} 1' in metrics(gateway_port)
-    assert 'vllm_gateway_backend_restarts{model="alpha",backend="alpha"} 0' in metrics(gateway_port)
-
-
-def metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        return answer.read().decode()
+    assert 'vllm_gateway_backend_restarts{model="beta",backend="beta"} 1' in gateway_metrics(gateway_port)
+    assert 'vllm_gateway_backend_restarts{model="alpha",backend="alpha"} 0' in gateway_metrics(gateway_port)
 
 
 def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -> None:
-    gateway_port, key = start_with_gateway(fleet)
+    gateway_port, key = fleet.start_with_gateway()
     models = {model: fleet.pid(model) for model in ("alpha", "beta")}
     gateway = fleet.pid("api_server")
     os.kill(gateway, signal.SIGKILL)
@@ -369,7 +309,7 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
             return ""  # models not seen ready yet by the new gateway
 
     assert wait_until(chat, timeout=20, interval=0.2)
-    exit_event = next(e for e in events(fleet, "api_server") if e["event"] == "exit")
+    exit_event = next(e for e in fleet.events("api_server") if e["event"] == "exit")
     assert exit_event["signal"] == "SIGKILL"
     # ... and the new gateway serves the event log the supervisor wrote about its predecessor
     request = urllib.request.Request(
@@ -387,7 +327,7 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
 
 
 def test_admins_start_stop_and_restart_one_server_over_the_api_and_the_cli(fleet: Fleet) -> None:
-    gateway_port, key = start_with_gateway(fleet)
+    gateway_port, key = fleet.start_with_gateway()
 
     def post(path: str, with_key: str = key) -> tuple[int, dict]:
         request = urllib.request.Request(
@@ -430,20 +370,8 @@ def test_admins_start_stop_and_restart_one_server_over_the_api_and_the_cli(fleet
     assert post("/admin/models/beta/stop", with_key=user)[0] == 403
 
     alpha = fleet.pid("alpha")
-    cli = subprocess_run(fleet, "models", "restart", "alpha")
+    cli = fleet.cli("models", "restart", "alpha")
     assert cli.returncode == 0, cli.stderr
     assert "start_all_models: started alpha" in cli.stdout and fleet.pid("alpha") != alpha
-    missing = subprocess_run(fleet, "models", "stop", "nope")
+    missing = fleet.cli("models", "stop", "nope")
     assert missing.returncode == 2 and "No model server with id `nope`" in missing.stderr
-
-
-def subprocess_run(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
-    """vllm_api_server.py ARGS with the fleet's environment."""
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
-        env={**os.environ, **fleet.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )

@@ -67,3 +67,23 @@ def test_a_model_shows_the_state_of_its_replica_closest_to_serving() -> None:
     assert model_of(BackendState.DOWN, BackendState.RESTARTING).state is BackendState.RESTARTING
     assert model_of(BackendState.DOWN, BackendState.FAILED).state is BackendState.FAILED
     assert model_of(BackendState.DOWN).state is BackendState.DOWN
+
+
+@pytest.mark.parametrize("state", ["sleeping", "stopped", "waking"])
+def test_an_idle_server_is_in_the_supervisors_state_even_while_its_health_answers(
+    tmp_path: Path, state: str, simulator
+) -> None:
+    supervised(tmp_path, "run T1", {"state": state, "token": "T1", "reason": "idle 900s: sleeping"})
+    backend = Backend(BackendSpec("beta", "beta", (), "/m", simulator.base_url, None, None, idles=True))
+    assert probed(backend, tmp_path) == (BackendState(state), "idle 900s: sleeping")
+
+
+def test_a_model_waits_for_a_dormant_replica_but_not_for_a_failed_one() -> None:
+    model = Model("m", "/m")
+    backend = closed_backend("b0")
+    model.backends.append(backend)
+    for state, wakeable in ((BackendState.SLEEPING, True), (BackendState.WAKING, True), (BackendState.FAILED, False)):
+        backend.state = state
+        assert model.wakeable is wakeable
+    backend.state = BackendState.STOPPED
+    assert model.state is BackendState.STOPPED and model.wakeable

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from .commands import command_text, server_command, shell_word, without_api_keys
-from .config import MODEL_KEYS, Fleet, load_fleet
+from .config import MODEL_KEYS, Fleet, duration_seconds, load_fleet
 from .document import DocumentError, encode_fields, read_document
 from .machine import binding_notice, look_at_host, machine_problems
 from .placement import Place, survey, table_lines
@@ -126,6 +126,9 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
                         health_url=f"{fleet.base_url(model)}/health",
                         logged_command=without_api_keys(text).rstrip("\n"),
                         env=dict(environ),
+                        idle=model.idle,
+                        idle_after=duration_seconds(model.idle_after) or 0.0,
+                        base_url=fleet.base_url(model),
                     )
                 )
             records += [

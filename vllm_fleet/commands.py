@@ -73,6 +73,8 @@ def model_env(model: ModelSpec, threads: str, cpus: str, variables: Mapping[str,
     defaults = [(name, threads) for name in THREAD_VARIABLES]
     defaults += [*TUNING_BEFORE_BIND, ("VLLM_CPU_OMP_THREADS_BIND", cpus or "auto"), *TUNING_AFTER_BIND]
     env += [f"{name}={variables.get(name, default)}" for name, default in defaults]
+    if model.idle == "sleep":
+        env.append("VLLM_SERVER_DEV_MODE=1")  # vLLM serves /sleep and /wake_up only in its dev mode
     for word in split_words(model.env):
         name = word.partition("=")[0]
         if any(existing.partition("=")[0] == name for existing in env):
@@ -102,6 +104,7 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
         argv += option("--max-num-seqs", model.max_num_seqs)
         argv += option("--max-model-len", model.max_model_len)
         argv += option("--api-key", model.api_key)
+        argv += sleep_mode(model)
         return argv + split_words(model.simulate_args)  # vLLM's extra_args would be unknown to it
     # The words of its first line, as bash's `read -a` split it.
     launch = split_words((model.launch_command or fleet.settings.launch_command).partition("\n")[0])
@@ -116,8 +119,14 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
         argv.append("--enforce-eager")
     argv += option("--max-parallel-loading-workers", model.load_workers)
     argv += option("--api-key", model.api_key)
+    argv += sleep_mode(model)
     # extra_args is split on white space (no quotes): JSON values are written without spaces.
     return argv + split_words(model.extra_args)
+
+
+def sleep_mode(model: ModelSpec) -> list[str]:
+    """A model that sleeps when idle needs it from its start: vLLM sets its memory up for offloading."""
+    return ["--enable-sleep-mode"] if model.idle == "sleep" else []
 
 
 def option(flag: str, value: str) -> list[str]:

@@ -28,6 +28,9 @@ FRACTION = re.compile(r"[0-9]*\.?[0-9]+")
 NAME_LIST = re.compile(rf"[^,{SPACE}]+(,[^,{SPACE}]+)*")
 ENV_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 WORD_SEPARATOR = re.compile(r"[ \t\n]+")  # bash's default IFS
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh]?)")
+IDLE_ACTIONS = ("none", "sleep", "stop")
+DEFAULT_IDLE_AFTER = "15m"
 WHOLE_NUMBER_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_concurrency", "load_workers")
 
 DEFAULT_LAUNCH_COMMAND = "vllm serve"
@@ -59,6 +62,10 @@ class ModelSpec:
     log: str = ""
     extra_args: str = ""
     simulate_args: str = ""  # the simulator's own flags (--exit-after ...), for --simulate only
+    # What the server does once no request came for idle_after: nothing, sleep (vLLM's sleep mode)
+    # or stop; either way the next request wakes it (the supervisor's idle handling).
+    idle: str = ""
+    idle_after: str = ""  # a duration: 900, 90s, 15m, 1h
     env: str = ""
     api_key: str = ""
     launch_command: str = ""
@@ -165,6 +172,9 @@ def fill_defaults(model: ModelSpec) -> None:
     model.log = model.log or f"{model.id}_vllm.log"
     if not model.tensor_parallel_size and model.gpus:
         model.tensor_parallel_size = str(len(model.gpus.split(",")))
+    model.idle = model.idle or "none"
+    if model.idle != "none" and not model.idle_after:
+        model.idle_after = DEFAULT_IDLE_AFTER
 
 
 def load_fleet(document: ConfigDocument, environ: Mapping[str, str], log_dir: str = "logs") -> tuple[Fleet, list[str]]:
@@ -258,6 +268,7 @@ def check_config(fleet: Fleet) -> list[str]:
         for word in split_words(model.env):
             if not ENV_WORD.match(word):
                 found.append(f"env= word '{word}' is not KEY=VALUE")
+        found += idle_problems(model)
         for other_index, other in enumerate(fleet.models[:index]):
             if model.name and model.name == other.name and not model.url and not other.url and model.path != other.path:
                 found.append(
@@ -265,6 +276,32 @@ def check_config(fleet: Fleet) -> list[str]:
                 )
         problems += [f"{label(index, {'name': model.name})}: {problem}" for problem in found]
     return problems
+
+
+def idle_problems(model: ModelSpec) -> list[str]:
+    found = []
+    if model.idle not in IDLE_ACTIONS:
+        found.append(f"idle={model.idle} is none, sleep or stop")
+    elif model.idle != "none" and model.url:
+        found.append("idle= is for servers this host runs, not for url=")
+    elif model.idle == "sleep" and model.device == "cpu":
+        # vLLM's is_sleep_mode_available: CUDA, ROCm and XPU; the CPU build refuses --enable-sleep-mode.
+        found.append("idle=sleep needs a GPU (vLLM's sleep mode is for CUDA, ROCm and XPU): use idle=stop")
+    if model.idle_after:
+        if duration_seconds(model.idle_after) is None:
+            found.append(f"idle_after={model.idle_after} is not a duration such as 900, 90s, 15m or 1h")
+        elif model.idle == "none":
+            found.append("idle_after= needs idle=sleep or idle=stop")
+    return found
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds of a duration above 0 (900, 90s, 15m, 1h, 1.5h), else None."""
+    match = DURATION.fullmatch(text)
+    if match is None:
+        return None
+    seconds = float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+    return seconds if seconds > 0 else None
 
 
 def is_fraction(text: str) -> bool:

@@ -21,6 +21,8 @@ SETTINGS = {
     "health_interval": ("VLLM_HEALTH_CHECK_INTERVAL", "5", False),
     "start_timeout": ("VLLM_START_TIMEOUT", "1800", False),
     "stop_timeout": ("VLLM_STOP_TIMEOUT", "60", False),
+    "sleep_timeout": ("VLLM_SLEEP_TIMEOUT", "300", False),
+    "wake_timeout": ("VLLM_WAKE_TIMEOUT", "300", False),
 }
 
 
@@ -39,6 +41,10 @@ class RestartPolicy:
     health_interval: float = 5.0
     start_timeout: float = 1800.0  # not ready this long after its start: hung (weights load slowly)
     stop_timeout: float = 60.0  # SIGTERM, then SIGKILL after this long
+    # An idle server's POST /sleep (weights copied to CPU memory) and POST /wake_up (and back): one
+    # that has not answered within this long counts as hung.
+    sleep_timeout: float = 300.0
+    wake_timeout: float = 300.0
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str]) -> RestartPolicy:

@@ -8,12 +8,18 @@
     <id>.want         "run TOKEN" or "stop": what the operator last asked. A new TOKEN is a new start
                       (a failed model runs again); "stop" means never restart it.
     <id>.status.json  the supervisor's view: state, restarts, the last exit, a failure's reason.
+    <id>.used         touched by the gateway when it sends the server a request (at most once a
+                      second) and when a request waits for it: its time is the last use, which
+                      keeps an idle model awake or wakes one that sleeps or stopped.
+    <id>.sleep        written by the gateway's admin action: put the model to sleep (or stop it,
+                      as its idle= says) now; the supervisor removes it when it sees it.
 
 Every file is written whole to a temporary name and renamed, so a reader never sees half of one.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import signal
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 SUPERVISOR_ID = "supervisor"
+WAKE_BOUNDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # seconds
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
@@ -43,11 +50,15 @@ class LaunchRecord:
     health_url: str
     logged_command: str  # the command as the log's header shows it, keys hidden
     env: dict[str, str]  # the environment of the start that asked for it: a restart gets the same
+    idle: str = "none"  # none, sleep or stop: what the supervisor does once it saw no use for idle_after
+    idle_after: float = 0.0  # seconds
+    base_url: str = ""  # where its /sleep and /wake_up are
 
     @classmethod
     def from_json(cls, text: str) -> LaunchRecord:
         data = json.loads(text)
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        optional = {"idle", "idle_after", "base_url"}  # records written before idle models came
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data or name not in optional})
 
 
 @dataclass
@@ -63,6 +74,18 @@ class ModelStatus:
     next_start: float = 0.0  # when a restarting model starts again (epoch seconds)
     since: float = 0.0  # when it entered this state
     log_tail: list[str] = field(default_factory=list)  # a failed model's last log lines
+    # Its wakes since this start, from the request that asked to the server ready again: the count,
+    # the seconds, and how many took up to each bound (the last: above them all), for the gateway's
+    # histogram.
+    wakes: int = 0
+    wake_seconds: float = 0.0
+    wake_bounds: list[float] = field(default_factory=lambda: list(WAKE_BOUNDS))
+    wake_counts: list[int] = field(default_factory=lambda: [0] * (len(WAKE_BOUNDS) + 1))
+
+    def count_wake(self, seconds: float) -> None:
+        self.wakes += 1
+        self.wake_seconds += seconds
+        self.wake_counts[bisect.bisect_left(self.wake_bounds, seconds)] += 1
 
 
 class RunDir:
@@ -114,6 +137,21 @@ class RunDir:
         if want != "run" or status is None or status.token != token:
             return None
         return status
+
+    def used_at(self, model_id: str) -> float:
+        """When the gateway last used or asked for the server (epoch seconds; 0 for never)."""
+        try:
+            return self.file(model_id, ".used").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def take_sleep_request(self, model_id: str) -> bool:
+        """Whether an admin asked the model to sleep now; the request is consumed."""
+        try:
+            self.file(model_id, ".sleep").unlink()
+        except OSError:
+            return False
+        return True
 
     def pid(self, model_id: str) -> tuple[int, str]:
         """(PID, STARTTIME) of the PID file, (0, "") without one."""

@@ -10,6 +10,10 @@ across its own death: a new one adopts the running servers by their PID files in
 duplicates, and a failed model stays failed (its status file says so) until a new start asks again.
 It runs until stop_all_models.sh stops it, once no model is wanted (a supervisor that left by itself
 when idle could miss a start asked for in that instant).
+
+A model with idle=sleep or idle=stop that the gateway has not used (run/<id>.used) for its
+idle_after is put to sleep (vLLM's sleep mode, idle.py) or stopped; a use after that wakes it, or
+starts it again with the same placement. Neither counts as an exit: no backoff, no crash loop.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from . import idle
 from .events import EVENT_FILE, EventLog, exit_words
 from .restart_policy import RestartPolicy
 from .run_dir import SUPERVISOR_ID, LaunchRecord, ModelStatus, RunDir, group_members, leader_alive, signal_group
@@ -75,6 +80,14 @@ class Watch:
         # its timeout there, not in the loop that watches every other server.
         self.probe: Future[bool] | None = None
         self.probed_pid = 0
+        self.record: LaunchRecord | None = None  # of the current start: its idle settings
+        self.awaiting_ready = False  # launched or adopted, and not seen ready since
+        self.idle_at = 0.0  # when it went to sleep or stopped as idle: a use after that wakes it
+        self.asked_at = 0.0  # when the use that wakes it came: a wake's seconds count from there
+        self.idle_stop = False  # stopping as idle: its exit is no crash
+        # A /sleep or /wake_up under way, on the supervisor's threads, and what follows its answer.
+        self.call: Future[tuple[bool, str]] | None = None
+        self.call_done: Callable[[bool, str, float], None] | None = None
 
     # ---- the state ----
 
@@ -106,6 +119,10 @@ class Watch:
             return
         if self.pid:
             self.follow(now)
+        elif self.status.state == "stopped":  # stopped as idle: until a request comes
+            if run_dir.used_at(self.id) > self.idle_at:
+                self.asked_at = run_dir.used_at(self.id)
+                self.launch(now)
         elif now >= self.status.next_start:
             self.launch(now)
 
@@ -117,15 +134,30 @@ class Watch:
         self.exit_times = []
         self.exits_since_reset = 0
         self.status = ModelStatus(token=token)
+        self.record = run_dir.launch_record(self.id)
+        self.call = self.call_done = None
         running = run_dir.running_pid(self.id)
         if previous is not None and previous.token == token:
             self.status = previous  # the same start, seen by a new supervisor: keep its count
             if previous.state == "failed" and not running:
                 return
+            if previous.state == "stopped" and not running:
+                self.idle_at = previous.since  # stopped as idle: it stays so until a request comes
+                return
+            if previous.state in ("sleeping", "waking") and running:
+                # Asleep, or maybe not yet awake: a use after it fell asleep (any, for a wake that
+                # was under way) wakes it, and waking an awake server is harmless.
+                self.pid = running
+                self.idle_at = previous.since if previous.state == "sleeping" else 0.0
+                self.awaiting_ready = False
+                self.event("adopted", pid=running)
+                self.set_state("sleeping", pid=running)
+                return
         if running:
             self.pid = running
             self.started_at = now
             self.ready_since = 0.0
+            self.awaiting_ready = True
             self.event("adopted", pid=running)
             self.set_state("loading", pid=running, reason="")
         else:
@@ -147,6 +179,17 @@ class Watch:
             if now >= self.kill_at:
                 signal_group(self.pid, signal.SIGKILL)
             return
+        if self.call is not None:
+            if not self.call.done():
+                return  # its own timeout bounds it; /health need not answer while the weights move
+            (answered, text), then = self.call.result(), self.call_done
+            self.call = self.call_done = None
+            assert then is not None
+            then(answered, text, now)
+        elif not self.awaiting_ready and self.record is not None and self.record.idle != "none":
+            self.mind_idleness(now)
+        if self.pid == 0 or self.kill_at:
+            return  # it went (an idle stop, a failed wake)
         if self.probe is not None:
             if self.probe.done():
                 answered, self.probe = self.probe.result(), None
@@ -157,8 +200,8 @@ class Watch:
 
     def check_health(self, now: float) -> None:
         policy = self.supervisor.policy
-        record = self.supervisor.run_dir.launch_record(self.id)
-        loading = self.status.state != "ready"
+        record = self.record
+        loading = self.awaiting_ready
         # While it loads, look each second so that ready is seen soon; then every health_interval.
         self.next_check = now + (min(policy.health_interval, 1.0) if loading else policy.health_interval)
         if record is None:
@@ -168,12 +211,15 @@ class Watch:
 
     def health_answered(self, answered: bool, now: float) -> None:
         policy = self.supervisor.policy
-        loading = self.status.state != "ready"
+        loading = self.awaiting_ready
         if answered:
             self.failed_checks = 0
             if loading:
+                self.awaiting_ready = False
                 self.ready_since = now
                 self.event("ready", pid=self.pid, seconds=round(now - self.started_at, 3))
+                if self.status.state == "waking":  # started again for a request, after an idle stop
+                    self.woke(now)
                 self.set_state("ready", reason="")
             elif self.exits_since_reset and now - self.ready_since >= policy.reset_after:
                 self.exits_since_reset = 0  # healthy long enough: the next exit waits the first delay again
@@ -184,6 +230,82 @@ class Watch:
                 self.hang(now, f"/health failed {self.failed_checks} checks in a row")
         elif now - self.started_at >= policy.start_timeout:
             self.hang(now, f"not ready {policy.start_timeout:g}s after its start")
+
+    # ---- idle ----
+
+    def mind_idleness(self, now: float) -> None:
+        """A ready server unused for its idle_after (or asked to sleep now) sleeps or stops; a
+        sleeping one that got a request since wakes."""
+        run_dir, record = self.supervisor.run_dir, self.record
+        assert record is not None
+        asked_to_sleep = run_dir.take_sleep_request(self.id)
+        used = run_dir.used_at(self.id)
+        if self.status.state == "ready":
+            idle_for = now - max(used, self.ready_since)
+            if asked_to_sleep or idle_for >= record.idle_after:
+                self.go_idle(now, "asked to" if asked_to_sleep else f"idle {idle_for:.0f}s")
+        elif self.status.state == "sleeping" and used > self.idle_at:
+            self.asked_at = used
+            self.wake(now)
+
+    def go_idle(self, now: float, why: str) -> None:
+        record, policy = self.record, self.supervisor.policy
+        assert record is not None
+        self.idle_at = now
+        if record.idle == "stop":
+            self.idle_stop = True
+            self.kill_at = now + policy.stop_timeout
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self.set_state("stopped", reason=f"{why}: stopped; starts again on the next request")
+            return
+        # Sleeping from now: the gateway sends it nothing more, and what it sends meanwhile waits.
+        self.set_state("sleeping", reason=f"{why}: sleeping; wakes on the next request")
+        started = now
+
+        def slept(answered: bool, text: str, when: float) -> None:
+            if answered:
+                self.event("sleep", pid=self.pid, seconds=round(when - started, 3), detail=why)
+            else:
+                self.event("sleep_failed", pid=self.pid, detail=text)
+                self.hang(when, f"POST /sleep failed: {text}")
+
+        self.start_call(idle.put_to_sleep, record.base_url, policy.sleep_timeout, slept)
+
+    def wake(self, now: float) -> None:
+        record, policy = self.record, self.supervisor.policy
+        assert record is not None
+        self.set_state("waking", reason="woken by a request")
+
+        def woken(answered: bool, text: str, when: float) -> None:
+            if not answered:
+                self.event("wake_failed", pid=self.pid, detail=text)
+                self.hang(when, f"POST /wake_up failed: {text}")
+                return
+            self.ready_since = when
+            self.woke(when)
+            self.set_state("ready", reason="")
+
+        self.start_call(idle.wake, record.base_url, policy.wake_timeout, woken)
+
+    def woke(self, now: float) -> None:
+        seconds = max(now - self.asked_at, 0.0)
+        self.status.count_wake(seconds)
+        self.event("wake", pid=self.pid, seconds=round(seconds, 3), mode=self.record.idle if self.record else "")
+
+    def start_call(
+        self,
+        call: Callable[[str, float], tuple[bool, str]],
+        base_url: str,
+        timeout: float,
+        then: Callable[[bool, str, float], None],
+    ) -> None:
+        self.call = self.supervisor.checks.submit(call, base_url, timeout)
+        self.call_done = then
+
+    # ---- exits ----
 
     def hang(self, now: float, why: str) -> None:
         self.event("hang", pid=self.pid, detail=why)
@@ -202,6 +324,12 @@ class Watch:
         if self.hang_reason:
             words = f"{words}, stopped as hung ({self.hang_reason})"
         self.supervisor.run_dir.remove_pid(self.id, self.pid)
+        self.call = self.call_done = None  # a /sleep or /wake_up of the server that is gone
+        if self.idle_stop:
+            self.event("stopped", pid=self.pid, **fields, detail=f"idle: {words}")
+            self.pid, self.kill_at, self.idle_stop, self.probe = 0, 0.0, False, None
+            self.set_state("stopped", pid=0)
+            return
         if self.ready_since and now - self.ready_since >= policy.reset_after:
             self.exits_since_reset = 0
         self.exits_since_reset += 1
@@ -231,9 +359,11 @@ class Watch:
         if record is None:
             self.set_state("failed", reason="no launch record: start it with start_all_models.sh")
             return
+        self.record = record
         again = self.status.state == "restarting"
+        on_demand = self.status.state == "stopped"
         try:
-            pid = self.supervisor.spawn(record, "restarts" if again else "starts")
+            pid = self.supervisor.spawn(record, "restarts" if again else "starts on demand" if on_demand else "starts")
         except OSError as error:
             self.exit_times.append(now)
             self.set_state("failed", reason=f"could not run {record.argv[0]}: {error.strerror}")
@@ -242,12 +372,14 @@ class Watch:
         self.pid = pid
         self.started_at = now
         self.ready_since = 0.0
+        self.awaiting_ready = True
         self.failed_checks = 0
         self.next_check = now + min(self.supervisor.policy.health_interval, 1.0)
         if again:
             self.status.restarts += 1
-        self.event("restart" if again else "start", pid=pid, restarts=self.status.restarts, mode=record.mode)
-        self.set_state("loading", pid=pid, reason="", next_start=0.0)
+        detail = {"detail": "on demand, after an idle stop"} if on_demand else {}
+        self.event("restart" if again else "start", pid=pid, restarts=self.status.restarts, mode=record.mode, **detail)
+        self.set_state("waking" if on_demand else "loading", pid=pid, reason="", next_start=0.0)
 
 
 class Supervisor:
@@ -265,7 +397,7 @@ class Supervisor:
 
     def spawn(self, record: LaunchRecord, verb: str) -> int:
         """Start the server as the launch record says, its output appended to its log."""
-        if verb == "restarts":  # a first start's header is the start script's
+        if verb != "starts":  # a first start's header is the start script's
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             with open(record.log, "a") as log:
                 log.write(f"==== {stamp}: supervisor restarts {record.id} ({record.mode}) ====\n")

@@ -87,6 +87,7 @@ class LogWriter(threading.Thread):
         completion_tokens: int | None,
         queued: float | None,
         prompt_from: str | None,
+        wake: float | None = None,
     ) -> None:
         """request() for a relayed POST, the line of nearly every request, at about half the cost: its
         id is one the relay checked (proxy.REQUEST_ID, no key's shape) and its path one of the relayed
@@ -97,7 +98,7 @@ class LogWriter(threading.Thread):
             f"duration_ms={duration * 1000:.1f} key={key} model={safe_name(clean, model)} "
             f"backend={safe_name(clean, backend)}"
         )
-        self._add(line, prompt_tokens, completion_tokens, queued, prompt_from)
+        self._add(line, prompt_tokens, completion_tokens, queued, prompt_from, wake)
 
     def _add(
         self,
@@ -106,6 +107,7 @@ class LogWriter(threading.Thread):
         completion_tokens: int | None,
         queued: float | None,
         prompt_from: str | None,
+        wake: float | None = None,
     ) -> None:
         if prompt_tokens is not None or completion_tokens is not None:
             line += f" prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}"
@@ -113,6 +115,8 @@ class LogWriter(threading.Thread):
             line += f" prompt_from={prompt_from}"
         if queued is not None:
             line += f" queue_ms={queued * 1000:.1f}"
+        if wake is not None:
+            line += f" wake_ms={wake * 1000:.1f}"  # of its queue_ms, the wait for its server to wake
         self._pending.append(line)
         if len(self._pending) == 1:
             asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)

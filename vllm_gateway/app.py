@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
         state.upstream = UpstreamPool(settings.connect_timeout, settings.read_timeout, settings.max_upstream_head_bytes)
         probes = probe_pool(settings.max_upstream_head_bytes)
         state.health = HealthChecker(
-            state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir
+            state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir, state.wakes
         )
         await state.health.check_all()
         await state.admission.start()

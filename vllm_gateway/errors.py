@@ -293,6 +293,11 @@ def fleet_script_failed(message: str) -> GatewayError:
     return GatewayError(500, message, "server_error", "fleet_script_failed")
 
 
+def fleet_action_failed(message: str) -> GatewayError:
+    """The supervisor did not sleep or wake a model as asked (fleet_control.py)."""
+    return GatewayError(500, message, "server_error", "fleet_action_failed")
+
+
 def last_admin_key(message: str) -> GatewayError:
     return GatewayError(409, message, "invalid_request_error", "last_admin_key")
 

@@ -1,9 +1,13 @@
-"""Start, stop and restart one model server, for `POST /admin/models/{id}/{action}` and the CLI.
+"""Start, stop, restart, sleep and wake one model server, for `POST /admin/models/{id}/{action}` and
+the CLI.
 
 The fleet scripts stay the one way a server starts or stops (their checks, locks, the supervisor that
-owns the processes, the log headers): an action runs them for that one id, with the gateway's
-environment, and answers with what they printed. Whether an action makes sense now is decided from
-the run directory, as the scripts see it, not from the gateway's last health check.
+owns the processes, the log headers): those actions run them for that one id, with the gateway's
+environment, and answer with what they printed. Sleep and wake are the supervisor's, as for an idle
+model (vllm_fleet/supervisor.py): sleep leaves it a request file, wake tells it of a use, as a
+request would (wake_on_demand.py); each answers once the supervisor has done it. Whether an action
+makes sense now is decided from the run directory, as the scripts see it, not from the gateway's last
+health check.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from .health import fleet_process_alive, supervisor_view
 from .model_config import BackendSpec
 from .settings import REPO_DIR
 
-ACTIONS = ("start", "stop", "restart")
+ACTIONS = ("start", "stop", "restart", "sleep", "wake")
 SCRIPT_TIMEOUT = 600.0  # a stop waits VLLM_STOP_TIMEOUT (60 s) per signal at most; a start a few seconds
+SLEEP_TAKEN_WITHIN = 10.0  # the supervisor looks every half second: it has the request by then
+WAKE_TIMEOUT = 600.0  # a wake after an idle stop loads the weights again: minutes for a large model
+LOOK_EVERY = 0.2
 LOCKED = "another start or stop of the models is running"  # lib.sh's lock message
 
 
@@ -40,11 +47,22 @@ def refusal(action: str, spec: BackendSpec | None, model_id: str, run_dir: Path)
             f"`{model_id}` is served elsewhere ({spec.base_url}): the fleet scripts do not run it.", param="id"
         )
     running = fleet_process_alive(run_dir, model_id)
-    wanted = (supervisor_view(run_dir, model_id) or {}).get("state") in ("restarting", "failed")
+    supervised = str((supervisor_view(run_dir, model_id) or {}).get("state", ""))
     if action == "start" and running:
         return errors.conflict(f"`{model_id}` is already running: restart it instead.", "model_running")
-    if action == "stop" and not running and not wanted:
+    if action == "stop" and not running and supervised not in ("restarting", "failed", "stopped"):
         return errors.conflict(f"`{model_id}` is not running.", "model_not_running")
+    if action == "sleep" and not spec.idles:
+        return errors.conflict(
+            f"`{model_id}` has idle=none in the model config: give it idle=sleep or idle=stop to let it sleep.",
+            "idle_not_configured",
+        )
+    if action == "sleep" and supervised != "ready":
+        return errors.conflict(
+            f"`{model_id}` is {supervised or 'not running'}: only a ready model sleeps.", "model_not_ready"
+        )
+    if action == "wake" and supervised not in ("sleeping", "stopped", "waking"):
+        return errors.conflict(f"`{model_id}` is {supervised or 'not running'}, not asleep.", "model_not_sleeping")
     return None
 
 
@@ -69,11 +87,38 @@ async def run_script(script: str, model_id: str) -> tuple[int, list[str]]:
     return process.returncode or 0, output.decode(errors="replace").splitlines()
 
 
+async def supervised_state(run_dir: Path, model_id: str, wanted: tuple[str, ...], timeout: float) -> str:
+    """Wait until the supervisor says the model is in one of the `wanted` states; a GatewayError when
+    it fails or restarts instead, or does nothing within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        view = supervisor_view(run_dir, model_id) or {}
+        state = str(view.get("state", ""))
+        if state in wanted:
+            return state
+        if state in ("restarting", "failed"):
+            raise errors.fleet_action_failed(f"`{model_id}` is {state}: {view.get('reason') or 'see its log'}")
+        if loop.time() >= deadline:
+            raise errors.fleet_action_failed(
+                f"`{model_id}` is still {state or 'not supervised'} after {timeout:g} s: is the supervisor running?"
+            )
+        await asyncio.sleep(LOOK_EVERY)
+
+
 async def act(action: str, spec: BackendSpec | None, model_id: str, run_dir: Path) -> Outcome:
     """Do the action with the scripts; a GatewayError says why it was not done or failed."""
     refused = refusal(action, spec, model_id, run_dir)
     if refused is not None:
         raise refused
+    if action == "sleep":
+        (run_dir / f"{model_id}.sleep").write_text("")
+        state = await supervised_state(run_dir, model_id, ("sleeping", "stopped"), SLEEP_TAKEN_WITHIN)
+        return Outcome(action, model_id, [f"{model_id} is {state}"])
+    if action == "wake":
+        (run_dir / f"{model_id}.used").touch()
+        state = await supervised_state(run_dir, model_id, ("ready",), WAKE_TIMEOUT)
+        return Outcome(action, model_id, [f"{model_id} is {state}"])
     scripts = {"start": ["start_all_models.sh"], "stop": ["stop_all_models.sh"]}.get(
         action, ["stop_all_models.sh", "start_all_models.sh"]
     )

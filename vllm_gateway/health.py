@@ -3,7 +3,8 @@
 A backend is ready when /health answers 200 and /v1/models lists its model. A server whose port is
 still closed counts as loading while the fleet scripts' PID file shows its process alive (weights can
 take minutes to load); otherwise as the fleet's supervisor says (restarting after a backoff, or
-failed after a crash loop), else down.
+failed after a crash loop), else down. A server the supervisor put to sleep, stopped as idle or is
+waking is in that state whatever its /health says (vLLM's /health answers while it sleeps).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 import orjson
 
 from .model_config import ModelConfigError, load_backend_specs
-from .registry import Backend, BackendState, Registry
+from .registry import DORMANT, Backend, BackendState, Registry
 from .upstream import UpstreamError, UpstreamPool
+from .wake_on_demand import WakeOnDemand
 
 log = logging.getLogger("vllm_gateway.health")
 
 PROBE_TIMEOUT = 3.0
+WAKE_ROUND = 0.25  # seconds between rounds while a server wakes for waiting requests
 
 
 def probe_pool(max_head_bytes: int) -> UpstreamPool:
@@ -66,6 +69,9 @@ async def probe(
 ) -> tuple[BackendState, str, frozenset[str] | None]:
     """The backend's state, why, and the names its /v1/models lists (None when it listed none);
     `view` is what the supervisor says of it (supervisor_view, {} for nothing)."""
+    supervised = view.get("state")
+    if supervised in DORMANT:
+        return BackendState(str(supervised)), str(view.get("reason", "")) or str(supervised), None
     try:
         status, _ = await get(pool, backend, b"/health")
         if status != 200:
@@ -96,23 +102,43 @@ async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> 
         backend.served = listed
     restarts = view.get("restarts")
     backend.restarts = restarts if isinstance(restarts, int) else 0
+    backend.wakes = wake_figures(view)
     if backend.mark(state, detail):
         log.info("backend %s (%s) is now %s: %s", backend.spec.id, backend.spec.name, state.value, detail)
         return True
     return False
 
 
+def wake_figures(view: dict[str, object]) -> tuple[tuple[float, ...], tuple[float, ...], float, float] | None:
+    """The supervisor's count of the server's wakes (vllm_fleet run_dir.ModelStatus), when it has one."""
+    bounds, counts, seconds, wakes = (
+        view.get(name) for name in ("wake_bounds", "wake_counts", "wake_seconds", "wakes")
+    )
+    if not (isinstance(bounds, list) and isinstance(counts, list) and len(counts) == len(bounds) + 1):
+        return None
+    if not all(isinstance(value, int | float) for value in (*bounds, *counts, seconds, wakes)):
+        return None
+    return tuple(map(float, bounds)), tuple(map(float, counts)), float(seconds), float(wakes)  # type: ignore[arg-type]
+
+
 class HealthChecker:
     """Polls every backend every `interval` seconds and reloads the model config when it changes."""
 
     def __init__(
-        self, registry: Registry, pool: UpstreamPool, interval: float, config_file: Path, run_dir: Path
+        self,
+        registry: Registry,
+        pool: UpstreamPool,
+        interval: float,
+        config_file: Path,
+        run_dir: Path,
+        wakes: WakeOnDemand | None = None,
     ) -> None:
         self.registry = registry
         self.pool = pool
         self.interval = interval
         self.config_file = config_file
         self.run_dir = run_dir
+        self.wakes = wakes or WakeOnDemand(run_dir)
         self._config_stamp = self._stamp()
         self._wake = asyncio.Event()
 
@@ -128,6 +154,7 @@ class HealthChecker:
         self._wake.set()
 
     async def check_all(self) -> None:
+        self.wakes.keep_awake(self.registry)
         changed = await asyncio.gather(*(self._check(backend) for backend in self.registry.backends()))
         if any(changed):
             self.registry.changed()  # waiting requests go to a backend that came up, or learn none is left
@@ -161,6 +188,8 @@ class HealthChecker:
                 await self.check_all()
             except Exception:  # a bug here must not stop health checks for good
                 log.exception("health check round failed")
+            # Requests wait for a server coming back: they go within a quarter second of its ready.
+            interval = min(self.interval, WAKE_ROUND) if self.wakes.waking(self.registry) else self.interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()

@@ -31,6 +31,9 @@ class BackendSpec:
     max_num_seqs: int | None
     max_concurrency: int | None = None
     remote: bool = False  # url= in the config: a server of another host, which the fleet scripts leave alone
+    # It sleeps or stops once idle (the fleet's supervisor decides): the gateway tells it of every use
+    # (wake_on_demand.py), and a request for it while it sleeps waits for it to wake.
+    idles: bool = False
 
     @property
     def capacity(self) -> int | None:
@@ -64,4 +67,5 @@ def parse_line(line: str) -> BackendSpec:
         max_num_seqs=int(max_num_seqs) if max_num_seqs.isdigit() else None,
         max_concurrency=int(max_concurrency) if max_concurrency.isdigit() else None,
         remote=not fields.get("port"),
+        idles=fields.get("idle", "none") != "none",
     )

@@ -96,6 +96,8 @@ class Outcome:
     sent: tuple[Backend, bytes] | None = None
     # Seconds the request waited for a free backend (admission/local.py); None when it went at once.
     queued: float | None = None
+    # Of those, the wait for a sleeping or idle-stopped server to come back (wake_on_demand.py).
+    wake: float | None = None
 
 
 def new_request_id() -> bytes:
@@ -190,6 +192,7 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             outcome.completion_tokens,
             outcome.queued,
             outcome.prompt_from,
+            outcome.wake,
         )
 
 
@@ -349,6 +352,10 @@ async def open_upstream(
             if tried:
                 raise errors.upstream_unreachable(model.name)
             raise errors.model_unavailable(model.name, model.state)
+        if backend.spec.idles:  # the supervisor sleeps or stops it once unused (wake_on_demand.py)
+            state.wakes.used(backend)
+            if waited and backend.woke_at > time.perf_counter() - waited:
+                outcome.wake = waited  # it came back while this request waited
         headers = upstream_headers
         if backend.spec.api_key:
             headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]

@@ -15,8 +15,17 @@ class BackendState(StrEnum):
     LOADING = "loading"
     RESTARTING = "restarting"  # exited or hung; the fleet's supervisor starts it after a backoff
     FAILED = "failed"  # the supervisor gave up (a crash loop) until someone starts it
+    # A model with idle= in the config, as the supervisor put it: asleep (vLLM's sleep mode) or
+    # stopped once idle, or coming back for a request. Requests for it wait (admission) and wake it.
+    SLEEPING = "sleeping"
+    STOPPED = "stopped"
+    WAKING = "waking"
     DOWN = "down"
     UNKNOWN = "unknown"
+
+
+# States a request waits through: the server comes back for it (wake_on_demand.py).
+DORMANT = frozenset({BackendState.SLEEPING, BackendState.STOPPED, BackendState.WAKING})
 
 
 @dataclass(eq=False)
@@ -29,6 +38,14 @@ class Backend:
     # The names its server answered to in /v1/models at the last check that got a list (health.py).
     served: frozenset[str] = frozenset()
     restarts: int = 0  # by the fleet's supervisor, since the server's last start by the scripts
+    # Its wakes as the supervisor counted them: (bounds, counts per bound and above, seconds, wakes).
+    wakes: tuple[tuple[float, ...], tuple[float, ...], float, float] | None = None
+    # For an idle= server (wake_on_demand.py): when its use was last told to the supervisor
+    # (time.monotonic), when a request first asked a dormant one to wake (0: none asked), and when it
+    # was last seen ready again after being dormant (time.perf_counter, for the requests' wake_ms).
+    use_told: float = 0.0
+    wake_asked: float = 0.0
+    woke_at: float = 0.0
 
     @property
     def base_url(self) -> str:
@@ -43,8 +60,24 @@ class Backend:
     def mark(self, state: BackendState, detail: str) -> bool:
         """Record a health result; returns whether the state changed."""
         changed = state is not self.state
+        if changed and state is BackendState.READY and self.state in DORMANT:
+            self.woke_at = time.perf_counter()
+        if state not in DORMANT:
+            self.wake_asked = 0.0
         self.state, self.detail, self.checked_at = state, detail, time.time()
         return changed
+
+
+CLOSEST_TO_SERVING = (
+    BackendState.READY,
+    BackendState.WAKING,
+    BackendState.LOADING,
+    BackendState.SLEEPING,
+    BackendState.STOPPED,
+    BackendState.RESTARTING,
+    BackendState.UNKNOWN,
+    BackendState.FAILED,
+)
 
 
 @dataclass(eq=False)
@@ -69,10 +102,15 @@ class Model:
     def state(self) -> BackendState:
         states = {backend.state for backend in self.backends}
         # The state of the replica closest to serving.
-        for state in (BackendState.READY, BackendState.LOADING, BackendState.RESTARTING, BackendState.UNKNOWN):
+        for state in CLOSEST_TO_SERVING:
             if state in states:
                 return state
-        return BackendState.FAILED if BackendState.FAILED in states else BackendState.DOWN
+        return BackendState.DOWN
+
+    @property
+    def wakeable(self) -> bool:
+        """A server of it sleeps, stopped as idle or is waking: a request waits for it."""
+        return any(backend.state in DORMANT for backend in self.backends)
 
     def pick(self, exclude: Sequence[Backend] = (), with_room: bool = False) -> Backend | None:
         """The ready backend with the fewest requests in flight (replicas share the load); with

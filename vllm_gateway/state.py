@@ -18,6 +18,7 @@ from .registry import Registry
 from .settings import Settings
 from .upstream import UpstreamPool
 from .usage_ledger import UsageLedger
+from .wake_on_demand import WakeOnDemand
 
 
 @dataclass(eq=False)
@@ -37,6 +38,7 @@ class GatewayState:
     metrics: Metrics = field(init=False)
     admission: Admission = field(init=False)
     key_limits: KeyLimitsCache = field(init=False)  # each key's limits in force, from its record and the settings
+    wakes: WakeOnDemand = field(init=False)  # tells the supervisor of uses of servers that idle
 
     def __post_init__(self) -> None:
         self.key_limits = KeyLimitsCache(self.settings)
@@ -44,6 +46,8 @@ class GatewayState:
         # Several workers share their counts and queues through Redis (admission/shared.py).
         shared = self.settings.workers > 1 and self.settings.admission
         self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
+        self.wakes = WakeOnDemand(self.settings.run_dir)
+        self.admission.wake = self.wakes.wake  # a request for a dormant model wakes it
         # A scrape reads the queues and each key's requests (by name, never by key) from admission.
         self.metrics.admission = self.admission
         self.metrics.key_names = lambda: {record.id: record.name for record in self.keys.records()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import control, embeddings, generation, responses, server_info, tokenizer, transcriptions
+from . import control, embeddings, generation, responses, server_info, sleep_api, tokenizer, transcriptions
 from .config import SimulatorConfig
 from .errors import ApiError, json_response
 from .faults import Faults
@@ -64,6 +64,10 @@ def create_app(config: SimulatorConfig, faults: Faults | None = None) -> web.App
     app.router.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
     app.router.add_post("/tokenize", tokenizer.tokenize)
     app.router.add_post("/detokenize", tokenizer.detokenize)
+    if config.dev_mode:  # vLLM attaches its development routes only then; elsewhere they are 404
+        app.router.add_post("/sleep", sleep_api.sleep)
+        app.router.add_post("/wake_up", sleep_api.wake_up)
+        app.router.add_get("/is_sleeping", sleep_api.is_sleeping)
     app.router.add_get("/_simulator/faults", control.get_faults)
     app.router.add_post("/_simulator/faults", control.set_faults)
     app.router.add_delete("/_simulator/faults", control.clear_faults)

@@ -1,6 +1,7 @@
 """The simulator's command line: vLLM's flags plus its own pace and fault flags, then serve.
 
 Run: python -m vllm_simulator --served-model-name NAME [--port 8000] [...]  (or `vllm-simulator`)
+The environment's VLLM_SERVER_DEV_MODE=1 adds vLLM's development routes (sleep mode), as it does for vLLM.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 
 from aiohttp import web
@@ -66,6 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit this long after serving starts, as a server that crashes (with --exit-code)",
     )
     parser.add_argument("--exit-code", type=int, default=1, metavar="N", help="the --exit-after exit code (default 1)")
+    sleep = parser.add_argument_group("sleep mode (its routes need VLLM_SERVER_DEV_MODE=1, as vLLM's do)")
+    sleep.add_argument(
+        "--enable-sleep-mode",
+        action="store_true",
+        help="as vLLM's: a sleep offloads the model; without it a sleep only pauses the scheduler",
+    )
+    sleep.add_argument(
+        "--sleep-seconds",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long POST /sleep (level 1 or 2) takes (default 1.0)",
+    )
+    sleep.add_argument(
+        "--wake-seconds",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long a full POST /wake_up takes: 3/4 the weights, 1/4 the KV cache (default 2.0)",
+    )
     faults = parser.add_argument_group("fault defaults (change at run time: /_simulator/faults)")
     faults.add_argument("--error-status", type=int, metavar="STATUS")
     faults.add_argument("--error-shape", choices=ERROR_SHAPES, help="the shape of the --error-status answer")
@@ -87,9 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[SimulatorConfig, Faults, argparse.Namespace]:
+def parse_config(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[SimulatorConfig, Faults, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error("give the model either as an argument or with --model, not both")
     model = args.model or args.model_tag
@@ -98,6 +124,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[SimulatorConfig, Faults
         parser.error("give --served-model-name NAME or --model PATH")
     if args.max_num_seqs < 1:
         parser.error("--max-num-seqs must be at least 1")
+    if args.sleep_seconds < 0 or args.wake_seconds < 0:
+        parser.error("--sleep-seconds and --wake-seconds must be at least 0")
+    # vLLM reads it as bool(int(value)) and fails to start on anything else.
+    dev_mode = environ.get("VLLM_SERVER_DEV_MODE", "0").strip()
+    if not re.fullmatch(r"[+-]?[0-9]+", dev_mode, re.ASCII):
+        parser.error(f"VLLM_SERVER_DEV_MODE must be an integer (0 or 1), not {dev_mode!r}")
     try:
         faults = Faults.parse({f.name: getattr(args, f.name) for f in fields(Faults)})
     except ApiError as exc:
@@ -110,6 +142,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[SimulatorConfig, Faults
         first_token_delay=max(0.0, args.first_token_delay),
         token_rate=max(0.0, args.token_rate),
         api_key=args.api_key,
+        dev_mode=int(dev_mode) != 0,
+        enable_sleep_mode=args.enable_sleep_mode,
+        sleep_seconds=args.sleep_seconds,
+        wake_seconds=args.wake_seconds,
     )
     return config, faults, args
 
@@ -148,6 +184,14 @@ def main(argv: list[str] | None = None) -> None:
         config.token_rate,
         faults.active(),
     )
+    if config.dev_mode:
+        log.warning(
+            "SIMULATOR: development routes on (VLLM_SERVER_DEV_MODE): /sleep, /wake_up, /is_sleeping "
+            "(sleep mode %s, sleep %g s, wake %g s)",
+            "enabled" if config.enable_sleep_mode else "not enabled: a sleep only pauses",
+            config.sleep_seconds,
+            config.wake_seconds,
+        )
     app = create_app(config, faults)
     if args.exit_after is not None:
         app.on_startup.append(lambda _app: _exit_later(args.exit_after, args.exit_code))

@@ -82,6 +82,7 @@ def stats_of(state: SimulatorState) -> dict[str, Any]:
         "crashed": state.crashed,
         "prompt_tokens": state.prompt_tokens,
         "generation_tokens": state.generation_tokens,
+        "sleep": state.sleep.stats(),
         "last_request": _encodable(state.last_request),
         "last_by_path": {path: _encodable(entry) for path, entry in state.last_by_path.items()},
     }

@@ -22,15 +22,25 @@ class ApiError(Exception):
     """An error answered in vLLM's OpenAI shape: {"error": {message, type, param, code}}, or in one of
     ERROR_SHAPES."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, shape: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        shape: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.shape = shape
+        self.error_type = error_type
 
     @property
     def type(self) -> str:
+        if self.error_type is not None:  # a path of vLLM's that names it otherwise
+            return self.error_type
         # vLLM names the type after the status phrase: 404 -> NotFoundError, 500 -> InternalServerError.
         try:
             phrase = HTTPStatus(self.status).phrase

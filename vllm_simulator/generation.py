@@ -1,6 +1,7 @@
 """Chat and text completions: paced tokens, the --max-num-seqs slot queue, whole and streamed answers.
 
-A request is checked, waits for a slot like a queued sequence in vLLM's engine, then generates.
+A request is checked, waits for a slot like a queued sequence in vLLM's engine (scheduler.py), then
+generates; an engine put to sleep freezes or aborts it, and an aborted one ends with finish_reason "abort".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 from .errors import bad_request, invalid
 from .faults import Faults, strike
 from .pieces import PieceWriter, json_answer
+from .scheduler import Ticket
 from .state import STATE, SimulatorState
 from .validation import (
     check_context_length,
@@ -104,10 +106,10 @@ async def generate(request: web.Request, chat: bool) -> web.StreamResponse:
         prompt_words=None if prompt_logprobs is None else prompt_words(texts),
     )
 
-    async def answer(faults: Faults) -> web.StreamResponse:
+    async def answer(faults: Faults, ticket: Ticket) -> web.StreamResponse:
         if job.stream:
-            return await stream_generation(request, state, job, faults)
-        return await whole_generation(request, state, job, faults)
+            return await stream_generation(request, state, job, faults, ticket)
+        return await whole_generation(request, state, job, faults, ticket)
 
     return await in_slot(request, state, prompt_tokens, answer)
 
@@ -121,28 +123,29 @@ async def in_slot(
     request: web.Request,
     state: SimulatorState,
     prompt_tokens: int,
-    answer: Callable[[Faults], Awaitable[web.StreamResponse]],
+    answer: Callable[[Faults, Ticket], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
-    """Run `answer` once one of the engine's slots is free, counted as running; aborted or crashed
-    if it does not finish."""
+    """Run `answer` once the scheduler gives the request one of the engine's slots, counted as
+    running; aborted or crashed if it does not finish. An engine abort while it is queued still
+    runs `answer`, with the ticket aborted, since vLLM answers such a request (with no tokens)."""
     faults = state.faults.copy()  # a request keeps the faults it started with
+    ticket = Ticket(state.scheduler)
     try:
-        await acquire_slot(state)
+        await state.scheduler.admit(ticket)
     except asyncio.CancelledError:  # the client gave up while queued
         state.aborted += 1
         raise
-    state.running += 1
-    state.peak_running = max(state.peak_running, state.running)
-    state.prompt_tokens += prompt_tokens
+    if ticket.running:
+        state.peak_running = max(state.peak_running, state.running)
+        state.prompt_tokens += prompt_tokens
     finished = False
     try:
-        response = await answer(faults)
+        response = await answer(faults, ticket)
         finished = True
         return response
     finally:
-        state.running -= 1
-        state.slots.release()
-        if finished:
+        state.scheduler.finish(ticket)
+        if finished and not ticket.aborted:
             state.completed += 1
         elif request.get("crashed"):
             state.crashed += 1
@@ -150,55 +153,58 @@ async def in_slot(
             state.aborted += 1
 
 
-async def acquire_slot(state: SimulatorState) -> None:
-    """Wait, counted as waiting, until one of the --max-num-seqs slots is free."""
-    state.waiting += 1
-    try:
-        await state.slots.acquire()
-    finally:
-        state.waiting -= 1
-
-
-async def paced_tokens(state: SimulatorState, n_tokens: int, faults: Faults) -> AsyncIterator[int]:
-    """Yield token positions 0..n-1 at the configured pace (first-token delay, then rate)."""
+async def paced_tokens(state: SimulatorState, ticket: Ticket, n_tokens: int, faults: Faults) -> AsyncIterator[int]:
+    """Yield token positions 0..n-1 at the configured pace (first-token delay, then rate); stop early
+    when the engine aborts the request (ticket.aborted), and make none while the engine is frozen."""
     loop = asyncio.get_running_loop()
-    delay = state.config.first_token_delay + (faults.slow_start or 0.0)
-    if delay > 0:
-        await asyncio.sleep(delay)
-    start = loop.time()
     rate = state.config.token_rate
+    # Every token is due at a time counted from the first; time spent frozen moves them all later,
+    # so a request resumed after a sleep goes on at its pace instead of catching up in a burst.
+    start = loop.time() + state.config.first_token_delay + (faults.slow_start or 0.0)
     for position in range(n_tokens):
-        if rate > 0 and position > 0:
-            wait = start + position / rate - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-        elif position % 32 == 31:
+        if rate <= 0 and position % 32 == 31:
             await asyncio.sleep(0)  # at full speed, still let other streams and aborts in
+        due = start + position / rate if rate > 0 else start
+        while True:
+            if ticket.held:
+                held = await ticket.hold()
+                if ticket.aborted:
+                    return
+                start += held
+                due += held
+            wait = due - loop.time()
+            if wait <= 0:
+                break
+            await ticket.sleep(wait)
+        if position == n_tokens - 1:
+            ticket.done = True  # an abort from here on finds the request finished
         state.generation_tokens += 1
         yield position
 
 
 async def whole_generation(
-    request: web.Request, state: SimulatorState, job: Generation, faults: Faults
+    request: web.Request, state: SimulatorState, job: Generation, faults: Faults, ticket: Ticket
 ) -> web.StreamResponse:
     stop_at = faults.stop_after(job.max_tokens)
     produced = 0
-    async for _ in paced_tokens(state, stop_at if stop_at is not None else job.max_tokens, faults):
+    async for _ in paced_tokens(state, ticket, stop_at if stop_at is not None else job.max_tokens, faults):
         produced += 1
-    if stop_at is not None:
+    if stop_at is not None and not ticket.aborted:
         strike(request, faults)
     text = completion_text(produced)
+    # vLLM answers an aborted request whole, with the tokens it had and finish_reason "abort".
+    finish_reason = "abort" if ticket.aborted else "length"
     choice: dict[str, Any]
     if job.chat:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text, "tool_calls": []},
             "logprobs": None,
-            "finish_reason": "length",
+            "finish_reason": finish_reason,
             "stop_reason": None,
         }
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": None}
     answer: dict[str, Any] = {
         "id": job.request_id,
         "object": "chat.completion" if job.chat else "text_completion",
@@ -226,7 +232,7 @@ def prompt_logprobs(words: list[str]) -> list[dict[str, dict[str, Any]] | None]:
 
 
 async def stream_generation(
-    request: web.Request, state: SimulatorState, job: Generation, faults: Faults
+    request: web.Request, state: SimulatorState, job: Generation, faults: Faults, ticket: Ticket
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -250,15 +256,23 @@ async def stream_generation(
     token_close = b"}," if job.chat else b","
     tail_more = b'"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n'
     tail_last = b'"logprobs":null,"finish_reason":"length","stop_reason":null}]}\n\n'
+    tail_abort = b'"logprobs":null,"finish_reason":"abort","stop_reason":null}]}\n\n'
     if job.chat:  # vLLM opens a chat stream with the role
         await writer.write(head + b'"delta":{"role":"assistant","content":""},' + tail_more)
 
     stop_at = faults.stop_after(job.max_tokens)
     n_tokens = stop_at if stop_at is not None else job.max_tokens
-    async for position in paced_tokens(state, n_tokens, faults):
+    produced = 0
+    async for position in paced_tokens(state, ticket, n_tokens, faults):
         last = stop_at is None and position == n_tokens - 1
         await writer.write(head + token_open + token_json(position) + token_close + (tail_last if last else tail_more))
-    if stop_at is not None:
+        produced += 1
+    if ticket.aborted:
+        # vLLM ends an aborted stream with an empty delta carrying finish_reason "abort", then the
+        # usage and [DONE] as usual; a request aborted before its first token gets no such chunk.
+        if produced:
+            await writer.write(head + (b'"delta":{"content":""},' if job.chat else b'"text":"",') + tail_abort)
+    elif stop_at is not None:
         strike(request, faults)
     if job.include_usage:
         usage_chunk: dict[str, Any] = {
@@ -267,7 +281,7 @@ async def stream_generation(
             "created": created,
             "model": job.model,
             "choices": [],
-            "usage": job.usage(n_tokens),
+            "usage": job.usage(produced),
         }
         await writer.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
     await writer.write(b"data: [DONE]\n\n")

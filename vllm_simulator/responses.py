@@ -3,7 +3,8 @@ whole or as a stream of named events, with vLLM's usage (`input_tokens`, `output
 
 Input is a string or a list of message items; the simulator takes no tools. Like its chat
 completions, it always writes max_output_tokens tokens, so the answer is `incomplete` with the reason
-`max_output_tokens`, as vLLM's is when it stops at the limit.
+`max_output_tokens`, as vLLM's is when it stops at the limit. One the engine aborts (a sleep) ends early
+and `completed`, as vLLM's plain-text responses do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .errors import invalid
 from .faults import Faults, strike
 from .generation import in_slot, paced_tokens
 from .pieces import PieceWriter, json_answer
+from .scheduler import Ticket
 from .state import STATE, SimulatorState
 from .validation import (
     check_context_length,
@@ -119,25 +121,28 @@ async def responses(request: web.Request) -> web.StreamResponse:
     )
     item_id = "msg_" + uuid.uuid4().hex
 
-    async def run(faults: Faults) -> web.StreamResponse:
+    async def run(faults: Faults, ticket: Ticket) -> web.StreamResponse:
         if stream:
-            return await stream_response(request, state, answer, item_id, prompt_tokens, faults)
+            return await stream_response(request, state, answer, item_id, prompt_tokens, faults, ticket)
         stop_at = faults.stop_after(max_tokens)
         produced = 0
-        async for _ in paced_tokens(state, max_tokens if stop_at is None else stop_at, faults):
+        async for _ in paced_tokens(state, ticket, max_tokens if stop_at is None else stop_at, faults):
             produced += 1
-        if stop_at is not None:
+        if stop_at is not None and not ticket.aborted:
             strike(request, faults)
-        return await json_answer(request, finished(answer, item_id, prompt_tokens, produced), faults)
+        return await json_answer(request, finished(answer, item_id, prompt_tokens, produced, ticket.aborted), faults)
 
     return await in_slot(request, state, prompt_tokens, run)
 
 
-def finished(answer: dict[str, Any], item_id: str, prompt_tokens: int, produced: int) -> dict[str, Any]:
+def finished(
+    answer: dict[str, Any], item_id: str, prompt_tokens: int, produced: int, aborted: bool = False
+) -> dict[str, Any]:
+    # vLLM marks only a stop at the limit; a response it aborted keeps its default status, completed.
     return {
         **answer,
-        "incomplete_details": {"reason": "max_output_tokens"},
-        "status": "incomplete",
+        "incomplete_details": None if aborted else {"reason": "max_output_tokens"},
+        "status": "completed" if aborted else "incomplete",
         "output": [message(item_id, completion_text(produced), done=True)],
         "usage": usage(prompt_tokens, produced),
     }
@@ -150,6 +155,7 @@ async def stream_response(
     item_id: str,
     prompt_tokens: int,
     faults: Faults,
+    ticket: Ticket,
 ) -> web.StreamResponse:
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
@@ -176,7 +182,7 @@ async def stream_response(
     max_tokens = answer["max_output_tokens"]
     stop_at = faults.stop_after(max_tokens)
     produced = 0
-    async for position in paced_tokens(state, max_tokens if stop_at is None else stop_at, faults):
+    async for position in paced_tokens(state, ticket, max_tokens if stop_at is None else stop_at, faults):
         await writer.write(
             delta_head
             + token_json(position)
@@ -186,12 +192,13 @@ async def stream_response(
         )
         sequence += 1
         produced += 1
-    if stop_at is not None:
+    if stop_at is not None and not ticket.aborted:
         strike(request, faults)
     text = completion_text(produced)
     await event("response.output_text.done", {"content_index": 0, **place, "logprobs": [], "text": text})
     await event("response.content_part.done", {"content_index": 0, **place, "part": {**part, "text": text}})
     await event("response.output_item.done", {"item": message(item_id, text, done=True), "output_index": 0})
-    await event("response.completed", {"response": finished(answer, item_id, prompt_tokens, produced)})
+    final = finished(answer, item_id, prompt_tokens, produced, ticket.aborted)
+    await event("response.completed", {"response": final})
     await response.write_eof()
     return response

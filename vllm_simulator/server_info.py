@@ -79,8 +79,32 @@ _METRICS: tuple[tuple[str, str, str, Callable[[SimulatorState], float]], ...] = 
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    label = '{model_name="%s"}' % state.primary_name.replace("\\", "\\\\").replace('"', '\\"')
+    model = state.primary_name.replace("\\", "\\\\").replace('"', '\\"')
+    label = '{model_name="%s"}' % model
     lines = []
     for name, kind, help_text, value in _METRICS:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{label} {float(value(state))}"]
+    lines += sleep_state_lines(state, model)
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
+
+def sleep_state_lines(state: SimulatorState, model: str) -> list[str]:
+    """vLLM's vllm:engine_sleep_state: one series per state, 1 for the engine's (present with or without
+    sleep mode, as in vLLM; engine 0, since the simulator is one engine)."""
+    sleep = state.sleep
+    asleep, level = sleep.recorded_asleep, sleep.recorded_level
+    values = {
+        "awake": not asleep,
+        "weights_offloaded": asleep and level == 1,
+        "discard_all": asleep and level == 2,
+    }
+    name = "vllm:engine_sleep_state"
+    lines = [
+        f"# HELP {name} Engine sleep state (simulated): awake = 0 while asleep at any level, "
+        "weights_offloaded = 1 at level 1, discard_all = 1 at level 2.",
+        f"# TYPE {name} gauge",
+    ]
+    for sleep_state, value in values.items():
+        labels = f'{{engine="0",model_name="{model}",sleep_state="{sleep_state}"}}'
+        lines.append(f"{name}{labels} {float(value)}")
+    return lines

@@ -1,11 +1,10 @@
-"""The one object that changes while the simulator serves: the slot queue, counters, faults, the record.
+"""The one object that changes while the simulator serves: the scheduler, sleep, counters, faults, the record.
 
 create_app (app.py) makes it and stores it under STATE; handlers reach it as request.app[STATE].
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from typing import Any
@@ -14,6 +13,8 @@ from aiohttp import web
 
 from .config import SimulatorConfig
 from .faults import Faults
+from .scheduler import Scheduler
+from .sleep import SleepMode
 
 # Polling paths (health checkers poll /health and /v1/models) never overwrite "last_request", so a
 # health checker cannot hide what a test sent.
@@ -27,12 +28,11 @@ class SimulatorState:
         self.config = config
         self.faults = faults
         self.created = int(time.time())
-        # The engine's --max-num-seqs: generations hold a slot, the rest wait for one.
-        self.slots = asyncio.Semaphore(config.max_num_seqs)
+        # The engine's --max-num-seqs: generations hold a slot, the rest wait for one (or for a wake).
+        self.scheduler = Scheduler(config.max_num_seqs)
+        self.sleep = SleepMode(config, self.scheduler)
         # Counters, as /metrics and /_simulator/stats tell them.
-        self.running = 0
         self.peak_running = 0  # the most running at once since the stats were last reset
-        self.waiting = 0
         self.aborted = 0
         self.completed = 0
         self.crashed = 0
@@ -42,6 +42,14 @@ class SimulatorState:
         self.requests: Counter[str] = Counter()
         self.last_request: dict[str, Any] | None = None
         self.last_by_path: dict[str, dict[str, Any]] = {}
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> int:
+        return self.scheduler.waiting
 
     @property
     def primary_name(self) -> str:
@@ -70,6 +78,7 @@ class SimulatorState:
         self.requests.clear()
         self.aborted = self.completed = self.crashed = 0
         self.peak_running = self.running
+        self.sleep.reset_stats()
         self.last_request = None
         self.last_by_path = {}
 

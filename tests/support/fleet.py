@@ -12,14 +12,17 @@ recorded outputs (tests/fixtures/nvidia-smi/), since this machine has no GPU.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.processes import REPO_ROOT, process_tree
+from tests.support.processes import REPO_ROOT, free_port, process_tree
 from vllm_fleet.placement import PlacementError
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "nvidia-smi"
@@ -66,6 +69,7 @@ class Fleet:
         self.log_dir = root / "logs"
         self.config = root / "models.sh"
         self.bin_dir = root / "bin"
+        self.ports: tuple[int, ...] = ()  # the models' ports, for fleets that keep them here
         self.env = {
             "VLLM_RUN_DIR": str(self.run_dir),
             "VLLM_LOG_DIR": str(self.log_dir),
@@ -116,6 +120,50 @@ class Fleet:
     def log(self, name: str) -> str:
         return (self.log_dir / name).read_text()
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """vllm_api_server.py ARGS with the fleet's environment."""
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def events(self, model: str | None = None) -> list[dict]:
+        """The supervisor's event log (logs/fleet_events.jsonl), of one model or all."""
+        path = self.log_dir / "fleet_events.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [event for event in map(json.loads, lines) if model is None or event["model"] == model]
+
+    def supervised_state(self, model: str) -> str:
+        """The state the supervisor last wrote for the model."""
+        try:
+            return str(json.loads((self.run_dir / f"{model}.status.json").read_text())["state"])
+        except (OSError, ValueError, KeyError):
+            return ""
+
+    def start_with_gateway(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+        """start_all_services.sh --simulate --wait ARGS: the gateway's port and the admin key it printed."""
+        gateway_port = free_port()
+        (self.root / "gateway.env").write_text("")
+        self.env.update(
+            {
+                "GATEWAY_PORT": str(gateway_port),
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_KEY_FILE": str(self.root / "api_keys.json"),
+                "GATEWAY_ENV_FILE": str(self.root / "gateway.env"),
+                "GATEWAY_HEALTH_INTERVAL": "0.3",
+                **(env or {}),
+            }
+        )
+        started = self.run("start_all_services.sh", "--simulate", "--wait", *args)
+        assert started.returncode == 0, started.stderr
+        match = re.search(r"^\s+(sk-\S+)$", started.stdout, re.M)
+        assert match is not None, started.stdout
+        return gateway_port, match.group(1)
+
     def stop_everything(self) -> None:
         """Teardown: kill every process group a PID file names, whatever the scripts did; the
         supervisor first, so that it restarts none of the others."""
@@ -137,6 +185,30 @@ class Fleet:
             pid_file.unlink(missing_ok=True)
 
 
+TWO_MODELS = """
+vllm_model name=alpha path=/data/models/none-here port={p1} log=alpha.log
+vllm_model name=beta path=/data/models/none-either port={p2} log=beta.log {beta_args}
+"""
+
+# The supervisor's settings made quick, for simulated models that load in a second.
+QUICK_SUPERVISOR = {
+    "VLLM_RESTART_DELAY": "0.5",
+    "VLLM_HEALTH_CHECK_INTERVAL": "0.3",
+    "VLLM_HANG_CHECKS": "2",
+    "VLLM_STOP_TIMEOUT": "5",
+}
+
+
+def two_simulated_models(root: Path, beta_args: str = "") -> Fleet:
+    """A fleet of two models, alpha and beta (with `beta_args` on its line), on free ports
+    (`fleet.ports`), its supervisor quick."""
+    fleet = Fleet(root)
+    fleet.ports = free_port(), free_port()
+    fleet.write_config(TWO_MODELS.format(p1=fleet.ports[0], p2=fleet.ports[1], beta_args=beta_args))
+    fleet.env.update(QUICK_SUPERVISOR)
+    return fleet
+
+
 def live(pids: set[int] | list[int]) -> set[int]:
     """The pids that still run (zombies count as gone)."""
     alive = set()
@@ -148,6 +220,17 @@ def live(pids: set[int] | list[int]) -> set[int]:
         if state != "Z":
             alive.add(pid)
     return alive
+
+
+def gateway_get(port: int, key: str, path: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def gateway_metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
 
 
 def cpus_allowed(pid: int) -> str:

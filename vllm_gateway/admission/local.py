@@ -17,7 +17,9 @@ Bounds, each answered at once:
 - a model with GATEWAY_QUEUE_LIMIT requests waiting answers the next one 503 `queue_full`, and a
   request that waited GATEWAY_QUEUE_TIMEOUT seconds gets 503 `queue_timeout`: the servers are
   saturated, which no key caused, so these are 503 with Retry-After, like an overloaded server;
-- when the model has no ready replica left, its waiting requests get 503 `model_not_ready`.
+- when the model has no ready replica left, its waiting requests get 503 `model_not_ready`;
+  unless a replica sleeps or stopped as idle (registry.DORMANT): then they wait, within the queue
+  timeout, while it wakes (`wake`, which wake_on_demand.py answers), and go once it is ready.
 
 A request whose client goes away while it waits is cancelled (http_protocol.connection_lost) and
 leaves the queue at once; it never reaches vLLM. /tokenize and /detokenize take no sequence in vLLM,
@@ -33,7 +35,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import errors
 from ..key_limits import KeyLimits
@@ -157,6 +159,9 @@ class Admission:
         self.registry = registry
         self.queues: dict[str, ModelQueue] = {}
         self.per_key: dict[str, int] = {}  # requests in flight or waiting, per key id (counted by their Slot)
+        # Asks a model's dormant servers to come back (GatewayState wires it to wake_on_demand.py).
+        self.wake: Callable[[Model], None] = lambda model: None
+        self.changes = asyncio.Event()  # set, and replaced, at every change of the backends
         registry.listeners.append(self.backends_changed)
 
     def waiting(self, model_name: str) -> int:
@@ -183,10 +188,12 @@ class Admission:
         request waited for it; None when no ready backend (but those in `exclude`) is left. With
         `at_once` (a request that takes no sequence in vLLM) the least busy one, full or not."""
         if not self.enabled or at_once:
-            backend = model.pick(exclude)
+            backend, waited = model.pick(exclude), 0.0
+            if backend is None and model.wakeable:
+                backend, waited = await self.until_awake(model, exclude)
             if backend is not None:
                 backend.in_flight += 1
-            return backend, 0.0
+            return backend, waited
         queue = self.queues.get(model.name)
         if queue is None or not queue.size:  # nobody waits: no one is overtaken
             backend = model.pick(exclude, with_room=True)
@@ -194,7 +201,9 @@ class Admission:
                 backend.in_flight += 1
                 return backend, 0.0
         if model.pick(exclude) is None:
-            return None, 0.0
+            if not model.wakeable:
+                return None, 0.0
+            self.wake(model)  # and wait in the queue, in turn, until a server is back
         if queue is None:
             queue = self.queues[model.name] = ModelQueue(model)
         if queue.size >= self.queue_limit:
@@ -221,6 +230,22 @@ class Admission:
                 del self.queues[model.name]
         return backend, time.perf_counter() - started
 
+    async def until_awake(self, model: Model, exclude: Sequence[Backend]) -> tuple[Backend | None, float]:
+        """Without the queue (admission off, or a request that never waits for room): wait, within
+        the queue timeout, until a dormant server of the model is ready; None when none is coming."""
+        self.wake(model)
+        started = time.perf_counter()
+        deadline = started + self.queue_timeout
+        while True:
+            model = self.registry.models.get(model.name) or model  # the config may have changed
+            backend = model.pick(exclude)
+            if backend is not None or not model.wakeable:
+                return backend, time.perf_counter() - started
+            try:
+                await asyncio.wait_for(self.changes.wait(), deadline - time.perf_counter())
+            except TimeoutError:
+                raise errors.queue_timeout(model.name, self.queue_timeout) from None
+
     def release(self, backend: Backend, at_once: bool = False) -> None:
         """One request to `backend` ended (its last byte went out, or it failed): the next may go.
         `at_once` as it was acquired."""
@@ -246,10 +271,11 @@ class Admission:
 
     def backends_changed(self) -> None:
         """A backend came up or went down, or the config changed: waiters go to a replica that is
-        ready, or, when their model has none left, get 503 at once."""
+        ready, or, when their model has none left (nor one coming back), get 503 at once."""
+        self.announce_change()
         for name, queue in list(self.queues.items()):
             model = self.registry.models.get(name)
-            if model is not None and model.pick() is not None:
+            if model is not None and (model.pick() is not None or model.wakeable):
                 queue.model = model
                 self.dispatch(queue)
                 continue
@@ -258,6 +284,11 @@ class Admission:
                 if not waiter.future.done():
                     waiter.future.set_exception(errors.model_unavailable(name, state))
             del self.queues[name]
+
+    def announce_change(self) -> None:
+        """Wake the requests of until_awake, to look at the backends again."""
+        self.changes.set()
+        self.changes = asyncio.Event()
 
     def _expire(self, queue: ModelQueue, waiter: Waiter) -> None:
         if not waiter.future.done():

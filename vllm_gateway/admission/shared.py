@@ -230,7 +230,9 @@ class SharedAdmission(Admission):
             return backend, waited
         candidates = ready_with_capacity(model, exclude)
         if not candidates:
-            return None, 0.0
+            if not model.wakeable:
+                return None, 0.0
+            self.wake(model)  # and queue: the script finds no server and keeps the ticket
         ticket = f"{self.worker}|{next(self.tickets)}"
         future: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self.waiters[ticket] = (model, future)  # before the script: a grant may come before its answer
@@ -404,11 +406,13 @@ class SharedAdmission(Admission):
     def backends_changed(self) -> None:
         """A backend came up or went down: hand out its room, or tell this worker's waiters of a
         model without a ready server (the other workers tell theirs)."""
+        self.announce_change()
         if not self.enabled:
             return
         for ticket, (model, future) in list(self.waiters.items()):
             current = self.registry.models.get(model.name)
-            if (current is None or current.pick() is None) and not future.done():
+            gone = current is None or (current.pick() is None and not current.wakeable)
+            if gone and not future.done():
                 state = current.state if current is not None else BackendState.DOWN
                 future.set_exception(errors.model_unavailable(model.name, state))
             elif current is not None and current is not model:

@@ -168,6 +168,12 @@ def render(figures: Figures, backends: BackendFigures) -> bytes:
     out.family(name, "gauge", "Restarts of the backend's server by the fleet's supervisor since its last start.")
     out.samples(name, ("model", "backend"), backends.restarts)
 
+    name = PREFIX + "backend_wake_seconds"
+    out.family(
+        name, "histogram", "Wakes of a server that sleeps or stops when idle: from the request that woke it to ready."
+    )
+    out.histogram(name, ("model", "backend"), backends.wake_bounds, backends.wakes)
+
     name = PREFIX + "rate_limited_total"
     out.family(name, "counter", "Requests refused with 429 by a key's rate limit, by key name and kind.")
     out.samples(name, ("key", "kind"), figures.rate_limited)

@@ -59,6 +59,17 @@ class BackendFigures:
             for state in BackendState
         }
         self.restarts: dict[Labels, float] = {(name, b.spec.id): float(b.restarts) for name, b in backends}
+        # Wakes of servers that sleep or stop when idle, as the supervisor counted them: the bounds,
+        # and per backend [seconds, wakes, count up to each bound..., above them all].
+        self.wake_bounds: tuple[float, ...] = ()
+        self.wakes: dict[Labels, list[float]] = {}
+        for name, backend in backends:
+            if backend.wakes is None:
+                continue
+            bounds, counts, seconds, wakes = backend.wakes
+            self.wake_bounds = self.wake_bounds or bounds
+            if bounds == self.wake_bounds:
+                self.wakes[(name, backend.spec.id)] = [seconds, wakes, *counts]
 
 
 class Figures:
