@@ -78,8 +78,8 @@ def test_an_idle_model_with_idle_stop_stops_and_the_next_request_starts_it_again
     first = next(e["pid"] for e in fleet.events("beta") if e["event"] == "start")
 
     wait_until(lambda: fleet.supervised_state("beta") == "stopped", timeout=20)
-    wait_until(lambda: not live({first}), timeout=10)
-    assert not (fleet.run_dir / "beta.pid").exists()
+    # Gone, and seen gone by the supervisor, which removes its PID file then.
+    wait_until(lambda: not live({first}) and not (fleet.run_dir / "beta.pid").exists(), timeout=10)
     wait_until(lambda: model_health(gateway_port, key)["status"] == "stopped", timeout=10)
     assert model_health(gateway_port, key, "alpha")["status"] == "ready"  # idle=none: never stops
     status = fleet.run("status_all_services.sh")
@@ -262,5 +262,20 @@ def test_a_request_wakes_a_stopped_model_with_admission_off_and_across_workers(
             thread.join(timeout=60)
         assert results == [200] * 4
         assert len([e for e in fleet.events("beta") if e["event"] == "wake"]) == 1  # one wake for them all
+    finally:
+        fleet.stop_everything()
+
+
+def test_a_model_stopped_since_the_gateways_last_look_is_woken_not_reported_unreachable(tmp_path: Path) -> None:
+    fleet = make_fleet(tmp_path, "idle=stop idle_after=6 simulate_args='--startup-delay 1'")
+    try:
+        # The gateway looks every 30 s: it still takes beta for ready when the request comes.
+        gateway_port, key = fleet.start_with_gateway(env={"GATEWAY_HEALTH_INTERVAL": "30"})
+        wait_until(lambda: fleet.supervised_state("beta") == "stopped", timeout=20)
+        wait_until(lambda: not (fleet.run_dir / "beta.pid").exists(), timeout=10)
+        assert model_health(gateway_port, key)["status"] == "ready"
+        status, body = chat(gateway_port, key)
+        assert status == 200, body
+        assert [e["event"] for e in fleet.events("beta")][-2:] == ["ready", "wake"]
     finally:
         fleet.stop_everything()

@@ -63,6 +63,7 @@ def test_shipped_config_lists_the_specs_four_models_in_field_order(fleet: Fleet)
                 "port",
                 "log",
                 "max_concurrency",
+                "idle",
             ]
         ]
         * 4
@@ -89,7 +90,7 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "VLLM_HOST=0.0.0.0\n"
         'vllm_model name=Qwen/Qwen3-8B aliases=qwen,q8 path="$ROOT/q8" port=9001 max_num_seqs=4 api_key=k1\n'
         "vllm_model name=far id=far-1 url=https://gpu2.example:8443\n"
-        "vllm_model name=cpu-one path=/srv/c port=9002 device=cpu cpus=0-3 log=/var/tmp/c.log\n"
+        "vllm_model name=cpu-one path=/srv/c port=9002 device=cpu cpus=0-3 log=/var/tmp/c.log idle=stop\n"
     )
     local, remote, cpu = printed_models(fleet)
     assert local == {
@@ -106,6 +107,7 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "port": "9001",
         "log": str(fleet.log_dir / "Qwen_Qwen3-8B_vllm.log"),
         "max_concurrency": "",
+        "idle": "none",
     }
     assert (remote["id"], remote["base_url"], remote["port"], remote["log"]) == (
         "far-1",
@@ -113,7 +115,7 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "",
         "",
     )
-    assert (cpu["device"], cpu["gpus"], cpu["log"]) == ("cpu", "", "/var/tmp/c.log")
+    assert (cpu["device"], cpu["gpus"], cpu["log"], cpu["idle"]) == ("cpu", "", "/var/tmp/c.log", "stop")
 
 
 def test_config_file_is_chosen_by_argument_then_environment(fleet: Fleet, tmp_path: Path) -> None:

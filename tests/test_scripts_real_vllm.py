@@ -205,8 +205,10 @@ def test_a_real_vllm_server_stopped_as_idle_is_started_again_by_the_next_request
     assert {cpus_allowed(pid) for pid in process_tree(fleet.pid("tiny-a"))} == {fleet.cpus["tiny-a"]}
     woke = [e for e in fleet.events("tiny-a") if e["event"] == "wake"]
     assert len(woke) == 1 and woke[0]["mode"] == "stop"
-    access = (fleet.log_dir / "vllm_api_server.log").read_text()
-    assert re.search(r" model=tiny-a .* wake_ms=[0-9.]+", access)
+    wait_until(  # the access log is written in batches
+        lambda: re.search(r" model=tiny-a .* wake_ms=[0-9.]+", (fleet.log_dir / "vllm_api_server.log").read_text()),
+        timeout=10,
+    )
 
 
 def test_the_cpu_build_refuses_sleep_mode_so_idle_sleep_needs_a_gpu(tmp_path: Path) -> None:

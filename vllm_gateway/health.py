@@ -139,6 +139,7 @@ class HealthChecker:
         self.config_file = config_file
         self.run_dir = run_dir
         self.wakes = wakes or WakeOnDemand(run_dir)
+        self.wakes.asked = self.check_soon
         self._config_stamp = self._stamp()
         self._wake = asyncio.Event()
 
@@ -166,6 +167,19 @@ class HealthChecker:
         if model is not None:
             model.learn_served()
         return changed
+
+    def went_dormant(self, backend: Backend) -> bool:
+        """Whether the supervisor put the backend to sleep or stopped it as idle since the last round
+        (a request found its port closed); if so it is marked so, and requests wait for it again."""
+        if not backend.spec.idles:
+            return False
+        view = supervisor_view(self.run_dir, backend.spec.id) or {}
+        state = view.get("state")
+        if state not in DORMANT:
+            return False
+        if backend.mark(BackendState(str(state)), str(view.get("reason", "")) or str(state)):
+            self.registry.changed()
+        return True
 
     async def reload_config_if_changed(self) -> None:
         stamp = self._stamp()

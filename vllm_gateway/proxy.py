@@ -369,6 +369,8 @@ async def open_upstream(
             # Nothing reached vLLM, so another replica may safely take the request; this one's room
             # goes back first, as a slot holds one backend.
             slot.release()
+            if state.health.went_dormant(backend):
+                continue  # stopped as idle since the last health round: it wakes for this request
             timed_out = isinstance(error, UpstreamConnectTimeout)
             state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
             if backend.mark(BackendState.DOWN, str(error)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .registry import DORMANT, Backend, Model, Registry
@@ -26,6 +27,8 @@ class WakeOnDemand:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self._failing = False
+        # Called when a request asks a server to wake: the health checker then looks often, from now.
+        self.asked: Callable[[], None] = lambda: None
 
     def used(self, backend: Backend) -> None:
         """A request went to the backend (proxy.open_upstream): told at most once a second."""
@@ -36,12 +39,16 @@ class WakeOnDemand:
 
     def wake(self, model: Model) -> None:
         """A request waits for the model: its dormant servers are asked to come back."""
+        first = False
         for backend in model.backends:
             if backend.spec.idles and backend.state in DORMANT:
                 if not backend.wake_asked:
                     backend.wake_asked = time.monotonic()
+                    first = True
                 backend.use_told = time.monotonic()
                 self._touch(backend)
+        if first:
+            self.asked()
 
     def keep_awake(self, registry: Registry) -> None:
         """Each health round: servers with requests in flight are in use. One the supervisor put to
