@@ -121,6 +121,28 @@ def test_cli_creates_lists_and_revokes_keys(gateway):
             time.sleep(0.05)
 
 
+def test_a_key_made_with_the_cli_works_on_its_first_request(gateway):
+    for number in range(5):  # the file watcher looks once a second: each try is well inside that
+        created = gateway.create_key("--name", f"at-once-{number}")
+        with gateway.http(str(created["key"])) as client:
+            assert client.get("/v1/models").status_code == 200
+
+
+def test_a_key_made_over_the_api_works_at_once_on_every_worker(tmp_path, simulator, redis_url):
+    backend = Backend("sim", simulator.base_url, path="/models/sim")
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url}
+    with Gateway.start(tmp_path / "gw", [backend], env=env) as two_workers:
+        for number in range(5):
+            with two_workers.http(two_workers.admin_key) as admin:
+                made = admin.post("/admin/keys", json={"name": f"api-{number}"}).json()
+            # A new connection each time, which either worker may take.
+            statuses = []
+            for _ in range(4):
+                with two_workers.http(made["key"]) as client:
+                    statuses.append(client.get("/v1/models").status_code)
+            assert statuses == [200] * 4
+
+
 def test_concurrent_key_creation_from_many_processes_loses_nothing(tmp_path):
     env = {**os.environ, **gateway_env(tmp_path, free_port())}
     run_cli(env, "keys", "init")

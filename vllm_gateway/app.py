@@ -118,7 +118,8 @@ def build_state(settings: Settings) -> GatewayState:
 
 
 async def watch_key_file(state: GatewayState) -> None:
-    """Picks up keys created or revoked by other workers or the CLI within a second."""
+    """Picks up keys revoked or changed by other workers or the CLI within a second (a new key works
+    at once: KeyStore.authenticate reads a changed file for a key it does not know)."""
     last_flush = time.monotonic()
     reported = None
     while True:

@@ -253,10 +253,28 @@ class KeyStore:
         return True
 
     def authenticate(self, secret: str) -> KeyRecord | None:
-        record = self._by_hash.get(hash_key(secret))
+        digest = hash_key(secret)
+        record = self._by_hash.get(digest)
+        if record is None and self._reload_if_newer():
+            record = self._by_hash.get(digest)
         if record is not None:
             self._used[record.id] = time.time()
         return record
+
+    def _reload_if_newer(self) -> bool:
+        """An unknown key may be one made a moment ago (by the CLI, another worker), before the
+        watcher's next look (app.watch_key_file): read the file now if it changed since it was read.
+        A stat per refused request; a file that cannot be read is left to the watcher, which reports it."""
+        stamp = self._current_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        try:
+            content = self._read()
+        except KeyFileError:
+            return False
+        self._install(content)
+        self._stamp = stamp
+        return True
 
     def records(self) -> list[KeyRecord]:
         return [

@@ -140,7 +140,8 @@ class Gateway:
             time.sleep(0.1)
 
     def wait_for_key(self, key: str, timeout: float = 5.0) -> None:
-        """Wait until the gateway accepts `key` (a CLI-made key is picked up within a second)."""
+        """Wait until the gateway accepts `key` (at once since keys work on their first request; kept
+        for the tests that make one before the gateway has started)."""
         deadline = time.monotonic() + timeout
         with self.http(key) as client:
             while client.get("/v1/models").status_code == 401:
