@@ -365,11 +365,11 @@ def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path
     assert huge.status_code == 400 and "1000" in huge.json()["error"]["message"]
     assert (cli_create.returncode, cli_create.stderr) == (
         1,
-        "vllm_api_server: weight must be a number from 0.01 to 1000, not 0.001\n",
+        "vllm_api_server: `weight` does not take 0.001: it takes a number from 0.01 to 1000.\n",
     )
     assert (cli_update.returncode, cli_update.stderr) == (
         1,
-        "vllm_api_server: weight must be a number from 0.01 to 1000, not 1e-07\n",
+        "vllm_api_server: `weight` does not take 1e-07: it takes a number from 0.01 to 1000.\n",
     )
     assert (cli_word.returncode, cli_word.stderr) == (
         1,

@@ -85,6 +85,56 @@ def test_invalid_admin_requests_get_400_in_openai_shape(gateway):
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (
+            {"name": "x", "rate_limit": "10/minut"},
+            "rate_limit",
+            '`rate_limit` does not take "10/minut": it takes requests per window, such as "100/minute" or '
+            '"10/second;1000/hour" (windows: second, minute, hour, day).',
+        ),
+        ({"name": "x", "weight": 0}, "weight", "`weight` does not take 0: it takes a number from 0.01 to 1000."),
+        (
+            {"name": "x", "max_parallel_requests": 0},
+            "max_parallel_requests",
+            "`max_parallel_requests` does not take 0: it takes a whole number from 1.",
+        ),
+        ({"name": ""}, "name", '`name` does not take "": it takes a name of 1 to 200 characters.'),
+        ({"name": "x", "admin": "maybe"}, "admin", '`admin` does not take "maybe": it takes true or false.'),
+    ],
+)
+def test_a_bad_key_field_is_refused_in_one_sentence_naming_it_what_was_given_and_what_it_takes(
+    gateway, body, param, message
+):
+    with gateway.http(gateway.admin_key) as admin:
+        user = next(key for key in admin.get("/admin/keys").json()["data"] if key["name"] == "test-user")
+        created = admin.post("/admin/keys", json=body)
+        changed = admin.patch(f"/admin/keys/{user['id']}", json=body)  # nothing of it is saved
+        assert admin.get(f"/admin/keys/{user['id']}").json() == user
+    for response in (created, changed):
+        assert response.status_code == 400
+        assert response.json() == {
+            "error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_request"}
+        }
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--rate-limit", "10/minut", '`rate_limit` does not take "10/minut"'),
+        ("--token-limit", "lots", '`token_limit` does not take "lots"'),
+        ("--max-parallel-requests", "0", "`max_parallel_requests` does not take"),
+    ],
+)
+def test_the_cli_refuses_a_bad_key_field_in_one_sentence_too(gateway, option, value, message):
+    for command in (["create", "--name", "x"], ["update", "test-user"]):
+        refused = gateway.cli("keys", *command, option, value, check=False)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"vllm_api_server: {message}") and refused.stderr.count("\n") == 1
+        assert ": it takes " in refused.stderr and "pydantic" not in refused.stderr
+
+
 def test_the_last_admin_key_cannot_be_revoked(tmp_path, simulator):
     with (
         Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from . import errors
 from .fleet_control import ACTIONS, act
 from .fleet_events import DEFAULT_LIMIT, MAX_LIMIT, EventQuery, find_events, moment
-from .keystore import Editable, KeyFileError, KeyRecord, LastAdminKeyError, marked
+from .keystore import Editable, KeyFieldError, KeyFileError, KeyRecord, LastAdminKeyError, field_error, marked
 from .registry import BackendState, Model
 from .state import GatewayState
 from .usage_report import MAX_BUCKETS, MAX_UNIX_TIME, UsageQuery, usage_page, whole_number
@@ -164,6 +164,9 @@ def checked(body_model: type[BaseModel], body: Any) -> dict[str, Any]:
     try:
         return body_model.model_validate(body, from_attributes=True).model_dump(exclude_unset=True)
     except ValidationError as error:
+        if error.errors()[0]["loc"]:
+            refused = field_error(error)
+            raise errors.bad_request(str(refused), param=refused.field) from None
         raise RequestValidationError([{**line, "loc": ("body", *line["loc"])} for line in error.errors()]) from None
 
 
@@ -175,6 +178,8 @@ def key_file_guard(action: Callable[[], T]) -> T:
         raise errors.last_admin_key(str(error)) from None
     except KeyFileError as error:
         raise errors.key_file_invalid(str(error)) from None
+    except KeyFieldError as error:
+        raise errors.bad_request(str(error), param=error.field) from None
     except ValueError as error:
         raise errors.bad_request(str(error)) from None
 

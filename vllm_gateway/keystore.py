@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import secrets
 import tempfile
@@ -38,6 +39,15 @@ M = TypeVar("M", bound="Shown")
 
 class KeyFileError(Exception):
     """The key file exists but cannot be used; the message says which file and why."""
+
+
+class KeyFieldError(ValueError):
+    """A value given for a key field (over the API or the CLI) that the field does not take; the
+    message is one sentence: the field, what was given, what it takes."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class LastAdminKeyError(Exception):
@@ -80,6 +90,7 @@ class Editable(Shown):
     create_help: str | None = None
     update_help: str | None = None
     at_creation: bool = True  # False: only a change sets it
+    accepts: str = ""  # what the field takes, for the sentence that refuses a bad value (field_error)
 
 
 class KeyRecord(BaseModel):
@@ -88,16 +99,17 @@ class KeyRecord(BaseModel):
     `keys list`, in this order. A new field is declared here once."""
 
     id: Annotated[str, Shown()]
-    name: Annotated[str, Field(min_length=1, max_length=200), Editable()]
+    name: Annotated[str, Field(min_length=1, max_length=200), Editable(accepts="a name of 1 to 200 characters")]
     prefix: Annotated[str, Shown(text=lambda prefix: prefix + "...")]
     hash: str
-    admin: Annotated[bool, Editable(create_help="may use /admin/keys")] = False
+    admin: Annotated[bool, Editable(create_help="may use /admin/keys", accepts="true or false")] = False
     models: Annotated[
         list[str] | None,
         Editable(
             unset="all",
             create_help="comma-separated models this key may use (default: all)",
             update_help="comma-separated models; 'all' lifts the restriction",
+            accepts="a list of model names, or null for every model",
         ),
     ] = None
     rate_limit: Annotated[
@@ -105,6 +117,8 @@ class KeyRecord(BaseModel):
         Editable(
             create_help='this key\'s limit, e.g. "100/minute" (default: GATEWAY_RATE_LIMIT)',
             update_help="e.g. 100/minute; 'default' goes back to GATEWAY_RATE_LIMIT",
+            accepts='requests per window, such as "100/minute" or "10/second;1000/hour" '
+            "(windows: second, minute, hour, day)",
         ),
     ] = None
     token_limit: Annotated[
@@ -112,6 +126,8 @@ class KeyRecord(BaseModel):
         Editable(
             create_help='tokens this key may use, e.g. "40000/minute" (default: GATEWAY_TOKEN_LIMIT)',
             update_help="e.g. 40000/minute; 'default' goes back to GATEWAY_TOKEN_LIMIT",
+            accepts='tokens per window, such as "40000/minute" or "40000/minute;2000000/day" '
+            "(windows: second, minute, hour, day)",
         ),
     ] = None
     # Admission (admission/local.py): this key's share of a busy model's turns, and its most requests in
@@ -122,6 +138,7 @@ class KeyRecord(BaseModel):
         Editable(
             create_help="this key's share of a busy model's turns, 0.01 to 1000, e.g. 2 (default: 1)",
             update_help="0.01 to 1000, e.g. 2; 'default' goes back to 1",
+            accepts=f"a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}",
         ),
     ] = None
     max_parallel_requests: Annotated[
@@ -131,12 +148,19 @@ class KeyRecord(BaseModel):
             heading="PARALLEL",
             create_help="requests in flight and waiting at once (default: GATEWAY_MAX_PARALLEL_REQUESTS)",
             update_help="e.g. 8; 'default' goes back to GATEWAY_MAX_PARALLEL_REQUESTS",
+            accepts="a whole number from 1",
         ),
     ] = None
     created_at: Annotated[float, Shown("CREATED", when)]
     last_used_at: Annotated[float | None, Shown("LAST USED", when)] = None
     disabled: Annotated[
-        bool, Editable(heading="STATE", text=lambda disabled: "disabled" if disabled else "active", at_creation=False)
+        bool,
+        Editable(
+            heading="STATE",
+            text=lambda disabled: "disabled" if disabled else "active",
+            at_creation=False,
+            accepts="true or false",
+        ),
     ] = False
 
     @field_validator("rate_limit", "token_limit")
@@ -182,10 +206,28 @@ def check_weight(weight: object) -> None:
     """For a weight given to `create` or `update`: None (the default), or from MIN_WEIGHT to MAX_WEIGHT."""
     if weight is None:
         return
-    if isinstance(weight, bool) or not isinstance(weight, int | float):
-        raise ValueError(f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {weight!r}")
-    if not MIN_WEIGHT <= weight <= MAX_WEIGHT:
-        raise ValueError(f"weight must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, not {weight:g}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise refusal("weight", weight)
+
+
+def refusal(field: str, given: object) -> KeyFieldError:
+    """The one sentence that refuses `given` for `field`, saying what the field takes."""
+    accepts = next((mark.accepts for name, _, mark in marked(Editable) if name == field), "")
+    if not accepts:
+        names = ", ".join(name for name, _, _ in marked(Editable))
+        return KeyFieldError(field, f"`{field}` is not a field of a key; the fields are {names}.")
+    try:
+        shown = json.dumps(given)
+    except (TypeError, ValueError):
+        shown = repr(given)
+    return KeyFieldError(field, f"`{field}` does not take {shown}: it takes {accepts}.")
+
+
+def field_error(error: ValidationError) -> KeyFieldError:
+    """A key field's refusal (refusal) from pydantic's error, whose own text names its internals."""
+    first = error.errors()[0]
+    location = [part for part in first["loc"] if part != "body"]
+    return refusal(str(location[0]) if location else "body", first.get("input"))
 
 
 def hash_key(secret: str) -> str:
@@ -294,7 +336,10 @@ class KeyStore:
         """Add a key with the editable `fields` given (the others take their defaults); returns its record
         and the key itself, which is never stored or shown again."""
         check_weight(fields.get("weight"))
-        record, secret = new_record(name, **fields)
+        try:
+            record, secret = new_record(name, **fields)
+        except ValidationError as error:
+            raise field_error(error) from None
         self._change(lambda keys: keys.append(record))
         return record, secret
 
@@ -325,7 +370,10 @@ class KeyStore:
         def apply(keys: list[KeyRecord]) -> None:
             for index, record in enumerate(keys):
                 if record.id == key_id:
-                    keys[index] = KeyRecord.model_validate({**record.model_dump(), **changes})
+                    try:
+                        keys[index] = KeyRecord.model_validate({**record.model_dump(), **changes})
+                    except ValidationError as error:
+                        raise field_error(error) from None
                     updated.append(keys[index])
 
         self._change(apply)
