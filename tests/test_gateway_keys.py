@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, gateway_env, run_cli
-from tests.support.processes import REPO_ROOT, free_port, start_process
+from tests.support.processes import REPO_ROOT, free_port, start_process, wait_until
 
 
 def test_admin_lists_keys_without_any_secret_or_hash(gateway):
@@ -67,9 +67,9 @@ def test_key_created_over_the_api_is_shown_once_and_works(gateway):
 def test_key_updated_and_revoked_over_the_api(gateway):
     with gateway.http(gateway.admin_key) as admin:
         created = admin.post("/admin/keys", json={"name": "short-lived"}).json()
-        patched = admin.patch(f"/admin/keys/{created['id']}", json={"models": ["other"], "disabled": True})
+        patched = admin.patch(f"/admin/keys/{created['id']}", json={"models": ["sim-alias"], "disabled": True})
         assert patched.status_code == 200
-        assert patched.json()["models"] == ["other"] and patched.json()["disabled"] is True
+        assert patched.json()["models"] == ["sim-alias"] and patched.json()["disabled"] is True
         with gateway.http(created["key"]) as client:
             assert client.get("/v1/models").status_code == 401
         assert admin.delete(f"/admin/keys/{created['id']}").json()["deleted"] is True
@@ -293,3 +293,64 @@ def test_the_key_file_is_rewritten_for_a_first_use_and_then_once_a_minute_at_mos
     store._used[record.id] = record.last_used_at + LAST_USED_RESOLUTION_SECONDS  # a minute later
     assert store.usage_due()
     assert (tmp_path / "api_keys.json").stat().st_mtime_ns == stamp
+
+
+def test_a_key_name_is_unique_and_the_api_takes_names_as_the_cli_does(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        made = admin.post("/admin/keys", json={"name": "unique-carol"}).json()
+        again = admin.post("/admin/keys", json={"name": "unique-carol"})
+        other = admin.post("/admin/keys", json={"name": "unique-dave"}).json()
+        renamed = admin.patch("/admin/keys/unique-dave", json={"name": "unique-carol"})
+        by_name = admin.get("/admin/keys/unique-carol")
+        changed = admin.patch("/admin/keys/unique-carol", json={"rate_limit": "7/minute"})
+        missing = admin.get("/admin/keys/nobody-here")
+    assert again.status_code == 400
+    assert again.json()["error"]["message"] == (
+        f"a key named unique-carol exists already ({made['id']}): choose another name."
+    )
+    assert again.json()["error"]["param"] == "name"
+    assert renamed.status_code == 400 and other["id"] in str(admin_keys(gateway))
+    assert by_name.status_code == 200 and by_name.json()["id"] == made["id"]
+    assert changed.status_code == 200 and changed.json()["rate_limit"] == "7/minute"
+    assert missing.status_code == 404
+    refused = gateway.cli("keys", "create", "--name", "unique-carol", check=False)
+    assert refused.returncode == 1 and "a key named unique-carol exists already" in refused.stderr
+    with gateway.http(gateway.admin_key) as admin:
+        assert admin.delete("/admin/keys/unique-dave").status_code == 200
+
+
+def admin_keys(gateway) -> list[dict]:
+    with gateway.http(gateway.admin_key) as admin:
+        return admin.get("/admin/keys").json()["data"]
+
+
+def test_two_keys_of_one_name_in_an_old_key_file_are_reported_and_must_be_named_by_id(tmp_path, simulator):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
+        path = gateway.workdir / "api_keys.json"
+        content = json.loads(path.read_text())
+        twin = next(key for key in content["keys"] if key["name"] == "test-user")
+        content["keys"].append({**twin, "id": "key_000000000001", "hash": "sha256:" + "0" * 64})
+        path.write_text(json.dumps(content))
+        listing = gateway.cli("keys", "list")
+        assert "several keys are named test-user" in listing.stderr
+        with gateway.http(gateway.admin_key) as admin:
+            wait_until(lambda: admin.get("/admin/keys/test-user").status_code == 409, timeout=5)
+            answer = admin.get("/admin/keys/test-user").json()["error"]
+        assert answer["code"] == "ambiguous_key_name" and "key_000000000001" in answer["message"]
+
+
+def test_a_keys_models_must_be_models_or_aliases_of_the_config(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        typo = admin.post("/admin/keys", json={"name": "typo-models", "models": ["sim", "NoSuchModel"]})
+        alias = admin.post("/admin/keys", json={"name": "alias-models", "models": ["sim-alias"]})
+        changed = admin.patch("/admin/keys/alias-models", json={"models": ["sim", "Simm"]})
+    assert typo.status_code == 400
+    assert typo.json()["error"]["param"] == "models"
+    assert typo.json()["error"]["message"] == (
+        "`models` names NoSuchModel, neither a model nor an alias of the model config; it has sim, sim-alias."
+    )
+    assert alias.status_code == 201
+    assert changed.status_code == 400 and "names Simm" in changed.json()["error"]["message"]
+    cli = gateway.cli("keys", "update", "alias-models", "--models", "sim,Qwen3-14B-typo", check=False)
+    assert cli.returncode == 1 and "`models` names Qwen3-14B-typo" in cli.stderr
+    assert gateway.cli("keys", "update", "alias-models", "--models", "sim").returncode == 0

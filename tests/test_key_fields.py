@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from tests.support.gateway import Gateway
+from tests.support.gateway import Backend, Gateway
+from tests.support.processes import free_port
 
 # Each editable field: a value as the API takes it, as its CLI option's text (flags: the option alone),
 # and as `keys list` shows it. A new editable field needs its line here.
@@ -23,12 +24,13 @@ SAMPLES: dict[str, tuple[object, str, str]] = {
 KEPT_BY_THE_STORE = {"id", "prefix", "hash", "created_at", "last_used_at"}
 
 
-def cli_options(fields: list[str]) -> list[str]:
+def cli_options(fields: list[str], name: str) -> list[str]:
+    """The samples as options, the key named `name` (names are unique)."""
     options = []
     for field in fields:
         options.append("--" + field.replace("_", "-"))
         if SAMPLES[field][1]:
-            options.append(SAMPLES[field][1])
+            options.append(name if field == "name" else SAMPLES[field][1])
     return options
 
 
@@ -41,13 +43,16 @@ def test_every_key_field_is_editable_or_kept_by_the_store():
 
 
 def test_each_editable_field_is_set_over_the_api_and_the_cli_and_shown_by_keys_list(tmp_path):
-    with Gateway.start(tmp_path, []) as gateway:
+    # Two models, never served: a key's model list may name only what the config has.
+    never = [Backend(name, f"http://127.0.0.1:{free_port()}") for name in ("sim", "other")]
+    with Gateway.start(tmp_path, never, wait_ready=False) as gateway:
         creatable = [name for name in SAMPLES if name != "disabled"]  # a key is created enabled
         with gateway.http(gateway.admin_key) as admin:
             created = admin.post("/admin/keys", json={name: SAMPLES[name][0] for name in creatable})
             plain = admin.post("/admin/keys", json={"name": "plain"}).json()
             changed = admin.patch(
-                f"/admin/keys/{plain['id']}", json={name: value for name, (value, *_) in SAMPLES.items()}
+                f"/admin/keys/{plain['id']}",
+                json={name: value for name, (value, *_) in SAMPLES.items()} | {"name": "sampled-changed"},
             )
             refused = [
                 admin.post("/admin/keys", json={"name": "x", name: {"not": "a value"}})
@@ -63,15 +68,18 @@ def test_each_editable_field_is_set_over_the_api_and_the_cli_and_shown_by_keys_l
             refused += [
                 admin.patch(f"/admin/keys/{plain['id']}", json={name: value}) for name, value in out_of_range.items()
             ]
-        made = gateway.create_key(*cli_options(creatable))
+        made = gateway.create_key(*cli_options(creatable, "sampled-cli"))
         plain_too = gateway.create_key("--name", "plain-too")
-        updated = gateway.cli("keys", "update", str(plain_too["id"]), *cli_options(list(SAMPLES))).stdout
+        gateway.cli("keys", "revoke", "sampled")  # its name goes to the next
+        updated = gateway.cli("keys", "update", str(plain_too["id"]), *cli_options(list(SAMPLES), "sampled")).stdout
         table = gateway.cli("keys", "list").stdout.splitlines()
 
     assert created.status_code == 201 and changed.status_code == 200
+    renamed = {"name": "sampled-cli"}
     for name in creatable:
-        assert (created.json()[name], made[name]) == (SAMPLES[name][0], SAMPLES[name][0]), name
+        assert (created.json()[name], made[name]) == (SAMPLES[name][0], renamed.get(name, SAMPLES[name][0])), name
     for name, (value, *_) in SAMPLES.items():
+        value = "sampled-changed" if name == "name" else value
         assert changed.json()[name] == value and plain[name] != value, name
     refused_params = [(response.status_code, response.json()["error"]["param"]) for response in refused]
     expected = [n for n in creatable if n != "name"] + list(SAMPLES) + list(out_of_range) + list(out_of_range)

@@ -17,7 +17,17 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from . import errors
 from .fleet_control import ACTIONS, act
 from .fleet_events import DEFAULT_LIMIT, MAX_LIMIT, EventQuery, find_events, moment
-from .keystore import Editable, KeyFieldError, KeyFileError, KeyRecord, LastAdminKeyError, field_error, marked
+from .keystore import (
+    AmbiguousKeyName,
+    Editable,
+    KeyFieldError,
+    KeyFileError,
+    KeyRecord,
+    LastAdminKeyError,
+    check_models,
+    field_error,
+    marked,
+)
 from .registry import BackendState, Model
 from .state import GatewayState
 from .usage_report import MAX_BUCKETS, MAX_UNIX_TIME, UsageQuery, usage_page, whole_number
@@ -198,14 +208,26 @@ def create_key(
     _: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
     fields = checked(NewKey, body)
+    key_file_guard(lambda: check_models(fields.get("models"), state.registry.names()))
     record, secret = key_file_guard(lambda: state.keys.create(**fields))
     return {**record.public(), "key": secret}
+
+
+def key_id_of(state: GatewayState, reference: str) -> str:
+    """The id of the key a path names, by its id or its name, as the CLI takes them."""
+    try:
+        return state.keys.key_id_of(reference)
+    except AmbiguousKeyName as error:
+        raise errors.conflict(str(error), "ambiguous_key_name") from None
+    except LookupError:
+        raise errors.not_found(f"No API key with the id or name `{reference}`.") from None
 
 
 @router.get("/admin/keys/{key_id}")
 def get_key(
     key_id: str, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
+    key_id = key_id_of(state, key_id)
     record = next((r for r in state.keys.records() if r.id == key_id), None)
     if record is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
@@ -220,6 +242,8 @@ def update_key(
     _: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
     changes = checked(KeyChanges, body)
+    key_id = key_id_of(state, key_id)
+    key_file_guard(lambda: check_models(changes.get("models"), state.registry.names()))
     record = key_file_guard(lambda: state.keys.update(key_id, changes))
     if record is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
@@ -230,6 +254,7 @@ def update_key(
 def revoke_key(
     key_id: str, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> JSONResponse:
+    key_id = key_id_of(state, key_id)
     if not key_file_guard(lambda: state.keys.revoke(key_id)):
         raise errors.not_found(f"No API key with id `{key_id}`.")
     return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 
 from .errors import GatewayError
 from .fleet_control import ACTIONS, act
-from .keystore import Editable, KeyFileError, KeyRecord, KeyStore, LastAdminKeyError, Shown, marked
+from .keystore import Editable, KeyFileError, KeyRecord, KeyStore, LastAdminKeyError, Shown, check_models, marked
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
 from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.run(args)
         return status
-    except (KeyFileError, ModelConfigError, LastAdminKeyError, ValueError) as error:
+    except (KeyFileError, ModelConfigError, LastAdminKeyError, ValueError, LookupError) as error:
         print(f"vllm_api_server: {error}", file=sys.stderr)
         return 1
 
@@ -265,6 +265,8 @@ def create_key(args: argparse.Namespace) -> int:
         for name, field, editable in marked(Editable)
         if editable.at_creation
     }
+    if fields.get("models"):
+        check_models(fields["models"], model_names())
     record, secret = key_store().create(**fields)
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
@@ -273,8 +275,17 @@ def create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_names() -> frozenset[str]:
+    """The names and aliases of the config's models, which a key's model list may name."""
+    specs = load_backend_specs(load_settings().model_config_file)
+    return frozenset(name for spec in specs for name in (spec.name, *spec.aliases))
+
+
 def list_keys(args: argparse.Namespace) -> int:
-    records = key_store().records()
+    store = key_store()
+    records = store.records()
+    for name in store.duplicate_names():  # key files from before names were unique
+        print(f"vllm_api_server: warning: several keys are named {name}: rename all but one", file=sys.stderr)
     usage = recent_usage_by_key(load_settings())
     if args.json:
         listing = []
@@ -372,22 +383,9 @@ def number(option: str, text: str, unset: str) -> float:
         raise ValueError(f"{option} takes a number or '{unset}', not {text!r}") from None
 
 
-def key_id_of(store: KeyStore, reference: str) -> str:
-    """The id of the key `reference` names: its id, or a name no other key has."""
-    records = store.records()
-    if any(record.id == reference for record in records):
-        return reference
-    named = [record.id for record in records if record.name == reference]
-    if len(named) > 1:
-        raise ValueError(f"{len(named)} keys are named {reference}: name one by its id ({', '.join(named)})")
-    if not named:
-        raise ValueError(f"no key with the id or name {reference}")
-    return named[0]
-
-
 def revoke_key(args: argparse.Namespace) -> int:
     store = key_store()
-    key_id = key_id_of(store, args.key)
+    key_id = store.key_id_of(args.key)
     if not store.revoke(key_id):
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
@@ -402,7 +400,9 @@ def update_key(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     store = key_store()
-    key_id = key_id_of(store, args.key)
+    key_id = store.key_id_of(args.key)
+    if changes.get("models"):
+        check_models(changes["models"], model_names())
     record = store.update(key_id, changes)
     if record is None:
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)

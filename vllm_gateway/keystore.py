@@ -16,7 +16,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,10 @@ class KeyFieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class AmbiguousKeyName(ValueError):
+    """A name that more than one key has (a key file from before names were unique)."""
 
 
 class LastAdminKeyError(Exception):
@@ -223,6 +227,27 @@ def refusal(field: str, given: object) -> KeyFieldError:
     return KeyFieldError(field, f"`{field}` does not take {shown}: it takes {accepts}.")
 
 
+def check_name_free(keys: list[KeyRecord], record: KeyRecord) -> None:
+    """Names are unique, so that a name says which key (the CLI and the API take either)."""
+    taken = next((key for key in keys if key.name == record.name and key.id != record.id), None)
+    if taken is not None:
+        raise KeyFieldError("name", f"a key named {record.name} exists already ({taken.id}): choose another name.")
+
+
+def check_models(models: object, known: Collection[str]) -> None:
+    """A key's model list may name only the config's models and aliases (`known`): a typo would give
+    a key that can use nothing, silently."""
+    if not isinstance(models, list):
+        return
+    unknown = [name for name in models if name not in known]
+    if unknown:
+        raise KeyFieldError(
+            "models",
+            f"`models` names {', '.join(unknown)}, neither a model nor an alias of the model config; "
+            f"it has {', '.join(sorted(known)) or 'none'}.",
+        )
+
+
 def field_error(error: ValidationError) -> KeyFieldError:
     """A key field's refusal (refusal) from pydantic's error, whose own text names its internals."""
     first = error.errors()[0]
@@ -340,8 +365,31 @@ class KeyStore:
             record, secret = new_record(name, **fields)
         except ValidationError as error:
             raise field_error(error) from None
-        self._change(lambda keys: keys.append(record))
+
+        def add(keys: list[KeyRecord]) -> None:
+            check_name_free(keys, record)
+            keys.append(record)
+
+        self._change(add)
         return record, secret
+
+    def key_id_of(self, reference: str) -> str:
+        """The id of the key `reference` names: its id, or its name (names are unique; a key file
+        written before they were may hold two, and then the id must say which)."""
+        records = self.records()
+        if any(record.id == reference for record in records):
+            return reference
+        named = [record.id for record in records if record.name == reference]
+        if len(named) > 1:
+            raise AmbiguousKeyName(f"{len(named)} keys are named {reference}: name one by its id ({', '.join(named)})")
+        if not named:
+            raise LookupError(f"no key with the id or name {reference}")
+        return named[0]
+
+    def duplicate_names(self) -> list[str]:
+        """Names more than one key has (key files written before names were unique)."""
+        names = [record.name for record in self._records.values()]
+        return sorted({name for name in names if names.count(name) > 1})
 
     def create_first_admin_key(self) -> str | None:
         """On first start (no file yet), create an admin key and return it; otherwise None."""
@@ -374,6 +422,8 @@ class KeyStore:
                         keys[index] = KeyRecord.model_validate({**record.model_dump(), **changes})
                     except ValidationError as error:
                         raise field_error(error) from None
+                    if "name" in changes:
+                        check_name_free(keys, keys[index])
                     updated.append(keys[index])
 
         self._change(apply)

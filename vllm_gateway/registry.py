@@ -159,5 +159,9 @@ class Registry:
     def resolve(self, name: str) -> Model | None:
         return self._by_name.get(name)
 
+    def names(self) -> frozenset[str]:
+        """Every name a request may give: the models' names and their aliases."""
+        return frozenset(self._by_name)
+
     def backends(self) -> list[Backend]:
         return [backend for model in self.models.values() for backend in model.backends]
