@@ -257,6 +257,45 @@ def test_key_file_broken_while_running_keeps_the_last_good_keys(tmp_path, simula
         assert "still using the last good copy" in gateway.log_text()
 
 
+def test_a_broken_key_file_shows_in_health_and_metrics_is_logged_once_and_its_last_good_copy_restores(
+    tmp_path, simulator
+):
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
+        key_file = tmp_path / "api_keys.json"
+
+        def ids(path):
+            return sorted(key["id"] for key in json.loads(path.read_text())["keys"])
+
+        good = ids(key_file)
+        assert ids(tmp_path / "api_keys.json.last-good") == good  # kept since the start
+        assert stat.S_IMODE(os.stat(tmp_path / "api_keys.json.last-good").st_mode) == 0o600
+        assert gateway.health()["key_file"] == "ok"
+        key_file.write_text("{broken")
+        gateway.wait_until(lambda health: health["key_file"] == "invalid", timeout=5)
+        public = gateway.health()
+        assert public["status"] == "degraded" and "key_file_problem" not in public  # no path without a key
+        detailed = gateway.health(gateway.key)
+        assert "is not valid" in detailed["key_file_problem"] and "keys restore" in detailed["key_file_problem"]
+        with gateway.http() as client:
+            assert "vllm_gateway_key_file_ok 0" in client.get("/metrics").text
+        time.sleep(3)  # six looks of the watcher at a file that stays broken
+        assert gateway.log_text().count("is not valid") == 1
+        assert "from a backup" not in gateway.log_text()
+
+        restored = gateway.cli("keys", "restore")
+        assert "restored" in restored.stdout and ids(key_file) == good
+        gateway.wait_until(lambda health: health["key_file"] == "ok" and health["status"] == "ok", timeout=5)
+        with gateway.http() as client:
+            assert "vllm_gateway_key_file_ok 1" in client.get("/metrics").text
+        again = gateway.cli("keys", "restore", check=False)
+        assert again.returncode == 1 and "reads well: nothing to restore" in again.stderr
+        key_file.unlink()  # every key is refused now: /health without one says so
+        wait_until(lambda: gateway.health()["key_file"] == "invalid", timeout=5)
+        assert gateway.cli("keys", "restore").returncode == 0 and ids(key_file) == good
+        with gateway.http(gateway.key) as client:
+            assert client.get("/v1/models").status_code == 200
+
+
 def test_keys_list_shows_a_key_used_seconds_ago(gateway):
     new = gateway.create_key("--name", "just-used")
     gateway.wait_for_key(new["key"])  # a request with the key: it is used now

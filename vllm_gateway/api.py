@@ -70,6 +70,8 @@ def health(
     models = list(state.registry.models.values())
     ready = sum(model.state is BackendState.READY for model in models)
     status = "ok" if models and ready == len(models) else ("degraded" if ready else "unavailable")
+    if state.keys.problem is not None and status == "ok":
+        status = "degraded"  # serving with the last good keys; a change to them would not take
     report: dict[str, object] = {
         "status": status,
         "uptime_s": round(time.time() - state.started_at, 1),
@@ -80,8 +82,12 @@ def health(
             for model in models
         ],
     }
+    # The key file: "ok", or "invalid" (paths and the reason only for callers with a key).
+    report["key_file"] = "ok" if state.keys.problem is None else "invalid"
     if key is not None:
         report["in_flight"] = state.in_flight
+        if state.keys.problem is not None:
+            report["key_file_problem"] = state.keys.problem
     return report
 
 

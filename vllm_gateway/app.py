@@ -119,22 +119,30 @@ def build_state(settings: Settings) -> GatewayState:
 
 async def watch_key_file(state: GatewayState) -> None:
     """Picks up keys revoked or changed by other workers or the CLI within a second (a new key works
-    at once: KeyStore.authenticate reads a changed file for a key it does not know)."""
+    at once: KeyStore.authenticate reads a changed file for a key it does not know). A broken key file
+    is logged once for each change of it (KeyStore.problem, which /health and the metrics show too),
+    and the keys' use is not written to it until it reads well again."""
     last_flush = time.monotonic()
-    reported = None
+    reported: str | None = None
     while True:
         await asyncio.sleep(KEY_FILE_POLL_SECONDS)
         try:
             if state.keys.refresh_if_changed():
                 log.info("key file reloaded")
-            if time.monotonic() - last_flush > state.settings.key_usage_flush_seconds and state.keys.usage_due():
-                last_flush = time.monotonic()
+        except KeyFileError:
+            pass  # state.keys.problem says why
+        if state.keys.problem != reported:
+            if state.keys.problem is not None:
+                log.error("%s", state.keys.problem)
+            reported = state.keys.problem
+        if reported is not None:
+            continue
+        if time.monotonic() - last_flush > state.settings.key_usage_flush_seconds and state.keys.usage_due():
+            last_flush = time.monotonic()
+            try:
                 await asyncio.to_thread(state.keys.flush_usage)
-            reported = None
-        except KeyFileError as error:
-            if str(error) != reported:
-                log.error("%s", error)
-                reported = str(error)
+            except KeyFileError as error:  # broken since this round's look: the next round reports it
+                log.warning("keys' last use not written: %s", error)
 
 
 def create_app(settings: Settings | None = None) -> Gateway:

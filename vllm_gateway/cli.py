@@ -74,6 +74,14 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=list_keys)
 
+    restore = keys.add_parser(
+        "restore",
+        help="put the key file's last good copy back in place of a missing or broken one",
+        description="The gateway keeps a copy of the last key file that read well beside it "
+        "(api_keys.json.last-good); this puts it back, unless the file in place reads well.",
+    )
+    restore.set_defaults(run=restore_keys)
+
     revoke = keys.add_parser("revoke", help="delete a key for good")
     revoke.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
     revoke.set_defaults(run=revoke_key)
@@ -381,6 +389,15 @@ def number(option: str, text: str, unset: str) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"{option} takes a number or '{unset}', not {text!r}") from None
+
+
+def restore_keys(_: argparse.Namespace) -> int:
+    store = KeyStore(load_settings().key_file)  # not loaded: the file in place may be broken
+    count = store.restore()
+    print(
+        f"restored {store.path} from {store.last_good_path} ({count} keys); a running gateway takes it within a second"
+    )
+    return 0
 
 
 def revoke_key(args: argparse.Namespace) -> int:

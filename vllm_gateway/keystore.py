@@ -34,6 +34,7 @@ MAX_WEIGHT = 1000.0
 # Last-used times reach the key file to the minute (as `keys list` shows them); a first use at once.
 LAST_USED_RESOLUTION_SECONDS = 60.0
 SHOWN_PREFIX_LENGTH = 11
+LAST_GOOD_SUFFIX = ".last-good"
 M = TypeVar("M", bound="Shown")
 
 
@@ -255,6 +256,20 @@ def field_error(error: ValidationError) -> KeyFieldError:
     return refusal(str(location[0]) if location else "body", first.get("input"))
 
 
+def write_private(path: Path, raw: bytes) -> None:
+    """Write `raw` to `path` whole (a temporary file renamed over it), readable by its owner only."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
 def hash_key(secret: str) -> str:
     return "sha256:" + hashlib.sha256(secret.encode()).hexdigest()
 
@@ -289,6 +304,10 @@ class KeyStore:
         self._stamp: tuple[int, int, int] | None = None
         self._used: dict[str, float] = {}
         self._had_file = False  # once a file was read or written here, its absence is an error
+        # The last file that read well, kept beside it for `keys restore` (owner only, as the file).
+        self.last_good_path = path.with_name(path.name + LAST_GOOD_SUFFIX)
+        self._last_good: bytes | None = None  # what last_good_path holds, as this process wrote or read it
+        self.problem: str | None = None  # why the file on disk is not in force (/health, the metrics)
 
     # -- reading --
 
@@ -309,14 +328,17 @@ class KeyStore:
         self._stamp = stamp
         if stamp is None:
             self._install(KeyFile())
-            raise KeyFileError(
-                f"key file {self.path} is missing: every key is refused until it is restored from a backup "
-                "or `python3 vllm_api_server.py keys init` creates a new admin key"
+            self.problem = (
+                f"key file {self.path} is missing: every key is refused until `python3 vllm_api_server.py "
+                "keys restore` puts its last good copy back or `keys init` creates a new admin key"
             )
+            raise KeyFileError(self.problem)
         try:
             self._install(self._read())
         except KeyFileError as error:
-            raise KeyFileError(f"{error}; still using the last good copy") from None
+            self.problem = f"{error}; still using the last good copy"
+            raise KeyFileError(self.problem) from None
+        self.problem = None
         return True
 
     def authenticate(self, secret: str) -> KeyRecord | None:
@@ -341,7 +363,27 @@ class KeyStore:
             return False
         self._install(content)
         self._stamp = stamp
+        self.problem = None
         return True
+
+    def restore(self) -> int:
+        """Put the last good copy back in place of a missing or broken key file; how many keys it has.
+        Raises KeyFileError when there is no good copy, or the file in place reads well."""
+        try:
+            raw = self.last_good_path.read_bytes()
+            content = KeyFile.model_validate_json(raw)
+        except (OSError, ValidationError):
+            raise KeyFileError(f"no good copy to restore at {self.last_good_path}") from None
+        with self._locked():
+            if self.path.exists():
+                try:
+                    KeyFile.model_validate_json(self.path.read_bytes())
+                except (OSError, ValidationError):
+                    pass
+                else:
+                    raise KeyFileError(f"key file {self.path} reads well: nothing to restore")
+            self._write(content)
+        return len(content.keys)
 
     def records(self) -> list[KeyRecord]:
         return [
@@ -478,6 +520,8 @@ class KeyStore:
         self._had_file = True
         self._install(content)
         self._stamp = self._current_stamp()
+        self.problem = None
+        self._keep_last_good(content.model_dump_json(indent=2).encode() + b"\n")
 
     def _read(self) -> KeyFile:
         try:
@@ -486,14 +530,34 @@ class KeyStore:
             raise KeyFileError(f"cannot read key file {self.path}: {error.strerror}") from error
         self._had_file = True
         try:
-            return KeyFile.model_validate_json(raw)
+            content = KeyFile.model_validate_json(raw)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "top level"
             raise KeyFileError(
-                f"key file {self.path} is not valid ({where}: {first['msg']}); "
-                "restore it from a backup or fix it by hand: the gateway will not overwrite it"
+                f"key file {self.path} is not valid ({where}: {first['msg']}); fix it by hand, or put its "
+                "last good copy back with `python3 vllm_api_server.py keys restore`: the gateway will not "
+                "overwrite it"
             ) from None
+        self._keep_last_good(raw)
+        return content
+
+    def _keep_last_good(self, raw: bytes) -> None:
+        """Copy a file that read (or was written) well beside it, for `keys restore`. Best effort: a
+        copy that cannot be written leaves the keys in force as they are."""
+        if raw == self._last_good:
+            return
+        try:
+            if self.last_good_path.read_bytes() == raw:
+                self._last_good = raw
+                return
+        except OSError:
+            pass
+        try:
+            write_private(self.last_good_path, raw)
+        except OSError:
+            return
+        self._last_good = raw
 
     def _write(self, content: KeyFile) -> None:
         directory = self.path.parent

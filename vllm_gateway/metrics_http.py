@@ -83,7 +83,9 @@ def access_error(state: GatewayState, exchange: Exchange) -> GatewayError | None
 async def scrape(state: GatewayState) -> bytes:
     figures = workers.figures_of(state.metrics)  # copied on the loop, where the figures change
     run_dir = state.settings.run_dir if state.settings.workers > 1 else None
-    return await asyncio.to_thread(exposition, figures, workers.BackendFigures(state.registry), run_dir)
+    backends = workers.BackendFigures(state.registry)
+    key_file_ok = state.keys.problem is None
+    return await asyncio.to_thread(exposition, figures, backends, run_dir, key_file_ok)
 
 
 @router.get(METRICS_PATH)

@@ -88,7 +88,7 @@ def summed(
     return out
 
 
-def render(figures: Figures, backends: BackendFigures) -> bytes:
+def render(figures: Figures, backends: BackendFigures, key_file_ok: bool = True) -> bytes:
     out = Exposition()
     series = figures.series
     model_backend_key_status = ("model", "backend", "key", "status")
@@ -190,15 +190,20 @@ def render(figures: Figures, backends: BackendFigures) -> bytes:
     ):
         out.family(family, kind, text)
         out.lines.append(f"{family} {number(value)}")
+    name = PREFIX + "key_file_ok"
+    out.family(
+        name, "gauge", "1 while the key file reads well; 0 while it is broken or missing (the last good keys serve)."
+    )
+    out.lines.append(f"{name} {1 if key_file_ok else 0}")
     out.family(PREFIX + "workers", "gauge", "Worker processes whose figures this scrape holds.")
     out.lines.append(f"{PREFIX}workers {len(figures.pids)}")
     return out.text()
 
 
-def exposition(figures: Figures, backends: BackendFigures, run_dir: Path | None) -> bytes:
+def exposition(figures: Figures, backends: BackendFigures, run_dir: Path | None, key_file_ok: bool = True) -> bytes:
     """The whole gateway's figures as Prometheus text: `figures` (this worker's copy) plus, when
     `run_dir` is given, the other live workers' snapshots. Reads files: run it off the event loop."""
     if run_dir is not None:
         for other in sibling_figures(run_dir):
             figures.add(other)
-    return render(figures, backends)
+    return render(figures, backends, key_file_ok)
