@@ -60,13 +60,17 @@ def test_disabled_key_is_refused_until_enabled_again(gateway):
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_key_restricted_to_other_models_sees_and_reaches_none_of_the_rest(gateway):
-    restricted = gateway.create_key("--name", "only-other", "--models", "other-model")["key"]
-    gateway.wait_for_key(restricted)
-    with gateway.http(restricted) as client:
-        assert client.get("/v1/models").json()["data"] == []
-        assert client.get("/v1/models/sim").status_code == 404
-        refused = client.post("/v1/chat/completions", json=CHAT)
+def test_key_restricted_to_other_models_sees_and_reaches_none_of_the_rest(tmp_path, simulator):
+    from tests.support.gateway import Backend, Gateway
+    from tests.support.processes import free_port
+
+    backends = [Backend("sim", simulator.base_url), Backend("other-model", f"http://127.0.0.1:{free_port()}")]
+    with Gateway.start(tmp_path, backends, wait_ready=False) as gateway:
+        restricted = gateway.create_key("--name", "only-other", "--models", "other-model")["key"]
+        with gateway.http(restricted) as client:
+            assert [model["id"] for model in client.get("/v1/models").json()["data"]] == ["other-model"]
+            assert client.get("/v1/models/sim").status_code == 404
+            refused = client.post("/v1/chat/completions", json=CHAT)
     assert refused.status_code == 404
     assert refused.json()["error"]["code"] == "model_not_found"
 

@@ -8,6 +8,7 @@ import re
 
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import free_port
+from vllm_gateway.keystore import Editable, KeyRecord, marked
 
 # Each editable field: a value as the API takes it, as its CLI option's text (flags: the option alone),
 # and as `keys list` shows it. A new editable field needs its line here.
@@ -19,23 +20,24 @@ SAMPLES: dict[str, tuple[object, str, str]] = {
     "token_limit": ("900/hour", "900/hour", "900/hour"),
     "weight": (2.5, "2.5", "2.5"),
     "max_parallel_requests": (3, "3", "3"),
+    "expires_at": (1956528000.0, "2032-01-01", "2032-01-01 00:00 UTC"),
     "disabled": (True, "", "disabled"),
 }
-KEPT_BY_THE_STORE = {"id", "prefix", "hash", "created_at", "last_used_at"}
+KEPT_BY_THE_STORE = {"id", "prefix", "hash", "created_at", "last_used_at", "previous_hash", "previous_until"}
 
 
 def cli_options(fields: list[str], name: str) -> list[str]:
     """The samples as options, the key named `name` (names are unique)."""
     options = []
     for field in fields:
-        options.append("--" + field.replace("_", "-"))
+        flag = next(mark.flag for name, _, mark in marked(Editable) if name == field)
+        options.append(flag or "--" + field.replace("_", "-"))
         if SAMPLES[field][1]:
             options.append(name if field == "name" else SAMPLES[field][1])
     return options
 
 
 def test_every_key_field_is_editable_or_kept_by_the_store():
-    from vllm_gateway.keystore import Editable, KeyRecord, marked
 
     editable = [name for name, _, _ in marked(Editable)]
     assert set(KeyRecord.model_fields) == set(editable) | KEPT_BY_THE_STORE
@@ -89,6 +91,6 @@ def test_each_editable_field_is_set_over_the_api_and_the_cli_and_shown_by_keys_l
     cells = re.split(r" {2,}", next(line for line in table if line.startswith(str(plain_too["id"]))))
     row = dict(zip(header, cells, strict=True))
     assert re.split(r" {2,}", updated.strip()) == cells[:-2]  # `keys update` prints the row less the usage
-    headings = {"max_parallel_requests": "PARALLEL", "disabled": "STATE"}
+    headings = {"max_parallel_requests": "PARALLEL", "disabled": "STATE", "expires_at": "EXPIRES"}
     for name, (_, _, shown) in SAMPLES.items():
         assert row[headings.get(name, name.upper().replace("_", " "))] == shown, name

@@ -240,7 +240,9 @@ def test_stop_all_services_leaves_no_process_and_free_ports(fleet: Fleet, admin_
     trees = set()
     for pid_file in fleet.pid_files():
         trees |= process_tree(int(pid_file.read_text().split()[0]))
-    assert len(trees) >= 7
+    # Each running server's API process and engine core, the supervisor and the gateway at least
+    # (tiny-a may be stopped as idle again by now: it has no PID file then, and no process).
+    assert len(trees) >= 2 * len(fleet.model_pid_files()) + 2
     result = fleet.run("stop_all_services.sh", timeout=180)
     assert result.returncode == 0, result.stderr
     assert live(trees) == set()

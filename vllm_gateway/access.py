@@ -3,6 +3,7 @@ without a valid key makes the gateway read, keep or parse a byte of a body."""
 
 from __future__ import annotations
 
+import time
 from urllib.parse import parse_qsl
 
 from . import errors
@@ -26,6 +27,8 @@ def authenticate(keys: KeyStore, authorization: bytes, query_string: bytes) -> K
         raise errors.invalid_api_key()
     if record.disabled:
         raise errors.key_disabled()
+    if record.expires_at is not None and record.expired(time.time()):
+        raise errors.key_expired(record.expires_at)
     return record
 
 

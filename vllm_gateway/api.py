@@ -162,6 +162,8 @@ def key_body(name: str, at_creation: bool) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for field_name, field, editable in marked(Editable):
         annotation: Any = field.annotation
+        if editable.parse is not None:
+            annotation = annotation | str  # also as text (an ISO 8601 time): the record reads it
         if not at_creation:
             fields[field_name] = (Annotated[(annotation | None, *field.metadata)], None)
         elif editable.at_creation:
@@ -254,6 +256,29 @@ def update_key(
     if record is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
     return record.public()
+
+
+@router.post("/admin/keys/{key_id}/rotate")
+def rotate_key(
+    key_id: str,
+    state: Annotated[GatewayState, Depends(gateway)],
+    _: Annotated[KeyRecord, Depends(admin_key)],
+    body: Annotated[Any, Body()] = None,
+) -> dict[str, object]:
+    """A new secret for the key, returned once; `grace_seconds` (default 0) keeps the old one working."""
+    options = body if isinstance(body, dict) else {}
+    grace = options.get("grace_seconds", 0)
+    if set(options) - {"grace_seconds"} or isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise errors.bad_request(
+            'The body is optional: {"grace_seconds": N}, seconds the old secret keeps working (N >= 0).',
+            param="grace_seconds",
+        )
+    key_id = key_id_of(state, key_id)
+    rotated = key_file_guard(lambda: state.keys.rotate(key_id, float(grace)))
+    if rotated is None:
+        raise errors.not_found(f"No API key with id `{key_id}`.")
+    record, secret = rotated
+    return {**record.public(), "key": secret}
 
 
 @router.delete("/admin/keys/{key_id}")

@@ -17,9 +17,21 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from . import key_times
 from .errors import GatewayError
 from .fleet_control import ACTIONS, act
-from .keystore import Editable, KeyFileError, KeyRecord, KeyStore, LastAdminKeyError, Shown, check_models, marked
+from .key_times import span_seconds
+from .keystore import (
+    Editable,
+    KeyFileError,
+    KeyRecord,
+    KeyStore,
+    LastAdminKeyError,
+    Shown,
+    check_models,
+    marked,
+    refusal,
+)
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
 from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
@@ -81,6 +93,16 @@ def parser() -> argparse.ArgumentParser:
         "(api_keys.json.last-good); this puts it back, unless the file in place reads well.",
     )
     restore.set_defaults(run=restore_keys)
+
+    rotate = keys.add_parser(
+        "rotate",
+        help="give a key a new secret: same id, limits and usage; printed once",
+        description="The old secret stops working at once, or after --grace.",
+    )
+    rotate.add_argument("key", help="the key's id (key_...) or its name")
+    rotate.add_argument("--grace", default="0", help="how long the old secret keeps working: 1h, 30m, 90s (default 0)")
+    rotate.add_argument("--json", action="store_true", help="print the key as JSON")
+    rotate.set_defaults(run=rotate_key)
 
     revoke = keys.add_parser("revoke", help="delete a key for good")
     revoke.add_argument("key", help="the key's id (key_...) or its name, when no other key has that name")
@@ -269,7 +291,7 @@ def shown_path(path: Path) -> str:
 
 def create_key(args: argparse.Namespace) -> int:
     fields = {
-        name: given_at_creation(field, getattr(args, name))
+        name: given_at_creation(name, field, editable, getattr(args, name))
         for name, field, editable in marked(Editable)
         if editable.at_creation
     }
@@ -340,17 +362,18 @@ def add_key_options(command: argparse.ArgumentParser, at_creation: bool) -> None
     flag: on); `keys update` its value or the word that unsets it (a flag: --x and --no-x)."""
     for name, field, editable in marked(Editable):
         kind = value_type(field)
+        flag = editable.flag or option_of(name)
         if not at_creation and kind is bool:
             command.add_argument(
-                option_of(name), action=argparse.BooleanOptionalAction, default=None, help=editable.update_help
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=editable.update_help
             )
         elif not at_creation:
-            command.add_argument(option_of(name), help=editable.update_help)
+            command.add_argument(flag, dest=name, help=editable.update_help)
         elif editable.at_creation and kind is bool:
-            command.add_argument(option_of(name), action="store_true", help=editable.create_help)
+            command.add_argument(flag, dest=name, action="store_true", help=editable.create_help)
         elif editable.at_creation:
-            parse = kind if kind in (int, float) else str
-            command.add_argument(option_of(name), type=parse, required=field.is_required(), help=editable.create_help)
+            parse = kind if kind in (int, float) and editable.parse is None else str
+            command.add_argument(flag, dest=name, type=parse, required=field.is_required(), help=editable.create_help)
 
 
 def option_of(name: str) -> str:
@@ -363,8 +386,19 @@ def value_type(field: FieldInfo) -> Any:
     return get_origin(kinds[0]) or kinds[0]
 
 
-def given_at_creation(field: FieldInfo, value: Any) -> Any:
+def parsed(name: str, editable: Editable, text: str) -> Any:
+    """An option's text read by its field's own reader (Editable.parse), or its refusal."""
+    assert editable.parse is not None
+    try:
+        return editable.parse(text)
+    except ValueError:
+        raise refusal(name, text) from None
+
+
+def given_at_creation(name: str, field: FieldInfo, editable: Editable, value: Any) -> Any:
     """The value `keys create` sets from its option (a list: comma-separated; none or empty: None)."""
+    if editable.parse is not None and isinstance(value, str):
+        return parsed(name, editable, value)
     if value_type(field) is not list:
         return value
     return [item for item in value.split(",") if item] if value else None
@@ -377,6 +411,8 @@ def changed_to(name: str, field: FieldInfo, editable: Editable, value: Any) -> A
         return value
     if field.default is None and value == editable.unset:
         return None
+    if editable.parse is not None:
+        return parsed(name, editable, value)
     if kind is list:
         return [item for item in value.split(",") if item]
     if kind is float:  # a number for the store's range check and its message
@@ -397,6 +433,25 @@ def restore_keys(_: argparse.Namespace) -> int:
     print(
         f"restored {store.path} from {store.last_good_path} ({count} keys); a running gateway takes it within a second"
     )
+    return 0
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    grace = span_seconds(args.grace)
+    if grace is None:
+        raise ValueError(f"--grace takes a span such as 1h, 30m or 90s, not {args.grace!r}")
+    store = key_store()
+    rotated = store.rotate(store.key_id_of(args.key), grace)
+    if rotated is None:
+        raise LookupError(f"no key with the id or name {args.key}")
+    record, secret = rotated
+    if args.json:
+        print(json.dumps({**record.public(), "key": secret}))
+        return 0
+    old = (
+        f"the old one works until {key_times.shown(record.previous_until)}" if grace else "the old one no longer works"
+    )
+    print(f"rotated {record.id} ({record.name}); {old}. The new key, shown only this once:\n{secret}")
     return 0
 
 

@@ -4,6 +4,7 @@ wait before it retries, and the reason phrase of each status."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 
@@ -71,6 +72,11 @@ def invalid_api_key() -> GatewayError:
 
 def key_disabled() -> GatewayError:
     return GatewayError(401, "This API key is disabled.", "invalid_request_error", "invalid_api_key")
+
+
+def key_expired(expires_at: float) -> GatewayError:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires_at))
+    return GatewayError(401, f"This API key expired at {when}.", "invalid_request_error", "key_expired")
 
 
 def admin_required() -> GatewayError:

@@ -25,6 +25,8 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
+from . import key_times
+
 KEY_PREFIX = "sk-"
 # A key's admission weight (admission/local.py): a key of weight 1000 gets 100,000 turns to one of weight
 # 0.01. Below that, a weight only made turns longer to count (1e-300 once hung admission); a key file
@@ -96,6 +98,8 @@ class Editable(Shown):
     update_help: str | None = None
     at_creation: bool = True  # False: only a change sets it
     accepts: str = ""  # what the field takes, for the sentence that refuses a bad value (field_error)
+    flag: str = ""  # the CLI's option, when not --the-field-name
+    parse: Callable[[str], Any] | None = None  # how the CLI reads the option's text, when not by its type
 
 
 class KeyRecord(BaseModel):
@@ -158,6 +162,23 @@ class KeyRecord(BaseModel):
     ] = None
     created_at: Annotated[float, Shown("CREATED", when)]
     last_used_at: Annotated[float | None, Shown("LAST USED", when)] = None
+    # Refused from then on (401 key_expired); None: never.
+    expires_at: Annotated[
+        float | None,
+        Editable(
+            heading="EXPIRES",
+            text=key_times.shown,
+            unset="never",
+            create_help="when the key stops working: 30d, 12h, a date (2027-01-31) or a time (default: never)",
+            update_help="30d, 12h, a date or a time; 'never' lifts it",
+            accepts="unix seconds, an ISO 8601 time such as 2027-01-31T00:00:00Z, or (the CLI) a span such as 30d",
+            flag="--expires",
+            parse=key_times.expiry_from_cli,
+        ),
+    ] = None
+    # After a rotation with a grace period: the old secret's hash, and until when it still works.
+    previous_hash: str | None = None
+    previous_until: float | None = None
     disabled: Annotated[
         bool,
         Editable(
@@ -175,6 +196,11 @@ class KeyRecord(BaseModel):
 
         return check_limit_text(value)
 
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _expiry_is_a_moment(cls, value: Any) -> Any:
+        return None if value is None else key_times.moment(value)
+
     @field_validator("weight", mode="before")
     @classmethod
     def _weight_at_least_the_minimum(cls, value: Any) -> Any:
@@ -189,7 +215,10 @@ class KeyRecord(BaseModel):
 
     def public(self) -> dict[str, object]:
         """What admins may see: everything but the hash."""
-        return self.model_dump(exclude={"hash"})
+        return self.model_dump(exclude={"hash", "previous_hash"})
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 def marked(kind: type[M]) -> list[tuple[str, FieldInfo, M]]:
@@ -233,6 +262,14 @@ def check_name_free(keys: list[KeyRecord], record: KeyRecord) -> None:
     taken = next((key for key in keys if key.name == record.name and key.id != record.id), None)
     if taken is not None:
         raise KeyFieldError("name", f"a key named {record.name} exists already ({taken.id}): choose another name.")
+
+
+def check_not_expired(record: KeyRecord) -> None:
+    """A key given an expiry in the past would be refused from its first request: say so now."""
+    if record.expired(time.time()):
+        raise KeyFieldError(
+            "expires_at", f"`expires_at` is {key_times.shown(record.expires_at)}, in the past: give a later time."
+        )
 
 
 def check_models(models: object, known: Collection[str]) -> None:
@@ -346,6 +383,8 @@ class KeyStore:
         record = self._by_hash.get(digest)
         if record is None and self._reload_if_newer():
             record = self._by_hash.get(digest)
+        if record is not None and record.hash != digest and (record.previous_until or 0) <= time.time():
+            return None  # a rotated key's old secret, after its grace
         if record is not None:
             self._used[record.id] = time.time()
         return record
@@ -408,12 +447,38 @@ class KeyStore:
         except ValidationError as error:
             raise field_error(error) from None
 
+        check_not_expired(record)
+
         def add(keys: list[KeyRecord]) -> None:
             check_name_free(keys, record)
             keys.append(record)
 
         self._change(add)
         return record, secret
+
+    def rotate(self, key_id: str, grace: float = 0.0) -> tuple[KeyRecord, str] | None:
+        """A new secret for the key (same id, limits and usage); the old one works `grace` seconds
+        more (0: not at all). Returns the record and the new secret, None for no such key."""
+        if grace < 0:
+            raise KeyFieldError("grace", f"a grace period of {grace:g} s is negative")
+        secret = new_secret()
+        rotated: list[KeyRecord] = []
+
+        def apply(keys: list[KeyRecord]) -> None:
+            for index, record in enumerate(keys):
+                if record.id == key_id:
+                    keys[index] = record.model_copy(
+                        update={
+                            "hash": hash_key(secret),
+                            "prefix": secret[:SHOWN_PREFIX_LENGTH],
+                            "previous_hash": record.hash if grace > 0 else None,
+                            "previous_until": time.time() + grace if grace > 0 else None,
+                        }
+                    )
+                    rotated.append(keys[index])
+
+        self._change(apply)
+        return (rotated[0], secret) if rotated else None
 
     def key_id_of(self, reference: str) -> str:
         """The id of the key `reference` names: its id, or its name (names are unique; a key file
@@ -466,6 +531,8 @@ class KeyStore:
                         raise field_error(error) from None
                     if "name" in changes:
                         check_name_free(keys, keys[index])
+                    if "expires_at" in changes:
+                        check_not_expired(keys[index])
                     updated.append(keys[index])
 
         self._change(apply)
@@ -582,7 +649,13 @@ class KeyStore:
 
     def _install(self, content: KeyFile) -> None:
         self._records = {record.id: record for record in content.keys}
-        self._by_hash = {record.hash: record for record in content.keys}
+        # A rotated key's old secret too, while its grace lasts (authenticate checks the time again).
+        self._by_hash = {
+            record.previous_hash: record
+            for record in content.keys
+            if record.previous_hash and record.previous_until and record.previous_until > time.time()
+        }
+        self._by_hash.update({record.hash: record for record in content.keys})
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
