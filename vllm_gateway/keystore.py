@@ -484,6 +484,8 @@ class KeyStore:
         """The id of the key `reference` names: its id, or its name (names are unique; a key file
         written before they were may hold two, and then the id must say which)."""
         records = self.records()
+        if not any(reference in (record.id, record.name) for record in records) and self._reload_if_newer():
+            records = self.records()  # a key made a moment ago, elsewhere
         if any(record.id == reference for record in records):
             return reference
         named = [record.id for record in records if record.name == reference]
