@@ -50,3 +50,9 @@ def test_models_served_elsewhere_or_on_cpus_take_no_gpu_memory() -> None:
 def test_gpus_are_reported_in_numeric_order() -> None:
     models = [gpu_model("a", "10,2", "0.6"), gpu_model("b", "2,10", "0.6")]
     assert [line.split(":")[0] for line in memory_fraction_problems(models)] == ["GPU 2", "GPU 10"]
+
+
+def test_a_model_that_sleeps_or_stops_when_idle_still_counts_its_share() -> None:
+    """It takes its share back when it wakes: the GPU must hold every model at once."""
+    models = [gpu_model("a", "0", "0.6", idle="sleep", idle_after="10m"), gpu_model("b", "0", "0.6", idle="stop")]
+    assert memory_fraction_problems(models) == ["GPU 0: gpu_memory_utilization adds up to 1.200 > 1.0 ( a=0.6 b=0.6 )"]
