@@ -368,8 +368,8 @@ async def model_action(
     state: Annotated[GatewayState, Depends(gateway)],
     _: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
-    """Start, stop or restart one server of the fleet by its id, through the fleet scripts
-    (fleet_control.py); the answer holds what they printed."""
+    """Start, stop or restart one server of the fleet by its id, through the fleet scripts, or put it
+    to sleep or wake it, through its supervisor (fleet_control.py); the answer holds what they printed."""
     if action not in ACTIONS:
         raise errors.not_found(f"No action `{action}` for a model: {', '.join(ACTIONS)}.")
     spec = next((backend.spec for backend in state.registry.backends() if backend.spec.id == model_id), None)

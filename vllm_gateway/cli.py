@@ -64,9 +64,10 @@ def parser() -> argparse.ArgumentParser:
 
     models_cmd = commands.add_parser(
         "models",
-        help="print the models and backends as the gateway sees them, or start, stop or restart one server",
+        help="print the models and backends as the gateway sees them, or start, stop, restart, sleep or wake one",
         description="Without ACTION, the models and their servers. `models ACTION ID` starts, stops or restarts "
-        "the server with that id through the fleet scripts, as POST /admin/models/ID/ACTION does.",
+        "the server with that id through the fleet scripts, or puts an idle= model to sleep or wakes it through "
+        "its supervisor, as POST /admin/models/ID/ACTION does.",
     )
     models_cmd.add_argument("--json", action="store_true", help="print JSON")
     models_cmd.add_argument("action", nargs="?", choices=ACTIONS, help="what to do with one server")
