@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.support.gateway import Backend, Gateway
-from vllm_gateway.fleet_events import EVENT_FILE, EventQuery, find_events
+from vllm_gateway.event_log import FLEET_EVENT_FILE, EventQuery, find_events
 
 EVENTS = [
     {"time": "2026-12-03T06:00:00.000Z", "event": "start", "model": "alpha", "pid": 10},
@@ -24,7 +24,7 @@ SIX_TEN = 1796278200  # 2026-12-03T06:10:00Z
 def write_events(directory: Path, lines: list[str] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     text = lines if lines is not None else [json.dumps(event) for event in EVENTS]
-    (directory / EVENT_FILE).write_text("".join(f"{line}\n" for line in text))
+    (directory / FLEET_EVENT_FILE).write_text("".join(f"{line}\n" for line in text))
 
 
 def times(page: dict) -> list[str]:
@@ -33,24 +33,40 @@ def times(page: dict) -> list[str]:
 
 def test_events_are_filtered_by_model_kind_and_time_oldest_first(tmp_path: Path) -> None:
     write_events(tmp_path)
-    assert times(find_events(tmp_path, EventQuery())) == ["06:00:00", "06:00:05", "06:10:00", "06:10:01", "07:00:00"]
-    assert times(find_events(tmp_path, EventQuery(models=["beta"]))) == ["07:00:00"]
-    assert times(find_events(tmp_path, EventQuery(events=["exit", "restart"]))) == ["06:10:00", "06:10:01"]
+    assert times(find_events(tmp_path / FLEET_EVENT_FILE, EventQuery())) == [
+        "06:00:00",
+        "06:00:05",
+        "06:10:00",
+        "06:10:01",
+        "07:00:00",
+    ]
+    assert times(find_events(tmp_path / FLEET_EVENT_FILE, EventQuery(match=[(("model",), ["beta"])]))) == ["07:00:00"]
+    assert times(find_events(tmp_path / FLEET_EVENT_FILE, EventQuery(match=[(("event",), ["exit", "restart"])]))) == [
+        "06:10:00",
+        "06:10:01",
+    ]
     # since inclusive, until exclusive
-    assert times(find_events(tmp_path, EventQuery(since=SIX_TEN, until=SIX_TEN + 3000))) == ["06:10:00", "06:10:01"]
+    assert times(find_events(tmp_path / FLEET_EVENT_FILE, EventQuery(since=SIX_TEN, until=SIX_TEN + 3000))) == [
+        "06:10:00",
+        "06:10:01",
+    ]
 
 
 def test_a_limit_keeps_the_newest_and_says_there_are_more(tmp_path: Path) -> None:
     write_events(tmp_path)
-    page = find_events(tmp_path, EventQuery(limit=2))
+    page = find_events(tmp_path / FLEET_EVENT_FILE, EventQuery(limit=2))
     assert times(page) == ["06:10:01", "07:00:00"] and page["has_more"] is True
-    assert find_events(tmp_path, EventQuery(limit=5))["has_more"] is False
+    assert find_events(tmp_path / FLEET_EVENT_FILE, EventQuery(limit=5))["has_more"] is False
 
 
 def test_a_cut_line_is_skipped_and_no_file_means_no_events(tmp_path: Path) -> None:
     write_events(tmp_path, [json.dumps(EVENTS[0]), '{"time": "2026-12-03T06:00:0', "[1, 2]", json.dumps(EVENTS[1])])
-    assert times(find_events(tmp_path, EventQuery())) == ["06:00:00", "06:00:05"]
-    assert find_events(tmp_path / "nowhere", EventQuery()) == {"object": "list", "data": [], "has_more": False}
+    assert times(find_events(tmp_path / FLEET_EVENT_FILE, EventQuery())) == ["06:00:00", "06:00:05"]
+    assert find_events(tmp_path / "nowhere" / FLEET_EVENT_FILE, EventQuery()) == {
+        "object": "list",
+        "data": [],
+        "has_more": False,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ These are not on the token path, so they use FastAPI for its validation and read
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -14,9 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from . import errors
+from . import audit, errors
+from .event_log import DEFAULT_LIMIT, FLEET_EVENT_FILE, MAX_LIMIT, EventQuery, find_events, moment
 from .fleet_control import ACTIONS, act
-from .fleet_events import DEFAULT_LIMIT, MAX_LIMIT, EventQuery, find_events, moment
 from .keystore import (
     AmbiguousKeyName,
     Editable,
@@ -209,15 +209,25 @@ def list_keys(
     return {"object": "list", "data": [record.public() for record in state.keys.records()]}
 
 
+def audited(
+    state: GatewayState, request: Request, admin: KeyRecord, action: str, key: KeyRecord, **details: Any
+) -> None:
+    """A key change done over the API, in the audit trail (audit.py)."""
+    address = request.client.host if request.client else None
+    audit.record(state.settings.log_dir, audit.api_actor(admin, address), action, key, **details)
+
+
 @router.post("/admin/keys", status_code=201)
 def create_key(
+    request: Request,
     body: Annotated[Any, Body()],
     state: Annotated[GatewayState, Depends(gateway)],
-    _: Annotated[KeyRecord, Depends(admin_key)],
+    admin: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
     fields = checked(NewKey, body)
     key_file_guard(lambda: check_models(fields.get("models"), state.registry.names()))
     record, secret = key_file_guard(lambda: state.keys.create(**fields))
+    audited(state, request, admin, "create", record, changes=fields)
     return {**record.public(), "key": secret}
 
 
@@ -244,10 +254,11 @@ def get_key(
 
 @router.patch("/admin/keys/{key_id}")
 def update_key(
+    request: Request,
     key_id: str,
     body: Annotated[Any, Body()],
     state: Annotated[GatewayState, Depends(gateway)],
-    _: Annotated[KeyRecord, Depends(admin_key)],
+    admin: Annotated[KeyRecord, Depends(admin_key)],
 ) -> dict[str, object]:
     changes = checked(KeyChanges, body)
     key_id = key_id_of(state, key_id)
@@ -255,14 +266,16 @@ def update_key(
     record = key_file_guard(lambda: state.keys.update(key_id, changes))
     if record is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
+    audited(state, request, admin, "update", record, changes=changes)
     return record.public()
 
 
 @router.post("/admin/keys/{key_id}/rotate")
 def rotate_key(
+    request: Request,
     key_id: str,
     state: Annotated[GatewayState, Depends(gateway)],
-    _: Annotated[KeyRecord, Depends(admin_key)],
+    admin: Annotated[KeyRecord, Depends(admin_key)],
     body: Annotated[Any, Body()] = None,
 ) -> dict[str, object]:
     """A new secret for the key, returned once; `grace_seconds` (default 0) keeps the old one working."""
@@ -278,17 +291,33 @@ def rotate_key(
     if rotated is None:
         raise errors.not_found(f"No API key with id `{key_id}`.")
     record, secret = rotated
+    audited(state, request, admin, "rotate", record, grace_seconds=grace)
     return {**record.public(), "key": secret}
 
 
 @router.delete("/admin/keys/{key_id}")
 def revoke_key(
-    key_id: str, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+    request: Request,
+    key_id: str,
+    state: Annotated[GatewayState, Depends(gateway)],
+    admin: Annotated[KeyRecord, Depends(admin_key)],
 ) -> JSONResponse:
     key_id = key_id_of(state, key_id)
-    if not key_file_guard(lambda: state.keys.revoke(key_id)):
+    revoked = next((record for record in state.keys.records() if record.id == key_id), None)
+    if revoked is None or not key_file_guard(lambda: state.keys.revoke(key_id)):
         raise errors.not_found(f"No API key with id `{key_id}`.")
+    audited(state, request, admin, "revoke", revoked)
     return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})
+
+
+@router.get("/admin/audit")
+def audit_trail(
+    request: Request, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
+) -> dict[str, object]:
+    """Who changed which key (audit.py): `key` (ids or names) and `action` (lists), `since` and `until`
+    (unix seconds or ISO 8601), `limit` (the newest so many, oldest first)."""
+    match = [(("key_id", "key_name"), listed_param(request, "key")), (("action",), listed_param(request, "action"))]
+    return find_events(state.settings.log_dir / audit.AUDIT_FILE, event_query(request, match))
 
 
 # -- usage --
@@ -342,20 +371,24 @@ def listed_param(request: Request, name: str) -> list[str]:
 def fleet_events(
     request: Request, state: Annotated[GatewayState, Depends(gateway)], _: Annotated[KeyRecord, Depends(admin_key)]
 ) -> dict[str, object]:
-    """What the supervisor saw (vllm_gateway/fleet_events.py): `model` and `event` (lists), `since` and
+    """What the supervisor saw (vllm_gateway/event_log.py): `model` and `event` (lists), `since` and
     `until` (unix seconds or ISO 8601), `limit` (the newest so many, oldest first)."""
+    match = [(("model",), listed_param(request, "model")), (("event",), listed_param(request, "event"))]
+    return find_events(state.settings.fleet_log_dir / FLEET_EVENT_FILE, event_query(request, match))
+
+
+def event_query(request: Request, match: Sequence[tuple[tuple[str, ...], Sequence[str]]]) -> EventQuery:
+    """The query of an event log's endpoint: `match`, and `since`, `until` and `limit` from the URL."""
     params = request.query_params
     since, until, limit = params.get("since"), params.get("until"), params.get("limit", str(DEFAULT_LIMIT))
     if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= MAX_LIMIT):
         raise errors.bad_request(f"limit must be a whole number from 1 to {MAX_LIMIT}.", param="limit")
-    query = EventQuery(
-        models=listed_param(request, "model"),
-        events=listed_param(request, "event"),
+    return EventQuery(
+        match=match,
         since=None if since is None else moment("since", since),
         until=None if until is None else moment("until", until),
         limit=int(limit),
     )
-    return find_events(state.settings.fleet_log_dir, query)
 
 
 # -- the fleet's servers --

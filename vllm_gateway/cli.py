@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from . import key_times
+from . import audit, key_times
 from .errors import GatewayError
 from .fleet_control import ACTIONS, act
 from .key_times import span_seconds
@@ -299,6 +299,7 @@ def create_key(args: argparse.Namespace) -> int:
     if fields.get("models"):
         check_models(fields["models"], model_names())
     record, secret = key_store().create(**fields)
+    audited("create", record, changes={name: value for name, value in fields.items() if value not in (None, False)})
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
     else:
@@ -428,9 +429,15 @@ def number(option: str, text: str, unset: str) -> float:
         raise ValueError(f"{option} takes a number or '{unset}', not {text!r}") from None
 
 
+def audited(action: str, key: KeyRecord | None, **details: Any) -> None:
+    """A key change done with the CLI, in the audit trail (audit.py)."""
+    audit.record(load_settings().log_dir, audit.cli_actor(), action, key, **details)
+
+
 def restore_keys(_: argparse.Namespace) -> int:
     store = KeyStore(load_settings().key_file)  # not loaded: the file in place may be broken
     count = store.restore()
+    audited("restore", None, keys=count)
     print(
         f"restored {store.path} from {store.last_good_path} ({count} keys); a running gateway takes it within a second"
     )
@@ -446,6 +453,7 @@ def rotate_key(args: argparse.Namespace) -> int:
     if rotated is None:
         raise LookupError(f"no key with the id or name {args.key}")
     record, secret = rotated
+    audited("rotate", record, grace_seconds=grace)
     if args.json:
         print(json.dumps({**record.public(), "key": secret}))
         return 0
@@ -459,9 +467,11 @@ def rotate_key(args: argparse.Namespace) -> int:
 def revoke_key(args: argparse.Namespace) -> int:
     store = key_store()
     key_id = store.key_id_of(args.key)
-    if not store.revoke(key_id):
+    revoked = next((record for record in store.records() if record.id == key_id), None)
+    if revoked is None or not store.revoke(key_id):
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
+    audited("revoke", revoked)
     print(f"revoked {key_id}")
     return 0
 
@@ -480,6 +490,7 @@ def update_key(args: argparse.Namespace) -> int:
     if record is None:
         print(f"vllm_api_server: no key with id {key_id}", file=sys.stderr)
         return 1
+    audited("update", record, changes=changes)
     print("  ".join(describe(record)))
     return 0
 

@@ -1,9 +1,11 @@
-"""The fleet's event log, as `GET /admin/events` serves it.
+"""Queries of the JSON-lines event logs the admin API serves: the fleet's (`GET /admin/events`) and
+the keys' audit trail (`GET /admin/audit`).
 
 The supervisor (vllm_fleet/supervisor.py) appends one JSON object a line to
 VLLM_LOG_DIR/fleet_events.jsonl: starts, ready, exits, restarts, hangs, failures, adoptions and stops
-of the model servers and the gateway. Events are few (a handful a day on a healthy host), so a
-query reads the file through, keeping the newest matches only.
+of the model servers and the gateway; audit.py appends the key changes to GATEWAY_LOG_DIR/audit.jsonl.
+Both are few (a handful a day), so a query reads the file through, keeping the newest matches only.
+Each line has a `time` (ISO 8601, UTC).
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ from typing import Any
 
 from . import errors
 
-EVENT_FILE = "fleet_events.jsonl"  # vllm_fleet/events.py's name for it
+FLEET_EVENT_FILE = "fleet_events.jsonl"  # vllm_fleet/events.py's name for it
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
 class EventQuery:
-    models: Sequence[str] = ()  # none: every model
-    events: Sequence[str] = ()  # none: every kind
+    # Each (fields, values): one of the fields holds one of the values (no values: anything goes).
+    match: Sequence[tuple[tuple[str, ...], Sequence[str]]] = ()
     since: float | None = None  # unix seconds, inclusive
     until: float | None = None  # unix seconds, exclusive
     limit: int = DEFAULT_LIMIT
@@ -52,7 +54,7 @@ def _events_in(path: Path) -> Iterator[dict[str, Any]]:
     try:
         file = path.open(encoding="utf-8", errors="replace")
     except FileNotFoundError:
-        return  # no supervisor has run yet: no event
+        return  # nothing has happened yet
     with file:
         for line in file:
             try:
@@ -63,13 +65,11 @@ def _events_in(path: Path) -> Iterator[dict[str, Any]]:
                 yield event
 
 
-def find_events(log_dir: Path, query: EventQuery) -> dict[str, object]:
-    """The newest `limit` events that match, oldest first, as an OpenAI-style list."""
+def find_events(path: Path, query: EventQuery) -> dict[str, object]:
+    """The newest `limit` events of the file that match, oldest first, as an OpenAI-style list."""
     kept: deque[dict[str, Any]] = deque(maxlen=query.limit + 1)
-    for event in _events_in(log_dir / EVENT_FILE):
-        if query.models and event.get("model") not in query.models:
-            continue
-        if query.events and event.get("event") not in query.events:
+    for event in _events_in(path):
+        if any(values and not any(event.get(field) in values for field in fields) for fields, values in query.match):
             continue
         if query.since is not None or query.until is not None:
             try:
