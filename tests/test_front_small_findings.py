@@ -92,7 +92,8 @@ def key_requests(key: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("where", list(key_requests("sk-x")))
 def test_a_key_never_reaches_the_access_log(gateway, where):
-    key = str(gateway.create_key("--name", "leaky")["key"])  # a key of its own: no other test's lines hold it
+    # A key of its own (names are unique: one each): no other test's lines hold it.
+    key = str(gateway.create_key("--name", f"leaky-{where.replace(' ', '-')}")["key"])
     gateway.wait_for_key(key)
     before = gateway.log_text()
     sock, reader = connect(gateway)

@@ -160,7 +160,7 @@ def test_token_limit_is_set_shown_and_cleared_with_the_cli(gateway):
 @pytest.mark.parametrize("limit", ["lots", "100/fortnight", "", "10/minute;x"])
 def test_invalid_token_limit_gets_400_and_leaves_the_key_file_unchanged(gateway, limit):
     key_file = gateway.workdir / "api_keys.json"
-    key_id = str(gateway.create_key("--name", "unchanged")["id"])
+    key_id = str(gateway.create_key("--name", f"unchanged-{len(limit)}-{limit.count(';')}")["id"])  # names are unique
     before = key_file.read_bytes()
     with gateway.http(gateway.admin_key) as admin:
         responses = [

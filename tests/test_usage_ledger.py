@@ -310,3 +310,43 @@ def test_two_workers_write_one_ledger_exactly(tmp_path, simulator, redis_url):
 def test_usage_command_rejects_unknown_groupings(gateway):
     with pytest.raises(RuntimeError, match="--by takes key, model and hour"):
         run_cli(gateway.env, "usage", "--by", "colour")
+
+
+def test_a_key_reads_its_own_usage_and_windows_and_no_one_elses(gateway):
+    own = str(
+        gateway.create_key("--name", "self-service", "--rate-limit", "50/minute", "--token-limit", "9000/hour")["key"]
+    )
+    client = gateway.openai(own)
+    answers = [client.chat.completions.create(**CHAT) for _ in range(2)]
+    used_tokens = sum(answer.usage.total_tokens for answer in answers)
+    query = {"start_time": int(time.time()) - 3600, "bucket_width": "1d", "group_by": "api_key_id"}
+
+    def mine() -> dict:
+        with gateway.http(own) as http:
+            response = http.get("/v1/usage", params=query)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    deadline = time.monotonic() + 10
+    while sum(r["num_model_requests"] for b in mine()["data"] for r in b["results"]) < 2:
+        assert time.monotonic() < deadline, mine()
+        time.sleep(0.1)
+    page = mine()
+    results = [result for bucket in page["data"] for result in bucket["results"]]
+    assert {result["api_key_id"] for result in results} == {results[0]["api_key_id"]}  # its own only
+    assert sum(result["num_model_requests"] for result in results) == 2
+    assert [(w["window"], w["limit"]) for w in page["limits"]["requests"]] == [("50/minute", 50)]
+    assert page["limits"]["requests"][0]["used"] == 2  # the two chats (reading the usage counts not)
+    tokens = page["limits"]["tokens"][0]
+    assert (tokens["window"], tokens["limit"], tokens["used"]) == ("9000/hour", 9000, used_tokens)
+    assert tokens["remaining"] == 9000 - used_tokens and 0 < tokens["resets_in_s"] <= 3600
+    with gateway.http(own) as http:
+        others = http.get("/v1/usage", params={**query, "api_key_ids": "key_someone_else"})
+        anonymous = httpx_get_without_key(gateway)
+    assert others.status_code == 403 and others.json()["error"]["type"] == "permission_error"
+    assert anonymous == 401
+
+
+def httpx_get_without_key(gateway: Gateway) -> int:
+    with gateway.http() as http:
+        return http.get("/v1/usage", params={"start_time": 0}).status_code

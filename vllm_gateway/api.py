@@ -330,6 +330,28 @@ def usage(
     """The ledger in the shape of OpenAI's `/v1/organization/usage/completions`. Lists may come as
     `group_by=a&group_by=b`, `group_by[]=a` or `group_by=a,b`; the figures are up to a second old
     (each worker's last batch)."""
+    return usage_of(request, state, listed_param(request, "api_key_ids"))
+
+
+@router.get("/v1/usage")
+async def own_usage(
+    request: Request, state: Annotated[GatewayState, Depends(gateway)], key: Annotated[KeyRecord, Depends(api_key)]
+) -> dict[str, object]:
+    """/admin/usage for the caller's own key alone, with its rate and token windows as they stand."""
+    others = [key_id for key_id in listed_param(request, "api_key_ids") if key_id != key.id]
+    if others:
+        raise errors.forbidden(f"A key reads its own usage only, not that of {', '.join(others)}.")
+    page = usage_of(request, state, [key.id])
+    limits = state.key_limits.of(key)
+    page["limits"] = {
+        "requests": await state.limiter.windows(key.id, limits.rate, "requests"),
+        "tokens": await state.limiter.windows(key.id, limits.tokens, "tokens") if limits.tokens else [],
+    }
+    return page
+
+
+def usage_of(request: Request, state: GatewayState, api_key_ids: list[str]) -> dict[str, object]:
+    """A page of the usage ledger (usage_report.py) as the URL asks, of the keys `api_key_ids` (none: all)."""
     if state.ledger is None:
         raise errors.usage_ledger_off()
     params = request.query_params
@@ -350,7 +372,7 @@ def usage(
         bucket_width=params.get("bucket_width", "1d"),
         group_by=listed("group_by"),
         models=listed("models"),
-        api_key_ids=listed("api_key_ids"),
+        api_key_ids=api_key_ids,
         limit=number("limit", max(MAX_BUCKETS.values())),
         page=params.get("page"),
     )

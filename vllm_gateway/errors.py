@@ -79,6 +79,10 @@ def key_expired(expires_at: float) -> GatewayError:
     return GatewayError(401, f"This API key expired at {when}.", "invalid_request_error", "key_expired")
 
 
+def forbidden(message: str) -> GatewayError:
+    return GatewayError(403, message, "permission_error", "forbidden")
+
+
 def admin_required() -> GatewayError:
     return GatewayError(403, "This endpoint needs an admin API key.", "permission_error", "admin_required")
 

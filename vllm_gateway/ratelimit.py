@@ -186,6 +186,36 @@ class RateLimiter:
             raise errors.tokens_limited(limit_text, retry_after, headers)
         return headers
 
+    async def windows(self, key_id: str, limit_text: str, kind: str) -> list[dict[str, object]]:
+        """Each window of a key's limit as it stands, without counting anything (GET /v1/usage):
+        its limit, what is used and left, and the seconds until it starts over. `kind`: "requests"
+        or "tokens"."""
+        namespace = REQUESTS if kind == "requests" else TOKENS
+        shown = []
+        for item in parse_limits(limit_text):
+            if self.local is not None:
+                used, reset_at = self.local.peek(namespace, key_id, item)
+            else:
+                assert self.shared is not None
+                try:
+                    stats = await self.shared.get_window_stats(item, namespace, key_id)
+                except StorageError as error:
+                    self.outage.failed(error.storage_error)
+                    raise errors.store_unavailable("its key's windows could not be read") from None
+                used = item.amount - stats.remaining
+                reset_at = stats.reset_time if used else time.time() + item.get_expiry()
+            per = item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}"
+            shown.append(
+                {
+                    "window": f"{item.amount}/{per}",
+                    "limit": item.amount,
+                    "used": min(used, item.amount) if kind == "requests" else used,
+                    "remaining": max(0, item.amount - used),
+                    "resets_in_s": max(0, math.ceil(reset_at - time.time())),
+                }
+            )
+        return shown
+
     async def count_tokens(self, key_id: str, limit_text: str, tokens: int) -> None:
         """After an answer: add its tokens to every window of the key's token limit, in full, even
         past the limit (the answer is already out; the next request is refused instead)."""

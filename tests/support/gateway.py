@@ -74,8 +74,8 @@ class Gateway:
         full_env = gateway_env(workdir, port)
         full_env.update(env or {})
         write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
-        admin = run_cli(full_env, "keys", "create", "--name", "test-admin", "--admin", "--json")
-        user = run_cli(full_env, "keys", "create", "--name", "test-user", "--json")
+        admin = test_key(full_env, "test-admin", "--admin")
+        user = test_key(full_env, "test-user")
         handle = start_process(
             [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
             env=full_env,
@@ -179,6 +179,15 @@ def gateway_env(workdir: Path, port: int) -> dict[str, str]:
         "GATEWAY_RATE_LIMIT": "100000/minute",
         "GATEWAY_ENV_FILE": str(workdir / "no-env-file"),
     }
+
+
+def test_key(env: Mapping[str, str], name: str, *options: str) -> str:
+    """`keys create --json` of a key named `name`; a gateway started again in the same directory finds
+    it there already (names are unique), and gets a new secret for it instead."""
+    key_file = Path(env["GATEWAY_KEY_FILE"])
+    if key_file.exists() and any(key["name"] == name for key in json.loads(key_file.read_text())["keys"]):
+        return run_cli(env, "keys", "rotate", name, "--json")
+    return run_cli(env, "keys", "create", "--name", name, *options, "--json")
 
 
 def run_cli(env: Mapping[str, str], *args: str) -> str:
