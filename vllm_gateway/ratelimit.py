@@ -166,14 +166,9 @@ class RateLimiter:
             if self.local is not None:
                 used, reset_at = self.local.peek(TOKENS, key_id, item)
             else:
-                assert self.shared is not None
-                try:
-                    stats = await self.shared.get_window_stats(item, TOKENS, key_id)
-                except StorageError as error:
-                    self.outage.failed(error.storage_error)
-                    raise errors.store_unavailable("its key's token limit could not be checked") from None
-                used = item.amount - stats.remaining
-                reset_at = stats.reset_time if used else time.time() + item.get_expiry()
+                used, reset_at = await self._shared_window(
+                    TOKENS, key_id, item, "its key's token limit could not be checked"
+                )
             remaining = max(0, item.amount - used)
             reset_in = max(1, math.ceil(reset_at - time.time()))
             if tightest is None or remaining < tightest[0]:
@@ -196,14 +191,9 @@ class RateLimiter:
             if self.local is not None:
                 used, reset_at = self.local.peek(namespace, key_id, item)
             else:
-                assert self.shared is not None
-                try:
-                    stats = await self.shared.get_window_stats(item, namespace, key_id)
-                except StorageError as error:
-                    self.outage.failed(error.storage_error)
-                    raise errors.store_unavailable("its key's windows could not be read") from None
-                used = item.amount - stats.remaining
-                reset_at = stats.reset_time if used else time.time() + item.get_expiry()
+                used, reset_at = await self._shared_window(
+                    namespace, key_id, item, "its key's windows could not be read"
+                )
             per = item.GRANULARITY.name if item.multiples == 1 else f"{item.multiples} {item.GRANULARITY.name}"
             shown.append(
                 {
@@ -215,6 +205,18 @@ class RateLimiter:
                 }
             )
         return shown
+
+    async def _shared_window(self, namespace: str, key_id: str, item: RateLimitItem, what: str) -> tuple[int, float]:
+        """LocalWindows.peek for the shared store: the count in the window and when it ends (a full
+        window from now when none is open); a 503 saying `what` when the store fails."""
+        assert self.shared is not None
+        try:
+            stats = await self.shared.get_window_stats(item, namespace, key_id)
+        except StorageError as error:
+            self.outage.failed(error.storage_error)
+            raise errors.store_unavailable(what) from None
+        used = item.amount - stats.remaining
+        return used, stats.reset_time if used else time.time() + item.get_expiry()
 
     async def count_tokens(self, key_id: str, limit_text: str, tokens: int) -> None:
         """After an answer: add its tokens to every window of the key's token limit, in full, even
