@@ -30,6 +30,7 @@ from .settings import Settings, load_settings
 from .state import GatewayState
 from .upstream import UpstreamPool
 from .usage_ledger import SQLiteUsageStore, UsageLedger
+from .window_file import WindowFile
 
 log = logging.getLogger("vllm_gateway")
 
@@ -117,6 +118,18 @@ def build_state(settings: Settings) -> GatewayState:
     return GatewayState(settings=settings, registry=registry, keys=keys, limiter=limiter, ledger=ledger)
 
 
+def kept_windows(settings: Settings, limiter: RateLimiter) -> WindowFile | None:
+    """The file that keeps the windows counted in this process across restarts, their counts loaded
+    from it; None when Redis counts them or the setting is off."""
+    if limiter.local is None or not settings.limit_state:
+        return None
+    window_file = WindowFile(settings.limit_state_path, limiter.local)
+    restored = window_file.load()
+    if restored:
+        log.info("%d rate-limit windows restored from %s", restored, window_file.path)
+    return window_file
+
+
 async def watch_key_file(state: GatewayState) -> None:
     """Picks up keys revoked or changed by other workers or the CLI within a second (a new key works
     at once: KeyStore.authenticate reads a changed file for a key it does not know). A broken key file
@@ -161,6 +174,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
         await state.health.check_all()
         await state.admission.start()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
+        window_file = kept_windows(settings, state.limiter)
+        if window_file is not None:
+            tasks.append(asyncio.create_task(window_file.keep(settings.limit_state_flush_seconds)))
         metrics_service = metrics_http.MetricsService(state, hooks)
         await metrics_service.start()
         if state.ledger is not None:
@@ -182,6 +198,11 @@ def create_app(settings: Settings | None = None) -> Gateway:
                 await asyncio.to_thread(state.keys.flush_usage)
             if state.ledger is not None:
                 await state.ledger.stop()
+            if window_file is not None:
+                try:
+                    await asyncio.to_thread(window_file.save)
+                except OSError as error:
+                    log.warning("rate-limit windows not written to %s: %s", window_file.path, error)
             state.upstream.close()
             state.body_parser.close()
             probes.close()

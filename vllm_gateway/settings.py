@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     # Where the rate limits count (a `limits` storage URL). Unset: redis_url when that is set, else
     # this worker's memory.
     rate_limit_storage: str = "memory://"
+    # Counted in memory (one worker, no Redis), the rate and token windows are written to a file so that
+    # a restart keeps them (window_file.py). None: limit_windows.json beside the key file; off: a
+    # restart starts every window over.
+    limit_state: bool = True
+    limit_state_file: Path | None = None
+    # How often the windows are written when they changed: a crash (kill -9) forgets at most this long.
+    limit_state_flush_seconds: float = Field(1.0, gt=0, le=60)
     # The Redis the workers share: admission's counts and queues, and the rate limits' counts unless
     # rate_limit_storage names a store of its own. Unset: rate_limit_storage, when that is Redis.
     redis_url: str | None = None
@@ -190,6 +197,10 @@ class Settings(BaseSettings):
     @property
     def usage_db_path(self) -> Path:
         return self.usage_db or self.key_file.parent / "usage.db"
+
+    @property
+    def limit_state_path(self) -> Path:
+        return self.limit_state_file or self.key_file.parent / "limit_windows.json"
 
     @property
     def log_path(self) -> Path:
