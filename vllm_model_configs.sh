@@ -29,7 +29,10 @@
 #   simulate_args           the simulator's own flags, used with --simulate only (python -m vllm_simulator --help)
 #   env                     more environment for this model, space separated KEY=VALUE words; they
 #                           override the tuning the scripts set (OMP_NUM_THREADS=<CPUs of the model>, ...)
-#   api_key                 key the vLLM server requires (--api-key); the gateway sends it upstream
+#   api_key                 the key the server requires on /v1 (given as VLLM_API_KEY, never on its command
+#                           line); the gateway sends it upstream. Default: one the fleet makes at the
+#                           model's first start and keeps in $VLLM_RUN_DIR/<id>.api_key (mode 0600), so
+#                           that only the gateway reaches the model. none: no key (any local user can)
 #   launch_command          overrides VLLM_LAUNCH_COMMAND for this model
 
 # ---- Fleet-wide settings ----------------------------------------------------------------------

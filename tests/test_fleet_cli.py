@@ -5,6 +5,7 @@ The commands run as lib.sh runs them, `python3 vllm_fleet COMMAND` with the mach
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -123,14 +124,15 @@ def test_plan_reads_back_as_each_models_place_warning_logged_command_and_argv() 
     assert (index, place_text, warning) == ("0", "unbound", "")
     assert int(count) == len(argv) and argv[:2] == ["setsid", "env"]
     assert argv[argv.index("/venv/bin/python") :][:3] == ["/venv/bin/python", "-m", "vllm_simulator"]
-    assert logged.endswith("--api-key *** \\\n  >> logs/big_vllm.log 2>&1 < /dev/null &")
+    assert logged.endswith(f"--port {PORT} \\\n  >> logs/big_vllm.log 2>&1 < /dev/null &")
+    assert "k" not in argv  # the key goes in the server's environment, never on its command line
 
 
 def test_plan_dry_run_prints_a_script_that_starts_in_the_repo() -> None:
     result = fleet_command("plan", "--simulate", "--dry-run", "--repo", "/srv/my repo", "0", document=simulated())
     lines = result.stdout.decode().splitlines()
     assert lines[:2] == ["cd '/srv/my repo'", f"# big: big on port {PORT}, GPUs 0,1, unbound"]
-    assert "--api-key k" in result.stdout.decode()  # a dry run shows what would run
+    assert "--api-key" not in result.stdout.decode() and "VLLM_API_KEY" not in result.stdout.decode()
 
 
 def test_plan_stops_on_a_machine_problem_with_the_scripts_prefix_and_exit_2() -> None:
@@ -175,3 +177,42 @@ def test_every_command_explains_itself_with_help(command: str) -> None:
     result = fleet_command(command, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith(f"usage: vllm_fleet {command}".encode())
+
+
+def keyed_document(*api_keys: str) -> ConfigDocument:
+    """One simulated model per api_key= word ("" for none given), each on a port of its own."""
+    calls = []
+    for number, api_key in enumerate(api_keys):
+        words = [f"name=m{number}", "path=/no/weights", f"port={free_port()}"]
+        calls.append([*words, f"api_key={api_key}"] if api_key else words)
+    return ConfigDocument(file="/c.sh", calls=calls)
+
+
+def test_plan_makes_each_model_a_key_of_its_own_at_its_first_start_and_keeps_it(tmp_path) -> None:
+    document = keyed_document("", "")
+    planned = fleet_command("plan", "--simulate", "--run-dir", str(tmp_path), "0", "1", document=document)
+    first = [(tmp_path / f"m{number}.api_key").read_text().strip() for number in (0, 1)]
+    modes = [(tmp_path / f"m{number}.api_key").stat().st_mode & 0o777 for number in (0, 1)]
+    records = [json.loads((tmp_path / f"m{number}.launch.json").read_text()) for number in (0, 1)]
+    again = fleet_command("plan", "--simulate", "--run-dir", str(tmp_path), "0", "1", document=document)
+    second = [(tmp_path / f"m{number}.api_key").read_text().strip() for number in (0, 1)]
+
+    assert planned.returncode == 0 and again.returncode == 0, planned.stderr
+    assert len(first[0]) >= 40 and first[0] != first[1]  # random, one per model
+    assert modes == [0o600, 0o600]
+    assert second == first  # kept: restarts and the gateway agree on it
+    assert [record["keyed"] for record in records] == [True, True]
+    assert not any(key in json.dumps(record) for key in first for record in records)
+
+
+def test_plan_takes_a_configured_key_and_makes_none_for_api_key_none(tmp_path) -> None:
+    result = fleet_command(
+        "plan", "--simulate", "--run-dir", str(tmp_path), "0", "1", document=keyed_document("sk-mine", "none")
+    )
+    records = [json.loads((tmp_path / f"m{number}.launch.json").read_text()) for number in (0, 1)]
+
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m0.api_key").read_text() == "sk-mine\n"
+    assert not (tmp_path / "m1.api_key").exists()
+    assert [record["keyed"] for record in records] == [True, False]
+    assert "sk-mine" not in json.dumps(records[0])

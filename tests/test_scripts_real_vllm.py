@@ -100,6 +100,16 @@ def test_a_chat_reaches_each_model_through_the_gateway(fleet: Fleet, admin_key: 
         assert answer.model in (requested, served)
 
 
+def test_a_real_vllm_server_refuses_a_request_without_its_fleet_made_key(fleet: Fleet, admin_key: str) -> None:
+    port = fleet.ports["tiny-a"]
+    backend_key = (fleet.run_dir / "tiny-a.api_key").read_text().strip()
+    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        direct.models.list()  # any local user who skips the gateway
+    keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=backend_key, max_retries=0)
+    assert [model.id for model in keyed.models.list().data] == ["tiny-a"]
+
+
 def test_numactl_binds_every_process_of_each_vllm_server_to_its_cpu(fleet: Fleet, admin_key: str) -> None:
     for name, cpu in fleet.cpus.items():
         tree = process_tree(fleet.pid(name))

@@ -58,7 +58,11 @@ def test_simulated_models_start_and_stop_without_gpu_or_weights(fleet: Fleet) ->
     assert result.returncode == 0, result.stderr
     for port in fleet.ports:
         assert http_status(f"http://127.0.0.1:{port}/health") == 200
-    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{fleet.ports[1]}/v1/models").read())
+    backend_key = (fleet.run_dir / "Qwen3-14B.api_key").read_text().strip()  # the fleet made it one
+    listing = urllib.request.Request(
+        f"http://127.0.0.1:{fleet.ports[1]}/v1/models", headers={"Authorization": f"Bearer {backend_key}"}
+    )
+    models = json.loads(urllib.request.urlopen(listing).read())
     assert [m["id"] for m in models["data"]] == ["Qwen3-14B", "qwen"]
     assert "(simulated) ====" in fleet.log("qwen3_14b_vllm.log").splitlines()[0]
     trees = {pid for name in ("DeepSeek-R1-0528-Qwen3-14B", "Qwen3-14B") for pid in process_tree(fleet.pid(name))}

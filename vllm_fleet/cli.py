@@ -117,7 +117,11 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
                 f" {command.place_text}\n{text}"
             )
             if args.run_dir:
-                RunDir(Path(args.run_dir)).write_launch_record(
+                run_dir = RunDir(Path(args.run_dir))
+                # The key goes to the server in its environment, from the run directory, never on its
+                # command line, which every user of the host can read (ps).
+                keyed = bool(run_dir.backend_key(model.id, model.api_key))
+                run_dir.write_launch_record(
                     LaunchRecord(
                         id=model.id,
                         argv=command.argv,
@@ -129,6 +133,7 @@ def command_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
                         idle=model.idle,
                         idle_after=duration_seconds(model.idle_after) or 0.0,
                         base_url=fleet.base_url(model),
+                        keyed=keyed,
                     )
                 )
             records += [

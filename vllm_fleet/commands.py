@@ -103,7 +103,6 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
         ]
         argv += option("--max-num-seqs", model.max_num_seqs)
         argv += option("--max-model-len", model.max_model_len)
-        argv += option("--api-key", model.api_key)
         argv += sleep_mode(model)
         return argv + split_words(model.simulate_args)  # vLLM's extra_args would be unknown to it
     # The words of its first line, as bash's `read -a` split it.
@@ -118,7 +117,6 @@ def model_argv(model: ModelSpec, fleet: Fleet, simulate: bool, python: str) -> l
     if model.enforce_eager == "true":
         argv.append("--enforce-eager")
     argv += option("--max-parallel-loading-workers", model.load_workers)
-    argv += option("--api-key", model.api_key)
     argv += sleep_mode(model)
     # extra_args is split on white space (no quotes): JSON values are written without spaces.
     return argv + split_words(model.extra_args)

@@ -13,6 +13,9 @@
                       keeps an idle model awake or wakes one that sleeps or stopped.
     <id>.sleep        written by the gateway's admin action: put the model to sleep (or stop it,
                       as its idle= says) now; the supervisor removes it when it sees it.
+    <id>.api_key      the key the server requires (mode 0600): the config's api_key, else one made at
+                      the model's first start and kept, so that restarts and the gateway agree. The
+                      supervisor gives it to the server as VLLM_API_KEY, the gateway sends it upstream.
 
 Every file is written whole to a temporary name and renamed, so a reader never sees half of one.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import secrets
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,11 +57,12 @@ class LaunchRecord:
     idle: str = "none"  # none, sleep or stop: what the supervisor does once it saw no use for idle_after
     idle_after: float = 0.0  # seconds
     base_url: str = ""  # where its /sleep and /wake_up are
+    keyed: bool = False  # the server requires the key in <id>.api_key (False: api_key=none, or older records)
 
     @classmethod
     def from_json(cls, text: str) -> LaunchRecord:
         data = json.loads(text)
-        optional = {"idle", "idle_after", "base_url"}  # records written before idle models came
+        optional = {"idle", "idle_after", "base_url", "keyed"}  # records written before idle models came
         return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data or name not in optional})
 
 
@@ -108,6 +113,25 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         # The environment may hold tokens (HF_TOKEN) and argv a vLLM --api-key: for the owner only.
         write_atomically(self.file(record.id, ".launch.json"), json.dumps(asdict(record), indent=1) + "\n", 0o600)
+
+    def backend_key(self, model_id: str, configured: str) -> str:
+        """The key the model's server requires, made now when it has none: `configured` is the
+        config's api_key ("" for one of the fleet's own, "none" for no key, which returns "")."""
+        if configured == "none":
+            return ""
+        path = self.file(model_id, ".api_key")
+        existing = self.read_backend_key(model_id)
+        key = configured or existing or secrets.token_urlsafe(32)
+        if key != existing:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, key + "\n", 0o600)
+        return key
+
+    def read_backend_key(self, model_id: str) -> str:
+        try:
+            return self.file(model_id, ".api_key").read_text().strip()
+        except OSError:
+            return ""
 
     def want(self, model_id: str) -> tuple[str, str]:
         """("run", TOKEN), ("stop", "") or ("", "") when nobody asked."""

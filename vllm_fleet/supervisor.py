@@ -406,10 +406,18 @@ class Supervisor:
             (os.POSIX_SPAWN_OPEN, 1, record.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644),
             (os.POSIX_SPAWN_DUP2, 1, 2),
         ]
-        pid = os.posix_spawnp(record.argv[0], record.argv, record.env, file_actions=actions)
+        pid = os.posix_spawnp(record.argv[0], record.argv, self.server_env(record), file_actions=actions)
         self.children.add(pid)
         self.run_dir.write_pid(record.id, pid, record.mode)
         return pid
+
+    def server_env(self, record: LaunchRecord) -> dict[str, str]:
+        """The launch's environment with the server's key as vLLM reads it (VLLM_API_KEY), and no
+        other: a key exported to the scripts is not every server's."""
+        env = {name: value for name, value in record.env.items() if name != "VLLM_API_KEY"}
+        if record.keyed:
+            env["VLLM_API_KEY"] = self.run_dir.backend_key(record.id, "")
+        return env
 
     def exit_status(self, pid: int) -> int | None:
         """How our child pid ended; None for a server we adopted (only its parent could know)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 from .model_config import ModelConfigError, load_backend_specs
-from .registry import DORMANT, Backend, BackendState, Registry
+from .registry import DORMANT, Backend, BackendState, Registry, bearer
 from .upstream import UpstreamError, UpstreamPool
 from .wake_on_demand import WakeOnDemand
 
@@ -55,9 +55,20 @@ def supervisor_view(run_dir: Path, backend_id: str) -> dict[str, object] | None:
     return status
 
 
+def learn_fleet_key(run_dir: Path, backend: Backend) -> None:
+    """The key the fleet made for the server (run/<id>.api_key, vllm_fleet/run_dir.py), as it is
+    now: made at the model's first start, it may come after the gateway's."""
+    if not backend.spec.fleet_key:
+        return
+    try:
+        key = (run_dir / f"{backend.spec.id}.api_key").read_text().strip()
+    except OSError:
+        key = ""
+    backend.auth = bearer(key) if key else []
+
+
 async def get(pool: UpstreamPool, backend: Backend, path: bytes) -> tuple[int, bytes]:
-    headers = [(b"authorization", b"Bearer " + backend.spec.api_key.encode())] if backend.spec.api_key else []
-    response = await pool.request(b"GET", backend.base_url, path, headers)
+    response = await pool.request(b"GET", backend.base_url, path, backend.auth)
     try:
         return response.status, await response.read_all()
     finally:
@@ -97,6 +108,7 @@ async def probe(
 async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> bool:
     """Probe and mark the backend; returns whether its state changed."""
     view = supervisor_view(run_dir, backend.spec.id) or {}
+    learn_fleet_key(run_dir, backend)
     state, detail, listed = await probe(pool, backend, run_dir, view)
     if listed is not None:
         backend.served = listed

@@ -34,6 +34,9 @@ class BackendSpec:
     # It sleeps or stops once idle (the fleet's supervisor decides): the gateway tells it of every use
     # (wake_on_demand.py), and a request for it while it sleeps waits for it to wake.
     idles: bool = False
+    # No api_key in the config: the fleet made the server a key of its own (run/<id>.api_key), which
+    # the gateway reads there (health.py) and sends upstream. False with api_key=none or a url=.
+    fleet_key: bool = False
 
     @property
     def capacity(self) -> int | None:
@@ -57,15 +60,18 @@ def parse_line(line: str) -> BackendSpec:
     fields = dict(part.split("=", 1) for part in line.split("\t")[1:] if "=" in part)
     max_num_seqs = fields.get("max_num_seqs", "")
     max_concurrency = fields.get("max_concurrency", "")
+    api_key = fields.get("api_key", "")
+    remote = not fields.get("port")
     return BackendSpec(
         id=fields["id"],
         name=fields["name"],
         aliases=tuple(alias for alias in fields.get("aliases", "").split(",") if alias),
         path=fields.get("path", ""),
         base_url=fields["base_url"].rstrip("/"),
-        api_key=fields.get("api_key") or None,
+        api_key=api_key if api_key not in ("", "none") else None,
         max_num_seqs=int(max_num_seqs) if max_num_seqs.isdigit() else None,
         max_concurrency=int(max_concurrency) if max_concurrency.isdigit() else None,
-        remote=not fields.get("port"),
+        remote=remote,
         idles=fields.get("idle", "none") != "none",
+        fleet_key=not api_key and not remote,
     )

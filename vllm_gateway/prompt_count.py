@@ -74,9 +74,7 @@ async def count_prompt(state: GatewayState, path: str, request_id: bytes, outcom
     backend = next((b for b in (sent_to, *others) if b.state is BackendState.READY), None)
     if backend is None:
         return
-    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id)]
-    if backend.spec.api_key:
-        headers.append((b"authorization", b"Bearer " + backend.spec.api_key.encode()))
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id), *backend.auth]
     try:
         async with asyncio.timeout(state.settings.prompt_count_timeout):
             response = await state.upstream.request(b"POST", backend.base_url, b"/tokenize", headers, body)

@@ -356,9 +356,7 @@ async def open_upstream(
             state.wakes.used(backend)
             if waited and backend.woke_at > time.perf_counter() - waited:
                 outcome.wake = waited  # it came back while this request waited
-        headers = upstream_headers
-        if backend.spec.api_key:
-            headers = [*headers, (b"authorization", b"Bearer " + backend.spec.api_key.encode())]
+        headers = [*upstream_headers, *backend.auth] if backend.auth else upstream_headers
         try:
             return await state.upstream.request(b"POST", backend.base_url, path, headers, body), backend
         except asyncio.CancelledError:

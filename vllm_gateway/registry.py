@@ -46,6 +46,20 @@ class Backend:
     use_told: float = 0.0
     wake_asked: float = 0.0
     woke_at: float = 0.0
+    # The header the server's key asks for (the config's api_key, or the fleet's, which health.py
+    # reads each round); empty when it has none. Every request upstream carries it.
+    auth: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.take(self.spec)
+
+    def take(self, spec: BackendSpec) -> None:
+        """Serve as `spec` says (a config reload); the fleet's key is kept while the spec still uses it."""
+        if spec.api_key:
+            self.auth = bearer(spec.api_key)
+        elif not (spec.fleet_key and self.spec.fleet_key):
+            self.auth = []
+        self.spec = spec
 
     @property
     def base_url(self) -> str:
@@ -66,6 +80,10 @@ class Backend:
             self.wake_asked = 0.0
         self.state, self.detail, self.checked_at = state, detail, time.time()
         return changed
+
+
+def bearer(key: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", b"Bearer " + key.encode())]
 
 
 CLOSEST_TO_SERVING = (
@@ -143,7 +161,7 @@ class Registry:
             model = models.setdefault(spec.name, Model(spec.name, spec.path, spec.aliases))
             model.aliases = tuple(dict.fromkeys((*model.aliases, *spec.aliases)))
             backend = old.get((spec.name, spec.base_url)) or Backend(spec)
-            backend.spec = spec
+            backend.take(spec)
             model.backends.append(backend)
         by_name = dict(models)
         for model in models.values():

@@ -1,7 +1,8 @@
 """The simulator's command line: vLLM's flags plus its own pace and fault flags, then serve.
 
 Run: python -m vllm_simulator --served-model-name NAME [--port 8000] [...]  (or `vllm-simulator`)
-The environment's VLLM_SERVER_DEV_MODE=1 adds vLLM's development routes (sleep mode), as it does for vLLM.
+The environment's VLLM_SERVER_DEV_MODE=1 adds vLLM's development routes (sleep mode), as it does for vLLM,
+and its VLLM_API_KEY is the key --api-key would give, which the flag overrides, as vLLM's is.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="sleep this long before opening the port, like loading weights",
     )
-    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` under /v1")
+    parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` under /v1 (default: $VLLM_API_KEY)")
     parser.add_argument(
         "--exit-after",
         type=float,
@@ -141,7 +142,7 @@ def parse_config(
         max_num_seqs=args.max_num_seqs,
         first_token_delay=max(0.0, args.first_token_delay),
         token_rate=max(0.0, args.token_rate),
-        api_key=args.api_key,
+        api_key=args.api_key or environ.get("VLLM_API_KEY") or None,
         dev_mode=int(dev_mode) != 0,
         enable_sleep_mode=args.enable_sleep_mode,
         sleep_seconds=args.sleep_seconds,
