@@ -39,6 +39,30 @@ def test_a_key_stops_working_when_it_expires_with_a_401_saying_so(gateway):
     }
 
 
+def test_an_expiry_that_is_no_time_is_refused_and_digits_are_unix_seconds(gateway):
+    refused = {}
+    with gateway.http(gateway.admin_key) as admin:
+        for given in ("nan", "inf", "1e12", -5, float("inf"), 1e300, "99999999999999", "2031-13-01", True):
+            body = json.dumps({"name": f"no-time-{len(refused)}", "expires_at": given}, allow_nan=True)
+            answer = admin.post("/admin/keys", content=body, headers={"content-type": "application/json"})
+            refused[repr(given)] = (answer.status_code, answer.json().get("error", {}).get("param"))
+        digits = admin.post("/admin/keys", json={"name": "digits-are-seconds", "expires_at": " 1956528000 "})
+    cli = gateway.cli("keys", "create", "--name", "endless", "--expires", "inf", check=False)
+
+    assert set(refused.values()) == {(400, "expires_at")}, refused
+    assert digits.status_code == 201 and digits.json()["expires_at"] == 1956528000.0
+    assert cli.returncode == 1 and '`expires_at` does not take "inf"' in cli.stderr
+
+
+def test_an_audit_query_bound_that_is_no_time_is_refused(gateway):
+    with gateway.http(gateway.admin_key) as admin:
+        answers = [admin.get("/admin/audit", params={"since": bound}) for bound in ("nan", "1e9", "-1")]
+        digits = admin.get("/admin/audit", params={"since": "0", "until": "4102444800"})
+    assert [answer.status_code for answer in answers] == [400, 400, 400]
+    assert {answer.json()["error"]["param"] for answer in answers} == {"since"}
+    assert digits.status_code == 200
+
+
 def test_the_cli_sets_an_expiry_as_a_span_or_a_date_lists_it_and_lifts_it(gateway):
     made = gateway.create_key("--name", "month", "--expires", "30d")
     assert abs(float(made["expires_at"]) - (time.time() + 30 * 86400)) < 60

@@ -17,10 +17,9 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from . import audit, key_times
+from . import audit, time_text
 from .errors import GatewayError
 from .fleet_control import ACTIONS, act
-from .key_times import span_seconds
 from .keystore import (
     Editable,
     KeyFileError,
@@ -35,6 +34,7 @@ from .keystore import (
 from .model_config import ModelConfigError, load_backend_specs
 from .server.file_limits import raise_open_files_limit
 from .settings import ServeSettings, Settings, cannot_serve_reasons, load_settings
+from .time_text import span_seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -458,7 +458,7 @@ def rotate_key(args: argparse.Namespace) -> int:
         print(json.dumps({**record.public(), "key": secret}))
         return 0
     old = (
-        f"the old one works until {key_times.shown(record.previous_until)}" if grace else "the old one no longer works"
+        f"the old one works until {time_text.shown(record.previous_until)}" if grace else "the old one no longer works"
     )
     print(f"rotated {record.id} ({record.name}); {old}. The new key, shown only this once:\n{secret}")
     return 0

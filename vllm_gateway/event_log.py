@@ -14,11 +14,10 @@ import json
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import errors
+from . import errors, time_text
 
 FLEET_EVENT_FILE = "fleet_events.jsonl"  # vllm_fleet/events.py's name for it
 DEFAULT_LIMIT = 100
@@ -37,17 +36,12 @@ class EventQuery:
 def moment(name: str, text: str) -> float:
     """A query time: unix seconds, or ISO 8601 (a time without a zone is UTC)."""
     try:
-        return float(text) if text.replace(".", "", 1).isdigit() else _iso_seconds(text)
+        return time_text.moment(text)
     except ValueError:
         raise errors.bad_request(
             f"{name} must be unix seconds or an ISO 8601 time such as 2026-12-03T06:00:00Z, not {text!r}.",
             param=name,
         ) from None
-
-
-def _iso_seconds(text: str) -> float:
-    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _events_in(path: Path) -> Iterator[dict[str, Any]]:
@@ -73,7 +67,7 @@ def find_events(path: Path, query: EventQuery) -> dict[str, object]:
             continue
         if query.since is not None or query.until is not None:
             try:
-                at = _iso_seconds(event["time"])
+                at = time_text.moment(event["time"])
             except ValueError:
                 continue
             if (query.since is not None and at < query.since) or (query.until is not None and at >= query.until):

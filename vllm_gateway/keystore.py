@@ -25,7 +25,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
-from . import key_times
+from . import time_text
 
 KEY_PREFIX = "sk-"
 # A key's admission weight (admission/local.py): a key of weight 1000 gets 100,000 turns to one of weight
@@ -167,13 +167,13 @@ class KeyRecord(BaseModel):
         float | None,
         Editable(
             heading="EXPIRES",
-            text=key_times.shown,
+            text=time_text.shown,
             unset="never",
             create_help="when the key stops working: 30d, 12h, a date (2027-01-31) or a time (default: never)",
             update_help="30d, 12h, a date or a time; 'never' lifts it",
             accepts="unix seconds, an ISO 8601 time such as 2027-01-31T00:00:00Z, or (the CLI) a span such as 30d",
             flag="--expires",
-            parse=key_times.expiry_from_cli,
+            parse=time_text.expiry_from_cli,
         ),
     ] = None
     # After a rotation with a grace period: the old secret's hash, and until when it still works.
@@ -199,7 +199,7 @@ class KeyRecord(BaseModel):
     @field_validator("expires_at", mode="before")
     @classmethod
     def _expiry_is_a_moment(cls, value: Any) -> Any:
-        return None if value is None else key_times.moment(value)
+        return None if value is None else time_text.moment(value)
 
     @field_validator("weight", mode="before")
     @classmethod
@@ -268,7 +268,7 @@ def check_not_expired(record: KeyRecord) -> None:
     """A key given an expiry in the past would be refused from its first request: say so now."""
     if record.expired(time.time()):
         raise KeyFieldError(
-            "expires_at", f"`expires_at` is {key_times.shown(record.expires_at)}, in the past: give a later time."
+            "expires_at", f"`expires_at` is {time_text.shown(record.expires_at)}, in the past: give a later time."
         )
 
 
