@@ -267,11 +267,14 @@ def test_a_request_wakes_a_stopped_model_with_admission_off_and_across_workers(
 
 
 def test_a_model_stopped_since_the_gateways_last_look_is_woken_not_reported_unreachable(tmp_path: Path) -> None:
-    fleet = make_fleet(tmp_path, "idle=stop idle_after=6 simulate_args='--startup-delay 1'")
+    fleet = make_fleet(tmp_path, "idle=stop idle_after=15 simulate_args='--startup-delay 1'")
     try:
-        # The gateway looks every 30 s: it still takes beta for ready when the request comes.
-        gateway_port, key = fleet.start_with_gateway(env={"GATEWAY_HEALTH_INTERVAL": "30"})
-        wait_until(lambda: fleet.supervised_state("beta") == "stopped", timeout=20)
+        # The gateway looks every 60 s: it still takes beta for ready when the request comes. A first
+        # request, just after the gateway's first look, starts beta's idle time from there, however
+        # long the start took on a loaded machine.
+        gateway_port, key = fleet.start_with_gateway(env={"GATEWAY_HEALTH_INTERVAL": "60"})
+        assert chat(gateway_port, key)[0] == 200
+        wait_until(lambda: fleet.supervised_state("beta") == "stopped", timeout=40)
         wait_until(lambda: not (fleet.run_dir / "beta.pid").exists(), timeout=10)
         assert model_health(gateway_port, key)["status"] == "ready"
         status, body = chat(gateway_port, key)
