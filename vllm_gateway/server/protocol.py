@@ -100,6 +100,10 @@ class GatewayProtocol(asyncio.Protocol):
         if parsing is not None and not parsing.complete:
             self.reader.forget()
             parsing.gone()  # a request cut short can never be answered
+        if not self.transport.can_write_eof():
+            # TLS: the client's close_notify. The transport closes after this whatever it returns (it
+            # has no half-close, and warns when asked to stay open): no answer not yet written gets out.
+            return False
         if (self.active is None and not self.queued) or self.flow.discarding:
             self.transport.close()
             return True
@@ -235,6 +239,13 @@ class GatewayProtocol(asyncio.Protocol):
         self.timers.linger()
         if self.transport.can_write_eof():
             self.transport.write_eof()
+        else:
+            # TLS, which has no half-close here: its close is a lingering close of its own. The transport
+            # sends what is written, then close_notify (TLS's FIN), and reads and drops what the client
+            # still sends until it closes too, for at most uvloop's (and asyncio's) SSL shutdown timeout
+            # of 30 s, or the linger timer's if sooner. Waiting for the timer instead would keep a client
+            # that reads its answer to the end of the connection waiting that long.
+            self.transport.close()
 
     def _update_reading(self) -> None:
         if self.flow.update_reading(len(self.queued)):
