@@ -256,8 +256,23 @@ class GatewayProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
-        if self.active is None or self.flow.discarding:
+        if self.flow.discarding:
             self.transport.close()
+        elif self.active is None:
+            self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close a connection that has nothing left to send: idle between requests, or at shutdown.
+
+        Over TLS, close() sends close_notify and then waits for the client's, for up to 30 s (uvloop's
+        and asyncio's SSL shutdown timeout). A client idle in a connection pool reads nothing until it
+        sends again, so the connection would hold its descriptor, and a graceful stop, that long. With
+        nothing left to send, it ends once close_notify is written. (What the TLS layer counts leaves out
+        the TCP transport's own buffer, which holds bytes only once the socket's, megabytes, is full.)"""
+        self.transport.close()
+        tls = not self.transport.can_write_eof()
+        if tls and not self.flow.write_paused and not self.transport.get_write_buffer_size():
+            self.transport.abort()
 
 
 def address(value: object) -> tuple[str, int] | None:

@@ -47,6 +47,8 @@ class TimedConnection(Protocol):
 
     def fail(self, error: GatewayError) -> None: ...
 
+    def close_idle(self) -> None: ...
+
 
 class ConnectionTimers:
     def __init__(self, connection: TimedConnection) -> None:
@@ -143,7 +145,7 @@ class ConnectionTimers:
             return
         self.read_phase = None
         if phase is IDLE:
-            self.connection.transport.close()  # nothing of a request arrived: nothing to answer
+            self.connection.close_idle()  # nothing of a request arrived: nothing to answer
         elif phase is HEAD:
             self.connection.fail(errors.request_timeout("request head", self.limits.head_timeout))
         elif phase is BODY:
