@@ -4,6 +4,7 @@ speaking it; the front's refusals, timeouts and closes over TLS; the metrics por
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import subprocess
@@ -109,6 +110,17 @@ def test_the_openai_sdk_gets_a_chat_completion_and_a_stream_over_https(gateway, 
     chunks = list(stream)
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 8
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_the_openai_sdk_finds_the_gateway_through_openai_base_url_and_ssl_cert_file(gateway, certificate):
+    """As docs/security.md tells clients: the variables alone, no code."""
+    cert, _ = certificate
+    env = {**os.environ, "OPENAI_BASE_URL": gateway.url + "/v1", "OPENAI_API_KEY": gateway.key}
+    env["SSL_CERT_FILE"] = str(cert)
+    listing = "import openai; print([model.id for model in openai.OpenAI(max_retries=0).models.list()])"
+    result = subprocess.run([sys.executable, "-c", listing], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['sim']"
 
 
 def test_a_client_that_does_not_trust_the_certificate_fails_verification(gateway):
