@@ -18,6 +18,8 @@ class TLSError(Exception):
 
 
 def server_context(certfile: Path, keyfile: Path, password: str | None = None) -> ssl.SSLContext:
+    """The context of every HTTPS port, or TLSError: each file is read and its content checked in turn,
+    so that the one sentence names the file at fault (OpenSSL's own error names neither)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # TLS 1.0 and 1.1 are deprecated (RFC 8996). Python's own floor is 1.2 too; set here so that it stays.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -42,7 +44,7 @@ def server_context(certfile: Path, keyfile: Path, password: str | None = None) -
                 f"GATEWAY_TLS_KEYFILE={keyfile} is encrypted, and GATEWAY_TLS_KEYFILE_PASSWORD is "
                 f"{'wrong' if password else 'not set'}"
             ) from None
-        raise TLSError(f"GATEWAY_TLS_KEYFILE={keyfile} holds no PEM private key ({error})") from None
+        raise TLSError(f"GATEWAY_TLS_KEYFILE={keyfile} holds no PEM private key") from None  # OpenSSL: "PEM lib"
     except OSError as error:  # replaced between the read above and this load
         raise TLSError(f"cannot read {error.filename or certfile}: {error.strerror}") from None
     return context

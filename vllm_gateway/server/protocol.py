@@ -267,8 +267,8 @@ class GatewayProtocol(asyncio.Protocol):
         Over TLS, close() sends close_notify and then waits for the client's, for up to 30 s (uvloop's
         and asyncio's SSL shutdown timeout). A client idle in a connection pool reads nothing until it
         sends again, so the connection would hold its descriptor, and a graceful stop, that long. With
-        nothing left to send, it ends once close_notify is written. (What the TLS layer counts leaves out
-        the TCP transport's own buffer, which holds bytes only once the socket's, megabytes, is full.)"""
+        nothing left to send, it ends once close_notify is written. (The TLS layer's count leaves out the
+        TCP transport's buffer, which fills only once the socket's own, megabytes, is full.)"""
         self.transport.close()
         tls = not self.transport.can_write_eof()
         if tls and not self.flow.write_paused and not self.transport.get_write_buffer_size():
