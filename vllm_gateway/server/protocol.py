@@ -87,6 +87,7 @@ class GatewayProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow.stop_reading:
             self.discarded += len(data)
+            self.timers.dropped()
             if self.discarded > self.limits.linger_bytes:
                 self.transport.abort()
             return
@@ -238,14 +239,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.flow.discard_input()
         self.timers.linger()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
-        else:
-            # TLS, which has no half-close here: its close is a lingering close of its own. The transport
-            # sends what is written, then close_notify (TLS's FIN), and reads and drops what the client
-            # still sends until it closes too, for at most uvloop's (and asyncio's) SSL shutdown timeout
-            # of 30 s, or the linger timer's if sooner. Waiting for the timer instead would keep a client
-            # that reads its answer to the end of the connection waiting that long.
-            self.transport.close()
+            self.transport.write_eof()  # over TLS, close_notify comes once the client is quiet (timers)
 
     def _update_reading(self) -> None:
         if self.flow.update_reading(len(self.queued)):
