@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+import warnings
 
 import httpx
 import openai
@@ -134,6 +135,31 @@ def test_a_client_that_does_not_trust_the_certificate_fails_verification(gateway
         causes.append(error)
         error = error.__cause__ or error.__context__
     assert any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes), causes
+
+
+def handshake(gateway: Gateway, version: ssl.TLSVersion, alpn: list[str]) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(gateway.env["GATEWAY_TLS_CERTFILE"])
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # the client would allow old protocols: the gateway must not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # naming TLS 1.1 is deprecated
+        context.minimum_version = context.maximum_version = version
+    context.set_alpn_protocols(alpn)
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def test_tls_below_1_2_is_refused_and_a_client_offering_http2_is_given_http_1_1(gateway):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        handshake(gateway, old, ["http/1.1"]).close()
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        with handshake(gateway, version, ["h2", "http/1.1"]) as sock:
+            assert sock.selected_alpn_protocol() == "http/1.1"
+            sock.sendall(HEALTH)
+            assert Reader(sock).response()[0] == 200
 
 
 def test_plain_http_to_the_https_port_gets_no_http_answer_and_the_key_reaches_no_log(gateway):
