@@ -3,6 +3,8 @@ what ServeSettings refuses that the other commands' Settings take."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -88,3 +90,18 @@ def test_a_setting_wrong_alone_is_no_refusal_to_serve() -> None:
 def test_the_other_commands_settings_take_what_cannot_serve() -> None:
     """`keys`, `models` and `usage` read Settings: a configuration that cannot serve still manages keys."""
     assert Settings(workers=4).workers == 4
+
+
+def test_serving_https_with_one_of_its_two_files_is_refused_naming_both() -> None:
+    (reason,) = refusals(tls_certfile="gateway.crt")
+    assert reason.startswith("refusing to start with GATEWAY_TLS_CERTFILE but no GATEWAY_TLS_KEYFILE:")
+    (reason,) = refusals(tls_keyfile="gateway.key")
+    assert reason.startswith("refusing to start with GATEWAY_TLS_KEYFILE but no GATEWAY_TLS_CERTFILE:")
+    assert ServeSettings(tls_certfile="gateway.crt", tls_keyfile="gateway.key").tls_keyfile == Path("gateway.key")
+
+
+def test_an_empty_tls_setting_is_unset_not_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_TLS_CERTFILE", "")
+    monkeypatch.setenv("GATEWAY_TLS_KEYFILE", " ")
+    settings = ServeSettings()
+    assert (settings.tls_certfile, settings.tls_keyfile) == (None, None)

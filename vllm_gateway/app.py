@@ -182,7 +182,8 @@ def create_app(settings: Settings | None = None) -> Gateway:
         if state.ledger is not None:
             state.ledger.start()
         log.info(
-            "gateway listening on %s:%s with models: %s",
+            "gateway listening on %s://%s:%s with models: %s",
+            "https" if settings.tls_certfile is not None else "http",
             settings.host,
             settings.port,
             ", ".join(state.registry.models) or "none",

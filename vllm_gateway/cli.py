@@ -17,7 +17,7 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from . import audit, time_text
+from . import audit, time_text, tls
 from .errors import GatewayError
 from .fleet_control import ACTIONS, act
 from .keystore import (
@@ -145,6 +145,13 @@ def serve(args: argparse.Namespace) -> int:
         for reason in reasons:
             print(f"vllm_api_server: {reason}", file=sys.stderr)
         return 2
+    try:
+        tls.context_of(settings)  # uvicorn's workers make their own: this one says early what is wrong
+    except tls.TLSError as error:
+        print(f"vllm_api_server: {error}", file=sys.stderr)
+        return 2
+    if (warning := tls.clear_text_warning(settings)) is not None:
+        print(f"vllm_api_server: warning: {warning}", file=sys.stderr, flush=True)
     raise_open_files_limit()
     store = KeyStore(settings.key_file)
     if not store.exists:
@@ -169,6 +176,7 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         access_log=False,
         log_level="info",
+        **tls.uvicorn_options(settings),
     )
     # uvicorn shuts down gracefully on SIGTERM and then raises the signal again, which ends the
     # process without running its exit handlers (the tests' coverage data is saved by one). This

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from . import errors
+from . import errors, tls
 from .access import authenticate, sends_key
 from .errors import GatewayError
 from .keystore import KeyStore
@@ -170,8 +170,11 @@ class MetricsService:
             self.tasks.append(asyncio.create_task(write_snapshots(self.state)))
         if settings.metrics_port is not None:
             self.listener = Listener(MetricsPort(self.state, port_hooks(self.state, self.hooks)))
-            # Every worker listens; any one answers for all.
-            await self.listener.start(settings.host, settings.metrics_port, reuse_port=settings.workers > 1)
+            # Every worker listens; any one answers for all. With the gateway port's TLS: a scrape may
+            # carry an admin key (GATEWAY_METRICS_ALLOW).
+            await self.listener.start(
+                settings.host, settings.metrics_port, reuse_port=settings.workers > 1, ssl=tls.context_of(settings)
+            )
 
     async def stop(self) -> None:
         for task in self.tasks:

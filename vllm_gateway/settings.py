@@ -4,8 +4,9 @@ Values come from the environment (prefix GATEWAY_) or from an env file named by 
 (default gateway.env in the working directory, when present). Nothing else reads os.environ.
 
 Settings checks each value alone, and finds the one Redis the workers share; ServeSettings adds what
-`serve` needs of them together (several workers count and queue in one place), so that the other
-commands (keys, models, usage) still run under a configuration that cannot serve.
+`serve` needs of them together (several workers count and queue in one place, HTTPS has a certificate
+and its key), so that the other commands (keys, models, usage) still run under a configuration that
+cannot serve.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -65,6 +66,13 @@ class Settings(BaseSettings):
     linger_bytes: int = Field(64 * 1024 * 1024, ge=0)
     # None: derived at start from the file-descriptor limit (see server/file_limits.py).
     max_connections: int | None = Field(None, ge=1)
+
+    # -- HTTPS (docs/security.md#tls): without it, keys and prompts cross the network in clear text --
+    # A PEM certificate (any intermediate certificates after it) and its private key: both, or neither
+    # for plain HTTP. The metrics port serves HTTPS with them too. The password is an encrypted key's.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_keyfile_password: SecretStr | None = None
 
     # -- upstream vLLM servers --
     model_config_file: Path = Field(
@@ -175,6 +183,12 @@ class Settings(BaseSettings):
         parse_many(value)
         return value
 
+    @field_validator("tls_certfile", "tls_keyfile", "tls_keyfile_password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `GATEWAY_TLS_CERTFILE=` in gateway.env means no file, not the working directory (Path("")).
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_is_redis(cls, value: str | None) -> str | None:
@@ -218,9 +232,9 @@ class Settings(BaseSettings):
 
 
 class ServeSettings(Settings):
-    """The settings `serve` starts the gateway with: what Settings checks, and that several workers
-    count and queue in one place. Each worker counting alone would let a key make workers x its limit
-    and send a model workers x its capacity."""
+    """The settings `serve` starts the gateway with: what Settings checks, that several workers count
+    and queue in one place, and that HTTPS has both its files. Each worker counting alone would let a
+    key make workers x its limit and send a model workers x its capacity."""
 
     @model_validator(mode="after")
     def _workers_share_the_rate_limits(self) -> ServeSettings:
@@ -239,6 +253,17 @@ class ServeSettings(Settings):
                 f"refusing to start {self.workers} workers with GATEWAY_RATE_LIMIT_STORAGE="
                 f"{self.rate_limit_storage}: the workers share admission's counts and queues through Redis. "
                 "Set GATEWAY_REDIS_URL=redis://HOST:6379, or GATEWAY_ADMISSION=false."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_has_both_files(self) -> ServeSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            given, missing = ("CERTFILE", "KEYFILE") if self.tls_keyfile is None else ("KEYFILE", "CERTFILE")
+            raise cannot_serve(
+                f"refusing to start with GATEWAY_TLS_{given} but no GATEWAY_TLS_{missing}: HTTPS needs both "
+                "the certificate and its key. Set GATEWAY_TLS_CERTFILE and GATEWAY_TLS_KEYFILE, or neither "
+                "for plain HTTP."
             )
         return self
 

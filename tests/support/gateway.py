@@ -4,6 +4,9 @@ gateway = Gateway.start(tmp_path, [Backend("sim", simulator.base_url, path="/mod
 client = gateway.openai()            # the official SDK, with an ordinary user key
 gateway.log_text()                   # vllm_api_server.log
 gateway.stop()
+
+With GATEWAY_TLS_CERTFILE in `env`, the gateway serves HTTPS: gateway.url is https://, and its clients
+trust that certificate (a self-signed one is its own CA: tests/support/tls.py makes one).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -55,7 +59,10 @@ class Gateway:
         self.port = port
         self.handle = handle
         self.env = env
-        self.url = f"http://127.0.0.1:{port}"
+        certfile = env.get("GATEWAY_TLS_CERTFILE")
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{port}"
+        # What the tests' clients trust over https: the gateway's own certificate.
+        self.trust = ssl.create_default_context(cafile=certfile) if certfile else None
         self.admin_key = ""
         self.key = ""
 
@@ -85,7 +92,7 @@ class Gateway:
         gateway = cls(workdir, port, handle, full_env)
         gateway.admin_key, gateway.key = json.loads(admin)["key"], json.loads(user)["key"]
         try:
-            wait_for_http(gateway.url + "/health", timeout=30, process=handle)
+            wait_for_http(gateway.url + "/health", timeout=30, process=handle, context=gateway.trust)
             if wait_ready and backends:
                 gateway.wait_until(lambda health: health["models_ready"] == health["models_total"])
         except BaseException:
@@ -111,11 +118,13 @@ class Gateway:
 
     def http(self, key: str | None = None, timeout: float = 30) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=self.trust or True)
 
     def openai(self, key: str | None = None, **kwargs: object):
         import openai
 
+        if self.trust is not None and "http_client" not in kwargs:
+            kwargs["http_client"] = httpx.Client(verify=self.trust)
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, **kwargs)
 
     def health(self, key: str | None = None) -> dict[str, object]:

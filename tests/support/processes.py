@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -189,10 +190,10 @@ def _stop_leftovers() -> None:
         handle.stop(timeout=3)
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """Status of a GET to `url`, or None when nothing answers."""
+def http_status(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> int | None:
+    """Status of a GET to `url`, or None when nothing answers. `context`: what https trusts, if not the system's CAs."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
@@ -200,12 +201,18 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_for_http(url: str, timeout: float, status: int = 200, process: ProcessHandle | None = None) -> None:
+def wait_for_http(
+    url: str,
+    timeout: float,
+    status: int = 200,
+    process: ProcessHandle | None = None,
+    context: ssl.SSLContext | None = None,
+) -> None:
     """Poll `url` until it answers `status`; fail early if `process` exits first."""
     deadline = time.monotonic() + timeout
     last: int | None = None
     while time.monotonic() < deadline:
-        last = http_status(url)
+        last = http_status(url, context=context)
         if last == status:
             return
         if process is not None and not process.alive():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from ssl import SSLContext
 from typing import Any
 
 from .protocol import GatewayProtocol
@@ -46,10 +47,10 @@ class Listener:
         self.state = ListenerState()
         self.server: asyncio.AbstractServer | None = None
 
-    async def start(self, host: str, port: int, reuse_port: bool) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool, ssl: SSLContext | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: GatewayProtocol(self.config, self.state, {}, loop), host, port, reuse_port=reuse_port
+            lambda: GatewayProtocol(self.config, self.state, {}, loop), host, port, reuse_port=reuse_port, ssl=ssl
         )
 
     async def stop(self) -> None:

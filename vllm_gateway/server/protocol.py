@@ -87,6 +87,7 @@ class GatewayProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.flow.stop_reading:
             self.discarded += len(data)
+            self.timers.dropped()
             if self.discarded > self.limits.linger_bytes:
                 self.transport.abort()
             return
@@ -100,6 +101,10 @@ class GatewayProtocol(asyncio.Protocol):
         if parsing is not None and not parsing.complete:
             self.reader.forget()
             parsing.gone()  # a request cut short can never be answered
+        if not self.transport.can_write_eof():
+            # TLS: the client's close_notify. The transport closes after this whatever it returns (it
+            # has no half-close, and warns when asked to stay open): no answer not yet written gets out.
+            return False
         if (self.active is None and not self.queued) or self.flow.discarding:
             self.transport.close()
             return True
@@ -234,7 +239,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.flow.discard_input()
         self.timers.linger()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            self.transport.write_eof()  # over TLS, close_notify comes once the client is quiet (timers)
 
     def _update_reading(self) -> None:
         if self.flow.update_reading(len(self.queued)):
@@ -245,8 +250,23 @@ class GatewayProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown: close when idle, else after the response being written."""
         self.closing = True
-        if self.active is None or self.flow.discarding:
+        if self.flow.discarding:
             self.transport.close()
+        elif self.active is None:
+            self.close_idle()
+
+    def close_idle(self) -> None:
+        """Close a connection that has nothing left to send: idle between requests, or at shutdown.
+
+        Over TLS, close() sends close_notify and then waits for the client's, for up to 30 s (uvloop's
+        and asyncio's SSL shutdown timeout). A client idle in a connection pool reads nothing until it
+        sends again, so the connection would hold its descriptor, and a graceful stop, that long. With
+        nothing left to send, it ends once close_notify is written. (The TLS layer's count leaves out the
+        TCP transport's buffer, which fills only once the socket's own, megabytes, is full.)"""
+        self.transport.close()
+        tls = not self.transport.can_write_eof()
+        if tls and not self.flow.write_paused and not self.transport.get_write_buffer_size():
+            self.transport.abort()
 
 
 def address(value: object) -> tuple[str, int] | None:

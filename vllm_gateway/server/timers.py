@@ -28,6 +28,11 @@ EOF_PROBE_SECONDS = 0.02
 EOF_CHECK_FIRST_SECONDS = 0.05
 EOF_CHECK_SECONDS = 1.0
 _TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
+# TLS has no half-close here, so a lingering close over TLS ends our side (close_notify) only once the
+# client has sent nothing for this long (nginx's lingering_timeout 5 s): bytes that come after it make
+# asyncio's TLS transport reset the connection, and the reset can destroy the answer. (uvloop's reads
+# and drops them, but GATEWAY_LOOP=asyncio serves TLS too.)
+LINGER_QUIET_SECONDS = 5.0
 
 # What the read timer waits for.
 IDLE, HEAD, BODY = "idle", "head", "body"
@@ -46,6 +51,8 @@ class TimedConnection(Protocol):
     served: int  # requests answered: the next wait is a keep-alive's
 
     def fail(self, error: GatewayError) -> None: ...
+
+    def close_idle(self) -> None: ...
 
 
 class ConnectionTimers:
@@ -67,17 +74,34 @@ class ConnectionTimers:
         self.eof_timer: asyncio.TimerHandle | None = None
         # -- a closing connection that reads what still comes (http_protocol.GatewayProtocol.linger) --
         self.linger_timer: asyncio.TimerHandle | None = None
+        self.quiet_timer: asyncio.TimerHandle | None = None  # over TLS: when to send close_notify
 
     def cancel(self) -> None:
-        for timer in (self.read_timer, self.send_timer, self.eof_timer, self.linger_timer):
+        for timer in (self.read_timer, self.send_timer, self.eof_timer, self.linger_timer, self.quiet_timer):
             if timer is not None:
                 timer.cancel()
 
     def linger(self) -> None:
         """The connection is closing: no request is awaited any more, and it is dropped after the
-        linger timeout whatever the client does."""
+        linger timeout whatever the client does. Over TLS, our side ends once the client is quiet."""
         self.read_phase = None
-        self.linger_timer = self.loop.call_later(self.limits.linger_timeout, self.connection.transport.abort)
+        transport = self.connection.transport
+        self.linger_timer = self.loop.call_later(self.limits.linger_timeout, transport.abort)
+        if not transport.can_write_eof():
+            self.last_read = self.loop.time()
+            self.quiet_timer = self.loop.call_later(LINGER_QUIET_SECONDS, self._close_when_quiet)
+
+    def dropped(self) -> None:
+        """Bytes came that are read only to be dropped: over TLS, the client is not quiet yet."""
+        self.last_read = self.loop.time()
+
+    def _close_when_quiet(self) -> None:
+        quiet_from = self.last_read + LINGER_QUIET_SECONDS
+        if self.loop.time() < quiet_from:
+            self.quiet_timer = self.loop.call_at(quiet_from, self._close_when_quiet)
+            return
+        self.quiet_timer = None
+        self.connection.transport.close()  # close_notify after the answer; the client then closes
 
     # -- reading --
 
@@ -143,7 +167,7 @@ class ConnectionTimers:
             return
         self.read_phase = None
         if phase is IDLE:
-            self.connection.transport.close()  # nothing of a request arrived: nothing to answer
+            self.connection.close_idle()  # nothing of a request arrived: nothing to answer
         elif phase is HEAD:
             self.connection.fail(errors.request_timeout("request head", self.limits.head_timeout))
         elif phase is BODY:
