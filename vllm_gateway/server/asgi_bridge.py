@@ -17,6 +17,7 @@ async def serve_asgi(
     exchange: Exchange,
     server: tuple[str, int] | None,
     client: tuple[str, int] | None,
+    scheme: str,
     app_state: dict[str, Any],
     log_rejection: Callable[[Exchange, int], None],
 ) -> None:
@@ -39,7 +40,7 @@ async def serve_asgi(
         "http_version": exchange.http_version,
         "server": server,
         "client": client,
-        "scheme": "http",
+        "scheme": scheme,
         "method": exchange.method,
         "root_path": "",
         "path": exchange.path,

@@ -58,6 +58,7 @@ class GatewayProtocol(asyncio.Protocol):
         self.flow: FlowControl
         self.client: tuple[str, int] | None = None
         self.server: tuple[str, int] | None = None
+        self.scheme = "http"  # "https" on a TLS connection, for the application's URLs and cookies
         self.served = 0
         self.closing = False
         self.client_eof = False
@@ -82,6 +83,8 @@ class GatewayProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
         self.client = address(transport.get_extra_info("peername"))
         self.server = address(transport.get_extra_info("sockname"))
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         self.timers.watch_reading()
 
     def data_received(self, data: bytes) -> None:
@@ -165,7 +168,9 @@ class GatewayProtocol(asyncio.Protocol):
         if exchange.relay:
             task = self.loop.create_task(self.hooks.relay(exchange))
         else:
-            app = serve_asgi(self.app, exchange, self.server, self.client, self.app_state, self.hooks.log_rejection)
+            app = serve_asgi(
+                self.app, exchange, self.server, self.client, self.scheme, self.app_state, self.hooks.log_rejection
+            )
             task = self.loop.create_task(app)
         exchange.task = task
         self.server_state.tasks.add(task)
