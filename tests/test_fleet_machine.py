@@ -10,6 +10,7 @@ import pytest
 from tests.support.fleet import recorded_commands
 from vllm_fleet.config import Fleet, ModelSpec
 from vllm_fleet.machine import HostView, binding_notice, look_at_host, machine_problems, numactl_command
+from vllm_fleet.memory import memory_fraction_problems
 from vllm_fleet.placement import Place, Placement, survey
 
 
@@ -194,3 +195,22 @@ def test_a_start_of_real_vllm_places_every_model_and_learns_the_gpus() -> None:
         0: Place("16-31", "0", 16, "derived from nvidia-smi topo -m"),
         1: Place(note="no gpus= and no cpus="),
     }
+
+
+def h200x1(table: list[str]) -> tuple[Placement, list[str]]:
+    return survey(table, run=recorded_commands("h200x1"))
+
+
+def test_the_specs_four_models_share_the_real_one_gpu_host_as_they_did_there() -> None:
+    # What tests/gpu_host/check.sh ran on this host (docs/fleet.md): 0.325 + 0.325 + 0.155 + 0.155 of GPU 0.
+    shares = ("0.325", "0.325", "0.155", "0.155")
+    models = [gpu_model(f"m{n}", "0", gpu_memory_utilization=share) for n, share in enumerate(shares)]
+    view = look_at_host(Fleet(models=models), [0, 1, 2, 3], simulate=False, survey_host=h200x1)
+    over = Fleet(models=[*models, gpu_model("m4", "0", gpu_memory_utilization="0.2")])
+
+    assert view.gpus == [0] and view.gpu_problem == ""
+    assert set(view.places.values()) == {Place("0-15", "0", 16, "derived from nvidia-smi topo -m")}
+    assert memory_fraction_problems(models) == []
+    assert memory_fraction_problems(over.models) == [
+        "GPU 0: gpu_memory_utilization adds up to 1.160 > 1.0 ( m0=0.325 m1=0.325 m2=0.155 m3=0.155 m4=0.2 )"
+    ]

@@ -137,3 +137,11 @@ def test_the_table_printed_for_the_real_host() -> None:
         "GPU0 NVIDIA H200 00000000:00:06.0: CPUs 0-15 (node 0; nvidia-smi topo -m, split 2 ways)",
         "GPU1 NVIDIA H200 00000000:00:07.0: CPUs 16-31 (node 0; nvidia-smi topo -m, split 2 ways)",
     ]
+
+
+def test_the_real_one_gpu_hosts_gpu_gets_every_cpu_of_its_node() -> None:
+    placement, problems = surveyed("h200x1")
+    assert problems == [] and placement.gpu_problem == ""
+    assert shares(placement) == ["0-15"]
+    assert listed_gpus(placement) == [0]
+    assert placement.gpus[0].source == "nvidia-smi topo -m"

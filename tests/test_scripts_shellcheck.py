@@ -14,6 +14,7 @@ SCRIPTS = sorted(
         *REPO_ROOT.glob("*.sh"),
         *REPO_ROOT.glob("scripts/*.sh"),
         *REPO_ROOT.glob("benchmarks/*.sh"),
+        *REPO_ROOT.glob("tests/gpu_host/*.sh"),
         REPO_ROOT / ".ci" / "run",
     ]
 )
