@@ -18,6 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 from . import errors, metrics_http, proxy
 from .access_log import key_label, setup_logging
 from .api import router
+from .console.routes import router as console_router
 from .errors import GatewayError
 from .health import HealthChecker, probe_pool
 from .keystore import KeyFileError, KeyStore
@@ -215,6 +216,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     api.state.gateway = state
     api.include_router(router)
     api.include_router(metrics_http.router)
+    api.include_router(console_router)
     add_error_handlers(api)
     return Gateway(state, api, hooks)
 

@@ -9,6 +9,7 @@ from .access_log import LogWriter
 from .admission.local import Admission
 from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
+from .console.session import Sessions
 from .health import HealthChecker
 from .key_limits import KeyLimitsCache
 from .keystore import KeyStore
@@ -39,6 +40,7 @@ class GatewayState:
     admission: Admission = field(init=False)
     key_limits: KeyLimitsCache = field(init=False)  # each key's limits in force, from its record and the settings
     wakes: WakeOnDemand = field(init=False)  # tells the supervisor of uses of servers that idle
+    sessions: Sessions | None = field(init=False)  # the console's sign-ins; None with the console off
 
     def __post_init__(self) -> None:
         self.key_limits = KeyLimitsCache(self.settings)
@@ -47,6 +49,11 @@ class GatewayState:
         shared = self.settings.workers > 1 and self.settings.admission
         self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
         self.wakes = WakeOnDemand(self.settings.run_dir)
+        settings = self.settings
+        self.sessions = None
+        if settings.console:
+            lifetime, attempts = settings.console_session_seconds, settings.console_sign_in_limit
+            self.sessions = Sessions(settings.console_secret_path, self.keys, lifetime, attempts)
         self.admission.wake = self.wakes.wake  # a request for a dormant model wakes it
         # A scrape reads the queues and each key's requests (by name, never by key) from admission.
         self.metrics.admission = self.admission
