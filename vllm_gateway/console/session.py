@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..keystore import KeyRecord, KeyStore, write_private
+from ..keystore import KeyRecord, KeyStore
 from ..ratelimit import LocalWindows, parse_limits
 
 COOKIE = "vllm_console"
@@ -71,11 +71,6 @@ class Sessions:
         with os.fdopen(descriptor, "w") as file:
             file.write(made + "\n")
         return bytes.fromhex(made)
-
-    def replace_secret(self) -> None:
-        """Sign every session out, on every worker (`console sign-out-all` in docs/console.md)."""
-        write_private(self.secret_path, (secrets.token_hex(32) + "\n").encode())
-        self._secret = None
 
     # -- sessions --
 
