@@ -130,6 +130,16 @@ class Settings(BaseSettings):
     # The cookie's Secure flag. None: set when the request came over HTTPS; true behind a TLS proxy.
     console_secure_cookie: bool | None = None
 
+    # -- the console's data: /admin/overview, /admin/models/{id}, /admin/requests (console_api.py) --
+    # How often the overview's history reads the metrics' counters (console_figures.py): the finest
+    # step of its per-minute rows and of its tokens per second.
+    console_sample_seconds: float = Field(2.0, gt=0, le=60)
+    # The most of the request log's end (and of its rotated copy) one call of /admin/requests, or a model
+    # server's recent errors, reads: a filter that matches no recent line costs this, not the whole log.
+    console_request_scan_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
+    # The most of a model server's log end GET /admin/models/{id} reads for its last 100 lines.
+    console_log_tail_bytes: int = Field(1024 * 1024, ge=4096)
+
     # -- metrics: GET /metrics (docs/metrics.md) --
     # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
     metrics: bool = True

@@ -10,6 +10,7 @@ from .admission.local import Admission
 from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
 from .console.session import Sessions
+from .console_figures import FigureHistory
 from .health import HealthChecker
 from .key_limits import KeyLimitsCache
 from .keystore import KeyStore
@@ -41,6 +42,7 @@ class GatewayState:
     key_limits: KeyLimitsCache = field(init=False)  # each key's limits in force, from its record and the settings
     wakes: WakeOnDemand = field(init=False)  # tells the supervisor of uses of servers that idle
     sessions: Sessions | None = field(init=False)  # the console's sign-ins; None with the console off
+    figures: FigureHistory = field(init=False)  # the overview's last day of requests and tokens, sampled
 
     def __post_init__(self) -> None:
         self.key_limits = KeyLimitsCache(self.settings)
@@ -49,6 +51,7 @@ class GatewayState:
         shared = self.settings.workers > 1 and self.settings.admission
         self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
         self.wakes = WakeOnDemand(self.settings.run_dir)
+        self.figures = FigureHistory(self.settings.console_sample_seconds)
         settings = self.settings
         self.sessions = None
         if settings.console:
