@@ -45,11 +45,16 @@ class BackwardLines:
             position -= size
             self.budget -= size
             file.seek(position)
-            lines = (file.read(size) + rest).split(b"\n")
-            rest = lines[0]
-            for line in reversed(lines[1:]):
+            data = file.read(size) + rest
+            cut = data.find(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            # One decode per block, cut at a line's end (a character is never split there).
+            rest, whole = data[:cut], data[cut + 1 :]
+            for line in reversed(whole.decode("utf-8", "replace").split("\n")):
                 if line:
-                    yield line.decode("utf-8", "replace")
+                    yield line
         if rest:
             yield rest.decode("utf-8", "replace")
 

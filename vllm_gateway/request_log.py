@@ -83,9 +83,10 @@ class ServerErrors:
 
     @property
     def hints(self) -> tuple[tuple[str, ...], ...]:
+        errors = (" status=4", " status=5")
         if all(escape(name) == name for name in self.models):
-            return (tuple(f" model={name} " for name in self.models),)
-        return ()
+            return (errors, tuple(f" model={name} " for name in self.models))
+        return (errors,)
 
     def matches(self, entry: Entry) -> bool:
         status, backend = entry["status"], entry["backend"]
@@ -116,13 +117,24 @@ def find_requests(paths: Sequence[Path], wanted: LineFilter, limit: int, scan_by
 def entries(lines: Iterable[str], hints: Sequence[tuple[str, ...]] = ()) -> Iterable[Entry]:
     """The request lines among `lines`, parsed, that hold a word of each group of `hints`."""
     for line in lines:
-        if line[STAMP_SIZE : STAMP_SIZE + len(ACCESS)] != ACCESS:
+        if not line.startswith(ACCESS, STAMP_SIZE):
             continue  # one of the gateway's events
-        if not all(any(hint in line for hint in group) for group in hints):
+        if hints and not holds_hints(line, hints):
             continue
         entry = parse(line)
         if entry is not None:
             yield entry
+
+
+def holds_hints(line: str, hints: Sequence[tuple[str, ...]]) -> bool:
+    # Plain loops: the same test as all(any(...)) at a fraction of its cost, on every line scanned.
+    for group in hints:
+        for hint in group:
+            if hint in line:
+                break
+        else:
+            return False
+    return True
 
 
 def parse(line: str) -> Entry | None:
