@@ -112,6 +112,23 @@ def test_in_flight_and_waiting_show_requests_held_against_the_capacity(gateway: 
     assert model["waiting"] == 0
 
 
+def test_with_two_workers_either_one_answers_for_the_whole_gateway(tmp_path, simulator, redis_url: str) -> None:
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, "GATEWAY_CONSOLE_SAMPLE_SECONDS": "0.2"}
+    backend = Backend("sim", simulator.base_url, path="/models/sim")
+    with Gateway.start(tmp_path / "gw", [backend], env=env) as gateway:
+        # A connection each: the kernel spreads them, and the polls below, over both workers.
+        headers = {"Authorization": f"Bearer {gateway.key}"}
+        body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for _ in range(12):
+            assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers).status_code == 200
+
+        def requests_counted() -> int:
+            return sum(overview(gateway)["per_minute"]["hour"]["requests"]["sim"])
+
+        wait_until(lambda: requests_counted() == 12, timeout=15)
+        assert [requests_counted() for _ in range(10)] == [12] * 10  # whichever worker answers, none twice
+
+
 @pytest.mark.parametrize("path", CONSOLE_PATHS)
 def test_the_console_data_is_for_admin_keys_only(gateway: Gateway, path: str) -> None:
     refused = httpx.get(gateway.url + path, headers={"Authorization": f"Bearer {gateway.key}"})

@@ -128,15 +128,21 @@ async def model_server(model_id: str, state: State, _: Admin) -> dict[str, objec
     names = frozenset({spec.name, *(model.aliases if model is not None else ())})
     now = await reading_now(state)
     files = await asyncio.to_thread(server_files, state.settings, backend, names)
-    in_flight = now.in_flight.get((spec.name, spec.id), 0.0)
-    entry = server_entry(backend, in_flight, files.pop("cpus"))
+    server = server_entry(backend, now.in_flight.get((spec.name, spec.id), 0.0), files.pop("cpus"))
     return {
         "id": spec.id,
         "model": spec.name,
         "config": files.pop("config"),
-        **{name: entry[name] for name in ("status", "detail", "restarts", "in_flight", "capacity")},
-        **{name: entry[name] for name in ("device", "gpus", "cpus", "url")},
-        **files,
+        "status": server["status"],
+        "detail": server["detail"],
+        "restarts": server["restarts"],
+        "in_flight": server["in_flight"],
+        "capacity": server["capacity"],
+        "device": server["device"],
+        "gpus": server["gpus"],
+        "cpus": server["cpus"],
+        "url": server["url"],
+        **files,  # events, log_tail, errors
     }
 
 
