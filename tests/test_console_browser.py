@@ -162,6 +162,14 @@ def test_an_admin_creates_a_key_reads_its_usage_chats_revokes_it_and_sees_a_mode
     ]
     assert output_tokens == 24  # 12 a chat: the figures are the ledger's, not the page's guess
     browser.find('[aria-label="Usage figures"] svg.chart rect.bar')  # the chart drew its bars
+    # The CSV export: the same figures, made in the page.
+    browser.button("Export CSV").click()
+    first, last = (browser.field(label).get_attribute("value") for label in ("From (UTC)", "To (UTC), inclusive"))
+    lines = browser.downloaded(f"usage-{first}-{last}-1d.csv").splitlines()
+    assert lines[0] == "bucket_start,bucket_end,api_key_id,key_name,model,requests,input_tokens,output_tokens"
+    assert [line.split(",")[2:] for line in lines if f",{key_id}," in line] == [
+        [key_id, "journey", "alpha", str(requests), str(input_tokens), str(output_tokens)]
+    ]
     browser.screenshot("usage")
 
     # The playground's answer streams in: text shows while the answer is still coming.
@@ -216,6 +224,7 @@ def test_an_admin_creates_a_key_reads_its_usage_chats_revokes_it_and_sees_a_mode
     browser.wait_text(model_badge("beta"), "ready")
     os.killpg(stack.fleet.pid("beta"), signal.SIGKILL)
     browser.wait_text(model_badge("beta"), "restarting", timeout=30)
+    browser.screenshot("overview-restarting")
     browser.wait_text(model_badge("beta"), "ready", timeout=60)
     browser.find(".charts svg.chart polyline.line")
     browser.screenshot("overview")
@@ -249,8 +258,15 @@ def test_the_requests_page_shows_a_keys_requests_and_filters_them_by_status(stac
 
     signed_in(browser, stack.admin_key, "overview")
     browser.go("#/requests")
-    browser.select("Key", f"requests-probe ({created['id']})")
     table = '[aria-label="Requests, newest first"]'
+    # By default only requests to models: not the console's own polls, which the log has too.
+    shown = browser.wait(lambda: [row for row in browser.table_rows(table) if len(row) > 1])
+    assert {row[2] for row in shown} == {"POST /v1/chat/completions"}
+    browser.field("Model requests only").click()
+    browser.wait(lambda: any(row[2].startswith("GET /admin/requests") for row in browser.table_rows(table)))
+    browser.field("Model requests only").click()
+
+    browser.select("Key", f"requests-probe ({created['id']})")
 
     def rows_of_the_key() -> list[list[str]]:
         rows = browser.table_rows(table)
@@ -298,6 +314,7 @@ def test_a_model_page_shows_its_config_events_and_log_and_stops_and_starts_it(st
     with stack.admin() as admin:
         alpha = next(model for model in admin.get("/health").json()["models"] if model["id"] == "alpha")
     assert alpha["status"] != "ready"
+    browser.screenshot("model-stopped")
     assert not (stack.fleet.run_dir / "alpha.pid").exists() or stack.fleet.pid("alpha") != pid
 
     browser.button("Start").click()
@@ -328,9 +345,11 @@ def test_a_user_key_sees_its_own_usage_and_the_playground_and_no_admin_data(stac
         assert browser.fetch_status(path) == 403, path
     assert browser.fetch_status("/v1/usage?start_time=0") == 200
     browser.go("#/keys")
-    browser.wait_text(".page-error", "This page needs an admin key.")
+    browser.wait_text(".page-error", "This endpoint needs an admin API key.")
+    browser.screenshot("user-admin-page-refused")
     browser.go("#/playground")
-    browser.wait(lambda: browser.field("Model").text.strip() != "")
+    assert browser.wait(lambda: browser.field("Model").text.strip()) == "alpha (ready)\nbeta (ready)"
+    browser.screenshot("user-playground")
 
 
 def test_without_a_session_pages_lead_to_sign_in_and_the_key_shows_up_nowhere(stack: Stack, browser: Browser) -> None:
@@ -344,6 +363,7 @@ def test_without_a_session_pages_lead_to_sign_in_and_the_key_shows_up_nowhere(st
     browser.sign_in("sk-this-is-not-a-key-of-this-gateway")
     browser.wait(lambda: browser.text("#sign-in-error"), message="a wrong key showed no error")
     assert "did not accept this key" in browser.text("#sign-in-error")
+    browser.screenshot("sign-in-refused")
     assert urlsplit(browser.url).path == "/console/sign-in"
     assert browser.driver.get_cookies() == []
 

@@ -49,6 +49,7 @@ class Browser:
         self.base_url = base_url
         self.shots = shots
         self.profile = profile
+        self.downloads = Path(profile) / "downloads"  # where a page's downloads land
 
     @classmethod
     def start(cls, base_url: str, shots: Path, width: int = 1280, height: int = 900) -> Browser:
@@ -72,6 +73,10 @@ class Browser:
         ):
             options.add_argument(argument)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        downloads = Path(profile) / "downloads"
+        options.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
         driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
         driver.set_page_load_timeout(30)
         driver.set_script_timeout(30)
@@ -227,6 +232,12 @@ class Browser:
             return document.documentElement.outerHTML + '\\n' + JSON.stringify(values);
         """
         return str(self.driver.page_source) + str(self.driver.execute_script(script))
+
+    def downloaded(self, name: str) -> str:
+        """The text of a file the page downloaded, once it is there whole."""
+        path = self.downloads / name
+        self.wait(lambda: path.exists() and not (self.downloads / f"{name}.crdownload").exists(), message=f"no {name}")
+        return path.read_text()
 
     # -- evidence --
 

@@ -83,8 +83,7 @@ class Page {
       this.failures.delete(task);
     } catch (error) {
       if (!this.live) return;
-      const hint = error.status === 403 ? " This page needs an admin key." : "";
-      this.failures.set(task, `${error.message}${hint}`);
+      this.failures.set(task, error.message); // the gateway's own words (403: "...needs an admin API key.")
     }
     this.error.replaceChildren(...[...new Set(this.failures.values())].map((text) => h("p", { text })));
   }

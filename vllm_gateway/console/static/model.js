@@ -59,7 +59,8 @@ export function modelPage(main, page, id) {
     try {
       const outcome = await api(`/admin/models/${encodeURIComponent(id)}/${action}`, { method: "POST" });
       announce(`${capital(action)} ${id}: done.`, "ok");
-      replace(result, h("p", { text: `${capital(action)} ${id}: done.` }), outcome.output ? h("pre", { class: "log", text: outcome.output }) : null);
+      const output = Array.isArray(outcome.output) ? outcome.output.join("\n") : outcome.output || "";
+      replace(result, h("p", { text: `${capital(action)} ${id}: done.` }), output ? h("pre", { class: "log", text: output }) : null);
     } catch (error) {
       announce(`${capital(action)} ${id} failed: ${error.message}`, "error");
       replace(result, h("p", { class: "form-error", text: error.message }));
