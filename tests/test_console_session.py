@@ -174,3 +174,32 @@ def test_with_the_console_off_its_pages_are_gone_and_a_cookie_is_no_key(tmp_path
     assert sign_in.status_code == 401 and "set-cookie" not in sign_in.headers  # an endpoint like any other
     assert page.status_code == 404
     assert cookie.status_code == 401 and cookie.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_console_page_without_a_session_sends_the_browser_to_sign_in(gateway):
+    with httpx.Client(base_url=gateway.url) as client:
+        bare = client.get("/console")
+        page = client.get("/console/")
+        sign_in = client.get("/console/sign-in")
+        traversal = client.get("/console/static/..%2F..%2Fkeystore.py")
+        unknown = client.get("/console/static/nothing.js")
+
+    assert bare.status_code == 308 and bare.headers["location"] == "/console/"
+    assert page.status_code == 303 and page.headers["location"] == "/console/sign-in"
+    assert sign_in.status_code == 200 and "<form" in sign_in.text
+    policy = sign_in.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
+    assert sign_in.headers["x-frame-options"] == "DENY"
+    assert traversal.status_code == 404 and unknown.status_code == 404
+
+
+def test_the_console_page_with_a_session_is_served_and_holds_no_key(gateway):
+    client, _ = signed_in(gateway, gateway.admin_key)
+    with closing(client):
+        page = client.get("/console/")
+        scripts = [client.get(f"/console/static/{name}") for name in ("console.js", "api.js", "console.css")]
+
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert "content-security-policy" in page.headers
+    assert all(script.status_code == 200 for script in scripts)
+    assert gateway.admin_key not in page.text and not any(gateway.admin_key in s.text for s in scripts)
