@@ -203,3 +203,13 @@ def test_the_console_page_with_a_session_is_served_and_holds_no_key(gateway):
     assert "content-security-policy" in page.headers
     assert all(script.status_code == 200 for script in scripts)
     assert gateway.admin_key not in page.text and not any(gateway.admin_key in s.text for s in scripts)
+
+
+def test_behind_a_tls_proxy_the_setting_makes_the_cookie_secure(tmp_path, simulator):
+    env = {"GATEWAY_CONSOLE_SECURE_COOKIE": "true"}
+    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        with httpx.Client(base_url=gateway.url) as client:
+            answer = client.post(SESSION, json={"key": gateway.admin_key})
+
+    assert answer.status_code == 200
+    assert "secure" in [part.strip().lower() for part in answer.headers["set-cookie"].split(";")]
