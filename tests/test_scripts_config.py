@@ -64,6 +64,8 @@ def test_shipped_config_lists_the_specs_four_models_in_field_order(fleet: Fleet)
                 "log",
                 "max_concurrency",
                 "idle",
+                "cpus",
+                "config",
             ]
         ]
         * 4
@@ -108,6 +110,9 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "log": str(fleet.log_dir / "Qwen_Qwen3-8B_vllm.log"),
         "max_concurrency": "",
         "idle": "none",
+        "cpus": "",
+        "config": "name=Qwen/Qwen3-8B id=Qwen_Qwen3-8B aliases=qwen,q8 path=/srv/models/q8 port=9001 device=gpu "
+        "max_num_seqs=4 log=Qwen_Qwen3-8B_vllm.log idle=none api_key=k1",
     }
     assert (remote["id"], remote["base_url"], remote["port"], remote["log"]) == (
         "far-1",
@@ -116,6 +121,7 @@ def test_print_fills_defaults_and_gives_remote_models_their_url(fleet: Fleet) ->
         "",
     )
     assert (cpu["device"], cpu["gpus"], cpu["log"], cpu["idle"]) == ("cpu", "", "/var/tmp/c.log", "stop")
+    assert (cpu["cpus"], "cpus=0-3" in cpu["config"].split()) == ("0-3", True)
 
 
 def test_config_file_is_chosen_by_argument_then_environment(fleet: Fleet, tmp_path: Path) -> None:

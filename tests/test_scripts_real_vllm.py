@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.browser import Browser, screenshots_dir
 from tests.support.fleet import Fleet, cpus_allowed, live
 from tests.support.processes import free_port, http_status, process_tree, wait_until
 from tests.support.real_vllm import VLLM_ENV, tiny_model_dir, vllm_python
@@ -108,6 +109,34 @@ def test_a_real_vllm_server_refuses_a_request_without_its_fleet_made_key(fleet: 
         direct.models.list()  # any local user who skips the gateway
     keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=backend_key, max_retries=0)
     assert [model.id for model in keyed.models.list().data] == ["tiny-a"]
+
+
+def test_every_console_page_works_in_a_browser_against_real_vllm(fleet: Fleet, admin_key: str, tmp_path: Path) -> None:
+    with Browser.start(f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}", screenshots_dir(tmp_path)) as browser:
+        browser.open("/console/sign-in")
+        browser.sign_in(admin_key)
+        browser.wait(lambda: browser.url.endswith("/console/#/overview"))
+        for model in ("tiny-a", "tiny-b"):
+            browser.wait_text(f'[data-model="{model}"] .card-head .badge', "ready")
+        browser.go("#/models/tiny-a")
+        browser.wait_text("pre.config", "device=cpu")
+        for route, heading in (("#/keys", "Keys"), ("#/usage", "Usage"), ("#/requests", "Requests")):
+            browser.go(route)
+            browser.wait_text("main h1", heading)
+            browser.wait(lambda: browser.all("main table"), message=f"{route} showed no table")  # its data came
+            shown = [error.text for error in browser.all(".page-error") if error.text.strip()]
+            assert shown == [], route  # the page's own error line, empty when all its calls answered
+        browser.go("#/playground")
+        browser.select("Model", "tiny-a (ready)")
+        browser.field("Max tokens").clear()
+        browser.field("Max tokens").send_keys("6")
+        browser.field("Message").send_keys("hello")
+        browser.button("Send").click()
+        done = browser.wait_text(".turn.assistant .turn-meta", "tokens", timeout=120)
+        problems = browser.problems()
+
+    assert "6 tokens" in done
+    assert problems == []
 
 
 def test_numactl_binds_every_process_of_each_vllm_server_to_its_cpu(fleet: Fleet, admin_key: str) -> None:

@@ -74,3 +74,22 @@ def test_usage_pages_sum_the_same_rows_by_key_and_model(store: SQLiteUsageStore)
         ("key_a", None, 6, 60),
         ("key_b", None, 4, 40),
     ]
+
+
+@pytest.mark.parametrize("by", [(), ("api_key_id",), ("model",), ("api_key_id", "model")])
+@pytest.mark.parametrize("width", [HOUR, 24 * HOUR])
+def test_the_stores_sums_in_sql_equal_the_rows_added_up(store: SQLiteUsageStore, by, width) -> None:
+    rows = store.rows(0, NOW + HOUR)
+    names = [{"api_key_id": "key", "model": "model"}[group] for group in by]
+    expected = {}
+    for group, counts in totals(rows, [*names, "hour"]).items():
+        named = dict(zip([*names, "hour"], group, strict=True))
+        where = (int(named["hour"]) // width * width, named.get("key"), named.get("model"))
+        sums = expected.setdefault(where, [0, 0, 0])
+        for index in range(3):
+            sums[index] += counts[index]
+
+    found = {(bucket, key, model): [r, p, c] for bucket, key, model, r, p, c in store.sums(0, NOW + HOUR, width, by)}
+    assert found == expected
+    filtered = store.sums(0, NOW + HOUR, width, by, key_ids=["key_b"], models=["m1"])
+    assert [row[3:] for row in filtered] == [(4, 40, 400)]

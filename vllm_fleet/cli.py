@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from .commands import command_text, server_command, shell_word, without_api_keys
+from .commands import command_text, config_line, server_command, shell_word, without_api_keys
 from .config import MODEL_KEYS, Fleet, duration_seconds, load_fleet
 from .document import DocumentError, encode_fields, read_document
 from .machine import binding_notice, look_at_host, machine_problems
@@ -77,6 +77,8 @@ def command_models(args: argparse.Namespace, environ: Mapping[str, str]) -> None
             "" if model.is_remote else fleet.log_path(model),
             f"{index}.base_url",
             fleet.base_url(model),
+            f"{index}.config_line",
+            config_line(model),
         ]
     sys.stdout.buffer.write(encode_fields(values))
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Fleet, ModelSpec, split_words
+from .config import MODEL_KEYS, Fleet, ModelSpec, split_words
 from .placement import Place
 
 # The thread counts follow the model's CPU set; the rest is the spec's tuning. A variable of the
@@ -171,6 +171,12 @@ def shell_word(word: str) -> str:
     if SAFE_WORD.fullmatch(word):
         return word
     return "'" + word.replace("'", "'\\''") + "'"
+
+
+def config_line(model: ModelSpec) -> str:
+    """The model's `vllm_model` words as the fleet reads them (defaults filled, unset keys left out),
+    each quoted for bash when it needs it, for the gateway's console."""
+    return " ".join(shell_word(f"{key}={value}") for key in MODEL_KEYS if (value := model.value(key)))
 
 
 def command_text(log: str, argv: list[str]) -> str:

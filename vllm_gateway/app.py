@@ -15,9 +15,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from . import errors, metrics_http, proxy
+from . import console_api, errors, metrics_http, proxy
 from .access_log import key_label, setup_logging
 from .api import router
+from .console.routes import router as console_router
+from .console_figures import keep_sampling
 from .errors import GatewayError
 from .health import HealthChecker, probe_pool
 from .keystore import KeyFileError, KeyStore
@@ -174,6 +176,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
         await state.health.check_all()
         await state.admission.start()
         tasks = [asyncio.create_task(state.health.run()), asyncio.create_task(watch_key_file(state))]
+        snapshots = settings.run_dir if settings.workers > 1 else None  # the other workers' figures
+        sampling = keep_sampling(state.figures, state.metrics, snapshots, settings.console_sample_seconds)
+        tasks.append(asyncio.create_task(sampling))
         window_file = kept_windows(settings, state.limiter)
         if window_file is not None:
             tasks.append(asyncio.create_task(window_file.keep(settings.limit_state_flush_seconds)))
@@ -215,7 +220,9 @@ def create_app(settings: Settings | None = None) -> Gateway:
     )
     api.state.gateway = state
     api.include_router(router)
+    api.include_router(console_api.router)
     api.include_router(metrics_http.router)
+    api.include_router(console_router)
     add_error_handlers(api)
     return Gateway(state, api, hooks)
 

@@ -83,6 +83,30 @@ def forbidden(message: str) -> GatewayError:
     return GatewayError(403, message, "permission_error", "forbidden")
 
 
+def console_session_invalid() -> GatewayError:
+    return GatewayError(
+        401,
+        "The console session has ended or is not valid. Sign in again at /console/sign-in.",
+        "invalid_request_error",
+        "invalid_session",
+    )
+
+
+def csrf_failed(how: str) -> GatewayError:
+    """A console session's request that changes something, sent `how` (console/session.py)."""
+    return GatewayError(403, f"Refused: a change sent with a console session {how}.", "permission_error", "csrf_failed")
+
+
+def too_many_sign_ins(limit: str) -> GatewayError:
+    return GatewayError(
+        429,
+        f"Too many console sign-in attempts from this address ({limit}). Wait a minute and try again.",
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        headers=[retry_after_header(60)],
+    )
+
+
 def admin_required() -> GatewayError:
     return GatewayError(403, "This endpoint needs an admin API key.", "permission_error", "admin_required")
 

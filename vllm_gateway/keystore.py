@@ -424,6 +424,10 @@ class KeyStore:
             self._write(content)
         return len(content.keys)
 
+    def by_id(self, key_id: str) -> KeyRecord | None:
+        """The key of this id as the file has it now (a console session's, console/session.py)."""
+        return self._records.get(key_id)
+
     def records(self) -> list[KeyRecord]:
         return [
             record.model_copy(update={"last_used_at": max(record.last_used_at or 0, self._used[record.id])})

@@ -37,6 +37,14 @@ class BackendSpec:
     # No api_key in the config: the fleet made the server a key of its own (run/<id>.api_key), which
     # the gateway reads there (health.py) and sends upstream. False with api_key=none or a url=.
     fleet_key: bool = False
+    # Where it runs and what the console shows of it: gpu or cpu, its GPUs (0,1) and the config's CPU
+    # list (empty: derived from the GPUs at start), its log file (empty for a url=), and its
+    # `vllm_model` words as the fleet reads them (print_model_config.sh's config=, key included).
+    device: str = "gpu"
+    gpus: str = ""
+    cpus: str = ""
+    log_path: str = ""
+    config_line: str = ""
 
     @property
     def capacity(self) -> int | None:
@@ -74,4 +82,9 @@ def parse_line(line: str) -> BackendSpec:
         remote=remote,
         idles=fields.get("idle", "none") != "none",
         fleet_key=not api_key and not remote,
+        device=fields.get("device") or "gpu",
+        gpus=fields.get("gpus", ""),
+        cpus=fields.get("cpus", ""),
+        log_path=fields.get("log", ""),
+        config_line=fields.get("config", ""),
     )

@@ -113,7 +113,7 @@ def server_hooks(state: GatewayState, limits: Limits, cap: ConnectionCap) -> Ser
     def check(exchange: Exchange) -> GatewayError | None:
         if exchange.path == metrics_http.METRICS_PATH:
             return metrics_http.check_head(state, exchange)
-        return check_head(state.keys, exchange)
+        return check_head(state.keys, exchange, state.sessions)
 
     def log_rejection(exchange: Exchange | None, status: int) -> None:
         key = exchange.key if exchange is not None else None

@@ -126,6 +126,28 @@ class Settings(BaseSettings):
     queue_timeout: float = Field(60.0, gt=0)
     queue_limit: int = Field(100, ge=0)
 
+    # -- the web console at /console/ (docs/console.md) --
+    # Off: /console/ answers 404 and a session cookie is no key.
+    console: bool = True
+    # A console session lasts this long after sign-in (a rotated or revoked key ends it sooner).
+    console_session_seconds: float = Field(12 * 3600.0, gt=0, le=30 * 86400)
+    # Sign-in attempts per client address, in the rate limits' syntax: a key cannot be guessed by trying.
+    console_sign_in_limit: str = "10/minute"
+    # The secret that signs session cookies. None: console_secret beside the key file.
+    console_secret_file: Path | None = None
+    # The cookie's Secure flag. None: set when the request came over HTTPS; true behind a TLS proxy.
+    console_secure_cookie: bool | None = None
+
+    # -- the console's data: /admin/overview, /admin/models/{id}, /admin/requests (console_api.py) --
+    # How often the overview's history reads the metrics' counters (console_figures.py): the finest
+    # step of its per-minute rows and of its tokens per second.
+    console_sample_seconds: float = Field(2.0, gt=0, le=60)
+    # The most of the request log's end (and of its rotated copy) one call of /admin/requests, or a model
+    # server's recent errors, reads: a filter that matches no recent line costs this, not the whole log.
+    console_request_scan_bytes: int = Field(16 * 1024 * 1024, ge=64 * 1024)
+    # The most of a model server's log end GET /admin/models/{id} reads for its last 100 lines.
+    console_log_tail_bytes: int = Field(1024 * 1024, ge=4096)
+
     # -- metrics: GET /metrics (docs/metrics.md) --
     # Off: nothing is recorded and /metrics answers 404 (the benchmark's gateway-bare).
     metrics: bool = True
@@ -155,7 +177,7 @@ class Settings(BaseSettings):
     log_max_bytes: int = 50 * 1024 * 1024
     log_backups: int = 5
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "console_sign_in_limit")
     @classmethod
     def _rate_limit_parses(cls, value: str) -> str:
         from limits import parse_many
@@ -211,6 +233,10 @@ class Settings(BaseSettings):
     @property
     def usage_db_path(self) -> Path:
         return self.usage_db or self.key_file.parent / "usage.db"
+
+    @property
+    def console_secret_path(self) -> Path:
+        return self.console_secret_file or self.key_file.parent / "console_secret"
 
     @property
     def limit_state_path(self) -> Path:

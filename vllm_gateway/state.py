@@ -9,6 +9,8 @@ from .access_log import LogWriter
 from .admission.local import Admission
 from .admission.shared import SharedAdmission
 from .body_parser import BodyParser
+from .console.session import Sessions
+from .console_figures import FigureHistory
 from .health import HealthChecker
 from .key_limits import KeyLimitsCache
 from .keystore import KeyStore
@@ -39,6 +41,8 @@ class GatewayState:
     admission: Admission = field(init=False)
     key_limits: KeyLimitsCache = field(init=False)  # each key's limits in force, from its record and the settings
     wakes: WakeOnDemand = field(init=False)  # tells the supervisor of uses of servers that idle
+    sessions: Sessions | None = field(init=False)  # the console's sign-ins; None with the console off
+    figures: FigureHistory = field(init=False)  # the overview's last day of requests and tokens, sampled
 
     def __post_init__(self) -> None:
         self.key_limits = KeyLimitsCache(self.settings)
@@ -47,6 +51,12 @@ class GatewayState:
         shared = self.settings.workers > 1 and self.settings.admission
         self.admission = (SharedAdmission if shared else Admission)(self.settings, self.registry)
         self.wakes = WakeOnDemand(self.settings.run_dir)
+        self.figures = FigureHistory(self.settings.console_sample_seconds)
+        settings = self.settings
+        self.sessions = None
+        if settings.console:
+            lifetime, attempts = settings.console_session_seconds, settings.console_sign_in_limit
+            self.sessions = Sessions(settings.console_secret_path, self.keys, lifetime, attempts)
         self.admission.wake = self.wakes.wake  # a request for a dormant model wakes it
         # A scrape reads the queues and each key's requests (by name, never by key) from admission.
         self.metrics.admission = self.admission

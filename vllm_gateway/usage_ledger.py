@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger("vllm_gateway")
 
@@ -31,6 +31,8 @@ HOUR = 3600
 # (hour, key id, model) -> [requests, prompt tokens, completion tokens, errors, aborted, aborted tokens]
 Counts = list[int]
 Batch = dict[tuple[int, str, str], Counts]
+# A bucket's sums: (bucket start, key id or None, model or None, requests, prompt tokens, completion tokens)
+Sum = tuple[int, str | None, str | None, int, int, int]
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "aborted", "aborted_completion_tokens")
 
 
@@ -57,6 +59,18 @@ class UsageStore(Protocol):
 
     def rows(self, start: int, end: int, key_ids: Sequence[str] = (), models: Sequence[str] = ()) -> list[UsageRow]:
         """Rows of the hours that start in [start, end), optionally of some keys and models only."""
+
+    def sums(
+        self,
+        start: int,
+        end: int,
+        width: int,
+        by: Sequence[str],
+        key_ids: Sequence[str] = (),
+        models: Sequence[str] = (),
+    ) -> list[Sum]:
+        """Requests, prompt and completion tokens of the hours in [start, end), added up per bucket of
+        `width` seconds and per key and model where `by` names them ("api_key_id", "model")."""
 
 
 SCHEMA = """
@@ -146,15 +160,49 @@ class SQLiteUsageStore:
             return self._rows(start, end, key_ids, models)
 
     def _rows(self, start: int, end: int, key_ids: Sequence[str], models: Sequence[str]) -> list[UsageRow]:
-        query = f"SELECT hour, key_id, model, {', '.join(FIELDS)} FROM usage WHERE hour >= ? AND hour < ?"
+        where, parameters = self._where(start, end, key_ids, models)
+        query = f"SELECT hour, key_id, model, {', '.join(FIELDS)} FROM usage {where} ORDER BY hour, key_id, model"
+        return [UsageRow(*row) for row in self._query(query, parameters)]
+
+    def sums(
+        self,
+        start: int,
+        end: int,
+        width: int,
+        by: Sequence[str],
+        key_ids: Sequence[str] = (),
+        models: Sequence[str] = (),
+    ) -> list[Sum]:
+        # Summed by SQLite: a year of 100 keys' hours is some 200,000 rows, which Python would fetch
+        # and add up in over a second; SQLite does it in a fraction of that.
+        key = "key_id" if "api_key_id" in by else "NULL"
+        model = "model" if "model" in by else "NULL"
+        where, parameters = self._where(start, end, key_ids, models)
+        query = (
+            f"SELECT hour / {int(width)} * {int(width)} AS bucket, {key}, {model}, SUM(requests), SUM(prompt_tokens), "
+            f"SUM(completion_tokens) FROM usage {where} GROUP BY bucket, {key}, {model}"
+        )
+        try:
+            return self._query(query, parameters)
+        except sqlite3.OperationalError as error:
+            if not self._recreated(error):
+                raise
+            return self._query(query, parameters)
+
+    @staticmethod
+    def _where(start: int, end: int, key_ids: Sequence[str], models: Sequence[str]) -> tuple[str, list[object]]:
+        where = "WHERE hour >= ? AND hour < ?"
         parameters: list[object] = [start, end]
         for column, values in (("key_id", key_ids), ("model", models)):
             if values:
-                query += f" AND {column} IN ({', '.join('?' for _ in values)})"
+                where += f" AND {column} IN ({', '.join('?' for _ in values)})"
                 parameters += values
+        return where, parameters
+
+    def _query(self, query: str, parameters: list[object]) -> list[Any]:
         connection = self._connect()
         try:
-            return [UsageRow(*row) for row in connection.execute(query + " ORDER BY hour, key_id, model", parameters)]
+            return connection.execute(query, parameters).fetchall()
         finally:
             connection.close()
 

@@ -1,6 +1,7 @@
 """Reading the usage ledger: pages in the shape of OpenAI's organization usage API
 (`/v1/organization/usage/completions`) for `GET /admin/usage`, and the totals the `usage` and `keys
-list` commands print. Every sum of the ledger's rows is totals() here."""
+list` commands print. A page's sums are the store's (UsageStore.sums, in SQL, for a year of rows);
+the commands' are totals() here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import errors
-from .usage_ledger import FIELDS, HOUR, UsageRow, UsageStore
+from .usage_ledger import FIELDS, HOUR, Sum, UsageRow, UsageStore
 
 BUCKET_SECONDS = {"1h": HOUR, "1d": 24 * HOUR}
 # OpenAI's defaults and maxima for the number of buckets on a page.
@@ -67,16 +68,16 @@ def usage_page(store: UsageStore, query: UsageQuery, now: float | None = None) -
     # This page's buckets only, however long the span: a page holds at most `limit` of them.
     after = min(first + limit * width, end)
     starts = range(first, after, width)
-    rows = store.rows(first, starts[-1] + width, query.api_key_ids, query.models)
-    by_bucket: dict[int, list[UsageRow]] = {}
-    for row in rows:
-        by_bucket.setdefault(row.hour // width * width, []).append(row)
+    sums = store.sums(first, starts[-1] + width, width, query.group_by, query.api_key_ids, query.models)
+    by_bucket: dict[int, list[Sum]] = {}
+    for bucket_sums in sums:
+        by_bucket.setdefault(bucket_sums[0], []).append(bucket_sums)
     buckets = [
         {
             "object": "bucket",
             "start_time": start,
             "end_time": start + width,
-            "results": results(by_bucket.get(start, []), query.group_by),
+            "results": results(by_bucket.get(start, [])),
         }
         for start in starts
     ]
@@ -91,22 +92,18 @@ def whole_number(name: str, text: str, maximum: int) -> int:
     return int(text)
 
 
-def results(rows: Sequence[UsageRow], group_by: Sequence[str]) -> list[dict[str, object]]:
-    by = [name for name, group in (("key", "api_key_id"), ("model", "model")) if group in group_by]
-    groups: dict[tuple[str | None, str | None], list[int]] = {}
-    for group, counts in totals(rows, by).items():
-        named = dict(zip(by, group, strict=True))
-        groups[named.get("key"), named.get("model")] = counts
+def results(sums: Sequence[Sum]) -> list[dict[str, object]]:
+    """A bucket's results, one per group, in the order of key id and model."""
     return [
         {
             "object": "organization.usage.completions.result",
-            "input_tokens": counts[PROMPT],
-            "output_tokens": counts[COMPLETION],
-            "num_model_requests": counts[REQUESTS],
+            "input_tokens": prompt,
+            "output_tokens": completion,
+            "num_model_requests": requests,
             "api_key_id": key_id,
             "model": model,
         }
-        for (key_id, model), counts in sorted(groups.items(), key=lambda item: (item[0][0] or "", item[0][1] or ""))
+        for _, key_id, model, requests, prompt, completion in sorted(sums, key=lambda s: (s[1] or "", s[2] or ""))
     ]
 
 
@@ -123,8 +120,8 @@ def totals(rows: Iterable[UsageRow], by: Sequence[str]) -> dict[tuple[str, ...],
 
 def key_totals(store: UsageStore, since: int) -> dict[str, tuple[int, int, int]]:
     """Requests, prompt and completion tokens of each key id in the hours from that of `since` on."""
-    groups = totals(store.rows(since // HOUR * HOUR, NO_END), ["key"])
-    return {key_id: (counts[REQUESTS], counts[PROMPT], counts[COMPLETION]) for (key_id,), counts in groups.items()}
+    sums = store.sums(since // HOUR * HOUR, NO_END, NO_END, ["api_key_id"])  # one bucket: all of it
+    return {str(key_id): (requests, prompt, completion) for _, key_id, _, requests, prompt, completion in sums}
 
 
 def usage_table(
