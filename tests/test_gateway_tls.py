@@ -342,3 +342,13 @@ def test_no_warning_with_tls_or_on_loopback(tmp_path, gateway):
 )
 def test_loopback_hosts_are_told_from_the_others(host, expected):
     assert loopback(host) is expected
+
+
+def test_a_console_session_over_https_gets_a_secure_cookie(gateway):
+    with gateway.http() as client:
+        answer = client.post("/console/api/session", json={"key": gateway.admin_key})
+        with_cookie = client.get("/console/api/session")
+
+    assert answer.status_code == 200
+    assert "secure" in [part.strip().lower() for part in answer.headers["set-cookie"].split(";")]
+    assert with_cookie.status_code == 200  # the client sends a Secure cookie back over HTTPS
