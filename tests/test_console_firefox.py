@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +20,13 @@ WAIT_S = 30.0  # a liveness bound for what a page shows
 
 
 class Firefox:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, log: Path) -> None:
         from marionette_driver.marionette import Marionette
 
         binary = shutil.which("firefox-esr") or shutil.which("firefox")
         assert binary, "firefox-esr is missing: scripts/install_test_deps.sh installs it"
         self.base_url = base_url
-        self.client = Marionette(bin=binary, headless=True)
+        self.client = Marionette(bin=binary, headless=True, gecko_log=str(log))  # else gecko.log in the cwd
         self.client.start_session()
 
     def quit(self) -> None:
@@ -62,8 +63,8 @@ class Firefox:
 
 
 @pytest.fixture(scope="module")
-def firefox(gateway: Gateway) -> Iterator[Firefox]:
-    browser = Firefox(gateway.url)
+def firefox(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Firefox]:
+    browser = Firefox(gateway.url, tmp_path_factory.mktemp("firefox-log") / "gecko.log")
     try:
         yield browser
     finally:
