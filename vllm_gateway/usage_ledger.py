@@ -152,14 +152,6 @@ class SQLiteUsageStore:
             connection.close()
 
     def rows(self, start: int, end: int, key_ids: Sequence[str] = (), models: Sequence[str] = ()) -> list[UsageRow]:
-        try:
-            return self._rows(start, end, key_ids, models)
-        except sqlite3.OperationalError as error:
-            if not self._recreated(error):
-                raise
-            return self._rows(start, end, key_ids, models)
-
-    def _rows(self, start: int, end: int, key_ids: Sequence[str], models: Sequence[str]) -> list[UsageRow]:
         where, parameters = self._where(start, end, key_ids, models)
         query = f"SELECT hour, key_id, model, {', '.join(FIELDS)} FROM usage {where} ORDER BY hour, key_id, model"
         return [UsageRow(*row) for row in self._query(query, parameters)]
@@ -182,12 +174,7 @@ class SQLiteUsageStore:
             f"SELECT hour / {int(width)} * {int(width)} AS bucket, {key}, {model}, SUM(requests), SUM(prompt_tokens), "
             f"SUM(completion_tokens) FROM usage {where} GROUP BY bucket, {key}, {model}"
         )
-        try:
-            return self._query(query, parameters)
-        except sqlite3.OperationalError as error:
-            if not self._recreated(error):
-                raise
-            return self._query(query, parameters)
+        return self._query(query, parameters)
 
     @staticmethod
     def _where(start: int, end: int, key_ids: Sequence[str], models: Sequence[str]) -> tuple[str, list[object]]:
@@ -200,6 +187,15 @@ class SQLiteUsageStore:
         return where, parameters
 
     def _query(self, query: str, parameters: list[object]) -> list[Any]:
+        """The query's rows; once more from a new file when the ledger was deleted (_recreated)."""
+        try:
+            return self._fetch(query, parameters)
+        except sqlite3.OperationalError as error:
+            if not self._recreated(error):
+                raise
+            return self._fetch(query, parameters)
+
+    def _fetch(self, query: str, parameters: list[object]) -> list[Any]:
         connection = self._connect()
         try:
             return connection.execute(query, parameters).fetchall()
