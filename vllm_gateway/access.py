@@ -41,8 +41,8 @@ def authenticate(keys: KeyStore, authorization: bytes, query_string: bytes) -> K
     return record
 
 
-def sends_key(exchange: Exchange) -> bool:
-    return bool(exchange.header(b"authorization")) or b"api_key=" in exchange.query_string
+def sends_key(authorization: bytes, query_string: bytes) -> bool:
+    return bool(authorization) or b"api_key=" in query_string
 
 
 def check_head(keys: KeyStore, exchange: Exchange, sessions: Sessions | None = None) -> GatewayError | None:
@@ -50,16 +50,20 @@ def check_head(keys: KeyStore, exchange: Exchange, sessions: Sessions | None = N
     exchange.key set to the caller's key where one was sent)."""
     if sessions is not None and (exchange.path == CONSOLE_PATH or exchange.path.startswith("/console/")):
         return exchange.declared_size_error()
+    # The Authorization header is looked up once: a keyed request (the relay's) pays nothing more than
+    # before sessions existed.
+    authorization = exchange.header(b"authorization")
+    keyed = sends_key(authorization, exchange.query_string)
     cookie = b""
-    if sessions is not None and not sends_key(exchange):
+    if sessions is not None and not keyed:
         cookie = exchange.header(b"cookie")
         cookie = cookie if SESSION_COOKIE in cookie else b""
-    if exchange.path not in PUBLIC_PATHS or sends_key(exchange) or cookie:
+    if keyed or cookie or exchange.path not in PUBLIC_PATHS:
         try:
             if cookie and sessions is not None:
                 exchange.key = session_key(sessions, exchange, cookie)
             else:
-                exchange.key = authenticate(keys, exchange.header(b"authorization"), exchange.query_string)
+                exchange.key = authenticate(keys, authorization, exchange.query_string)
         except GatewayError as error:
             return error
         if exchange.path.startswith("/admin/") and not exchange.key.admin:

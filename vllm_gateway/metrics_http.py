@@ -51,7 +51,7 @@ def check_access(
     """None when this client may scrape: from an allowed network, or with an admin key. A key that is
     sent is checked wherever the client is (401 when it is wrong)."""
     allowed = allowed_client(settings, host)
-    if authorization or b"api_key=" in query:
+    if sends_key(authorization, query):
         try:
             key = authenticate(keys, authorization, query)
         except GatewayError as error:
@@ -74,7 +74,7 @@ def access_error(state: GatewayState, exchange: Exchange) -> GatewayError | None
         state.settings,
         state.keys,
         client[0] if client else None,
-        exchange.header(b"authorization") if sends_key(exchange) else b"",
+        exchange.header(b"authorization"),
         exchange.query_string,
     )
     return exchange.declared_size_error() if error is None else error
