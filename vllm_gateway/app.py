@@ -205,10 +205,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
             if state.ledger is not None:
                 await state.ledger.stop()
             if window_file is not None:
-                try:
-                    await asyncio.to_thread(window_file.save)
-                except OSError as error:
-                    log.warning("rate-limit windows not written to %s: %s", window_file.path, error)
+                await window_file.save()
             state.upstream.close()
             state.body_parser.close()
             probes.close()

@@ -55,12 +55,18 @@ class WindowFile:
         self.saved_changes = self.windows.changes
         return len(restored)
 
-    def save(self) -> None:
-        """Write the open windows, if they changed since the last write."""
+    async def save(self) -> None:
+        """Write the open windows, if they changed since the last write, from a thread; a write that
+        fails is logged, and tried again at the next."""
         changes = self.windows.changes
         if changes == self.saved_changes:
             return
-        self._write(self._open_windows())
+        entries = self._open_windows()  # on the loop: the requests change the dictionary there
+        try:
+            await asyncio.to_thread(self._write, entries)
+        except OSError as error:
+            log.warning("rate-limit windows not written to %s: %s", self.path, error)
+            return
         self.saved_changes = changes
 
     def _open_windows(self) -> list[list[object]]:
@@ -73,16 +79,7 @@ class WindowFile:
         write_private(self.path, raw.encode())
 
     async def keep(self, interval: float) -> None:
-        """Write the windows every `interval` seconds when they changed, from a thread."""
+        """Write the windows every `interval` seconds when they changed."""
         while True:
             await asyncio.sleep(interval)
-            changes = self.windows.changes
-            if changes == self.saved_changes:
-                continue
-            entries = self._open_windows()  # on the loop: the requests change the dictionary there
-            try:
-                await asyncio.to_thread(self._write, entries)
-            except OSError as error:
-                log.warning("rate-limit windows not written to %s: %s", self.path, error)
-                continue
-            self.saved_changes = changes
+            await self.save()
