@@ -143,14 +143,12 @@ export function lineChart({ title, start, step, series, unit, tableEvery = 1 }) 
     svg.append(s("polyline", { class: `line series-${index % SERIES_CLASSES}`, points }));
   });
   const label = (moment) => timeLabel(moment, span) + (tableEvery > 1 ? ` (${num(tableEvery)} min)` : "");
-  return h(
-    "figure",
-    { class: "chart-figure" },
-    h("figcaption", { text: title }),
-    svg,
-    legend(series),
-    figuresTable(title, series, start, step, tableEvery, label),
-  );
+  return chartFigure(title, svg, series, figuresTable(title, series, start, step, tableEvery, label));
+}
+
+// A chart as a page shows it: its title, the drawing, its legend and the hidden table of its figures.
+function chartFigure(title, svg, series, table) {
+  return h("figure", { class: "chart-figure" }, h("figcaption", { text: title }), svg, legend(series), table);
 }
 
 // A usage bucket's name: its UTC day, or its UTC hour (with the day when the range is longer).
@@ -193,12 +191,5 @@ export function barChart({ title, start, step, series, unit }) {
       base += value;
     });
   }
-  return h(
-    "figure",
-    { class: "chart-figure" },
-    h("figcaption", { text: title }),
-    svg,
-    legend(series),
-    figuresTable(title, series, start, step, 1, name),
-  );
+  return chartFigure(title, svg, series, figuresTable(title, series, start, step, 1, name));
 }
