@@ -5,7 +5,8 @@
 # scripts use to run vllm_api_server.py. Safe to run again: nothing is reinstalled while
 # requirements.txt is unchanged. vLLM itself is installed separately on the GPU hosts.
 #
-# Environment: PYTHON (default python3) makes the virtualenv; PIP_ARGS adds pip arguments.
+# Environment: PYTHON makes the virtualenv (default: the fastest Python 3.11+ found, which it says);
+# PIP_ARGS adds pip arguments.
 #
 # Exit status: 0 installed, 1 something failed, 2 bad command line.
 set -euo pipefail

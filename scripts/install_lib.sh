@@ -2,7 +2,8 @@
 # scripts/install_lib.sh: what the install scripts share (virtualenvs, system packages); sourced.
 #
 # Settings from the environment:
-#   PYTHON         interpreter the virtualenvs are made from (default: python3)
+#   PYTHON         interpreter the virtualenvs are made from (default: the fastest Python 3.11+
+#                  found, pick_python)
 #   PIP_ARGS       extra `pip install` arguments, e.g. "--extra-index-url URL" (split on spaces)
 
 # shellcheck source=scripts/lib.sh
@@ -114,12 +115,42 @@ pip_install() {
     "$venv/bin/python" -m pip install --disable-pip-version-check "${quiet[@]}" "${extra[@]}" "$@"
 }
 
+# Interpreters pick_python tries, besides PYTHON: what `python3` is on the PATH, newer releases found
+# beside it, and the system's own (often faster than one found first on the PATH: see python_speed.py).
+PYTHON_CANDIDATES=(python3 python3.13 python3.12 python3.11 /usr/bin/python3 /usr/local/bin/python3)
+
+# pick_python: print the interpreter to make a virtualenv from: PYTHON when set; else, of
+# PYTHON_CANDIDATES that can make one (3.11 or newer, with venv), the fastest at the pure-Python work
+# scripts/python_speed.py times; else INSTALL_PYTHON. What was found goes to stderr.
+pick_python() {
+    if [[ -n "${PYTHON:-}" ]]; then
+        printf '%s\n' "$PYTHON"
+        return 0
+    fi
+    local candidate report executable version micros best="" best_micros=""
+    local -a seen=()
+    for candidate in "${PYTHON_CANDIDATES[@]}"; do
+        command -v "$candidate" >/dev/null 2>&1 || continue
+        report="$("$candidate" "$VLLM_REPO_DIR/scripts/python_speed.py" 2>/dev/null)" || continue
+        read -r executable version micros <<<"$report"
+        [[ " ${seen[*]} " == *" $executable "* ]] && continue
+        seen+=("$executable")
+        info "found Python $version at $executable: $micros us for python_speed.py's work"
+        if [[ -z "$best" ]] || ((micros < best_micros)); then
+            best="$executable"
+            best_micros="$micros"
+        fi
+    done
+    printf '%s\n' "${best:-$INSTALL_PYTHON}"
+}
+
 # make_venv DIR: create the virtualenv DIR unless it already has a python.
 make_venv() {
-    local dir="$1"
+    local dir="$1" python
     [[ -x "$dir/bin/python" ]] && return 0
-    info "creating $(display_path "$dir")"
-    "$INSTALL_PYTHON" -m venv "$dir"
+    python="$(pick_python)"
+    info "creating $(display_path "$dir") from $python"
+    "$python" -m venv "$dir"
 }
 
 # requirements_digest FILE: checksum of FILE and the files it includes with -r (one level).

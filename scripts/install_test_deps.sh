@@ -15,8 +15,9 @@
 #   --no-vllm    skip .venv-vllm and the tiny model (about 3.5 GB and 3 minutes)
 #   -h, --help   show this help
 #
-# Environment: PYTHON (default python3) makes the virtualenvs; PIP_ARGS adds pip arguments (for
-# example "--extra-index-url https://download.pytorch.org/whl/cpu" where pip cannot find the CPU torch).
+# Environment: PYTHON makes the virtualenvs (default: the fastest Python 3.11+ found, which it says);
+# PIP_ARGS adds pip arguments (for example "--extra-index-url https://download.pytorch.org/whl/cpu"
+# where pip cannot find the CPU torch).
 #
 # Exit status: 0 ready, 1 something failed, 2 bad command line.
 set -euo pipefail
