@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-ROUNDS = 5
+ROUNDS = 30
 
 
 def work() -> int:

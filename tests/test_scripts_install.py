@@ -67,6 +67,14 @@ def test_the_fastest_interpreter_that_can_make_a_venv_is_picked_and_each_found_i
     assert "3.11.7 at /usr/lib/slow/python3.11: 5000 us" in done.stderr
 
 
+def test_an_interpreter_less_than_a_tenth_faster_does_not_replace_the_one_found_first(tmp_path: Path) -> None:
+    first = stub_python(tmp_path, "first", "/usr/lib/first/python3.12 3.12.1 3000")
+    close = stub_python(tmp_path, "close", "/usr/lib/close/python3.11 3.11.2 2800")
+    done = bash(f"PYTHON_CANDIDATES=({first} {close}); pick_python", env={"PYTHON": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "/usr/lib/first/python3.12"
+
+
 def test_without_any_usable_interpreter_python3_is_kept(tmp_path: Path) -> None:
     broken = stub_python(tmp_path, "broken", "", status=1)
     done = bash(f"PYTHON_CANDIDATES=({broken}); pick_python", env={"PYTHON": ""})
