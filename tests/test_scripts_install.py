@@ -67,6 +67,24 @@ def test_the_fastest_interpreter_that_can_make_a_venv_is_picked_and_each_found_i
     assert "3.11.7 at /usr/lib/slow/python3.11: 5000 us" in done.stderr
 
 
+def test_each_interpreter_is_judged_by_its_best_round_so_one_slow_moment_does_not_decide(tmp_path: Path) -> None:
+    steady = stub_python(tmp_path, "steady", "/usr/lib/steady/python3.11 3.11.7 3000")
+    calls = tmp_path / "calls"
+    unlucky = tmp_path / "unlucky"
+    # Its first round falls on a busy moment of the machine; the later ones do not.
+    unlucky.write_text(
+        f"#!/bin/sh\necho x >> {calls}\n"
+        f'if [ "$(wc -l < {calls})" -eq 1 ]; then echo "/usr/lib/unlucky/python3.11 3.11.2 9000"; '
+        'else echo "/usr/lib/unlucky/python3.11 3.11.2 2200"; fi\n'
+    )
+    unlucky.chmod(0o755)
+    done = bash(f"PYTHON_CANDIDATES=({steady} {unlucky}); pick_python", env={"PYTHON": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "/usr/lib/unlucky/python3.11"
+    assert len(calls.read_text().splitlines()) == 3  # PYTHON_SPEED_ROUNDS
+    assert "3.11.2 at /usr/lib/unlucky/python3.11: 2200 us" in done.stderr
+
+
 def test_an_interpreter_less_than_a_tenth_faster_does_not_replace_the_one_found_first(tmp_path: Path) -> None:
     first = stub_python(tmp_path, "first", "/usr/lib/first/python3.12 3.12.1 3000")
     close = stub_python(tmp_path, "close", "/usr/lib/close/python3.11 3.11.2 2800")
