@@ -6,12 +6,13 @@
 # the coverage floor of pyproject.toml ([tool.coverage.report] fail_under).
 # Run scripts/install_test_deps.sh once first. PYTEST ARGS go to pytest (a file, -k EXPR, -x, ...);
 # with any of them the coverage floor is not applied, since a part of the suite covers less.
-# The whole suite runs on TEST_WORKERS pytest-xdist workers (default: two per core, at most 8), one test
-# file per worker at a time (--dist loadfile), so that a file's gateway and simulator are started once.
-# Many tests wait on processes (a start, a health round, a timeout) rather than compute, so more workers
-# than cores fill those waits: on two cores the parallel phase took 14:02 with 2 workers, 10:58 with 3
-# and 9:14 with 4 (docs/development.md). Tests marked `alone` (real vLLM, which answers its health
-# checks late when another test computes beside it) run after them, one at a time.
+# The whole suite runs on TEST_WORKERS pytest-xdist workers (default: one more than the cores, at most
+# 8), one test file per worker at a time (--dist loadfile), so that a file's gateway and simulator are
+# started once. Many tests wait on processes (a start, a health round, a timeout) rather than compute,
+# so a worker beyond the cores fills those waits: on two cores the parallel phase took 14:02 with 2
+# workers and 10:58 with 3. With 4 it took 9:14, but a test that waits for a restarted server under
+# that load failed once in two runs (docs/development.md). Tests marked `alone` (real vLLM, which
+# answers its health checks late when another test computes beside it) run after them, one at a time.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -21,11 +22,11 @@ PYTHON="$REPO_DIR/.venv/bin/python"
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
-# default_workers: two pytest-xdist workers per core, at most 8.
+# default_workers: one pytest-xdist worker more than the cores, at most 8.
 default_workers() {
     local cores
     cores="$(nproc 2>/dev/null || echo 1)"
-    echo $((cores * 2 > 8 ? 8 : cores * 2))
+    echo $((cores + 1 > 8 ? 8 : cores + 1))
 }
 
 main() {
