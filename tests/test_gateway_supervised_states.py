@@ -4,13 +4,14 @@ supervisor says in the run directory, else down; and a model's state from its re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
 from tests.support.processes import free_port
-from vllm_gateway.health import probe, probe_pool, supervisor_view
+from vllm_gateway.health import check_backend, probe, probe_pool, supervisor_view
 from vllm_gateway.model_config import BackendSpec
 from vllm_gateway.registry import Backend, BackendState, Model
 
@@ -87,3 +88,39 @@ def test_a_model_waits_for_a_dormant_replica_but_not_for_a_failed_one() -> None:
         assert model.wakeable is wakeable
     backend.state = BackendState.STOPPED
     assert model.state is BackendState.STOPPED and model.wakeable
+
+
+def test_a_server_restarted_while_its_probe_waited_is_ready_with_the_restarts_said_after_it(tmp_path: Path) -> None:
+    """The probe reads the supervisor's view, then asks the server; on a busy host the supervisor may
+    restart the server in between. The view after the answer counts: 1 restart, not the 0 of before."""
+    supervised(tmp_path, "run T1", {"state": "restarting", "token": "T1", "restarts": 0, "reason": "killed"})
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the pool closes its connection at the end
+            while request := await reader.readuntil(b"\r\n\r\n"):
+                await reply(request, writer)
+
+    async def reply(request: bytes, writer: asyncio.StreamWriter) -> None:
+        if request.startswith(b"GET /health"):
+            # The supervisor's restart, written while this probe waits for its answer.
+            supervised(tmp_path, "run T1", {"state": "loading", "token": "T1", "restarts": 1, "reason": ""})
+            body = b""
+        else:
+            body = json.dumps({"data": [{"id": "beta"}]}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    async def run() -> tuple[bool, Backend]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        backend = Backend(BackendSpec("beta", "beta", (), "/m", f"http://127.0.0.1:{port}", None, None))
+        pool = probe_pool(65536)
+        try:
+            return await check_backend(pool, backend, tmp_path), backend
+        finally:
+            pool.close()
+            server.close()
+
+    changed, backend = asyncio.run(run())
+    assert changed and backend.state is BackendState.READY
+    assert backend.restarts == 1

@@ -112,6 +112,10 @@ async def check_backend(pool: UpstreamPool, backend: Backend, run_dir: Path) -> 
     state, detail, listed = await probe(pool, backend, run_dir, view)
     if listed is not None:
         backend.served = listed
+    if state is BackendState.READY:
+        # The supervisor may have restarted the server while the probe waited (a busy host): a server
+        # that answers now is counted with the restarts said now, not those of before its restart.
+        view = supervisor_view(run_dir, backend.spec.id) or view
     restarts = view.get("restarts")
     backend.restarts = restarts if isinstance(restarts, int) else 0
     backend.wakes = wake_figures(view)
