@@ -10,9 +10,10 @@
 # 8), one test file per worker at a time (--dist loadfile), so that a file's gateway and simulator are
 # started once. Many tests wait on processes (a start, a health round, a timeout) rather than compute,
 # so a worker beyond the cores fills those waits: on two cores the parallel phase took 14:02 with 2
-# workers and 10:58 with 3. With 4 it took 9:14, but a test that waits for a restarted server under
-# that load failed once in two runs (docs/development.md). Tests marked `alone` (real vLLM, which
-# answers its health checks late when another test computes beside it) run after them, one at a time.
+# workers and 10:58 with 3. With 4 it took 9:14, and a test caught a race in the health check under
+# that load once in two runs (mended since); 3 stays until 4 has more green runs (docs/development.md).
+# Tests marked `alone` (real vLLM, which answers its health checks late when another test computes
+# beside it) run after them, one at a time.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
