@@ -1,7 +1,7 @@
 """Run by a candidate interpreter for the gateway's virtualenv (scripts/install_lib.sh, pick_python):
-prints `EXECUTABLE VERSION MICROSECONDS`, the time this interpreter takes for a fixed piece of pure-Python work
-of the kind the relay does per request (calls, dict lookups, bytes joins, f-strings), best of a few
-rounds. Exit status 1 when it cannot make the virtualenv (older than 3.11, or no venv/ensurepip).
+prints `EXECUTABLE VERSION MICROSECONDS`, the time this interpreter takes for a fixed piece of
+pure-Python work of the kind the relay does per request (calls, dict lookups, bytes joins, f-strings),
+best of ROUNDS. Exit status 1 when it cannot make the virtualenv (older than 3.11, or no venv).
 
 Why measure rather than trust the version: the same CPython release runs the gateway about 1.3x faster
 when built with profile-guided and link-time optimisation (Debian's and Ubuntu's python3 are; pyenv's
