@@ -162,13 +162,18 @@ pick_python() {
     printf '%s\n' "${best:-$INSTALL_PYTHON}"
 }
 
+# The interpreter pick_python chose, once per install: install_test_deps.sh makes two virtualenvs.
+PICKED_PYTHON=""
+
 # make_venv DIR: create the virtualenv DIR unless it already has a python.
 make_venv() {
-    local dir="$1" python
+    local dir="$1"
     [[ -x "$dir/bin/python" ]] && return 0
-    python="$(pick_python)"
-    info "creating $(display_path "$dir") from $python"
-    "$python" -m venv "$dir"
+    if [[ -z "$PICKED_PYTHON" ]]; then
+        PICKED_PYTHON="$(pick_python)"
+    fi
+    info "creating $(display_path "$dir") from $PICKED_PYTHON"
+    "$PICKED_PYTHON" -m venv "$dir"
 }
 
 # requirements_digest FILE: checksum of FILE and the files it includes with -r (one level).
