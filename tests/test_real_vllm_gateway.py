@@ -112,9 +112,10 @@ def test_an_endpoint_vllm_lacks_for_this_model_answers_an_openai_error(real_gate
 
 
 def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
-    # 8000 tokens take vLLM about 20 s here. On two busy cores its API server sometimes hands out
-    # the first events seconds late, so a short generation could end before any abort reached it.
-    max_tokens = 8000
+    # 60,000 tokens take vLLM minutes here and tens of seconds on a fast host. Its API server can hand out
+    # the first events seconds after the engine made them, so a short generation could end before any
+    # abort reached it (8,000 tokens did, once).
+    max_tokens = 60_000
     before = metrics(vllm)["vllm:generation_tokens_total"]
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {real_gateway.key}"}) as client:
@@ -299,13 +300,13 @@ def test_a_request_given_up_on_counts_the_prompt_vllm_read(real_gateway, vllm):
         body = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "hello there " * 700}],
-            "max_tokens": 6000,
+            "max_tokens": 60_000,  # far more than any host makes in the 1.5 s the client waits
             "ignore_eos": True,
         }
         with real_gateway.http(real_gateway.key, timeout=1.5) as client, pytest.raises(httpx.ReadTimeout):
             client.post("/v1/chat/completions", json=body)
 
     ledger, (prompt, generated) = ledger_and_vllm_counts(real_gateway, vllm, 1, send)
-    assert prompt > 4000 and 0 < generated < 6000  # vLLM read the prompt and began the answer
+    assert prompt > 4000 and 0 < generated < 60_000  # vLLM read the prompt and began the answer
     # The prompt as vLLM's /tokenize counts it, which is what its usage would have said; nothing was delivered.
     assert ledger == (1, prompt, 0)
