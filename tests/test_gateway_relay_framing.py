@@ -42,14 +42,16 @@ REPLY = (
     + b'"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
 )
 LIVENESS = 10.0
+LATE_END = 1.5
 
 
 class FramingBackend(ThreadedBackend):
     """Answers a chat request with the framing its first message names: `chunked`, `length` (a
-    Content-Length), `close` (the body ends with the connection) or `gzip` (Content-Encoding: gzip,
-    with a Content-Length). A stream (`"stream": true`) is EVENTS, usage chunk included, as vLLM sends
-    it when asked for the usage (the gateway always asks); otherwise REPLY. Each body goes in three
-    pieces a little apart, so the gateway relays it as it comes rather than all at once."""
+    Content-Length), `close` (the body ends with the connection), `gzip` (Content-Encoding: gzip,
+    with a Content-Length) or `late-end` (chunked, its end sent LATE_END seconds after the rest). A
+    stream (`"stream": true`) is EVENTS, usage chunk included, as vLLM sends it when asked for the
+    usage (the gateway always asks); otherwise REPLY. Each body goes in three pieces a little apart,
+    so the gateway relays it as it comes rather than all at once."""
 
     def __init__(self) -> None:
         self.heads: list[bytes] = []
@@ -97,9 +99,14 @@ class FramingBackend(ThreadedBackend):
             head += b"Content-Encoding: gzip\r\n"
         third = len(body) // 3
         pieces = [body[:third], body[third : 2 * third], body[2 * third :]]
-        if framing == "chunked":
+        if framing in ("chunked", "late-end"):
             conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
             pieces = [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces] + [b"0\r\n\r\n"]
+            if framing == "late-end":
+                for piece in pieces[:-1]:
+                    conn.sendall(piece)
+                time.sleep(LATE_END)
+                pieces = pieces[-1:]
         elif framing == "close":
             conn.sendall(head + b"Connection: close\r\n\r\n")
         else:
@@ -230,3 +237,25 @@ def test_the_gateway_asks_the_backend_for_an_unencoded_body_whatever_the_client_
     head = backend.heads[-1].lower()
     assert b"\r\naccept-encoding: identity" in head
     assert b"gzip" not in head
+
+
+@pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
+def test_an_answers_tokens_count_before_its_client_can_take_it_for_whole(framing, kind):
+    # The openai SDK stops reading a stream at `data: [DONE]`, and the client may send its next
+    # request then. The backend ends this body LATE_END seconds after its last event: had [DONE] gone
+    # on at once, the next request would have found the first's 153 tokens (or a body's 7) uncounted.
+    gateway, _ = framing
+    key = gateway.create_key("--name", f"late-end-{kind}", "--token-limit", "1000/hour")["key"]
+    client = gateway.openai(key)
+    body = chat("late-end", kind)
+    if kind == "json":
+        answer = client.chat.completions.with_raw_response.create(**body)
+        used = answer.parse().usage.total_tokens
+    else:
+        with client.chat.completions.with_streaming_response.create(**body) as answer:
+            chunks = list(answer.parse())
+        assert [c.usage for c in chunks if c.usage] == ([] if kind == "stream" else [chunks[-1].usage])
+        used = 153
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "1000"
+    following = client.chat.completions.with_raw_response.create(**chat("chunked", "json"))
+    assert following.headers["x-ratelimit-remaining-tokens"] == str(1000 - used)

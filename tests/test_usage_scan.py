@@ -208,3 +208,34 @@ def test_a_stream_without_its_usage_counts_the_token_events_it_delivered(strip):
             meter.write(stream[start : min(cut, start + piece_size)])
         meter.rest()
         assert meter.tokens() == (None, 300), piece_size
+
+
+@pytest.mark.parametrize("strip", [False, True], ids=["usage-asked-for", "usage-removed"])
+def test_a_streams_events_pass_at_once_but_the_piece_ending_in_done_waits_for_the_end(strip):
+    from vllm_gateway.stream_usage import UsageMeter
+
+    stream = chat_stream(3, 0)
+    last = stream.rindex(b"data: {")  # the usage chunk, then [DONE]
+    client = Collected()
+    meter = UsageMeter(client, strip)
+    meter.count_events("/v1/chat/completions")
+    meter.write(stream[:last])
+    assert b"".join(client.parts) == stream[:last]  # each token's event as it came
+    meter.write(stream[last:])
+    assert b"".join(client.parts) == stream[:last]  # the end: not before the tokens are counted
+    end = meter.rest()
+    assert end.endswith(b"data: [DONE]\n\n") and (b'"usage"' in end) is not strip
+    assert meter.tokens() == (12, 3)
+
+
+def test_a_body_in_pieces_keeps_its_latest_piece_until_the_end():
+    from vllm_gateway.stream_usage import UsageMeter
+
+    body = b'{"id":"x","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    client = Collected()
+    meter = UsageMeter(client, strip=False)
+    for start in range(0, len(body), 10):
+        meter.write(body[start : start + 10])
+        assert b"".join(client.parts) == body[:start]  # a client of a sized body has it whole at its last byte
+    assert b"".join(client.parts) + meter.rest() == body
+    assert meter.tokens() == (5, 2)

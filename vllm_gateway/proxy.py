@@ -90,8 +90,9 @@ class Outcome:
     # For the usage ledger: set once the key may use the model it named.
     key_id: str = ""
     ledger_model: str = ""
-    # The key's token limit, which the answer's tokens count against when the request ends.
+    # The key's token limit, which the answer's tokens count against before the client has its end.
     token_limit: str | None = None
+    tokens_counted: bool = False
     # The backend that took the request and the body it got, once its tokens count (prompt_count.py).
     sent: tuple[Backend, bytes] | None = None
     # Seconds the request waited for a free backend (admission/local.py); None when it went at once.
@@ -165,11 +166,8 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
             # Rare: vLLM had the request but its usage never came (the client left, the backend cut
             # the answer). Its prompt counts all the same; the client is not kept waiting.
             await count_prompt(state, exchange.path, request_id, outcome)
-        # The answer is out, or its client left: its tokens (of a stream cut short, those delivered)
-        # count against the key's token limit, in full.
-        tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
-        if outcome.token_limit and tokens:
-            await state.limiter.count_tokens(outcome.key_id, outcome.token_limit, tokens)
+        # Those of an answer whose usage never came (or whose client left) count now.
+        await count_tokens(state, outcome)
         state.metrics.request(outcome, exchange.key, started)
         if outcome.ledger_model and state.ledger is not None:
             state.ledger.record(
@@ -283,8 +281,9 @@ async def relay(
             head, first, whole = await backend_errors.in_openai_shape(upstream, head, first)
         if whole:
             # A whole answer that came at once (JSON, usually): it leaves in one write with its head.
-            exchange.respond(upstream.status, head, first)
             outcome.prompt_tokens, outcome.completion_tokens = usage_in(first) or (None, None)
+            await count_tokens(state, outcome)
+            exchange.respond(upstream.status, head, first)
         else:
             # A stream, or a body still coming: the head at once, then every piece as it arrives,
             # through the meter, which finds the usage wherever the reads cut it (stream_usage.py).
@@ -295,20 +294,26 @@ async def relay(
             meter.feed(first)
             if streaming:
                 meter.count_events(exchange.path)
+            failure = b""
             try:
                 # Every piece goes to the client as it arrives, written by the response alone
-                # (upstream.Response.send_body_to), which returns once the body has all gone.
+                # (upstream.Response.send_body_to), which returns once the body has all gone but
+                # what tells the client it has the whole answer (stream_usage.UsageMeter.rest).
                 await upstream.send_body_to(meter)
-                exchange.write(meter.rest())
             except UpstreamError as error:
                 if not (streaming and exchange.chunked):
                     raise  # half a body, or one of a fixed length, cannot be mended: the connection drops
                 outcome.status = 502
                 state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error, "mid_stream"))
-                exchange.write(
-                    errors.sse_error_event(f"The server of model `{model.name}` failed during the stream: {error}.")
+                failure = errors.sse_error_event(
+                    f"The server of model `{model.name}` failed during the stream: {error}."
                 )
-            exchange.end()
+            last = meter.rest(whole_events_only=bool(failure))
+            outcome.prompt_tokens, outcome.completion_tokens = meter.tokens()
+            meter = None  # read once only: reading the tokens counts the events still kept
+            if outcome.prompt_tokens is not None:
+                await count_tokens(state, outcome)
+            exchange.end(last + failure)
             if streaming:
                 outcome.first_byte_at = upstream.first_body_at
         finished = True
@@ -321,6 +326,16 @@ async def relay(
             upstream.release()
         else:
             upstream.close()  # tells vLLM the client is gone, so it aborts the generation
+
+
+async def count_tokens(state: GatewayState, outcome: Outcome) -> None:
+    """The answer's tokens (of a stream cut short, those delivered) against its key's token limit, in
+    full, once. The relay counts them before the client has the answer's end, so that the next
+    request the client sends on seeing it finds them counted."""
+    tokens = (outcome.prompt_tokens or 0) + (outcome.completion_tokens or 0)
+    if outcome.token_limit and tokens and not outcome.tokens_counted:
+        outcome.tokens_counted = True
+        await state.limiter.count_tokens(outcome.key_id, outcome.token_limit, tokens)
 
 
 async def open_upstream(

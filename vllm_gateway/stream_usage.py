@@ -34,6 +34,8 @@ TOKEN_EVENTS = {
 # What sets vLLM's usage chunk apart (vLLM and the simulator write JSON without spaces).
 USAGE_CHUNK = b'"choices":[],'
 EVENT_END = b"\n\n"
+# A chat or text completion stream's last event: its client takes the answer for whole on reading it.
+DONE_EVENT = b"data: [DONE]\n\n"
 # How far from the end of what is passed on the usage chunk can begin: it is the stream's last event
 # but `data: [DONE]`, a few hundred bytes, and never more than a usage object's bound and its event.
 USAGE_CHUNK_WITHIN = MAX_USAGE_BYTES + 4096
@@ -108,7 +110,12 @@ class UsageMeter:
 
     When the gateway asked for the usage, only whole events are passed on, so that the usage chunk is
     always seen whole; vLLM writes whole events, so nothing waits in practice. That chunk is a stream's
-    last event but `data: [DONE]`, so only the last bytes of what is passed on are searched for it."""
+    last event but `data: [DONE]`, so only the last bytes of what is passed on are searched for it.
+
+    What tells the client it has the whole answer waits in the meter until the relay has counted the
+    answer's tokens (rest()): a stream's piece that ends in `data: [DONE]` (vLLM writes nothing after
+    it but the body's end), and the latest piece of a body that is not a stream. A client that sends
+    its next request on reading the end then finds the tokens counted against its key's limit."""
 
     __slots__ = (
         "sink",
@@ -121,6 +128,8 @@ class UsageMeter:
         "events",
         "counted_end",
         "pending",
+        "hold_last",
+        "held",
     )
 
     def __init__(self, sink: Sink, strip: bool) -> None:
@@ -134,10 +143,14 @@ class UsageMeter:
         self.events = 0  # token events in the pieces counted so far (those that left the tail)
         self.counted_end = b""  # the last bytes counted, for an event marker cut between two pieces
         self.pending = b""
+        self.hold_last = True  # a body's latest piece waits for the next (or for rest())
+        self.held = b""
 
     def count_events(self, path: str) -> None:
-        """The answer is a stream of `path`'s kind: count its token events."""
+        """The answer is a stream of `path`'s kind: count its token events, and pass each piece on at
+        once, but one that ends in `data: [DONE]`."""
         self.marker, self.opening_events = TOKEN_EVENTS.get(path, (b"", 0))
+        self.hold_last = False
 
     def tokens(self) -> tuple[int | None, int | None]:
         """Prompt and completion tokens: the usage's; without one, the token events a stream delivered."""
@@ -186,28 +199,38 @@ class UsageMeter:
             self._keep(piece)
 
     def write(self, chunk: bytes) -> None:
+        if self.held:
+            self.sink.write(self.held)
+            self.held = b""
         if self.strip:
             # The usage comes in the chunk taken out, and that search looks at every piece anyway:
             # events are counted as they pass, which costs less than keeping them.
             chunk = self._without_usage(chunk)
             if self.marker and chunk:
                 self._count_events(chunk)
+        else:
+            # _keep, inlined: this runs for every piece of every stream.
+            tail = self.tail
+            tail.append(chunk)
+            self.tail_size += len(chunk)
+            if self.tail_size - len(tail[0]) >= TAIL_BYTES:
+                self._trim()
+        if self.hold_last or chunk.endswith(DONE_EVENT):
+            self.held = chunk
+        else:
             self.sink.write(chunk)
-            return
-        # _keep, inlined: this runs for every piece of every stream.
-        tail = self.tail
-        tail.append(chunk)
-        self.tail_size += len(chunk)
-        if self.tail_size - len(tail[0]) >= TAIL_BYTES:
-            self._trim()
-        self.sink.write(chunk)
 
-    def rest(self) -> bytes:
-        """What is still held at the end of the stream (an unfinished event): it goes on as it is."""
-        rest, self.pending = self.pending, b""
-        if rest and self.marker:
-            self._count_events(rest)
-        return rest
+    def rest(self, whole_events_only: bool = False) -> bytes:
+        """What the meter still holds at the end of the answer: the piece that ends it, and an
+        unfinished event, which goes on as it is unless the stream failed (an error event follows,
+        which must begin an event of its own)."""
+        held, self.held = self.held, b""
+        pending, self.pending = self.pending, b""
+        if whole_events_only or not pending:
+            return held
+        if self.marker:
+            self._count_events(pending)
+        return held + pending
 
     def _keep(self, piece: bytes) -> None:
         self.tail.append(piece)
