@@ -228,11 +228,12 @@ supervisor_running() {
 ensure_supervisor() {
     ! supervisor_running || return 0
     mkdir -p "$LOG_DIR" "$RUN_DIR"
-    command -v python3 >/dev/null || die "python3 is needed to supervise the models"
+    local python
+    python="$(fleet_python)"
     (
         cd "$VLLM_REPO_DIR" || exit 1
         exec 9>&-
-        exec setsid python3 "$VLLM_REPO_DIR/vllm_fleet" supervise --run-dir "$RUN_DIR" --log-dir "$LOG_DIR" \
+        exec setsid "$python" "$VLLM_REPO_DIR/vllm_fleet" supervise --run-dir "$RUN_DIR" --log-dir "$LOG_DIR" \
             >>"$LOG_DIR/supervisor.log" 2>&1 </dev/null
     ) &
     wait_while 20 negate supervisor_running || {
