@@ -73,6 +73,17 @@ def test_backend_that_never_started_is_down_and_health_says_degraded(tmp_path):
     assert health["status"] == "degraded"
 
 
+def test_a_server_whose_health_answers_later_than_the_health_timeout_is_down(tmp_path):
+    # 1 s is well within the default 3 s: with 0.5 the same server counts as down, then ready again.
+    with Simulator.start(tmp_path, model="m") as simulator:
+        env = {"GATEWAY_HEALTH_TIMEOUT": "0.5", "GATEWAY_HEALTH_INTERVAL": "0.2"}
+        with Gateway.start(tmp_path / "gw", [Backend("m", simulator.base_url)], env=env) as gateway:
+            simulator.set_faults(slow_health=1)
+            gateway.wait_until(lambda health: health["models"][0]["status"] == "down")
+            simulator.clear_faults()
+            gateway.wait_until(lambda health: health["models"][0]["status"] == "ready")
+
+
 def test_a_model_added_to_the_config_is_served_without_a_restart(tmp_path):
     with Simulator.start(tmp_path, model="m") as one, Simulator.start(tmp_path, model="new") as two:
         with Gateway.start(tmp_path / "gw", [Backend("m", one.base_url)]) as gateway:

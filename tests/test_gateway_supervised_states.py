@@ -30,7 +30,7 @@ def supervised(run_dir: Path, want: str, status: dict) -> None:
 
 def probed(backend: Backend, run_dir: Path) -> tuple[BackendState, str]:
     async def run() -> tuple[BackendState, str]:
-        pool = probe_pool(65536)
+        pool = probe_pool(3.0, 65536)
         try:
             state, detail, _ = await probe(pool, backend, run_dir, supervisor_view(run_dir, backend.spec.id) or {})
         finally:
@@ -114,7 +114,7 @@ def test_a_server_restarted_while_its_probe_waited_is_ready_with_the_restarts_sa
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         backend = Backend(BackendSpec("beta", "beta", (), "/m", f"http://127.0.0.1:{port}", None, None))
-        pool = probe_pool(65536)
+        pool = probe_pool(3.0, 65536)
         try:
             return await check_backend(pool, backend, tmp_path), backend
         finally:

@@ -169,7 +169,7 @@ def create_app(settings: Settings | None = None) -> Gateway:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.upstream = UpstreamPool(settings.connect_timeout, settings.read_timeout, settings.max_upstream_head_bytes)
-        probes = probe_pool(settings.max_upstream_head_bytes)
+        probes = probe_pool(settings.health_timeout, settings.max_upstream_head_bytes)
         state.health = HealthChecker(
             state.registry, probes, settings.health_interval, settings.model_config_file, settings.run_dir, state.wakes
         )

@@ -246,7 +246,7 @@ async def probe_all(settings: Settings) -> list[dict[str, Any]]:
     from .registry import Registry
 
     registry = Registry(load_backend_specs(settings.model_config_file))
-    pool = probe_pool(settings.max_upstream_head_bytes)
+    pool = probe_pool(settings.health_timeout, settings.max_upstream_head_bytes)
     await asyncio.gather(*(check_backend(pool, b, settings.run_dir) for b in registry.backends()))
     pool.close()
     return [

@@ -24,13 +24,12 @@ from .wake_on_demand import WakeOnDemand
 
 log = logging.getLogger("vllm_gateway.health")
 
-PROBE_TIMEOUT = 3.0
 WAKE_ROUND = 0.25  # seconds between rounds while a server wakes for waiting requests
 
 
-def probe_pool(max_head_bytes: int) -> UpstreamPool:
+def probe_pool(timeout: float, max_head_bytes: int) -> UpstreamPool:
     """Connections for health checks, apart from the relay's and with short timeouts."""
-    return UpstreamPool(connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_head_bytes=max_head_bytes)
+    return UpstreamPool(connect_timeout=timeout, read_timeout=timeout, max_head_bytes=max_head_bytes)
 
 
 def fleet_process_alive(run_dir: Path, backend_id: str) -> bool:

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # A backend's response head, bounded as a request's is (max_head_bytes); beyond it the client gets 502.
     max_upstream_head_bytes: int = Field(64 * 1024, ge=1024)
     health_interval: float = Field(5.0, gt=0)
+    # Seconds a health check waits to connect and for the answer. vLLM answers /health from the event
+    # loop that streams its answers: under a heavy load, or on a busy host, that can take seconds.
+    health_timeout: float = Field(3.0, gt=0)
     run_dir: Path = Field(REPO_DIR / "run", validation_alias=AliasChoices("VLLM_RUN_DIR", "GATEWAY_RUN_DIR"))
 
     # -- keys and limits --
