@@ -12,10 +12,8 @@
 # so a worker beyond the cores fills those waits: on two cores the parallel phase took 14:02 with 2
 # workers and 10:58 with 3. With 4 it took 9:14, and a test caught a race in the health check under
 # that load once in two runs (mended since); 3 stays until 4 has more green runs (docs/development.md).
-# The tests marked `real_vllm` (real vLLM servers, 3 GB of memory each, which mostly wait for vLLM to
-# start) run one at a time in a pytest of their own beside them; their output follows the others'.
-# One after the other, the two took 10:46 and 6:50 in a clean clone on two cores (docs/development.md).
-# vLLM then answers its /health late, so those tests give its health checks more time.
+# Tests marked `alone` (real vLLM, which answers its health checks late when another test computes
+# beside it) run after them, one at a time.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -30,24 +28,6 @@ default_workers() {
     local cores
     cores="$(nproc 2>/dev/null || echo 1)"
     echo $((cores + 1 > 8 ? 8 : cores + 1))
-}
-
-# run_beside_real_vllm COMMAND...: COMMAND, with the real-vLLM tests in a pytest of their own beside
-# it; their output once both are done. Fails when either failed.
-run_beside_real_vllm() {
-    local log status=0 vllm_status=0 vllm_pid
-    log="$(mktemp)"
-    "$PYTHON" -m coverage run -m pytest -m real_vllm >"$log" 2>&1 &
-    vllm_pid=$!
-    # shellcheck disable=SC2064  # the PID and the path are known now
-    trap "kill $vllm_pid 2>/dev/null; rm -f '$log'" EXIT
-    "$@" || status=$?
-    wait "$vllm_pid" || vllm_status=$?
-    step "the real-vLLM tests (beside the others)"
-    cat "$log"
-    rm -f "$log"
-    trap - EXIT
-    ((status == 0 && vllm_status == 0))
 }
 
 main() {
@@ -68,8 +48,8 @@ main() {
     if (($# > 0)); then
         "$PYTHON" -m coverage run -m pytest "$@"
     else
-        run_beside_real_vllm "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" \
-            --dist loadfile -m "not real_vllm"
+        "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone"
+        "$PYTHON" -m coverage run -m pytest -m alone
     fi
     "$PYTHON" -m coverage combine -q
     step "coverage"

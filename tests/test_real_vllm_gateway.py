@@ -13,8 +13,8 @@ from tests.support.gateway import Backend, Gateway
 from tests.support.processes import free_port, parse_metrics
 from tests.support.real_vllm import start_real_vllm, tiny_model_dir
 
-# One at a time (3 GB of memory each), beside the other tests (scripts/test.sh).
-pytestmark = pytest.mark.real_vllm
+# Real vLLM answers its health checks and metrics late when another test computes beside it.
+pytestmark = pytest.mark.alone
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
@@ -29,10 +29,7 @@ def vllm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def real_gateway(tmp_path_factory, vllm):
     backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), aliases="tiny-chat")
-    # vLLM answers /health from the loop that streams its answers: seconds late while the other tests
-    # keep both cores busy.
-    env = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2", "GATEWAY_HEALTH_TIMEOUT": "30"}
-    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend], env=env) as gateway:
+    with Gateway.start(tmp_path_factory.mktemp("gw"), [backend], env={"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}) as gateway:
         yield gateway
 
 
