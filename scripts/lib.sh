@@ -83,16 +83,24 @@ absolute_path() {
 
 # ---- the fleet's rules -------------------------------------------------------------------------
 
-# fleet_python: the interpreter that runs vllm_fleet: the repo's .venv one when there is one, else
-# the machine's python3. A script calls vllm_fleet a few times per model, and a `python3` that is a
-# version manager's shim (pyenv's is a bash script) cost 0.13 s of CPU a call against 0.02 s here.
-fleet_python() {
+# repo_python: the repo's .venv interpreter when there is one, else the machine's python3. Started
+# directly, it skips a version manager's shim that `python3` may be (pyenv's is a bash script: 0.13 s
+# of CPU a call against 0.02 s here, and a script calls vllm_fleet a few times per model).
+repo_python() {
     if [[ -x "$VLLM_REPO_DIR/.venv/bin/python" ]]; then
         printf '%s\n' "$VLLM_REPO_DIR/.venv/bin/python"
     else
-        command -v python3 >/dev/null || die "python3 is needed to check the model config and place the models"
         printf 'python3\n'
     fi
+}
+
+# fleet_python: the interpreter that runs vllm_fleet (standard library only): repo_python.
+fleet_python() {
+    local python
+    python="$(repo_python)"
+    [[ "$python" != python3 ]] || command -v python3 >/dev/null ||
+        die "python3 is needed to run vllm_fleet (the config checks, the placement, the supervisor)"
+    printf '%s\n' "$python"
 }
 
 # vllm_fleet COMMAND ARG...: vllm_fleet/ (see vllm_fleet/cli.py) with fleet_python.
@@ -245,14 +253,12 @@ port_in_use() {
 
 # ---- start -------------------------------------------------------------------------------------
 
-# gateway_python: $GATEWAY_PYTHON, else the repo's .venv, else python3.
+# gateway_python: $GATEWAY_PYTHON, else repo_python.
 gateway_python() {
     if [[ -n "${GATEWAY_PYTHON:-}" ]]; then
         printf '%s\n' "$GATEWAY_PYTHON"
-    elif [[ -x "$VLLM_REPO_DIR/.venv/bin/python" ]]; then
-        printf '%s\n' "$VLLM_REPO_DIR/.venv/bin/python"
     else
-        printf 'python3\n'
+        repo_python
     fi
 }
 
