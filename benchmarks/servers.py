@@ -348,12 +348,15 @@ def start_gateway(
     overrides: dict[str, str] | None = None,
     max_num_seqs: int | None = None,
     repo: Path = REPO,
+    launcher: list[str] | None = None,
+    start_timeout: float = 60,
 ) -> Gateway:
     """Start `python vllm_api_server.py serve` with one key and `routes` (model name -> backend URL).
 
     `repo` is the checkout whose gateway runs (another revision's worktree for the baseline): its
     vllm_api_server.py, run there, imports that checkout's vllm_gateway before the installed one. Settings
-    an older revision does not know are ignored by it."""
+    an older revision does not know are ignored by it. `launcher` goes in front of the gateway's command
+    (valgrind, for benchmarks/instructions.py)."""
     work.mkdir(parents=True, exist_ok=True)
     model_config = work / "models.sh"
     write_model_config(model_config, routes, model_path, max_num_seqs)
@@ -363,9 +366,9 @@ def start_gateway(
     port = free_port()
     env = gateway_env(work, port, model_config, overrides or {})
     key = create_key(python, env, repo)
-    argv = [python, str(repo / "vllm_api_server.py"), "serve"]
+    argv = [*(launcher or []), python, str(repo / "vllm_api_server.py"), "serve"]
     child = spawn("gateway", argv, work / "gateway.out", None if cpu is None else [cpu], env=env, cwd=repo)
-    wait_for_port(port, child.proc, "gateway", child.log_path, timeout=60)
+    wait_for_port(port, child.proc, "gateway", child.log_path, timeout=start_timeout)
     return Gateway(child, port, key, env)
 
 
@@ -443,6 +446,39 @@ def post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
+
+
+def answer_bytes(url: str, body: bytes, key: str | None, timeout: float = 60.0) -> int:
+    """The bytes one whole answer takes on the wire, head and framing included, as wrk counts what it
+    reads of a kept-alive connection: a POST like chat.lua's, read until its answer's framing ends."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        + (f"Authorization: Bearer {key}\r\n" if key else "")
+        + f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + body)
+        reader = sock.makefile("rb")
+        size = 0
+        length = None
+        chunked = False
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            size += len(line)
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+            elif name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        size += 2
+        if not chunked:
+            return size + len(reader.read(length)) if length is not None else size + len(reader.read())
+        while True:
+            line = reader.readline()
+            chunk = int(line.split(b";")[0], 16)
+            size += len(line) + len(reader.read(chunk + 2))
+            if chunk == 0:
+                return size
 
 
 def check_response(variant: Variant, status: int, payload: bytes, events_per_stream: int) -> str | None:
