@@ -35,14 +35,16 @@ def main() -> None:
 
     def record() -> None:
         started = perf_counter()
-        outcome = Outcome(status=200, key="key_0(alice)", model="sim", backend="sim")
+        outcome = Outcome([])
+        outcome.status, outcome.key, outcome.model, outcome.backend = 200, "key_0(alice)", "sim", "sim"
         outcome.prompt_tokens, outcome.completion_tokens = 12, 128
         outcome.upstream_seconds, outcome.first_byte_at = 0.00001, started + 0.000005
         metrics.request(outcome, key, started)
 
     def baseline() -> None:
         started = perf_counter()
-        outcome = Outcome(status=200, key="key_0(alice)", model="sim", backend="sim")
+        outcome = Outcome([])
+        outcome.status, outcome.key, outcome.model, outcome.backend = 200, "key_0(alice)", "sim", "sim"
         outcome.prompt_tokens, outcome.completion_tokens = 12, 128
         outcome.upstream_seconds, outcome.first_byte_at = 0.00001, started + 0.000005
 

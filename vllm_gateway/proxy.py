@@ -15,7 +15,6 @@ import functools
 import random
 import re
 import time
-from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode
 
 from . import backend_errors, errors, metrics_http
@@ -70,9 +69,11 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
 
 
-@dataclass
 class Outcome:
-    """What the log line says about one request; filled in as the request goes."""
+    """What the log line says about one request; filled in as the request goes.
+
+    The defaults are the class's: a request sets only what it learns (most set a third of these), so
+    that making one costs a single attribute write rather than a dataclass's twenty."""
 
     status: int = 500
     key: str = "-"
@@ -82,7 +83,6 @@ class Outcome:
     completion_tokens: int | None = None
     # How the prompt tokens were counted when vLLM's usage never came: "tokenize" or "estimate".
     prompt_from: str | None = None
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     # For the metrics (metrics/recording.py): time waiting on the backend, a stream's first bytes, the error's type.
     upstream_seconds: float = 0.0
     first_byte_at: float = 0.0
@@ -99,6 +99,9 @@ class Outcome:
     queued: float | None = None
     # Of those, the wait for a sleeping or idle-stopped server to come back (wake_on_demand.py).
     wake: float | None = None
+
+    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers  # the answer's own: the request id, the key's rate-limit windows
 
 
 def new_request_id() -> bytes:

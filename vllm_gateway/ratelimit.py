@@ -50,6 +50,12 @@ def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
     return items
 
 
+@lru_cache(maxsize=256)
+def window_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """parse_limits' windows as (amount, seconds), which the one-worker path reads for every request."""
+    return tuple((item.amount, item.get_expiry()) for item in parse_limits(text))
+
+
 def check_limit_text(value: str | None) -> str | None:
     """For validators: `value` unchanged when it parses (None is no limit of the key's own)."""
     if value is not None:
@@ -65,15 +71,16 @@ class LocalWindows:
         self.changes = 0  # hits so far: window_file.py writes the windows when this moved
 
     def hit(
-        self, namespace: str, key_id: str, item: RateLimitItem, cost: int = 1, now: float | None = None
+        self, namespace: str, key_id: str, amount: int, seconds: int, cost: int = 1, now: float | None = None
     ) -> tuple[int, float]:
-        """Add `cost`; returns the count in the current window and when that window ends."""
+        """Add `cost` to the window of `amount` per `seconds`; returns the count in the current window
+        and when that window ends."""
         if now is None:
             now = time.time()
-        window_id = (namespace, key_id, item.amount, item.get_expiry())
+        window_id = (namespace, key_id, amount, seconds)
         window = self.windows.get(window_id)
         if window is None or now >= window[0]:
-            window = self.windows[window_id] = [now + item.get_expiry(), 0]
+            window = self.windows[window_id] = [now + seconds, 0]
         window[1] += cost
         self.changes += 1
         return int(window[1]), window[0]
@@ -145,12 +152,12 @@ class RateLimiter:
         now = time.time()
         tightest: tuple[int, int, float] | None = None  # remaining, limit, window end
         retry_at = 0.0
-        for item in parse_limits(text):
-            count, reset_at = self.local.hit(REQUESTS, key_id, item, now=now)
-            remaining = max(0, item.amount - count)
+        for amount, seconds in window_sizes(text):
+            count, reset_at = self.local.hit(REQUESTS, key_id, amount, seconds, 1, now)
+            remaining = amount - count if count < amount else 0
             if tightest is None or remaining < tightest[0]:
-                tightest = (remaining, item.amount, reset_at)
-            if count > item.amount:
+                tightest = (remaining, amount, reset_at)
+            if count > amount:
                 retry_at = max(retry_at, reset_at)
         assert tightest is not None
         remaining, amount, reset_at = tightest
@@ -228,7 +235,7 @@ class RateLimiter:
             return
         for item in parse_limits(limit_text):
             if self.local is not None:
-                self.local.hit(TOKENS, key_id, item, tokens)
+                self.local.hit(TOKENS, key_id, item.amount, item.get_expiry(), tokens)
                 continue
             assert self.shared is not None
             try:
@@ -256,7 +263,7 @@ def redis_options(timeout: float) -> dict[str, Any]:
 def window_headers(kind: bytes, remaining: int, limit: int, reset_in: int) -> Headers:
     """OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers."""
     return [
-        (b"x-ratelimit-limit-" + kind, str(limit).encode()),
-        (b"x-ratelimit-remaining-" + kind, str(remaining).encode()),
-        (b"x-ratelimit-reset-" + kind, f"{reset_in}s".encode()),
+        (b"x-ratelimit-limit-" + kind, b"%d" % limit),
+        (b"x-ratelimit-remaining-" + kind, b"%d" % remaining),
+        (b"x-ratelimit-reset-" + kind, b"%ds" % reset_in),
     ]

@@ -255,6 +255,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport  # from connection_made, before anything is sent
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
+        self.response_headers: Headers = []  # the response's, being filled by the parser
         # A new one per request (send); this first one is done, so nothing can fail it unawaited.
         self.headers_ready: asyncio.Future[None] = self.loop.create_future()
         self.headers_ready.set_result(None)
@@ -274,6 +275,7 @@ class Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes) -> Response:
         self.response = Response(self)
+        self.response_headers = self.response.headers
         self.headers_ready = self.loop.create_future()
         self.until_close = self.keep_alive = False
         self.head_fed = 0
@@ -356,8 +358,7 @@ class Connection(asyncio.Protocol):
     # The parser runs only while a response is expected (send() made it), hence the asserts.
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.response is not None
-        self.response.headers.append((name.lower(), value))
+        self.response_headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -368,7 +369,7 @@ class Connection(asyncio.Protocol):
         if self.head_fed > self.pool.max_head_bytes and head_size(response.headers) > self.pool.max_head_bytes:
             raise self._head_too_large()
         self.head_fed = -1
-        names = {name for name, _ in response.headers}
+        names = dict(response.headers)  # only its keys are read: made in C, unlike a set comprehension
         response.sized = b"content-length" in names
         self.until_close = not response.sized and b"transfer-encoding" not in names
         response.encoded = b"content-encoding" in names and any(

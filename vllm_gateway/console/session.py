@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..keystore import KeyRecord, KeyStore
-from ..ratelimit import LocalWindows, parse_limits
+from ..ratelimit import LocalWindows, window_sizes
 
 COOKIE = "vllm_console"
 SAFE_METHODS = frozenset({"GET", "HEAD"})
@@ -78,9 +78,9 @@ class Sessions:
         """Whether this client address may try another key now (GATEWAY_CONSOLE_SIGN_IN_LIMIT)."""
         now = time.time()
         allowed = True
-        for item in parse_limits(self.sign_in_limit):
-            count, _ = self.sign_ins.hit("sign-in", address, item, now=now)
-            allowed = allowed and count <= item.amount
+        for amount, seconds in window_sizes(self.sign_in_limit):
+            count, _ = self.sign_ins.hit("sign-in", address, amount, seconds, now=now)
+            allowed = allowed and count <= amount
         return allowed
 
     def open(self, record: KeyRecord) -> tuple[str, Session]:

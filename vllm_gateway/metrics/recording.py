@@ -54,6 +54,8 @@ class Outcome(Protocol):
     @property
     def model(self) -> str: ...
     @property
+    def ledger_model(self) -> str: ...
+    @property
     def backend(self) -> str: ...
     @property
     def prompt_tokens(self) -> int | None: ...
@@ -107,7 +109,8 @@ class Metrics:
         elapsed = perf_counter() - started
         status = outcome.status // 100
         labels = (
-            self.model_label(outcome.model),
+            # The model the request resolved to, once it did (an alias counts as its model).
+            outcome.ledger_model or self.model_label(outcome.model),
             outcome.backend,
             key.name if key is not None else "-",
             STATUS_CLASSES[status] if 0 <= status < 6 else "5xx",

@@ -89,6 +89,7 @@ class Exchange:
         "raw_path",
         "query_string",
         "headers",
+        "header_map",
         "http_version",
         "keep_alive",
         "expect_continue",
@@ -120,6 +121,7 @@ class Exchange:
         self.raw_path = b"/"
         self.query_string = b""
         self.headers: Headers = []
+        self.header_map: dict[bytes, bytes] | None = None  # header()'s, made at its first call
         self.http_version = "1.1"
         self.keep_alive = True
         self.expect_continue = False
@@ -147,10 +149,13 @@ class Exchange:
     # -- the request --
 
     def header(self, name: bytes) -> bytes:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return b""
+        """The value of the first header called `name` (lower case), b"" when there is none."""
+        found = self.header_map
+        if found is None:
+            # Made once, in C, for the two or three looked up with every head; reversed so that the
+            # first of a repeated name wins.
+            found = self.header_map = dict(reversed(self.headers))
+        return found.get(name, b"")
 
     async def read_body(self) -> bytes:
         """The whole body; GatewayError 413 beyond the limit, ClientDisconnected if the client goes."""
@@ -280,7 +285,7 @@ class Exchange:
             [
                 status_line(status),
                 rendered(self.connection.default_headers),
-                *[name + b": " + value + b"\r\n" for name, value in headers],
+                *[b"%b: %b\r\n" % header for header in headers],  # a (name, value) pair formats whole
                 b"\r\n",
             ]
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+from itertools import chain
 from typing import Protocol
 
 import httptools
@@ -56,7 +57,7 @@ class RequestReader:
         self.resuming: Exchange | None = None  # see _refuse_upgrade
         # -- the head being read --
         self.url = b""
-        self.head_size = 0  # the target and the header lines so far
+        self.headers: list[tuple[bytes, bytes]] = []  # the exchange's, being filled
         self.head_fed = 0  # bytes given to the parser while the current head is unfinished
         self.head_began = False  # a head began during the current feed
 
@@ -109,38 +110,31 @@ class RequestReader:
             self.parsing = self.resuming
             return
         self.url = b""
-        self.head_size = 0
         self.parsing = Exchange(self.connection)
+        self.headers = self.parsing.headers
 
     def on_url(self, url: bytes) -> None:
         if self.resuming is not None:
             return
         self.url += url
-        self.head_size += len(url)
         # The request line is the method, the target and the version, with two spaces.
         if len(self.url) + len(self.parser.get_method()) + 10 > self.max_request_line:
             raise BadHead(errors.request_line_too_long(self.max_request_line))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # It runs for every header line of every request: the count is bounded here, the head's
+        # size once it is complete (on_headers_complete), and what the parser is given of an
+        # unfinished head by feed(), which together bound what one head can hold.
         if self.resuming is not None:
             return
-        exchange = self.parsing
-        assert exchange is not None
-        headers = exchange.headers
-        # The head so far (the request line's target counted in on_url) and its lines: one test on
-        # the hot path, the reason only when it fails.
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head_bytes or len(headers) >= self.max_headers:
-            raise BadHead(self.head_too_large(len(headers) + 1))
+        headers = self.headers
+        if len(headers) >= self.max_headers:
+            raise BadHead(errors.head_too_large(f"more than {self.max_headers} header lines"))
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
-            exchange.expect_continue = True
+            assert self.parsing is not None
+            self.parsing.expect_continue = True
         headers.append((name, value))
-
-    def head_too_large(self, lines: int) -> GatewayError:
-        if lines > self.max_headers:
-            return errors.head_too_large(f"more than {self.max_headers} header lines")
-        return errors.head_too_large(f"a head over {self.max_head_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
@@ -148,6 +142,10 @@ class RequestReader:
         if self.resuming is not None:
             self.resuming = None
             return  # the replayed head of a refused upgrade: this request is already under way
+        # The request line's target and the header lines, each with its ": " and CRLF.
+        headers = self.headers
+        if len(self.url) + sum(map(len, chain.from_iterable(headers))) + 4 * len(headers) > self.max_head_bytes:
+            raise BadHead(errors.head_too_large(f"a head over {self.max_head_bytes} bytes"))
         parser = self.parser
         try:
             url = httptools.parse_url(self.url)
