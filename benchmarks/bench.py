@@ -53,6 +53,8 @@ GATEWAYS = {
     "gateway": {},
     "gateway-bare": {setting: "false" for setting in FEATURES.values()},
     **{f"gateway-no-{feature}": {setting: "false"} for feature, setting in FEATURES.items()},
+    # The request path as Python, not the build scripts/install.sh compiles with mypyc (docs/performance.md).
+    "gateway-python": {"GATEWAY_COMPILED": "0"},
 }
 TARGETS = ("direct", "nginx", "pipe", "vllm-router", "baseline", *GATEWAYS)
 DEFAULT_TARGETS = ["direct", "nginx", "pipe", "gateway", "gateway-bare"]

@@ -21,6 +21,7 @@ TARGET_ORDER = (
     "gateway-no-metrics",
     "gateway-no-ledger",
     "gateway-no-admission",
+    "gateway-python",
 )
 FEATURES = ("metrics", "ledger", "admission")
 # What a row's CPU per request is, per kind: a whole answer, or a whole stream of 103 events.
@@ -400,6 +401,7 @@ def plot(path: Path, rows: list[dict]) -> bool:
         "gateway-no-metrics": "#e377c2",
         "gateway-no-ledger": "#bcbd22",
         "gateway-no-admission": "#17becf",
+        "gateway-python": "#aec7e8",
     }
     fig, axes = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6.5), squeeze=False)
     for col, kind in enumerate(kinds):

@@ -2,8 +2,10 @@
 # Usage: scripts/install.sh [-h|--help]
 #
 # Install the gateway: a virtualenv .venv in the repo with requirements.txt, which the start
-# scripts use to run vllm_api_server.py. Safe to run again: nothing is reinstalled while
-# requirements.txt is unchanged. vLLM itself is installed separately on the GPU hosts.
+# scripts use to run vllm_api_server.py, and its request path compiled by mypyc into .build/compiled
+# (scripts/compile_gateway.py; gcc and the Python headers are installed for it when missing). Safe to
+# run again: nothing is reinstalled while requirements.txt is unchanged, nothing recompiled while the
+# sources are. vLLM itself is installed separately on the GPU hosts.
 #
 # Environment: PYTHON makes the virtualenv (default: the fastest Python 3.11+ found, which it says);
 # PIP_ARGS adds pip arguments.
@@ -25,6 +27,7 @@ main() {
     apt_install_missing
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     install_project "$VLLM_REPO_DIR/.venv"
+    compile_request_path "$VLLM_REPO_DIR/.venv"
     info "done: .venv/bin/python vllm_api_server.py serve"
 }
 

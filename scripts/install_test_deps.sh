@@ -36,6 +36,7 @@ install_system_packages() {
     need_command redis-server redis-server
     need_command shellcheck shellcheck
     need_command nginx nginx
+    need_command gcc gcc  # scripts/test.sh compiles the request path (need_compiler checks the headers later)
     need_command openssl openssl  # the HTTPS tests make their certificates with it
     need_command wrk wrk
     need_command prometheus prometheus  # promtool comes with it
@@ -113,6 +114,10 @@ main() {
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-test.txt"
     install_project "$VLLM_REPO_DIR/.venv"
+    if ((apt)); then
+        need_compiler "$VLLM_REPO_DIR/.venv/bin/python"
+        apt_install_missing
+    fi
     if ((vllm)); then
         install_vllm_venv
         make_tiny_model

@@ -13,13 +13,36 @@
 # workers and 10:58 with 3. With 4 it took 9:14, and a test caught a race in the health check under
 # that load once in two runs (mended since); 3 stays until 4 has more green runs (docs/development.md).
 # Tests marked `alone` (real vLLM, which answers its health checks late when another test computes
-# beside it) run after them, one at a time.
+# beside it) run after them, one at a time. All of these run the gateway's sources as Python
+# (GATEWAY_COMPILED=0), which coverage can see. Last, what scripts/install.sh ships: the request path
+# compiled by mypyc (scripts/compile_gateway.py), built here, and the tests of COMPILED_TESTS against
+# it (GATEWAY_COMPILED=1), without coverage.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="$REPO_DIR/.venv/bin/python"
+
+# What runs against the compiled request path: every test module whose gateway relays, streams, limits,
+# admits or answers errors, and the one that checks which build a gateway runs.
+COMPILED_TESTS=(
+    tests/test_compiled_build.py
+    tests/test_gateway_requests.py
+    tests/test_gateway_streaming.py
+    tests/test_gateway_relay_framing.py
+    tests/test_gateway_openai_sdk.py
+    tests/test_gateway_upstream.py
+    tests/test_gateway_token_counting.py
+    tests/test_gateway_token_limits.py
+    tests/test_gateway_limits.py
+    tests/test_gateway_admission.py
+    tests/test_gateway_admission_workers.py
+    tests/test_gateway_http.py
+    tests/test_front_pipelining.py
+    tests/test_front_slow_clients.py
+    tests/test_front_oversized_heads.py
+)
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
@@ -45,6 +68,7 @@ main() {
     "$PYTHON" -m mypy
     step "pytest under coverage"
     rm -f .coverage .coverage.*
+    export GATEWAY_COMPILED=0
     if (($# > 0)); then
         "$PYTHON" -m coverage run -m pytest "$@"
     else
@@ -55,9 +79,13 @@ main() {
     step "coverage"
     if (($# > 0)); then
         "$PYTHON" -m coverage report --fail-under=0
-    else
-        "$PYTHON" -m coverage report
+        return 0
     fi
+    "$PYTHON" -m coverage report
+    step "the compiled request path"
+    "$PYTHON" scripts/compile_gateway.py
+    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone" \
+        -p no:cacheprovider "${COMPILED_TESTS[@]}"
 }
 
 main "$@"

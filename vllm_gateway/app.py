@@ -187,11 +187,13 @@ def create_app(settings: Settings | None = None) -> Gateway:
         if state.ledger is not None:
             state.ledger.start()
         log.info(
-            "gateway listening on %s://%s:%s with models: %s",
+            "gateway listening on %s://%s:%s with models: %s (request path %s)",
             "https" if settings.tls_certfile is not None else "http",
             settings.host,
             settings.port,
             ", ".join(state.registry.models) or "none",
+            # An extension module when vllm_api_server.py runs the compiled build (scripts/compile_gateway.py).
+            "compiled" if str(proxy.__file__).endswith(".so") else "as Python",
         )
         try:
             yield

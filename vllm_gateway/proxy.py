@@ -151,12 +151,12 @@ async def handle(state: GatewayState, exchange: Exchange) -> None:
         send_error(exchange, error, outcome.headers)
     except ClientDisconnected:
         outcome.status = 499
-    except UpstreamError as error:
+    except UpstreamError as failure:  # a name of its own: mypyc types a name by its first binding
         # The backend failed mid-body: before the head went out the client gets a 502; after it, only a
         # dropped connection can say so (send_error does either).
         outcome.status = 502
-        state.metrics.upstream_error(outcome.model, outcome.backend, upstream_error_kind(error, "mid_body"))
-        send_error(exchange, errors.upstream_failed(outcome.model, error), outcome.headers)
+        state.metrics.upstream_error(outcome.model, outcome.backend, upstream_error_kind(failure, "mid_body"))
+        send_error(exchange, errors.upstream_failed(outcome.model, failure), outcome.headers)
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
@@ -384,24 +384,25 @@ async def open_upstream(
             if exchange.client_gone:
                 outcome.sent = (backend, body)  # the client left while vLLM worked on it: the prompt counts
             raise
-        except UpstreamConnectError as error:
+        # Each `except` names its own exception: mypyc types a name by its first binding.
+        except UpstreamConnectError as unreachable:
             # Nothing reached vLLM, so another replica may safely take the request; this one's room
             # goes back first, as a slot holds one backend.
             slot.release()
             if state.health.went_dormant(backend):
                 continue  # stopped as idle since the last health round: it wakes for this request
-            timed_out = isinstance(error, UpstreamConnectTimeout)
-            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
-            if backend.mark(BackendState.DOWN, str(error)):
+            timed_out = isinstance(unreachable, UpstreamConnectTimeout)
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(unreachable))
+            if backend.mark(BackendState.DOWN, str(unreachable)):
                 state.registry.changed()
             state.health.check_soon()
             tried.append(backend)
-        except UpstreamTimeout as error:
-            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
+        except UpstreamTimeout as timeout:
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(timeout))
             raise errors.upstream_timeout(model.name, state.settings.read_timeout) from None
-        except UpstreamError as error:
-            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(error))
-            raise errors.upstream_failed(model.name, error) from None
+        except UpstreamError as failure:
+            state.metrics.upstream_error(model.name, backend.spec.id, upstream_error_kind(failure))
+            raise errors.upstream_failed(model.name, failure) from None
 
 
 def upstream_error_kind(error: UpstreamError, otherwise: str = "protocol") -> str:

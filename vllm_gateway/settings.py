@@ -21,7 +21,17 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+
+def checkout_of(package: Path) -> Path:
+    """The checkout the gateway runs from: the folder above the package that holds vllm_api_server.py
+    (the package's parent, or for the compiled build in .build/compiled/, three levels up)."""
+    for folder in package.parents:
+        if (folder / "vllm_api_server.py").exists():
+            return folder
+    return package.parent
+
+
+REPO_DIR = checkout_of(Path(__file__).resolve().parent)
 # The schemes of a Redis URL, as redis-py reads them (a `limits` storage may add `async+`).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # The type of the errors ServeSettings raises: settings valid one by one that cannot serve together.

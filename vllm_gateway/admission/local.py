@@ -37,6 +37,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from mypy_extensions import mypyc_attr
+
 from .. import errors
 from ..key_limits import KeyLimits
 from ..registry import Backend, BackendState, Model, Registry
@@ -148,6 +150,9 @@ def turns_to_send(deficit: float, weight: float) -> int:
     return turns
 
 
+# Compiled by mypyc (scripts/compile_gateway.py), a class takes subclasses of the interpreter's only
+# when it says so: shared.SharedAdmission is one.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Admission:
     """Which backend a request goes to and when; with GATEWAY_ADMISSION=false, at once to the least
     busy ready backend, as without admission."""

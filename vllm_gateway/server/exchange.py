@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from .. import errors
 from ..access_log import clean
@@ -40,8 +40,8 @@ class _Rendered:
     """The server's default headers (date, server) as bytes: uvicorn replaces the list once a second,
     and every answer in between sends the same bytes, rendered once instead of per answer."""
 
-    source: object = None
-    text = b""
+    source: ClassVar[object] = None
+    text: ClassVar[bytes] = b""
 
 
 def rendered(headers: HeaderItems) -> bytes:

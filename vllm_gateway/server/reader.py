@@ -71,16 +71,17 @@ class RequestReader:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             return self._refuse_upgrade(data[upgrade.args[0] :])
-        except httptools.HttpParserCallbackError as error:
-            cause = error.__context__
+        # Each `except` names its own exception: mypyc types a name by its first binding.
+        except httptools.HttpParserCallbackError as callback_error:
+            cause = callback_error.__context__
             if isinstance(cause, BadHead):
                 self.connection.fail(cause.error)
             else:  # a bug in a callback: the client must not hang
                 log.error("error while parsing a request", exc_info=cause)
                 self.connection.fail(errors.bad_request("The request could not be parsed.", code="invalid_http"))
             return False
-        except httptools.HttpParserError as error:
-            self.connection.fail(errors.bad_request(f"Invalid HTTP request: {error}.", code="invalid_http"))
+        except httptools.HttpParserError as parse_error:
+            self.connection.fail(errors.bad_request(f"Invalid HTTP request: {parse_error}.", code="invalid_http"))
             return False
         parsing = self.parsing
         if parsing is not None and not parsing.head_complete:
@@ -159,7 +160,9 @@ class RequestReader:
         exchange.raw_path = url.path
         path = url.path.decode("ascii")
         exchange.path = urllib.parse.unquote(path) if "%" in path else path
-        exchange.query_string = url.query or b""
+        # None when there is none, whatever httptools' stubs say (mypyc checks the declared type).
+        query: bytes | None = getattr(url, "query")  # noqa: B009 (an attribute read would be checked)
+        exchange.query_string = query or b""
         exchange.relay = exchange.method == "POST" and exchange.path in self.relay_paths
         if exchange.relay:
             exchange.body_limit = self.max_body
