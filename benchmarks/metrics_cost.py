@@ -14,7 +14,7 @@ from time import perf_counter
 from vllm_gateway.keystore import KeyRecord
 from vllm_gateway.metrics.recording import Metrics
 from vllm_gateway.model_config import BackendSpec
-from vllm_gateway.proxy import Outcome
+from vllm_gateway.outcome import Outcome
 from vllm_gateway.registry import Registry
 
 ROUNDS = 200_000

@@ -32,6 +32,7 @@ from vllm_api_server import BUILD_DIR, SOURCE_DIR, SOURCE_STAMP, source_digest  
 # would only lengthen the build.
 HOT_MODULES = (
     "proxy.py",
+    "outcome.py",
     "upstream.py",
     "stream_usage.py",
     "usage_scan.py",

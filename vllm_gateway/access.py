@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Final
 from urllib.parse import parse_qsl
 
 from . import errors
@@ -18,10 +19,10 @@ from .keystore import KeyRecord, KeyStore
 from .server.exchange import Exchange
 
 # Answered without a key (a key, when sent, is still checked: /health then shows details).
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS: Final = frozenset({"/health"})
 # The console's pages and sign-in, which look at the session themselves (console/routes.py).
-CONSOLE_PATH = "/console"
-SESSION_COOKIE = COOKIE.encode() + b"="
+CONSOLE_PATH: Final = "/console"
+SESSION_COOKIE: Final = COOKIE.encode() + b"="
 
 
 def authenticate(keys: KeyStore, authorization: bytes, query_string: bytes) -> KeyRecord:

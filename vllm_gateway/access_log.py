@@ -21,16 +21,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 from urllib.parse import unquote
 
 from .settings import Settings
 
-EVENT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-FLUSH_SECONDS = 0.05
-SAFE_VALUE = re.compile(r"[!#-<>-\[\]-~]{1,200}")  # printable ASCII but space, quote, = and backslash
-KEY_SHAPED = re.compile(r"sk-[A-Za-z0-9_\-]{6,}", re.I)
-PERCENT_DECODE_ROUNDS = 3  # a key encoded twice over is still found; more rounds decode nothing new
+EVENT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
+FLUSH_SECONDS: Final = 0.05
+SAFE_VALUE: Final = re.compile(r"[!#-<>-\[\]-~]{1,200}")  # printable ASCII but space, quote, = and backslash
+KEY_SHAPED: Final = re.compile(r"sk-[A-Za-z0-9_\-]{6,}", re.I)
+PERCENT_DECODE_ROUNDS: Final = 3  # a key encoded twice over is still found; more rounds decode nothing new
 
 
 class LogWriter(threading.Thread):

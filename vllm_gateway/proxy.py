@@ -15,6 +15,7 @@ import functools
 import random
 import re
 import time
+from typing import Final
 from urllib.parse import parse_qsl, urlencode
 
 from . import backend_errors, errors, metrics_http
@@ -22,6 +23,7 @@ from .access import check_head
 from .access_log import key_label
 from .admission.local import Slot
 from .errors import GatewayError
+from .outcome import Outcome
 from .prompt_count import COUNTED_PATHS, count_prompt
 from .registry import Backend, BackendState, Model
 from .request_body import model_from_body
@@ -42,7 +44,7 @@ from .upstream import (
 )
 from .usage_scan import usage_in
 
-PROXIED_PATHS = frozenset(
+PROXIED_PATHS: Final = frozenset(
     {
         "/v1/chat/completions",
         "/v1/completions",
@@ -63,45 +65,10 @@ PROXIED_PATHS = frozenset(
 )
 
 # Endpoints that take no sequence in vLLM: admission sends them at once, full backend or not.
-NO_SEQUENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
+NO_SEQUENCE_PATHS: Final = frozenset({"/tokenize", "/detokenize"})
 
-REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-KEY_SHAPED_ID = re.compile(rb"sk-", re.I)
-
-
-class Outcome:
-    """What the log line says about one request; filled in as the request goes.
-
-    The defaults are the class's: a request sets only what it learns (most set a third of these), so
-    that making one costs a single attribute write rather than a dataclass's twenty."""
-
-    status: int = 500
-    key: str = "-"
-    model: str = "-"
-    backend: str = "-"
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    # How the prompt tokens were counted when vLLM's usage never came: "tokenize" or "estimate".
-    prompt_from: str | None = None
-    # For the metrics (metrics/recording.py): time waiting on the backend, a stream's first bytes, the error's type.
-    upstream_seconds: float = 0.0
-    first_byte_at: float = 0.0
-    error_type: str | None = None
-    # For the usage ledger: set once the key may use the model it named.
-    key_id: str = ""
-    ledger_model: str = ""
-    # The key's token limit, which the answer's tokens count against before the client has its end.
-    token_limit: str | None = None
-    tokens_counted: bool = False
-    # The backend that took the request and the body it got, once its tokens count (prompt_count.py).
-    sent: tuple[Backend, bytes] | None = None
-    # Seconds the request waited for a free backend (admission/local.py); None when it went at once.
-    queued: float | None = None
-    # Of those, the wait for a sleeping or idle-stopped server to come back (wake_on_demand.py).
-    wake: float | None = None
-
-    def __init__(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.headers = headers  # the answer's own: the request id, the key's rate-limit windows
+REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+KEY_SHAPED_ID: Final = re.compile(rb"sk-", re.I)
 
 
 def new_request_id() -> bytes:

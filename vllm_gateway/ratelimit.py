@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
@@ -37,8 +37,8 @@ log = logging.getLogger("vllm_gateway")
 Headers = list[tuple[bytes, bytes]]
 WindowId = tuple[str, str, int, int]
 
-REQUESTS = "key"  # the namespace of request counts (as before token limits, so counts carry over)
-TOKENS = "tokens"
+REQUESTS: Final = "key"  # the namespace of request counts (as before token limits, so counts carry over)
+TOKENS: Final = "tokens"
 
 
 @lru_cache(maxsize=256)

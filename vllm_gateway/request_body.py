@@ -4,6 +4,7 @@ request that names a model by a name its server does not know, the body with tha
 from __future__ import annotations
 
 import re
+from typing import Final
 
 import orjson
 
@@ -11,19 +12,19 @@ from . import errors
 from .stream_usage import lacks_usage
 
 # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters, and these are the ones it may use.
-MAX_BOUNDARY_LENGTH = 70
-BOUNDARY_CHARS = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? ")
+MAX_BOUNDARY_LENGTH: Final = 70
+BOUNDARY_CHARS: Final = frozenset(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? ")
 # Real clients send a part header block of a hundred bytes or so (Content-Disposition, maybe a
 # Content-Type). The bound caps what one part's header search can cost; a longer block is not a
 # form field worth routing by.
-MAX_PART_HEADER_BYTES = 8 * 1024
+MAX_PART_HEADER_BYTES: Final = 8 * 1024
 # A transcription form has about ten fields. Looking at more parts than this for the model only
 # serves a client that wants the gateway to spend its time.
-MAX_MULTIPART_PARTS = 64
+MAX_MULTIPART_PARTS: Final = 64
 # Content-Type and Content-Disposition carry two or three parameters (boundary, charset; name,
 # filename, filename*). Refusing a header with more bounds the Python-level steps a crafted one
 # costs; the bytes between those steps are searched in C.
-MAX_HEADER_PARAMETERS = 16
+MAX_HEADER_PARAMETERS: Final = 16
 
 _WHITESPACE = b" \t"
 
@@ -214,7 +215,7 @@ def _parameters(value: bytes) -> dict[bytes, bytes]:
 # Possessive, so that a long string is matched in one step.
 _JSON_STRING_OR_BRACKET = re.compile(rb'"(?:[^"\\]++|\\.)*+"|[{}\[\]]', re.DOTALL)
 # `model` spelt with an escape for each letter, and its quotes: longer tokens are never the key.
-MAX_KEY_BYTES = 5 * 6 + 2
+MAX_KEY_BYTES: Final = 5 * 6 + 2
 _STRING_VALUE = re.compile(rb'[ \t\r\n]*:[ \t\r\n]*("(?:[^"\\]++|\\.)*+")', re.DOTALL)
 
 

@@ -15,41 +15,42 @@ it uncounted.
 from __future__ import annotations
 
 from collections import deque
+from typing import Final
 
 from .upstream import Sink
 from .usage_scan import MAX_USAGE_BYTES, Counts, UsageScanner, usage_in
 
 # The paths whose streams carry usage on request (vLLM's OpenAI server: chat and text completions).
-USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+USAGE_PATHS: Final = frozenset({"/v1/chat/completions", "/v1/completions"})
 # What one token's event looks like in each kind of stream, to count what a stream delivered when its
 # usage never came: a chat or text completion sends an event per token (a chat stream opens with one
 # that only names the role); a Responses stream names each event, and its tokens come in `*.delta`
 # events (output text, reasoning, function arguments), between events that carry none.
-TOKEN_EVENTS = {
+TOKEN_EVENTS: Final = {
     "/v1/chat/completions": (b"data: {", 1),
     "/v1/completions": (b"data: {", 0),
     "/v1/responses": (b"delta\ndata: ", 0),
 }
 
 # What sets vLLM's usage chunk apart (vLLM and the simulator write JSON without spaces).
-USAGE_CHUNK = b'"choices":[],'
-EVENT_END = b"\n\n"
+USAGE_CHUNK: Final = b'"choices":[],'
+EVENT_END: Final = b"\n\n"
 # A chat or text completion stream's last event: its client takes the answer for whole on reading it.
-DONE_EVENT = b"data: [DONE]\n\n"
+DONE_EVENT: Final = b"data: [DONE]\n\n"
 # How far from the end of what is passed on the usage chunk can begin: it is the stream's last event
 # but `data: [DONE]`, a few hundred bytes, and never more than a usage object's bound and its event.
-USAGE_CHUNK_WITHIN = MAX_USAGE_BYTES + 4096
+USAGE_CHUNK_WITHIN: Final = MAX_USAGE_BYTES + 4096
 # What a meter keeps of an answer's end (references to its last pieces), to find the usage there: more
 # than any usage object and its event. A stream of 100 events (about 23 KiB) that comes in one or two
 # reads is then never searched through on its way; one that comes event by event has its older events
 # counted as they leave, a few hundred bytes at a time.
-TAIL_BYTES = USAGE_CHUNK_WITHIN
+TAIL_BYTES: Final = USAGE_CHUNK_WITHIN
 # Where the usage of an answer that has one nearly always is: its last event or two.
-NEAR_END_BYTES = 4096
+NEAR_END_BYTES: Final = 4096
 
 # pydantic's lax mode (vLLM's request models): these strings, in any case, and 0, 1, 0.0 and 1.0.
-TRUE_WORDS = frozenset({"1", "t", "true", "y", "yes", "on"})
-FALSE_WORDS = frozenset({"0", "f", "false", "n", "no", "off"})
+TRUE_WORDS: Final = frozenset({"1", "t", "true", "y", "yes", "on"})
+FALSE_WORDS: Final = frozenset({"0", "f", "false", "n", "no", "off"})
 
 
 def lax_bool(value: object) -> bool | None:

@@ -18,15 +18,15 @@ import collections
 import ssl
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
 Headers = list[tuple[bytes, bytes]]
 
-FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"user-agent"})
-DROPPED_RESPONSE_HEADERS = frozenset(
+FORWARDED_REQUEST_HEADERS: Final = frozenset({b"content-type", b"accept", b"user-agent"})
+DROPPED_RESPONSE_HEADERS: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -44,8 +44,8 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 )
 
 # Pause reading from vLLM when this much is waiting for a slow client, resume below a quarter of it.
-HIGH_WATER = 256 * 1024
-MAX_IDLE_PER_BACKEND = 256
+HIGH_WATER: Final = 256 * 1024
+MAX_IDLE_PER_BACKEND: Final = 256
 
 
 class UpstreamError(Exception):

@@ -22,18 +22,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 log = logging.getLogger("vllm_gateway")
 
-HOUR = 3600
+HOUR: Final = 3600
 
 # (hour, key id, model) -> [requests, prompt tokens, completion tokens, errors, aborted, aborted tokens]
 Counts = list[int]
 Batch = dict[tuple[int, str, str], Counts]
 # A bucket's sums: (bucket start, key id or None, model or None, requests, prompt tokens, completion tokens)
 Sum = tuple[int, str | None, str | None, int, int, int]
-FIELDS = ("requests", "prompt_tokens", "completion_tokens", "errors", "aborted", "aborted_completion_tokens")
+FIELDS: Final = ("requests", "prompt_tokens", "completion_tokens", "errors", "aborted", "aborted_completion_tokens")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class UsageStore(Protocol):
         `width` seconds and per key and model where `by` names them ("api_key_id", "model")."""
 
 
-SCHEMA = """
+SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS usage (
     hour INTEGER NOT NULL,
     key_id TEXT NOT NULL,
@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS usage (
 ) WITHOUT ROWID
 """
 
-UPSERT = f"""
+UPSERT: Final = f"""
 INSERT INTO usage (hour, key_id, model, {", ".join(FIELDS)}) VALUES (?, ?, ?, {", ".join("?" for _ in FIELDS)})
 ON CONFLICT (hour, key_id, model) DO UPDATE SET {", ".join(f"{name} = {name} + excluded.{name}" for name in FIELDS)}
 """

@@ -17,22 +17,24 @@ with token counts is passed over.
 
 from __future__ import annotations
 
+from typing import Final
+
 import orjson
 
 # The key with its colon, as every JSON writer vLLM uses puts it (never a space before the colon): the
 # string "usage" as a value (a token of the answer, in its logprobs) is then not even found.
-USAGE_KEY = b'"usage":'
+USAGE_KEY: Final = b'"usage":'
 # A usage object is a few hundred bytes. Something called usage that is longer is not vLLM's (a JSON
 # schema a Responses answer echoes, say): it is passed over rather than held.
-MAX_USAGE_BYTES = 16 * 1024
+MAX_USAGE_BYTES: Final = 16 * 1024
 # vLLM's usage nests two levels deep (prompt_tokens_details, output_tokens_details); beyond this many
 # braces the object is not one.
-MAX_BRACES = 64
+MAX_BRACES: Final = 64
 # The last bytes of the key's proper prefixes (`"`, `"u`, ... `"usage"`): a piece that ends in none
 # of them cannot end in the start of the key.
-KEY_START_ENDS = frozenset(USAGE_KEY[:-1])
-JSON_SPACE = frozenset(b" \t\r\n")
-OPEN = ord("{")
+KEY_START_ENDS: Final = frozenset(USAGE_KEY[:-1])
+JSON_SPACE: Final = frozenset(b" \t\r\n")
+OPEN: Final = ord("{")
 # What _object_end says when the body ends before the object does, or when the key names no object.
 MORE, NOT_AN_OBJECT = -1, 0
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 from time import perf_counter
-from typing import Protocol
+from typing import Final, Protocol
 
 from ..keystore import KeyRecord
+from ..outcome import Outcome
 from ..registry import Registry
 
 # What stands for a model the registry does not know: client input never becomes a label value.
-UNKNOWN = "unknown"
+UNKNOWN: Final = "unknown"
 
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -27,48 +28,31 @@ QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 12
 
 # A series' figures, one flat list: the counts and sums below, then each histogram's bucket counts
 # (one more than its bounds: the last counts what is above every bound).
-REQUESTS, PROMPT, COMPLETION, DURATION_SUM, TTFT_SUM, TTFT_COUNT, OVERHEAD_SUM, OVERHEAD_COUNT = range(8)
-DURATION_AT = 8
-TTFT_AT = DURATION_AT + len(DURATION_BUCKETS) + 1
-OVERHEAD_AT = TTFT_AT + len(TTFT_BUCKETS) + 1
-SERIES_SIZE = OVERHEAD_AT + len(OVERHEAD_BUCKETS) + 1
+# (Final, one a line: compiled by mypyc, each is then a constant rather than a lookup per use.)
+REQUESTS: Final = 0
+PROMPT: Final = 1
+COMPLETION: Final = 2
+DURATION_SUM: Final = 3
+TTFT_SUM: Final = 4
+TTFT_COUNT: Final = 5
+OVERHEAD_SUM: Final = 6
+OVERHEAD_COUNT: Final = 7
+DURATION_AT: Final = 8
+TTFT_AT: Final = DURATION_AT + len(DURATION_BUCKETS) + 1
+OVERHEAD_AT: Final = TTFT_AT + len(TTFT_BUCKETS) + 1
+SERIES_SIZE: Final = OVERHEAD_AT + len(OVERHEAD_BUCKETS) + 1
 
 # The gateway's 429s, by their error's type (errors.rate_limited, errors.tokens_limited).
-RATE_LIMIT_KINDS = {"rate_limit_error": "requests", "tokens": "tokens", "parallel_requests_exceeded": "parallel"}
+RATE_LIMIT_KINDS: Final = {"rate_limit_error": "requests", "tokens": "tokens", "parallel_requests_exceeded": "parallel"}
 
-STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+STATUS_CLASSES: Final = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 # (model, backend, key name, status class)
 Labels = tuple[str, ...]
 
 
-# What the figures are read from, declared here so that this module imports neither the request path
-# (proxy.Outcome) nor admission (admission.local.Admission), both of which reach it through state.py.
-
-
-class Outcome(Protocol):
-    """One request as it ended (proxy.Outcome)."""
-
-    @property
-    def status(self) -> int: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def ledger_model(self) -> str: ...
-    @property
-    def backend(self) -> str: ...
-    @property
-    def prompt_tokens(self) -> int | None: ...
-    @property
-    def completion_tokens(self) -> int | None: ...
-    @property
-    def upstream_seconds(self) -> float: ...
-    @property
-    def first_byte_at(self) -> float: ...
-    @property
-    def error_type(self) -> str | None: ...
-    @property
-    def queued(self) -> float | None: ...
+# What admission holds, declared here so that this module does not import admission
+# (admission.local.Admission), which reaches it through state.py.
 
 
 class Admission(Protocol):
@@ -118,30 +102,30 @@ class Metrics:
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = [0.0] * SERIES_SIZE
-        series[REQUESTS] += 1
+        series[REQUESTS] += 1.0
         if outcome.prompt_tokens:
             series[PROMPT] += outcome.prompt_tokens
         if outcome.completion_tokens:
             series[COMPLETION] += outcome.completion_tokens
         series[DURATION_SUM] += elapsed
-        series[DURATION_AT + bisect_left(DURATION_BUCKETS, elapsed)] += 1
+        series[DURATION_AT + bisect_left(DURATION_BUCKETS, elapsed)] += 1.0
         if outcome.upstream_seconds:
             overhead = max(0.0, elapsed - outcome.upstream_seconds)
             series[OVERHEAD_SUM] += overhead
-            series[OVERHEAD_COUNT] += 1
-            series[OVERHEAD_AT + bisect_left(OVERHEAD_BUCKETS, overhead)] += 1
+            series[OVERHEAD_COUNT] += 1.0
+            series[OVERHEAD_AT + bisect_left(OVERHEAD_BUCKETS, overhead)] += 1.0
             if outcome.first_byte_at:
                 ttft = outcome.first_byte_at - started
                 series[TTFT_SUM] += ttft
-                series[TTFT_COUNT] += 1
-                series[TTFT_AT + bisect_left(TTFT_BUCKETS, ttft)] += 1
+                series[TTFT_COUNT] += 1.0
+                series[TTFT_AT + bisect_left(TTFT_BUCKETS, ttft)] += 1.0
         if outcome.queued:
             waits = self.queue_waits.get(labels[:1])
             if waits is None:
                 waits = self.queue_waits[labels[:1]] = [0.0] * (len(QUEUE_BUCKETS) + 3)
             waits[0] += outcome.queued
-            waits[1] += 1
-            waits[2 + bisect_left(QUEUE_BUCKETS, outcome.queued)] += 1
+            waits[1] += 1.0
+            waits[2 + bisect_left(QUEUE_BUCKETS, outcome.queued)] += 1.0
         if outcome.status == 429 and outcome.error_type in RATE_LIMIT_KINDS:
             limited = (labels[2], RATE_LIMIT_KINDS[outcome.error_type])
             self.rate_limited[limited] = self.rate_limited.get(limited, 0.0) + 1

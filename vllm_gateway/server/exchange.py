@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Final, Protocol
 
 from .. import errors
 from ..access_log import clean
@@ -25,7 +25,7 @@ log = logging.getLogger("vllm_gateway")
 Headers = list[tuple[bytes, bytes]]
 HeaderItems = Sequence[tuple[bytes, bytes]]
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def status_line(status: int) -> bytes:

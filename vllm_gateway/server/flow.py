@@ -12,9 +12,10 @@ what else they change there (the send timer, the next request).
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 # Requests parsed ahead of the one being answered (pipelining): beyond this, stop reading.
-MAX_QUEUED = 4
+MAX_QUEUED: Final = 4
 
 
 class FlowControl:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from typing import Protocol
+from typing import Final, Protocol
 
 from .. import errors
 from ..errors import GatewayError
@@ -24,18 +24,20 @@ log = logging.getLogger("vllm_gateway")
 
 # A client that sent EOF and still waits for an answer after this long is probed (probe_closed_client);
 # its socket's state is then read this soon, and again at this interval until the answer starts.
-EOF_PROBE_SECONDS = 0.02
-EOF_CHECK_FIRST_SECONDS = 0.05
-EOF_CHECK_SECONDS = 1.0
+EOF_PROBE_SECONDS: Final = 0.02
+EOF_CHECK_FIRST_SECONDS: Final = 0.05
+EOF_CHECK_SECONDS: Final = 1.0
 _TCP_CLOSE = 7  # tcp_info.tcpi_state of a socket that the peer reset
 # TLS has no half-close here, so a lingering close over TLS ends our side (close_notify) only once the
 # client has sent nothing for this long (nginx's lingering_timeout 5 s): bytes that come after it make
 # asyncio's TLS transport reset the connection, and the reset can destroy the answer. (uvloop's reads
 # and drops them, but GATEWAY_LOOP=asyncio serves TLS too.)
-LINGER_QUIET_SECONDS = 5.0
+LINGER_QUIET_SECONDS: Final = 5.0
 
 # What the read timer waits for.
-IDLE, HEAD, BODY = "idle", "head", "body"
+IDLE: Final = "idle"
+HEAD: Final = "head"
+BODY: Final = "body"
 
 
 class TimedConnection(Protocol):
