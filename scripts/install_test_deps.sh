@@ -113,6 +113,7 @@ main() {
     fi
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-test.txt"
+    ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-build.txt"  # test.sh compiles
     install_project "$VLLM_REPO_DIR/.venv"
     if ((apt)); then
         need_compiler "$VLLM_REPO_DIR/.venv/bin/python"
