@@ -212,11 +212,12 @@ install_project() {
 
 # compile_request_path VENV: mypyc (requirements-build.txt) compiles the gateway's request path into
 # .build/compiled, which vllm_api_server.py runs while it matches the sources. Without a compiler the
-# gateway runs it as Python: the same answers at about a quarter more CPU per request.
+# gateway runs it as Python: the same answers, at more CPU per request. Each step runs in a subshell,
+# so that one that fails (and dies) ends only this optional step, with a warning.
 compile_request_path() {
     local venv="$1"
     need_compiler "$venv/bin/python"
-    if ! (apt_install_missing) || ! ensure_venv_requirements "$venv" "$VLLM_REPO_DIR/requirements-build.txt" ||
+    if ! (apt_install_missing) || ! (ensure_venv_requirements "$venv" "$VLLM_REPO_DIR/requirements-build.txt") ||
         ! "$venv/bin/python" "$VLLM_REPO_DIR/scripts/compile_gateway.py"; then
         info "warning: the request path was not compiled; the gateway runs it as Python (slower, same answers)"
     fi

@@ -17,6 +17,7 @@ import pytest
 import vllm_api_server
 from tests.support.gateway import Gateway
 from tests.support.processes import REPO_ROOT
+from vllm_gateway.settings import checkout_of
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 from compile_gateway import HOT_MODULES
@@ -109,3 +110,13 @@ def test_gateway_compiled_takes_auto_1_or_0_only(package: Path, monkeypatch: pyt
     monkeypatch.setenv("GATEWAY_COMPILED", "yes")
     with pytest.raises(SystemExit, match="auto, 1 or 0"):
         vllm_api_server.choose_build()
+
+
+def test_the_compiled_build_finds_the_checkout_it_was_built_in(tmp_path: Path) -> None:
+    # Defaults such as the key file, logs/ and run/ hang off the checkout, not off the package's copy.
+    (tmp_path / "vllm_api_server.py").write_text("")
+    built = tmp_path / ".build" / "compiled" / "vllm_gateway"
+    built.mkdir(parents=True)
+    (tmp_path / "vllm_gateway").mkdir()
+    assert checkout_of(built) == tmp_path
+    assert checkout_of(tmp_path / "vllm_gateway") == tmp_path
