@@ -52,7 +52,7 @@ def choose_build() -> None:
     if wanted == "0":
         return
     stamp = BUILD_DIR / SOURCE_STAMP
-    built_from = stamp.read_text().strip() if stamp.exists() else None
+    built_from = stamp.read_text().split("\n")[0] if stamp.exists() else None
     if built_from is not None and built_from == source_digest():
         sys.path.insert(0, str(BUILD_DIR))
         return

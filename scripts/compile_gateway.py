@@ -75,15 +75,17 @@ def build() -> None:
             raise SystemExit(f"compile_gateway: mypyc failed (exit {done.returncode})")
         shutil.rmtree(work / "build")  # setuptools' C sources and objects
         (work / "mypy.ini").unlink()
-        (work / SOURCE_STAMP).write_text(digest + "\n")
+        # The sources' digest (what vllm_api_server.py checks), then what was compiled of them.
+        (work / SOURCE_STAMP).write_text(f"{digest}\n{' '.join(HOT_MODULES)}\n")
         if BUILD_DIR.exists():
             shutil.rmtree(BUILD_DIR)
         work.rename(BUILD_DIR)
 
 
 def is_current() -> bool:
+    """Built from these sources, with these modules compiled."""
     stamp = BUILD_DIR / SOURCE_STAMP
-    return stamp.exists() and stamp.read_text().strip() == source_digest()
+    return stamp.exists() and stamp.read_text().split("\n")[:2] == [source_digest(), " ".join(HOT_MODULES)]
 
 
 def main(argv: list[str]) -> int:
