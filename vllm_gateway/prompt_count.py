@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
 
 import orjson
 
-from .registry import Backend, BackendState
+from .outcome import Outcome
+from .registry import BackendState
 from .state import GatewayState
 from .upstream import UpstreamError
 
@@ -48,20 +48,11 @@ COUNTED_PATHS = TOKENIZED_PATHS | {
 BYTES_PER_TOKEN = 4
 
 
-class Unreported(Protocol):
-    """What the count reads and fills in: proxy.Outcome."""
-
-    sent: tuple[Backend, bytes] | None  # the backend that had the request, and the body it got
-    ledger_model: str
-    prompt_tokens: int | None
-    prompt_from: str | None
-
-
 def estimate(body: bytes) -> int:
     return -(-len(body) // BYTES_PER_TOKEN)
 
 
-async def count_prompt(state: GatewayState, path: str, request_id: bytes, outcome: Unreported) -> None:
+async def count_prompt(state: GatewayState, path: str, request_id: bytes, outcome: Outcome) -> None:
     """Fill in the prompt tokens of `outcome`, a request sent to a backend whose usage never came:
     that backend (or another of its model, when it is not ready) tokenizes the body, else an estimate."""
     assert outcome.sent is not None
