@@ -29,8 +29,8 @@ from pathlib import Path
 
 import baseline
 from bench import GATEWAYS
-from canned import VARIANTS, CannedFiles, Variant, write_canned
-from servers import REPO, Gateway, log, start_backend, start_gateway, wait_until_serving
+from canned import VARIANTS, CannedFiles, write_canned
+from servers import REPO, Gateway, chat_request, log, read_answer, start_backend, start_gateway, wait_until_serving
 
 HERE = Path(__file__).resolve().parent
 KINDS = {v.name: v for v in VARIANTS if not v.paced}  # paced streams add waiting, which counts nothing
@@ -65,22 +65,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---- a client that sends an exact number of requests ------------------------------------------------
 
 
-async def read_answer(reader: asyncio.StreamReader) -> int:
-    """Read one HTTP/1.1 answer whole (fixed length or chunked) and return its status."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    if fields.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            await reader.readexactly(size + 2)
-            if size == 0:
-                return status
-    await reader.readexactly(int(fields.get("content-length", "0")))
-    return status
-
-
 async def send_requests(port: int, request: bytes, total: int, connections: int) -> None:
     left = [total]
     statuses: dict[int, int] = {}
@@ -91,7 +75,7 @@ async def send_requests(port: int, request: bytes, total: int, connections: int)
             while left[0] > 0:
                 left[0] -= 1
                 writer.write(request)
-                status = await read_answer(reader)
+                status, _ = await read_answer(reader)
                 statuses[status] = statuses.get(status, 0) + 1
         finally:
             writer.close()
@@ -99,15 +83,6 @@ async def send_requests(port: int, request: bytes, total: int, connections: int)
     await asyncio.gather(*(one_connection() for _ in range(connections)))
     if set(statuses) != {200}:
         raise RuntimeError(f"answers other than 200: {statuses}")
-
-
-def request_bytes(files: CannedFiles, variant: Variant, key: str) -> bytes:
-    body = files.body(variant).read_bytes()
-    head = (
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 # ---- callgrind -------------------------------------------------------------------------------------
@@ -167,12 +142,19 @@ def count_gateway(
         pid = gateway.child.pid
         # Warm: the first requests of each kind fill caches and pools, which no later request pays for.
         for variant in KINDS.values():
-            asyncio.run(send_requests(gateway.port, request_bytes(files, variant, gateway.key), 50, 2))
+            asyncio.run(
+                send_requests(
+                    gateway.port,
+                    chat_request(f"127.0.0.1:{gateway.port}", files.body(variant).read_bytes(), gateway.key),
+                    50,
+                    2,
+                )
+            )
         idle, idle_seconds = counted_spell(pid, out_dir, lambda: time.sleep(args.idle))
         idle_rate = idle / idle_seconds
         per_request = {}
         for name in args.kinds.split(","):
-            request = request_bytes(files, KINDS[name], gateway.key)
+            request = chat_request(f"127.0.0.1:{gateway.port}", files.body(KINDS[name]).read_bytes(), gateway.key)
             total, seconds = counted_spell(
                 pid,
                 out_dir,

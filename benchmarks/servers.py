@@ -6,6 +6,7 @@ Each runs as a child of the driver, pinned with taskset, on free loopback ports,
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
@@ -448,37 +449,49 @@ def post(url: str, body: bytes, key: str | None, timeout: float = 30.0) -> tuple
         return error.code, error.read()
 
 
-def answer_bytes(url: str, body: bytes, key: str | None, timeout: float = 60.0) -> int:
-    """The bytes one whole answer takes on the wire, head and framing included, as wrk counts what it
-    reads of a kept-alive connection: a POST like chat.lua's, read until its answer's framing ends."""
-    host, _, port = url.removeprefix("http://").partition(":")
+def chat_request(host: str, body: bytes, key: str | None) -> bytes:
+    """A POST of `body` to /v1/chat/completions as chat.lua sends it (Host is `host`, a key when given)."""
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
         + (f"Authorization: Bearer {key}\r\n" if key else "")
         + f"Content-Length: {len(body)}\r\n\r\n"
     )
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(head.encode() + body)
-        reader = sock.makefile("rb")
-        size = 0
-        length = None
-        chunked = False
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            size += len(line)
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-            elif name.strip().lower() == "transfer-encoding" and "chunked" in value.lower():
-                chunked = True
-        size += 2
-        if not chunked:
-            return size + len(reader.read(length)) if length is not None else size + len(reader.read())
+    return head.encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, int]:
+    """Read one HTTP/1.1 answer whole, of a fixed length or chunked: its status, and the bytes it took on
+    the wire, head and framing included (what wrk counts)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    size = len(head)
+    if "chunked" in fields.get("transfer-encoding", "").lower():
         while True:
-            line = reader.readline()
+            line = await reader.readuntil(b"\r\n")
             chunk = int(line.split(b";")[0], 16)
-            size += len(line) + len(reader.read(chunk + 2))
+            size += len(line) + len(await reader.readexactly(chunk + 2))
             if chunk == 0:
-                return size
+                return status, size
+    return status, size + len(await reader.readexactly(int(fields.get("content-length", "0"))))
+
+
+def answer_bytes(url: str, body: bytes, key: str | None, timeout: float = 60.0) -> int:
+    """The bytes one whole answer takes on the wire through `url`, as wrk counts what it reads of a
+    kept-alive connection."""
+
+    async def one() -> int:
+        host_port = url.removeprefix("http://")
+        host, _, port = host_port.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(chat_request(host_port, body, key))
+            return (await read_answer(reader))[1]
+        finally:
+            writer.close()
+
+    return asyncio.run(asyncio.wait_for(one(), timeout))
 
 
 def check_response(variant: Variant, status: int, payload: bytes, events_per_stream: int) -> str | None:
