@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .server.reader import head_size
+
 Headers = list[tuple[bytes, bytes]]
 
 FORWARDED_REQUEST_HEADERS: Final = frozenset({b"content-type", b"accept", b"user-agent"})
@@ -496,11 +498,6 @@ class UpstreamPool:
             for connection in idle:
                 connection.close()
         self._idle.clear()
-
-
-def head_size(headers: Headers) -> int:
-    """The bytes of a head's header lines, as a request head's are counted (server/reader.py)."""
-    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def request_headers(client_headers: Headers, request_id: bytes) -> Headers:
