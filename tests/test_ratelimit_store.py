@@ -46,3 +46,26 @@ def test_after_redis_restarts_no_count_fails_on_a_connection_from_before(redis: 
 
     after = asyncio.run(scenario())
     assert [item for item in after if isinstance(item, BaseException)] == []
+
+
+def test_a_redis_that_stops_answering_gets_503_within_the_store_timeout_for_every_waiting_request(
+    redis: Redis,
+) -> None:
+    """Paused (SIGSTOP), Redis accepts connections and answers nothing: each of 40 requests on the
+    pooled connections, and each that must connect anew, is refused after about the store timeout."""
+
+    async def scenario() -> list[object]:
+        limiter = RateLimiter(redis.url, local=False, store_timeout=0.5)
+        limit = "100000/minute"
+        await asyncio.gather(*(limiter.hit(f"key_{n}", limit) for n in range(40)))  # 40 pooled connections
+        redis.pause()
+        try:
+            checks = [limiter.hit(f"key_{n}", limit) for n in range(60)]  # 20 more than the pool holds
+            checks += [limiter.check_tokens(f"key_{n}", "1000/minute") for n in range(10)]
+            return await asyncio.wait_for(asyncio.gather(*checks, return_exceptions=True), timeout=20)
+        finally:
+            redis.resume()
+
+    outcomes = asyncio.run(scenario())
+    assert len(outcomes) == 70
+    assert {refusal(outcome)[:2] for outcome in outcomes} == {(503, "store_unavailable")}

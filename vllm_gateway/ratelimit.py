@@ -18,11 +18,13 @@ amount are atomic there. When Redis does not answer, the request gets 503 `store
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from limits import RateLimitItem, parse_many
 from limits.aio.strategies import FixedWindowRateLimiter
@@ -35,6 +37,7 @@ from .store_outage import Outage
 log = logging.getLogger("vllm_gateway")
 
 Headers = list[tuple[bytes, bytes]]
+Answer = TypeVar("Answer")
 WindowId = tuple[str, str, int, int]
 
 REQUESTS: Final = "key"  # the namespace of request counts (as before token limits, so counts carry over)
@@ -100,6 +103,7 @@ class RateLimiter:
         `store_timeout`: seconds a shared store may take to connect or answer."""
         self.local: LocalWindows | None = None
         self.shared: FixedWindowRateLimiter | None = None
+        self.store_timeout = store_timeout
         self.outage = Outage("rate limiter")
         if local:
             self.local = LocalWindows()
@@ -123,14 +127,9 @@ class RateLimiter:
         retry_after = 1
         for item in parse_limits(text):
             assert self.shared is not None
-            try:
-                fits = await self.shared.hit(item, REQUESTS, key_id)
-                stats = await self.shared.get_window_stats(item, REQUESTS, key_id)
-            except StorageError as error:
-                self.outage.failed(error.storage_error)
-                raise errors.store_unavailable(
-                    "this request could not be counted against its key's rate limit"
-                ) from None
+            what = "this request could not be counted against its key's rate limit"
+            fits = await self._from_store(self.shared.hit(item, REQUESTS, key_id), what)
+            stats = await self._from_store(self.shared.get_window_stats(item, REQUESTS, key_id), what)
             if self.outage.since is not None:
                 self.outage.answered()
             reset_at, remaining = stats.reset_time, stats.remaining
@@ -216,15 +215,26 @@ class RateLimiter:
             )
         return shown
 
+    async def _from_store(self, call: Awaitable[Answer], what: str) -> Answer:
+        """The shared store's answer to `call`, or a 503 saying `what`. redis-py bounds each connect
+        and read by the store timeout; this bounds the whole of one call (its retry on a fresh
+        connection, a wait for the pool) by the same, so that a store that stops answering never
+        holds a request longer than that."""
+        try:
+            async with asyncio.timeout(self.store_timeout):
+                return await call
+        except StorageError as error:
+            self.outage.failed(error.storage_error)
+            raise errors.store_unavailable(what) from None
+        except TimeoutError:
+            self.outage.failed(TimeoutError(f"no answer in {self.store_timeout:g} s"))
+            raise errors.store_unavailable(what) from None
+
     async def _shared_window(self, namespace: str, key_id: str, item: RateLimitItem, what: str) -> tuple[int, float]:
         """LocalWindows.peek for the shared store: the count in the window and when it ends (a full
         window from now when none is open); a 503 saying `what` when the store fails."""
         assert self.shared is not None
-        try:
-            stats = await self.shared.get_window_stats(item, namespace, key_id)
-        except StorageError as error:
-            self.outage.failed(error.storage_error)
-            raise errors.store_unavailable(what) from None
+        stats = await self._from_store(self.shared.get_window_stats(item, namespace, key_id), what)
         used = item.amount - stats.remaining
         return used, stats.reset_time if used else time.time() + item.get_expiry()
 
@@ -239,9 +249,11 @@ class RateLimiter:
                 continue
             assert self.shared is not None
             try:
-                await self.shared.hit(item, TOKENS, key_id, cost=tokens)
+                async with asyncio.timeout(self.store_timeout):
+                    await self.shared.hit(item, TOKENS, key_id, cost=tokens)
             except Exception as error:  # the store failed after the answer: the client has it, say so here
-                log.warning("could not count %d tokens of key %s in %s: %s", tokens, key_id, item, error)
+                reason = str(error) or f"no answer in {self.store_timeout:g} s"
+                log.warning("could not count %d tokens of key %s in %s: %s", tokens, key_id, item, reason)
 
 
 def redis_options(timeout: float) -> dict[str, Any]:

@@ -172,8 +172,11 @@ class Gateway:
     def __enter__(self) -> Gateway:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self.stop()
+        if kind is not None:  # a failed test shows what the gateway said meanwhile
+            lines = self.log_text(settle=0).splitlines()
+            print("\n".join(["-- the gateway's log, its last lines:", *lines[-60:]]), file=sys.stderr)
 
 
 def gateway_env(workdir: Path, port: int) -> dict[str, str]:
