@@ -36,7 +36,7 @@ install_system_packages() {
     need_command redis-server redis-server
     need_command shellcheck shellcheck
     need_command nginx nginx
-    need_command gcc gcc  # scripts/test.sh compiles the request path (need_compiler checks the headers later)
+    need_command gcc gcc  # the request path is compiled below (need_compiler checks the headers later)
     need_command openssl openssl  # the HTTPS tests make their certificates with it
     need_command wrk wrk
     need_command prometheus prometheus  # promtool comes with it
@@ -113,12 +113,14 @@ main() {
     fi
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements.txt"
     ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-test.txt"
-    ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-build.txt"  # test.sh compiles
+    ensure_venv_requirements "$VLLM_REPO_DIR/.venv" "$VLLM_REPO_DIR/requirements-build.txt"  # mypyc, for the build below
     install_project "$VLLM_REPO_DIR/.venv"
     if ((apt)); then
         need_compiler "$VLLM_REPO_DIR/.venv/bin/python"
         apt_install_missing
     fi
+    # Built here, as scripts/install.sh builds it for a user: test.sh finds it current and tests it.
+    "$VLLM_REPO_DIR/.venv/bin/python" "$VLLM_REPO_DIR/scripts/compile_gateway.py"
     if ((vllm)); then
         install_vllm_venv
         make_tiny_model

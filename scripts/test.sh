@@ -15,8 +15,9 @@
 # Tests marked `alone` (real vLLM, which answers its health checks late when another test computes
 # beside it) run after them, one at a time. All of these run the gateway's sources as Python
 # (GATEWAY_COMPILED=0), which coverage can see. Last, what scripts/install.sh ships: the request path
-# compiled by mypyc (scripts/compile_gateway.py), built here, and the tests of COMPILED_TESTS against
-# it (GATEWAY_COMPILED=1), without coverage.
+# compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is built
+# again only when the sources changed since), and the tests of COMPILED_TESTS against it
+# (GATEWAY_COMPILED=1, in their own process too), without coverage.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail

@@ -22,7 +22,7 @@ import redis
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
-from tests.support.processes import Simulator, wait_until
+from tests.support.processes import Simulator, wait_until, wait_until_async
 from tests.support.redis_server import Redis
 
 CHAT = "/v1/chat/completions"
@@ -43,7 +43,16 @@ def start_two_workers(
     tmp_path: Path, simulator: Simulator, redis_url: str, env: dict[str, str] | None = None, **capacity: str
 ) -> Gateway:
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, **(env or {})}
-    return Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url, path="/models/sim", **capacity)], env=env)
+    backend = Backend("sim", simulator.base_url, path="/models/sim", **capacity)
+    gateway = Gateway.start(tmp_path / "gw", [backend], env=env)
+    # The gateway answers once one worker does; the other may still be starting on a busy machine, and
+    # every connection would go to the first. Each writes a metrics snapshot a second after it started.
+    try:
+        wait_until(lambda: len(list((gateway.workdir / "run" / "metrics").glob("*.json"))) == 2, timeout=60)
+    except TimeoutError:
+        gateway.stop()
+        raise
+    return gateway
 
 
 def fresh_client(gateway: Gateway) -> httpx.AsyncClient:
@@ -253,14 +262,6 @@ async def post(gateway: Gateway, body: dict[str, object], timeout: float = 60) -
         return await client.post(CHAT, json=body, headers={"Authorization": f"Bearer {gateway.key}"})
 
 
-async def until_true(check: Callable[[], bool], timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError("never came true")
-
-
 def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_back_all_is_as_before(
     tmp_path: Path, simulator: Simulator, restartable_redis: Redis
 ) -> None:
@@ -280,9 +281,9 @@ def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_b
         async def scenario() -> dict[str, object]:
             before = await burst(30)  # both workers' connections to Redis, many of them
             blocker = asyncio.create_task(stream_through(gateway, gateway.key, 2000))  # holds the one slot throughout
-            await until_true(lambda: simulator.stats()["running"] == 1)
+            await wait_until_async(lambda: simulator.stats()["running"] == 1)
             waiting = asyncio.create_task(post(gateway, chat(2, stream=False), timeout=30))
-            await until_true(lambda: queued() == 1)
+            await wait_until_async(lambda: queued() == 1)
 
             restartable_redis.stop()
             dropped = await waiting  # long before the queue timeout of 120 s
@@ -290,9 +291,9 @@ def test_while_redis_is_away_requests_get_503_store_unavailable_and_once_it_is_b
             restartable_redis.start()  # empty: no counts, no queue, no scripts
 
             # The blocker's worker tells the new Redis of the slot it holds.
-            await until_true(lambda: admission_figure(store, "inflight:sim", "total") == 1)
+            await wait_until_async(lambda: admission_figure(store, "inflight:sim", "total") == 1)
             after = asyncio.create_task(post(gateway, chat(2, stream=False)))
-            await until_true(lambda: queued() == 1)  # so it waits: the slot is taken
+            await wait_until_async(lambda: queued() == 1)  # so it waits: the slot is taken
             blocker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await blocker
@@ -331,9 +332,9 @@ def test_a_redis_that_stops_answering_gets_503_store_unavailable_within_the_redi
 
         async def scenario() -> tuple[httpx.Response, list[httpx.Response], list[httpx.Response]]:
             blocker = asyncio.create_task(stream_through(gateway, gateway.key, 2000))  # holds the one slot
-            await until_true(lambda: simulator.stats()["running"] == 1)
+            await wait_until_async(lambda: simulator.stats()["running"] == 1)
             waiting = asyncio.create_task(post(gateway, chat(2, stream=False), timeout=30))
-            await until_true(lambda: admission_figure(store, "q:sim:size") == 1)
+            await wait_until_async(lambda: admission_figure(store, "q:sim:size") == 1)
             restartable_redis.pause()
             try:
                 dropped = await waiting
@@ -343,7 +344,7 @@ def test_a_redis_that_stops_answering_gets_503_store_unavailable_within_the_redi
             blocker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await blocker
-            await until_true(lambda: simulator.stats()["running"] == 0)
+            await wait_until_async(lambda: simulator.stats()["running"] == 0)
             back = await asyncio.gather(*(post(gateway, chat(2, stream=False)) for _ in range(10)))
             return dropped, silent, back
 

@@ -15,6 +15,7 @@ Every started process is also killed at interpreter exit, in case a test forgot 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import resource
@@ -238,6 +239,18 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float 
         if time.monotonic() >= deadline:
             raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
         time.sleep(interval)
+
+
+async def wait_until_async(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """wait_until inside a scenario's event loop: its other tasks run while this one polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
+        await asyncio.sleep(interval)
 
 
 def parse_metrics(text: str) -> dict[str, float]:
