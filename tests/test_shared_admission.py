@@ -425,6 +425,34 @@ def test_a_request_that_ends_while_its_worker_joins_is_given_back_once_joined(re
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
+def test_a_request_that_ends_as_its_workers_join_is_answered_is_given_back(redis, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The request ends after Redis answered its worker's join (which counted its slot) and before the
+    new connection is in use, a turn of the loop or more on a busy machine: its slot is given back all
+    the same, and goes to the request waiting on the other worker. (It was lost: Redis kept the slot
+    taken until the worker's next connection, and every later request queued behind it.)"""
+
+    async def scenario() -> None:
+        holder, waiting_on = one_worker(redis.url, tmp_path), one_worker(redis.url, tmp_path)
+        async with started(holder, waiting_on):
+            slot, waiting = await hold_the_slot_with_one_waiting(holder, waiting_on)
+            join = holder.pipe.prepare
+            assert join is not None
+
+            async def join_then_end(call: Callable[..., Awaitable[object]]) -> None:
+                await join(call)
+                holder.release(slot)  # the stream ends as the join's answer is read
+
+            holder.pipe.prepare = join_then_end
+            holder.pipe.abort()  # a network blip: the heartbeat connects again, and joins
+            backend, waited = await asyncio.wait_for(waiting, 5)
+            assert backend is not None and waited > 0
+            assert in_redis(redis.url, "inflight:m-1", holder.worker) == 0
+            assert in_redis(redis.url, "inflight:m-1", "total") == 1  # B's
+            waiting_on.release(backend)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_redis_going_again_as_a_worker_joins_leaves_the_next_join_counting_what_it_holds_then(  # type: ignore[no-untyped-def]
     redis, tmp_path: Path
 ) -> None:

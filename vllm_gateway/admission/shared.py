@@ -89,7 +89,7 @@ class SharedAdmission(Admission):
         self.unreleased: list[tuple[Backend, int]] = []  # releases Redis refused, and their connection
         self.uncounted: dict[str, int] = {}  # requests in flight that Redis does not count (/tokenize)
         self.outage = Outage("admission")
-        self.released_while_joining: list[Backend] | None = None  # a list while join's script runs
+        self.released_while_joining: list[Backend] | None = None  # a list from a join until its connection is in use
         self.tasks: list[asyncio.Task[None]] = []
         self.pending: set[asyncio.Task[None]] = set()
         self.delivered: set[str] = set()  # grants handed to a waiter, until Redis forgot them
@@ -125,23 +125,32 @@ class SharedAdmission(Admission):
             count = backend.in_flight - self.uncounted.get(backend.spec.id, 0)
             if count > 0:
                 held += [backend.spec.id, count]
-        self.released_while_joining = []  # ended after `held` was counted: given back once joined
+        # Requests that end from here until the new connection is in use (`joined`) were counted in
+        # `held` and have no connection to be given back on: they are, once it is.
+        released: list[Backend] = []
+        self.released_while_joining = released
         try:
             await call("EVALSHA", self.scripts.sha["join"], 0, self.prefix, self.worker, HEARTBEAT_TTL, *held)
-        finally:
-            released, self.released_while_joining = self.released_while_joining, None
+        except BaseException:
+            self.released_while_joining = None  # not joined: the next join counts what is held then
+            raise
         self.unreleased.clear()  # counted in `held` already
         if self.outage.since is not None:
             self.outage.answered()
-        self.spawn(self.joined(released))
+        # The connection is in use once the connect that runs this join returns: a turn of the loop
+        # later at least, more on a busy machine.
+        self.spawn(self.joined(released, self.pipe.generation + 1))
 
-    async def joined(self, released: list[Backend]) -> None:
+    async def joined(self, released: list[Backend], generation: int) -> None:
         try:
             await self.pipe.connect()  # returns once the connection that joined is in use
         except RedisConnectionError:
             return  # gone again: the next join counts these releases
+        finally:
+            if self.released_while_joining is released:
+                self.released_while_joining = None
         for backend in released:
-            await self.release_slot(backend, self.pipe.generation)
+            await self.release_slot(backend, generation)  # not if a newer connection joined since
         # Slots this worker no longer holds may be free now, for requests of other workers.
         await self.dispatch_all()
 
