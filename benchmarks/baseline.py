@@ -64,3 +64,16 @@ def checkout(repo: Path, rev: str, path: Path) -> Checkout:
         path.parent.mkdir(parents=True, exist_ok=True)
         git(repo, "worktree", "add", "--quiet", "--detach", str(path), commit)
     return Checkout(path, commit, git(repo, "rev-parse", "--short", commit))
+
+
+def build_request_path(tree: Path, python: str) -> bool:
+    """Compile `tree`'s request path with mypyc as scripts/install.sh ships it, so that its gateway runs
+    as its users run it: this checkout's (a build older than the sources would run as Python, silently)
+    and the baseline's alike. False for a revision from before the compiled build."""
+    script = tree / "scripts" / "compile_gateway.py"
+    if not script.exists():
+        return False
+    done = subprocess.run([python, str(script)], cwd=tree, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiling the request path of {tree} failed:\n{done.stdout}{done.stderr}")
+    return True

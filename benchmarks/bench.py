@@ -563,6 +563,14 @@ def main(argv: list[str]) -> int:
             log(str(error))
             return 2
         log(f"baseline: {args.baseline} is {checkout.short}, checked out in {checkout.path}")
+    try:
+        trees = ([REPO] if set(args.targets) & set(GATEWAYS) else []) + ([checkout.path] if checkout else [])
+        for tree in trees:
+            built = baseline.build_request_path(tree, args.python)
+            log(f"{tree.name}: request path {'compiled' if built else 'as Python (a revision before mypyc)'}")
+    except RuntimeError as error:
+        log(str(error))
+        return 2
     bench = Bench(args, write_canned(args.work / "canned"))
     results: dict = {
         "meta": meta(bench, checkout),

@@ -34,6 +34,7 @@ from servers import REPO, Gateway, chat_request, log, read_answer, start_backend
 
 HERE = Path(__file__).resolve().parent
 KINDS = {v.name: v for v in VARIANTS if not v.paced}  # paced streams add waiting, which counts nothing
+PYTHON = str(REPO / ".venv" / "bin" / "python")
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def count_gateway(
         shutil.rmtree(work)
     out_dir = work / "callgrind"
     out_dir.mkdir(parents=True)
-    python = str(REPO / ".venv" / "bin" / "python")
+    python = PYTHON
     launcher = [
         "valgrind",
         "--tool=callgrind",
@@ -184,10 +185,13 @@ def main(argv: list[str]) -> int:
         routes = {v.model: backend.url(v) for v in VARIANTS}
         results = []
         for target in args.targets.split(","):
+            # Each revision's request path as it ships: compiled, from the revision that compiles it.
             if target == "baseline":
                 base = baseline.checkout(REPO, args.baseline, args.work / "baseline-tree")
+                baseline.build_request_path(base.path, PYTHON)
                 results.append(count_gateway(args, f"baseline-{base.short}", base.path, files, routes, {}))
             else:
+                baseline.build_request_path(REPO, PYTHON)
                 results.append(count_gateway(args, target, REPO, files, routes, GATEWAYS[target]))
     finally:
         backend.child.stop()

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline import checkout, git
+from baseline import build_request_path, checkout, git
 from servers import REPO, start_gateway
 
 
@@ -136,3 +136,30 @@ def test_gateway_started_from_the_worktree_runs_the_worktree_code(tmp_path):
         assert {Path(path.read_text()) for path in marker.iterdir()} == {init}
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree.path)], check=False)
+
+
+def test_a_revision_that_compiles_its_request_path_is_built_with_its_own_script_and_an_older_one_is_not(repo, tmp_path):
+    older = checkout(repo, commit_file(repo, "before mypyc"), tmp_path / "older")
+    (repo / "scripts").mkdir()
+    # The revision's own build script, run in its tree with the interpreter given: here it leaves a note.
+    (repo / "scripts" / "compile_gateway.py").write_text(
+        "import pathlib, sys\npathlib.Path('built-by').write_text(sys.executable)\n"
+    )
+    git(repo, "add", "scripts")
+    git(repo, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-q", "-m", "mypyc")
+    newer = checkout(repo, "HEAD", tmp_path / "newer")
+
+    assert build_request_path(older.path, sys.executable) is False
+    assert build_request_path(newer.path, sys.executable) is True
+    assert (newer.path / "built-by").read_text() == sys.executable
+    assert not (older.path / "built-by").exists()
+
+
+def test_a_build_that_fails_is_a_clear_error(repo, tmp_path):
+    (repo / "scripts").mkdir()
+    (repo / "scripts" / "compile_gateway.py").write_text("raise SystemExit('no compiler here')\n")
+    git(repo, "add", "scripts")
+    git(repo, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-q", "-m", "mypyc")
+    tree = checkout(repo, "HEAD", tmp_path / "tree")
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        build_request_path(tree.path, sys.executable)

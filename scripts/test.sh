@@ -29,6 +29,7 @@ PYTHON="$REPO_DIR/.venv/bin/python"
 # admits or answers errors, and the one that checks which build a gateway runs.
 COMPILED_TESTS=(
     tests/test_compiled_build.py
+    tests/test_metrics_recording.py
     tests/test_gateway_requests.py
     tests/test_gateway_streaming.py
     tests/test_gateway_relay_framing.py

@@ -67,7 +67,7 @@ def worker_reading(metrics: Metrics) -> Reading:
     """This worker's counters now: read on the event loop, where they change."""
     reading = Reading(time())
     registry = metrics.registry
-    reading.add_series(metrics.series.items(), registry.models)
+    reading.add_series(((labels, series.figures()) for labels, series in metrics.series.items()), registry.models)
     for model in registry.models.values():
         for backend in model.backends:
             reading.in_flight[(model.name, backend.spec.id)] = float(backend.in_flight)

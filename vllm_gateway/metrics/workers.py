@@ -29,7 +29,7 @@ def figures_of(metrics: Metrics) -> Figures:
         for backend in model.backends
     }
     figures = Figures(
-        {labels: list(values) for labels, values in metrics.series.items()},
+        {labels: series.figures() for labels, series in metrics.series.items()},
         dict(metrics.rate_limited),
         dict(metrics.upstream_errors),
         in_flight,
