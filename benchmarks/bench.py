@@ -298,6 +298,7 @@ def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
         ),
         "cpu_seconds": m.cpu_seconds,
         "cpu_us_per_request": None,
+        "user_us_per_request": None,
         "cpu_us_per_event": None,
         "rss_idle_mb": None,
         "rss_peak_mb": None,
@@ -305,6 +306,8 @@ def measure(bench: Bench, target: Target, kind: str, connections: int) -> dict:
     }
     if m.cpu_seconds is not None and served:
         row["cpu_us_per_request"] = m.cpu_seconds / served * 1e6
+        if m.cpu_user_seconds is not None:
+            row["user_us_per_request"] = m.cpu_user_seconds / served * 1e6
         if events:
             row["cpu_us_per_event"] = m.cpu_seconds / events * 1e6
     idle_rss_kb = target.idle_rss_kb.get(variant.name)

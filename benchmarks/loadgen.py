@@ -36,6 +36,7 @@ class Measured:
     errors: dict[str, int]
     latency_us: dict[str, float]
     cpu_seconds: float | None
+    cpu_user_seconds: float | None  # of cpu_seconds, the process's own (the rest is the kernel's)
     rss_before_kb: int | None
     rss_peak_kb: int | None
     rss_after_kb: int | None
@@ -66,7 +67,7 @@ def run_wrk(load: Load, pid: int | None) -> Measured:
         argv = ["taskset", "-c", ",".join(map(str, load.cpus)), *argv]
     env = dict(os.environ, BENCH_BODIES=":".join(str(b) for b in load.bodies), BENCH_KEY=load.key or "")
 
-    cpu_before = procstat.cpu_seconds(pid) if pid else None
+    cpu_before = procstat.cpu_split(pid) if pid else None
     rss_before = procstat.rss_kb(pid) if pid else None
     cores_before = procstat.core_times()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -82,7 +83,7 @@ def run_wrk(load: Load, pid: int | None) -> Measured:
             proc.kill()
             proc.wait()
     cores = procstat.core_times().busy_fraction_since(cores_before)
-    cpu_after = procstat.cpu_seconds(pid) if pid else None
+    cpu_after = procstat.cpu_split(pid) if pid else None
     rss_after = procstat.rss_kb(pid) if pid else None
 
     lines = [line for line in stdout.decode().splitlines() if line.startswith("BENCH_RESULT ")]
@@ -98,7 +99,8 @@ def run_wrk(load: Load, pid: int | None) -> Measured:
         bytes=result["bytes"],
         errors=result["errors"],
         latency_us=result["latency_us"],
-        cpu_seconds=(cpu_after - cpu_before) if pid else None,
+        cpu_seconds=sum(cpu_after) - sum(cpu_before) if cpu_after and cpu_before else None,
+        cpu_user_seconds=cpu_after[0] - cpu_before[0] if cpu_after and cpu_before else None,
         rss_before_kb=rss_before,
         rss_peak_kb=max(peak or 0, rss_after or 0) if pid else None,
         rss_after_kb=rss_after,

@@ -35,16 +35,23 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime of the tree (all threads), in seconds."""
-    total = 0
+def cpu_split(root: int) -> tuple[float, float]:
+    """utime and stime of the tree (all threads), in seconds: the process's own work, and the kernel's
+    on its behalf (its system calls, the network stack's share)."""
+    user = system = 0
     for pid in tree(root):
         try:
             fields = _stat_fields(pid)
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICKS, system / TICKS
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of the tree (all threads), in seconds."""
+    return sum(cpu_split(root))
 
 
 def rss_kb(root: int) -> int:

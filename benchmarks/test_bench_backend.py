@@ -134,6 +134,30 @@ def test_wrk_script_reports_requests_latency_and_no_errors(proxy, files):
     assert measured.error_count == 0
     assert 0 < measured.latency_us["p50"] <= measured.latency_us["p99"]
     assert measured.cpu_seconds is not None and measured.rss_peak_kb > 0
+    assert measured.cpu_user_seconds is not None and 0 <= measured.cpu_user_seconds <= measured.cpu_seconds
+
+
+@pytest.mark.parametrize(("work", "mostly"), [("pass", "user"), ("os.write(fd, b'x')", "system")])
+def test_cpu_is_split_into_the_process_own_time_and_the_kernels(work, mostly):
+    """A loop that only counts spends its time in the process; one that writes a byte a turn, in the kernel."""
+    import subprocess
+    import time
+
+    import procstat
+
+    loop = f"import os\nfd = os.open(os.devnull, os.O_WRONLY)\nwhile True: {work}\n"
+    child = subprocess.Popen([sys.executable, "-c", loop])
+    try:
+        time.sleep(0.3)  # started
+        before = procstat.cpu_split(child.pid)
+        time.sleep(1.0)
+        after = procstat.cpu_split(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    user, system = after[0] - before[0], after[1] - before[1]
+    assert user + system > 0.3
+    assert (user > system) == (mostly == "user")
 
 
 @pytest.mark.parametrize("kind", ["json", "stream"])
