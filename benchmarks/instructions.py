@@ -128,7 +128,6 @@ def count_gateway(
         shutil.rmtree(work)
     out_dir = work / "callgrind"
     out_dir.mkdir(parents=True)
-    python = PYTHON
     launcher = [
         "valgrind",
         "--tool=callgrind",
@@ -136,7 +135,7 @@ def count_gateway(
         f"--callgrind-out-file={out_dir}/callgrind.out.%p",
     ]
     gateway: Gateway = start_gateway(
-        work, python, routes, None, overrides=overrides, repo=repo, launcher=launcher, start_timeout=600
+        work, PYTHON, routes, None, overrides=overrides, repo=repo, launcher=launcher, start_timeout=600
     )
     try:
         wait_until_serving(label, gateway.url, files, gateway.key, gateway.child.proc, timeout=600)
@@ -184,14 +183,14 @@ def main(argv: list[str]) -> int:
     try:
         routes = {v.model: backend.url(v) for v in VARIANTS}
         results = []
+        # Each revision's request path as it ships: compiled, from the revision that compiles it.
+        baseline.build_request_path(REPO, PYTHON)
         for target in args.targets.split(","):
-            # Each revision's request path as it ships: compiled, from the revision that compiles it.
             if target == "baseline":
                 base = baseline.checkout(REPO, args.baseline, args.work / "baseline-tree")
                 baseline.build_request_path(base.path, PYTHON)
                 results.append(count_gateway(args, f"baseline-{base.short}", base.path, files, routes, {}))
             else:
-                baseline.build_request_path(REPO, PYTHON)
                 results.append(count_gateway(args, target, REPO, files, routes, GATEWAYS[target]))
     finally:
         backend.child.stop()

@@ -291,6 +291,21 @@ async def hold_the_slot_with_one_waiting(
     return slot, waiting
 
 
+async def given_to_the_one_waiting(
+    redis_url: str,
+    holder: SharedAdmission,
+    waiting_on: SharedAdmission,
+    waiting: asyncio.Task[tuple[Backend | None, float]],
+) -> None:
+    """The slot `holder` gave back went to the request waiting on `waiting_on` (hold_the_slot_with_one_waiting),
+    and Redis counts it there and nowhere else; that request then ends too."""
+    backend, waited = await asyncio.wait_for(waiting, 5)
+    assert backend is not None and waited > 0
+    assert in_redis(redis_url, "inflight:m-1", holder.worker) == 0
+    assert in_redis(redis_url, "inflight:m-1", "total") == 1  # the waiting request's
+    waiting_on.release(backend)
+
+
 @contextlib.asynccontextmanager
 async def started(*workers: SharedAdmission) -> AsyncIterator[None]:
     for admission in workers:
@@ -416,11 +431,7 @@ def test_a_request_that_ends_while_its_worker_joins_is_given_back_once_joined(re
             finally:
                 await admin.execute_command("CLIENT", "UNPAUSE")
                 await admin.aclose()
-            backend, waited = await asyncio.wait_for(waiting, 5)
-            assert backend is not None and waited > 0
-            assert in_redis(redis.url, "inflight:m-1", holder.worker) == 0
-            assert in_redis(redis.url, "inflight:m-1", "total") == 1  # B's
-            waiting_on.release(backend)
+            await given_to_the_one_waiting(redis.url, holder, waiting_on, waiting)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
@@ -444,11 +455,7 @@ def test_a_request_that_ends_as_its_workers_join_is_answered_is_given_back(redis
 
             holder.pipe.prepare = join_then_end
             holder.pipe.abort()  # a network blip: the heartbeat connects again, and joins
-            backend, waited = await asyncio.wait_for(waiting, 5)
-            assert backend is not None and waited > 0
-            assert in_redis(redis.url, "inflight:m-1", holder.worker) == 0
-            assert in_redis(redis.url, "inflight:m-1", "total") == 1  # B's
-            waiting_on.release(backend)
+            await given_to_the_one_waiting(redis.url, holder, waiting_on, waiting)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
 

@@ -232,25 +232,25 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float 
     For waiting on a state (a gauge reaching 0, a process gone), never for asserting a duration.
     """
     deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
+    while not (result := _checked(check, deadline, timeout)):
         time.sleep(interval)
+    return result
 
 
 async def wait_until_async(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
     """wait_until inside a scenario's event loop: its other tasks run while this one polls."""
     deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
+    while not (result := _checked(check, deadline, timeout)):
         await asyncio.sleep(interval)
+    return result
+
+
+def _checked(check: Callable[[], Any], deadline: float, timeout: float) -> Any:
+    """`check()`'s result; a TimeoutError when it is still falsy once `deadline` has passed."""
+    result = check()
+    if not result and time.monotonic() >= deadline:
+        raise TimeoutError(f"condition not met within {timeout} s (last: {result!r})")
+    return result
 
 
 def parse_metrics(text: str) -> dict[str, float]:
