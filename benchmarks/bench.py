@@ -63,6 +63,8 @@ VLLM_ROUTER = HERE / "work" / "vllm-router-venv" / "bin" / "vllm-router"
 # The worktree of the baseline's revision, in the --work directory.
 BASELINE_TREE = "baseline-tree"
 VARIANT = {v.name: v for v in VARIANTS}
+# Where each target's processes keep their files, under the --work directory.
+TARGET_DIRS = ("nginx-proxy", "python-pipe", "vllm-router", "baseline", *GATEWAYS)
 # Seconds wrk waits for one response before counting a timeout, per kind of request.
 TIMEOUTS = {"json": 10, "stream": 20, "paced": 60}
 
@@ -135,8 +137,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--repeat",
         type=positive_int,
         default=1,
-        help="runs of each scenario, the targets taking turns (the order reversed every other round); the "
-        "table shows each figure's median (default 1)",
+        help="rounds of every scenario, each with the targets started afresh and taking turns (the order "
+        "reversed every other round); the table shows each figure's median (default 1)",
     )
     parser.add_argument(
         "--vllm-router",
@@ -479,65 +481,85 @@ def start_targets(
     return targets
 
 
-def measure_rounds(
-    bench: Bench, targets: list[Target], children: list[Child], kind: str, connections: int
+def measure_round(
+    bench: Bench, targets: list[Target], children: list[Child], kind: str, connections: int, round_: int
 ) -> list[dict]:
-    """--repeat runs of one scenario per target, the targets taking turns; the order reverses every other round
-    so that neither end of it is always first."""
+    """One run of one scenario per target, in the order given."""
     rows = []
-    for round_ in range(bench.args.repeat):
-        for target in targets if round_ % 2 == 0 else reversed(targets):
-            settle(children)
-            row = measure(bench, target, kind, connections)
-            row["round"] = round_ + 1
-            rows.append(row)
-            gone = [c.name for c in children if c.proc.poll() is not None]
-            if gone:
-                raise RuntimeError(f"{', '.join(gone)} exited during {kind} c={connections}")
+    for target in targets:
+        settle(children)
+        row = measure(bench, target, kind, connections)
+        row["round"] = round_ + 1
+        rows.append(row)
+        gone = [c.name for c in children if c.proc.poll() is not None]
+        if gone:
+            raise RuntimeError(f"{', '.join(gone)} exited during {kind} c={connections}")
     return rows
 
 
+def warm_up_all(bench: Bench, targets: list[Target], children: list[Child]) -> None:
+    for target in targets:
+        log(f"warming up {target.label or target.name}")
+        warm_up(bench, target)
+        settle(children)
+        for variant in VARIANTS:
+            pid = target.pid_of(variant)
+            if pid:
+                target.idle_rss_kb[variant.name] = procstat.rss_kb(pid)
+
+
 def run_canned(bench: Bench, results: dict, checkout: Checkout | None) -> None:
+    """--repeat rounds of every scenario, each round with its targets started afresh and taking turns in an
+    order that reverses every other round.
+
+    A process's own speed on a shared machine is partly luck of where it lands (its memory, its caches):
+    two processes of the same code have differed by a third in user time, keeping their lead or lag for
+    as long as they ran. Processes that lived through every round carried that luck into every figure
+    of theirs; started anew for each round, the luck is dealt again and the median sees past it."""
     args, files = bench.args, bench.files
-    children: list[Child] = []
+    plan = [
+        (kind, c)
+        for kind, levels in (
+            ("json", args.json_concurrency),
+            ("stream", args.stream_concurrency),
+            ("paced", args.paced_concurrency),
+        )
+        if kind in args.scenarios
+        for c in levels
+    ]
+    rows: list[dict] = []
+    names: list[str] = []
+    backend = start_backend(args.work, files, args.load_cpus)
     try:
-        backend = start_backend(args.work, files, args.load_cpus)
-        children.append(backend.child)
         wait_until_serving("nginx backend", backend.url, files, None, backend.child.proc, 10)
-        targets = start_targets(bench, backend, children, checkout)
-        for target in targets:
-            log(f"warming up {target.label or target.name}")
-            warm_up(bench, target)
-            settle(children)
-            for variant in VARIANTS:
-                pid = target.pid_of(variant)
-                if pid:
-                    target.idle_rss_kb[variant.name] = procstat.rss_kb(pid)
-
-        plan = [
-            (kind, c)
-            for kind, levels in (
-                ("json", args.json_concurrency),
-                ("stream", args.stream_concurrency),
-                ("paced", args.paced_concurrency),
-            )
-            if kind in args.scenarios
-            for c in levels
-        ]
-        for kind, connections in plan:
-            rows = measure_rounds(bench, targets, children, kind, connections)
+        for round_ in range(args.repeat):
             if args.repeat > 1:
-                results["runs"].extend(rows)
-            for target in targets:
-                results["scenarios"].append(report.median_row([r for r in rows if r["target"] == target.name]))
-
-        gateway_target = next((t for t in targets if t.name == "gateway"), None)
-        if "leak" in args.scenarios and gateway_target:
-            settle(children)
-            results["leak"] = leak_check(bench, gateway_target)
+                log(f"round {round_ + 1} of {args.repeat}: the targets start afresh")
+            children: list[Child] = [backend.child]
+            for stale in TARGET_DIRS:  # a round starts from nothing another left: no ledger, no log
+                shutil.rmtree(args.work / stale, ignore_errors=True)
+            try:
+                targets = start_targets(bench, backend, children, checkout)
+                names = [target.name for target in targets]
+                warm_up_all(bench, targets, children)
+                order = targets if round_ % 2 == 0 else targets[::-1]
+                for kind, connections in plan:
+                    rows += measure_round(bench, order, children, kind, connections, round_)
+                gateway_target = next((t for t in targets if t.name == "gateway"), None)
+                if "leak" in args.scenarios and gateway_target and round_ == args.repeat - 1:
+                    settle(children)
+                    results["leak"] = leak_check(bench, gateway_target)
+            finally:
+                for child in reversed(children[1:]):
+                    child.stop()
     finally:
-        for child in reversed(children):
-            child.stop()
+        backend.child.stop()
+    if args.repeat > 1:
+        results["runs"].extend(rows)
+    for kind, connections in plan:
+        for name in names:
+            done = [r for r in rows if r["kind"] == kind and r["connections"] == connections and r["target"] == name]
+            results["scenarios"].append(report.median_row(done))
 
 
 def vllm_available() -> bool:
@@ -556,7 +578,7 @@ def main(argv: list[str]) -> int:
     if "vllm-router" in args.targets and not os.access(args.vllm_router, os.X_OK):
         log(f"vllm-router is not installed at {args.vllm_router}; benchmarks/run.sh installs it")
         return 2
-    for stale in ("nginx-backend", "nginx-proxy", "python-pipe", "vllm-router", "baseline", *GATEWAYS, "vllm"):
+    for stale in ("nginx-backend", *TARGET_DIRS, "vllm"):
         shutil.rmtree(args.work / stale, ignore_errors=True)
     checkout = None
     if "baseline" in args.targets:
