@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.fleet import Fleet, gateway_get, two_simulated_models
 from tests.support.processes import wait_until
 
@@ -32,7 +33,7 @@ class Console:
 
     def chat(self, model: str) -> int:
         """A chat completion's status."""
-        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        body = chat_body(model, max_tokens=2)
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/v1/chat/completions",
             data=json.dumps(body).encode(),

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import wait_until
 from vllm_gateway.console_figures import COUNTERS, REQ, TOKENS, TTFT, FigureHistory, Reading, histogram_quantile
@@ -118,7 +119,7 @@ def test_with_two_workers_either_one_answers_for_the_whole_gateway(tmp_path, sim
     with Gateway.start(tmp_path / "gw", [backend], env=env) as gateway:
         # A connection each: the kernel spreads them, and the polls below, over both workers.
         headers = {"Authorization": f"Bearer {gateway.key}"}
-        body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        body = chat_body("sim", max_tokens=2)
         for _ in range(12):
             assert httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers).status_code == 200
 

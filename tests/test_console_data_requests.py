@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import wait_until
 from vllm_gateway.access_log import escape, key_label
@@ -44,7 +45,7 @@ def sent(tmp_path_factory: pytest.TempPathFactory, simulator):
 
 def post(gateway: Gateway, key: str, model: str, path: str = "/v1/chat/completions") -> str:
     """A chat completion (or a POST to `path`); its request id (X-Request-ID)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    body = chat_body(model, max_tokens=3)
     with gateway.http(key) as client:
         return client.post(path, json=body).headers["x-request-id"]
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.fleet import Fleet, two_simulated_models
 from tests.support.processes import wait_until
 
-CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+CHAT = chat_body("alpha", max_tokens=2)
 
 
 @pytest.fixture

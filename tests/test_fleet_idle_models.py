@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.fleet import Fleet, gateway_get, gateway_metrics, live, two_simulated_models
 from tests.support.processes import wait_until
 
@@ -39,7 +40,7 @@ def sleeping_fleet(tmp_path: Path):
 
 
 def chat(port: int, key: str, model: str = "beta", max_tokens: int = 3) -> tuple[int, dict]:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    body = chat_body(model, max_tokens=max_tokens)
     return post(port, key, "/v1/chat/completions", body)
 
 

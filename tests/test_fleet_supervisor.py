@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.chat import chat_body
 from tests.support.fleet import Fleet, gateway_get, gateway_metrics, live, two_simulated_models
 from tests.support.processes import http_status, process_tree, wait_until
 
@@ -271,7 +272,7 @@ def test_the_gateway_shows_a_restarting_model_and_answers_503_until_it_is_back(f
     assert listed["beta"] == "restarting" and listed["alpha"] == "ready"
     chat = urllib.request.Request(
         f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-        data=json.dumps({"model": "beta", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        data=json.dumps(chat_body("beta")).encode(),
         headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
     )
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -297,9 +298,7 @@ def test_a_killed_gateway_comes_back_and_the_models_never_notice(fleet: Fleet) -
     def chat() -> str:
         request = urllib.request.Request(
             f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
-            data=json.dumps(
-                {"model": "beta", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-            ).encode(),
+            data=json.dumps(chat_body("beta", max_tokens=3)).encode(),
             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         try:

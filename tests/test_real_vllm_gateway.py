@@ -17,6 +17,10 @@ from tests.support.real_vllm import start_real_vllm, tiny_model_dir
 pytestmark = pytest.mark.alone
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
+# Liveness bounds. vLLM's API server, generating as fast as it can on a core it shares with the test (and,
+# under coverage, a slower gateway), has taken 14 s to answer /metrics and 9 s to see a closed connection.
+VLLM_ANSWERS_WITHIN = 30
+VLLM_SETTLES_WITHIN = 90
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def real_gateway(tmp_path_factory, vllm):
 
 
 def metrics(vllm) -> dict[str, float]:
-    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=10).text)
+    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN).text)
 
 
 def test_model_list_shows_the_real_model_ready_with_its_path(real_gateway):
@@ -125,7 +129,7 @@ def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
                 received += line.startswith("data: {")
                 if received == 5:
                     break
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + VLLM_SETTLES_WITHIN
     while metrics(vllm)["vllm:num_requests_running"] != 0:
         assert time.monotonic() < deadline, "vLLM still runs the request the client abandoned"
         time.sleep(0.1)
@@ -181,13 +185,28 @@ def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm)
     )
 
 
+def queued_briefly(vllm) -> tuple[float, float]:
+    """vLLM's own count of requests it has queued, in all and for under 0.3 s (its histogram's first
+    bucket): a request it had to hold for want of a sequence waits as long as another one's answer."""
+    text = httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN).text
+    count = briefly = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:request_queue_time_seconds_count"):
+            count += float(line.split()[-1])
+        elif line.startswith("vllm:request_queue_time_seconds_bucket") and 'le="0.3"' in line:
+            briefly += float(line.split()[-1])
+    return count, briefly
+
+
 def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp_path, vllm):
-    # vLLM runs with --max-num-seqs 8; twice that many streams at once: the gateway keeps 8 in flight.
+    # vLLM runs with --max-num-seqs 8; twice that many streams at once: the gateway keeps 8 in flight, so
+    # vLLM schedules each request as it arrives. Let through, the second eight would wait in vLLM's queue
+    # for a first one's 1000 tokens, seconds here.
     backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), max_num_seqs="8")
+    count_before, briefly_before = queued_briefly(vllm)
     with Gateway.start(tmp_path, [backend]) as gateway:
         body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True}
         headers = {"Authorization": f"Bearer {gateway.key}"}
-        vllm_waiting: list[float] = []
 
         async def one() -> str:
             """How the stream ended: its finish reason, once [DONE] came."""
@@ -200,22 +219,15 @@ def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp
                         done = done or line == "data: [DONE]"
                     return finish if done else "cut short"
 
-        async def sample(until: asyncio.Future) -> None:
-            async with httpx.AsyncClient(timeout=10) as client:
-                while not until.done():
-                    text = (await client.get(vllm.base_url + "/metrics")).text
-                    vllm_waiting.append(parse_metrics(text)["vllm:num_requests_waiting"])
-                    await asyncio.sleep(0.05)
-
         async def run() -> list[str]:
-            streams = asyncio.gather(*(one() for _ in range(16)))
-            await sample(streams)
-            return await streams
+            return await asyncio.gather(*(one() for _ in range(16)))
 
         endings = asyncio.run(run())
         lines = [line for line in gateway.log_text().splitlines() if " access " in line and "/v1/chat" in line]
+    count, briefly = queued_briefly(vllm)
     assert endings == ["length"] * 16  # every stream ran to its 1000 tokens
-    assert len(vllm_waiting) >= 3 and max(vllm_waiting) == 0, "vLLM queued requests the gateway let through"
+    assert count - count_before == 16, "vLLM did not see the sixteen requests"
+    assert briefly - briefly_before == 16, "vLLM queued requests the gateway let through"
     assert sum("queue_ms=" in line for line in lines) >= 8, "the gateway never held the excess"
 
 
@@ -225,7 +237,7 @@ def ledger_and_vllm_counts(gateway, vllm, requests: int, send) -> tuple[tuple[in
     before_ledger = settled_ledger_tokens(gateway)
     before = metrics(vllm)
     send()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + VLLM_SETTLES_WITHIN
     while metrics(vllm)["vllm:num_requests_running"] != 0 or ledger_tokens(gateway)[0] < before_ledger[0] + requests:
         assert time.monotonic() < deadline, "vLLM or the ledger never settled"
         time.sleep(0.1)
