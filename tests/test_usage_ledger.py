@@ -4,6 +4,7 @@ counted even when their client did not ask for the usage, and that client never 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import signal
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from tests.support.gateway import Backend, Gateway, run_cli
+from vllm_gateway.usage_ledger import SQLiteUsageStore, UsageLedger
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
 FLUSH = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
@@ -267,6 +269,32 @@ def test_a_ledger_file_deleted_while_running_is_made_again_and_keeps_counting(tm
         assert settled_usage(gateway) == after
     with sqlite3.connect(tmp_path / "usage.db") as connection:
         assert connection.execute("SELECT SUM(requests) FROM usage").fetchone() == (after["requests"],)
+
+
+def test_a_batch_the_ledger_file_refuses_waits_whole_for_the_next_one(tmp_path):
+    store = SQLiteUsageStore(tmp_path / "usage.db")
+    store.BUSY_TIMEOUT_MS = 50  # how long a flush waits for the lock below before it gives up
+    ledger = UsageLedger(store, flush_seconds=3600)
+    ledger.record("key_a", "m", 10, 5, error=False, aborted=False)
+    ledger.record("key_a", "m", 7, 3, error=True, aborted=False)
+    ledger.record("key_b", "m", 4, 2, error=False, aborted=True)
+    holder = sqlite3.connect(tmp_path / "usage.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the file
+    asyncio.run(ledger.flush())
+    assert store.rows(0, 2**40) == []  # refused whole
+    ledger.record("key_a", "m", 1, 1, error=False, aborted=True)  # counted meanwhile
+    holder.execute("ROLLBACK")
+    holder.close()
+
+    asyncio.run(ledger.flush())
+    totals: dict[str, list[int]] = {}
+    for row in store.rows(0, 2**40):  # summed by key: records on either side of an hour's end are two rows
+        mine = totals.setdefault(row.key_id, [0] * 6)
+        figures = (row.requests, row.prompt_tokens, row.completion_tokens, row.errors, row.aborted)
+        for index, value in enumerate((*figures, row.aborted_completion_tokens)):
+            mine[index] += value
+    assert totals == {"key_a": [3, 18, 9, 1, 1, 1], "key_b": [1, 4, 2, 0, 1, 2]}
+    assert ledger.pending == {}
 
 
 def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):

