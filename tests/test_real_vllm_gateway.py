@@ -189,13 +189,13 @@ def queued_briefly(vllm) -> tuple[float, float]:
     """vLLM's own count of requests it has queued, in all and for under 0.3 s (its histogram's first
     bucket): a request it had to hold for want of a sequence waits as long as another one's answer."""
     text = httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN).text
-    count = briefly = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:request_queue_time_seconds_count"):
-            count += float(line.split()[-1])
-        elif line.startswith("vllm:request_queue_time_seconds_bucket") and 'le="0.3"' in line:
-            briefly += float(line.split()[-1])
-    return count, briefly
+    # parse_metrics adds a name's series up over their labels: the one bucket is picked out by hand.
+    briefly = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_queue_time_seconds_bucket{") and 'le="0.3"' in line
+    )
+    return parse_metrics(text)["vllm:request_queue_time_seconds_count"], briefly
 
 
 def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp_path, vllm):

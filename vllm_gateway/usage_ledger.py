@@ -228,14 +228,14 @@ class HourCounts:
             self.aborted_completion_tokens,
         ]
 
-    def add(self, counts: Counts) -> None:
-        """A batch's counts (in the order of FIELDS) that the store could not take: kept for the next."""
-        self.requests += counts[0]
-        self.prompt_tokens += counts[1]
-        self.completion_tokens += counts[2]
-        self.errors += counts[3]
-        self.aborted += counts[4]
-        self.aborted_completion_tokens += counts[5]
+    def add(self, other: HourCounts) -> None:
+        """Counts of a batch the store could not take, kept for the next."""
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.errors += other.errors
+        self.aborted += other.aborted
+        self.aborted_completion_tokens += other.aborted_completion_tokens
 
 
 class UsageLedger:
@@ -287,11 +287,12 @@ class UsageLedger:
         except (sqlite3.Error, OSError) as error:
             # Kept for the next batch rather than lost: the store may be busy or its disk full.
             log.error("could not write the usage ledger (%s); the counts wait for the next batch", error)
-            for where, counts in batch.items():
+            for where, counts in pending.items():
                 mine = self.pending.get(where)
                 if mine is None:
-                    mine = self.pending[where] = HourCounts()
-                mine.add(counts)
+                    self.pending[where] = counts  # nothing counted there meanwhile: the batch's own
+                else:
+                    mine.add(counts)
 
     async def stop(self) -> None:
         if self._task is not None:
