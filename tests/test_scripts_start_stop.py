@@ -188,7 +188,12 @@ def test_a_command_that_fails_at_once_is_reported(fleet: Fleet) -> None:
     assert "error: a exited at once; not restarted (fix it, then start it again)" in result.stderr
     assert "no-such-vllm" in result.stderr and "No such file or directory" in result.stderr
     assert fleet.model_pid_files() == []
-    assert "supervisor restarts" not in fleet.log("a_vllm.log")  # a command that cannot run is not retried
+    # A command that cannot run is not retried: the supervisor fails it itself, whatever the restart's
+    # delay, rather than leave it to the script's look a second later.
+    assert "supervisor restarts" not in fleet.log("a_vllm.log")
+    events = [(e["event"], e.get("detail", "")) for e in fleet.events("a")]
+    assert [name for name, _ in events] == ["start", "exit", "failed", "stopped"], events
+    assert "at once after its start; not restarted" in events[2][1]
 
 
 def test_a_restart_keeps_the_previous_log(fleet: Fleet) -> None:

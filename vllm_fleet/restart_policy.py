@@ -26,6 +26,12 @@ SETTINGS = {
 }
 
 
+# A first start whose server is gone this soon after its launch ran a command that cannot work (a wrong
+# path or flag), which no retry mends: it is failed, not restarted. start_all_models.sh waits as long
+# before it looks, and then reports it.
+EXITED_AT_ONCE_SECONDS = 1.0
+
+
 class SettingError(ValueError):
     pass
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import idle
 from .events import EVENT_FILE, EventLog, exit_words
-from .restart_policy import RestartPolicy
+from .restart_policy import EXITED_AT_ONCE_SECONDS, RestartPolicy
 from .run_dir import SUPERVISOR_ID, LaunchRecord, ModelStatus, RunDir, group_members, leader_alive, signal_group
 
 TICK = 0.5  # seconds between two looks at the run directory
@@ -82,6 +82,7 @@ class Watch:
         self.probed_pid = 0
         self.record: LaunchRecord | None = None  # of the current start: its idle settings
         self.awaiting_ready = False  # launched or adopted, and not seen ready since
+        self.first_start = False  # launched for a start the start script asked for (not a restart)
         self.idle_at = 0.0  # when it went to sleep or stopped as idle: a use after that wakes it
         self.asked_at = 0.0  # when the use that wakes it came: a wake's seconds count from there
         self.idle_stop = False  # stopping as idle: its exit is no crash
@@ -158,6 +159,7 @@ class Watch:
             self.started_at = now
             self.ready_since = 0.0
             self.awaiting_ready = True
+            self.first_start = False  # started long ago, for all this supervisor knows
             self.event("adopted", pid=running)
             self.set_state("loading", pid=running, reason="")
         else:
@@ -338,6 +340,15 @@ class Watch:
         pid, self.pid, self.kill_at, self.hang_reason, self.ready_since = self.pid, 0, 0.0, "", 0.0
         self.probe = None  # a check still under way was of the server that is gone
         record = self.supervisor.run_dir.launch_record(self.id)
+        if self.first_start and self.awaiting_ready and now - self.started_at <= EXITED_AT_ONCE_SECONDS:
+            # Decided here, not by the start script's look a second later: the restart's delay can be
+            # shorter than that second on a busy host, and a command that cannot run would run again.
+            reason = f"{words} at once after its start; not restarted until started again"
+            self.event("exit", pid=pid, **fields, detail=words)
+            self.event("failed", detail=reason)
+            tail = log_tail(record.log) if record else []
+            self.set_state("failed", pid=0, last_exit=words, reason=reason, log_tail=tail)
+            return
         if policy.in_crash_loop(self.exit_times, now):
             reason = (
                 f"{len(self.exit_times)} exits within {policy.crash_loop_window:g}s, the last: {words};"
@@ -373,6 +384,7 @@ class Watch:
         self.started_at = now
         self.ready_since = 0.0
         self.awaiting_ready = True
+        self.first_start = not again and not on_demand
         self.failed_checks = 0
         self.next_check = now + min(self.supervisor.policy.health_interval, 1.0)
         if again:
