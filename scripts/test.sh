@@ -6,18 +6,19 @@
 # the coverage floor of pyproject.toml ([tool.coverage.report] fail_under).
 # Run scripts/install_test_deps.sh once first. PYTEST ARGS go to pytest (a file, -k EXPR, -x, ...);
 # with any of them the coverage floor is not applied, since a part of the suite covers less.
-# The whole suite runs on TEST_WORKERS pytest-xdist workers (default: one more than the cores, at most
+# The whole suite runs on TEST_WORKERS pytest-xdist workers (default: two more than the cores, at most
 # 8), one test file per worker at a time (--dist loadfile), so that a file's gateway and simulator are
 # started once. Many tests wait on processes (a start, a health round, a timeout) rather than compute,
-# so a worker beyond the cores fills those waits: on two cores the parallel phase took 14:02 with 2
-# workers and 10:58 with 3. With 4 it took 9:14, and a test caught a race in the health check under
-# that load once in two runs (mended since); 3 stays until 4 has more green runs (docs/development.md).
-# Tests marked `alone` (real vLLM, which answers its health checks late when another test computes
-# beside it) run after them, one at a time. All of these run the gateway's sources as Python
-# (GATEWAY_COMPILED=0), which coverage can see. Last, what scripts/install.sh ships: the request path
-# compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is built
-# again only when the sources changed since), and the tests of COMPILED_TESTS against it
-# (GATEWAY_COMPILED=1, in their own process too), without coverage.
+# so workers beyond the cores fill those waits (docs/development.md has the figures).
+# All of these run the gateway's sources as Python (GATEWAY_COMPILED=0), which coverage can see.
+# Coverage measures each process from its first import of vllm_gateway on, and not the many that never
+# import it (tests/support/coverage_hook.py says why and how; install_coverage_hook puts its .pth file
+# into .venv). Tests marked `alone` (real vLLM) run after them, one at a time: vLLM answers its health
+# checks late when the whole suite computes beside it. Beside them runs what scripts/install.sh ships:
+# the request path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and
+# here it is built again only when the sources changed since), and the tests of COMPILED_TESTS against
+# it (GATEWAY_COMPILED=1, in their own process too), without coverage, on COMPILED_WORKERS workers
+# (default 2); their output follows the real-vLLM tests'.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -48,11 +49,27 @@ COMPILED_TESTS=(
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
-# default_workers: one pytest-xdist worker more than the cores, at most 8.
+# install_coverage_hook: the .pth file that runs tests/support/coverage_hook.py at the start of .venv's
+# Python where GATEWAY_COVERAGE_HOOK names it, and does nothing elsewhere.
+install_coverage_hook() {
+    local site_packages
+    site_packages="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    printf '%s\n' 'import os; exec(compile(open(os.environ["GATEWAY_COVERAGE_HOOK"]).read(), os.environ["GATEWAY_COVERAGE_HOOK"], "exec"), {"__name__": "gateway_coverage_hook"}) if os.environ.get("GATEWAY_COVERAGE_HOOK") else None' \
+        >"$site_packages/gateway_coverage_hook.pth"
+}
+
+# default_workers: two pytest-xdist workers more than the cores, at most 8.
 default_workers() {
     local cores
     cores="$(nproc 2>/dev/null || echo 1)"
-    echo $((cores + 1 > 8 ? 8 : cores + 1))
+    echo $((cores + 2 > 8 ? 8 : cores + 2))
+}
+
+# under_coverage COMMAND...: COMMAND with the gateway's sources as Python, measured in every process that
+# imports them, each writing its data beside the others here, whatever its working directory.
+under_coverage() {
+    GATEWAY_COMPILED=0 GATEWAY_COVERAGE_HOOK="$REPO_DIR/tests/support/coverage_hook.py" \
+        GATEWAY_COVERAGE_CONFIG="$REPO_DIR/pyproject.toml" COVERAGE_FILE="$REPO_DIR/.coverage" "$@"
 }
 
 main() {
@@ -70,24 +87,35 @@ main() {
     "$PYTHON" -m mypy
     step "pytest under coverage"
     rm -f .coverage .coverage.*
-    export GATEWAY_COMPILED=0
+    install_coverage_hook
     if (($# > 0)); then
-        "$PYTHON" -m coverage run -m pytest "$@"
-    else
-        "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone"
-        "$PYTHON" -m coverage run -m pytest -m alone
-    fi
-    "$PYTHON" -m coverage combine -q
-    step "coverage"
-    if (($# > 0)); then
+        under_coverage "$PYTHON" -m coverage run -m pytest "$@"
+        "$PYTHON" -m coverage combine -q
         "$PYTHON" -m coverage report --fail-under=0
         return 0
     fi
-    "$PYTHON" -m coverage report
-    step "the compiled request path"
+    under_coverage "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile \
+        -m "not alone"
     "$PYTHON" scripts/compile_gateway.py
-    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone" \
-        -p no:cacheprovider "${COMPILED_TESTS[@]}"
+    step "real vLLM under coverage, and beside it the compiled request path"
+    local compiled_log compiled_pid status=0
+    compiled_log="$(mktemp)"
+    # The compiled build's tests use the CPU that the real-vLLM tests leave idle while vLLM starts and
+    # generates on its own cores; two workers, so that vLLM still gets the CPU it waits on.
+    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${COMPILED_WORKERS:-2}" --dist loadfile -m "not alone" \
+        -p no:cacheprovider "${COMPILED_TESTS[@]}" >"$compiled_log" 2>&1 &
+    compiled_pid=$!
+    # shellcheck disable=SC2064 # the PID as it is now
+    trap "kill $compiled_pid 2>/dev/null || true" EXIT  # an interrupted run leaves no tests behind
+    under_coverage "$PYTHON" -m coverage run -m pytest -m alone || status=1
+    wait "$compiled_pid" || status=1
+    step "the compiled request path (its output)"
+    cat "$compiled_log"
+    rm -f "$compiled_log"
+    ((status == 0)) || return 1
+    "$PYTHON" -m coverage combine -q
+    step "coverage"
+    "$PYTHON" -m coverage report
 }
 
 main "$@"
