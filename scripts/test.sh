@@ -13,12 +13,11 @@
 # All of these run the gateway's sources as Python (GATEWAY_COMPILED=0), which coverage can see.
 # Coverage measures each process from its first import of vllm_gateway on, and not the many that never
 # import it (tests/support/coverage_hook.py says why and how; install_coverage_hook puts its .pth file
-# into .venv). Tests marked `alone` (real vLLM) run after them, one at a time: vLLM answers its health
-# checks late when the whole suite computes beside it. Beside them runs what scripts/install.sh ships:
-# the request path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and
-# here it is built again only when the sources changed since), and the tests of COMPILED_TESTS against
-# it (GATEWAY_COMPILED=1, in their own process too), without coverage, on COMPILED_WORKERS workers
-# (default 2); their output follows the real-vLLM tests'.
+# into .venv). Tests marked `alone` (real vLLM, which answers its health checks late when another test
+# computes beside it) run after them, one at a time. Last, what scripts/install.sh ships: the request
+# path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is
+# built again only when the sources changed since), and the tests of COMPILED_TESTS against it
+# (GATEWAY_COMPILED=1, in their own process too), without coverage.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -96,26 +95,14 @@ main() {
     fi
     under_coverage "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile \
         -m "not alone"
-    "$PYTHON" scripts/compile_gateway.py
-    step "real vLLM under coverage, and beside it the compiled request path"
-    local compiled_log compiled_pid status=0
-    compiled_log="$(mktemp)"
-    # The compiled build's tests use the CPU that the real-vLLM tests leave idle while vLLM starts and
-    # generates on its own cores; two workers, so that vLLM still gets the CPU it waits on.
-    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${COMPILED_WORKERS:-2}" --dist loadfile -m "not alone" \
-        -p no:cacheprovider "${COMPILED_TESTS[@]}" >"$compiled_log" 2>&1 &
-    compiled_pid=$!
-    # shellcheck disable=SC2064 # the PID as it is now
-    trap "kill $compiled_pid 2>/dev/null || true" EXIT  # an interrupted run leaves no tests behind
-    under_coverage "$PYTHON" -m coverage run -m pytest -m alone || status=1
-    wait "$compiled_pid" || status=1
-    step "the compiled request path (its output)"
-    cat "$compiled_log"
-    rm -f "$compiled_log"
-    ((status == 0)) || return 1
+    under_coverage "$PYTHON" -m coverage run -m pytest -m alone
     "$PYTHON" -m coverage combine -q
     step "coverage"
     "$PYTHON" -m coverage report
+    step "the compiled request path"
+    "$PYTHON" scripts/compile_gateway.py
+    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone" \
+        -p no:cacheprovider "${COMPILED_TESTS[@]}"
 }
 
 main "$@"
