@@ -343,27 +343,27 @@ class Watch:
         if self.first_start and self.awaiting_ready and now - self.started_at <= EXITED_AT_ONCE_SECONDS:
             # Decided here, not by the start script's look a second later: the restart's delay can be
             # shorter than that second on a busy host, and a command that cannot run would run again.
-            reason = f"{words} at once after its start; not restarted until started again"
-            self.event("exit", pid=pid, **fields, detail=words)
-            self.event("failed", detail=reason)
-            tail = log_tail(record.log) if record else []
-            self.set_state("failed", pid=0, last_exit=words, reason=reason, log_tail=tail)
+            self.failed_on_exit(pid, fields, words, f"{words} at once after its start", record)
             return
         if policy.in_crash_loop(self.exit_times, now):
-            reason = (
-                f"{len(self.exit_times)} exits within {policy.crash_loop_window:g}s, the last: {words};"
-                " not restarted until started again"
-            )
-            self.event("exit", pid=pid, **fields, detail=words)
-            self.event("failed", detail=reason)
-            tail = log_tail(record.log) if record else []
-            self.set_state("failed", pid=0, last_exit=words, reason=reason, log_tail=tail)
+            reason = f"{len(self.exit_times)} exits within {policy.crash_loop_window:g}s, the last: {words}"
+            self.failed_on_exit(pid, fields, words, reason, record)
             return
         delay = policy.delay(self.exits_since_reset)
         self.event("exit", pid=pid, **fields, delay=delay, detail=words)
         self.set_state(
             "restarting", pid=0, last_exit=words, next_start=now + delay, reason=f"{words}; restarts in {delay:g}s"
         )
+
+    def failed_on_exit(
+        self, pid: int, fields: dict[str, object], words: str, why: str, record: LaunchRecord | None
+    ) -> None:
+        """The exit of `pid` ends its restarts: failed, with `why` and the end of its log."""
+        reason = f"{why}; not restarted until started again"
+        self.event("exit", pid=pid, **fields, detail=words)
+        self.event("failed", detail=reason)
+        tail = log_tail(record.log) if record else []
+        self.set_state("failed", pid=0, last_exit=words, reason=reason, log_tail=tail)
 
     def launch(self, now: float) -> None:
         record = self.supervisor.run_dir.launch_record(self.id)
