@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.support.gateway import Backend, Gateway, run_cli
-from vllm_gateway.usage_ledger import SQLiteUsageStore, UsageLedger
+from vllm_gateway.usage_ledger import FIELDS, HourCounts, SQLiteUsageStore, UsageLedger
 
 CHAT = {"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
 FLUSH = {"GATEWAY_USAGE_FLUSH_SECONDS": "0.2"}
@@ -295,6 +295,11 @@ def test_a_batch_the_ledger_file_refuses_waits_whole_for_the_next_one(tmp_path):
             mine[index] += value
     assert totals == {"key_a": [3, 18, 9, 1, 1, 1], "key_b": [1, 4, 2, 0, 1, 2]}
     assert ledger.pending == {}
+
+
+def test_an_hours_counts_reach_the_store_in_the_order_of_its_columns():
+    counts = HourCounts(**{name: 10 + index for index, name in enumerate(FIELDS)})
+    assert counts.as_counts() == [10 + index for index in range(len(FIELDS))]
 
 
 def test_kill_9_loses_at_most_the_last_batch_and_never_corrupts_the_ledger(tmp_path, simulator):

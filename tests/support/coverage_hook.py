@@ -52,11 +52,9 @@ class StartCoverageOnGatewayImport:
 
 
 def install() -> None:
-    if PACKAGE in sys.modules:  # imported before this file ran: measure from here on
-        start_coverage()
     # By name: the site module may run the .pth file twice (a venv's lib64 is a link to its lib), and each
     # run defines the class anew.
-    elif not any(type(finder).__name__ == StartCoverageOnGatewayImport.__name__ for finder in sys.meta_path):
+    if not any(type(finder).__name__ == StartCoverageOnGatewayImport.__name__ for finder in sys.meta_path):
         sys.meta_path.insert(0, StartCoverageOnGatewayImport())
 
 
