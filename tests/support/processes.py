@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import random
 import resource
 import signal
 import socket
@@ -36,11 +37,34 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _live: list[ProcessHandle] = []
 
 
+# Ports the tests' servers take: below the kernel's ephemeral range, which port 0 and every outgoing
+# connection draw from. A port drawn from that range was taken now and then, between the test's choice and
+# its server's start, by a client's connection or a server bound to port 0 (once in a suite on four workers:
+# "port ... is already in use").
+FIRST_PORT = 10_000
+PORT_PICKS = random.Random()  # its own: a test that seeds the module's generator leaves it alone
+
+
+def ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, picked at random below the ephemeral
+    range (so that workers choosing at once seldom meet)."""
+    last = ephemeral_ports_start() - 1
+    for _ in range(100):
+        port = PORT_PICKS.randint(FIRST_PORT, last)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {FIRST_PORT} and {last}")
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
