@@ -22,7 +22,9 @@ from tests.support.tiny_model import DEFAULT_DIR, is_complete
 STARTUP_TIMEOUT = 300.0
 
 # The settings known to work on a small CPU-only machine: a 1 GB KV cache, fp32, the tiny model's
-# whole context (65,536 tokens, for a generation long enough that an abort visibly cuts it short).
+# whole context (65,536 tokens, for a generation long enough that an abort visibly cuts it short), and
+# no torch.compile (--enforce-eager), which takes seconds of every start here and speeds nothing up that
+# the tests measure.
 VLLM_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -30,7 +32,7 @@ VLLM_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
 }
-VLLM_ARGS = ("--max-model-len", "65536", "--max-num-seqs", "8", "--dtype", "float32")
+VLLM_ARGS = ("--max-model-len", "65536", "--max-num-seqs", "8", "--dtype", "float32", "--enforce-eager")
 
 
 def vllm_python() -> str:
