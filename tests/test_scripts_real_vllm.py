@@ -2,7 +2,7 @@
 ports, each bound to one CPU by real numactl, and the gateway; requests go through; stop_all_services.sh
 leaves nothing behind; a server killed mid-stream comes back by itself.
 
-Slow: vLLM needs 70-90 s to come up on two cores, and each server holds about 3 GB of RAM.
+Slow: vLLM needs 20-40 s to come up on two cores, and each server holds about 3 GB of RAM.
 """
 
 from __future__ import annotations

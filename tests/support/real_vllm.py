@@ -4,7 +4,7 @@
     ...                                   # server.base_url speaks vLLM's own API
     server.stop()                         # API server, EngineCore and workers: the whole tree
 
-Start-up takes 70-90 s on two cores and each server holds about 3 GB of RAM, so share one per session.
+Start-up takes 20-40 s on two cores and each server holds about 3 GB of RAM, so share one per session.
 """
 
 from __future__ import annotations
