@@ -83,7 +83,8 @@ def serve(workdir, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
-        env={**gateway_env(workdir, free_port()), **env},
+        # The suite's choice of build goes along: the default, auto, adds a warning line about a stale one.
+        env={**gateway_env(workdir, free_port()), "GATEWAY_COMPILED": os.environ.get("GATEWAY_COMPILED", "auto")} | env,
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,

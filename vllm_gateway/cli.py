@@ -164,7 +164,7 @@ def serve(args: argparse.Namespace) -> int:
             return 1
         init_keys(args)
     store.load()
-    load_backend_specs(settings.model_config_file)
+    specs = load_backend_specs(settings.model_config_file)  # a broken config fails here, before any worker
 
     common: dict[str, Any] = dict(
         host=settings.host,
@@ -187,7 +187,7 @@ def serve(args: argparse.Namespace) -> int:
     else:
         from .app import create_app
 
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings, specs), **common)
     return 0
 
 
