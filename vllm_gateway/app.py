@@ -23,7 +23,7 @@ from .console_figures import keep_sampling
 from .errors import GatewayError
 from .health import HealthChecker, probe_pool
 from .keystore import KeyFileError, KeyStore
-from .model_config import BackendSpec, load_backend_specs
+from .model_config import load_backend_specs
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .server.file_limits import current_open_files_limit, default_max_connections
@@ -102,12 +102,11 @@ def connection_cap(settings: Settings) -> ConnectionCap:
     return ConnectionCap(max_connections)
 
 
-def build_state(settings: Settings, specs: list[BackendSpec] | None = None) -> GatewayState:
-    """Everything that can fail on bad configuration fails here, before the server listens. `specs`:
-    the model config as `serve` read it already (reading it runs a shell), else it is read here."""
+def build_state(settings: Settings) -> GatewayState:
+    """Everything that can fail on bad configuration fails here, before the server listens."""
     keys = KeyStore(settings.key_file)
     keys.load()
-    registry = Registry(load_backend_specs(settings.model_config_file) if specs is None else specs)
+    registry = Registry(load_backend_specs(settings.model_config_file))
     limiter = RateLimiter(
         settings.rate_limit_storage,
         local=not settings.shares_rate_limit_store,
@@ -161,9 +160,9 @@ async def watch_key_file(state: GatewayState) -> None:
                 log.warning("keys' last use not written: %s", error)
 
 
-def create_app(settings: Settings | None = None, specs: list[BackendSpec] | None = None) -> Gateway:
+def create_app(settings: Settings | None = None) -> Gateway:
     settings = settings or load_settings()
-    state = build_state(settings, specs)
+    state = build_state(settings)
     state.log = setup_logging(settings)
     hooks = proxy.server_hooks(state, connection_limits(settings), connection_cap(settings))
 

@@ -163,8 +163,11 @@ def serve(args: argparse.Namespace) -> int:
             )
             return 1
         init_keys(args)
-    store.load()
-    specs = load_backend_specs(settings.model_config_file)  # a broken config fails here, before any worker
+    if settings.workers > 1:
+        # Each worker reads the key file and the model config: read here first, a broken one fails once,
+        # before any worker starts. A single worker's create_app reads them before it listens.
+        store.load()
+        load_backend_specs(settings.model_config_file)
 
     common: dict[str, Any] = dict(
         host=settings.host,
@@ -187,7 +190,7 @@ def serve(args: argparse.Namespace) -> int:
     else:
         from .app import create_app
 
-        uvicorn.run(create_app(settings, specs), **common)
+        uvicorn.run(create_app(settings), **common)
     return 0
 
 
