@@ -1,6 +1,5 @@
 """Shared test setup: make the repository root importable (`vllm_gateway`, `tests.support`)."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -8,16 +7,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# The compiled phase of scripts/test.sh (GATEWAY_COMPILED=1): what the tests import of the gateway in
-# their own process is the compiled build too, chosen as vllm_api_server.py chooses it.
-if os.environ.get("GATEWAY_COMPILED") == "1":
-    from vllm_api_server import choose_build
-
-    choose_build()
-
-
 import pytest  # noqa: E402
 
+# First: in the compiled phase of scripts/test.sh (GATEWAY_COMPILED=1), what the tests import of the
+# gateway in their own process is the compiled build too.
+import tests.support.suite_build  # noqa: E402, F401
 from tests.support.gateway import Backend, Gateway  # noqa: E402
 from tests.support.processes import Simulator, free_port, start_process  # noqa: E402
 

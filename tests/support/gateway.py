@@ -5,6 +5,10 @@ client = gateway.openai()            # the official SDK, with an ordinary user k
 gateway.log_text()                   # vllm_api_server.log
 gateway.stop()
 
+The gateway and its command line (`gateway.cli(...)`) start as forks of a process that has imported them
+(tests/support/forked.py) when the suite names its build (GATEWAY_COMPILED=0 or 1, as scripts/test.sh
+does), and as `python vllm_api_server.py ...` otherwise.
+
 With GATEWAY_TLS_CERTFILE in `env`, the gateway serves HTTPS: gateway.url is https://, and its clients
 trust that certificate (a self-signed one is its own CA: tests/support/tls.py makes one).
 """
@@ -24,7 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_process, wait_for_http
+from tests.support import forked
+from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_forked, start_process, wait_for_http
 
 
 @dataclass
@@ -83,12 +88,12 @@ class Gateway:
         write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
         admin = test_key(full_env, "test-admin", admin=True)
         user = test_key(full_env, "test-user")
-        handle = start_process(
-            [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
-            env=full_env,
-            log_path=workdir / "gateway.stdout.log",
-            open_files=open_files,
-        )
+        log_path = workdir / "gateway.stdout.log"
+        if forked.can_fork({**os.environ, **full_env}):
+            handle = start_forked("gateway", ["serve"], full_env, log_path, open_files=open_files)
+        else:
+            command = [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"]
+            handle = start_process(command, env=full_env, log_path=log_path, open_files=open_files)
         gateway = cls(workdir, port, handle, full_env)
         gateway.admin_key, gateway.key = admin, user
         try:
@@ -103,15 +108,10 @@ class Gateway:
     # -- helpers for tests --
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            check=check,
-            cwd=REPO_ROOT,
-            timeout=60,
-        )
+        result = cli_run(self.env, args)
+        if check:
+            result.check_returncode()
+        return result
 
     def create_key(self, *args: str) -> dict[str, object]:
         return json.loads(self.cli("keys", "create", "--json", *args).stdout)
@@ -210,15 +210,28 @@ def test_key(env: Mapping[str, str], name: str, admin: bool = False) -> str:
     return store.create(name, admin=admin)[1]
 
 
-def run_cli(env: Mapping[str, str], *args: str) -> str:
-    result = subprocess.run(
+def cli_run(env: Mapping[str, str], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """`vllm_api_server.py ARGS` with `env` added to the tests' environment, its output captured."""
+    full_env = {**os.environ, **env}
+    if forked.can_fork(full_env):
+        return forked.run("gateway", args, full_env, timeout=60)
+    return command_run(full_env, args)
+
+
+def command_run(env: Mapping[str, str], args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """`python vllm_api_server.py ARGS` as a command, with the whole environment `env`."""
+    return subprocess.run(
         [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), *args],
-        env={**os.environ, **env},
+        env=env,
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
         timeout=60,
     )
+
+
+def run_cli(env: Mapping[str, str], *args: str) -> str:
+    result = cli_run(env, args)
     if result.returncode != 0:
         raise RuntimeError(f"vllm_api_server.py {' '.join(args)} failed: {result.stderr}")
     return result.stdout

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support import forked
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _live: list[ProcessHandle] = []
@@ -103,9 +105,10 @@ def process_tree(root_pid: int) -> set[int]:
 
 
 class ProcessHandle:
-    """A started process, leader of its own session and process group."""
+    """A started process, leader of its own session and process group. `popen` is its subprocess.Popen,
+    or for a fork (start_forked) an object that answers the same calls."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], log_path: Path | None) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes] | forked.ForkedProcess, log_path: Path | None) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.log_path = log_path
@@ -135,6 +138,8 @@ class ProcessHandle:
         except (ProcessLookupError, PermissionError):
             pass
         for pid in pids:  # descendants that left the group (rare, but vLLM spawns workers)
+            if (stat := _proc_stat(pid)) is not None and stat[2] == self.pid:
+                continue  # signalled with the group: a second signal could cut short its exit handlers
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -205,6 +210,24 @@ def start_process(
     return handle
 
 
+def start_forked(
+    command: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+    open_files: int | None = None,
+) -> ProcessHandle:
+    """As start_process for the command line of `command` (the gateway or the simulator), but a fork of a
+    process that has imported it already (tests/support/forked.py says what that saves, and skips)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    output = log_path if log_path is not None else Path(os.devnull)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle = ProcessHandle(forked.start(command, argv, full_env, output, open_files=open_files), log_path)
+    _live.append(handle)
+    return handle
+
+
 def _limit_open_files(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
@@ -213,6 +236,7 @@ def _limit_open_files(limit: int) -> None:
 def _stop_leftovers() -> None:
     for handle in list(_live):
         handle.stop(timeout=3)
+    forked.stop()  # after its forks: it reports how they ended
 
 
 def http_status(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> int | None:
@@ -316,10 +340,7 @@ class Simulator:
         The pace defaults to fast (no first-token delay, 1000 tokens/s); pass the flags to change it.
         """
         port = port or free_port()
-        cmd = [
-            python,
-            "-m",
-            "vllm_simulator",
+        argv = [
             "--port",
             str(port),
             "--served-model-name",
@@ -331,7 +352,10 @@ class Simulator:
             *args,
         ]
         log_path = Path(log_dir) / f"simulator-{port}.log"
-        handle = start_process(cmd, log_path=log_path)
+        if python == sys.executable:
+            handle = start_forked("simulator", argv, log_path=log_path)
+        else:
+            handle = start_process([python, "-m", "vllm_simulator", *argv], log_path=log_path)
         simulator = cls(handle, port, model)
         if wait:
             try:
