@@ -199,36 +199,48 @@ def queued_briefly(vllm) -> tuple[float, float]:
 
 
 def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp_path, vllm):
-    # vLLM runs with --max-num-seqs 8; twice that many streams at once: the gateway keeps 8 in flight, so
-    # vLLM schedules each request as it arrives. Let through, the second eight would wait in vLLM's queue
-    # for a first one's 1000 tokens, seconds here.
+    # vLLM runs with --max-num-seqs 8. Eight requests without end fill it; eight more then wait in the
+    # gateway, and reach vLLM as the first eight end (their clients leave), each with a sequence free.
+    # Let through, they would wait in vLLM's queue instead. Each step waits for the state it needs, so
+    # the test holds however slowly a busy machine runs it.
     backend = Backend("tiny", vllm.base_url, path=tiny_model_dir(), max_num_seqs="8")
     count_before, briefly_before = queued_briefly(vllm)
     with Gateway.start(tmp_path, [backend]) as gateway:
-        body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1000, "ignore_eos": True, "stream": True}
-        headers = {"Authorization": f"Bearer {gateway.key}"}
+        endless = {"model": "tiny", "messages": MESSAGES, "max_tokens": 60_000, "ignore_eos": True}
+        short = endless | {"max_tokens": 20}
 
-        async def one() -> str:
-            """How the stream ended: its finish reason, once [DONE] came."""
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as client:
-                async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                    finish, done = "", False
-                    async for line in response.aiter_lines():
-                        if '"finish_reason":"' in line:
-                            finish = line.split('"finish_reason":"')[1].split('"')[0]
-                        done = done or line == "data: [DONE]"
-                    return finish if done else "cut short"
+        async def until(check, what: str) -> None:
+            deadline = time.monotonic() + VLLM_SETTLES_WITHIN
+            while not await asyncio.to_thread(check):
+                assert time.monotonic() < deadline, what
+                await asyncio.sleep(0.1)
 
         async def run() -> list[str]:
-            return await asyncio.gather(*(one() for _ in range(16)))
+            headers = {"Authorization": f"Bearer {gateway.key}"}
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as client:
+
+                async def chat(body: dict[str, object]) -> str:
+                    response = await client.post("/v1/chat/completions", json=body)
+                    return str(response.json()["choices"][0]["finish_reason"])
+
+                first = [asyncio.create_task(chat(endless)) for _ in range(8)]
+                await until(lambda: gateway.health(gateway.admin_key)["in_flight"] == 8, "the first eight never went")
+                then = [asyncio.create_task(chat(short)) for _ in range(8)]
+                await until(lambda: gateway.waiting() == 8, "the gateway never held the next eight")
+                for request in first:
+                    request.cancel()  # its client leaves: httpx closes the connection
+                await asyncio.gather(*first, return_exceptions=True)
+                return await asyncio.gather(*then)
 
         endings = asyncio.run(run())
         lines = [line for line in gateway.log_text().splitlines() if " access " in line and "/v1/chat" in line]
     count, briefly = queued_briefly(vllm)
-    assert endings == ["length"] * 16  # every stream ran to its 1000 tokens
-    assert count - count_before == 16, "vLLM did not see the sixteen requests"
-    assert briefly - briefly_before == 16, "vLLM queued requests the gateway let through"
-    assert sum("queue_ms=" in line for line in lines) >= 8, "the gateway never held the excess"
+    assert endings == ["length"] * 8
+    # vLLM's queue times count finished requests (not those whose clients left): the second eight.
+    assert count - count_before == 8, "vLLM did not finish the second eight"
+    assert briefly - briefly_before == 8, "vLLM queued requests the gateway let through"
+    assert sum("status=499" in line for line in lines) == 8, "the first eight did not end as their clients left"
+    assert sum("queue_ms=" in line for line in lines) == 8, "the gateway did not hold exactly the excess"
 
 
 def ledger_and_vllm_counts(gateway, vllm, requests: int, send) -> tuple[tuple[int, int, int], tuple[int, int]]:
