@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import vllm_api_server
-from tests.support.gateway import Gateway
-from tests.support.processes import REPO_ROOT
+from tests.support.gateway import Backend, Gateway
+from tests.support.processes import REPO_ROOT, Simulator, wait_until
 from vllm_gateway.settings import checkout_of
 
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -40,6 +40,26 @@ def test_a_gateway_runs_the_build_gateway_compiled_asks_for_and_relays_with_it(g
         for module in HOT_MODULES:
             folder = vllm_api_server.BUILD_DIR / "vllm_gateway" / Path(module).parent
             assert list(folder.glob(f"{Path(module).stem}.cpython-*.so")), module
+
+
+def test_every_worker_of_a_gateway_runs_the_build_gateway_compiled_asks_for(
+    tmp_path: Path, simulator: Simulator, redis_url: str
+) -> None:
+    # Its workers import the package afresh, from the import path the gateway had: this module put the
+    # sources first on the tests' own (importing compile_gateway), which must not decide it.
+    wanted = os.environ.get("GATEWAY_COMPILED", "auto")
+    build = "compiled" if wanted == "1" or (wanted == "auto" and build_is_current()) else "as Python"
+    backend = Backend("sim", simulator.base_url, path="/models/sim")
+    env = {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": redis_url}
+    with Gateway.start(tmp_path, [backend], env=env) as gateway:
+        listening = wait_until(
+            lambda: (
+                len(lines := [line for line in gateway.log_text(settle=0).splitlines() if "listening" in line]) == 2
+                and lines
+            ),
+            timeout=30,
+        )
+    assert all(f"(request path {build})" in line for line in listening), listening
 
 
 def test_every_hot_module_is_a_module_of_the_package() -> None:

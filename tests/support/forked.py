@@ -12,10 +12,10 @@ test's environment, the repository as working directory, the descriptor limit it
 file and nothing on stdin. Then it calls the main function that the command line calls, and ends as the
 interpreter would (threads joined, exit handlers run, the exit status of main or of SystemExit).
 
-What a fork skips is vllm_api_server.py's own first steps: the check for the gateway's packages (and the
-re-exec into .venv) and the choice between the compiled build and the sources. tests/test_entry_point.py
-and tests/test_compiled_build.py run those as commands, and so does every start here whose GATEWAY_COMPILED
-differs from the suite's (the fork server has the suite's build imported).
+What a fork skips is the first step of vllm_api_server.py, the check for the gateway's packages (and the
+re-exec into .venv), which tests/test_entry_point.py runs as a command. The choice between the compiled
+build and the sources it makes again, but the fork server has imported the suite's build already, so a
+start whose GATEWAY_COMPILED differs from the suite's runs as a command.
 
 Under coverage (scripts/test.sh), the fork server starts coverage at its first import of vllm_gateway
 (tests/support/coverage_hook.py); pyproject.toml's `patch = ["fork"]` gives each fork a coverage of its
@@ -182,6 +182,12 @@ def _run(
     if not measured:
         _stop_coverage()
     sys.argv = [str(program), *argv]
+    # vllm_api_server.py's choice of build, as the command makes it: sys.path came from the test process,
+    # where a test may have put the sources first (importing scripts/compile_gateway.py does), and what
+    # the command imports later, and the workers it spawns, take the build from there.
+    from vllm_api_server import choose_build
+
+    choose_build()
     main = getattr(importlib.import_module(module), function)
     try:
         status = main(argv)
