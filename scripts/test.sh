@@ -13,13 +13,11 @@
 # All of these run the gateway's sources as Python (GATEWAY_COMPILED=0), which coverage can see.
 # Coverage measures each process from its first import of vllm_gateway on, and not the many that never
 # import it (tests/support/coverage_hook.py says why and how; install_coverage_hook puts its .pth file
-# into .venv). Then two runs side by side. One is what scripts/install.sh ships: the request path
-# compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is built
-# again only when the sources changed since), and the tests of COMPILED_TESTS against it
-# (GATEWAY_COMPILED=1, in their own process too), without coverage. The other is the tests marked
-# `alone`, one at a time, under coverage: real vLLM, which answers its health checks late when another
-# test computes beside it, so they run at the lowest CPU priority (nice 19) and take what the compiled
-# tests leave of the cores, which are idle a third of the time without them.
+# into .venv). Tests marked `alone` (real vLLM, which answers its health checks late when another test
+# computes beside it) run after them, one at a time. Last, what scripts/install.sh ships: the request
+# path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is
+# built again only when the sources changed since), and the tests of COMPILED_TESTS against it
+# (GATEWAY_COMPILED=1, in their own process too), without coverage.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -97,29 +95,14 @@ main() {
     fi
     under_coverage "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile \
         -m "not alone"
-    step "the compiled request path, and real vLLM beside it"
-    "$PYTHON" scripts/compile_gateway.py
-    compiled_and_real_vllm
+    under_coverage "$PYTHON" -m coverage run -m pytest -m alone
     "$PYTHON" -m coverage combine -q
     step "coverage"
     "$PYTHON" -m coverage report
-}
-
-# compiled_and_real_vllm: the tests of COMPILED_TESTS against the compiled build, and at the same time the
-# tests marked `alone` (real vLLM) under coverage, at the lowest priority (nice 19), their output kept
-# and shown once both have ended. Status 1 when either failed.
-compiled_and_real_vllm() {
-    local real_vllm_log real_vllm status=0
-    real_vllm_log="$(mktemp)"
-    under_coverage nice -n 19 "$PYTHON" -m coverage run -m pytest -m alone >"$real_vllm_log" 2>&1 &
-    real_vllm=$!
+    step "the compiled request path"
+    "$PYTHON" scripts/compile_gateway.py
     GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone" \
-        -p no:cacheprovider "${COMPILED_TESTS[@]}" || status=1
-    wait "$real_vllm" || status=1
-    step "real vLLM (ran beside the compiled request path)"
-    cat "$real_vllm_log"
-    rm -f "$real_vllm_log"
-    return "$status"
+        -p no:cacheprovider "${COMPILED_TESTS[@]}"
 }
 
 main "$@"
