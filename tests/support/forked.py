@@ -63,14 +63,15 @@ PRELOAD = [
 _context: ForkServerContext | None = None
 
 
-def suite_build() -> str:
+def suite_build_setting() -> str:
     """The build this process imports (tests/conftest.py): GATEWAY_COMPILED as the suite runs it."""
     return os.environ.get("GATEWAY_COMPILED", "auto")
 
 
 def can_fork(env: Mapping[str, str]) -> bool:
     """Whether a gateway with `env` runs the build the fork server imported."""
-    return env.get("GATEWAY_COMPILED", suite_build()) == suite_build() and suite_build() in ("0", "1")
+    suites = suite_build_setting()
+    return suites in ("0", "1") and env.get("GATEWAY_COMPILED", suites) == suites
 
 
 def _fork_server() -> ForkServerContext:
