@@ -17,6 +17,9 @@ re-exec into .venv), which tests/test_entry_point.py runs as a command. The choi
 build and the sources it makes again, but the fork server has imported the suite's build already, so a
 start whose GATEWAY_COMPILED differs from the suite's runs as a command.
 
+`ps` shows a fork with the fork server's command line (`python -c from multiprocessing.forkserver ...`);
+its log and its ProcessHandle say what it is.
+
 Under coverage (scripts/test.sh), the fork server starts coverage at its first import of vllm_gateway
 (tests/support/coverage_hook.py); pyproject.toml's `patch = ["fork"]` gives each fork a coverage of its
 own, saved by the exit handlers.

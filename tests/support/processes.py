@@ -4,6 +4,7 @@
     proc = start_process([sys.executable, "-m", "http.server", str(port)], log_path=tmp / "s.log")
     wait_for_http(f"http://127.0.0.1:{port}/", timeout=10, process=proc)
     proc.stop()                          # the whole process group, SIGTERM then SIGKILL
+    start_forked("simulator", [...])     # a command of tests/support/forked.py, forked: the same handle
 
     with Simulator.start(tmp_path, "--max-num-seqs", "2") as simulator:
         simulator.set_faults(error_status=500)
