@@ -18,8 +18,8 @@ import pytest
 
 from tests.support.chat import chat_body
 from tests.support.front import LIVENESS, assert_rejected, read_to_eof
-from tests.support.gateway import Backend, Gateway, Reader, gateway_env, raw_post
-from tests.support.processes import REPO_ROOT, Simulator, free_port, wait_until
+from tests.support.gateway import Backend, Gateway, Reader, cli_run, gateway_env, raw_post
+from tests.support.processes import Simulator, free_port, wait_until
 from tests.support.tls import encrypted, self_signed
 from vllm_gateway.server.timers import LINGER_QUIET_SECONDS
 from vllm_gateway.tls import loopback
@@ -81,15 +81,7 @@ def tls_connect(gateway: Gateway, suppress_ragged_eofs: bool = True, **options: 
 def serve(workdir, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`vllm_api_server.py serve` with these settings, to its end (a refusal is expected)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "vllm_api_server.py"), "serve"],
-        # The suite's choice of build goes along: the default, auto, adds a warning line about a stale one.
-        env={**gateway_env(workdir, free_port()), "GATEWAY_COMPILED": os.environ.get("GATEWAY_COMPILED", "auto")} | env,
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=60,
-    )
+    return cli_run(gateway_env(workdir, free_port()) | env, ["serve"])
 
 
 # -- clients --
