@@ -28,15 +28,20 @@ def build_is_current() -> bool:
     return subprocess.run(check, check=False).returncode == 0
 
 
-def test_a_gateway_runs_the_build_gateway_compiled_asks_for_and_relays_with_it(gateway: Gateway) -> None:
+def expected_build() -> str:
+    """What a gateway's log calls the build it should run, as GATEWAY_COMPILED asks."""
     wanted = os.environ.get("GATEWAY_COMPILED", "auto")
-    compiled = wanted == "1" or (wanted == "auto" and build_is_current())
+    return "compiled" if wanted == "1" or (wanted == "auto" and build_is_current()) else "as Python"
+
+
+def test_a_gateway_runs_the_build_gateway_compiled_asks_for_and_relays_with_it(gateway: Gateway) -> None:
+    build = expected_build()
     answer = gateway.openai().chat.completions.create(
         model="sim", messages=[{"role": "user", "content": "hi"}], max_tokens=3
     )
     assert answer.usage is not None and answer.usage.completion_tokens == 3
-    assert f"(request path {'compiled' if compiled else 'as Python'})" in gateway.log_text()
-    if compiled:  # and each module of the request path is an extension there
+    assert f"(request path {build})" in gateway.log_text()
+    if build == "compiled":  # and each module of the request path is an extension there
         for module in HOT_MODULES:
             folder = vllm_api_server.BUILD_DIR / "vllm_gateway" / Path(module).parent
             assert list(folder.glob(f"{Path(module).stem}.cpython-*.so")), module
@@ -47,8 +52,7 @@ def test_every_worker_of_a_gateway_runs_the_build_gateway_compiled_asks_for(
 ) -> None:
     # Its workers import the package afresh, from the import path the gateway had: this module put the
     # sources first on the tests' own (importing compile_gateway), which must not decide it.
-    wanted = os.environ.get("GATEWAY_COMPILED", "auto")
-    build = "compiled" if wanted == "1" or (wanted == "auto" and build_is_current()) else "as Python"
+    build = expected_build()
     backend = Backend("sim", simulator.base_url, path="/models/sim")
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_REDIS_URL": redis_url}
     with Gateway.start(tmp_path, [backend], env=env) as gateway:

@@ -12,7 +12,7 @@ import pytest
 from tests.support import forked
 from tests.support.gateway import command_run, gateway_env, write_model_config
 from tests.support.gateway import test_key as add_key
-from tests.support.processes import REPO_ROOT, free_port, start_forked, wait_for_http
+from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_forked, wait_for_http
 
 
 @pytest.fixture
@@ -43,12 +43,17 @@ def test_a_forked_cli_run_prints_and_ends_as_the_command_does(key_env: dict[str,
     assert by_fork.stdout or by_fork.stderr
 
 
-def test_a_forked_gateway_leads_its_own_session_with_its_environment_directory_and_limit(tmp_path: Path) -> None:
+def forked_gateway(workdir: Path, open_files: int | None = None) -> tuple[ProcessHandle, int]:
+    """A gateway without models, forked, and its port."""
     port = free_port()
-    env = gateway_env(tmp_path, port)
+    env = gateway_env(workdir, port)
     write_model_config(Path(env["VLLM_MODEL_CONFIG"]), [])
     add_key(env, "admin", admin=True)
-    handle = start_forked("gateway", ["serve"], env, tmp_path / "gateway.log", open_files=300)
+    return start_forked("gateway", ["serve"], env, workdir / "gateway.log", open_files=open_files), port
+
+
+def test_a_forked_gateway_leads_its_own_session_with_its_environment_directory_and_limit(tmp_path: Path) -> None:
+    handle, port = forked_gateway(tmp_path, open_files=300)
     try:
         # It answers on the port its environment names (/proc/PID/environ shows the fork server's).
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=30, process=handle)
@@ -67,11 +72,7 @@ def test_a_forked_gateway_leads_its_own_session_with_its_environment_directory_a
 
 
 def test_a_forked_gateway_killed_by_a_signal_reports_it_as_popen_does(tmp_path: Path) -> None:
-    port = free_port()
-    env = gateway_env(tmp_path, port)
-    write_model_config(Path(env["VLLM_MODEL_CONFIG"]), [])
-    add_key(env, "admin", admin=True)
-    handle = start_forked("gateway", ["serve"], env, tmp_path / "gateway.log")
+    handle, port = forked_gateway(tmp_path)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", timeout=30, process=handle)
         handle.popen.send_signal(signal.SIGKILL)
