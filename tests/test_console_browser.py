@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from tests.support.browser import Browser, key_visible_anywhere, screenshots_dir
+from tests.support.clients import client_tls, sdk
 from tests.support.fleet import Fleet, two_simulated_models
 from tests.support.processes import wait_until
 
@@ -37,10 +38,11 @@ class Stack:
     admin_key: str
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_key}"}, timeout=30)
+        headers = {"Authorization": f"Bearer {self.admin_key}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, verify=client_tls())
 
     def sdk(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+        return sdk(self.url + "/v1", key)
 
     def all_ready(self) -> None:
         """Every model ready (a test before may have stopped or killed one)."""

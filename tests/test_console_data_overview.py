@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.chat import chat_body
+from tests.support.clients import client_tls
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import wait_until
 from vllm_gateway.console_figures import COUNTERS, REQ, TOKENS, TTFT, FigureHistory, Reading, histogram_quantile
@@ -27,7 +28,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, simulator):
 
 
 def overview(gateway: Gateway) -> dict:
-    response = httpx.get(f"{gateway.url}/admin/overview", headers={"Authorization": f"Bearer {gateway.admin_key}"})
+    headers = {"Authorization": f"Bearer {gateway.admin_key}"}
+    response = httpx.get(f"{gateway.url}/admin/overview", headers=headers, verify=client_tls())
     assert response.status_code == 200, response.text
     return response.json()
 

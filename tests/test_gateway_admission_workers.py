@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from tests.support.chat import chat_body
+from tests.support.clients import client_tls
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until, wait_until_async
 from tests.support.redis_server import Redis
@@ -57,7 +58,9 @@ def start_two_workers(
 
 def fresh_client(gateway: Gateway) -> httpx.AsyncClient:
     # No keep-alive: every request is a new connection, which either worker may accept.
-    return httpx.AsyncClient(base_url=gateway.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+    return httpx.AsyncClient(
+        base_url=gateway.url, timeout=60, limits=httpx.Limits(max_keepalive_connections=0), verify=client_tls()
+    )
 
 
 async def stream_through(gateway: Gateway, key: str, max_tokens: int) -> int:
@@ -258,7 +261,7 @@ def admission_figure(store: redis.Redis, suffix: str, field: str | None = None) 
 
 
 async def post(gateway: Gateway, body: dict[str, object], timeout: float = 60) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=timeout, verify=client_tls()) as client:
         return await client.post(CHAT, json=body, headers={"Authorization": f"Bearer {gateway.key}"})
 
 

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.clients import client_tls
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import Simulator
 from vllm_gateway.stream_usage import USAGE_PATHS, UsageMeter, lacks_usage, with_usage_requested
@@ -58,7 +59,7 @@ def post(gateway: Gateway, path: str, body: dict | bytes, rid: str, key: str | N
     """The body as given (bytes go byte for byte), under the request id `rid`."""
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Authorization": f"Bearer {key or gateway.key}", "X-Request-ID": rid, "Content-Type": "application/json"}
-    return httpx.post(gateway.url + path, content=content, headers=headers, timeout=timeout)
+    return httpx.post(gateway.url + path, content=content, headers=headers, timeout=timeout, verify=client_tls())
 
 
 def logged(gateway: Gateway, rid: str, timeout: float = 10.0) -> tuple[str, tuple[int | None, int | None, str | None]]:
@@ -228,7 +229,7 @@ def backend_answer(simulator: Simulator, path: str, body: dict) -> tuple[bytes, 
     strip = path in USAGE_PATHS and lacks_usage(body)
     probe = with_usage_requested(json.dumps(body).encode()) if strip else json.dumps(body).encode()
     headers = {"X-Request-ID": "cut-00000", "Content-Type": "application/json"}
-    direct = httpx.post(simulator.base_url + path, content=probe, headers=headers, timeout=30)
+    direct = httpx.post(simulator.base_url + path, content=probe, headers=headers, timeout=30, verify=client_tls())
     assert direct.status_code == 200, direct.text
     return direct.content, "text/event-stream" in direct.headers["content-type"], strip
 

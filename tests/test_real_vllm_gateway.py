@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.clients import client_tls, sdk
 from tests.support.gateway import Backend, Gateway
 from tests.support.processes import free_port, parse_metrics
 from tests.support.real_vllm import start_real_vllm, tiny_model_dir
@@ -38,7 +39,7 @@ def real_gateway(tmp_path_factory, vllm):
 
 
 def metrics(vllm) -> dict[str, float]:
-    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN).text)
+    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN, verify=client_tls()).text)
 
 
 def test_model_list_shows_the_real_model_ready_with_its_path(real_gateway):
@@ -52,7 +53,7 @@ def test_non_streamed_chat_usage_matches_a_direct_request(real_gateway, vllm):
     through = real_gateway.openai().chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=24, extra_body={"ignore_eos": True}
     )
-    direct = openai.OpenAI(base_url=vllm.base_url + "/v1", api_key="unused").chat.completions.create(
+    direct = sdk(vllm.base_url + "/v1", "unused").chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=24, extra_body={"ignore_eos": True}
     )
     assert through.usage.completion_tokens == 24
@@ -122,7 +123,8 @@ def test_aborted_stream_leaves_no_request_running_in_vllm(real_gateway, vllm):
     max_tokens = 60_000
     before = metrics(vllm)["vllm:generation_tokens_total"]
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {real_gateway.key}"}) as client:
+    headers = {"Authorization": f"Bearer {real_gateway.key}"}
+    with httpx.Client(timeout=60, headers=headers, verify=client_tls()) as client:
         with client.stream("POST", real_gateway.url + "/v1/chat/completions", json=body) as response:
             received = 0
             for line in response.iter_lines():
@@ -188,7 +190,7 @@ def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm)
 def queued_briefly(vllm) -> tuple[float, float]:
     """vLLM's own count of requests it has queued, in all and for under 0.3 s (its histogram's first
     bucket): a request it had to hold for want of a sequence waits as long as another one's answer."""
-    text = httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN).text
+    text = httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN, verify=client_tls()).text
     # parse_metrics adds a name's series up over their labels: the one bucket is picked out by hand.
     briefly = sum(
         float(line.split()[-1])
@@ -217,7 +219,8 @@ def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp
 
         async def run() -> list[str]:
             headers = {"Authorization": f"Bearer {gateway.key}"}
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers) as client:
+            http = httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers, verify=client_tls())
+            async with http as client:
 
                 async def chat(body: dict[str, object]) -> str:
                     response = await client.post("/v1/chat/completions", json=body)

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.support.browser import Browser, screenshots_dir
+from tests.support.clients import client_tls, sdk
 from tests.support.fleet import Fleet, cpus_allowed, live
 from tests.support.processes import free_port, http_status, process_tree, wait_until
 from tests.support.real_vllm import VLLM_ENV, tiny_model_dir, vllm_python
@@ -90,7 +91,7 @@ def test_start_waits_for_both_models_then_the_gateway(fleet: Fleet, admin_key: s
 
 
 def test_a_chat_reaches_each_model_through_the_gateway(fleet: Fleet, admin_key: str) -> None:
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}/v1", api_key=admin_key)
+    client = sdk(f"http://127.0.0.1:{fleet.env['GATEWAY_PORT']}/v1", admin_key)
     for requested, served in (("tiny-a", "tiny-a"), ("tb", "tiny-b")):
         answer = client.chat.completions.create(
             model=requested,
@@ -105,10 +106,10 @@ def test_a_chat_reaches_each_model_through_the_gateway(fleet: Fleet, admin_key: 
 def test_a_real_vllm_server_refuses_a_request_without_its_fleet_made_key(fleet: Fleet, admin_key: str) -> None:
     port = fleet.ports["tiny-a"]
     backend_key = (fleet.run_dir / "tiny-a.api_key").read_text().strip()
-    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-the-key", max_retries=0)
+    direct = sdk(f"http://127.0.0.1:{port}/v1", "not-the-key")
     with pytest.raises(openai.AuthenticationError):
         direct.models.list()  # any local user who skips the gateway
-    keyed = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=backend_key, max_retries=0)
+    keyed = sdk(f"http://127.0.0.1:{port}/v1", backend_key)
     assert [model.id for model in keyed.models.list().data] == ["tiny-a"]
 
 
@@ -179,6 +180,7 @@ def test_a_killed_vllm_server_ends_its_stream_with_an_error_and_comes_back_by_it
         json=body,
         headers={"Authorization": f"Bearer {admin_key}"},
         timeout=60,
+        verify=client_tls(),
     ) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
@@ -200,7 +202,7 @@ def test_a_killed_vllm_server_ends_its_stream_with_an_error_and_comes_back_by_it
 
     wait_until(restarted_and_healthy, timeout=START_TIMEOUT, interval=1)
     assert {cpus_allowed(pid) for pid in process_tree(fleet.pid("tiny-b"))} == {fleet.cpus["tiny-b"]}
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=admin_key, max_retries=0)
+    client = sdk(f"{gateway}/v1", admin_key)
 
     def chat_answers() -> int:
         try:
@@ -226,14 +228,14 @@ def test_a_real_vllm_server_stopped_as_idle_is_started_again_by_the_next_request
     first = fleet.pid("tiny-a")
     tree = process_tree(first)
     # An admin's sleep takes the path an idle_after that ran out takes: for idle=stop, a stop.
-    asked = httpx.post(f"{gateway}/admin/models/tiny-a/sleep", headers=admin, timeout=120)
+    asked = httpx.post(f"{gateway}/admin/models/tiny-a/sleep", headers=admin, timeout=120, verify=client_tls())
     assert asked.status_code == 200, asked.text
     assert asked.json()["output"] == ["tiny-a is stopped"]
     wait_until(lambda: live(tree) == set(), timeout=120)
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", fleet.ports["tiny-a"])) != 0  # its port is free
 
-    client = openai.OpenAI(base_url=f"{gateway}/v1", api_key=admin_key, max_retries=0, timeout=START_TIMEOUT)
+    client = sdk(f"{gateway}/v1", admin_key, timeout=START_TIMEOUT)
     answer = client.chat.completions.create(
         model="tiny-a", messages=[{"role": "user", "content": "hello"}], max_tokens=4, extra_body={"ignore_eos": True}
     )

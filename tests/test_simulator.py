@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.support.chat import chat_body
+from tests.support.clients import client_tls, sdk
 from tests.support.processes import REPO_ROOT, Simulator, http_status, parse_metrics, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -38,7 +39,7 @@ def fresh_simulator(tmp_path: Path) -> Iterator[Simulator]:
 
 
 def client_for(simulator: Simulator, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=simulator.base_url + "/v1", api_key=api_key, max_retries=0)
+    return sdk(simulator.base_url + "/v1", api_key)
 
 
 def four_token_chat(model: str, max_tokens: int, stream: bool = False, **extra: object) -> dict:
@@ -566,9 +567,10 @@ def assert_bad_request(response: httpx.Response, param: str | None = None) -> di
 
 def post_json(simulator: Simulator, path: str, body: object, client: httpx.Client | None = None) -> httpx.Response:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return (client or httpx).post(
-        simulator.base_url + path, content=raw, headers={"content-type": "application/json"}, timeout=10
-    )
+    url, headers = simulator.base_url + path, {"content-type": "application/json"}
+    if client is not None:
+        return client.post(url, content=raw, headers=headers, timeout=10)
+    return httpx.post(url, content=raw, headers=headers, timeout=10, verify=client_tls())
 
 
 def test_tokenize_with_messages_of_the_wrong_type_is_a_400(simulator: Simulator) -> None:

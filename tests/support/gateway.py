@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from tests.support import forked
+from tests.support.clients import client_tls, sdk
 from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_forked, start_process, wait_for_http
 
 
@@ -118,14 +119,14 @@ class Gateway:
 
     def http(self, key: str | None = None, timeout: float = 30) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=self.trust or True)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=self.trust or client_tls())
 
     def openai(self, key: str | None = None, **kwargs: object):
-        import openai
-
         if self.trust is not None and "http_client" not in kwargs:
-            kwargs["http_client"] = httpx.Client(verify=self.trust)
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.key, max_retries=0, **kwargs)
+            import openai
+
+            kwargs["http_client"] = openai.DefaultHttpxClient(verify=self.trust)
+        return sdk(self.url + "/v1", key or self.key, **kwargs)
 
     def health(self, key: str | None = None) -> dict[str, object]:
         with self.http(key) as client:

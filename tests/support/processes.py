@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import forked
+from tests.support.clients import client_tls
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -370,7 +371,7 @@ class Simulator:
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         import httpx
 
-        response = httpx.request(method, self.base_url + path, json=body, timeout=10)
+        response = httpx.request(method, self.base_url + path, json=body, timeout=10, verify=client_tls())
         response.raise_for_status()
         return response.json() if response.content else None
 
@@ -391,7 +392,7 @@ class Simulator:
     def metrics(self) -> dict[str, float]:
         import httpx
 
-        response = httpx.get(self.base_url + "/metrics", timeout=10)
+        response = httpx.get(self.base_url + "/metrics", timeout=10, verify=client_tls())
         response.raise_for_status()
         return parse_metrics(response.text)
 
