@@ -7,7 +7,7 @@ those imports were minutes of the suite. Here, one fork server per test process 
 "forkserver": a fresh interpreter that never ran a test, no threads) imports them once, and each start is
 a fork of it: 0.11 s for a gateway.
 
-The forked process is set up as start_process starts a command: its own session and process group, the
+The forked process is set up as start_process starts a command: a process group of its own, the
 test's environment, the repository as working directory, the descriptor limit it asks for, output to a
 file and nothing on stdin. Then it calls the main function that the command line calls, and ends as the
 interpreter would (threads joined, exit handlers run, the exit status of main or of SystemExit).
@@ -170,7 +170,7 @@ def _run(
     stderr: str,
     open_files: int | None,
 ) -> None:
-    os.setsid()
+    os.setpgid(0, 0)
     _redirect(0, os.devnull, os.O_RDONLY)
     _redirect(1, stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     _redirect(2, stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND)

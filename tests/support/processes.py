@@ -107,7 +107,7 @@ def process_tree(root_pid: int) -> set[int]:
 
 
 class ProcessHandle:
-    """A started process, leader of its own session and process group. `popen` is its subprocess.Popen,
+    """A started process, leader of its own process group. `popen` is its subprocess.Popen,
     or for a fork (start_forked) an object that answers the same calls."""
 
     def __init__(self, popen: subprocess.Popen[bytes] | forked.ForkedProcess, log_path: Path | None) -> None:
@@ -181,7 +181,12 @@ def start_process(
     cwd: str | Path | None = None,
     open_files: int | None = None,
 ) -> ProcessHandle:
-    """Start `cmd` in a new session (its own process group), output to `log_path` (else dropped).
+    """Start `cmd` in a process group of its own, output to `log_path` (else dropped).
+
+    A group, not a session: the kernel's autogroups (/proc/sys/kernel/sched_autogroup_enabled) put each
+    session in a scheduling group of its own and share the CPU between the groups. A vLLM generating
+    flat out in a session of its own kept the test's process (in another) from running for 20-70 s at a
+    time; within the test's session, the CPU is shared by thread, and the test waits milliseconds.
 
     `env` is added to the current environment; a value of "" is kept as the empty string.
     `open_files`: the process's RLIMIT_NOFILE, soft and hard (as `ulimit -n` in a fresh shell).
@@ -198,7 +203,7 @@ def start_process(
             list(cmd),
             env=full_env,
             cwd=cwd or REPO_ROOT,
-            start_new_session=True,
+            process_group=0,
             preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
             stdin=subprocess.DEVNULL,
             stdout=log_file or subprocess.DEVNULL,
