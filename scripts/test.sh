@@ -13,11 +13,13 @@
 # All of these run the gateway's sources as Python (GATEWAY_COMPILED=0), which coverage can see.
 # Coverage measures each process from its first import of vllm_gateway on, and not the many that never
 # import it (tests/support/coverage_hook.py says why and how; install_coverage_hook puts its .pth file
-# into .venv). Tests marked `alone` (real vLLM, which answers its health checks late when another test
-# computes beside it) run after them, one at a time. Last, what scripts/install.sh ships: the request
-# path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here it is
-# built again only when the sources changed since), and the tests of COMPILED_TESTS against it
-# (GATEWAY_COMPILED=1, in their own process too), without coverage.
+# into .venv). Beside them run the tests of COMPILED_TESTS against what scripts/install.sh ships: the
+# request path compiled by mypyc (scripts/compile_gateway.py; install_test_deps.sh builds it, and here
+# it is built again first, only when the sources changed since), with GATEWAY_COMPILED=1, without
+# coverage, on as many workers as cores; their output follows the others'. Both wait on processes much
+# of the time, so together they keep the cores busier than one after the other. Tests marked `alone`
+# (real vLLM, which answers its health checks late when another test computes beside it) run last, one
+# at a time.
 #
 # Exit status: 0 all passed, 1 a check or a test failed.
 set -euo pipefail
@@ -71,6 +73,12 @@ under_coverage() {
         GATEWAY_COVERAGE_CONFIG="$REPO_DIR/pyproject.toml" COVERAGE_FILE="$REPO_DIR/.coverage" "$@"
 }
 
+# compiled_tests: the tests of COMPILED_TESTS against the compiled request path, as many workers as cores.
+compiled_tests() {
+    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "$(nproc 2>/dev/null || echo 1)" --dist loadfile -m "not alone" \
+        -p no:cacheprovider "${COMPILED_TESTS[@]}"
+}
+
 main() {
     if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
         sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
@@ -84,25 +92,35 @@ main() {
     "$PYTHON" -m ruff format --check .
     step "mypy"
     "$PYTHON" -m mypy
-    step "pytest under coverage"
     rm -f .coverage .coverage.*
     install_coverage_hook
     if (($# > 0)); then
+        step "pytest under coverage"
         under_coverage "$PYTHON" -m coverage run -m pytest "$@"
         "$PYTHON" -m coverage combine -q
         "$PYTHON" -m coverage report --fail-under=0
         return 0
     fi
+    step "the compiled request path: its build"
+    "$PYTHON" scripts/compile_gateway.py
+    step "pytest under coverage, and beside it the compiled request path's tests (their output follows)"
+    local compiled_log compiled_pid failed=0
+    compiled_log="$(mktemp)"
+    # shellcheck disable=SC2064  # the path is fixed now
+    trap "rm -f '$compiled_log'" EXIT
+    compiled_tests >"$compiled_log" 2>&1 &
+    compiled_pid=$!
     under_coverage "$PYTHON" -m coverage run -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile \
-        -m "not alone"
+        -m "not alone" || failed=1
+    step "the compiled request path's tests"
+    wait "$compiled_pid" || failed=1
+    cat "$compiled_log"
+    ((failed == 0)) || return 1
+    step "pytest under coverage: real vLLM"
     under_coverage "$PYTHON" -m coverage run -m pytest -m alone
     "$PYTHON" -m coverage combine -q
     step "coverage"
     "$PYTHON" -m coverage report
-    step "the compiled request path"
-    "$PYTHON" scripts/compile_gateway.py
-    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "${TEST_WORKERS:-$(default_workers)}" --dist loadfile -m "not alone" \
-        -p no:cacheprovider "${COMPILED_TESTS[@]}"
 }
 
 main "$@"
