@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.clients import client_tls, sdk
 from tests.support.gateway import Backend, Gateway
-from tests.support.processes import free_port, parse_metrics
+from tests.support.processes import free_port, parse_metrics, wait_until_async
 from tests.support.real_vllm import start_real_vllm, tiny_model_dir
 
 # Real vLLM answers its health checks and metrics late when another test computes beside it.
@@ -38,8 +38,12 @@ def real_gateway(tmp_path_factory, vllm):
         yield gateway
 
 
+def metrics_text(vllm) -> str:
+    return httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN, verify=client_tls()).text
+
+
 def metrics(vllm) -> dict[str, float]:
-    return parse_metrics(httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN, verify=client_tls()).text)
+    return parse_metrics(metrics_text(vllm))
 
 
 def test_model_list_shows_the_real_model_ready_with_its_path(real_gateway):
@@ -190,7 +194,7 @@ def test_the_ledger_counts_what_vllm_counted_streamed_or_not(real_gateway, vllm)
 def queued_briefly(vllm) -> tuple[float, float]:
     """vLLM's own count of requests it has queued, in all and for under 0.3 s (its histogram's first
     bucket): a request it had to hold for want of a sequence waits as long as another one's answer."""
-    text = httpx.get(vllm.base_url + "/metrics", timeout=VLLM_ANSWERS_WITHIN, verify=client_tls()).text
+    text = metrics_text(vllm)
     # parse_metrics adds a name's series up over their labels: the one bucket is picked out by hand.
     briefly = sum(
         float(line.split()[-1])
@@ -211,12 +215,6 @@ def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp
         endless = {"model": "tiny", "messages": MESSAGES, "max_tokens": 60_000, "ignore_eos": True}
         short = endless | {"max_tokens": 20}
 
-        async def until(check, what: str) -> None:
-            deadline = time.monotonic() + VLLM_SETTLES_WITHIN
-            while not await asyncio.to_thread(check):
-                assert time.monotonic() < deadline, what
-                await asyncio.sleep(0.1)
-
         async def run() -> list[str]:
             headers = {"Authorization": f"Bearer {gateway.key}"}
             http = httpx.AsyncClient(base_url=gateway.url, timeout=120, headers=headers, verify=client_tls())
@@ -227,9 +225,10 @@ def test_with_admission_vllm_never_queues_while_the_gateway_holds_the_excess(tmp
                     return str(response.json()["choices"][0]["finish_reason"])
 
                 first = [asyncio.create_task(chat(endless)) for _ in range(8)]
-                await until(lambda: gateway.health(gateway.admin_key)["in_flight"] == 8, "the first eight never went")
+                # The first eight went; then the gateway holds the next eight.
+                await wait_until_async(lambda: gateway.health(gateway.admin_key)["in_flight"] == 8, VLLM_SETTLES_WITHIN)
                 then = [asyncio.create_task(chat(short)) for _ in range(8)]
-                await until(lambda: gateway.waiting() == 8, "the gateway never held the next eight")
+                await wait_until_async(lambda: gateway.waiting() == 8, VLLM_SETTLES_WITHIN)
                 for request in first:
                     request.cancel()  # its client leaves: httpx closes the connection
                 await asyncio.gather(*first, return_exceptions=True)

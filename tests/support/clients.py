@@ -24,11 +24,12 @@ def client_tls() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def sdk(base_url: str, api_key: str, **kwargs: Any) -> Any:
+def sdk(base_url: str, api_key: str, trust: ssl.SSLContext | None = None, **kwargs: Any) -> Any:
     """The openai SDK's client for `base_url`, without retries (a test sees the first answer), on
-    the SDK's own default HTTP client with the shared TLS context; kwargs go to openai.OpenAI."""
+    the SDK's own default HTTP client with `trust` (else the shared TLS context); kwargs go to
+    openai.OpenAI."""
     import openai
 
     kwargs.setdefault("max_retries", 0)
-    kwargs.setdefault("http_client", openai.DefaultHttpxClient(verify=client_tls()))
+    kwargs.setdefault("http_client", openai.DefaultHttpxClient(verify=trust or client_tls()))
     return openai.OpenAI(base_url=base_url, api_key=api_key, **kwargs)

@@ -122,11 +122,7 @@ class Gateway:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=self.trust or client_tls())
 
     def openai(self, key: str | None = None, **kwargs: object):
-        if self.trust is not None and "http_client" not in kwargs:
-            import openai
-
-            kwargs["http_client"] = openai.DefaultHttpxClient(verify=self.trust)
-        return sdk(self.url + "/v1", key or self.key, **kwargs)
+        return sdk(self.url + "/v1", key or self.key, self.trust, **kwargs)
 
     def health(self, key: str | None = None) -> dict[str, object]:
         with self.http(key) as client:
