@@ -73,30 +73,32 @@ async def stream_through(gateway: Gateway, key: str, max_tokens: int) -> int:
             return response.status_code
 
 
+def requests_by_worker(gateway: Gateway, keys: set[str] | None = None) -> list[float]:
+    """The requests for the model `sim` that each worker has counted (of these keys, by name, if given),
+    from their metrics snapshots (written each second)."""
+    counts = []
+    for path in sorted((gateway.workdir / "run" / "metrics").glob("*.json")):
+        series = json.loads(path.read_text())["series"]  # labels (model, backend, key, status): figures
+        counts.append(
+            sum(
+                figures[REQUESTS]
+                for labels, figures in series
+                if labels[0] == "sim" and (keys is None or labels[2] in keys)
+            )
+        )
+    return counts
+
+
 def workers_that_answered(gateway: Gateway) -> int:
-    """Workers whose metrics snapshot (written each second) counts a chat request."""
+    """Workers whose metrics snapshot counts a chat request."""
 
     def served() -> int:
-        count = 0
-        for path in (gateway.workdir / "run" / "metrics").glob("*.json"):
-            series = json.loads(path.read_text())["series"]
-            count += any(labels[0] == "sim" for labels, _ in series)  # (model, backend, key, status)
-        return count
+        return sum(count > 0 for count in requests_by_worker(gateway))
 
     try:
         return int(wait_until(lambda: served() == 2 and 2, timeout=5))
     except TimeoutError:
         return served()
-
-
-def requests_by_worker(gateway: Gateway, keys: set[str]) -> list[float]:
-    """The requests of these keys (by name) that each worker has counted, from their metrics snapshots
-    (written each second)."""
-    counts = []
-    for path in sorted((gateway.workdir / "run" / "metrics").glob("*.json")):
-        series = json.loads(path.read_text())["series"]  # labels (model, backend, key, status): figures
-        counts.append(sum(figures[REQUESTS] for labels, figures in series if labels[2] in keys))
-    return counts
 
 
 def test_two_workers_together_never_send_a_backend_more_than_its_capacity(
