@@ -59,11 +59,16 @@ install_coverage_hook() {
         >"$site_packages/gateway_coverage_hook.pth"
 }
 
+# cores: how many CPU cores this machine has.
+cores() {
+    nproc 2>/dev/null || echo 1
+}
+
 # default_workers: two pytest-xdist workers more than the cores, at most 8.
 default_workers() {
-    local cores
-    cores="$(nproc 2>/dev/null || echo 1)"
-    echo $((cores + 2 > 8 ? 8 : cores + 2))
+    local count
+    count="$(cores)"
+    echo $((count + 2 > 8 ? 8 : count + 2))
 }
 
 # under_coverage COMMAND...: COMMAND with the gateway's sources as Python, measured in every process that
@@ -75,7 +80,7 @@ under_coverage() {
 
 # compiled_tests: the tests of COMPILED_TESTS against the compiled request path, as many workers as cores.
 compiled_tests() {
-    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "$(nproc 2>/dev/null || echo 1)" --dist loadfile -m "not alone" \
+    GATEWAY_COMPILED=1 "$PYTHON" -m pytest -n "$(cores)" --dist loadfile -m "not alone" \
         -p no:cacheprovider "${COMPILED_TESTS[@]}"
 }
 
