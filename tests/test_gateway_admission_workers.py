@@ -25,7 +25,6 @@ from tests.support.clients import client_tls
 from tests.support.gateway import Backend, Gateway, Reader, raw_post
 from tests.support.processes import Simulator, wait_until, wait_until_async
 from tests.support.redis_server import Redis
-from vllm_gateway.metrics.recording import REQUESTS
 
 CHAT = "/v1/chat/completions"
 
@@ -47,8 +46,8 @@ def start_two_workers(
     env = {"GATEWAY_WORKERS": "2", "GATEWAY_RATE_LIMIT_STORAGE": redis_url, **(env or {})}
     backend = Backend("sim", simulator.base_url, path="/models/sim", **capacity)
     gateway = Gateway.start(tmp_path / "gw", [backend], env=env)
-    # The gateway answers once one worker does; the other may still be starting on a busy machine, and
-    # every connection would go to the first. Each writes a metrics snapshot a second after it started.
+    # Gateway.start has waited for both workers; gateway.requests_by_worker reads the metrics snapshot each
+    # writes a second after it started.
     try:
         wait_until(lambda: len(list((gateway.workdir / "run" / "metrics").glob("*.json"))) == 2, timeout=60)
     except TimeoutError:
@@ -73,27 +72,11 @@ async def stream_through(gateway: Gateway, key: str, max_tokens: int) -> int:
             return response.status_code
 
 
-def requests_by_worker(gateway: Gateway, keys: set[str] | None = None) -> list[float]:
-    """The requests for the model `sim` that each worker has counted (of these keys, by name, if given),
-    from their metrics snapshots (written each second)."""
-    counts = []
-    for path in sorted((gateway.workdir / "run" / "metrics").glob("*.json")):
-        series = json.loads(path.read_text())["series"]  # labels (model, backend, key, status): figures
-        counts.append(
-            sum(
-                figures[REQUESTS]
-                for labels, figures in series
-                if labels[0] == "sim" and (keys is None or labels[2] in keys)
-            )
-        )
-    return counts
-
-
 def workers_that_answered(gateway: Gateway) -> int:
     """Workers whose metrics snapshot counts a chat request."""
 
     def served() -> int:
-        return sum(count > 0 for count in requests_by_worker(gateway))
+        return sum(count > 0 for count in gateway.requests_by_worker("sim"))
 
     try:
         return int(wait_until(lambda: served() == 2 and 2, timeout=5))
@@ -223,7 +206,7 @@ def test_across_workers_admission_follows_the_keys_weights(
             assert "".join(order) == "ABBABBABBAAA"
 
             def settled(total: float = sum(counted) + 12) -> list[float] | None:
-                counts = requests_by_worker(gateway, {"light", "heavy"})
+                counts = gateway.requests_by_worker("sim", {"light", "heavy"})
                 return counts if sum(counts) >= total else None
 
             now = wait_until(settled)

@@ -30,7 +30,19 @@ import httpx
 
 from tests.support import forked
 from tests.support.clients import client_tls, sdk
-from tests.support.processes import REPO_ROOT, ProcessHandle, free_port, start_forked, start_process, wait_for_http
+from tests.support.processes import (
+    REPO_ROOT,
+    ProcessHandle,
+    free_port,
+    start_forked,
+    start_process,
+    wait_for_http,
+    wait_until,
+)
+from vllm_gateway.metrics.recording import REQUESTS
+
+# What uvicorn logs in each worker once the app's lifespan has started.
+WORKER_STARTED = "Application startup complete."
 
 
 @dataclass
@@ -99,12 +111,34 @@ class Gateway:
         gateway.admin_key, gateway.key = admin, user
         try:
             wait_for_http(gateway.url + "/health", timeout=30, process=handle, context=gateway.trust)
+            gateway.wait_for_workers(int(full_env.get("GATEWAY_WORKERS", "1")))
             if wait_ready and backends:
                 gateway.wait_until(lambda health: health["models_ready"] == health["models_total"])
         except BaseException:
             handle.stop()
             raise
         return gateway
+
+    def wait_for_workers(self, workers: int) -> None:
+        """/health answers once one worker does; on a busy machine the others may still be starting, and
+        every connection would go to the first. Each worker logs this line when its lifespan has started."""
+        if workers > 1:
+            wait_until(lambda: self.handle.log().count(WORKER_STARTED) >= workers, timeout=60)
+
+    def requests_by_worker(self, model: str, keys: set[str] | None = None) -> list[float]:
+        """The requests for `model` that each worker has counted (of these keys, by name, if given), from
+        their metrics snapshots (with several workers, each writes one a second)."""
+        counts = []
+        for path in sorted((self.workdir / "run" / "metrics").glob("*.json")):
+            series = json.loads(path.read_text())["series"]  # labels (model, backend, key, status): figures
+            counts.append(
+                sum(
+                    figures[REQUESTS]
+                    for labels, figures in series
+                    if labels[0] == model and (keys is None or labels[2] in keys)
+                )
+            )
+        return counts
 
     # -- helpers for tests --
 
