@@ -17,8 +17,9 @@ import time
 
 import pytest
 
-from tests.support.gateway import Backend, Gateway, raw_post
-from tests.support.http_wire import WireResponse, take_response
+from tests.support.gateway import Backend, raw_post
+from tests.support.http_wire import take_response
+from tests.support.memory_gateway import MemoryGateway
 from tests.support.raw_backend import ThreadedBackend
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
@@ -120,7 +121,7 @@ class FramingBackend(ThreadedBackend):
 @pytest.fixture(scope="module")
 def framing(tmp_path_factory):
     backend = FramingBackend()
-    with Gateway.start(tmp_path_factory.mktemp("gw-framing"), [Backend("raw", backend.url)]) as gateway:
+    with MemoryGateway.start(tmp_path_factory.mktemp("gw-framing"), [Backend("raw", backend.url)]) as gateway:
         yield gateway, backend
     backend.close()
 
@@ -140,70 +141,32 @@ def expected_body(kind: str) -> bytes:
     return {"stream": WITHOUT_USAGE, "stream-with-usage": EVENTS, "json": REPLY}[kind]
 
 
-def read_response(sock: socket.socket, buffer: bytes = b"") -> tuple[WireResponse, bytes]:
-    """The next whole response on a kept-alive connection (and what followed it), read strictly: a
-    response whose declared length never arrives fails here instead of hanging."""
-    deadline = time.monotonic() + LIVENESS
-    while True:
-        response, used = take_response(buffer, eof=False)
-        if response is not None:
-            return response, buffer[used:]
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no whole response within {LIVENESS} s: {buffer[:300]!r} ... ({len(buffer)} bytes)")
-        sock.settimeout(left)
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not data:
-            take_response(buffer, eof=True)  # raises Malformed: the body was cut short
-            raise AssertionError(f"the connection closed before a response: {buffer[:300]!r}")
-        buffer += data
-
-
-def read_to_close(sock: socket.socket) -> bytes:
-    data = b""
-    deadline = time.monotonic() + LIVENESS
-    while True:
-        left = deadline - time.monotonic()
-        assert left > 0, f"the gateway did not close an HTTP/1.0 answer within {LIVENESS} s ({len(data)} bytes)"
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if not chunk:
-            return data
-        data += chunk
-
-
 @pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
 @pytest.mark.parametrize("upstream_framing", ["chunked", "length", "close"])
 def test_an_http11_client_gets_the_whole_body_validly_framed_and_its_connection_serves_the_next_request(
     framing, upstream_framing, kind
 ):
     gateway, _ = framing
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gateway.key, chat(upstream_framing, kind)))
-        first, rest = read_response(sock)
-        assert first.status == 200
-        assert first.body == expected_body(kind)
-        assert rest == b"", f"bytes after the first answer: {rest[:200]!r}"
-        # The same connection: the next answer starts where the first one said it ended.
-        sock.sendall(raw_post(gateway.key, chat("chunked", "json")))
-        second, rest = read_response(sock)
+    connection = gateway.connect()
+    connection.send(raw_post(gateway.key, chat(upstream_framing, kind)))
+    first = gateway.read_response(connection)
+    assert first.status == 200
+    assert first.body == expected_body(kind)
+    assert connection.pending == b"", f"bytes after the first answer: {connection.pending[:200]!r}"
+    # The same connection: the next answer starts where the first one said it ended.
+    connection.send(raw_post(gateway.key, chat("chunked", "json")))
+    second = gateway.read_response(connection)
     assert second.status == 200 and second.body == REPLY
-    assert rest == b""
+    assert connection.pending == b""
 
 
 @pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
 @pytest.mark.parametrize("upstream_framing", ["chunked", "length", "close"])
 def test_an_http10_client_gets_the_whole_body_without_chunked_framing(framing, upstream_framing, kind):
     gateway, _ = framing
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gateway.key, chat(upstream_framing, kind), version="1.0"))
-        received = read_to_close(sock)
+    connection = gateway.connect()
+    connection.send(raw_post(gateway.key, chat(upstream_framing, kind), version="1.0"))
+    received = gateway.read_to_end(connection)
     response, used = take_response(received, eof=True)
     assert response is not None and used == len(received), f"bytes after the answer: {received[used:][:200]!r}"
     assert response.status == 200
@@ -216,11 +179,12 @@ def test_a_backend_that_compresses_anyway_has_its_body_relayed_unchanged_with_it
     # The gateway asks for identity; a backend that compresses all the same gets its body through as
     # it sent it: the gateway cannot read it, so it neither removes the usage chunk nor re-frames it.
     gateway, _ = framing
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gateway.key, chat("gzip", kind)))
-        response, rest = read_response(sock)
-        sock.sendall(raw_post(gateway.key, chat("chunked", "json")))
-        second, _ = read_response(sock)
+    connection = gateway.connect()
+    connection.send(raw_post(gateway.key, chat("gzip", kind)))
+    response = gateway.read_response(connection)
+    rest = connection.pending
+    connection.send(raw_post(gateway.key, chat("chunked", "json")))
+    second = gateway.read_response(connection)
     assert response.status == 200 and rest == b""
     assert response.header("content-encoding") == "gzip"
     assert response.header("content-length") == str(len(response.body))
@@ -230,9 +194,7 @@ def test_a_backend_that_compresses_anyway_has_its_body_relayed_unchanged_with_it
 
 def test_the_gateway_asks_the_backend_for_an_unencoded_body_whatever_the_client_accepts(framing):
     gateway, backend = framing
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=LIVENESS) as sock:
-        sock.sendall(raw_post(gateway.key, chat("chunked", "json"), extra="Accept-Encoding: gzip, br\r\n"))
-        response, _ = read_response(sock)
+    response = gateway.exchange(raw_post(gateway.key, chat("chunked", "json"), extra="Accept-Encoding: gzip, br\r\n"))
     assert response.status == 200 and response.header("content-encoding") is None
     head = backend.heads[-1].lower()
     assert b"\r\naccept-encoding: identity" in head
@@ -241,21 +203,31 @@ def test_the_gateway_asks_the_backend_for_an_unencoded_body_whatever_the_client_
 
 @pytest.mark.parametrize("kind", ["stream", "stream-with-usage", "json"])
 def test_an_answers_tokens_count_before_its_client_can_take_it_for_whole(framing, kind):
-    # The openai SDK stops reading a stream at `data: [DONE]`, and the client may send its next
-    # request then. The backend ends this body LATE_END seconds after its last event: had [DONE] gone
-    # on at once, the next request would have found the first's 153 tokens (or a body's 7) uncounted.
+    # A client may take a stream for whole at `data: [DONE]` (the openai SDK stops reading there) and a
+    # body at its last byte, and send its next request then. The backend ends this body LATE_END
+    # seconds after its last event: had [DONE] gone on at once, the next request would have found the
+    # first's 153 tokens (or a body's 7) uncounted.
     gateway, _ = framing
-    key = gateway.create_key("--name", f"late-end-{kind}", "--token-limit", "1000/hour")["key"]
-    client = gateway.openai(key)
-    body = chat("late-end", kind)
+    key = gateway.create_key(f"late-end-{kind}", token_limit="1000/hour")
+    connection = gateway.connect()
+    connection.send(raw_post(key, chat("late-end", kind)))
     if kind == "json":
-        answer = client.chat.completions.with_raw_response.create(**body)
-        used = answer.parse().usage.total_tokens
+        answer = gateway.read_response(connection)
+        used = json.loads(answer.body)["usage"]["total_tokens"]
+        headers = answer.header
     else:
-        with client.chat.completions.with_streaming_response.create(**body) as answer:
-            chunks = list(answer.parse())
-        assert [c.usage for c in chunks if c.usage] == ([] if kind == "stream" else [chunks[-1].usage])
+        received = bytearray()
+
+        def done() -> bool:
+            received.extend(connection.take())
+            return DONE in received
+
+        gateway.until(done, LIVENESS, what="data: [DONE]")
+        head = take_response(bytes(received).partition(b"\r\n\r\n")[0] + b"\r\n\r\n", eof=False, head_only=True)[0]
+        assert head is not None
+        headers = head.header
+        assert (USAGE in received) == (kind == "stream-with-usage")
         used = 153
-    assert answer.headers["x-ratelimit-remaining-tokens"] == "1000"
-    following = client.chat.completions.with_raw_response.create(**chat("chunked", "json"))
-    assert following.headers["x-ratelimit-remaining-tokens"] == str(1000 - used)
+    assert headers("x-ratelimit-remaining-tokens") == "1000"
+    following = gateway.exchange(raw_post(key, chat("chunked", "json")))
+    assert following.header("x-ratelimit-remaining-tokens") == str(1000 - used)

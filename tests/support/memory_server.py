@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.server.exchange import ClientDisconnected, Exchange
@@ -104,6 +104,14 @@ async def plain_app(scope: dict[str, Any], receive: Receive, send: Send) -> None
 def declared_size_check(exchange: Exchange) -> GatewayError | None:
     """No key needed: only the server's own rule, a body declared over its limit is refused with its head."""
     return exchange.declared_size_error()
+
+
+class Served(Protocol):
+    """An ASGI app with the hooks GatewayProtocol finds on it (server.hooks.find_hooks)."""
+
+    hooks: ServerHooks
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None: ...
 
 
 class TestApp:
@@ -228,18 +236,24 @@ class MemoryServer:
         app: Asgi = plain_app,
         relay_paths: Iterable[str] = (RELAY_PATH,),
         max_connections: int = 1000,
+        served: Served | None = None,
     ) -> None:
+        """`served`: an app that carries its own hooks (the gateway's, vllm_gateway.app.Gateway), served
+        in place of `app` with the hooks made of the other arguments."""
         self.loop = asyncio.new_event_loop()
         self.rejections: list[tuple[str, str, int]] = []  # (method, path, status), as the access log gets them
-        self.hooks = ServerHooks(
-            relay_paths=frozenset(relay_paths),
-            relay=relay,
-            check_head=check,
-            log_rejection=self._log_rejection,
-            limits=limits if limits is not None else limits_with(),
-            cap=ConnectionCap(max_connections),
-        )
-        self.config = ListenerConfig(TestApp(self.hooks, app))
+        if served is None:
+            self.hooks = ServerHooks(
+                relay_paths=frozenset(relay_paths),
+                relay=relay,
+                check_head=check,
+                log_rejection=self._log_rejection,
+                limits=limits if limits is not None else limits_with(),
+                cap=ConnectionCap(max_connections),
+            )
+            served = TestApp(self.hooks, app)
+        self.hooks = served.hooks
+        self.config = ListenerConfig(served)
         self.state = ListenerState()
         self.connections: list[MemoryConnection] = []
 
@@ -312,6 +326,7 @@ class MemoryConnection:
         self.transport = MemoryTransport(server.loop, self.protocol)
         self.protocol.connection_made(self.transport)
         self.read = 0  # how much of `written` take() has returned
+        self.pending = b""  # taken, not yet read as a response (MemoryGateway.read_response)
 
     def send(self, data: bytes, eof: bool = False) -> None:
         """The client sends `data`, and with `eof` ends its side after it (shutdown(SHUT_WR)): the server

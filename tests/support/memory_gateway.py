@@ -1,0 +1,152 @@
+"""The whole gateway (vllm_gateway.app.create_app: keys, limits, admission, the relay, the FastAPI app) in
+the test's own process, served by MemoryServer over in-memory connections. Its backends are real servers
+on real sockets (the simulator, a raw test backend), reached on the same loop.
+
+    with MemoryGateway.start(tmp_path, [Backend("sim", simulator.base_url)]) as gateway:
+        response = gateway.exchange(raw_post(gateway.key, body))   # a WireResponse, strictly read
+        connection = gateway.connect()                              # or one connection, kept alive
+        connection.send(raw_post(gateway.key, body))
+        response = gateway.read_response(connection)
+
+The loop runs only while the test waits on it (exchange, read_response, until), as MemoryServer's does;
+the gateway's background tasks (health checks, the key file's watch) run then too. What needs the gateway
+as a process (the SDKs, its workers, its command line, signals) stays with tests.support.gateway.Gateway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.support.gateway import Backend, gateway_env, test_key, write_model_config
+from tests.support.http_wire import WireResponse, take_response
+from tests.support.memory_server import LIVENESS, MemoryConnection, MemoryServer
+from vllm_gateway.app import Gateway, create_app
+from vllm_gateway.registry import BackendState
+from vllm_gateway.settings import ServeSettings, load_settings
+
+# The port the settings name: nothing listens on it, the connections are in memory.
+UNUSED_PORT = 1024
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `env` in it for the time of the block, as the gateway's process would have it."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class MemoryGateway:
+    """A gateway built from a model config and settings as a started one would be, with an admin key
+    (`admin_key`) and a user key (`key`) in its key file."""
+
+    def __init__(self, workdir: Path, app: Gateway, server: MemoryServer, admin_key: str, key: str) -> None:
+        self.workdir = workdir
+        self.app = app
+        self.state = app.state
+        self.server = server
+        self.admin_key = admin_key
+        self.key = key
+        self._lifespan: contextlib.AbstractAsyncContextManager[None] | None = None
+
+    @classmethod
+    def start(
+        cls,
+        workdir: Path,
+        backends: Sequence[Backend],
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> MemoryGateway:
+        workdir.mkdir(parents=True, exist_ok=True)
+        full_env = {**gateway_env(workdir, UNUSED_PORT), **(env or {})}
+        write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
+        admin, user = test_key(full_env, "test-admin", admin=True), test_key(full_env, "test-user")
+        with environment(full_env):
+            app = create_app(load_settings(ServeSettings))
+        gateway = cls(workdir, app, MemoryServer(served=app), admin, user)
+        try:
+            gateway._start_lifespan()
+            if wait_ready and backends:
+                models = gateway.state.registry.models.values()
+                gateway.until(lambda: all(model.state is BackendState.READY for model in models), 30, "models ready")
+        except BaseException:
+            gateway.stop()
+            raise
+        return gateway
+
+    def _start_lifespan(self) -> None:
+        self._lifespan = self.app.api.router.lifespan_context(self.app.api)
+        self.server.loop.run_until_complete(self._lifespan.__aenter__())
+
+    def stop(self) -> None:
+        if self._lifespan is not None:
+            lifespan, self._lifespan = self._lifespan, None
+            self.server.loop.run_until_complete(lifespan.__aexit__(None, None, None))
+        self.server.close()
+
+    def __enter__(self) -> MemoryGateway:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def create_key(self, name: str, **fields: Any) -> str:
+        """A new key with these fields (`token_limit="1000/hour"`), made as the admin API makes one."""
+        return self.state.keys.create(name, **fields)[1]
+
+    # -- talking to it --
+
+    def connect(self) -> MemoryConnection:
+        return self.server.connect()
+
+    def until(self, condition: Any, timeout: float = LIVENESS, what: str = "") -> float:
+        """Run the loop until `condition()` holds (a liveness bound: fails after `timeout`)."""
+        return self.server.until(condition, timeout, what)
+
+    def read_response(
+        self, connection: MemoryConnection, timeout: float = LIVENESS, head_only: bool = False
+    ) -> WireResponse:
+        """The next whole response on `connection`, read strictly (tests.support.http_wire); what follows
+        it stays for the next call."""
+        buffer = connection.pending
+        found: list[WireResponse] = []
+
+        def whole() -> bool:
+            nonlocal buffer
+            buffer += connection.take()
+            response, used = take_response(buffer, eof=connection.ended, head_only=head_only)
+            if response is None:
+                if connection.ended:
+                    raise AssertionError(f"the connection ended before a whole response: {buffer[:300]!r}")
+                return False
+            found.append(response)
+            buffer = buffer[used:]
+            return True
+
+        self.until(whole, timeout, what=f"a whole response on the connection (so far {buffer[:200]!r})")
+        connection.pending = buffer
+        return found[0]
+
+    def exchange(self, request: bytes, timeout: float = LIVENESS) -> WireResponse:
+        """Send `request` on a new connection and read its response."""
+        connection = self.connect()
+        connection.send(request)
+        return self.read_response(connection, timeout)
+
+    def read_to_end(self, connection: MemoryConnection, timeout: float = LIVENESS) -> bytes:
+        """Everything the server sends on `connection` until it ends the connection."""
+        self.until(lambda: connection.ended, timeout, what="the server ending the connection")
+        data = connection.pending + connection.take()
+        connection.pending = b""
+        return data
