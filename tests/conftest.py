@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 # gateway in their own process is the compiled build too.
 import tests.support.suite_build  # noqa: E402, F401
 from tests.support.gateway import Backend, Gateway  # noqa: E402
+from tests.support.memory_gateway import MemoryGateway  # noqa: E402
 from tests.support.processes import Simulator, free_port, start_process  # noqa: E402
 
 
@@ -30,6 +31,14 @@ def gateway(tmp_path_factory, simulator):
     """The gateway in front of `simulator`, with an admin key and a user key."""
     backend = Backend("sim", simulator.base_url, path="/models/sim", aliases="sim-alias")
     with Gateway.start(tmp_path_factory.mktemp("gateway"), [backend]) as gateway:
+        yield gateway
+
+
+@pytest.fixture(scope="module")
+def memory_gateway(tmp_path_factory, simulator):
+    """The same gateway in the test's process, over in-memory connections (tests/support/memory_gateway.py)."""
+    backend = Backend("sim", simulator.base_url, path="/models/sim", aliases="sim-alias")
+    with MemoryGateway.start(tmp_path_factory.mktemp("memory-gateway"), [backend]) as gateway:
         yield gateway
 
 

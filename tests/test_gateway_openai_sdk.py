@@ -1,4 +1,5 @@
-"""The gateway as the official openai SDK sees it: models, chat, completions, embeddings, errors."""
+"""The gateway as the official openai SDK sees it: models, chat, completions, embeddings, errors (a
+backend's among them)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,34 @@ def test_exceeding_the_rate_limit_raises_rate_limit_error(gateway):
     assert headers["x-ratelimit-limit-requests"] == "2"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert int(headers["retry-after"]) >= 1
+
+
+def test_backend_crash_mid_stream_raises_in_the_openai_sdk(gateway, simulator):
+    simulator.set_faults(crash_after_tokens=2)
+    stream = gateway.openai().chat.completions.create(**chat_body("sim", max_tokens=10, stream=True))
+    received = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            received.append(chunk)
+    assert len(received) >= 2
+
+
+def test_backend_error_status_is_relayed_as_is(gateway, simulator):
+    simulator.set_faults(error_status=500)
+    with pytest.raises(openai.InternalServerError) as caught:
+        gateway.openai().chat.completions.create(**chat_body("sim"))
+    assert caught.value.status_code == 500
+    assert caught.value.body["type"] == "InternalServerError"
+
+
+def test_the_openai_sdk_reads_the_message_of_a_rewrapped_error(gateway, simulator):
+    # The simulator answers as a server lacking the route does ({"detail": ...}); the gateway rewraps it.
+    simulator.set_faults(error_status=404, error_shape="detail")
+    with pytest.raises(openai.NotFoundError) as caught:
+        gateway.openai().chat.completions.create(**chat_body("sim"))
+    assert caught.value.body == {
+        "message": "Simulated engine failure (injected fault).",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }

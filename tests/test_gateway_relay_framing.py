@@ -216,14 +216,8 @@ def test_an_answers_tokens_count_before_its_client_can_take_it_for_whole(framing
         used = json.loads(answer.body)["usage"]["total_tokens"]
         headers = answer.header
     else:
-        received = bytearray()
-
-        def done() -> bool:
-            received.extend(connection.take())
-            return DONE in received
-
-        gateway.until(done, LIVENESS, what="data: [DONE]")
-        head = take_response(bytes(received).partition(b"\r\n\r\n")[0] + b"\r\n\r\n", eof=False, head_only=True)[0]
+        received = gateway.read_until(connection, DONE)
+        head, _ = take_response(received[: received.index(b"\r\n\r\n") + 4], eof=False, head_only=True)
         assert head is not None
         headers = head.header
         assert (USAGE in received) == (kind == "stream-with-usage")

@@ -110,9 +110,14 @@ class MemoryGateway:
     def connect(self) -> MemoryConnection:
         return self.server.connect()
 
-    def until(self, condition: Any, timeout: float = LIVENESS, what: str = "") -> float:
-        """Run the loop until `condition()` holds (a liveness bound: fails after `timeout`)."""
-        return self.server.until(condition, timeout, what)
+    def until(self, condition: Any, timeout: float = LIVENESS, what: str = "", interval: float = 0.001) -> float:
+        """Run the loop until `condition()` holds and return the loop's time then (a liveness bound: fails
+        after `timeout`); `interval` between looks, longer for one that asks another process."""
+        return self.server.until(condition, timeout, what, interval)
+
+    def now(self) -> float:
+        """The loop's clock."""
+        return self.server.now()
 
     def read_response(
         self, connection: MemoryConnection, timeout: float = LIVENESS, head_only: bool = False
@@ -143,6 +148,23 @@ class MemoryGateway:
         connection = self.connect()
         connection.send(request)
         return self.read_response(connection, timeout)
+
+    def read_until(self, connection: MemoryConnection, marker: bytes, timeout: float = LIVENESS) -> bytes:
+        """What the server has sent on `connection`, raw (the head and any chunk framing), once `marker`
+        is in it: the part of a stream a client has when it sees `marker`."""
+        received = bytearray(connection.pending)
+        connection.pending = b""
+
+        def arrived() -> bool:
+            received.extend(connection.take())
+            return marker in received
+
+        self.until(arrived, timeout, what=f"{marker!r} on the connection")
+        return bytes(received)
+
+    def run(self, seconds: float) -> None:
+        """Let the loop run for `seconds`."""
+        self.server.run(seconds)
 
     def read_to_end(self, connection: MemoryConnection, timeout: float = LIVENESS) -> bytes:
         """Everything the server sends on `connection` until it ends the connection."""

@@ -285,16 +285,19 @@ class MemoryServer:
         """The loop's clock, which the connections' timers run on."""
         return self.loop.time()
 
-    def until(self, condition: Callable[[], bool], timeout: float = LIVENESS, what: str = "") -> float:
+    def until(
+        self, condition: Callable[[], bool], timeout: float = LIVENESS, what: str = "", interval: float = 0.001
+    ) -> float:
         """Run the loop until `condition` holds, and return the loop's time then. Fails after `timeout`:
-        a liveness bound, so that a server that never does it fails the test rather than hang it."""
+        a liveness bound, so that a server that never does it fails the test rather than hang it.
+        `interval`: how long the loop runs between two looks (longer for a look that asks a process)."""
 
         async def wait() -> float:
             deadline = self.loop.time() + timeout
             while not condition():
                 if self.loop.time() > deadline:
                     raise AssertionError(f"not within {timeout} s: {what or condition}")
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(interval)
             return self.loop.time()
 
         return self.loop.run_until_complete(wait())
