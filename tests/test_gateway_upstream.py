@@ -15,7 +15,9 @@ import time
 import pytest
 
 from tests.support.chat import chat_body
-from tests.support.gateway import Backend, Gateway, Reader, raw_post
+from tests.support.gateway import Backend, raw_post
+from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_server import MemoryConnection
 from tests.support.raw_backend import ThreadedBackend
 
 MODELS = b'{"object":"list","data":[{"id":"raw","object":"model"}]}'
@@ -85,6 +87,11 @@ class RawBackend(ThreadedBackend):
             if path in (b"/health", b"/v1/models"):
                 body = MODELS if path == b"/v1/models" else b""
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                continue
+            if path == b"/tokenize":
+                # Asked to count the prompt of an answer without usage: this backend does not, and the
+                # gateway estimates it (prompt_count.py), rather than take the question for a generation.
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
                 continue
             if self.mode == "close-idle":
                 if answered_here:
@@ -203,7 +210,7 @@ class RawBackend(ThreadedBackend):
 @pytest.fixture
 def raw_gateway(tmp_path, request):
     backend = RawBackend(request.param)
-    with Gateway.start(tmp_path, [Backend("raw", backend.url)]) as gateway:
+    with MemoryGateway.start(tmp_path, [Backend("raw", backend.url)]) as gateway:
         yield gateway, backend
     backend.close()
 
@@ -211,13 +218,14 @@ def raw_gateway(tmp_path, request):
 CHAT = chat_body("raw")
 
 
-def ask_for_a_stream_with_a_small_window(gateway: Gateway) -> socket.socket:
-    """A raw client that has asked for a stream and reads through a 64 KB receive buffer, so that
-    not reading soon pushes back on the gateway."""
-    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    sock.sendall(raw_post(gateway.key, {**CHAT, "stream": True}))
-    return sock
+def ask_for_a_stream_then_stop_reading(gateway: MemoryGateway) -> MemoryConnection:
+    """A client that has asked for a stream, had its head, and reads nothing more: its 64 KB socket
+    buffer is full, which pushes back on the gateway."""
+    connection = gateway.connect()
+    connection.send(raw_post(gateway.key, {**CHAT, "stream": True}))
+    assert gateway.read_until(connection, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    connection.stop_reading(unread=65536)
+    return connection
 
 
 @pytest.mark.parametrize("raw_gateway", ["keep-alive"], indirect=True)
@@ -279,23 +287,23 @@ def test_a_proxys_html_error_page_reaches_the_client_as_an_openai_error(raw_gate
 def test_an_endless_error_body_is_answered_from_its_start_and_its_connection_closed(raw_gateway):
     gateway, backend = raw_gateway
     body = b""
-    with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
-        for piece in response.iter_bytes():
-            body += piece
-            assert len(body) < 1_000_000, "the endless error went on to the client"
+    with gateway.http(gateway.key) as client:
+        response = client.post("/v1/chat/completions", json=CHAT)
+    body = response.content
+    assert len(body) < 1_000_000, "the endless error went on to the client"
     assert response.status_code == 500
     error = json.loads(body)["error"]
     assert error["code"] == "internal_server_error" and error["type"] == "server_error"
     assert error["message"].startswith("Traceback: the engine failed. Traceback:")
     assert error["message"].endswith("...") and len(error["message"]) == 1003
-    assert backend.finished.wait(10), "the gateway kept reading the backend's endless error"
+    gateway.until(backend.finished.is_set, 10, what="the gateway to stop reading the backend's endless error")
 
 
 @pytest.mark.parametrize("raw_gateway", ["gzip-error"], indirect=True)
 def test_an_encoded_error_body_which_the_gateway_cannot_read_is_relayed_as_it_came(raw_gateway):
     gateway, _ = raw_gateway
     with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
-        raw = b"".join(response.iter_raw())
+        raw = b"".join(response.iter_raw())  # as it came, not decoded
     assert response.status_code == 500
     assert response.headers["content-encoding"] == "gzip"
     assert raw == GZIP_ERROR
@@ -313,12 +321,12 @@ def test_a_long_error_already_in_openai_shape_is_relayed_byte_for_byte(raw_gatew
 @pytest.mark.parametrize("raw_gateway", ["firehose"], indirect=True)
 def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
     gateway, backend = raw_gateway
-    with ask_for_a_stream_with_a_small_window(gateway) as sock:
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-        time.sleep(3)  # read nothing more: the gateway must stop reading from the backend
-        sent = backend.bytes_sent
-        time.sleep(1)
-        assert backend.bytes_sent == sent, "the backend kept writing while nobody read"
+    connection = ask_for_a_stream_then_stop_reading(gateway)
+    gateway.run(3)  # the gateway must stop reading from the backend
+    written, sent = len(connection.transport.written), backend.bytes_sent
+    gateway.run(1)
+    assert backend.bytes_sent == sent, "the backend kept writing while nobody read"
+    assert len(connection.transport.written) == written, "the gateway kept writing to a client that reads nothing"
     # What piled up is socket buffers plus the gateway's bound, not the backend's whole output.
     assert sent < 32 * 1024 * 1024
 
@@ -326,23 +334,22 @@ def test_a_client_that_stops_reading_stops_the_backend_too(raw_gateway):
 @pytest.mark.parametrize("raw_gateway", ["slow-events", "slow-json"], indirect=True)
 def test_a_body_with_a_length_is_relayed_piece_by_piece_not_held_back(raw_gateway):
     gateway, backend = raw_gateway
-    with gateway.http(gateway.key) as client, client.stream("POST", "/v1/chat/completions", json=CHAT) as response:
-        pieces = response.iter_raw()
-        first = next(pieces)
-        assert first.startswith(b"data: {")
-        assert not backend.finished.is_set()  # the first piece came while the backend was still writing
-        rest = b"".join(pieces)
-    assert first + rest == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
+    connection = gateway.connect()
+    connection.send(raw_post(gateway.key, CHAT))
+    assert b'data: {"n": 0}' in gateway.read_until(connection, b'data: {"n": 0}')
+    assert not backend.finished.is_set()  # the first piece came while the backend was still writing
+    response = gateway.read_response(connection)
+    assert response.body == b"".join(b'data: {"n": %d}\n\n' % n for n in range(5))
 
 
 @pytest.mark.parametrize("raw_gateway", ["burst"], indirect=True)
 def test_a_client_that_pauses_reading_still_gets_every_event_once_and_in_order(raw_gateway):
     gateway, _ = raw_gateway
-    with ask_for_a_stream_with_a_small_window(gateway) as sock:
-        time.sleep(1.5)  # read nothing: the gateway queues what the backend sends, then stops reading it
-        status, headers, received = Reader(sock).response()  # a relay that never resumes times out here
-    assert status == 200 and headers["transfer-encoding"] == "chunked"
-    assert received == b"".join(BURST_EVENTS)
+    connection = ask_for_a_stream_then_stop_reading(gateway)
+    gateway.run(1.5)  # the gateway queues what the backend sends, then stops reading it
+    connection.read_everything()
+    received = gateway.read_response(connection)  # a relay that never resumes times out here
+    assert received.body == b"".join(BURST_EVENTS)
 
 
 # -- the backend's response head --
@@ -357,14 +364,14 @@ def test_a_backend_response_head_over_the_limit_gives_502_and_drops_the_backend_
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == "upstream_error" and "65536 bytes" in error["message"]
-    assert backend.dropped.wait(10), "the gateway kept the connection to the backend"
+    gateway.until(backend.dropped.is_set, 10, what="the gateway to drop its connection to the backend")
 
 
 @pytest.fixture
 def small_head_limit(tmp_path):
     backend = RawBackend("padded-head")
     env = {"GATEWAY_MAX_UPSTREAM_HEAD_BYTES": "8192"}
-    with Gateway.start(tmp_path, [Backend("raw", backend.url)], env=env) as gateway:
+    with MemoryGateway.start(tmp_path, [Backend("raw", backend.url)], env=env) as gateway:
         yield gateway, backend
     backend.close()
 

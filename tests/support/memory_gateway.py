@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.support.gateway import Backend, gateway_env, test_key, write_model_config
 from tests.support.http_wire import WireResponse, take_response
 from tests.support.memory_server import LIVENESS, MemoryConnection, MemoryServer
@@ -149,18 +151,30 @@ class MemoryGateway:
         connection.send(request)
         return self.read_response(connection, timeout)
 
+    def http(self, key: str | None = None) -> httpx.Client:
+        """An httpx client whose requests reach this gateway over one in-memory connection, kept alive as
+        the server allows; each response is read whole (for a stream's pieces as they come, read_until)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url="http://gw", headers=headers, transport=MemoryHTTP(self))
+
+    def log_text(self, settle: float = 0.3) -> str:
+        """The gateway's log file, once the loop has run `settle` seconds more: a request's line is
+        written after its answer, by a background thread."""
+        self.run(settle)
+        path = self.state.settings.log_path
+        return path.read_text() if path.exists() else ""
+
     def read_until(self, connection: MemoryConnection, marker: bytes, timeout: float = LIVENESS) -> bytes:
         """What the server has sent on `connection`, raw (the head and any chunk framing), once `marker`
-        is in it: the part of a stream a client has when it sees `marker`."""
-        received = bytearray(connection.pending)
-        connection.pending = b""
+        is in it: the part of a stream a client has when it sees `marker`. It stays unread: the next
+        read_response starts from it."""
 
         def arrived() -> bool:
-            received.extend(connection.take())
-            return marker in received
+            connection.pending += connection.take()
+            return marker in connection.pending
 
         self.until(arrived, timeout, what=f"{marker!r} on the connection")
-        return bytes(received)
+        return connection.pending
 
     def run(self, seconds: float) -> None:
         """Let the loop run for `seconds`."""
@@ -172,3 +186,24 @@ class MemoryGateway:
         data = connection.pending + connection.take()
         connection.pending = b""
         return data
+
+
+class MemoryHTTP(httpx.BaseTransport):
+    """httpx's transport for MemoryGateway.http: the request as HTTP/1.1 bytes on a MemoryConnection, the
+    response read strictly (take_response) and handed to httpx as the bytes that came, still encoded."""
+
+    def __init__(self, gateway: MemoryGateway) -> None:
+        self.gateway = gateway
+        self.connection: MemoryConnection | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.connection is None or not self.connection.kept_alive:
+            self.connection = self.gateway.connect()
+        body = request.read()
+        lines = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1".encode()]
+        lines += [name + b": " + value for name, value in request.headers.raw]
+        self.connection.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        response = self.gateway.read_response(self.connection, head_only=request.method == "HEAD")
+        # A stream not yet read, as httpx's own transports give: read whole, or raw with iter_raw().
+        stream = httpx.ByteStream(response.body)
+        return httpx.Response(response.status, headers=response.headers, stream=stream, request=request)
