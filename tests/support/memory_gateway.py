@@ -157,6 +157,20 @@ class MemoryGateway:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url="http://gw", headers=headers, transport=MemoryHTTP(self))
 
+    def health(self, key: str | None = None) -> dict[str, Any]:
+        with self.http(key) as client:
+            health: dict[str, Any] = client.get("/health").json()
+            return health
+
+    def wait_until(self, condition: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """Ask /health (with the admin key) until `condition(health)` holds, the loop running between."""
+        deadline = self.now() + timeout
+        while not condition(health := self.health(self.admin_key)):
+            if self.now() > deadline:
+                raise TimeoutError(f"gateway health never matched: {health}")
+            self.run(0.1)
+        return health
+
     def log_text(self, settle: float = 0.3) -> str:
         """The gateway's log file, once the loop has run `settle` seconds more: a request's line is
         written after its answer, by a background thread."""
@@ -200,6 +214,8 @@ class MemoryHTTP(httpx.BaseTransport):
         if self.connection is None or not self.connection.kept_alive:
             self.connection = self.gateway.connect()
         body = request.read()
+        if request.headers.get("transfer-encoding", "").lower() == "chunked":  # content from an iterator
+            body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
         lines = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1".encode()]
         lines += [name + b": " + value for name, value in request.headers.raw]
         self.connection.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
