@@ -208,7 +208,7 @@ def test_an_answers_tokens_count_before_its_client_can_take_it_for_whole(framing
     # seconds after its last event: had [DONE] gone on at once, the next request would have found the
     # first's 153 tokens (or a body's 7) uncounted.
     gateway, _ = framing
-    key = gateway.create_key(f"late-end-{kind}", token_limit="1000/hour")
+    _, key = gateway.create_key(f"late-end-{kind}", token_limit="1000/hour")
     connection = gateway.connect()
     connection.send(raw_post(key, chat("late-end", kind)))
     if kind == "json":

@@ -1,13 +1,14 @@
-"""Which backend a request reaches: replicas, failover, readiness, config changes."""
+"""Which backend a request reaches: replicas, failover, readiness, config changes. The gateway runs in the
+test's process (tests/support/memory_gateway.py), but where the openai SDK or the command line asks it."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 from tests.support.chat import chat_body
-from tests.support.gateway import Backend, Gateway, write_model_config
+from tests.support.gateway import Backend, Gateway, raw_post, write_model_config
+from tests.support.memory_gateway import MemoryGateway
 from tests.support.processes import Simulator, free_port
 
 JSON = {"content-type": "application/json"}
@@ -20,25 +21,21 @@ def test_replicas_share_the_load_by_requests_in_flight(tmp_path):
         Simulator.start(tmp_path, "--token-rate", "20", model="m") as two,
     ):
         backends = [Backend("m", one.base_url, id="m-a"), Backend("m", two.base_url, id="m-b")]
-        with Gateway.start(tmp_path / "gw", backends) as gateway:
-
-            def call() -> None:
-                with gateway.http(gateway.key) as client:
-                    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 20}).status_code == 200
-
-            threads = [threading.Thread(target=call) for _ in range(6)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+        with MemoryGateway.start(tmp_path / "gw", backends) as gateway:
+            # Six clients at once, each on its own connection.
+            connections = [gateway.connect() for _ in range(6)]
+            for connection in connections:
+                connection.send(raw_post(gateway.key, {**CHAT, "max_tokens": 20}))
+            statuses = [gateway.read_response(connection, timeout=30).status for connection in connections]
             counts = [simulator.stats()["requests"].get("/v1/chat/completions", 0) for simulator in (one, two)]
+    assert statuses == [200] * 6
     assert counts == [3, 3]
 
 
 def test_a_replica_that_refuses_connections_is_skipped_without_errors(tmp_path):
     with Simulator.start(tmp_path, model="m") as one, Simulator.start(tmp_path, model="m") as two:
         backends = [Backend("m", one.base_url, id="m-a"), Backend("m", two.base_url, id="m-b")]
-        with Gateway.start(tmp_path / "gw", backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
             one.stop()  # the gateway has not noticed yet: its next check is a minute away
             with gateway.http(gateway.key) as client:
                 statuses = [client.post("/v1/chat/completions", json=CHAT).status_code for _ in range(4)]
@@ -50,7 +47,7 @@ def test_a_replica_that_refuses_connections_is_skipped_without_errors(tmp_path):
 
 def test_model_whose_server_is_loading_gets_503_with_retry_after(tmp_path):
     with Simulator.start(tmp_path, "--health-status", "503", model="m") as simulator:
-        with Gateway.start(tmp_path / "gw", [Backend("m", simulator.base_url)], wait_ready=False) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", [Backend("m", simulator.base_url)], wait_ready=False) as gateway:
             gateway.wait_until(lambda health: health["models"][0]["status"] == "loading")
             with gateway.http(gateway.key) as client:
                 response = client.post("/v1/chat/completions", json=CHAT)
@@ -66,7 +63,7 @@ def test_model_whose_server_is_loading_gets_503_with_retry_after(tmp_path):
 def test_backend_that_never_started_is_down_and_health_says_degraded(tmp_path):
     with Simulator.start(tmp_path, model="m") as simulator:
         backends = [Backend("m", simulator.base_url), Backend("ghost", f"http://127.0.0.1:{free_port()}")]
-        with Gateway.start(tmp_path / "gw", backends, wait_ready=False) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", backends, wait_ready=False) as gateway:
             health = gateway.wait_until(
                 lambda h: {m["id"]: m["status"] for m in h["models"]} == {"m": "ready", "ghost": "down"}
             )
@@ -77,7 +74,7 @@ def test_a_server_whose_health_answers_later_than_the_health_timeout_is_down(tmp
     # 1 s is well within the default 3 s: with 0.5 the same server counts as down, then ready again.
     with Simulator.start(tmp_path, model="m") as simulator:
         env = {"GATEWAY_HEALTH_TIMEOUT": "0.5", "GATEWAY_HEALTH_INTERVAL": "0.2"}
-        with Gateway.start(tmp_path / "gw", [Backend("m", simulator.base_url)], env=env) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", [Backend("m", simulator.base_url)], env=env) as gateway:
             simulator.set_faults(slow_health=1)
             gateway.wait_until(lambda health: health["models"][0]["status"] == "down")
             simulator.clear_faults()
@@ -86,9 +83,9 @@ def test_a_server_whose_health_answers_later_than_the_health_timeout_is_down(tmp
 
 def test_a_model_added_to_the_config_is_served_without_a_restart(tmp_path):
     with Simulator.start(tmp_path, model="m") as one, Simulator.start(tmp_path, model="new") as two:
-        with Gateway.start(tmp_path / "gw", [Backend("m", one.base_url)]) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", [Backend("m", one.base_url)]) as gateway:
             config = tmp_path / "gw" / "models.sh"
-            time.sleep(0.05)
+            time.sleep(0.05)  # a modification time the gateway's last look at the file did not see
             write_model_config(config, [Backend("m", one.base_url), Backend("new", two.base_url)])
             gateway.wait_until(lambda health: health["models_ready"] == 2)
             with gateway.http(gateway.key) as client:
@@ -131,7 +128,7 @@ def test_a_name_the_server_serves_goes_upstream_byte_for_byte(tmp_path):
     body = b'{ "model" : "mm",\n "messages": [{"role": "user", "content": "hi"}], "seed": 12345678901234567890123}'
     seen = []
     with Simulator.start(tmp_path, "--served-model-name", "m", "mm", model="m") as simulator:
-        with Gateway.start(tmp_path / "gw", [Backend("m", simulator.base_url, aliases="mm")]) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", [Backend("m", simulator.base_url, aliases="mm")]) as gateway:
             with gateway.http(gateway.key) as client:
                 for named in (body, body.replace(b'"mm"', b'"m"')):
                     answer = client.post("/v1/chat/completions", content=named, headers=JSON)

@@ -103,9 +103,11 @@ class MemoryGateway:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
-    def create_key(self, name: str, **fields: Any) -> str:
-        """A new key with these fields (`token_limit="1000/hour"`), made as the admin API makes one."""
-        return self.state.keys.create(name, **fields)[1]
+    def create_key(self, name: str, **fields: Any) -> tuple[str, str]:
+        """A new key with these fields (`token_limit="1000/hour"`), made as the admin API makes one: its
+        id and the key."""
+        record, secret = self.state.keys.create(name, **fields)
+        return record.id, secret
 
     # -- talking to it --
 
@@ -220,6 +222,8 @@ class MemoryHTTP(httpx.BaseTransport):
         lines += [name + b": " + value for name, value in request.headers.raw]
         self.connection.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         response = self.gateway.read_response(self.connection, head_only=request.method == "HEAD")
+        if response.closes:  # as a client does: the next request goes on a new connection
+            self.connection = None
         # A stream not yet read, as httpx's own transports give: read whole, or raw with iter_raw().
         stream = httpx.ByteStream(response.body)
         return httpx.Response(response.status, headers=response.headers, stream=stream, request=request)

@@ -267,6 +267,16 @@ class MemoryServer:
 
     # -- the loop --
 
+    def call(self, function: Callable[..., object], *args: object) -> None:
+        """Run `function(*args)` inside the running loop, as the loop calls a protocol's methods (the
+        gateway's code may ask for the running loop there), then settle."""
+
+        async def inside() -> None:
+            function(*args)
+
+        self.loop.run_until_complete(inside())
+        self.settle()
+
     def settle(self) -> None:
         """Let the loop run what is ready (tasks, callbacks), but no timer that is not yet due."""
         self.loop.run_until_complete(self._turns(50))
@@ -327,7 +337,7 @@ class MemoryConnection:
         self.server = server
         self.protocol = GatewayProtocol(server.config, server.state, {}, server.loop)
         self.transport = MemoryTransport(server.loop, self.protocol)
-        self.protocol.connection_made(self.transport)
+        server.call(self.protocol.connection_made, self.transport)
         self.read = 0  # how much of `written` take() has returned
         self.pending = b""  # taken, not yet read as a response (MemoryGateway.read_response)
 
@@ -337,8 +347,7 @@ class MemoryConnection:
         assert not self.transport.client_eof, "the client already ended its side"
         self.transport.inbox += data
         self.transport.client_eof = eof
-        self.transport.deliver()
-        self.server.settle()
+        self.server.call(self.transport.deliver)
 
     def send_eof(self) -> None:
         """The client ends its side: the server gets EOF after what was sent before."""
@@ -347,8 +356,7 @@ class MemoryConnection:
     def stop_reading(self, unread: int) -> None:
         """The client reads nothing: `unread` bytes wait in the socket's buffer, which is full (pause_writing)."""
         self.transport.buffered = unread
-        self.protocol.pause_writing()
-        self.server.settle()
+        self.server.call(self.protocol.pause_writing)
 
     def read_some(self, count: int) -> None:
         """The client reads `count` of the bytes waiting for it, not enough to take more (no resume_writing)."""
@@ -357,15 +365,13 @@ class MemoryConnection:
     def read_everything(self) -> None:
         """The client reads all that waits for it: the socket takes more (resume_writing)."""
         self.transport.buffered = 0
-        self.protocol.resume_writing()
-        self.server.settle()
+        self.server.call(self.protocol.resume_writing)
 
     def disconnect(self) -> None:
         """The client goes away altogether (a reset): the server loses the connection."""
         self.transport.reset = True
         self.transport.lost = True
-        self.protocol.connection_lost(ConnectionResetError("reset by the client"))
-        self.server.settle()
+        self.server.call(self.protocol.connection_lost, ConnectionResetError("reset by the client"))
 
     def take(self) -> bytes:
         """What the server wrote since the last take()."""
