@@ -1,25 +1,25 @@
-"""Rate limits per key, the concurrency limit, and exact counts across worker processes."""
+"""Rate limits per key, the concurrency limit (the gateway in the test's process, tests/support/
+memory_gateway.py), and exact counts across worker processes (gateway processes)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
 
 import httpx
 
 from tests.support.chat import chat_body
-from tests.support.gateway import Backend, Gateway, gateway_env
+from tests.support.gateway import Backend, Gateway, gateway_env, raw_post
+from tests.support.memory_gateway import MemoryGateway
 from tests.support.processes import REPO_ROOT, free_port
 
 CHAT = chat_body("sim", max_tokens=1)
 
 
 def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulator):
-    with Gateway.start(
-        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_RATE_LIMIT": "3/minute"}
-    ) as gateway:
+    env = {"GATEWAY_RATE_LIMIT": "3/minute"}
+    with MemoryGateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
         with gateway.http(gateway.key) as client:
             remaining = [
                 client.post("/v1/chat/completions", json=CHAT).headers["x-ratelimit-remaining-requests"]
@@ -35,30 +35,22 @@ def test_default_limit_counts_down_in_headers_and_then_refuses(tmp_path, simulat
     assert 1 <= int(refused.headers["retry-after"]) <= 60
 
 
-def test_per_key_limit_overrides_the_default(gateway):
-    key = gateway.create_key("--name", "generous", "--rate-limit", "1000/minute")["key"]
-    gateway.wait_for_key(key)
-    with gateway.http(key) as client:
+def test_per_key_limit_overrides_the_default(memory_gateway):
+    _, key = memory_gateway.create_key("generous", rate_limit="1000/minute")
+    with memory_gateway.http(key) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.headers["x-ratelimit-limit-requests"] == "1000"
 
 
 def test_requests_beyond_the_concurrency_limit_get_503(tmp_path, simulator):
     simulator.set_faults(slow_start=1.5)
-    with Gateway.start(
-        tmp_path, [Backend("sim", simulator.base_url)], env={"GATEWAY_CONCURRENCY_LIMIT": "2"}
-    ) as gateway:
-        statuses: list[int] = []
-
-        def call() -> None:
-            with gateway.http(gateway.key) as client:
-                statuses.append(client.post("/v1/chat/completions", json=CHAT).status_code)
-
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    env = {"GATEWAY_CONCURRENCY_LIMIT": "2"}
+    with MemoryGateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        # Four clients at once, each on its own connection.
+        connections = [gateway.connect() for _ in range(4)]
+        for connection in connections:
+            connection.send(raw_post(gateway.key, CHAT))
+        statuses = [gateway.read_response(connection, timeout=30).status for connection in connections]
     assert sorted(statuses) == [200, 200, 503, 503]
 
 
