@@ -7,9 +7,12 @@ compiled ones (GATEWAY_COMPILED=1, after building), so the gateway test checks e
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -144,3 +147,22 @@ def test_the_compiled_build_finds_the_checkout_it_was_built_in(tmp_path: Path) -
     (tmp_path / "vllm_gateway").mkdir()
     assert checkout_of(built) == tmp_path
     assert checkout_of(tmp_path / "vllm_gateway") == tmp_path
+
+
+def test_the_log_writer_and_its_event_handler_leave_no_weak_reference_behind_once_freed(tmp_path: Path) -> None:
+    # threading keeps a weak reference to every thread and logging one to every handler. A compiled
+    # subclass of a Python class left those dangling once freed, and the next garbage collection
+    # crashed the process (a gateway made in the tests' own process, then another).
+    import vllm_gateway.access_log as access_log
+
+    assert access_log.__file__.endswith(".so") == (expected_build() == "compiled")
+    writer = access_log.LogWriter(tmp_path / "gateway.log", 1_000_000, 1)
+    writer.start()
+    handler = access_log.EventHandler(writer)
+    logging.getLogger("a-test-of-the-event-handler").addHandler(handler)
+    logging.getLogger("a-test-of-the-event-handler").removeHandler(handler)
+    handler_reference = weakref.ref(handler)
+    writer.stop()
+    del writer, handler
+    gc.collect()
+    assert handler_reference() is None

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import BinaryIO, Final
 from urllib.parse import unquote
 
+from mypy_extensions import mypyc_attr
+
 from .settings import Settings
 
 EVENT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -33,11 +35,15 @@ KEY_SHAPED: Final = re.compile(r"sk-[A-Za-z0-9_\-]{6,}", re.I)
 PERCENT_DECODE_ROUNDS: Final = 3  # a key encoded twice over is still found; more rounds decode nothing new
 
 
-class LogWriter(threading.Thread):
-    """Owns the log file: appends queued lines, rotates at max_bytes keeping `backups` old files."""
+class LogWriter:
+    """Owns the log file: appends queued lines, rotates at max_bytes keeping `backups` old files.
+
+    It runs a thread rather than being one: the compiled build (scripts/compile_gateway.py) makes a
+    subclass of a Python class such as threading.Thread without clearing the weak references to it when
+    it is freed, and threading keeps one to every thread."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        super().__init__(name="log-writer", daemon=True)
+        self.thread = threading.Thread(target=self.write_until_stopped, name="log-writer", daemon=True)
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
@@ -152,12 +158,16 @@ class LogWriter(threading.Thread):
             lines, self._pending = self._pending, []
             self.lines.put("\n".join(lines))
 
+    def start(self) -> None:
+        self.thread.start()
+
     def stop(self) -> None:
         self.flush()
         self.lines.put(None)
-        self.join(timeout=5)
+        self.thread.join(timeout=5)
 
-    def run(self) -> None:
+    def write_until_stopped(self) -> None:
+        """The writer thread: the queued lines to the file, in batches, until stop()."""
         while True:
             batch = [self.lines.get()]
             while len(batch) < 1000:
@@ -213,6 +223,9 @@ class LogWriter(threading.Thread):
         self.file = self._open()
 
 
+# Not a native class of the compiled build: logging keeps a weak reference to every handler, which a
+# compiled subclass of logging.Handler would leave dangling once freed (see LogWriter). Events are few.
+@mypyc_attr(native_class=False)
 class EventHandler(logging.Handler):
     """Sends the gateway's event log records through the same writer as the request lines."""
 
