@@ -1,16 +1,16 @@
 """Admission: a backend never gets more than its capacity, the rest wait in the gateway, fairly.
 
-The gateway runs as a process in front of simulators that generate slowly; capacities come from the
-model config (max_num_seqs, max_concurrency), while the simulators' own engines are large, so that
-what reaches them is what the gateway let through (the simulator's peak_running).
+The gateway runs in the test's process (tests/support/memory_gateway.py; a scenario's clients are
+coroutines on its loop) in front of simulator processes that generate slowly; capacities come from the
+model config (max_num_seqs, max_concurrency), while the simulators' own engines are large, so that what
+reaches them is what the gateway let through (the simulator's peak_running). Where the command line
+sets a key's fields, the gateway is a process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +18,10 @@ import pytest
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
-from tests.support.processes import Simulator, wait_until, wait_until_async
+from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_server import MemoryConnection
+from tests.support.processes import Simulator, parse_metrics, wait_until_async
+from vllm_gateway.keystore import KeyStore
 
 CHAT = "/v1/chat/completions"
 
@@ -42,10 +45,6 @@ async def end(*streams: asyncio.Task[int]) -> None:
     await asyncio.gather(*streams, return_exceptions=True)
 
 
-def in_flight(gateway: Gateway) -> int:
-    return int(gateway.health(gateway.admin_key)["in_flight"])  # type: ignore[arg-type]
-
-
 def chat_requests(simulator: Simulator) -> int:
     return int(simulator.stats()["requests"].get(CHAT, 0))
 
@@ -57,8 +56,23 @@ def simulator(tmp_path: Path):
         yield simulator
 
 
-def start_gateway(tmp_path: Path, simulator: Simulator, env: dict[str, str] | None = None, **capacity: str) -> Gateway:
-    return Gateway.start(tmp_path / "gw", [Backend("sim", simulator.base_url, path="/models/sim", **capacity)], env=env)
+def backend(simulator: Simulator, **capacity: str) -> Backend:
+    return Backend("sim", simulator.base_url, path="/models/sim", **capacity)
+
+
+def start_gateway(
+    tmp_path: Path, simulator: Simulator, env: dict[str, str] | None = None, **capacity: str
+) -> MemoryGateway:
+    return MemoryGateway.start(tmp_path / "gw", [backend(simulator, **capacity)], env=env)
+
+
+def hold_the_slot(gateway: MemoryGateway) -> MemoryConnection:
+    """A client streaming 2000 tokens (a hundred seconds), once its first has come: it holds its slot
+    until the test disconnects it."""
+    blocker = gateway.connect()
+    blocker.send(raw_post(gateway.key, chat(2000)))
+    assert gateway.read_until(blocker, b"data: {").startswith(b"HTTP/1.1 200")
+    return blocker
 
 
 @pytest.mark.parametrize(
@@ -73,10 +87,10 @@ def test_a_backend_never_has_more_than_its_capacity_in_flight(
         assert gateway.health(gateway.admin_key)["models"][0]["backends"][0]["capacity"] == 4  # type: ignore[index]
 
         async def twenty_streams() -> list[int]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async with gateway.async_http() as client:
                 return await asyncio.gather(*(stream_through(client, gateway.key, 6) for _ in range(20)))
 
-        statuses = asyncio.run(twenty_streams())
+        statuses = gateway.run_async(twenty_streams())
         stats = simulator.stats()
         log = gateway.log_text()
 
@@ -93,15 +107,16 @@ def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(
     tmp_path: Path, simulator: Simulator
 ) -> None:
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
+        blocker = hold_the_slot(gateway)
+        gateway.until(lambda: simulator.stats()["running"] == 1, interval=0.05)
+        queued = gateway.connect()
+        queued.send(raw_post(gateway.key, chat(5)))
+        gateway.until(lambda: gateway.waiting() == 1)
+        queued.disconnect()
+        gateway.until(lambda: gateway.waiting() == 0 and gateway.in_flight() == 1)
+        blocker.disconnect()
+        # The slot is free again: the next request goes through, the one that left never went.
         with gateway.http(gateway.key) as client:
-            with client.stream("POST", CHAT, json=chat(2000)) as blocker:
-                assert blocker.status_code == 200
-                wait_until(lambda: simulator.stats()["running"] == 1)
-                with socket.create_connection(("127.0.0.1", gateway.port)) as queued:
-                    queued.sendall(raw_post(gateway.key, chat(5)))
-                    wait_until(lambda: gateway.waiting() == 1)
-                wait_until(lambda: gateway.waiting() == 0 and in_flight(gateway) == 1)
-            # The slot is free again: the next request goes through, the one that left never went.
             assert client.post(CHAT, json=chat(2, stream=False)).status_code == 200
         assert chat_requests(simulator) == 2
         assert " status=499 " in gateway.log_text()
@@ -109,15 +124,14 @@ def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(
 
 def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, simulator: Simulator) -> None:
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
-        capped = str(gateway.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
-        gateway.wait_for_key(capped)
+        _, capped = gateway.create_key("capped", max_parallel_requests=2)
 
-        async def scenario() -> tuple[list[int], httpx.Response, httpx.Response]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+        async def scenario() -> tuple[httpx.Response, httpx.Response]:
+            async with gateway.async_http() as client:
                 # Long streams, ended by the test once it saw what it looks for: however slow this
                 # machine, both are in flight (one relayed, one waiting) while the others come.
                 two = [asyncio.create_task(stream_through(client, capped, 2000)) for _ in range(2)]
-                await wait_until_async(lambda: in_flight(gateway) == 2)
+                await wait_until_async(lambda: gateway.in_flight() == 2)
                 third = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {capped}"})
                 other_key = asyncio.create_task(
                     client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gateway.key}"})
@@ -126,7 +140,7 @@ def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, simulat
                 await end(*two)
                 return third, await other_key
 
-        refused, other = asyncio.run(scenario())
+        refused, other = gateway.run_async(scenario())
         with gateway.http() as client:
             metrics = client.get("/metrics").text
 
@@ -146,10 +160,8 @@ def test_a_key_at_its_parallel_requests_gets_429_at_once(tmp_path: Path, simulat
 
 def test_admission_across_keys_follows_their_weights(tmp_path: Path, simulator: Simulator) -> None:
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
-        light = str(gateway.create_key("--name", "light")["key"])
-        heavy = str(gateway.create_key("--name", "heavy", "--weight", "2")["key"])
-        gateway.wait_for_key(light)
-        gateway.wait_for_key(heavy)
+        _, light = gateway.create_key("light")
+        _, heavy = gateway.create_key("heavy", weight=2)
         order: list[str] = []
 
         async def one(client: httpx.AsyncClient, name: str, key: str) -> int:
@@ -158,9 +170,9 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, simulator: 
             return response.status_code
 
         async def scenario() -> list[int]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async with gateway.async_http() as client:
                 blocker = asyncio.create_task(stream_through(client, gateway.key, 2000))
-                await wait_until_async(lambda: in_flight(gateway) == 1)
+                await wait_until_async(lambda: gateway.in_flight() == 1)
                 tasks = [asyncio.create_task(one(client, "A", light)) for _ in range(6)]
                 await wait_until_async(lambda: gateway.waiting() == 6)
                 tasks += [asyncio.create_task(one(client, "B", heavy)) for _ in range(6)]
@@ -168,7 +180,7 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, simulator: 
                 await end(blocker)  # its slot goes to the twelve, in the keys' turns
                 return await asyncio.gather(*tasks)
 
-        statuses = asyncio.run(scenario())
+        statuses = gateway.run_async(scenario())
 
     assert statuses == [200] * 12
     # Deficit round robin: A's turn sends one, B's turn two, until B has nothing left to send.
@@ -177,48 +189,44 @@ def test_admission_across_keys_follows_their_weights(tmp_path: Path, simulator: 
 
 def test_tokenize_never_waits_for_a_full_backend(tmp_path: Path, simulator: Simulator) -> None:
     with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_TIMEOUT": "5"}, max_num_seqs="1") as gateway:
+        hold_the_slot(gateway)
+        assert gateway.in_flight() == 1
         with gateway.http(gateway.key) as client:
-            with client.stream("POST", CHAT, json=chat(2000)) as blocker:
-                assert blocker.status_code == 200
-                wait_until(lambda: in_flight(gateway) == 1)
-                tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
-                assert gateway.waiting() == 0
-                assert simulator.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
+            tokenized = client.post("/tokenize", json={"model": "sim", "prompt": "a b c"})
+        assert gateway.waiting() == 0
+        assert simulator.stats()["running"] == 1  # the stream still runs: tokenize did not wait for it
 
     assert tokenized.status_code == 200
 
 
 def test_a_request_that_waits_longer_than_the_queue_timeout_gets_503(tmp_path: Path, simulator: Simulator) -> None:
     with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_TIMEOUT": "0.5"}, max_num_seqs="1") as gateway:
-        with gateway.http(gateway.key) as client:
-            with client.stream("POST", CHAT, json=chat(2000)) as blocker:
-                assert blocker.status_code == 200
-                started = time.monotonic()
-                refused = client.post(CHAT, json=chat(2, stream=False))
-                assert time.monotonic() - started < 30  # liveness only
+        hold_the_slot(gateway)
+        queued = gateway.connect()
+        queued.send(raw_post(gateway.key, chat(2, stream=False)))
+        refused = gateway.read_response(queued, timeout=30)  # liveness only
         assert chat_requests(simulator) == 1
 
-    assert refused.status_code == 503
-    assert refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["code"] == "queue_timeout"
-    assert refused.json()["error"]["type"] == "server_error"
-    assert refused.json()["error"]["param"] == "model"
+    assert refused.status == 503
+    assert refused.header("retry-after") == "1"
+    error = json.loads(refused.body)["error"]
+    assert (error["code"], error["type"], error["param"]) == ("queue_timeout", "server_error", "model")
 
 
 def test_a_request_beyond_the_queue_limit_gets_503_at_once(tmp_path: Path, simulator: Simulator) -> None:
     with start_gateway(tmp_path, simulator, {"GATEWAY_QUEUE_LIMIT": "1"}, max_num_seqs="1") as gateway:
 
         async def scenario() -> tuple[int, int, httpx.Response]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async with gateway.async_http() as client:
                 blocker = asyncio.create_task(stream_through(client, gateway.key, 2000))
-                await wait_until_async(lambda: in_flight(gateway) == 1)
+                await wait_until_async(lambda: gateway.in_flight() == 1)
                 queued = asyncio.create_task(stream_through(client, gateway.key, 2))
                 await wait_until_async(lambda: gateway.waiting() == 1)
                 refused = await client.post(CHAT, json=chat(2), headers={"Authorization": f"Bearer {gateway.key}"})
                 await end(blocker)
                 return await queued, refused
 
-        second, refused = asyncio.run(scenario())
+        second, refused = gateway.run_async(scenario())
         assert chat_requests(simulator) == 2
 
     assert second == 200
@@ -233,9 +241,9 @@ def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
 
         async def scenario() -> tuple[httpx.Response, int]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async with gateway.async_http() as client:
                 blocker = asyncio.create_task(stream_through(client, gateway.key, 2000))
-                await wait_until_async(lambda: in_flight(gateway) == 1)
+                await wait_until_async(lambda: gateway.in_flight() == 1)
                 queued = asyncio.create_task(
                     client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {gateway.key}"})
                 )
@@ -247,7 +255,7 @@ def test_queued_requests_get_503_when_their_model_has_no_ready_server_left(
                 await end(blocker)
                 return refused, streaming
 
-        refused, streaming = asyncio.run(scenario())
+        refused, streaming = gateway.run_async(scenario())
 
         assert chat_requests(simulator) == 1
 
@@ -266,14 +274,14 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
             Backend("sim", one.base_url, path="/models/sim", id="one", max_num_seqs="1"),
             Backend("sim", two.base_url, path="/models/sim", id="two", max_num_seqs="1"),
         ]
-        with Gateway.start(tmp_path / "gw", backends) as gateway:
+        with MemoryGateway.start(tmp_path / "gw", backends) as gateway:
 
-            async def scenario() -> list[int]:
-                async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async def scenario() -> int:
+                async with gateway.async_http() as client:
                     long = asyncio.create_task(stream_through(client, gateway.key, 2000))
-                    await wait_until_async(lambda: in_flight(gateway) == 1)
+                    await wait_until_async(lambda: gateway.in_flight() == 1)
                     short = asyncio.create_task(stream_through(client, gateway.key, 2000))
-                    await wait_until_async(lambda: in_flight(gateway) == 2)
+                    await wait_until_async(lambda: gateway.in_flight() == 2)
                     queued = asyncio.create_task(stream_through(client, gateway.key, 2))
                     await wait_until_async(lambda: gateway.waiting() == 1)
                     await end(short)  # its replica frees up; the long stream's stays busy
@@ -281,7 +289,7 @@ def test_a_queued_request_goes_to_the_replica_that_frees_up(tmp_path: Path) -> N
                     await end(long)
                     return status
 
-            status = asyncio.run(scenario())
+            status = gateway.run_async(scenario())
             counts = sorted([chat_requests(one), chat_requests(two)])
             peaks = [one.stats()["peak_running"], two.stats()["peak_running"]]
 
@@ -296,26 +304,25 @@ def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(
     with start_gateway(tmp_path, simulator, {"GATEWAY_ADMISSION": "false"}, max_num_seqs="2") as gateway:
 
         async def six_streams() -> list[int]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+            async with gateway.async_http() as client:
                 return await asyncio.gather(*(stream_through(client, gateway.key, 40) for _ in range(6)))
 
-        statuses = asyncio.run(six_streams())
+        statuses = gateway.run_async(six_streams())
         assert simulator.stats()["peak_running"] == 6
         assert "queue_ms=" not in gateway.log_text()
 
         # The key's own cap still holds: it bounds what one key may have at once, queued or not.
-        capped = str(gateway.create_key("--name", "capped", "--max-parallel-requests", "2")["key"])
-        gateway.wait_for_key(capped)
+        _, capped = gateway.create_key("capped", max_parallel_requests=2)
 
-        async def three_of_a_capped_key() -> list[int]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+        async def three_of_a_capped_key() -> int:
+            async with gateway.async_http() as client:
                 two = [asyncio.create_task(stream_through(client, capped, 2000)) for _ in range(2)]
                 await wait_until_async(lambda: simulator.stats()["running"] == 2)
                 third = await stream_through(client, capped, 2)
                 await end(*two)
                 return third
 
-        third = asyncio.run(three_of_a_capped_key())
+        third = gateway.run_async(three_of_a_capped_key())
 
     assert statuses == [200] * 6
     assert third == 429
@@ -324,7 +331,7 @@ def test_with_admission_off_requests_go_straight_through_within_their_keys_cap(
 def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(
     tmp_path: Path, simulator: Simulator
 ) -> None:
-    with start_gateway(tmp_path, simulator) as gateway:
+    with Gateway.start(tmp_path / "gw", [backend(simulator)]) as gateway:
         with gateway.http(gateway.admin_key) as admin:
             created = admin.post("/admin/keys", json={"name": "w", "weight": 2.5, "max_parallel_requests": 3})
             assert created.status_code == 201
@@ -349,7 +356,7 @@ def test_weight_and_max_parallel_requests_are_set_over_the_api_and_the_cli(
 
 
 def test_a_weight_outside_its_range_is_refused_with_a_clear_error(tmp_path: Path, simulator: Simulator) -> None:
-    with start_gateway(tmp_path, simulator) as gateway:
+    with Gateway.start(tmp_path / "gw", [backend(simulator)]) as gateway:
         with gateway.http(gateway.admin_key) as admin:
             tiny = admin.post("/admin/keys", json={"name": "tiny", "weight": 1e-300})
             lowest = admin.post("/admin/keys", json={"name": "lowest", "weight": 0.01})
@@ -386,20 +393,19 @@ def test_a_key_file_weight_below_the_minimum_counts_as_the_minimum_and_never_sta
     """A key file written before the minimum may hold any positive weight; 1e-300 once spun the
     worker's loop for ever as soon as that key alone waited (/health unanswered)."""
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
-        made = gateway.create_key("--name", "tiny", "--weight", "0.5")
-        key_file = Path(gateway.env["GATEWAY_KEY_FILE"])
+        made, tiny = gateway.create_key("tiny", weight=0.5)
+        key_file = gateway.state.settings.key_file
         content = json.loads(key_file.read_text())
         for record in content["keys"]:
-            if record["id"] == made["id"]:
+            if record["id"] == made:
                 record["weight"] = 1e-300
         key_file.write_text(json.dumps(content))
-        wait_until(lambda: "key file reloaded" in gateway.log_text(settle=0))
-        tiny = str(made["key"])
+        gateway.poll(lambda: "key file reloaded" in gateway.log_text(settle=0), timeout=10)
 
         async def scenario() -> tuple[httpx.Response, dict[str, object]]:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=20) as client:
+            async with gateway.async_http(timeout=20) as client:
                 blocker = asyncio.create_task(stream_through(client, gateway.key, 1000))  # holds the one slot
-                await wait_until_async(lambda: in_flight(gateway) == 1)
+                await wait_until_async(lambda: gateway.in_flight() == 1)
                 queued = asyncio.create_task(
                     client.post(CHAT, json=chat(2, stream=False), headers={"Authorization": f"Bearer {tiny}"})
                 )
@@ -409,36 +415,34 @@ def test_a_key_file_weight_below_the_minimum_counts_as_the_minimum_and_never_sta
                 health = (await client.get("/health")).json()
                 return answer, health
 
-        answer, health = asyncio.run(scenario())
-        listed = {record["name"]: record for record in json.loads(gateway.cli("keys", "list", "--json").stdout)}
+        answer, health = gateway.run_async(scenario())
+        # As `keys list` reads the file: the weight counts as the minimum.
+        store = KeyStore(key_file)
+        store.load()
+        listed = {record.name: record for record in store.records()}
 
     assert answer.status_code == 200
     assert health["status"] == "ok"
-    assert listed["tiny"]["weight"] == 0.01
+    assert listed["tiny"].weight == 0.01
 
 
 def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: Path, simulator: Simulator) -> None:
-    from tests.support.gateway import Reader
-    from tests.support.processes import parse_metrics
-
-    def scrape(gateway: Gateway) -> str:
+    def scrape(gateway: MemoryGateway) -> str:
         with gateway.http() as client:
             return client.get("/metrics").text
 
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
-        with gateway.http(gateway.key) as client:
-            with client.stream("POST", CHAT, json=chat(2000)) as blocker:
-                assert blocker.status_code == 200
-                wait_until(lambda: simulator.stats()["running"] == 1)
-                with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as queued:
-                    queued.sendall(raw_post(gateway.key, chat(2, stream=False)))
-                    wait_until(lambda: gateway.waiting() == 1)
-                    text = scrape(gateway)
-                    assert 'vllm_gateway_queue_length{model="sim"} 1' in text
-                    assert 'vllm_gateway_key_requests_in_flight{key="test-user"} 2' in text
-                    blocker.close()  # the first stream ends (its client leaves): the waiting request goes
-                    assert Reader(queued).response()[0] == 200
-        wait_until(lambda: parse_metrics(scrape(gateway)).get("vllm_gateway_queue_seconds_count") == 1.0)
+        blocker = hold_the_slot(gateway)
+        gateway.until(lambda: simulator.stats()["running"] == 1, interval=0.05)
+        queued = gateway.connect()
+        queued.send(raw_post(gateway.key, chat(2, stream=False)))
+        gateway.until(lambda: gateway.waiting() == 1)
+        text = scrape(gateway)
+        assert 'vllm_gateway_queue_length{model="sim"} 1' in text
+        assert 'vllm_gateway_key_requests_in_flight{key="test-user"} 2' in text
+        blocker.disconnect()  # the first stream ends (its client leaves): the waiting request goes
+        assert gateway.read_response(queued, timeout=60).status == 200
+        gateway.poll(lambda: parse_metrics(scrape(gateway)).get("vllm_gateway_queue_seconds_count") == 1.0)
         text = scrape(gateway)
     assert 'vllm_gateway_queue_length{model="sim"} 0' in text
     assert gateway.key not in text

@@ -15,14 +15,17 @@ as a process (the SDKs, its workers, its command line, signals) stays with tests
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import h11
 import httpx
 
+from tests.support.front import rss_kib
 from tests.support.gateway import Backend, gateway_env, test_key, write_model_config
 from tests.support.http_wire import WireResponse, take_response
 from tests.support.memory_server import LIVENESS, MemoryConnection, MemoryServer
@@ -32,6 +35,8 @@ from vllm_gateway.settings import ServeSettings, load_settings
 
 # The port the settings name: nothing listens on it, the connections are in memory.
 UNUSED_PORT = 1024
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -128,23 +133,15 @@ class MemoryGateway:
     ) -> WireResponse:
         """The next whole response on `connection`, read strictly (tests.support.http_wire); what follows
         it stays for the next call."""
-        buffer = connection.pending
         found: list[WireResponse] = []
 
         def whole() -> bool:
-            nonlocal buffer
-            buffer += connection.take()
-            response, used = take_response(buffer, eof=connection.ended, head_only=head_only)
-            if response is None:
-                if connection.ended:
-                    raise AssertionError(f"the connection ended before a whole response: {buffer[:300]!r}")
-                return False
-            found.append(response)
-            buffer = buffer[used:]
-            return True
+            response = take_whole_response(connection, head_only)
+            if response is not None:
+                found.append(response)
+            return response is not None
 
-        self.until(whole, timeout, what=f"a whole response on the connection (so far {buffer[:200]!r})")
-        connection.pending = buffer
+        self.until(whole, timeout, what=f"a whole response on the connection (so far {connection.pending[:200]!r})")
         return found[0]
 
     def exchange(self, request: bytes, timeout: float = LIVENESS) -> WireResponse:
@@ -153,25 +150,57 @@ class MemoryGateway:
         connection.send(request)
         return self.read_response(connection, timeout)
 
+    def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine of the test's on the gateway's loop (its clients: async_http) to its end."""
+        return self.server.loop.run_until_complete(coroutine)
+
+    def async_http(self, key: str | None = None, timeout: float = 60.0) -> httpx.AsyncClient:
+        """An httpx client for coroutines on the gateway's loop (run_async): each request on a connection
+        of its own, its body read as it comes; a client that leaves (a cancelled task, a closed stream)
+        goes away from its connection as a socket's peer would. `timeout`: a liveness bound on each."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url="http://gw", headers=headers, transport=MemoryAsyncHTTP(self, timeout))
+
     def http(self, key: str | None = None) -> httpx.Client:
         """An httpx client whose requests reach this gateway over one in-memory connection, kept alive as
         the server allows; each response is read whole (for a stream's pieces as they come, read_until)."""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url="http://gw", headers=headers, transport=MemoryHTTP(self))
 
+    def waiting(self) -> int:
+        """Requests waiting for a server with room, over every model, as /health counts them: read from
+        the gateway's state, so that a coroutine on its loop may ask too."""
+        return sum(self.state.admission.waiting_everywhere(name) for name in self.state.registry.models)
+
+    def in_flight(self) -> int:
+        """Requests the gateway is relaying or holding, as /health counts them (from the state)."""
+        return self.state.in_flight
+
     def health(self, key: str | None = None) -> dict[str, Any]:
         with self.http(key) as client:
             health: dict[str, Any] = client.get("/health").json()
             return health
 
-    def wait_until(self, condition: Any, timeout: float = 30.0) -> dict[str, Any]:
-        """Ask /health (with the admin key) until `condition(health)` holds, the loop running between."""
+    def poll(self, check: Callable[[], T], timeout: float = LIVENESS, interval: float = 0.05) -> T:
+        """Call `check` until it returns something truthy and return that, the loop running `interval`
+        between calls: unlike until's condition, `check` may itself talk to the gateway (http, health)."""
         deadline = self.now() + timeout
-        while not condition(health := self.health(self.admin_key)):
+        while not (result := check()):
             if self.now() > deadline:
-                raise TimeoutError(f"gateway health never matched: {health}")
-            self.run(0.1)
-        return health
+                raise TimeoutError(f"not within {timeout} s: {check} (last: {result!r})")
+            self.run(interval)
+        return result
+
+    def wait_until(self, condition: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        """Ask /health (with the admin key) until `condition(health)` holds, the loop running between."""
+        found: list[dict[str, Any]] = []
+
+        def matched() -> bool:
+            found[:] = [self.health(self.admin_key)]
+            return condition(found[0])
+
+        self.poll(matched, timeout, interval=0.1)
+        return found[0]
 
     def log_text(self, settle: float = 0.3) -> str:
         """The gateway's log file, once the loop has run `settle` seconds more: a request's line is
@@ -196,12 +225,48 @@ class MemoryGateway:
         """Let the loop run for `seconds`."""
         self.server.run(seconds)
 
+    def max_rss(self, seconds: float) -> int:
+        """The highest resident memory (KiB) of the test's process, which holds the gateway, seen while the
+        loop runs `seconds`: what tests.support.front.max_rss_while measures of a gateway process."""
+        pid = os.getpid()
+        peak = rss_kib(pid)
+        end = self.now() + seconds
+
+        def sampled() -> bool:
+            nonlocal peak
+            peak = max(peak, rss_kib(pid))
+            return self.now() >= end
+
+        self.until(sampled, seconds + LIVENESS, what="the end of the measurement", interval=0.05)
+        return peak
+
     def read_to_end(self, connection: MemoryConnection, timeout: float = LIVENESS) -> bytes:
         """Everything the server sends on `connection` until it ends the connection."""
         self.until(lambda: connection.ended, timeout, what="the server ending the connection")
         data = connection.pending + connection.take()
         connection.pending = b""
         return data
+
+
+def take_whole_response(connection: MemoryConnection, head_only: bool = False) -> WireResponse | None:
+    """The next whole response on `connection` if it has come (what follows stays pending), else None."""
+    connection.pending += connection.take()
+    response, used = take_response(connection.pending, eof=connection.ended, head_only=head_only)
+    if response is None:
+        if connection.ended:
+            raise AssertionError(f"the connection ended before a whole response: {connection.pending[:300]!r}")
+        return None
+    connection.pending = connection.pending[used:]
+    return response
+
+
+def request_bytes(request: httpx.Request, body: bytes) -> bytes:
+    """`request` as an HTTP/1.1 client sends it; a body from an iterator (chunked) as one chunk."""
+    if request.headers.get("transfer-encoding", "").lower() == "chunked":
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    lines = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1".encode()]
+    lines += [name + b": " + value for name, value in request.headers.raw]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 class MemoryHTTP(httpx.BaseTransport):
@@ -215,15 +280,76 @@ class MemoryHTTP(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self.connection is None or not self.connection.kept_alive:
             self.connection = self.gateway.connect()
-        body = request.read()
-        if request.headers.get("transfer-encoding", "").lower() == "chunked":  # content from an iterator
-            body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
-        lines = [f"{request.method} {request.url.raw_path.decode()} HTTP/1.1".encode()]
-        lines += [name + b": " + value for name, value in request.headers.raw]
-        self.connection.send(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self.connection.send(request_bytes(request, request.read()))
         response = self.gateway.read_response(self.connection, head_only=request.method == "HEAD")
         if response.closes:  # as a client does: the next request goes on a new connection
             self.connection = None
         # A stream not yet read, as httpx's own transports give: read whole, or raw with iter_raw().
         stream = httpx.ByteStream(response.body)
         return httpx.Response(response.status, headers=response.headers, stream=stream, request=request)
+
+
+class MemoryAsyncHTTP(httpx.AsyncBaseTransport):
+    """httpx's async transport for MemoryGateway.async_http: the response is handed over at its head, and
+    its body as it comes (read by h11, the parser under httpx's own transport)."""
+
+    def __init__(self, gateway: MemoryGateway, timeout: float) -> None:
+        self.gateway = gateway
+        self.timeout = timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        connection = self.gateway.connect()
+        parser = h11.Connection(h11.CLIENT)
+        # h11 is told of the request only so that it reads the answer to it (a HEAD's has no body).
+        parser.send(h11.Request(method=request.method, target=request.url.raw_path, headers=request.headers.raw))
+        connection.send(request_bytes(request, await request.aread()))
+        body = IncomingBody(self.gateway, connection, parser, self.timeout)
+        try:
+            head = await body.next_event()
+            while isinstance(head, h11.InformationalResponse):
+                head = await body.next_event()
+        except BaseException:
+            connection.disconnect()
+            raise
+        assert isinstance(head, h11.Response), head
+        return httpx.Response(head.status_code, headers=head.headers, stream=body, request=request)
+
+
+class IncomingBody(httpx.AsyncByteStream):
+    """A response's body on a MemoryConnection, piece by piece as the server writes it."""
+
+    def __init__(self, gateway: MemoryGateway, connection: MemoryConnection, parser: h11.Connection, timeout: float):
+        self.gateway = gateway
+        self.connection = connection
+        self.parser = parser
+        self.deadline = gateway.now() + timeout
+        self.done = False
+
+    async def next_event(self) -> Any:
+        while (event := self.parser.next_event()) is h11.NEED_DATA:
+            data = self.connection.take()
+            if data or self.connection.ended:
+                self.parser.receive_data(data)  # b"": the server ended the connection
+                continue
+            if self.gateway.now() > self.deadline:
+                raise AssertionError("no answer on the connection within the test's bound")
+            await asyncio.sleep(0.001)
+        return event
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            while not isinstance(event := await self.next_event(), h11.EndOfMessage):
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+            self.done = True
+        finally:
+            self.leave()
+
+    async def aclose(self) -> None:
+        self.leave()
+
+    def leave(self) -> None:
+        """The client is done with the response: one that leaves before its end goes away."""
+        if not self.done:
+            self.done = True
+            self.connection.disconnect()
