@@ -1,57 +1,57 @@
 """Token limits per key: counted from each answer's usage, refused before the backend once used up,
 set over the API and the CLI, the gateway-wide default, and exact counts across workers with Redis;
-and request limits of several windows, in the same syntax."""
+and request limits of several windows, in the same syntax.
+
+The gateway runs in the test's process (tests/support/memory_gateway.py) in front of a simulator process;
+the tests of the command line and of two workers start it as a process.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
-import openai
 import pytest
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway
+from tests.support.memory_gateway import MemoryGateway
 from tests.support.processes import wait_until
 
 # The simulator answers max_tokens tokens with ignore_eos; chat_body's "hi" is one prompt token: 21 in all.
-ANSWER = {"max_tokens": 20, "extra_body": {"ignore_eos": True}}
+ANSWER = {"max_tokens": 20, "ignore_eos": True}
 ANSWER_TOKENS = 21
 TOKEN_HEADERS = ("x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens")
 
 
-def chat(client: openai.OpenAI) -> httpx.Response:
-    """One chat completion; the raw answer, whatever its status."""
-    try:
-        raw = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
-    except openai.APIStatusError as error:
-        return error.response
-    return raw.http_response
+def chat(client: httpx.Client) -> httpx.Response:
+    """One chat completion; the answer, whatever its status."""
+    return client.post("/v1/chat/completions", json=chat_body("sim", **ANSWER))
 
 
-def streamed_chat_usage(client: openai.OpenAI) -> tuple[httpx.Response, int]:
-    with client.chat.completions.with_streaming_response.create(
-        **chat_body("sim", stream=True, stream_options={"include_usage": True}, **ANSWER)
-    ) as raw:
-        usage = [chunk.usage for chunk in raw.parse() if chunk.usage]
-        return raw.http_response, usage[-1].total_tokens
+def streamed_chat_usage(client: httpx.Client) -> tuple[httpx.Response, int]:
+    """A streamed chat completion that asks for its usage; the answer and the total tokens of the last
+    usage in its events."""
+    response = client.post(
+        "/v1/chat/completions", json=chat_body("sim", stream=True, stream_options={"include_usage": True}, **ANSWER)
+    )
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    usage = [event["usage"] for event in events if event.get("usage")]
+    return response, usage[-1]["total_tokens"]
 
 
 def backend_requests(simulator) -> int:
     return simulator.stats()["requests"].get("/v1/chat/completions", 0)
 
 
-def test_key_out_of_tokens_gets_429_before_the_backend_and_recovers_in_the_next_window(gateway, simulator):
-    key = gateway.create_key("--name", "few-tokens", "--token-limit", "30/5 seconds")["key"]
-    gateway.wait_for_key(key)
-    client = gateway.openai(key)
-
-    streamed, streamed_tokens = streamed_chat_usage(client)  # a stream counts too: 21 of 30
-    over = chat(client)  # 9 left: admitted, and its 21 tokens count in full
-    before = backend_requests(simulator)
-    refused = chat(client)
-    after = backend_requests(simulator)
+def test_key_out_of_tokens_gets_429_before_the_backend_and_recovers_in_the_next_window(memory_gateway, simulator):
+    _, key = memory_gateway.create_key("few-tokens", token_limit="30/5 seconds")
+    with memory_gateway.http(key) as client:
+        streamed, streamed_tokens = streamed_chat_usage(client)  # a stream counts too: 21 of 30
+        over = chat(client)  # 9 left: admitted, and its 21 tokens count in full
+        before = backend_requests(simulator)
+        refused = chat(client)
+        after = backend_requests(simulator)
 
     assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-tokens"] == "30"
     assert streamed_tokens == ANSWER_TOKENS
@@ -71,54 +71,55 @@ def test_key_out_of_tokens_gets_429_before_the_backend_and_recovers_in_the_next_
     assert 1 <= int(refused.headers["retry-after"]) <= 5
     assert after == before, "a refused request must not reach the backend"
 
-    deadline = time.monotonic() + 30
-    while (recovered := chat(client)).status_code == 429:
-        assert time.monotonic() < deadline, "the token window never reopened"
-        time.sleep(0.5)
+    deadline = memory_gateway.now() + 30
+    with memory_gateway.http(key) as client:
+        while (recovered := chat(client)).status_code == 429:
+            assert memory_gateway.now() < deadline, "the token window never reopened"
+            memory_gateway.run(0.5)
     assert recovered.status_code == 200
     assert recovered.headers["x-ratelimit-remaining-tokens"] == "30"
 
 
-def test_token_headers_on_answers_count_down_by_each_answers_usage(gateway):
-    key = gateway.create_key("--name", "counted", "--token-limit", "100000/minute;2000000/day")["key"]
-    gateway.wait_for_key(key)
-    client = gateway.openai(key)
-    first = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
-    second = client.chat.completions.with_raw_response.create(**chat_body("sim", **ANSWER))
-    usage = first.parse().usage
+def test_token_headers_on_answers_count_down_by_each_answers_usage(memory_gateway):
+    _, key = memory_gateway.create_key("counted", token_limit="100000/minute;2000000/day")
+    with memory_gateway.http(key) as client:
+        first = chat(client)
+        second = chat(client)
+    assert (first.status_code, second.status_code) == (200, 200)
+    usage = first.json()["usage"]
     assert usage is not None
-    used = usage.prompt_tokens + usage.completion_tokens
+    used = usage["prompt_tokens"] + usage["completion_tokens"]
     assert first.headers["x-ratelimit-limit-tokens"] == "100000"  # the window with the fewest left
     assert int(first.headers["x-ratelimit-remaining-tokens"]) == 100000
     assert int(second.headers["x-ratelimit-remaining-tokens"]) == 100000 - used
     assert second.headers["x-ratelimit-reset-tokens"].endswith("s")
 
 
-def test_keys_without_a_token_limit_get_no_token_headers(gateway):
-    response = chat(gateway.openai())
+def test_keys_without_a_token_limit_get_no_token_headers(memory_gateway):
+    with memory_gateway.http(memory_gateway.key) as client:
+        response = chat(client)
     assert response.status_code == 200
     assert not any(name in response.headers for name in TOKEN_HEADERS)
 
 
 def test_gateway_token_limit_applies_to_keys_without_their_own(tmp_path, simulator):
     env = {"GATEWAY_TOKEN_LIMIT": "25/minute"}
-    with Gateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
-        own = gateway.create_key("--name", "own-limit", "--token-limit", "5000/minute")["key"]
-        gateway.wait_for_key(own)
-        defaulted = gateway.openai()
-        answers = [chat(defaulted) for _ in range(3)]
-        with_own = chat(gateway.openai(own))
+    with MemoryGateway.start(tmp_path, [Backend("sim", simulator.base_url)], env=env) as gateway:
+        _, own = gateway.create_key("own-limit", token_limit="5000/minute")
+        with gateway.http(gateway.key) as defaulted:
+            answers = [chat(defaulted) for _ in range(3)]
+        with gateway.http(own) as client:
+            with_own = chat(client)
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[0].headers["x-ratelimit-limit-tokens"] == "25"
     assert answers[2].json()["error"]["type"] == "tokens"
     assert with_own.status_code == 200 and with_own.headers["x-ratelimit-limit-tokens"] == "5000"
 
 
-def test_request_limit_of_several_windows_refuses_at_the_tightest(gateway):
-    key = gateway.create_key("--name", "two-windows", "--rate-limit", "100/hour;2/minute")["key"]
-    gateway.wait_for_key(key)
-    client = gateway.openai(key)
-    answers = [chat(client) for _ in range(3)]
+def test_request_limit_of_several_windows_refuses_at_the_tightest(memory_gateway):
+    _, key = memory_gateway.create_key("two-windows", rate_limit="100/hour;2/minute")
+    with memory_gateway.http(key) as client:
+        answers = [chat(client) for _ in range(3)]
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == ["1", "0", "0"]
     assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
@@ -126,8 +127,8 @@ def test_request_limit_of_several_windows_refuses_at_the_tightest(gateway):
     assert 1 <= int(answers[2].headers["retry-after"]) <= 60
 
 
-def test_token_limit_is_set_and_cleared_over_the_api(gateway):
-    with gateway.http(gateway.admin_key) as admin:
+def test_token_limit_is_set_and_cleared_over_the_api(memory_gateway):
+    with memory_gateway.http(memory_gateway.admin_key) as admin:
         created = admin.post("/admin/keys", json={"name": "api-tokens", "token_limit": "40000/minute;2000000/day"})
         assert created.status_code == 201
         key_id = created.json()["id"]
