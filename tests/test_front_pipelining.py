@@ -1,18 +1,22 @@
 """A client that pipelines a great many requests and reads nothing (spec: "Pipelining"): the gateway
-stops reading rather than buffer the answers, and when the client reads, every answer comes, in order."""
+stops reading rather than buffer the answers, and when the client reads, every answer comes, in order.
+
+The gateway runs in the test's process (tests/support/memory_gateway.py): a client's socket buffers
+that fill up are a connection that stops reading (MemoryConnection.stop_reading), and the gateway's
+memory is the test process's."""
 
 from __future__ import annotations
 
-import bisect
-import socket
-import threading
-import time
+import os
 
 import pytest
 
-from tests.support.front import LIVENESS, connect, max_rss_while, rss_kib, wait_until_idle
-from tests.support.gateway import Backend, Gateway, Reader
-from tests.support.processes import Simulator, wait_until
+from tests.support.front import rss_kib
+from tests.support.gateway import Backend
+from tests.support.http_wire import take_response
+from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_server import MemoryConnection
+from tests.support.processes import Simulator
 
 # A hundred models make each /health answer about 7 KB, so that answers buffered for a client who
 # does not read would show in the gateway's memory: 6,000 of them are about 42 MB. (Thirty thousand
@@ -21,6 +25,9 @@ MODELS = [f"m{i:02d}" for i in range(100)]
 HEALTH = b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n"
 # Every path but /health needs a key, checked with the head: a 401 now and then shows the order.
 MISSING = b"GET /no-such-page HTTP/1.1\r\nHost: gw\r\n\r\n"
+# What a client's socket buffers and the gateway's take of answers before a client that reads nothing
+# stops them: a few MB over loopback.
+SOCKET_BUFFERS = 2 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -35,46 +42,10 @@ def many_models_simulator(tmp_path_factory):
 def gateway(tmp_path_factory, many_models_simulator):
     backends = [Backend(name, many_models_simulator.base_url) for name in MODELS]
     # Health checks every minute, not twice a second, so that the gateway is idle when nobody asks.
-    with Gateway.start(tmp_path_factory.mktemp("gw-pipe"), backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}) as gateway:
+    with MemoryGateway.start(
+        tmp_path_factory.mktemp("gw-pipe"), backends, env={"GATEWAY_HEALTH_INTERVAL": "60"}
+    ) as gateway:
         yield gateway
-
-
-class Sender(threading.Thread):
-    """Sends `requests` back to back on `sock` without reading; `sent_bytes` says how far it got."""
-
-    def __init__(self, sock: socket.socket, requests: list[bytes]) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.data = memoryview(b"".join(requests))
-        self.ends: list[int] = []  # where each request ends in `data`
-        offset = 0
-        for data in requests:
-            offset += len(data)
-            self.ends.append(offset)
-        self.sent_bytes = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while self.sent_bytes < len(self.data):
-                try:
-                    self.sent_bytes += self.sock.send(self.data[self.sent_bytes : self.sent_bytes + 65536])
-                except TimeoutError:
-                    continue  # still blocked: the gateway reads again once the answers are read
-        except OSError as error:
-            self.error = error
-
-    @property
-    def sent_requests(self) -> int:
-        return bisect.bisect_right(self.ends, self.sent_bytes)
-
-    def wait_until_stalled_or_done(self, quiet: float = 1.0, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = -1
-        while self.is_alive() and self.sent_bytes != last:
-            assert time.monotonic() < deadline, "the requests were still being sent after a minute"
-            last = self.sent_bytes
-            time.sleep(quiet)
 
 
 def pipelined(count: int, every: int) -> tuple[list[bytes], list[int]]:
@@ -82,35 +53,63 @@ def pipelined(count: int, every: int) -> tuple[list[bytes], list[int]]:
     return requests, [401 if data is MISSING else 200 for data in requests]
 
 
-def read_answers(reader: Reader, sender: Sender) -> list[int]:
-    """Read, in order, the status of the answer to every request the sender got out whole."""
+def until_idle(gateway: MemoryGateway, quiet: float = 0.5, timeout: float = 30.0) -> None:
+    """Run the loop until the gateway has answered nothing for `quiet` seconds: it has done what it will
+    do (at most `timeout`: a gateway still answering is measured all the same)."""
+    deadline = gateway.now() + timeout
+    while True:
+        answered = gateway.server.state.total_requests
+        gateway.run(quiet)
+        if gateway.server.state.total_requests == answered or gateway.now() >= deadline:
+            return
+
+
+def read_answers(gateway: MemoryGateway, connection: MemoryConnection, count: int) -> list[int]:
+    """Read, in order, the status of the answers to the `count` requests sent: strictly, as
+    read_response does, each answer as soon as it is whole, and all of them in one run of the loop
+    (for thousands of answers, a run for each costs more than the answer)."""
     statuses: list[int] = []
+    buffer = bytearray(connection.pending)
+
+    def read() -> bool:
+        buffer.extend(connection.take())
+        while len(statuses) < count:
+            response, used = take_response(buffer, eof=connection.ended)
+            if response is None:
+                if connection.ended:
+                    pytest.fail(f"after {len(statuses)} of {count} answers: the connection ended")
+                break
+            del buffer[:used]
+            statuses.append(response.status)
+        return len(statuses) == count
+
     try:
-        while sender.is_alive() or len(statuses) < sender.sent_requests:
-            statuses.append(reader.response()[0])
-    except (EOFError, ConnectionResetError, TimeoutError) as error:
-        pytest.fail(f"after {len(statuses)} of {sender.sent_requests} answers: {error!r}")
-    sender.join(LIVENESS)
-    assert sender.error is None, f"sending stopped: {sender.error!r}"
+        gateway.until(read, timeout=60, what="every answer")
+    except AssertionError as error:
+        pytest.fail(f"after {len(statuses)} of {count} answers: {error}")
+    connection.pending = bytes(buffer)
     return statuses
 
 
 def test_6000_pipelined_requests_unread_do_not_grow_the_gateway_and_are_all_answered_in_order(gateway):
     requests, expected = pipelined(6_006, every=1001)  # 6,000 GET /health and 6 refused GETs
-    pid = gateway.handle.pid
-    wait_until_idle(pid)
-    before = rss_kib(pid)
-    sock, reader = connect(gateway)
-    with sock:
-        sender = Sender(sock, requests)
-        sender.start()
-        sender.wait_until_stalled_or_done()
-        # A gateway that answers all 6,000 into its buffers takes a while: measure at the end of
-        # that, or after 20 s of it, when the buffered answers already show.
-        wait_until_idle(pid, timeout=20, fail=False)
-        grown = max_rss_while(pid, 0.5) - before
-        assert grown < 10 * 1024, f"the gateway grew by {grown / 1024:.1f} MB holding answers nobody read"
-        statuses = read_answers(reader, sender)
+    data = b"".join(requests)
+    until_idle(gateway)  # the measurement is of this client
+    before = rss_kib(os.getpid())  # the test's process, which holds the gateway
+    connection = gateway.connect()
+    connection.send(data)  # 210 KB: all of it in the socket's buffers at once
+    # The client reads nothing: the answers fill its socket's buffers, which then take no more.
+    gateway.until(lambda: len(connection.transport.written) >= SOCKET_BUFFERS, what="the socket's buffers full")
+    in_the_sockets = len(connection.transport.written)
+    connection.stop_reading(unread=in_the_sockets)
+    # A gateway that answers all 6,000 into its buffers takes a while: measure at the end of that, or
+    # after 20 s of it, when the buffered answers already show. What the socket's buffers took is the
+    # kernel's, which a gateway process's memory leaves out too; what is written after, the gateway's.
+    until_idle(gateway, timeout=20)
+    grown = gateway.max_rss(0.5) - before - in_the_sockets // 1024
+    assert grown < 10 * 1024, f"the gateway grew by {grown / 1024:.1f} MB holding answers nobody read"
+    connection.read_everything()
+    statuses = read_answers(gateway, connection, len(requests))
     assert len(statuses) == len(requests)
     assert statuses == expected
 
@@ -118,12 +117,9 @@ def test_6000_pipelined_requests_unread_do_not_grow_the_gateway_and_are_all_answ
 def test_every_pipelined_request_has_its_access_log_line(gateway):
     requests, expected = pipelined(2_000, every=100)
     before = gateway.log_text()
-    sock, reader = connect(gateway)
-    with sock:
-        sender = Sender(sock, requests)
-        sender.start()
-        sender.wait_until_stalled_or_done()
-        statuses = read_answers(reader, sender)
+    connection = gateway.connect()
+    connection.send(b"".join(requests))
+    statuses = read_answers(gateway, connection, len(requests))
     assert statuses == expected
 
     def counts() -> tuple[int, int]:
@@ -131,7 +127,7 @@ def test_every_pipelined_request_has_its_access_log_line(gateway):
         return new.count("GET /health status=200"), new.count("GET /no-such-page status=401")
 
     try:
-        wait_until(lambda: counts() == (expected.count(200), expected.count(401)), timeout=5)
+        gateway.poll(lambda: counts() == (expected.count(200), expected.count(401)), timeout=5)
     except TimeoutError:
         pytest.fail(
             f"access-log lines (health, 401): {counts()}, expected {(expected.count(200), expected.count(401))}"

@@ -1,6 +1,10 @@
 """The spec's smaller findings: worker count and in-memory rate-limit stores, the trailing-slash
 redirect built from the client's Host, keys in the access log, a deleted key file, the simulator's
-answer to JSON of the wrong types, and the cap on client connections (GATEWAY_MAX_CONNECTIONS)."""
+answer to JSON of the wrong types, and the cap on client connections (GATEWAY_MAX_CONNECTIONS).
+
+The trailing slash, the access log and the connection cap run on the gateway in the test's process
+(tests/support/memory_gateway.py); what needs a gateway process keeps one: starting with two workers, the
+key file that `keys init` (the command line) writes again, and the open-files limit the process raises."""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import contextlib
 import json
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +21,9 @@ import httpx
 import pytest
 
 from tests.support.chat import chat_body
-from tests.support.front import LIVENESS, connect, read_to_eof, response_or_none, send_all
 from tests.support.gateway import Backend, Gateway, gateway_env, raw_post, run_cli, write_model_config
+from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_server import MemoryConnection
 from tests.support.processes import REPO_ROOT, free_port, start_process, wait_until
 
 CHAT = chat_body("sim", max_tokens=2)
@@ -30,8 +34,8 @@ USAGE_FLUSH_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, simulator):
-    with Gateway.start(tmp_path_factory.mktemp("gw-small"), [Backend("sim", simulator.base_url)]) as gateway:
+def memory_gateway(tmp_path_factory, simulator):
+    with MemoryGateway.start(tmp_path_factory.mktemp("gw-small"), [Backend("sim", simulator.base_url)]) as gateway:
         yield gateway
 
 
@@ -61,14 +65,12 @@ def test_two_workers_with_an_in_memory_rate_limit_store_refuse_to_start(tmp_path
 # -- trailing slash --
 
 
-def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(gateway):
-    sock, reader = connect(gateway)
-    with sock:
-        sock.sendall(
-            f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\n"
-            f"Authorization: Bearer {gateway.admin_key}\r\n\r\n".encode()
-        )
-        status, headers, body = reader.response()
+def test_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(memory_gateway):
+    authorization = f"Authorization: Bearer {memory_gateway.admin_key}\r\n"
+    response = memory_gateway.exchange(
+        f"GET /admin/keys/ HTTP/1.1\r\nHost: evil.example\r\n{authorization}\r\n".encode()
+    )
+    status, headers, body = response.status, dict(response.headers), response.body
     assert "location" not in headers, headers
     assert status == 404, (status, headers)
     assert json.loads(body)["error"]["code"] == "not_found"
@@ -91,16 +93,12 @@ def key_requests(key: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("where", list(key_requests("sk-x")))
-def test_a_key_never_reaches_the_access_log(gateway, where):
+def test_a_key_never_reaches_the_access_log(memory_gateway, where):
     # A key of its own (names are unique: one each): no other test's lines hold it.
-    key = str(gateway.create_key("--name", f"leaky-{where.replace(' ', '-')}")["key"])
-    gateway.wait_for_key(key)
-    before = gateway.log_text()
-    sock, reader = connect(gateway)
-    with sock:
-        sock.sendall(key_requests(key)[where])
-        status, _, _ = reader.response()
-    text = gateway.log_text()
+    _, key = memory_gateway.create_key(f"leaky-{where.replace(' ', '-')}")
+    before = memory_gateway.log_text()
+    status = memory_gateway.exchange(key_requests(key)[where]).status
+    text = memory_gateway.log_text()
     secret = key[3:]  # what follows "sk-": its first characters may be shown as the key's prefix
     assert secret not in text, [line for line in text.splitlines() if secret in line]
     new = text[len(before) :].splitlines()
@@ -203,48 +201,65 @@ def capped_gateway(tmp_path_factory, simulator):
         yield gateway
 
 
-def served(gateway: Gateway, sock: socket.socket, reader) -> bool:
-    if not send_all(sock, HEALTH):
+@pytest.fixture(scope="module")
+def capped_memory_gateway(tmp_path_factory, simulator):
+    with MemoryGateway.start(
+        tmp_path_factory.mktemp("gw-capped-memory"),
+        [Backend("sim", simulator.base_url)],
+        env={"GATEWAY_MAX_CONNECTIONS": "20"},
+    ) as gateway:
+        yield gateway
+
+
+def served(gateway: MemoryGateway, connection: MemoryConnection) -> bool:
+    if connection.gone:  # a socket's send fails on a connection the gateway closed
         return False
-    response = response_or_none(reader, LIVENESS)
-    return response is not None and response[0] == 200
-
-
-def test_connection_beyond_max_connections_is_closed_at_once_and_the_others_keep_working(capped_gateway):
-    gateway = capped_gateway
-    first = [connect(gateway) for _ in range(20)]
+    connection.send(HEALTH)
     try:
-        assert all(served(gateway, sock, reader) for sock, reader in first)
-        extra, _ = connect(gateway)
-        with extra:
-            send_all(extra, HEALTH)
-            assert read_to_eof(extra, timeout=3) == b"", "the 21st connection got an answer"
-        assert all(served(gateway, sock, reader) for sock, reader in first)
+        response = gateway.read_response(connection)
+    except AssertionError:  # closed (or silent) without an answer
+        return False
+    return response.status == 200
 
-        for sock, _ in first[:5]:
-            sock.close()
+
+def test_connection_beyond_max_connections_is_closed_at_once_and_the_others_keep_working(capped_memory_gateway):
+    gateway = capped_memory_gateway
+    first = [gateway.connect() for _ in range(20)]
+    try:
+        assert all(served(gateway, connection) for connection in first)
+        extra = gateway.connect()
+        extra.send(HEALTH)
+        assert gateway.read_to_end(extra, timeout=3) == b"", "the 21st connection got an answer"
+        assert all(served(gateway, connection) for connection in first)
+
+        for connection in first[:5]:
+            connection.send_eof()  # the client closes: the gateway closes too
 
         def new_one_served() -> bool:
-            sock, reader = connect(gateway)
-            with sock:
-                return served(gateway, sock, reader)
+            connection = gateway.connect()
+            try:
+                return served(gateway, connection)
+            finally:
+                connection.disconnect()
 
-        wait_until(new_one_served, timeout=5, interval=0.1)
+        gateway.poll(new_one_served, timeout=5, interval=0.1)
     finally:
-        for sock, _ in first:
-            sock.close()
+        for connection in first:
+            if not connection.gone:
+                connection.disconnect()
 
 
-def test_hitting_the_connection_limit_is_logged(capped_gateway):
-    gateway = capped_gateway
-    held = [connect(gateway)[0] for _ in range(21)]
+def test_hitting_the_connection_limit_is_logged(capped_memory_gateway):
+    gateway = capped_memory_gateway
+    held = [gateway.connect() for _ in range(21)]
     try:
-        time.sleep(0.5)
+        gateway.run(0.5)
     finally:
-        for sock in held:
-            sock.close()
+        for connection in held:
+            if not connection.gone:  # the one beyond the cap is closed already
+                connection.disconnect()
     try:
-        wait_until(lambda: "connection limit" in gateway.log_text(settle=0), timeout=5)
+        gateway.poll(lambda: "connection limit" in gateway.log_text(settle=0), timeout=5)
     except TimeoutError:
         pytest.fail("no log line about the connection limit after 21 connections with GATEWAY_MAX_CONNECTIONS=20")
 

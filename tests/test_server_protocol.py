@@ -5,10 +5,12 @@ with timeouts of tens of milliseconds.
 
 The relay and the application behind the server are the test's own (echo_relay answers `relayed: ` and
 the body; plain_app answers the method and path), except where a decision is the gateway's: the key
-checked with the head is the real access.check_head over a real key file. What needs a real socket or
-process (a reset that would destroy an answer, the gateway's memory, the simulator seeing a
-disconnect, the access log's lines, uvicorn's shutdown) is tested in tests/test_front_*.py and
-tests/test_gateway_http.py, with at least one real-socket test of each behaviour here.
+checked with the head is the real access.check_head over a real key file. The same server with the
+whole gateway behind it (its memory, the simulator seeing a disconnect, the access log's lines) is
+tested in the test's process too (tests/support/memory_gateway.py: tests/test_front_*.py,
+tests/test_gateway_http.py); what needs a real socket or process (a reset that would destroy an
+answer, a client's kernel answering the half-close probe, uvicorn's shutdown) keeps a gateway process
+there.
 """
 
 from __future__ import annotations
