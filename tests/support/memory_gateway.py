@@ -119,7 +119,9 @@ class MemoryGateway:
     def connect(self) -> MemoryConnection:
         return self.server.connect()
 
-    def until(self, condition: Any, timeout: float = LIVENESS, what: str = "", interval: float = 0.001) -> float:
+    def until(
+        self, condition: Callable[[], object], timeout: float = LIVENESS, what: str = "", interval: float = 0.001
+    ) -> float:
         """Run the loop until `condition()` holds and return the loop's time then (a liveness bound: fails
         after `timeout`); `interval` between looks, longer for one that asks another process."""
         return self.server.until(condition, timeout, what, interval)

@@ -300,7 +300,7 @@ class MemoryServer:
         return self.loop.time()
 
     def until(
-        self, condition: Callable[[], bool], timeout: float = LIVENESS, what: str = "", interval: float = 0.001
+        self, condition: Callable[[], object], timeout: float = LIVENESS, what: str = "", interval: float = 0.001
     ) -> float:
         """Run the loop until `condition` holds, and return the loop's time then. Fails after `timeout`:
         a liveness bound, so that a server that never does it fails the test rather than hang it.
