@@ -16,7 +16,6 @@ from tests.support.front import assert_rejected, rss_kib
 from tests.support.gateway import Backend
 from tests.support.http_wire import WireResponse
 from tests.support.memory_gateway import MemoryGateway
-from tests.support.memory_server import LIVENESS
 
 MIB = 1024 * 1024
 
@@ -121,7 +120,7 @@ def test_oversized_heads_appear_in_the_access_log_as_414_and_431(memory_gateway)
     ):
         connection = memory_gateway.connect()
         connection.send(data)
-        memory_gateway.read_response(connection, LIVENESS)
+        memory_gateway.read_response(connection)
         connection.disconnect()
 
     def logged() -> bool:

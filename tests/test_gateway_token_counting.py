@@ -25,8 +25,7 @@ import pytest
 from tests.support.clients import client_tls
 from tests.support.gateway import Backend, Gateway, raw_post
 from tests.support.http_wire import WireResponse
-from tests.support.memory_gateway import MemoryGateway
-from tests.support.memory_server import LIVENESS
+from tests.support.memory_gateway import LIVENESS, MemoryGateway
 from tests.support.processes import Simulator, wait_until
 from vllm_gateway.stream_usage import USAGE_PATHS, UsageMeter, lacks_usage, with_usage_requested
 from vllm_gateway.usage_scan import usage_in

@@ -28,13 +28,16 @@ import httpx
 from tests.support.front import rss_kib
 from tests.support.gateway import Backend, gateway_env, test_key, write_model_config
 from tests.support.http_wire import WireResponse, take_response
-from tests.support.memory_server import LIVENESS, MemoryConnection, MemoryServer
+from tests.support.memory_server import MemoryConnection, MemoryServer
 from vllm_gateway.app import Gateway, create_app
 from vllm_gateway.registry import BackendState
 from vllm_gateway.settings import ServeSettings, load_settings
 
 # The port the settings name: nothing listens on it, the connections are in memory.
 UNUSED_PORT = 1024
+# How long a wait on the gateway may take before the test fails rather than hang (a liveness bound): a
+# backend process's answer on a loaded machine included, as long as a gateway process's clients wait.
+LIVENESS = 30.0
 
 T = TypeVar("T")
 
