@@ -1,12 +1,13 @@
 """Helpers for the tests of the gateway's HTTP front (tests/test_front_*.py): raw sockets that never
-wait without a bound, what a process holds in memory (/proc/PID/status) and whether it is busy.
+wait without a bound, requests built byte by byte, rejections judged as the spec shapes them, and what
+a process holds in memory (/proc/PID/status).
 
     sock, reader = connect(gateway)                     # every recv on it times out after 10 s
     sock.sendall(request(b"GET", "/health"))
     status, headers, body = reader.response()
     assert_rejected((status, headers, body), 408, "request_timeout")
-    assert closed_without_bytes(sock, timeout=5)
-    rss_kib(gateway.handle.pid); wait_until_idle(gateway.handle.pid)
+    assert read_to_eof(sock, timeout=5) == b""
+    rss_kib(os.getpid())
 """
 
 from __future__ import annotations
@@ -93,16 +94,6 @@ def read_to_eof(sock: socket.socket, timeout: float = LIVENESS, already: bytes =
         data += chunk
 
 
-def closed_without_bytes(sock: socket.socket, timeout: float) -> bytes:
-    """Waits for the gateway to close; returns what it sent first (b"" when it just closed)."""
-    return read_to_eof(sock, timeout)
-
-
-def still_open(sock: socket.socket, seconds: float) -> bool:
-    """True when, for `seconds`, the gateway neither sent anything nor closed the connection."""
-    return not readable(sock, seconds)
-
-
 def error_of(body: bytes) -> dict[str, object]:
     """The `error` object of an OpenAI-shaped error body (and a check of its shape)."""
     payload = json.loads(body)
@@ -128,23 +119,6 @@ def assert_rejected(
     return error
 
 
-class SlowReader(Reader):
-    """A Reader that takes `size` bytes at a time and pauses `pause` seconds after each read."""
-
-    def __init__(self, sock: socket.socket, size: int, pause: float) -> None:
-        super().__init__(sock)
-        self.size = size
-        self.pause = pause
-        self.received = 0
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(self.size)
-        self.buffer += data
-        self.received += len(data)
-        time.sleep(self.pause)
-        return bool(data)
-
-
 def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str], bytes] | None:
     """The next final response, or None if none arrives within `timeout` or the connection closes first.
 
@@ -163,7 +137,7 @@ def response_or_none(reader: Reader, timeout: float) -> tuple[int, dict[str, str
         reader.sock.settimeout(LIVENESS)
 
 
-# -- the gateway process --
+# -- a process's memory --
 
 
 def rss_kib(pid: int) -> int:
@@ -172,40 +146,3 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def cpu_ticks(pid: int) -> int:
-    """User plus system CPU time a process has used so far, in clock ticks."""
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the whole line)
-
-
-def wait_until_idle(pid: int, quiet: float = 0.6, timeout: float = 30.0, fail: bool = True) -> bool:
-    """Wait until the process has used (almost) no CPU for `quiet` seconds: it has done what it will do.
-
-    Used before measuring memory, so that a gateway still working through a backlog is measured at
-    the end of it, not in the middle. Past `timeout`, fails the test, or with `fail=False` returns False
-    (for a measurement that is meaningful even while the process is still busy).
-    """
-    deadline = time.monotonic() + timeout
-    last = cpu_ticks(pid)
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = cpu_ticks(pid)
-        if now - last <= 2:  # at 100 ticks/s: a health check or a log flush, not a backlog
-            return True
-        last = now
-    if fail:
-        raise AssertionError(f"process {pid} was still busy after {timeout} s")
-    return False
-
-
-def max_rss_while(pid: int, seconds: float, interval: float = 0.05) -> int:
-    """The highest RSS (KiB) seen while sampling for `seconds`."""
-    deadline = time.monotonic() + seconds
-    peak = rss_kib(pid)
-    while time.monotonic() < deadline:
-        time.sleep(interval)
-        peak = max(peak, rss_kib(pid))
-    return peak

@@ -232,7 +232,7 @@ class MemoryGateway:
 
     def max_rss(self, seconds: float) -> int:
         """The highest resident memory (KiB) of the test's process, which holds the gateway, seen while the
-        loop runs `seconds`: what tests.support.front.max_rss_while measures of a gateway process."""
+        loop runs `seconds`."""
         pid = os.getpid()
         peak = rss_kib(pid)
         end = self.now() + seconds
