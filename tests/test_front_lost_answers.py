@@ -90,10 +90,10 @@ def test_client_that_closes_during_a_relayed_answer_still_aborts_the_generation(
     sock, _ = connect(gateway)
     with sock:
         sock.sendall(raw_post(gateway.key, body, path="/v1/completions"))
-        wait_until(lambda: slow_simulator.metrics()["vllm:num_requests_running"] == 1, timeout=LIVENESS)
+        wait_until(lambda: slow_simulator.running() == 1, timeout=LIVENESS)
     # closed altogether, mid-generation
     wait_until(lambda: slow_simulator.stats()["aborted"] == aborted_before + 1, timeout=5)
-    wait_until(lambda: slow_simulator.metrics()["vllm:num_requests_running"] == 0, timeout=5)
+    wait_until(lambda: slow_simulator.running() == 0, timeout=5)
 
 
 # -- the log --

@@ -18,7 +18,7 @@ from tests.support.chat import chat_body
 from tests.support.front import LIVENESS, request
 from tests.support.gateway import Backend, raw_post
 from tests.support.http_wire import take_response
-from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_gateway import ASKING_A_PROCESS, MemoryGateway
 from tests.support.memory_server import MemoryConnection
 from tests.support.processes import Simulator
 
@@ -32,8 +32,6 @@ TIMEOUTS = {
     "GATEWAY_SEND_TIMEOUT": "1",
     "GATEWAY_KEEPALIVE_TIMEOUT": "3",
 }
-# How often a wait asks the simulator process for its figures, the gateway's loop running between.
-ASK_EVERY = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +49,6 @@ def memory_gateway(tmp_path_factory, fast_simulator):
         tmp_path_factory.mktemp("gw-slow"), [Backend("fast", fast_simulator.base_url)], env=TIMEOUTS
     ) as gateway:
         yield gateway
-
-
-def running(simulator: Simulator) -> float:
-    return simulator.metrics()["vllm:num_requests_running"]
 
 
 # -- the keep-alive clock --
@@ -81,17 +75,23 @@ def test_client_that_stops_reading_a_stream_is_dropped_and_the_generation_aborte
     body = {**CHAT, "max_tokens": 1_000_000, "stream": True}
     connection = memory_gateway.connect()
     connection.send(raw_post(memory_gateway.key, body))
-    memory_gateway.until(lambda: running(fast_simulator) == 1, LIVENESS, "the generation running", interval=ASK_EVERY)
+    memory_gateway.until(
+        lambda: fast_simulator.running() == 1, LIVENESS, "the generation running", interval=ASKING_A_PROCESS
+    )
     # The client reads nothing from here on: its small receive buffer is full. Past the send timeout
     # the gateway gives up on it.
     connection.stop_reading(unread=4096)
     try:
-        memory_gateway.until(lambda: fast_simulator.stats()["aborted"] > aborted_before, LIVENESS, interval=ASK_EVERY)
+        memory_gateway.until(
+            lambda: fast_simulator.stats()["aborted"] > aborted_before, LIVENESS, interval=ASKING_A_PROCESS
+        )
     except AssertionError:
         pytest.fail(
             "a client that read nothing for 10 s (send timeout 1 s) was not dropped: the generation upstream still runs"
         )
-    memory_gateway.until(lambda: running(fast_simulator) == 0, LIVENESS, "no generation running", interval=ASK_EVERY)
+    memory_gateway.until(
+        lambda: fast_simulator.running() == 0, LIVENESS, "no generation running", interval=ASKING_A_PROCESS
+    )
     received = memory_gateway.read_to_end(connection, timeout=LIVENESS)  # what was in flight, then the drop
     assert received.startswith(b"HTTP/1.1 200")
     assert b"data: [DONE]" not in received and not received.endswith(b"0\r\n\r\n")
@@ -150,7 +150,7 @@ def test_slow_but_steady_reader_of_a_stream_is_not_dropped(memory_gateway, fast_
     data = response.body
     assert data.count(b'"content":') == max_tokens + 1  # the role event, then one per token
     assert data.endswith(b"data: [DONE]\n\n")
-    assert running(fast_simulator) == 0
+    assert fast_simulator.running() == 0
 
 
 # -- the log --

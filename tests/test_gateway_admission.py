@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, Gateway, raw_post
-from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_gateway import ASKING_A_PROCESS, MemoryGateway
 from tests.support.memory_server import MemoryConnection
 from tests.support.processes import Simulator, parse_metrics, wait_until_async
 from vllm_gateway.keystore import KeyStore
@@ -108,7 +108,7 @@ def test_a_queued_request_whose_client_disconnects_never_reaches_the_backend(
 ) -> None:
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
         blocker = hold_the_slot(gateway)
-        gateway.until(lambda: simulator.stats()["running"] == 1, interval=0.05)
+        gateway.until(lambda: simulator.stats()["running"] == 1, interval=ASKING_A_PROCESS)
         queued = gateway.connect()
         queued.send(raw_post(gateway.key, chat(5)))
         gateway.until(lambda: gateway.waiting() == 1)
@@ -433,7 +433,7 @@ def test_the_metrics_show_the_queue_its_waits_and_each_keys_requests(tmp_path: P
 
     with start_gateway(tmp_path, simulator, max_num_seqs="1") as gateway:
         blocker = hold_the_slot(gateway)
-        gateway.until(lambda: simulator.stats()["running"] == 1, interval=0.05)
+        gateway.until(lambda: simulator.stats()["running"] == 1, interval=ASKING_A_PROCESS)
         queued = gateway.connect()
         queued.send(raw_post(gateway.key, chat(2, stream=False)))
         gateway.until(lambda: gateway.waiting() == 1)

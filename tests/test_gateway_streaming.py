@@ -14,13 +14,11 @@ import pytest
 
 from tests.support.chat import chat_body
 from tests.support.gateway import Backend, raw_post
-from tests.support.memory_gateway import MemoryGateway
+from tests.support.memory_gateway import ASKING_A_PROCESS, MemoryGateway
 from tests.support.processes import Simulator, wait_until
 from vllm_gateway.registry import BackendState
 
 STREAM = chat_body("sim", max_tokens=10, stream=True, stream_options={"include_usage": True})
-# How often a wait asks a simulator process for its figures, the gateway's loop running between.
-ASK_EVERY = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +33,6 @@ def slow_gateway(tmp_path_factory, slow_simulator):
     backends = [Backend("slow", slow_simulator.base_url)]
     with MemoryGateway.start(tmp_path_factory.mktemp("gw"), backends, env={"GATEWAY_READ_TIMEOUT": "2"}) as gateway:
         yield gateway
-
-
-def running(simulator: Simulator) -> float:
-    return simulator.metrics()["vllm:num_requests_running"]
 
 
 def without_timestamps(data: bytes) -> bytes:
@@ -76,9 +70,9 @@ def test_client_disconnect_aborts_the_generation_upstream(slow_gateway, slow_sim
     connection = slow_gateway.connect()
     connection.send(raw_post(slow_gateway.key, {**STREAM, "model": "slow", "max_tokens": 200}))
     slow_gateway.read_until(connection, b"data: {")
-    assert running(slow_simulator) == 1
+    assert slow_simulator.running() == 1
     connection.disconnect()
-    slow_gateway.until(lambda: running(slow_simulator) == 0, timeout=10, interval=ASK_EVERY)
+    slow_gateway.until(lambda: slow_simulator.running() == 0, timeout=10, interval=ASKING_A_PROCESS)
     assert slow_simulator.stats()["aborted"] >= 1
 
 
@@ -90,8 +84,10 @@ def test_client_leaving_a_non_streamed_request_aborts_it_upstream(slow_gateway, 
     slow_gateway.run(1.0)  # the client's patience: fifty tokens take ten seconds
     assert connection.take() == b""
     connection.disconnect()
-    slow_gateway.until(lambda: slow_simulator.stats()["aborted"] == aborted_before + 1, timeout=10, interval=ASK_EVERY)
-    assert running(slow_simulator) == 0
+    slow_gateway.until(
+        lambda: slow_simulator.stats()["aborted"] == aborted_before + 1, timeout=10, interval=ASKING_A_PROCESS
+    )
+    assert slow_simulator.running() == 0
 
 
 def test_backend_crash_mid_stream_ends_with_an_error_event(memory_gateway, simulator):
@@ -173,4 +169,4 @@ def test_a_client_reset_mid_completions_stream_leaves_nothing_running(slow_gatew
     connection.send(raw_post(slow_gateway.key, body, path="/v1/completions"))
     assert b"200 OK" in slow_gateway.read_until(connection, b"200 OK")
     connection.disconnect()
-    slow_gateway.until(lambda: running(slow_simulator) == 0, timeout=10, interval=ASK_EVERY)
+    slow_gateway.until(lambda: slow_simulator.running() == 0, timeout=10, interval=ASKING_A_PROCESS)

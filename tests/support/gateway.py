@@ -94,13 +94,8 @@ class Gateway:
         open_files: int | None = None,
     ) -> Gateway:
         """`open_files`: the gateway's descriptor limit, soft and hard (`ulimit -n`), else the tests'."""
-        workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        full_env = gateway_env(workdir, port)
-        full_env.update(env or {})
-        write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
-        admin = test_key(full_env, "test-admin", admin=True)
-        user = test_key(full_env, "test-user")
+        full_env, admin, user = prepare_workdir(workdir, port, backends, env)
         log_path = workdir / "gateway.stdout.log"
         if forked.can_fork({**os.environ, **full_env}):
             handle = start_forked("gateway", ["serve"], full_env, log_path, open_files=open_files)
@@ -222,6 +217,18 @@ def gateway_env(workdir: Path, port: int) -> dict[str, str]:
         "GATEWAY_RATE_LIMIT": "100000/minute",
         "GATEWAY_ENV_FILE": str(workdir / "no-env-file"),
     }
+
+
+def prepare_workdir(
+    workdir: Path, port: int, backends: Sequence[Backend], env: Mapping[str, str] | None
+) -> tuple[dict[str, str], str, str]:
+    """A gateway's directory as its start needs it: the model config of `backends` and the keys test-admin
+    and test-user. Returns the gateway's environment (gateway_env, `env` over it), the admin key and the
+    user key."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    full_env = {**gateway_env(workdir, port), **(env or {})}
+    write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
+    return full_env, test_key(full_env, "test-admin", admin=True), test_key(full_env, "test-user")
 
 
 def test_key(env: Mapping[str, str], name: str, admin: bool = False) -> str:

@@ -26,7 +26,7 @@ import h11
 import httpx
 
 from tests.support.front import rss_kib
-from tests.support.gateway import Backend, gateway_env, test_key, write_model_config
+from tests.support.gateway import Backend, prepare_workdir
 from tests.support.http_wire import WireResponse, take_response
 from tests.support.memory_server import MemoryConnection, MemoryServer
 from vllm_gateway.app import Gateway, create_app
@@ -38,6 +38,9 @@ UNUSED_PORT = 1024
 # How long a wait on the gateway may take before the test fails rather than hang (a liveness bound): a
 # backend process's answer on a loaded machine included, as long as a gateway process's clients wait.
 LIVENESS = 30.0
+# How long the loop runs between two looks of a wait whose every look asks another process (an HTTP
+# round trip, which holds up the loop while it lasts).
+ASKING_A_PROCESS = 0.05
 
 T = TypeVar("T")
 
@@ -78,10 +81,7 @@ class MemoryGateway:
         env: Mapping[str, str] | None = None,
         wait_ready: bool = True,
     ) -> MemoryGateway:
-        workdir.mkdir(parents=True, exist_ok=True)
-        full_env = {**gateway_env(workdir, UNUSED_PORT), **(env or {})}
-        write_model_config(Path(full_env["VLLM_MODEL_CONFIG"]), backends)
-        admin, user = test_key(full_env, "test-admin", admin=True), test_key(full_env, "test-user")
+        full_env, admin, user = prepare_workdir(workdir, UNUSED_PORT, backends, env)
         with environment(full_env):
             app = create_app(load_settings(ServeSettings))
         gateway = cls(workdir, app, MemoryServer(served=app), admin, user)

@@ -243,7 +243,7 @@ class MemoryServer:
         self.loop = asyncio.new_event_loop()
         self.rejections: list[tuple[str, str, int]] = []  # (method, path, status), as the access log gets them
         if served is None:
-            self.hooks = ServerHooks(
+            hooks = ServerHooks(
                 relay_paths=frozenset(relay_paths),
                 relay=relay,
                 check_head=check,
@@ -251,7 +251,7 @@ class MemoryServer:
                 limits=limits if limits is not None else limits_with(),
                 cap=ConnectionCap(max_connections),
             )
-            served = TestApp(self.hooks, app)
+            served = TestApp(hooks, app)
         self.hooks = served.hooks
         self.config = ListenerConfig(served)
         self.state = ListenerState()

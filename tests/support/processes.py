@@ -401,6 +401,10 @@ class Simulator:
         response.raise_for_status()
         return parse_metrics(response.text)
 
+    def running(self) -> float:
+        """The requests its engine is generating for now, as its metrics say (as vLLM's would)."""
+        return self.metrics()["vllm:num_requests_running"]
+
     def alive(self) -> bool:
         return self.handle.alive()
 
